@@ -1,0 +1,33 @@
+"""Errors a researcher can act on: each message names the problem and the fix."""
+
+
+class StreamtapError(Exception):
+    """Base class of every error streamtap raises on purpose."""
+
+
+class UnsupportedArchitectureError(StreamtapError):
+    """The model's architecture has no layout, so streamtap cannot know where its terms live."""
+
+
+class StoreExistsError(StreamtapError):
+    """A store already exists at the target and neither append nor overwrite was asked for."""
+
+
+class StoreMismatchError(StreamtapError):
+    """An append would mix a different model, layout, dtype or schema into an existing store."""
+
+
+class InputError(StreamtapError):
+    """The batch or text handed to a capture cannot be captured as it is."""
+
+
+class NonFiniteError(StreamtapError):
+    """The model produced NaN or inf; the batch is refused so the store stays clean."""
+
+
+class DecompositionError(StreamtapError):
+    """The stored terms do not sum to the stored residual within the tolerance."""
+
+    def __init__(self, message: str, errors=None):
+        super().__init__(message)
+        self.errors = errors

@@ -1,0 +1,240 @@
+"""The Zarr store: schema, creation, crash-safe appends, and the committed-count protocol.
+
+Per-token arrays are pre-allocated in capacity steps and written chunk by chunk; the committed
+token and sequence counts are written last, in one update of the group's attributes. A reader
+(``streamtap.open``) only ever looks below the committed count, so a crash mid-batch leaves the
+store as it was after the previous batch. xarray's ``append_dim`` is avoided on purpose: it resizes
+metadata before writing chunks, which leaves unopenable stores behind when killed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+
+from .errors import StoreExistsError, StoreMismatchError
+
+SCHEMA_VERSION = 1
+COMMITTED_TOKENS = "committed_tokens"
+COMMITTED_SEQUENCES = "committed_sequences"
+STORED_DTYPE = "streamtap_dtype"          # attribute naming the logical dtype (bfloat16 kept as bits)
+COORDS = ("seq", "pos", "token_id", "text")
+CHUNK_TARGET_BYTES = 4 << 20              # chunks below ~1 MB collapse write throughput
+COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """Bit-exact numpy view of a tensor; bfloat16 (which numpy lacks) travels as uint16 bits."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).cpu().numpy()
+    return t.cpu().numpy()
+
+
+def storage_dtype(dtype: torch.dtype) -> tuple[np.dtype, str]:
+    """(numpy dtype on disk, logical dtype name) for a torch dtype."""
+    name = str(dtype).removeprefix("torch.")
+    if dtype == torch.bfloat16:
+        return np.dtype("uint16"), name
+    return np.dtype(name), name
+
+
+@dataclass
+class VariableSpec:
+    dims: tuple[str, ...]
+    tail: tuple[int, ...]          # shape after the token dimension
+    dtype: torch.dtype
+
+
+@dataclass
+class StoreSpec:
+    """Everything needed to create a store, or to check that an append belongs in one."""
+
+    variables: dict[str, VariableSpec]
+    static: dict[str, tuple[tuple[str, ...], torch.Tensor]]
+    attrs: dict[str, Any]
+    with_text: bool
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    def chunk_tokens(self) -> int:
+        widest = max(math.prod(v.tail) * v.dtype.itemsize for v in self.variables.values())
+        return int(min(4096, max(16, 2 ** round(math.log2(CHUNK_TARGET_BYTES / widest)))))
+
+
+def fingerprint(spec_static: dict[str, tuple[tuple[str, ...], torch.Tensor]]) -> str:
+    """A hash of the weights that define the terms, so an append from another model is refused."""
+    h = hashlib.sha256()
+    for name in ("W_O", "attn_bias", "mlp_bias", "final_norm_weight"):
+        if name in spec_static:
+            h.update(name.encode())
+            h.update(to_numpy(spec_static[name][1]).tobytes())
+    return h.hexdigest()[:32]
+
+
+def _is_path(target) -> bool:
+    return isinstance(target, (str, os.PathLike))
+
+
+def store_exists(target) -> bool:
+    if _is_path(target):
+        return os.path.exists(target)
+    try:
+        zarr.open_group(target, mode="r")
+        return True
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return False
+
+
+def open_group(target, mode: str = "r") -> zarr.Group:
+    return zarr.open_group(target, mode=mode, zarr_format=3)
+
+
+class StoreWriter:
+    """Appends captured batches to one store; creates it lazily on the first batch.
+
+    Creation waits for the first batch so that a refused input (empty, non-finite, too long)
+    never leaves an empty store that would then block a retry.
+    """
+
+    def __init__(self, target, *, append: bool = False, overwrite: bool = False):
+        if append and overwrite:
+            raise ValueError("append and overwrite exclude each other; pick one")
+        self.target = target
+        self.append = append
+        self.overwrite = overwrite
+        self.group: zarr.Group | None = None
+        self.tokens = 0
+        self.sequences = 0
+        self.capacity = 0
+        self._arrays: dict[str, zarr.Array] = {}
+        exists = store_exists(target)
+        if exists and not (append or overwrite):
+            raise StoreExistsError(
+                f"a store already exists at {target!r}; pass append=True to add to it or "
+                "overwrite=True to replace it (--append / --overwrite on the command line)"
+            )
+        self._exists = exists
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def prepare(self, spec: StoreSpec) -> None:
+        """Open or create the store for this spec; refuses appends that would mix models."""
+        if self.group is not None:
+            return
+        if self._exists and self.append:
+            self._open_existing(spec)
+        else:
+            self._create(spec)
+
+    def _create(self, spec: StoreSpec) -> None:
+        if self._exists and self.overwrite and _is_path(self.target):
+            shutil.rmtree(self.target)
+        group = open_group(self.target, mode="w")
+        chunk = spec.chunk_tokens()
+        for name, tensor_spec in spec.static.items():
+            dims, tensor = tensor_spec
+            data = to_numpy(tensor)
+            _, logical = storage_dtype(tensor.dtype)
+            arr = group.create_array(
+                name, shape=data.shape, dtype=data.dtype, dimension_names=list(dims),
+                chunks=_static_chunks(data), compressors=COMPRESSOR, fill_value=_fill(data.dtype),
+                attributes={STORED_DTYPE: logical},
+            )
+            arr[...] = data
+        for name, var in spec.variables.items():
+            np_dtype, logical = storage_dtype(var.dtype)
+            group.create_array(
+                name, shape=(0, *var.tail), dtype=np_dtype, dimension_names=["token", *var.dims],
+                chunks=(chunk, *var.tail), compressors=COMPRESSOR, fill_value=_fill(np_dtype),
+                attributes={STORED_DTYPE: logical, "coordinates": " ".join(self._coords(spec))},
+            )
+        for name, np_dtype in (("seq", "int64"), ("pos", "int32"), ("token_id", "int64")):
+            group.create_array(name, shape=(0,), dtype=np_dtype, dimension_names=["token"],
+                               chunks=(chunk * 16,), compressors=COMPRESSOR, fill_value=-1)
+        if spec.with_text:
+            group.create_array("text", shape=(0,), dtype=str, dimension_names=["token"],
+                               chunks=(chunk * 16,))
+        attrs = dict(spec.attrs)
+        attrs.update(spec.identity)
+        attrs.update({COMMITTED_TOKENS: 0, COMMITTED_SEQUENCES: 0})
+        group.attrs.update(attrs)
+        self.group = group
+        self._arrays = {name: group[name] for name in (*spec.variables, *self._coords(spec))}
+
+    @staticmethod
+    def _coords(spec: StoreSpec) -> list[str]:
+        return [c for c in COORDS if c != "text" or spec.with_text]
+
+    def _open_existing(self, spec: StoreSpec) -> None:
+        group = open_group(self.target, mode="r+")
+        attrs = dict(group.attrs)
+        for key, want in spec.identity.items():
+            have = attrs.get(key)
+            if have != want:
+                raise StoreMismatchError(
+                    f"cannot append to {self.target!r}: its {key} is {have!r} but this capture's is "
+                    f"{want!r}. Append only the same model, layout, dtype and options; write to a "
+                    "new store or pass overwrite=True to replace it"
+                )
+        self.group = group
+        self._arrays = {name: group[name] for name in (*spec.variables, *self._coords(spec))}
+        self.tokens = int(attrs[COMMITTED_TOKENS])
+        self.sequences = int(attrs[COMMITTED_SEQUENCES])
+        self.capacity = min(a.shape[0] for a in self._arrays.values())
+
+    # -- appends ---------------------------------------------------------------------------
+    def write(self, batch: dict[str, np.ndarray], n_sequences: int) -> None:
+        """Write one batch's chunks, then commit its count; the commit is the last write."""
+        n = len(batch["seq"])
+        start, end = self.tokens, self.tokens + n
+        if end > self.capacity:
+            self._grow(end)
+        for name, data in batch.items():
+            self._arrays[name][start:end] = data
+        self.tokens, self.sequences = end, self.sequences + n_sequences
+        self.group.attrs.update({COMMITTED_TOKENS: self.tokens, COMMITTED_SEQUENCES: self.sequences})
+
+    def _grow(self, needed: int) -> None:
+        chunk = next(iter(self._arrays.values())).chunks[0]
+        capacity = max(needed, 2 * self.capacity)
+        capacity = -(-capacity // chunk) * chunk
+        for arr in self._arrays.values():
+            arr.resize((capacity, *arr.shape[1:]))
+        self.capacity = capacity
+
+    def close(self) -> None:
+        """Trim capacity to what is committed, so plain ``xarray.open_zarr`` sees only real tokens."""
+        if self.group is None:
+            return
+        for arr in self._arrays.values():
+            if arr.shape[0] != self.tokens:
+                arr.resize((self.tokens, *arr.shape[1:]))
+        self.capacity = self.tokens
+
+
+def _fill(dtype: np.dtype):
+    return np.nan if np.dtype(dtype).kind == "f" else 0
+
+
+def _static_chunks(data: np.ndarray) -> tuple[int, ...]:
+    if data.nbytes <= CHUNK_TARGET_BYTES * 4 or data.ndim == 0:
+        return data.shape
+    rows = max(1, CHUNK_TARGET_BYTES // (data[0].nbytes or 1))
+    return (rows, *data.shape[1:])
+
+
+def describe_config(config) -> str:
+    """The model config as JSON text for the store's attributes."""
+    try:
+        return config.to_json_string(use_diff=False)
+    except Exception:  # configs with non-JSON members still get a readable record
+        return json.dumps({k: repr(v) for k, v in vars(config).items()})
