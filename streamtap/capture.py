@@ -291,15 +291,19 @@ def capture(model, texts, store, *, tokenizer=None, batch_size: int = 8, max_len
     the_tap = Tap(model, store, tokenizer=tokenizer, neurons=neurons, append=append, overwrite=overwrite,
                   model_name=model_name, how="streamtap.capture")
     bar = _progress(progress, len(texts))
-    with the_tap, torch.no_grad():
-        for chunk in _batches(texts, batch_size):
-            ids, mask = _encode(chunk, tokenizer, limit, truncate)
-            module(input_ids=ids.to(device), attention_mask=mask.to(device))
-            if bar is not None:
-                bar.update(len(chunk))
-                bar.set_postfix(tokens=the_tap.tokens)
-    if bar is not None:
-        bar.close()
+    done = 0  # tokens of this call (the tap's count includes what an appended store already had)
+    try:
+        with the_tap, torch.no_grad():
+            for chunk in _batches(texts, batch_size):
+                ids, mask = _encode(chunk, tokenizer, limit, truncate)
+                module(input_ids=ids.to(device), attention_mask=mask.to(device))
+                if bar is not None:
+                    done += int(mask.sum())
+                    bar.update(len(chunk))
+                    bar.set_postfix_str(f"{done:,} tok, {done / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s")
+    finally:  # an error message must not land in the middle of a half-drawn bar
+        if bar is not None:
+            bar.close()
     return the_tap
 
 

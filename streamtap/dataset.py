@@ -55,8 +55,33 @@ def open(store, *, chunks: dict | None = None) -> xr.Dataset:  # noqa: A001 - mi
     ds = ds.isel(token=builtins.slice(0, committed))
     ds = ds.set_coords([c for c in COORDS if c in ds])
     ds = ds.assign({name: _decode(ds[name]) for name in ds.data_vars})
-    ds = ds.assign_coords({name: _decode(ds[name]) for name in ds.coords if name in ds.data_vars})
+    # coordinates are stored in 16x longer chunks than the data (they are tiny); align them so that
+    # every per-token block of data meets exactly one block of its labels
+    data = ds["resid_final"].variable.data
+    token_chunks = data.chunks[0] if isinstance(data, da.Array) else None
+    if token_chunks:
+        ds = ds.assign_coords({c: ds[c].chunk({"token": token_chunks}) for c in COORDS if c in ds.coords})
     return with_derived_terms(ds)
+
+
+PER_TOKEN = ("embed", "pos_embed", "z", "mlp_out", "neuron_act", "resid_final", "messages", "neuron_out")
+
+
+def with_token_dim(ds: xr.Dataset) -> tuple[xr.Dataset, bool]:
+    """A dataset indexed down to one token (``ds.isel(token=i)``) given its token dim back.
+
+    Returns the dataset and whether the dim was added, so callers can drop it from their result.
+    """
+    if "token" in ds.dims:
+        return ds, False
+    per_token = [n for n in (*PER_TOKEN, *COORDS) if n in ds.variables]
+    return ds.assign({n: ds[n].expand_dims("token") for n in per_token if n in ds.data_vars}).assign_coords(
+        {n: ds[n].expand_dims("token") for n in per_token if n in ds.coords}), True
+
+
+def _head_messages(z: np.ndarray, W_O: np.ndarray) -> np.ndarray:
+    # one block in, one block out: (token chunk, layer, head, d_head) -> (token chunk, layer, head, d_model)
+    return np.einsum("...lhd,lhdm->...lhm", z, W_O, optimize=True)
 
 
 def with_derived_terms(ds: xr.Dataset) -> xr.Dataset:
@@ -64,7 +89,14 @@ def with_derived_terms(ds: xr.Dataset) -> xr.Dataset:
     derived = {}
     z = ds["z"].astype(np.float32)
     W_O = ds["W_O"].astype(np.float32)
-    derived["messages"] = xr.dot(z, W_O, dim="d_head").transpose("token", "layer", "head", "d_model")
+    if W_O.chunks:  # static weights may be stored in several chunks; each block needs all of W_O
+        W_O = W_O.chunk(-1)
+    derived["messages"] = xr.apply_ufunc(
+        _head_messages, z, W_O,
+        input_core_dims=[["layer", "head", "d_head"], ["layer", "head", "d_head", "d_model"]],
+        output_core_dims=[["layer", "head", "d_model"]],
+        dask="parallelized", output_dtypes=[np.float32],
+    )
     if "neuron_act" in ds and "W_out" in ds:
         # one block per (token chunk, layer, neuron slab), sized so no block is bigger than ~64 MB
         step = neuron_slab(ds)
@@ -79,6 +111,7 @@ BLOCK_BYTES = 64 << 20
 
 def neuron_slab(ds: xr.Dataset) -> int:
     """Neurons per block of per-neuron outputs, so tokens x neurons x d_model stays bounded."""
-    token_chunk = max(ds["neuron_act"].chunksizes.get("token", (1,))) if ds["neuron_act"].chunks else ds.sizes["token"]
+    data = ds["neuron_act"].data
+    token_chunk = max(data.chunks[0]) if isinstance(data, da.Array) and data.chunks[0] else ds.sizes["token"]
     per_neuron = max(1, token_chunk) * ds.sizes["d_model"] * 4
     return int(max(1, min(ds.sizes["neuron"], BLOCK_BYTES // per_neuron)))

@@ -1,0 +1,23 @@
+"""Small shared builders for the tests: padded batches of token ids."""
+
+from __future__ import annotations
+
+import torch
+
+
+def padded_batch(vocab: int, lengths: list[int], *, seed: int = 0, side: str = "right"):
+    """Random token ids padded to the longest length, with the matching attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros((len(lengths), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        cols = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[row, cols] = torch.randint(1, vocab, (n,), generator=g)
+        mask[row, cols] = 1
+    return ids, mask
+
+
+def run(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask)
