@@ -4,27 +4,40 @@
         model(**batch)
     ds = streamtap.open("run.zarr")
     streamtap.verify(ds)
+
+Names are imported on first use: the pytest plugin loads this package in every pytest run of an
+environment that has streamtap installed, and torch, xarray and dask cost seconds to import.
 """
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
-    DecompositionError,
-    InputError,
-    NonFiniteError,
-    StoreExistsError,
-    StoreMismatchError,
-    StreamtapError,
-    UnsupportedArchitectureError,
-)
-from .capture import Tap, capture, tap  # noqa: E402
-from .dataset import open  # noqa: E402,A001
-from .decompose import decompose, verify, tolerance  # noqa: E402
-from . import analysis, layouts  # noqa: E402
+_EXPORTS = {
+    "tap": "tapping", "capture": "tapping", "Tap": "tapping",
+    "open": "dataset",
+    "decompose": "invariant", "verify": "invariant", "tolerance": "invariant",
+    "StreamtapError": "errors", "DecompositionError": "errors", "InputError": "errors",
+    "NonFiniteError": "errors", "StoreExistsError": "errors", "StoreMismatchError": "errors",
+    "UnsupportedArchitectureError": "errors",
+}
+# no submodule shares a name with an exported function: importing a submodule rebinds the package
+# attribute of its name, which would shadow the function
+_SUBMODULES = {"analysis", "layouts", "models", "testing", "tapping", "dataset", "invariant", "store", "errors"}
 
-__all__ = [
-    "__version__", "tap", "capture", "open", "decompose", "verify", "tolerance", "Tap",
-    "analysis", "layouts",
-    "StreamtapError", "DecompositionError", "InputError", "NonFiniteError", "StoreExistsError",
-    "StoreMismatchError", "UnsupportedArchitectureError",
-]
+__all__ = ["__version__", *_EXPORTS, "analysis", "layouts", "models", "testing"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'streamtap' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

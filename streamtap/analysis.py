@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from .decompose import decompose
+from .errors import StreamtapError
+from .invariant import decompose
 
 
 def final_norm_scale(ds: xr.Dataset, dtype=np.float32) -> xr.DataArray:
@@ -36,7 +37,7 @@ def direct_logit_attribution(ds: xr.Dataset, token_id, *, neurons: bool = False,
     the model's logit.
     """
     if "W_U" not in ds:
-        raise ValueError("this store has no unembedding (W_U); capture from a model with an LM head")
+        raise StreamtapError("this store has no unembedding (W_U); capture from a model with an LM head")
     terms = decompose(ds, neurons=neurons, dtype=dtype)
     normed = _through_final_norm(terms, ds, dtype)
     direction = ds["W_U"].isel(vocab=token_id).astype(dtype)

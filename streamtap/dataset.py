@@ -38,16 +38,18 @@ def open(store, *, chunks: dict | None = None) -> xr.Dataset:  # noqa: A001 - mi
 
     ``chunks`` is passed to ``xarray.open_zarr`` (``{"token": 4096}`` to read bigger blocks).
     """
+    where = str(store)
     try:
         group = open_group(store, mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-        raise StreamtapError(f"no streamtap store at {store!r}: {exc}") from None
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError) as exc:
+        raise StreamtapError(f"no streamtap store at {where} ({type(exc).__name__}); give the store's "
+                             "top directory, the one that `streamtap capture --out` wrote") from None
     attrs = dict(group.attrs)
     if COMMITTED_TOKENS not in attrs:
-        raise StreamtapError(f"{store!r} is a Zarr group but not a streamtap store (no {COMMITTED_TOKENS})")
+        raise StreamtapError(f"{where} is a Zarr group but not a streamtap store (no {COMMITTED_TOKENS})")
     if attrs.get("schema_version") != SCHEMA_VERSION:
         raise StreamtapError(
-            f"{store!r} has schema version {attrs.get('schema_version')}, this streamtap reads "
+            f"{where} has schema version {attrs.get('schema_version')}, this streamtap reads "
             f"{SCHEMA_VERSION}; install a matching streamtap version"
         )
     committed = int(attrs[COMMITTED_TOKENS])

@@ -95,6 +95,13 @@ def store_exists(target) -> bool:
         return False
 
 
+def is_streamtap_store(target) -> bool:
+    try:
+        return COMMITTED_TOKENS in open_group(target, mode="r").attrs
+    except Exception:  # not a zarr group at all
+        return False
+
+
 def open_group(target, mode: str = "r") -> zarr.Group:
     return zarr.open_group(target, mode=mode, zarr_format=3)
 
@@ -113,11 +120,18 @@ class StoreWriter:
         self.append = append
         self.overwrite = overwrite
         self.group: zarr.Group | None = None
-        self.tokens = 0
+        self.tokens = 0           # committed in the store, including what an append found there
         self.sequences = 0
+        self.found_tokens = 0     # what the store held before this writer appended
+        self.found_sequences = 0
         self.capacity = 0
         self._arrays: dict[str, zarr.Array] = {}
         exists = store_exists(target)
+        if exists and overwrite and not is_streamtap_store(target):
+            raise StoreExistsError(
+                f"refusing to overwrite {target}: it exists but is not a streamtap store; "
+                "choose another path or remove it yourself"
+            )
         if exists and not (append or overwrite):
             raise StoreExistsError(
                 f"a store already exists at {target!r}; pass append=True to add to it or "
@@ -186,9 +200,12 @@ class StoreWriter:
                     "new store or pass overwrite=True to replace it"
                 )
         self.group = group
-        self._arrays = {name: group[name] for name in (*spec.variables, *self._coords(spec))}
-        self.tokens = int(attrs[COMMITTED_TOKENS])
-        self.sequences = int(attrs[COMMITTED_SEQUENCES])
+        # token text is kept where the store has it: an append with a tokenizer onto a store made
+        # without one drops the text, one without a tokenizer onto a store with text leaves it ""
+        names = [n for n in (*spec.variables, *COORDS) if n in group]
+        self._arrays = {name: group[name] for name in names}
+        self.tokens = self.found_tokens = int(attrs[COMMITTED_TOKENS])
+        self.sequences = self.found_sequences = int(attrs[COMMITTED_SEQUENCES])
         self.capacity = min(a.shape[0] for a in self._arrays.values())
 
     # -- appends ---------------------------------------------------------------------------
@@ -198,8 +215,9 @@ class StoreWriter:
         start, end = self.tokens, self.tokens + n
         if end > self.capacity:
             self._grow(end)
-        for name, data in batch.items():
-            self._arrays[name][start:end] = data
+        for name, array in self._arrays.items():
+            if name in batch:
+                array[start:end] = batch[name]
         self.tokens, self.sequences = end, self.sequences + n_sequences
         self.group.attrs.update({COMMITTED_TOKENS: self.tokens, COMMITTED_SEQUENCES: self.sequences})
 

@@ -125,3 +125,12 @@ def test_non_finite_batch_after_good_ones_keeps_the_committed_batches(tmp_path):
             run(model, bad, mask)
     assert tap.tokens == 8
     st.verify(st.open(tmp_path / "a.zarr"))
+
+
+def test_overwrite_refuses_a_path_that_is_not_a_store(tmp_path):
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "paper.txt").write_text("precious")
+    with pytest.raises(st.StoreExistsError, match="not a streamtap store"):
+        st.capture(tiny_model("llama"), [[1, 2]], keep, overwrite=True)
+    assert (keep / "paper.txt").read_text() == "precious"

@@ -55,7 +55,7 @@ def test_padding_never_changes_real_tokens_terms(arch, tmp_path):
 
 
 # Measured (max over these archs, eager and sdpa, seeds 0-2): bfloat16 7.2e-3, float16 1.1e-3,
-# against the rounding-model bounds (3L+1)u = 2.7e-2 and 3.4e-3 (streamtap.decompose.tolerance).
+# against the rounding-model bounds (3L+1)u = 2.7e-2 and 3.4e-3 (streamtap.invariant.tolerance).
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_half_precision_within_measured_bound(arch, dtype, tmp_path):

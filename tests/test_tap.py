@@ -69,8 +69,9 @@ def test_two_appends_equal_one_shot_capture(tmp_path):
         run(model, ids, mask)
     with st.tap(model, tmp_path / "two.zarr", neurons=True):
         run(model, ids[:2], mask[:2])
-    with st.tap(model, tmp_path / "two.zarr", neurons=True, append=True):
+    with st.tap(model, tmp_path / "two.zarr", neurons=True, append=True) as second:
         run(model, ids[2:], mask[2:])
+    assert (second.tokens, second.sequences, second.store_tokens) == (9, 2, 22)
     one, two = st.open(tmp_path / "one.zarr"), st.open(tmp_path / "two.zarr")
     assert two.attrs["committed_sequences"] == 4
     for name in ("embed", "z", "mlp_out", "neuron_act", "resid_final", "seq", "pos", "token_id", "W_O", "W_out"):
@@ -130,3 +131,24 @@ def test_neuron_decomposition_is_lazy_and_exact(tmp_path):
     assert float(miss) <= 1e-5 * float(abs(ds.resid_final).max())
     labels = terms.component.values
     assert "L3N1234" in labels and "L11_mlp_bias" in labels
+
+
+def test_verify_fails_on_damaged_or_nan_data(tmp_path):
+    model = tiny_model("llama")
+    st.capture(model, [[1, 2, 3, 4], [5, 6, 7]], tmp_path / "s.zarr")
+    group = zarr.open_group(tmp_path / "s.zarr", mode="r+")
+    group["mlp_out"][1:2] = 0.0
+    group["mlp_out"][5:6] = np.nan
+    with pytest.raises(st.DecompositionError, match="2 of 7 tokens") as info:
+        st.verify(st.open(tmp_path / "s.zarr"))
+    err = st.verify(st.open(tmp_path / "s.zarr"), raise_on_error=False)
+    assert np.isnan(err.attrs["max_rel_error"])
+
+
+def test_open_names_the_problem_for_a_path_that_is_no_store(tmp_path):
+    model = tiny_model("llama")
+    st.capture(model, [[1, 2, 3]], tmp_path / "s.zarr")
+    with pytest.raises(st.StreamtapError, match="top directory"):
+        st.open(tmp_path / "s.zarr" / "mlp_out")
+    with pytest.raises(st.StreamtapError, match="no streamtap store"):
+        st.open(tmp_path / "missing.zarr")

@@ -13,7 +13,7 @@ import numpy as np
 import xarray as xr
 
 from .dataset import with_token_dim
-from .errors import DecompositionError
+from .errors import DecompositionError, StreamtapError
 
 # Tolerances on max |sum of terms - resid_final| / max |resid_final|, per token.
 # float32 (and float64): DESIGN.md's 1e-5. In half precision the model itself rounds: each layer
@@ -64,7 +64,7 @@ def decompose(ds: xr.Dataset, *, neurons: bool = False, dtype=np.float32) -> xr.
     if squeezed:
         return decompose(ds, neurons=neurons, dtype=dtype).isel(token=0)
     if neurons and "neuron_act" not in ds:
-        raise ValueError("this store has no neuron activations; capture with neurons=True (--neurons)")
+        raise StreamtapError("this store has no neuron activations; capture with neurons=True (--neurons)")
     n_tok, d_model = ds.sizes["token"], ds.sizes["d_model"]
     chunks = _token_chunks(ds)
     pieces: list[da.Array] = []
@@ -142,11 +142,12 @@ def verify(ds: xr.Dataset, *, tol: float | None = None, dtype=np.float32, raise_
     """
     tol = tolerance(ds) if tol is None else tol
     err = errors(ds, dtype).compute()
-    err.attrs.update(tolerance=tol, max_rel_error=float(err.max()) if err.size else 0.0,
-                     max_abs_error=float(err.abs_error.max()) if err.size else 0.0)
-    bad = err > tol
+    # NaN (unwritten or damaged data) must fail, so compare with "not within" and never skip NaN
+    err.attrs.update(tolerance=tol, max_rel_error=float(err.max(skipna=False)) if err.size else 0.0,
+                     max_abs_error=float(err.abs_error.max(skipna=False)) if err.size else 0.0)
+    bad = ~(err <= tol)
     if raise_on_error and bool(bad.any()):
-        worst = err.sortby(err, ascending=False).isel(token=slice(0, 5))
+        worst = err.sortby(err.fillna(np.inf), ascending=False).isel(token=slice(0, 5))
         spots = ", ".join(f"seq {int(s)} pos {int(p)}: {float(e):.3g}"
                           for s, p, e in zip(worst.seq.values, worst.pos.values, worst.values))
         raise DecompositionError(

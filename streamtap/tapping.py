@@ -1,4 +1,4 @@
-"""Capture: tap an unmodified model through nnsight and turn each forward into one store batch.
+"""Capture (the tap): tap an unmodified model through nnsight and turn each forward into one store batch.
 
 The tap replaces nothing the model computes. Inside the ``with`` block the root module's forward is
 routed through an nnsight trace whose cache holds the inputs and outputs of the modules the layout
@@ -57,7 +57,7 @@ class Tap:
     """Context manager: every forward of the model inside the block is appended to the store.
 
     Use ``streamtap.tap(...)`` to make one. ``tokens`` and ``sequences`` count what this tap
-    committed.
+    committed; ``store_tokens`` is the store's total, which differs on append.
     """
 
     def __init__(self, model, store, *, tokenizer=None, neurons: bool = False, append: bool = False,
@@ -102,11 +102,15 @@ class Tap:
 
     @property
     def tokens(self) -> int:
-        return self.writer.tokens
+        return self.writer.tokens - self.writer.found_tokens
 
     @property
     def sequences(self) -> int:
-        return self.writer.sequences
+        return self.writer.sequences - self.writer.found_sequences
+
+    @property
+    def store_tokens(self) -> int:
+        return self.writer.tokens
 
     # -- the forward the block's code calls ----------------------------------------------------------
     def _forward(self, *args, **kwargs):

@@ -1,0 +1,383 @@
+"""The command line: capture a corpus, check a store, describe it, and the demo the README opens with.
+
+    streamtap demo                               # the embedded default model, end to end
+    streamtap capture --text docs.txt --out run.zarr
+    streamtap verify run.zarr
+    streamtap info run.zarr
+
+Every streamtap error is printed as ``error: <message>`` with exit code 2 (the messages name the
+fix); a store that misses the invariant makes ``verify`` exit 1. ``--model tiny:ARCH`` loads a tiny
+random model with a word-level tokenizer over the input text, so the whole CLI runs offline in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from importlib import resources
+
+import click
+import numpy as np
+
+import streamtap as st
+from .errors import StoreExistsError, StreamtapError
+from .models import DEFAULT_MODEL
+from .store import COMMITTED_SEQUENCES, COMMITTED_TOKENS, open_group
+
+DTYPES = ("float32", "bfloat16", "float16")
+TINY = "tiny:"
+PROMPT = "The capital of France is"
+TARGET = " Paris"
+
+
+# -- plumbing --------------------------------------------------------------------------------------
+class _Cli(click.Group):
+    """A group that turns any StreamtapError into one line on stderr and exit code 2.
+
+    streamtap's errors are written for the person at the terminal; a traceback would bury them.
+    """
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except StreamtapError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+
+
+def _sample_path() -> str:
+    """The bundled sample text, so capture and demo need nothing but the package."""
+    return str(resources.files("streamtap") / "data" / "sample.txt")
+
+
+def _read_texts(path: str) -> list[str]:
+    """One document per line; blank lines are skipped because a capture refuses empty texts."""
+    with open(path, encoding="utf-8") as f:
+        texts = [line.rstrip("\r\n") for line in f]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise st.InputError(f"{path} has no non-blank lines; give one document per line")
+    return texts
+
+
+def _load(model_id: str, dtype: str, device: str | None, trust_remote_code: bool, texts: list[str]):
+    """(model, tokenizer) on ``device``: a tiny random model for ``tiny:ARCH``, else models.load_model."""
+    import torch
+
+    from . import models
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if model_id.startswith(TINY):
+        from ._tiny_tokenizer import word_level_tokenizer
+
+        model = models.tiny_model(model_id[len(TINY):], dtype=dtype)
+        tok = word_level_tokenizer(texts, model.config.vocab_size)
+    else:
+        model, tok = models.load_model(model_id, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        model = model.to(device)
+    except (RuntimeError, ValueError, AssertionError) as exc:  # torch without CUDA raises AssertionError
+        raise click.BadParameter(f"cannot run the model on {device!r}: {exc}", param_hint="--device") from None
+    return model, tok
+
+
+def _refuse_existing(out: str, flags: str) -> None:
+    """Fail before the model loads (seconds to minutes) when the store is in the way."""
+    if os.path.exists(out):
+        raise StoreExistsError(f"a store already exists at {out}; pass {flags}")
+
+
+def _refuse_foreign(out: str) -> None:
+    """--overwrite deletes the target: never let it delete something that is not a streamtap store.
+
+    The writer removes whatever is at the path (``streamtap demo --out .`` would take the working
+    directory with it), so the command line checks first.
+    """
+    if not os.path.exists(out):
+        return
+    try:
+        is_store = COMMITTED_TOKENS in open_group(out, mode="r").attrs
+    except Exception:  # not a Zarr group at all
+        is_store = False
+    if not is_store:
+        raise StoreExistsError(f"{out} exists and is not a streamtap store; --overwrite only replaces "
+                               "streamtap stores. Remove it yourself or choose another --out")
+
+
+def _committed(store) -> tuple[int, int]:
+    """(tokens, sequences) committed in a store, or (0, 0) when there is none yet.
+
+    Read from the store rather than the tap, so that an append reports what it added.
+    """
+    try:
+        attrs = open_group(store, mode="r").attrs
+    except Exception:  # no store (yet): nothing committed
+        return 0, 0
+    return int(attrs.get(COMMITTED_TOKENS, 0)), int(attrs.get(COMMITTED_SEQUENCES, 0))
+
+
+def _disk_bytes(path: str) -> int:
+    """Bytes on disk: the sum of file sizes under a directory store (or the file's size)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
+def _stored_bytes(store) -> int:
+    """Uncompressed bytes of the stored arrays (committed tokens only, derived terms excluded)."""
+    group = open_group(store, mode="r")
+    committed = int(group.attrs.get(COMMITTED_TOKENS, 0))
+    total = 0
+    for _, arr in group.arrays():
+        dims = arr.metadata.dimension_names or ()
+        rows = min(committed, arr.shape[0]) if dims and dims[0] == "token" else (arr.shape[0] if arr.shape else 1)
+        per_row = arr.nbytes // arr.shape[0] if arr.shape and arr.shape[0] else arr.nbytes
+        total += rows * per_row
+    return total
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _rows(pairs: list[tuple[str, object]], indent: str = "") -> None:
+    """Aligned ``key  value`` lines: easy to read, easy to grep."""
+    width = max(len(k) for k, _ in pairs)
+    for key, value in pairs:
+        click.echo(f"{indent}{key:<{width}}  {value}")
+
+
+def _q(text: str) -> str:
+    """Quote token text so its leading space shows (" Paris")."""
+    return '"' + text.replace('"', '\\"') + '"'
+
+
+def _verdict(err) -> str:
+    ok = err.attrs["max_rel_error"] <= err.attrs["tolerance"]
+    return "ok" if ok else "FAIL"
+
+
+model_option = click.option(
+    "--model", "model_id", default=DEFAULT_MODEL, show_default=True, metavar="ID_OR_DIR",
+    help="A name streamtap.models knows, a Hugging Face id already on disk, or a model directory.")
+dtype_option = click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+                            help="Precision the model runs (and the store keeps) in.")
+device_option = click.option("--device", default=None,
+                             help="Where the model runs, e.g. cpu, cuda, cuda:1.  [default: cuda if available]")
+
+
+# -- commands ----------------------------------------------------------------------------------------
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(st.__version__, prog_name="streamtap")
+def cli():
+    """Record every attention head's message and MLP output as residual-stream terms in Zarr."""
+
+
+@cli.command()
+@model_option
+@click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Text file, one document per line.  [default: the bundled sample]")
+@click.option("--out", required=True, type=click.Path(), help="The Zarr store to write, e.g. run.zarr.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-length", type=click.IntRange(min=1), default=None,
+              help="Longest sequence in tokens.  [default: the model's positions]")
+@click.option("--truncate", is_flag=True, help="Cut longer documents to --max-length instead of refusing them.")
+@dtype_option
+@device_option
+@click.option("--neurons", is_flag=True, help="Also store per-neuron MLP activations (much larger).")
+@click.option("--append", is_flag=True, help="Add to an existing store (same model, dtype and options).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@click.option("--trust-remote-code", is_flag=True, help="Let transformers run the model repository's code.")
+def capture(model_id, text, out, batch_size, max_length, truncate, dtype, device, neurons, append, overwrite,
+            trust_remote_code):
+    """Capture a text file (one document per line) into a store.
+
+    The batch path for a corpus, with a progress bar; the tokens/s it prints is what to compare
+    across models, dtypes, devices and batch sizes.
+    """
+    if append and overwrite:
+        raise click.UsageError("--append and --overwrite exclude each other; pick one")
+    if not (append or overwrite):
+        _refuse_existing(out, "--append to add to it or --overwrite to replace it")
+    if overwrite:
+        _refuse_foreign(out)
+    texts = _read_texts(text or _sample_path())
+    model, tok = _load(model_id, dtype, device, trust_remote_code, texts)
+    before_tokens, before_seqs = _committed(out) if append else (0, 0)
+    start = time.perf_counter()
+    st.capture(model, texts, out, tokenizer=tok, batch_size=batch_size, max_length=max_length,
+               truncate=truncate, neurons=neurons, append=append, overwrite=overwrite,
+               model_name=model_id, progress=True)
+    seconds = time.perf_counter() - start
+    total_tokens, total_seqs = _committed(out)
+    tokens, seqs = total_tokens - before_tokens, total_seqs - before_seqs
+    store = str(out) if not before_tokens else f"{out}  (now {total_tokens:,} tokens in {total_seqs:,} sequences)"
+    _rows([("tokens", f"{tokens:,}"), ("sequences", f"{seqs:,}"), ("seconds", f"{seconds:.2f}"),
+           ("tokens/s", f"{tokens / seconds:,.0f}"), ("store", store)])
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--tol", type=float, default=None,
+              help="Relative tolerance.  [default: the bound for the store's dtype]")
+@click.pass_context
+def verify(ctx, store, tol):
+    """Check that the stored terms sum to the final residual.
+
+    Every token is checked. Exit 0 when they sum within the tolerance, 1 when not (a term is
+    missing or the store is damaged), so scripts and CI can gate on a store before anyone
+    analyses it.
+    """
+    ds = st.open(store)
+    failure = None
+    try:
+        err = st.verify(ds, tol=tol)
+    except st.DecompositionError as exc:
+        err, failure = exc.errors, exc
+    _rows([("tokens", f"{ds.sizes['token']:,}"), ("max rel error", f"{err.attrs['max_rel_error']:.3g}"),
+           ("max abs error", f"{err.attrs['max_abs_error']:.3g}"), ("tolerance", f"{err.attrs['tolerance']:g}"),
+           ("invariant", _verdict(err))])
+    if failure is not None:
+        click.echo(f"error: {failure}", err=True)
+        ctx.exit(1)
+
+
+@cli.command()
+@click.argument("store")
+def info(store):
+    """Describe a store: model, shape, size, exactness.
+
+    One screen that answers "what is in this store and can I trust it" without opening Python:
+    what model made it, how big it is on disk and uncompressed, and whether it still decomposes
+    exactly.
+    """
+    ds = st.open(store)
+    a = ds.attrs
+    disk, raw = _disk_bytes(str(store)), _stored_bytes(store)
+    err = st.verify(ds, raise_on_error=False)
+    ratio = f"{raw / disk:.2f}x" if disk else "n/a"
+    _rows([
+        ("store", store),
+        ("model", a.get("model_name", "?")),
+        ("layout", f"{a.get('layout')}  (model_type {a.get('model_type')})"),
+        ("dtype", a.get("dtype")),
+        ("layers", a.get("n_layers")),
+        ("heads", a.get("n_heads")),
+        ("d_head", a.get("d_head")),
+        ("d_model", a.get("d_model")),
+        ("neurons", "yes" if a.get("neurons") else "no"),
+        ("tokens", f"{int(a[COMMITTED_TOKENS]):,}"),
+        ("sequences", f"{int(a[COMMITTED_SEQUENCES]):,}"),
+        ("on disk", _size(disk)),
+        ("uncompressed", _size(raw)),
+        ("compression", ratio),
+        ("max error", f"{err.attrs['max_rel_error']:.3g} relative, {err.attrs['max_abs_error']:.3g} absolute "
+                      f"(tolerance {err.attrs['tolerance']:g}: {_verdict(err)})"),
+        ("schema", f"{a.get('schema_version')}  (written by streamtap {a.get('streamtap_version')}, "
+                   f"this is {st.__version__})"),
+        ("created by", a.get("created_by", "?")),
+    ])
+
+
+@cli.command()
+@model_option
+@click.option("--out", default=os.path.join("out", "demo.zarr"), show_default=True, type=click.Path(),
+              help="Where the demo's store goes.")
+@click.option("--overwrite/--no-overwrite", default=True, show_default=True,
+              help="Replace the store a previous demo left there.")
+@dtype_option
+@device_option
+def demo(model_id, out, overwrite, dtype, device):
+    """Run it first: capture, verify, attribute " Paris".
+
+    Captures the bundled sample with the embedded default model, verifies it, then taps "The capital
+    of France is" and attributes the " Paris" logit to heads and MLPs. It shows in a minute that the
+    capture is fast, that the terms sum to the residual exactly, and what the terms are good for.
+    """
+    import torch
+
+    if not overwrite:
+        _refuse_existing(out, "--overwrite to replace it, or another --out")
+    _refuse_foreign(out)
+    sample = _read_texts(_sample_path())
+    start = time.perf_counter()
+    model, tok = _load(model_id, dtype, device, False, sample + [PROMPT])
+    loaded = time.perf_counter() - start
+    cfg = model.config
+    click.echo(f"streamtap demo: {model_id}  ({cfg.model_type}, {dtype}, {cfg.num_hidden_layers} layers x "
+               f"{cfg.num_attention_heads} heads, d_model {cfg.hidden_size}; on {model.device.type}, "
+               f"loaded in {loaded:.1f} s)")
+
+    start = time.perf_counter()
+    # truncate only ever cuts to the model's positions: nothing for the default, the tiny models have 64
+    tap = st.capture(model, sample, out, tokenizer=tok, truncate=True, overwrite=overwrite, model_name=model_id,
+                     progress=True)
+    seconds = time.perf_counter() - start
+    sample_tokens = tap.tokens
+
+    # the prompt goes through the model as ordinary inference code would call it, tapped: the
+    # logits printed below are the model's own, from the very forward whose terms are stored
+    enc = tok(PROMPT, return_tensors="pt").to(model.device)
+    with st.tap(model, out, tokenizer=tok, append=True, model_name=model_id), torch.no_grad():
+        logits = model(**enc).logits[0, -1].float()
+
+    ds = st.open(out)
+    err = st.verify(ds, raise_on_error=False)
+    disk, raw = _disk_bytes(out), _stored_bytes(out)
+    click.echo(f"\ncapture  bundled sample -> {out}")
+    _rows([
+        ("tokens captured", f"{sample_tokens:,} in {len(sample)} sequences"),
+        ("time", f"{seconds:.1f} s  ({sample_tokens / seconds:,.0f} tokens/s)"),
+        ("store on disk", f"{_size(disk)}  (uncompressed {_size(raw)}, {raw / disk:.1f}x)"),
+        ("max decomposition error", f"{err.attrs['max_rel_error']:.2g} relative, {err.attrs['max_abs_error']:.2g} "
+                                    f"absolute over {ds.sizes['token']:,} tokens (tolerance "
+                                    f"{err.attrs['tolerance']:g}): {_verdict(err)}"),
+    ], indent="  ")
+
+    last = ds.sizes["token"] - 1  # the prompt is the store's last sequence, its last token the last row
+    target = tok(TARGET, add_special_tokens=False)["input_ids"][0]
+    probs = logits.softmax(-1)
+    top = int(probs.argmax())
+    contrib = st.analysis.direct_logit_attribution(ds.isel(token=[last]), target).isel(token=0).compute()
+    total, model_logit = float(contrib.sum("component")), float(logits[target])
+    close = abs(total - model_logit) <= 1e-4 * abs(model_logit) + 1e-4
+    click.echo(f"\nprompt   {_q(PROMPT)}  (appended as sequence {int(ds.seq.values[last])}, "
+               f"{int(enc['input_ids'].shape[1])} tokens)")
+    _rows([
+        ("top-1 next token", f"{_q(tok.decode([top]))}  p = {float(probs[top]):.3f}"),
+        (f"{_q(TARGET)} logit", f"model {model_logit:.4f}, sum of {contrib.sizes['component']} direct "
+                              f"contributions {total:.4f}  (diff {abs(total - model_logit):.1g}): "
+                              f"{'ok' if close else 'FAIL'}"),
+    ], indent="  ")
+    click.echo(f"\n  direct contributions to the {_q(TARGET)} logit at the prompt's last token")
+    _top_table(contrib, {"head": 10, "mlp": 5})
+    if _verdict(err) != "ok" or not close:
+        raise click.exceptions.Exit(1)
+
+
+def _top_table(contrib, wanted: dict[str, int]) -> None:
+    """Largest contributions per kind, side by side: the heads and MLPs that write the answer."""
+    kinds, labels, values = contrib.kind.values, contrib.component.values, contrib.values
+    columns = []
+    for kind, n in wanted.items():
+        idx = np.flatnonzero(kinds == kind)
+        idx = idx[np.argsort(-values[idx], kind="stable")][:n]
+        columns.append([f"{labels[i]:<8} {values[i]:+7.3f}" for i in idx])
+    header = "  ".join(f"{f'top {n} {kind}s' if kind == 'head' else f'top {n} {kind.upper()} terms':<16}"
+                       for kind, n in wanted.items())
+    click.echo("  " + header.rstrip())
+    for row in range(max(len(c) for c in columns)):
+        click.echo("  " + "  ".join(f"{c[row] if row < len(c) else '':<16}" for c in columns).rstrip())
+
+
+def main(argv=None):
+    """Console entry point (``streamtap`` in pyproject.toml)."""
+    return cli.main(args=argv, prog_name="streamtap")
+
+
+if __name__ == "__main__":  # python -m streamtap.cli
+    main()
