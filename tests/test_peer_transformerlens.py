@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import streamtap as st
-from streamtap.models import tiny_model
+from streamtap.models import TINY_ARCHS, tiny_model
 
 from _peers import tl_available, tl_head_results
 from _util import padded_batch, run
@@ -12,7 +12,7 @@ from _util import padded_batch, run
 pytestmark = pytest.mark.skipif(not tl_available(), reason="transformer-lens is a test dependency")
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-bias"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_messages_equal_transformerlens_head_results(arch, tmp_path):
     model = tiny_model(arch)
     ids, mask = padded_batch(model.config.vocab_size, [10, 6], seed=11)
