@@ -66,7 +66,8 @@ def open(store, *, chunks: dict | None = None) -> xr.Dataset:  # noqa: A001 - mi
     return with_derived_terms(ds)
 
 
-PER_TOKEN = ("embed", "pos_embed", "z", "mlp_out", "neuron_act", "resid_final", "messages", "neuron_out")
+PER_TOKEN = ("embed", "pos_embed", "token_type_embed", "z", "mlp_out", "neuron_act", "norm_scale",
+             "resid_final", "messages", "neuron_out")
 
 
 def with_token_dim(ds: xr.Dataset) -> tuple[xr.Dataset, bool]:

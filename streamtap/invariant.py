@@ -8,6 +8,8 @@ the per-component array, so it runs over stores larger than memory.
 
 from __future__ import annotations
 
+import json
+
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -52,51 +54,114 @@ def _as_dask(x, dtype) -> da.Array:
     return x.astype(dtype) if isinstance(x, da.Array) else da.from_array(np.asarray(x, dtype=dtype))
 
 
-def decompose(ds: xr.Dataset, *, neurons: bool = False, dtype=np.float32) -> xr.DataArray:
-    """Every additive term of the final residual: a lazy DataArray (component, token, d_model).
+def stream_events(ds: xr.Dataset) -> list[dict]:
+    """The order in which terms entered the stream and norms acted on it (written at capture)."""
+    return json.loads(ds.attrs["stream"])
+
+
+def _stop_index(events: list[dict], upto) -> int:
+    """Index of the first event not included when decomposing the residual entering ``upto``."""
+    if upto is None:
+        return len(events)
+    layer, part = (upto, "attn") if isinstance(upto, (int, np.integer)) else upto
+    if part not in ("attn", "mlp"):
+        raise StreamtapError(f"upto must be a layer or (layer, 'attn' | 'mlp'), got {upto!r}")
+    for i, event in enumerate(events):
+        if event["op"] == part and event["layer"] == layer:
+            return i
+    raise StreamtapError(f"this store has no {part} at layer {layer}")
+
+
+class _Norms:
+    """Frozen norms as affine maps: x -> gamma * (x - [mean x]) * s, with beta a term of its own."""
+
+    def __init__(self, ds: xr.Dataset, dtype):
+        self.ds, self.dtype = ds, dtype
+        if "norm_weight" in ds:
+            self.gamma = np.asarray(ds["norm_weight"].values, dtype=dtype)
+            self.beta = np.asarray(ds["norm_bias"].values, dtype=dtype)
+            self.center = np.asarray(ds["norm_center"].values, dtype=bool)
+            self.scale = _as_dask(ds["norm_scale"].data, dtype)
+
+    def apply(self, k: int, x: da.Array) -> da.Array:
+        """Map x of shape (..., token, d_model) through norm k without its beta."""
+        if self.center[k]:
+            x = x - x.mean(axis=-1, keepdims=True)
+        return x * self.scale[:, k][:, None] * self.gamma[k]
+
+    def has_beta(self, k: int) -> bool:
+        return bool(np.any(self.beta[k] != 0))
+
+    def label(self, k: int) -> str:
+        return f"{self.ds.attrs['norm_labels'][k]}_beta"
+
+
+def decompose(ds: xr.Dataset, *, neurons: bool = False, upto=None, dtype=np.float32) -> xr.DataArray:
+    """Every additive term of the residual: a lazy DataArray (component, token, d_model).
+
+    By default the final residual (its sum over ``component`` is ``ds.resid_final``); with
+    ``upto=layer`` or ``upto=(layer, "mlp")`` the residual entering that layer's attention or MLP,
+    as the sum of the terms written before it. Terms that passed through a norm (post-LN blocks,
+    post-sublayer norms) are shown as they arrived, through the norm's frozen per-token scale, and
+    each such norm's beta is a component of its own.
 
     Components carry TransformerLens-style labels (``embed``, ``pos_embed``, ``L3H7``,
     ``L3_attn_bias``, ``L3_mlp``, or with ``neurons=True`` ``L3N1234`` and ``L3_mlp_bias``) and
-    ``kind``/``layer``/``head``/``neuron`` coordinates. Its sum over ``component`` is
-    ``ds.resid_final``.
+    ``kind``/``layer``/``head``/``neuron`` coordinates.
     """
     ds, squeezed = with_token_dim(ds)
     if squeezed:
-        return decompose(ds, neurons=neurons, dtype=dtype).isel(token=0)
+        return decompose(ds, neurons=neurons, upto=upto, dtype=dtype).isel(token=0)
     if neurons and "neuron_act" not in ds:
         raise StreamtapError("this store has no neuron activations; capture with neurons=True (--neurons)")
+    events = stream_events(ds)
+    events = events[:_stop_index(events, upto)]
     n_tok, d_model = ds.sizes["token"], ds.sizes["d_model"]
     chunks = _token_chunks(ds)
+    norms = _Norms(ds, dtype)
     pieces: list[da.Array] = []
     labels: list[tuple] = []
 
-    def per_token(name: str) -> da.Array:
-        return _as_dask(ds[name].data, dtype).rechunk((chunks, d_model))[None]
+    def per_token(data) -> da.Array:
+        return _as_dask(data, dtype).rechunk((chunks, d_model))[None]
 
     def broadcast(vector) -> da.Array:
         vec = _as_dask(vector, dtype)
         return da.broadcast_to(vec[None, None, :], (1, n_tok, d_model), chunks=((1,), chunks, (d_model,)))
 
-    pieces.append(per_token("embed"))
-    labels.append(_component("embed", "embed"))
-    if "pos_embed" in ds:
-        pieces.append(per_token("pos_embed"))
-        labels.append(_component("pos_embed", "pos_embed"))
+    def add_beta(k: int, layer: int) -> None:
+        if norms.has_beta(k):
+            pieces.append(broadcast(norms.beta[k]))
+            labels.append(_component(norms.label(k), "norm_beta", layer))
+
+    def write(new_pieces, new_labels, through, layer) -> None:
+        if through is not None:
+            new_pieces = [norms.apply(through, p) for p in new_pieces]
+        pieces.extend(new_pieces)
+        labels.extend(new_labels)
+        if through is not None:
+            add_beta(through, layer)
+
     messages = ds["messages"].data.astype(dtype)
-    for layer in range(ds.sizes["layer"]):
-        pieces.append(da.moveaxis(messages[:, layer], 1, 0))
-        labels += [_component(f"L{layer}H{h}", "head", layer, h) for h in range(ds.sizes["head"])]
-        pieces.append(broadcast(ds["attn_bias"].data[layer]))
-        labels.append(_component(f"L{layer}_attn_bias", "attn_bias", layer))
-        if neurons:
-            out = ds["neuron_out"].data[:, layer].astype(dtype)
-            pieces.append(da.moveaxis(out, 1, 0))
-            labels += [_component(f"L{layer}N{n}", "neuron", layer, -1, n) for n in range(ds.sizes["neuron"])]
-            pieces.append(broadcast(ds["mlp_bias"].data[layer]))
-            labels.append(_component(f"L{layer}_mlp_bias", "mlp_bias", layer))
-        else:
-            pieces.append(_as_dask(ds["mlp_out"].data[:, layer], dtype).rechunk((chunks, d_model))[None])
-            labels.append(_component(f"L{layer}_mlp", "mlp", layer))
+    for event in events:
+        op, layer = event["op"], event.get("layer", -1)
+        if op == "embed":
+            write([per_token(ds[event["var"]].data)], [_component(event["var"], event["var"])], None, -1)
+        elif op == "attn":
+            heads = [_component(f"L{layer}H{h}", "head", layer, h) for h in range(ds.sizes["head"])]
+            write([da.moveaxis(messages[:, layer], 1, 0), broadcast(ds["attn_bias"].data[layer])],
+                  heads + [_component(f"L{layer}_attn_bias", "attn_bias", layer)], event["norm"], layer)
+        elif op == "mlp" and neurons:
+            out = da.moveaxis(ds["neuron_out"].data[:, layer].astype(dtype), 1, 0)
+            names = [_component(f"L{layer}N{n}", "neuron", layer, -1, n) for n in range(ds.sizes["neuron"])]
+            write([out, broadcast(ds["mlp_bias"].data[layer])],
+                  names + [_component(f"L{layer}_mlp_bias", "mlp_bias", layer)], event["norm"], layer)
+        elif op == "mlp":
+            write([per_token(ds["mlp_out"].data[:, layer])], [_component(f"L{layer}_mlp", "mlp", layer)],
+                  event["norm"], layer)
+        elif op == "norm":
+            pieces = [norms.apply(event["norm"], p) for p in pieces]
+            add_beta(event["norm"], layer)
     data = da.concatenate([p.rechunk({1: chunks}) for p in pieces], axis=0)
     label, kind, layer, head, neuron = (np.array(x) for x in zip(*labels))
     coords = {
@@ -104,24 +169,39 @@ def decompose(ds: xr.Dataset, *, neurons: bool = False, dtype=np.float32) -> xr.
         "head": ("component", head.astype(np.int32)), "neuron": ("component", neuron.astype(np.int32)),
     }
     coords.update({name: ds.coords[name] for name in ds["resid_final"].coords})
+    target = "resid_final" if upto is None else f"residual entering {upto}"
     return xr.DataArray(data, dims=("component", "token", "d_model"), coords=coords, name="terms",
-                        attrs={"note": "sum over component equals resid_final"})
+                        attrs={"note": f"sum over component equals {target}"})
 
 
 def sum_of_terms(ds: xr.Dataset, dtype=np.float32) -> xr.DataArray:
-    """The sum of every term, computed without building the per-component array."""
+    """The sum of every term, replayed through the stream without the per-component array."""
     ds, squeezed = with_token_dim(ds)
     if squeezed:
         return sum_of_terms(ds, dtype).isel(token=0)
     z = _as_dask(ds["z"].data, dtype)
     W_O = np.asarray(ds["W_O"].values, dtype=dtype)
-    total = z.map_blocks(lambda b: np.einsum("tlhd,lhdm->tm", b, W_O, optimize=True),
-                         chunks=(z.chunks[0], (W_O.shape[-1],)), drop_axis=[2, 3], dtype=dtype)
-    total = total + _as_dask(ds["embed"].data, dtype)
-    if "pos_embed" in ds:
-        total = total + _as_dask(ds["pos_embed"].data, dtype)
-    total = total + _as_dask(ds["mlp_out"].data, dtype).sum(axis=1)
-    total = total + _as_dask(ds["attn_bias"].data, dtype).sum(axis=0)[None, :]
+    d_model = W_O.shape[-1]
+    attn = z.map_blocks(lambda b: np.einsum("tlhd,lhdm->tlm", b, W_O, optimize=True),
+                        chunks=(z.chunks[0], (W_O.shape[0],), (d_model,)), drop_axis=[3], dtype=dtype)
+    attn = attn + np.asarray(ds["attn_bias"].values, dtype=dtype)[None]
+    mlp = _as_dask(ds["mlp_out"].data, dtype)
+    norms = _Norms(ds, dtype)
+    total = None
+
+    def through(x, k):
+        return x if k is None else norms.apply(k, x) + norms.beta[k]
+
+    for event in stream_events(ds):
+        op = event["op"]
+        if op == "embed":
+            term = _as_dask(ds[event["var"]].data, dtype)
+        elif op in ("attn", "mlp"):
+            term = through((attn if op == "attn" else mlp)[:, event["layer"]], event["norm"])
+        else:
+            total = norms.apply(event["norm"], total) + norms.beta[event["norm"]]
+            continue
+        total = term if total is None else total + term
     return xr.DataArray(total, dims=("token", "d_model"), coords=ds["resid_final"].coords)
 
 

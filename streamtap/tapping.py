@@ -9,6 +9,7 @@ the model is exactly the object it was before.
 from __future__ import annotations
 
 import inspect
+import json
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -77,6 +78,8 @@ class Tap:
         self.max_positions = _max_positions(self.module.config)
         self._signature = inspect.signature(type(self.module).forward)
         self._paths = sorted({f"model.{path}" if path else "model" for path, _ in self.bound.taps.values()})
+        self._clone_keys = sorted(self.bound.clones, key=lambda k: int(k.split(".")[1]))
+        self._clone_paths = [self.bound.taps[k][0] for k in self._clone_keys]
         self._inside = False
         self._snapshot = None
         self._spec: StoreSpec | None = None
@@ -116,15 +119,19 @@ class Tap:
     def _forward(self, *args, **kwargs):
         if self._inside:  # nnsight's own call of the module inside the trace: run it as it was
             return self._controller(*args, **kwargs)
+        import nnsight
+
         input_ids, mask = self._inputs(args, kwargs)
         self._inside = True
         try:
             with self.envoy.trace(*args, **kwargs) as tracer:
                 cache = tracer.cache(modules=self._paths, include_inputs=True, device=None)
+                # outputs the model later changes in place are copied the moment they exist
+                copies = nnsight.save([self.envoy.get(path).output.clone() for path in self._clone_paths])
                 output = self.envoy.output.save()
         finally:
             self._inside = False
-        self._record(cache, input_ids, mask)
+        self._record(cache, dict(zip(self._clone_keys, copies)), input_ids, mask)
         return output
 
     def _inputs(self, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,15 +159,19 @@ class Tap:
         return input_ids, mask
 
     # -- one batch ------------------------------------------------------------------------------
-    def _record(self, cache, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+    def _terms(self, cache, clones: dict, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch's real tokens of every stored per-token variable, still on the model's device."""
         b = self.bound
         mask_dev = None
 
         def real(key: str) -> torch.Tensor:
             nonlocal mask_dev
-            path, side = b.taps[key]
-            view = cache[f"model.{path}" if path else "model"]
-            value = view.input if side == "input" else view.output
+            if key in clones:
+                value = clones[key]
+            else:
+                path, side = b.taps[key]
+                view = cache[f"model.{path}" if path else "model"]
+                value = view.input if side == "input" else view.output
             if isinstance(value, tuple):
                 value = value[0]
             if value.shape[0] != mask.shape[0]:  # position embeddings broadcast over the batch
@@ -170,16 +181,27 @@ class Tap:
             return value[mask_dev]
 
         L, H, dh = b.n_layers, b.n_heads, b.d_head
-        out: dict[str, torch.Tensor] = {"embed": real("embed")}
-        if "pos_embed" in b.taps:
-            out["pos_embed"] = real("pos_embed")
+        out = {var: real(var) for var in b.layout.embeds if var in b.taps}
         out["z"] = torch.stack([real(f"z.{l}").reshape(-1, H, dh) for l in range(L)], dim=1)
         out["mlp_out"] = torch.stack([real(f"mlp_out.{l}") for l in range(L)], dim=1)
         if self.neurons:
             out["neuron_act"] = torch.stack([real(f"neuron_act.{l}") for l in range(L)], dim=1)
+        if b.norms:
+            out["norm_scale"] = torch.stack([self._frozen_scale(real(f"norm.{k}"), k) for k in range(len(b.norms))], dim=1)
         out["resid_final"] = real("resid_final")
-        self._check_finite(out, mask)
+        return out
 
+    def _frozen_scale(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """s = 1/sqrt(var(x) + eps) of norm k, in float32 as the norms compute it."""
+        probe = self.bound.norm_probes[k]
+        x = x.float()
+        if probe["center"]:
+            x = x - x.mean(dim=-1, keepdim=True)
+        return torch.rsqrt((x * x).mean(dim=-1) + probe["eps"])
+
+    def _record(self, cache, clones: dict, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        out = self._terms(cache, clones, mask)
+        self._check_finite(out, mask)
         if self._spec is None:
             self._spec = self._make_spec(out)
             self.writer.prepare(self._spec)
@@ -228,9 +250,10 @@ class Tap:
 
     def _make_spec(self, out: dict[str, torch.Tensor]) -> StoreSpec:
         b = self.bound
-        dims = {"embed": ("d_model",), "pos_embed": ("d_model",), "z": ("layer", "head", "d_head"),
-                "mlp_out": ("layer", "d_model"), "neuron_act": ("layer", "neuron"), "resid_final": ("d_model",)}
-        variables = {name: VariableSpec(dims[name], tuple(t.shape[1:]), t.dtype) for name, t in out.items()}
+        dims = {"z": ("layer", "head", "d_head"), "mlp_out": ("layer", "d_model"),
+                "neuron_act": ("layer", "neuron"), "norm_scale": ("norm",)}
+        variables = {name: VariableSpec(dims.get(name, ("d_model",)), tuple(t.shape[1:]), t.dtype)
+                     for name, t in out.items()}
         static = b.static_weights(self.neurons)
         dtype = str(out["z"].dtype).removeprefix("torch.")
         identity = {
@@ -246,10 +269,11 @@ class Tap:
             "model_name": self.model_name,
             "model_config": describe_config(self.module.config),
             "n_layers": b.n_layers, "n_heads": b.n_heads, "d_head": b.d_head, "d_model": b.d_model,
-            "final_norm_kind": b.layout.final_norm_kind,
-            "final_norm_eps": b.final_norm_eps(),
+            "stream": json.dumps(b.events),
+            "norm_labels": b.norm_labels(),
             "tied_embeddings": bool(getattr(self.module.config, "tie_word_embeddings", False)),
             "created_by": self.how,
+            **b.final_norm_info(),
         }
         return StoreSpec(variables, static, attrs, with_text=self.tokenizer is not None, identity=identity)
 

@@ -1,6 +1,6 @@
 """Architecture knowledge, one small declarative file per family.
 
-Adding a model is adding a file: declare a ``LAYOUT = Layout(...)`` in a module here and list the
+Adding a model is adding a file: declare ``LAYOUTS = [Layout(...)]`` in a module here and list the
 module in ``_FAMILIES``. Nothing outside this package branches on an architecture's name.
 """
 
@@ -9,32 +9,31 @@ from __future__ import annotations
 from importlib import import_module
 
 from ..errors import UnsupportedArchitectureError
-from .base import INPUT, OUTPUT, BoundLayout, Layout, bind, in_out_weight
+from .base import INPUT, OUTPUT, Attn, BoundLayout, Layout, Mlp, Norm, bind, in_out_weight
 
-_FAMILIES = ("gpt2", "llama")
+_FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert")
 
 GUIDE = "docs/layouts.md"
 
-LAYOUTS: dict[str, Layout] = {}
-for _family in _FAMILIES:
-    _layout = import_module(f"{__name__}.{_family}").LAYOUT
-    LAYOUTS[_layout.name] = _layout
+LAYOUTS: list[Layout] = [layout for family in _FAMILIES
+                         for layout in import_module(f"{__name__}.{family}").LAYOUTS]
 
 
 def supported_model_types() -> list[str]:
-    return sorted(t for layout in LAYOUTS.values() for t in layout.model_types)
+    return sorted({t for layout in LAYOUTS for t in layout.model_types})
 
 
 def register(layout: Layout) -> Layout:
-    """Add a layout at run time (for a family outside this package)."""
-    LAYOUTS[layout.name] = layout
+    """Add a layout at run time (for a family outside this package); it takes precedence."""
+    LAYOUTS.insert(0, layout)
     return layout
 
 
 def layout_for(model) -> Layout:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for layout in LAYOUTS.values():
-        if model_type in layout.model_types:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    for layout in LAYOUTS:
+        if model_type in layout.model_types and (layout.when is None or layout.when(config)):
             return layout
     raise UnsupportedArchitectureError(
         f"streamtap has no layout for model_type {model_type!r} ({type(model).__name__}). "
@@ -44,5 +43,5 @@ def layout_for(model) -> Layout:
     )
 
 
-__all__ = ["INPUT", "OUTPUT", "BoundLayout", "Layout", "LAYOUTS", "bind", "in_out_weight",
-           "layout_for", "register", "supported_model_types"]
+__all__ = ["INPUT", "OUTPUT", "Attn", "BoundLayout", "Layout", "LAYOUTS", "Mlp", "Norm", "bind",
+           "in_out_weight", "layout_for", "register", "supported_model_types"]

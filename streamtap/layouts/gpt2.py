@@ -1,16 +1,15 @@
-"""GPT-2: learned positions, Conv1D weights, biases on every projection, LayerNorm."""
+"""GPT-2 and GPT-BigCode (multi-query): learned positions, LayerNorm, biases on every projection."""
 
-from .base import Layout
+from .base import INPUT, Attn, Layout, Mlp
 
-LAYOUT = Layout(
-    name="gpt2",
-    model_types=("gpt2",),
-    embed="wte",
-    pos_embed="wpe",
-    layers="h",
-    attn_out="attn.c_proj",
-    mlp="mlp",
-    mlp_down="mlp.c_proj",
-    final_norm="ln_f",
-    final_norm_kind="layernorm",
-)
+LAYOUTS = [
+    Layout(
+        name="gpt2",
+        model_types=("gpt2", "gpt_bigcode"),
+        embeds={"embed": "wte", "pos_embed": "wpe"},
+        layers="h",
+        block=(Attn("attn.c_proj"), Mlp("mlp", down="mlp.c_proj")),
+        resid_final=("ln_f", INPUT),
+        final_norm="ln_f",
+    ),
+]

@@ -1,19 +1,21 @@
-"""The Llama family: rotary positions, RMSNorm, grouped-query attention, optional biases.
+"""The Llama naming scheme: Llama, Mistral, Qwen2/3, StableLM, OLMo, Gemma.
 
-Mistral and Qwen2 (q/k/v biases) keep Llama's module names; biases on o_proj and down_proj
-(``attention_bias``/``mlp_bias``) are read when present and stored as zeros when absent.
+They differ in norms (RMSNorm, LayerNorm, non-parametric LayerNorm, Gemma's 1 + w), biases,
+q/k norms, grouped-query attention and Gemma's scaled embedding (the scaling happens inside the
+embedding module, so its output is already the term); none of that changes where the terms
+live. Parallel StableLM blocks only change what the MLP reads.
 """
 
-from .base import Layout
+from .base import INPUT, Attn, Layout, Mlp
 
-LAYOUT = Layout(
-    name="llama",
-    model_types=("llama", "mistral", "qwen2"),
-    embed="embed_tokens",
-    layers="layers",
-    attn_out="self_attn.o_proj",
-    mlp="mlp",
-    mlp_down="mlp.down_proj",
-    final_norm="norm",
-    final_norm_kind="rmsnorm",
-)
+LAYOUTS = [
+    Layout(
+        name="llama",
+        model_types=("llama", "mistral", "qwen2", "qwen3", "stablelm", "olmo", "gemma"),
+        embeds={"embed": "embed_tokens"},
+        layers="layers",
+        block=(Attn("self_attn.o_proj"), Mlp("mlp", down="mlp.down_proj")),
+        resid_final=("norm", INPUT),
+        final_norm="norm",
+    ),
+]

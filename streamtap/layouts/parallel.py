@@ -1,0 +1,47 @@
+"""Parallel blocks (attention and MLP read the same input): GPT-J, GPT-NeoX/Pythia, Phi, Falcon.
+
+Parallelism changes what each sublayer reads, never the sum. Falcon adds the attention output
+into the MLP output in place (``mlp_output += attention_output``), so its MLP term is copied the
+moment it is produced.
+"""
+
+from .base import INPUT, Attn, Layout, Mlp
+
+LAYOUTS = [
+    Layout(
+        name="gptj",
+        model_types=("gptj",),
+        embeds={"embed": "wte"},
+        layers="h",
+        block=(Attn("attn.out_proj"), Mlp("mlp", down="mlp.fc_out")),
+        resid_final=("ln_f", INPUT),
+        final_norm="ln_f",
+    ),
+    Layout(
+        name="gpt_neox",
+        model_types=("gpt_neox",),
+        embeds={"embed": "embed_in"},
+        layers="layers",
+        block=(Attn("attention.dense"), Mlp("mlp", down="mlp.dense_4h_to_h")),
+        resid_final=("final_layer_norm", INPUT),
+        final_norm="final_layer_norm",
+    ),
+    Layout(
+        name="phi",
+        model_types=("phi",),
+        embeds={"embed": "embed_tokens"},
+        layers="layers",
+        block=(Attn("self_attn.dense"), Mlp("mlp", down="mlp.fc2")),
+        resid_final=("final_layernorm", INPUT),
+        final_norm="final_layernorm",
+    ),
+    Layout(
+        name="falcon",
+        model_types=("falcon",),
+        embeds={"embed": "word_embeddings"},
+        layers="h",
+        block=(Attn("self_attention.dense"), Mlp("mlp", down="mlp.dense_4h_to_h", clone=True)),
+        resid_final=("ln_f", INPUT),
+        final_norm="ln_f",
+    ),
+]

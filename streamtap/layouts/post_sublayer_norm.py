@@ -1,0 +1,31 @@
+"""Norms on each sublayer's output before it joins the stream: Gemma-2, Gemma-3, OLMo-2.
+
+Each attention and MLP term passes through its own RMSNorm (frozen per token), so a head's
+message in the stream is post_norm(message) and not the raw message.
+"""
+
+from .base import INPUT, Attn, Layout, Mlp
+
+LAYOUTS = [
+    Layout(
+        name="gemma2",
+        model_types=("gemma2", "gemma3_text", "gemma3"),
+        embeds={"embed": "embed_tokens"},
+        layers="layers",
+        block=(Attn("self_attn.o_proj", through="post_attention_layernorm"),
+               Mlp("mlp", down="mlp.down_proj", through="post_feedforward_layernorm")),
+        resid_final=("norm", INPUT),
+        final_norm="norm",
+        notes="logit soft-capping acts after the unembedding and does not touch the residual",
+    ),
+    Layout(
+        name="olmo2",
+        model_types=("olmo2",),
+        embeds={"embed": "embed_tokens"},
+        layers="layers",
+        block=(Attn("self_attn.o_proj", through="post_attention_layernorm"),
+               Mlp("mlp", down="mlp.down_proj", through="post_feedforward_layernorm")),
+        resid_final=("norm", INPUT),
+        final_norm="norm",
+    ),
+]
