@@ -66,8 +66,10 @@ def _stop_index(events: list[dict], upto) -> int:
     layer, part = (upto, "attn") if isinstance(upto, (int, np.integer)) else upto
     if part not in ("attn", "mlp"):
         raise StreamtapError(f"upto must be a layer or (layer, 'attn' | 'mlp'), got {upto!r}")
+    # a layer is entered before its first event (which may be a stream norm); its MLP is entered
+    # right before the MLP writes, after any norm the stream passed through since the attention
     for i, event in enumerate(events):
-        if event["op"] == part and event["layer"] == layer:
+        if event.get("layer") == layer and (part == "attn" or event["op"] == "mlp"):
             return i
     raise StreamtapError(f"this store has no {part} at layer {layer}")
 

@@ -165,8 +165,13 @@ def smollm2_dir() -> Path:
     return target
 
 
-TINY_ARCHS = ("gpt2", "llama", "llama-bias", "mistral", "qwen2")
-"""Architectures :func:`tiny_model` builds; each maps to one layout family streamtap supports."""
+TINY_ARCHS = (
+    "gpt2", "gpt_neo", "gpt_bigcode", "llama", "llama-bias", "mistral", "qwen2", "qwen3", "gemma",
+    "stablelm", "stablelm-parallel", "olmo", "opt", "bloom", "bloom-post-ln-residual", "gptj",
+    "gpt_neox", "gpt_neox-sequential", "phi", "falcon", "falcon-new", "gemma2", "gemma3", "olmo2",
+    "opt-post-ln", "bert", "roberta",
+)
+"""Architectures :func:`tiny_model` builds; each maps to one layout streamtap supports."""
 
 
 def tiny_model(arch: str, *, dtype=torch.float32, seed: int = 0, attn_implementation: str = "eager",
@@ -191,13 +196,14 @@ def tiny_model(arch: str, *, dtype=torch.float32, seed: int = 0, attn_implementa
     torch_dtype = _resolve_dtype(dtype)
     from transformers import AutoModelForCausalLM
 
-    config_cls, fields = _TINY_CONFIGS[arch]()
+    config_cls, fields, *auto = _TINY_CONFIGS[arch]()
     fields = {**fields, "initializer_range": 0.2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
               **config_overrides}
     config = config_cls(**fields)
+    auto_cls = auto[0] if auto else AutoModelForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        model = auto_cls.from_config(config, attn_implementation=attn_implementation)
         generator = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -247,9 +253,57 @@ def _qwen2():
     return Qwen2Config, _llama_fields(use_sliding_window=False)
 
 
-_TINY_CONFIGS = {"gpt2": _gpt2, "llama": _llama, "llama-bias": _llama_bias, "mistral": _mistral,
-                 "qwen2": _qwen2}
-assert tuple(_TINY_CONFIGS) == TINY_ARCHS
+def _named(config_name: str, **fields):
+    import transformers
+
+    return lambda: (getattr(transformers, config_name), fields)
+
+
+def _masked_lm(config_name: str, **fields):
+    import transformers
+
+    return lambda: (getattr(transformers, config_name), fields, transformers.AutoModelForMaskedLM)
+
+
+_MHA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=64)
+_GQA = {**_MHA, "num_key_value_heads": 2}
+
+_TINY_CONFIGS = {
+    "gpt2": _gpt2, "llama": _llama, "llama-bias": _llama_bias, "mistral": _mistral, "qwen2": _qwen2,
+    "gpt_neo": _named("GPTNeoConfig", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4,
+                      intermediate_size=128, max_position_embeddings=64,
+                      attention_types=[[["global", "local"], 1]], window_size=4),
+    "gpt_bigcode": _named("GPTBigCodeConfig", vocab_size=128, n_embd=64, n_layer=2, n_head=4,
+                          n_positions=64, multi_query=True),
+    "qwen3": _named("Qwen3Config", **_GQA, head_dim=16),
+    "gemma": _named("GemmaConfig", **{**_GQA, "num_key_value_heads": 1}, head_dim=32),
+    "stablelm": _named("StableLmConfig", **_GQA),
+    "stablelm-parallel": _named("StableLmConfig", **_GQA, use_parallel_residual=True),
+    "olmo": _named("OlmoConfig", **_MHA),
+    "opt": _named("OPTConfig", vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=True),
+    "opt-post-ln": _named("OPTConfig", vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, ffn_dim=128, max_position_embeddings=64,
+                          word_embed_proj_dim=32, do_layer_norm_before=False),
+    "bloom": _named("BloomConfig", vocab_size=128, hidden_size=64, n_layer=2, n_head=4),
+    "bloom-post-ln-residual": _named("BloomConfig", vocab_size=128, hidden_size=64, n_layer=2, n_head=4,
+                                     apply_residual_connection_post_layernorm=True),
+    "gptj": _named("GPTJConfig", vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=8),
+    "gpt_neox": _named("GPTNeoXConfig", **_MHA, use_parallel_residual=True),
+    "gpt_neox-sequential": _named("GPTNeoXConfig", **_MHA, use_parallel_residual=False),
+    "phi": _named("PhiConfig", **_MHA),
+    "falcon": _named("FalconConfig", vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, new_decoder_architecture=False, parallel_attn=True, bias=True),
+    "falcon-new": _named("FalconConfig", vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True),
+    "gemma2": _named("Gemma2Config", **_GQA, head_dim=16),
+    "gemma3": _named("Gemma3TextConfig", **_GQA, head_dim=16),
+    "olmo2": _named("Olmo2Config", **_MHA),
+    "bert": _masked_lm("BertConfig", **_MHA),
+    "roberta": _masked_lm("RobertaConfig", **{**_MHA, "max_position_embeddings": 72}),
+}
+assert set(_TINY_CONFIGS) == set(TINY_ARCHS)
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from typing import Any, Iterable, Sequence
 
 import torch
 
 from . import __version__
-from .errors import InputError, NonFiniteError, StreamtapError
+from .errors import DecompositionError, InputError, NonFiniteError, StreamtapError
 from .layouts import BoundLayout, bind, layout_for
 from .store import SCHEMA_VERSION, StoreSpec, StoreWriter, VariableSpec, describe_config, fingerprint, to_numpy
 
@@ -62,7 +63,8 @@ class Tap:
     """
 
     def __init__(self, model, store, *, tokenizer=None, neurons: bool = False, append: bool = False,
-                 overwrite: bool = False, model_name: str | None = None, how: str = "streamtap.tap"):
+                 overwrite: bool = False, model_name: str | None = None, check: bool = True,
+                 how: str = "streamtap.tap"):
         self.module, self._given_envoy = _unwrap(model)
         if self.module.training:
             raise StreamtapError(
@@ -84,16 +86,27 @@ class Tap:
         self._snapshot = None
         self._spec: StoreSpec | None = None
         self._text_cache: dict[int, str] = {}
+        self.check = check
 
     # -- context -------------------------------------------------------------------------------
     def __enter__(self) -> "Tap":
         import nnsight
 
         self._snapshot = _ModuleTreeSnapshot(self.module)
-        self.envoy = self._given_envoy if self._given_envoy is not None else nnsight.NNsight(self.module)
+        with warnings.catch_warnings():
+            # BERT-style blocks have a child named ``output``; nnsight renames its envoy and says so,
+            # which matters to attribute navigation only, and the tap addresses modules by path
+            warnings.filterwarnings("ignore", message=".*has a submodule named 'output'")
+            self.envoy = self._given_envoy if self._given_envoy is not None else nnsight.NNsight(self.module)
         # nnsight's controller is the root's forward now; the tap sits in front of it for the block
         self._controller = self.module.__dict__["forward"]
         self.module.__dict__["forward"] = self._forward
+        if self.check:
+            try:
+                self_check(self)
+            except BaseException:
+                self._snapshot.restore()
+                raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -119,20 +132,25 @@ class Tap:
     def _forward(self, *args, **kwargs):
         if self._inside:  # nnsight's own call of the module inside the trace: run it as it was
             return self._controller(*args, **kwargs)
+        input_ids, mask = self._inputs(args, kwargs)
+        output, cache, clones = self._traced(args, kwargs, self._paths)
+        self._record(cache, clones, input_ids, mask)
+        return output
+
+    def _traced(self, args, kwargs, paths):
+        """One forward through nnsight: (model output, cache of the named modules, copied outputs)."""
         import nnsight
 
-        input_ids, mask = self._inputs(args, kwargs)
         self._inside = True
         try:
             with self.envoy.trace(*args, **kwargs) as tracer:
-                cache = tracer.cache(modules=self._paths, include_inputs=True, device=None)
+                cache = tracer.cache(modules=paths, include_inputs=True, device=None)
                 # outputs the model later changes in place are copied the moment they exist
                 copies = nnsight.save([self.envoy.get(path).output.clone() for path in self._clone_paths])
                 output = self.envoy.output.save()
         finally:
             self._inside = False
-        self._record(cache, dict(zip(self._clone_keys, copies)), input_ids, mask)
-        return output
+        return output, cache, dict(zip(self._clone_keys, copies))
 
     def _inputs(self, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         bound = self._signature.bind_partial(self.module, *args, **kwargs).arguments
@@ -174,7 +192,9 @@ class Tap:
                 value = view.input if side == "input" else view.output
             if isinstance(value, tuple):
                 value = value[0]
-            if value.shape[0] != mask.shape[0]:  # position embeddings broadcast over the batch
+            if value.shape[:2] != mask.shape and value.shape[0] == mask.numel():
+                value = value.reshape(*mask.shape, *value.shape[1:])  # blocks that flatten tokens (OPT's MLP)
+            elif value.shape[0] != mask.shape[0]:  # position embeddings broadcast over the batch
                 value = value.expand(mask.shape[0], *value.shape[1:])
             if mask_dev is None:
                 mask_dev = mask.to(value.device)
@@ -279,13 +299,15 @@ class Tap:
 
 
 def tap(model, store, *, tokenizer=None, neurons: bool = False, append: bool = False,
-        overwrite: bool = False, model_name: str | None = None) -> Tap:
+        overwrite: bool = False, model_name: str | None = None, check: bool = True) -> Tap:
     """Wrap existing inference code: each forward of ``model`` inside the block is captured.
 
     ``store`` is a path or a zarr store (``zarr.storage.MemoryStore()`` keeps it in memory).
+    ``check`` runs the invariant layer by layer on a short probe when the block opens, so a layout
+    that no longer matches the model fails in milliseconds rather than after hours of capture.
     """
     return Tap(model, store, tokenizer=tokenizer, neurons=neurons, append=append,
-               overwrite=overwrite, model_name=model_name)
+               overwrite=overwrite, model_name=model_name, check=check)
 
 
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
@@ -295,7 +317,7 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
 
 def capture(model, texts, store, *, tokenizer=None, batch_size: int = 8, max_length: int | None = None,
             truncate: bool = False, neurons: bool = False, append: bool = False, overwrite: bool = False,
-            model_name: str | None = None, progress: bool = False) -> Tap:
+            model_name: str | None = None, progress: bool = False, check: bool = True) -> Tap:
     """Capture a corpus in one call: strings (with a tokenizer) or lists of token ids.
 
     Returns the finished tap, whose ``tokens`` and ``sequences`` say what was committed.
@@ -317,7 +339,7 @@ def capture(model, texts, store, *, tokenizer=None, batch_size: int = 8, max_len
         limit = min(limit, max_length) if limit else max_length
     device = next(module.parameters()).device
     the_tap = Tap(model, store, tokenizer=tokenizer, neurons=neurons, append=append, overwrite=overwrite,
-                  model_name=model_name, how="streamtap.capture")
+                  model_name=model_name, check=check, how="streamtap.capture")
     bar = _progress(progress, len(texts))
     done = 0  # tokens of this call (the tap's count includes what an appended store already had)
     try:
@@ -372,4 +394,77 @@ def _encode(chunk, tokenizer, limit: int | None, truncate: bool) -> tuple[torch.
     return ids, mask
 
 
-__all__ = ["Tap", "tap", "capture"]
+def self_check(the_tap: Tap, n_tokens: int = 8) -> float:
+    """Replay the layout's stream on a short probe and compare it with each block's real input.
+
+    Returns the largest relative error. Raises DecompositionError naming the first layer whose
+    terms do not add up to the residual entering the next one (or to the final residual).
+    """
+    from .invariant import tolerance
+
+    b = the_tap.bound
+    vocab = int(getattr(the_tap.module.config, "vocab_size", 2) or 2)
+    n = min(n_tokens, the_tap.max_positions or n_tokens)
+    device = next(the_tap.module.parameters()).device
+    ids = (torch.arange(n, device=device) % max(vocab - 1, 1) + 1)[None]
+    mask = torch.ones_like(ids)
+    blocks = [f"model.{b.full(f'{b.layout.layers}.{l}')}" for l in range(b.n_layers)]
+    with torch.no_grad():
+        _, cache, clones = the_tap._traced((), {"input_ids": ids, "attention_mask": mask},
+                                           sorted(set(the_tap._paths) | set(blocks)))
+        terms = {k: v.double() for k, v in the_tap._terms(cache, clones, mask.bool()).items()}
+        entering = [cache[p].input[0].double() for p in blocks]
+    if not bool(torch.isfinite(terms["resid_final"]).all()):
+        # a broken model, not a broken layout: the first real batch reports where it goes non-finite
+        warnings.warn("the model produced non-finite values on the self-check probe; layout check skipped")
+        return float("nan")
+    static = b.static_weights(neurons=False)
+    W_O = static["W_O"][1].double().to(device)
+    b_O = static["attn_bias"][1].double().to(device)
+    probes = b.norm_probes
+    model_dtype = str(next(the_tap.module.parameters()).dtype).removeprefix("torch.")
+
+    def norm(k, x):
+        p = probes[k]
+        if p["center"]:
+            x = x - x.mean(-1, keepdim=True)
+        return x * terms["norm_scale"][:, k, None] * p["gamma"].double().to(device) + p["beta"].double().to(device)
+
+    def compare(total, reference, where, layer):
+        err = float(((total - reference).abs().amax(-1) / reference.abs().amax(-1).clamp_min(1e-30)).max())
+        bound = tolerance(model_dtype, n_layers=max(layer, 1))
+        if not err <= bound:
+            raise DecompositionError(
+                f"layout {b.name!r} does not fit this {type(the_tap.module).__name__}: {where} "
+                f"(relative error {err:.3g}, bound {bound:.1g}). A module the layout names may have moved "
+                "or a term may be missing; see docs/layouts.md. check=False skips this probe."
+            )
+        return err
+
+    total, worst, seen = None, 0.0, set()
+    for event in b.events:
+        layer = event.get("layer", -1)
+        if layer >= 0 and layer not in seen:
+            seen.add(layer)
+            before = "the embedding terms" if layer == 0 else f"the terms written up to layer {layer - 1}"
+            worst = max(worst, compare(total, entering[layer], f"{before} do not add up to the residual "
+                                       f"entering layer {layer}", layer))
+        op = event["op"]
+        if op == "norm":
+            total = norm(event["norm"], total)
+            continue
+        if op == "embed":
+            term = terms[event["var"]]
+        elif op == "attn":
+            term = torch.einsum("thd,hdm->tm", terms["z"][:, layer], W_O[layer]) + b_O[layer]
+        else:
+            term = terms["mlp_out"][:, layer]
+        if op in ("attn", "mlp") and event["norm"] is not None:
+            term = norm(event["norm"], term)
+        total = term if total is None else total + term
+    worst = max(worst, compare(total, terms["resid_final"], f"the terms of layer {b.n_layers - 1} and before "
+                               "do not add up to the final residual", b.n_layers))
+    return worst
+
+
+__all__ = ["Tap", "tap", "capture", "self_check"]

@@ -21,3 +21,14 @@ def padded_batch(vocab: int, lengths: list[int], *, seed: int = 0, side: str = "
 def run(model, ids, mask):
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask)
+
+
+def attention_implementations(arch: str) -> tuple[str, ...]:
+    """eager, plus sdpa where transformers implements it for the architecture."""
+    from streamtap.models import tiny_model
+
+    try:
+        tiny_model(arch, attn_implementation="sdpa")
+    except ValueError:  # transformers: "... does not support ... scaled_dot_product_attention yet"
+        return ("eager",)
+    return ("eager", "sdpa")

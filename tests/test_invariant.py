@@ -7,9 +7,10 @@ import torch
 import streamtap as st
 from streamtap.models import TINY_ARCHS, tiny_model
 
-from _util import padded_batch, run
+from _util import attention_implementations, padded_batch, run
 
 LENGTHS = [11, 6, 3]
+ARCH_ATTN = [(arch, attn) for arch in TINY_ARCHS for attn in attention_implementations(arch)]
 
 
 def _capture(model, store, side="right", lengths=LENGTHS, **kw):
@@ -19,8 +20,7 @@ def _capture(model, store, side="right", lengths=LENGTHS, **kw):
     return st.open(store), ids, mask
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch, attn", ARCH_ATTN)
 def test_float32_padded_batch_sums_to_residual(arch, attn, tmp_path):
     model = tiny_model(arch, attn_implementation=attn)
     ds, _, mask = _capture(model, tmp_path / "s.zarr")
@@ -51,15 +51,17 @@ def test_padding_never_changes_real_tokens_terms(arch, tmp_path):
         alone = st.open(tmp_path / f"{row}.zarr")
         rows = batched.seq.values == row
         for name in ("embed", "z", "mlp_out", "resid_final"):
-            np.testing.assert_allclose(batched[name].values[rows], alone[name].values, rtol=1e-5, atol=1e-5)
+            # float32 matmuls of other shapes round differently; DESIGN's bound is relative to the scale
+            ours, theirs = batched[name].values[rows], alone[name].values
+            assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max(), name
 
 
 # Measured (max over these archs, eager and sdpa, seeds 0-2): bfloat16 7.2e-3, float16 1.1e-3,
 # against the rounding-model bounds (3L+1)u = 2.7e-2 and 3.4e-3 (streamtap.invariant.tolerance).
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_half_precision_within_measured_bound(arch, dtype, tmp_path):
-    model = tiny_model(arch, dtype=dtype)
+@pytest.mark.parametrize("arch, attn", ARCH_ATTN)
+def test_half_precision_within_measured_bound(arch, attn, dtype, tmp_path):
+    model = tiny_model(arch, dtype=dtype, attn_implementation=attn)
     ds, _, _ = _capture(model, tmp_path / "s.zarr")
     assert ds.attrs["dtype"] == str(dtype).removeprefix("torch.")
     # bfloat16 is kept as its bits and decoded to float32 on read (exact); float16 stays float16

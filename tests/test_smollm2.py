@@ -50,3 +50,21 @@ def test_paris_is_top1_and_attribution_sums_to_the_logit(smollm2, store):
     last = int(np.flatnonzero(ds.seq.values == 0)[-1])
     contrib = st.analysis.direct_logit_attribution(ds.isel(token=last), paris)
     assert abs(float(contrib.sum("component")) - float(logits[paris])) <= 1e-4 * abs(float(logits[paris])) + 1e-4
+
+
+def test_heads_plus_bias_equal_the_attention_output(smollm2, tmp_path):
+    model, tok = smollm2
+    captured = {}
+
+    def keep(module, args, output):
+        captured["attn"] = output[0].detach()
+
+    hook = model.model.layers[17].self_attn.register_forward_hook(keep)
+    enc = tok(PROMPTS[1], return_tensors="pt")
+    with st.tap(model, tmp_path / "s.zarr"), torch.no_grad():
+        model(**enc)
+    hook.remove()
+    ds = st.open(tmp_path / "s.zarr")
+    summed = (ds.messages.sel(layer=17).sum("head") + ds.attn_bias.sel(layer=17)).values
+    expected = captured["attn"][0].numpy()
+    assert np.abs(summed - expected).max() <= 1e-5 * np.abs(expected).max()
