@@ -67,7 +67,7 @@ def open(store, *, chunks: dict | None = None) -> xr.Dataset:  # noqa: A001 - mi
 
 
 PER_TOKEN = ("embed", "pos_embed", "token_type_embed", "z", "mlp_out", "neuron_act", "norm_scale",
-             "resid_final", "messages", "neuron_out")
+             "expert_out", "expert_index", "shared_expert_out", "resid_final", "messages", "neuron_out")
 
 
 def with_token_dim(ds: xr.Dataset) -> tuple[xr.Dataset, bool]:

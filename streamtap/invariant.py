@@ -153,6 +153,15 @@ def decompose(ds: xr.Dataset, *, neurons: bool = False, upto=None, dtype=np.floa
             heads = [_component(f"L{layer}H{h}", "head", layer, h) for h in range(ds.sizes["head"])]
             write([da.moveaxis(messages[:, layer], 1, 0), broadcast(ds["attn_bias"].data[layer])],
                   heads + [_component(f"L{layer}_attn_bias", "attn_bias", layer)], event["norm"], layer)
+        elif op == "mlp" and "experts" in event:
+            n_experts = event["experts"]
+            per_expert = _dense_experts(ds, layer, n_experts, dtype)
+            names = [_component(f"L{layer}E{e}", "expert", layer) for e in range(n_experts)]
+            new = [per_expert]
+            if event.get("shared"):
+                new.append(per_token(ds["shared_expert_out"].data[:, layer]))
+                names.append(_component(f"L{layer}_shared_expert", "shared_expert", layer))
+            write(new, names, event["norm"], layer)
         elif op == "mlp" and neurons:
             out = da.moveaxis(ds["neuron_out"].data[:, layer].astype(dtype), 1, 0)
             names = [_component(f"L{layer}N{n}", "neuron", layer, -1, n) for n in range(ds.sizes["neuron"])]
@@ -174,6 +183,23 @@ def decompose(ds: xr.Dataset, *, neurons: bool = False, upto=None, dtype=np.floa
     target = "resid_final" if upto is None else f"residual entering {upto}"
     return xr.DataArray(data, dims=("component", "token", "d_model"), coords=coords, name="terms",
                         attrs={"note": f"sum over component equals {target}"})
+
+
+def _dense_experts(ds: xr.Dataset, layer: int, n_experts: int, dtype) -> da.Array:
+    """(expert, token, d_model): each expert's weighted output, zero where it was not routed to."""
+    out = _as_dask(ds["expert_out"].data[:, layer], dtype)            # (token, slot, d_model)
+    index = ds["expert_index"].data[:, layer]                          # (token, slot)
+    index = index if isinstance(index, da.Array) else da.from_array(np.asarray(index))
+    index = index.rechunk((out.chunks[0], out.chunks[1]))
+
+    def scatter(block, idx):
+        dense = np.zeros((n_experts, block.shape[0], block.shape[2]), dtype=dtype)
+        for slot in range(block.shape[1]):
+            np.add.at(dense, (idx[:, slot], np.arange(block.shape[0])), block[:, slot])
+        return dense
+
+    return da.map_blocks(scatter, out, index, new_axis=0, drop_axis=[1],
+                         chunks=((n_experts,), out.chunks[0], out.chunks[2]), dtype=dtype)
 
 
 def sum_of_terms(ds: xr.Dataset, dtype=np.float32) -> xr.DataArray:

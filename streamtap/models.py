@@ -169,7 +169,7 @@ TINY_ARCHS = (
     "gpt2", "gpt_neo", "gpt_bigcode", "llama", "llama-bias", "mistral", "qwen2", "qwen3", "gemma",
     "stablelm", "stablelm-parallel", "olmo", "opt", "bloom", "bloom-post-ln-residual", "gptj",
     "gpt_neox", "gpt_neox-sequential", "phi", "falcon", "falcon-new", "gemma2", "gemma3", "olmo2",
-    "opt-post-ln", "bert", "roberta",
+    "opt-post-ln", "bert", "roberta", "mixtral", "qwen2_moe",
 )
 """Architectures :func:`tiny_model` builds; each maps to one layout streamtap supports."""
 
@@ -302,6 +302,9 @@ _TINY_CONFIGS = {
     "olmo2": _named("Olmo2Config", **_MHA),
     "bert": _masked_lm("BertConfig", **_MHA),
     "roberta": _masked_lm("RobertaConfig", **{**_MHA, "max_position_embeddings": 72}),
+    "mixtral": _named("MixtralConfig", **_GQA, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": _named("Qwen2MoeConfig", **_GQA, num_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=32, shared_expert_intermediate_size=64),
 }
 assert set(_TINY_CONFIGS) == set(TINY_ARCHS)
 

@@ -72,6 +72,11 @@ class Tap:
                 "call model.eval() before tapping it"
             )
         self.bound: BoundLayout = bind(layout_for(self.module), self.module)
+        if neurons and self.bound.moe:
+            raise StreamtapError(
+                "per-neuron capture is not available for mixture-of-experts layers (their experts are "
+                "fused); per-expert terms are stored instead. Capture without neurons=True (--neurons)"
+            )
         self.tokenizer = tokenizer
         self.neurons = neurons
         self.model_name = model_name or getattr(self.module.config, "_name_or_path", "") or type(self.module).__name__
@@ -206,10 +211,40 @@ class Tap:
         out["mlp_out"] = torch.stack([real(f"mlp_out.{l}") for l in range(L)], dim=1)
         if self.neurons:
             out["neuron_act"] = torch.stack([real(f"neuron_act.{l}") for l in range(L)], dim=1)
+        if b.moe:
+            out.update(self._expert_terms(cache, mask))
         if b.norms:
             out["norm_scale"] = torch.stack([self._frozen_scale(real(f"norm.{k}"), k) for k in range(len(b.norms))], dim=1)
         out["resid_final"] = real("resid_final")
         return out
+
+    def _expert_terms(self, cache, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each routed expert's weighted output (and the shared expert's), for the real tokens.
+
+        The experts module runs again once per routing slot with only that slot's index and
+        weight, which is the model's own expert code producing exactly that slot's share.
+        """
+        b = self.bound
+        slots, index, shared = [], [], []
+        for layer in range(b.n_layers):
+            path = b.taps[f"experts.{layer}"][0]
+            (x, top_index, top_weights), _ = cache[f"model.{path}"].inputs
+            real = mask.reshape(-1).to(x.device)
+            x, top_index, top_weights = x[real], top_index[real], top_weights[real]
+            experts = b.module(path)
+            with torch.no_grad():
+                slots.append(torch.stack([experts(x, top_index[:, j:j + 1], top_weights[:, j:j + 1])
+                                          for j in range(top_index.shape[1])], dim=1))
+            index.append(top_index.to(torch.int32))
+            if f"shared.{layer}" in b.taps:
+                out = cache[f"model.{b.taps[f'shared.{layer}'][0]}"].output
+                gate = cache[f"model.{b.taps[f'shared_gate.{layer}'][0]}"].output
+                out, gate = out.reshape(-1, out.shape[-1])[real], gate.reshape(-1, gate.shape[-1])[real]
+                shared.append(torch.sigmoid(gate) * out)
+        terms = {"expert_out": torch.stack(slots, dim=1), "expert_index": torch.stack(index, dim=1)}
+        if shared:
+            terms["shared_expert_out"] = torch.stack(shared, dim=1)
+        return terms
 
     def _frozen_scale(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """s = 1/sqrt(var(x) + eps) of norm k, in float32 as the norms compute it."""
@@ -271,7 +306,9 @@ class Tap:
     def _make_spec(self, out: dict[str, torch.Tensor]) -> StoreSpec:
         b = self.bound
         dims = {"z": ("layer", "head", "d_head"), "mlp_out": ("layer", "d_model"),
-                "neuron_act": ("layer", "neuron"), "norm_scale": ("norm",)}
+                "neuron_act": ("layer", "neuron"), "norm_scale": ("norm",),
+                "expert_out": ("layer", "slot", "d_model"), "expert_index": ("layer", "slot"),
+                "shared_expert_out": ("layer", "d_model")}
         variables = {name: VariableSpec(dims.get(name, ("d_model",)), tuple(t.shape[1:]), t.dtype)
                      for name, t in out.items()}
         static = b.static_weights(self.neurons)

@@ -114,3 +114,32 @@ def test_post_ln_betas_are_terms_and_every_term_passes_later_norms(arch):
     assert "norm_beta" in kinds and ds.sizes["norm"] == (2 * 2 + (1 if arch == "bert" else 0))
     assert ds.norm_scale.dims == ("token", "norm")
     st.verify(ds)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_moe_layer_splits_into_one_term_per_routed_expert(arch):
+    model = tiny_model(arch)
+    ids, mask = padded_batch(model.config.vocab_size, [7, 4], seed=7)
+    routed = {}
+
+    def keep(module, args, output):
+        routed["index"] = output[2].detach()  # (tokens, top_k) from the router
+
+    hook = model.model.layers[1].mlp.gate.register_forward_hook(keep)
+    store = zarr.storage.MemoryStore()
+    with st.tap(model, store):
+        run(model, ids, mask)
+    hook.remove()
+    ds = st.open(store)
+    terms = st.decompose(ds, dtype=np.float64)
+    experts = terms.where((terms.layer == 1) & terms.kind.isin(["expert", "shared_expert"]), drop=True)
+    mlp = ds.mlp_out.sel(layer=1).values
+    assert np.abs(experts.sum("component").values - mlp).max() <= 1e-5 * np.abs(mlp).max()
+    chosen = routed["index"][mask.reshape(-1).bool()].numpy()
+    per_expert = terms.where((terms.layer == 1) & (terms.kind == "expert"), drop=True)
+    written = np.abs(per_expert.values).max(axis=2) > 0            # (expert, token)
+    for token in range(ds.sizes["token"]):
+        assert set(np.flatnonzero(written[:, token])) == set(chosen[token])
+    assert ("L1_shared_expert" in terms.component.values) == (arch == "qwen2_moe")
+    with pytest.raises(st.StreamtapError, match="mixture-of-experts"):
+        st.tap(model, zarr.storage.MemoryStore(), neurons=True)

@@ -221,6 +221,12 @@ def model_config(ds: xr.Dataset) -> dict:
         return {}
 
 
+def logit_softcap(ds: xr.Dataset) -> float | None:
+    """The model's final logit soft-capping (Gemma-2: logits = cap * tanh(logits / cap)), if any."""
+    cap = model_config(ds).get("final_logit_softcapping")
+    return float(cap) if cap else None
+
+
 def is_rotary(ds: xr.Dataset) -> bool:
     """Whether the model rotates queries and keys by position (RoPE), from the stored config."""
     if "positional" in ds.attrs:
@@ -320,6 +326,24 @@ def prenorm_terms_np(ds: xr.Dataset, dtype=np.float64) -> np.ndarray:
     return np.stack(rows)
 
 
+def _prenorm_events(events: list[dict], n_layers: int) -> bool:
+    """Embeddings, then attention and MLP of each layer in turn, written straight into the stream."""
+    want = [("embed", "embed")]
+    got = [(e.get("op"), e.get("var")) for e in events if e.get("op") == "embed"]
+    if got not in (want, want + [("embed", "pos_embed")]):
+        return False
+    rest = [e for e in events if e.get("op") != "embed"]
+    if len(rest) != 2 * n_layers or len(events) != len(got) + len(rest) or events[:len(got)] != [
+            e for e in events if e.get("op") == "embed"]:
+        return False
+    for i, e in enumerate(rest):
+        op = "attn" if i % 2 == 0 else "mlp"
+        extra = set(e) - {"op", "layer", "norm"}
+        if e.get("op") != op or e.get("layer") != i // 2 or e.get("norm") is not None or extra:
+            return False
+    return True
+
+
 def decompose_has_upto() -> bool:
     from ..invariant import decompose
 
@@ -336,6 +360,8 @@ def prenorm_exact(ds: xr.Dataset) -> bool:
     """
     from ..invariant import decompose
 
+    if "stream" in ds.attrs:  # the order in which terms entered the stream, written at capture
+        return _prenorm_events(json.loads(ds.attrs["stream"]), ds.sizes["layer"])
     if not decompose_has_upto():
         return True  # the core decomposes pre-norm decoders only
     if ds.sizes.get("token", 0) == 0:
@@ -352,12 +378,13 @@ def prenorm_exact(ds: xr.Dataset) -> bool:
 
 
 def vocab_scan(rows: np.ndarray, W_U: np.ndarray, b_U, k: int, *, targets=None, bottom: bool = False,
-               probs: bool = True) -> dict:
+               probs: bool = True, softcap: float | None = None) -> dict:
     """Logits of each row against the whole vocabulary, reduced to what the analyses keep.
 
     ``rows`` (R, d) are already what multiplies W_U (normed residuals, or folded directions).
     Returns top-k ids/logits (and probabilities of a softmax over the whole vocabulary), optionally
-    bottom-k, and for ``targets`` (R,) their logit, probability and rank (0 = top). Works through the
+    bottom-k, and for ``targets`` (R,) their logit, probability and rank (0 = top). ``softcap``
+    applies the model's final logit soft-capping (cap * tanh(logit / cap)). Works through the
     rows in slices, so no more than ~32 MB of logits exist at once.
     """
     R, V = rows.shape[0], W_U.shape[0]
@@ -378,6 +405,8 @@ def vocab_scan(rows: np.ndarray, W_U: np.ndarray, b_U, k: int, *, targets=None, 
         logits = rows[sl] @ W_U.T
         if b_U is not None:
             logits += b_U
+        if softcap:
+            logits = softcap * np.tanh(logits / softcap)
         idx, val = topk_rows(logits, k)
         out["top_id"][sl], out["top_logit"][sl] = idx, val
         if probs or targets is not None:

@@ -21,7 +21,7 @@ import xarray as xr
 
 from ..errors import StreamtapError
 from ..invariant import decompose
-from ._common import (component_coords, float_dtype, fold_direction, norm_params, norm_scale_np, per_token,
+from ._common import (component_coords, float_dtype, fold_direction, logit_softcap, norm_params, norm_scale_np, per_token,
                       prenorm_components, prenorm_exact, require, single_token, static, static_dask, token_coords,
                       token_ids, tokens_map, as_static_dask)
 
@@ -87,6 +87,11 @@ def direct_logit_attribution(ds: xr.Dataset, token_id, *, foil=None, neurons: bo
     attrs = {"target": _describe(target), "foil": _describe(foil_id) if foil_id is not None else "none",
              "note": "sum over component equals the model's logit"
                      + (" difference (target - foil)" if foil_id is not None else "")}
+    cap = logit_softcap(ds)
+    if cap:
+        attrs["softcap"] = cap
+        attrs["note"] += (f" before the model's final soft-capping (it reports cap * tanh(logit / cap), "
+                          f"cap = {cap:g}; attribution is of the linear logit it caps)")
     if prenorm_exact(ds):
         out = _fast(ds, U, b_U, t_idx, f_idx, per_tok, neurons, dtype)
     else:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ._common import (apply_norm_np, float_dtype, norm_params, pack, require, single_token, static_dask,
-                      tokens_map, unpack, vocab_scan)
+from ._common import (apply_norm_np, float_dtype, logit_softcap, norm_params, pack, require, single_token,
+                      static_dask, tokens_map, unpack, vocab_scan)
 from .attribution import _ids
 from .decomposition import residual_stream
 
@@ -43,7 +43,8 @@ def logit_lens(ds: xr.Dataset, *, k: int = 10, sites=("attn",), final: bool = Tr
         statics["b_U"] = static_dask(ds, "unembed_bias", dtype)
     data = tokens_map(_lens_block, ("token", "depth", "slot", "field"),
                       {"depth": n_depth, "slot": k + 1, "field": 3}, inputs, statics, dtype=np.float64,
-                      p=norm_params(ds, dtype), k=k, target=None if per_tok else tgt, dt=dtype)
+                      p=norm_params(ds, dtype), k=k, target=None if per_tok else tgt, dt=dtype,
+                      softcap=logit_softcap(ds))
     top = unpack(data[:, :, :k], FIELDS, int_fields=("top_id",))
     coords = dict(stack.coords)
     dims = ("token", "depth", "k")
@@ -53,8 +54,10 @@ def logit_lens(ds: xr.Dataset, *, k: int = 10, sites=("attn",), final: bool = Tr
         t = unpack(data[:, :, k], TARGET_FIELDS, int_fields=("target_rank",))
         out = out.assign({n: xr.DataArray(v if n == "target_rank" else v.astype(dtype), dims=("token", "depth"))
                           for n, v in t.items()})
+    cap = logit_softcap(ds)
     return out.assign_attrs(k=k, target=str(tgt) if not per_tok else "per token",
-                            note="residual at each depth through the final norm (own scale) and W_U")
+                            note="residual at each depth through the final norm (own scale) and W_U"
+                                 + (f", logits soft-capped at {cap:g} as the model does" if cap else ""))
 
 
 def _chunked(ids: np.ndarray, like: xr.DataArray):
@@ -63,7 +66,7 @@ def _chunked(ids: np.ndarray, like: xr.DataArray):
     return da.from_array(np.asarray(ids, np.int64), chunks=(like.chunks[0],))
 
 
-def _lens_block(b: dict, *, p, k, target, dt) -> np.ndarray:
+def _lens_block(b: dict, *, p, k, target, dt, softcap) -> np.ndarray:
     x = b["x"].astype(dt, copy=False)
     T, D, d = x.shape
     rows = apply_norm_np(x, p).reshape(T * D, d)
@@ -73,7 +76,7 @@ def _lens_block(b: dict, *, p, k, target, dt) -> np.ndarray:
         targets = np.full(T * D, int(target))
     else:
         targets = None
-    res = vocab_scan(rows, b["W_U"], b.get("b_U"), k, targets=targets)
+    res = vocab_scan(rows, b["W_U"], b.get("b_U"), k, targets=targets, softcap=softcap)
     out = np.zeros((T, D, k + 1, 3), np.float64)
     out[:, :, :k] = pack(res, FIELDS).reshape(T, D, k, 3)
     if targets is not None:

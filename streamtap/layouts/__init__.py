@@ -9,9 +9,9 @@ from __future__ import annotations
 from importlib import import_module
 
 from ..errors import UnsupportedArchitectureError
-from .base import INPUT, OUTPUT, Attn, BoundLayout, Layout, Mlp, Norm, bind, in_out_weight
+from .base import INPUT, OUTPUT, Attn, BoundLayout, Layout, Mlp, Moe, Norm, bind, in_out_weight
 
-_FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert")
+_FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert", "moe")
 
 GUIDE = "docs/layouts.md"
 
@@ -43,5 +43,5 @@ def layout_for(model) -> Layout:
     )
 
 
-__all__ = ["INPUT", "OUTPUT", "Attn", "BoundLayout", "Layout", "LAYOUTS", "Mlp", "Norm", "bind",
+__all__ = ["INPUT", "OUTPUT", "Attn", "BoundLayout", "Layout", "LAYOUTS", "Mlp", "Moe", "Norm", "bind",
            "in_out_weight", "layout_for", "register", "supported_model_types"]

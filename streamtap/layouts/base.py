@@ -45,6 +45,23 @@ class Mlp:
 
 
 @dataclass(frozen=True)
+class Moe:
+    """A mixture of experts writes ``term``'s output, split into one term per routed expert.
+
+    ``experts`` is called as ``experts(x, top_k_index, top_k_weights)`` (the transformers 5 fused
+    experts); calling it again once per routing slot, with that slot's index and weight alone, gives
+    each routed expert's weighted output from the model's own code. ``shared`` is an always-on
+    expert whose output is scaled by sigmoid(``shared_gate``(x)) (Qwen2-MoE).
+    """
+
+    term: str
+    experts: str
+    shared: str | None = None
+    shared_gate: str | None = None
+    through: str | None = None
+
+
+@dataclass(frozen=True)
 class Norm:
     """The whole residual stream passes through this norm (post-LN blocks, embedding norms)."""
 
@@ -63,7 +80,7 @@ class Layout:
     model_types: tuple[str, ...]
     embeds: dict[str, Paths]             # stored variable name -> module whose output enters the stream
     layers: str
-    block: tuple[Attn | Mlp | Norm, ...]
+    block: tuple[Attn | Mlp | Moe | Norm, ...]
     resid_final: tuple[Paths, str]       # where the final residual is read, and from which side
     final_norm: Paths | None = None      # the norm before the unembedding (offline attribution)
     after_embeds: tuple[Norm, ...] = ()
@@ -176,6 +193,7 @@ class BoundLayout:
     norms: list[str] = field(default_factory=list)                   # module path of each norm
     clones: set[str] = field(default_factory=set)                    # tap keys to copy at capture
     norm_probes: list[dict] = field(default_factory=list)            # gamma, beta, centring, eps per norm
+    moe: bool = False                                                # MLP terms split per expert
 
     @property
     def name(self) -> str:
@@ -212,6 +230,9 @@ class BoundLayout:
             w = in_out_weight(o)
             W_O.append(w.reshape(H, dh, d))
             b_O.append(_bias(o, d, w))
+            if self.moe:  # fused experts have no single down projection; their bias is part of each term
+                b_out.append(torch.zeros(d, dtype=w.dtype, device=w.device))
+                continue
             down = self.module(self.taps[f"neuron_act.{layer}"][0])
             wd = in_out_weight(down)
             b_out.append(_bias(down, d, wd))
@@ -299,6 +320,16 @@ def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
             if isinstance(step, Attn):
                 taps[f"z.{layer}"] = (require(bound.block_path(layer, step.proj), "attention output projection"), INPUT)
                 events.append({"op": "attn", "layer": layer, "norm": through})
+            elif isinstance(step, Moe):
+                taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, step.term), "MoE term"), OUTPUT)
+                taps[f"experts.{layer}"] = (require(bound.block_path(layer, step.experts), "experts"), INPUT)
+                event = {"op": "mlp", "layer": layer, "norm": through,
+                         "experts": int(bound.module(taps[f"experts.{layer}"][0]).num_experts), "shared": False}
+                if step.shared:
+                    taps[f"shared.{layer}"] = (require(bound.block_path(layer, step.shared), "shared expert"), OUTPUT)
+                    taps[f"shared_gate.{layer}"] = (require(bound.block_path(layer, step.shared_gate), "shared expert gate"), OUTPUT)
+                    event["shared"] = True
+                events.append(event)
             else:
                 taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, step.term), "MLP term"), OUTPUT)
                 taps[f"neuron_act.{layer}"] = (require(bound.block_path(layer, step.down or step.term), "MLP down projection"), INPUT)
@@ -308,6 +339,7 @@ def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
     paths, side = layout.resid_final
     taps["resid_final"] = (require(paths, "final residual"), side)
     bound.taps, bound.events = taps, events
-    bound.d_mlp = in_out_weight(bound.module(taps["neuron_act.0"][0])).shape[0]
+    bound.moe = any("experts" in e for e in events)
+    bound.d_mlp = 0 if bound.moe else in_out_weight(bound.module(taps["neuron_act.0"][0])).shape[0]
     bound.norm_probes = [probe_norm(bound.module(p), d_model) for p in bound.norms]
     return bound
