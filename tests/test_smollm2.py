@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import zarr
 
 import streamtap as st
 from streamtap.models import load_model
@@ -68,3 +69,13 @@ def test_heads_plus_bias_equal_the_attention_output(smollm2, tmp_path):
     summed = (ds.messages.sel(layer=17).sum("head") + ds.attn_bias.sel(layer=17)).values
     expected = captured["attn"][0].numpy()
     assert np.abs(summed - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_self_check_passes_in_half_precision(dtype):
+    """Rounding grows with depth and the residual can shrink by cancellation: 30 layers must pass."""
+    from streamtap.tapping import Tap, self_check
+
+    model, _ = load_model("smollm2", dtype=dtype)
+    with Tap(model, zarr.storage.MemoryStore(), check=False) as the_tap:
+        assert self_check(the_tap) <= st.tolerance(dtype, n_layers=30)
