@@ -21,7 +21,7 @@ import streamtap as st
 from streamtap.models import TINY_ARCHS, load_model, tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _util import padded_batch, run  # noqa: E402
+from _util import attention_implementations, padded_batch, run  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -39,15 +39,26 @@ def tiny_rows():
         cells, terms = [], ""
         for dtype in DTYPES:
             worst, ds = 0.0, None
-            for attn in ("eager", "sdpa"):
+            for attn in attention_implementations(arch):
                 for seed in range(3):
                     model = tiny_model(arch, dtype=dtype, seed=seed, attn_implementation=attn)
                     ids, mask = padded_batch(model.config.vocab_size, [11, 6, 3], seed=seed + 1)
                     err, ds = _error(model, ids, mask)
                     worst = max(worst, err)
             cells.append(f"{worst:.1e} (≤ {st.tolerance(ds):.1e})")
-            terms = f"{ds.sizes['head']} heads + attn bias + MLP"
-        yield f"| {arch} | {ds.attrs['layout']} | {terms} | " + " | ".join(cells) + " |"
+        attn = "eager, sdpa" if len(attention_implementations(arch)) == 2 else "eager (no sdpa in transformers)"
+        yield f"| {arch} | {ds.attrs['layout']} | {terms_per_layer(ds)} | {attn} | " + " | ".join(cells) + " |"
+
+
+def terms_per_layer(ds) -> str:
+    """What one layer contributes, read off the decomposition (layer 0)."""
+    terms = st.decompose(ds)
+    kinds = list(terms.kind.values[terms.layer.values == 0])
+    names = {"head": "heads", "attn_bias": "attn bias", "mlp": "MLP", "expert": "experts",
+             "shared_expert": "shared expert", "norm_beta": "norm betas"}
+    parts = [f"{kinds.count(k)} {names.get(k, k)}" if kinds.count(k) > 1 else names.get(k, k)
+             for k in dict.fromkeys(kinds)]
+    return " + ".join(parts)
 
 
 def smollm2_row():
@@ -60,15 +71,15 @@ def smollm2_row():
         ds = st.open(store)
         err = st.verify(ds, raise_on_error=False).attrs["max_rel_error"]
         cells.append(f"{err:.1e} (≤ {st.tolerance(ds):.1e})")
-    return f"| SmolLM2-135M (real, {ds.sizes['token']} tokens) | llama | 9 heads + attn bias + MLP | " + " | ".join(cells) + " |"
+    return f"| SmolLM2-135M (real, {ds.sizes['token']} tokens) | llama | {terms_per_layer(ds)} | sdpa | " + " | ".join(cells) + " |"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--with-smollm2", action="store_true")
     args = parser.parse_args()
-    print("| architecture | layout | terms per layer | float32 | bfloat16 | float16 |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| architecture | layout | terms per layer | attention | float32 | bfloat16 | float16 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in tiny_rows():
         print(row, flush=True)
     if args.with_smollm2:
