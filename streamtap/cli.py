@@ -374,6 +374,39 @@ def _top_table(contrib, wanted: dict[str, int]) -> None:
         click.echo("  " + "  ".join(f"{c[row] if row < len(c) else '':<16}" for c in columns).rstrip())
 
 
+@cli.command()
+@click.argument("store")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for index.html and data/.")
+@click.option("--token", type=int, default=None, help="Store row to attribute (negative counts from the end).  [default: last]")
+@click.option("--target", default=None, help="Token id or token text to attribute.  [default: the model's top-1 there]")
+@click.option("--words", default=None, help='Comma-separated tokens for the relevance maps, e.g. " France, Paris".')
+@click.option("--sample", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Tokens (from the first) the per-token statistics use.")
+@click.option("--tokenizer", "tokenizer_id", default=None, metavar="ID_OR_DIR",
+              help="Tokenizer for vocabulary text (e.g. smollm2).  [default: text stored with the corpus]")
+def report(store, out, token, target, words, sample, tokenizer_id):
+    """Write a self-contained HTML report of a store: figures and the numbers behind them.
+
+    Attribution of one prediction to heads and MLPs, the logit lens, relevance and promotion maps,
+    effective ranks, near-empty messages and the accumulating prediction, from the store alone.
+    """
+    from .report import write_report
+
+    tok = None
+    if tokenizer_id:
+        from transformers import AutoTokenizer
+
+        from .models import smollm2_dir
+
+        tok = AutoTokenizer.from_pretrained(str(smollm2_dir()) if tokenizer_id == DEFAULT_MODEL else tokenizer_id)
+    if target is not None and target.lstrip("-").isdigit():
+        target = int(target)
+    start = time.perf_counter()
+    path = write_report(store, out, token=token, target=target, words=words.split(",") if words else None,
+                        sample=sample, tokenizer=tok)
+    _rows([("report", str(path)), ("seconds", f"{time.perf_counter() - start:.1f}")])
+
+
 def main(argv=None):
     """Console entry point (``streamtap`` in pyproject.toml)."""
     return cli.main(args=argv, prog_name="streamtap")

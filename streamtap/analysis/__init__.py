@@ -1,11 +1,48 @@
-"""Offline analyses of a store: they need nothing but ``st.open(path)`` (the store carries its weights)."""
-from .attribution import direct_logit_attribution, final_norm_scale
-from .decomposition import residual, residual_stream, residual_terms
-from .lens import logit_lens
-from .head_vocab import head_vocab
-from .circuits import ov_matrix, promotion, qk_matrix, relevance
-from .rank import effective_rank, singular_values
-from .empty import empty_message_summary, empty_messages, frequency_extremes, token_frequencies
-from .accumulation import accumulation_pca
-from .neurons import neuron_memories
+"""Offline analyses of a store: they need nothing but ``st.open(path)`` (the store carries its weights).
+
+Every per-token analysis is lazy (dask) and works one token chunk at a time, so it runs over stores
+larger than memory and on a ``dask.distributed`` cluster alike; weight-only analyses are computed
+at once. Each returns labelled xarray objects.
+
+=====================================  =======================================================  ===================================
+analysis                               returns                                                  module
+=====================================  =======================================================  ===================================
+``residual_terms(ds, layer, site)``    terms summing to the residual entering a layer's          decomposition
+                                       attention or MLP: (component, token, d_model)
+``residual(ds, layer, site)``          that residual: (token, d_model)                          decomposition
+``residual_stream(ds)``                the residual at every depth: (token, depth, d_model)     decomposition
+``direct_logit_attribution(ds, t)``    contributions to a logit (difference): (component, token)  attribution
+``logit_lens(ds)``                     top-k tokens at every depth: (token, depth, k)           lens
+``head_vocab(ds)``                     each message's top/bottom tokens: (token, layer, head, k)  head_vocab
+``qk_matrix(ds)``, ``ov_matrix(ds)``   fused W_QK, W_OV: (layer, head, d_model, d_model)        circuits
+``relevance(ds, tokens)``              E W_QK E^T: (layer, head, query, key)                    circuits
+``promotion(ds, tokens)``              E W_OV W_U^T: (layer, head, source, target)              circuits
+``effective_rank(ds)``                 effective ranks (layer, head, matrix), truncation        rank
+                                       errors (layer, head, matrix, rank)
+``empty_messages(ds)``                 message norms and cosines: (token, layer, head)          empty
+``empty_message_summary(em)``          near-empty heads: (layer, head)                          empty
+``accumulation_pca(ds)``               PCA over depth per token: (token, pc) and (token, k)     accumulation
+``neuron_memories(ds, neurons)``       keys (top stored tokens) and values (promoted tokens)    neurons
+                                       of chosen neurons: (sel, rank)
+=====================================  =======================================================  ===================================
+
+Analyses that need weights a store lacks raise :class:`MissingWeightsError` naming them.
+"""
+
 from ._common import MissingWeightsError, token_ids, vocab_text
+from .accumulation import accumulation_pca
+from .attribution import direct_logit_attribution, final_norm_scale
+from .circuits import ov_matrix, promotion, qk_matrix, relevance
+from .decomposition import residual, residual_stream, residual_terms
+from .empty import empty_message_summary, empty_messages, frequency_extremes, token_frequencies
+from .head_vocab import head_vocab
+from .lens import logit_lens
+from .neurons import neuron_memories
+from .rank import effective_rank, singular_values
+
+__all__ = [
+    "MissingWeightsError", "accumulation_pca", "direct_logit_attribution", "effective_rank",
+    "empty_message_summary", "empty_messages", "final_norm_scale", "frequency_extremes", "head_vocab",
+    "logit_lens", "neuron_memories", "ov_matrix", "promotion", "qk_matrix", "relevance", "residual",
+    "residual_stream", "residual_terms", "singular_values", "token_frequencies", "token_ids", "vocab_text",
+]

@@ -17,7 +17,6 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ..dataset import with_token_dim
 from ..errors import StreamtapError
 
 # one letter per dimension name, so that blockwise indices follow the dataset's own dims
@@ -43,6 +42,8 @@ def single_token(func):
 
     @functools.wraps(func)
     def wrapper(ds, *args, **kwargs):
+        from ..dataset import with_token_dim  # here, not at import: workers unpickling blocks skip torch
+
         ds, squeezed = with_token_dim(ds)
         out = func(ds, *args, **kwargs)
         return out.isel(token=0) if squeezed else out
@@ -59,7 +60,7 @@ def token_chunks(ds: xr.Dataset) -> tuple[int, ...]:
 
 def token_coords(ds: xr.Dataset) -> dict:
     """The per-token coordinates (seq, pos, token_id, text) to label per-token results with."""
-    return {name: c for name, c in ds.coords.items() if c.dims == ("token",)}
+    return {name: c.drop_encoding() for name, c in ds.coords.items() if c.dims == ("token",)}
 
 
 def per_token(ds: xr.Dataset, name: str, chunks=None) -> xr.DataArray:
@@ -72,9 +73,18 @@ def per_token(ds: xr.Dataset, name: str, chunks=None) -> xr.DataArray:
 
 
 def static(ds: xr.Dataset, name: str, dtype=np.float32) -> np.ndarray:
-    """A static weight, computed (weights are small next to the per-token data)."""
+    """A static weight, read here (weights are small next to the per-token data).
+
+    Read in this process, not through whatever scheduler is active: a round trip to a cluster for
+    a few megabytes of weights costs more than reading them.
+    """
     require(ds, name)
-    return np.asarray(ds[name].values, dtype=dtype)
+    return np.asarray(local(ds[name]).values, dtype=dtype)
+
+
+def local(x):
+    """Compute a small lazy object in this process (the synchronous scheduler)."""
+    return x.compute(scheduler="sync") if hasattr(x, "compute") else x
 
 
 def static_dask(ds: xr.Dataset, name: str, dtype=np.float32) -> xr.DataArray:
@@ -259,9 +269,9 @@ def corpus_vocab(ds: xr.Dataset) -> dict[int, str]:
         return {i: str(t) for i, t in enumerate(ds["vocab_text"].values)}
     if "text" not in ds.coords or "token" not in ds.dims or ds.sizes["token"] == 0:
         return {}
-    ids = np.asarray(ds["token_id"].values)
+    ids = np.asarray(local(ds["token_id"]).values)
     uniq, first = np.unique(ids, return_index=True)
-    texts = ds["text"].isel(token=first).values
+    texts = local(ds["text"].isel(token=first)).values
     return {int(i): str(t) for i, t in zip(uniq, texts)}
 
 
@@ -366,8 +376,8 @@ def prenorm_exact(ds: xr.Dataset) -> bool:
         return True  # the core decomposes pre-norm decoders only
     if ds.sizes.get("token", 0) == 0:
         return True
-    probe = ds.isel(token=slice(0, 1))
-    ref = decompose(probe, dtype=np.float64)
+    probe = local(ds.isel(token=slice(0, 1)))
+    ref = local(decompose(probe, dtype=np.float64))
     mine = prenorm_components(ds)
     if list(ref.component.values) != [m[0] for m in mine]:
         return False

@@ -20,8 +20,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import StreamtapError
-from ..invariant import decompose
-from ._common import (component_coords, float_dtype, fold_direction, logit_softcap, norm_params, norm_scale_np, per_token,
+from ._common import (component_coords, local, float_dtype, fold_direction, logit_softcap, norm_params, norm_scale_np, per_token,
                       prenorm_components, prenorm_exact, require, single_token, static, static_dask, token_coords,
                       token_ids, tokens_map, as_static_dask)
 
@@ -80,7 +79,7 @@ def direct_logit_attribution(ds: xr.Dataset, token_id, *, foil=None, neurons: bo
     uniq = np.unique(np.concatenate(wanted))
     if uniq.size and (uniq.min() < 0 or uniq.max() >= ds.sizes["vocab"]):
         raise StreamtapError(f"token ids must be in 0..{ds.sizes['vocab'] - 1}")
-    U = np.asarray(ds["W_U"].isel(vocab=uniq).values, dtype=dtype)
+    U = np.asarray(local(ds["W_U"].isel(vocab=uniq)).values, dtype=dtype)
     b_U = static(ds, "unembed_bias", dtype)[uniq] if "unembed_bias" in ds else None
     t_idx = np.searchsorted(uniq, target)
     f_idx = np.searchsorted(uniq, foil_id) if foil_id is not None else None
@@ -138,9 +137,20 @@ def _fast(ds, U, b_U, t_idx, f_idx, per_tok, neurons, dtype) -> xr.DataArray:
     return xr.DataArray(data, dims=("token", "component"), coords=coords).transpose("component", "token")
 
 
+def _columns(n_layers: int, n_heads: int, base: int, mlp_width: int, mlp_bias: bool):
+    """Column of each term in a block's output: per layer heads, attention bias, MLP (or neurons + bias)."""
+    per_layer = n_heads + 1 + mlp_width + int(mlp_bias)
+    start = base + per_layer * np.arange(n_layers)
+    heads = (start[:, None] + np.arange(n_heads)).reshape(-1)
+    attn_bias = start + n_heads
+    mlp = (start[:, None] + n_heads + 1 + np.arange(mlp_width)).reshape(-1)
+    return heads, attn_bias, mlp, (start + per_layer - 1) if mlp_bias else None, base + per_layer * n_layers
+
+
 def _dla_block(b: dict, *, p, b_U, t_idx, f_idx, has_foil, dt) -> np.ndarray:
     resid = b["resid_final"].astype(dt, copy=False)
-    n_tok = resid.shape[0]
+    z, W_O, b_O = b["z"].astype(dt, copy=False), b["W_O"], b["attn_bias"]
+    T, L, H, E = z.shape
     s = norm_scale_np(resid, p["center"], p["eps"]).astype(dt, copy=False)
     U = b["U"]
     if "t_idx" in b:  # one direction per token
@@ -151,44 +161,52 @@ def _dla_block(b: dict, *, p, b_U, t_idx, f_idx, has_foil, dt) -> np.ndarray:
     u = U[ti] - U[fi] if fi is not None else U[ti]              # (T or 1, d)
     w = fold_direction(u, p)                                     # direct-effect direction, norm folded in
     single = w.shape[0] == 1
-
-    def dot(x):  # x: (T, d) or (d,) -> (T,)
-        return np.broadcast_to(x @ w[0] if single else (x * w).sum(-1), (n_tok,))
-
-    cols = [dot(b["embed"].astype(dt, copy=False))]
-    if "pos_embed" in b:
-        cols.append(dot(b["pos_embed"].astype(dt, copy=False)))
-    z, W_O, b_O = b["z"].astype(dt, copy=False), b["W_O"], b["attn_bias"]
+    neurons = "neuron_act" in b
+    embeds = [b["embed"]] + ([b["pos_embed"]] if "pos_embed" in b else [])
+    mlp_width = b["neuron_act"].shape[2] if neurons else 1
+    heads_c, bias_c, mlp_c, mlp_bias_c, n_terms = _columns(L, H, len(embeds), mlp_width, neurons)
+    n_extra = int(p["beta"] is not None) + int(b_U is not None)
+    out = np.empty((T, n_terms + n_extra), dt)
     if single:
-        vz = np.einsum("lhem,m->lhe", W_O, w[0])
-    for layer in range(z.shape[1]):
-        if single:
-            heads = np.einsum("the,he->th", z[:, layer], vz[layer])
+        w0 = w[0]
+        for i, x in enumerate(embeds):
+            out[:, i] = x.astype(dt, copy=False) @ w0
+        vz = np.einsum("lhem,m->lhe", W_O, w0).reshape(L * H, E)
+        out[:, heads_c] = np.einsum("tke,ke->tk", z.reshape(T, L * H, E), vz)
+        out[:, bias_c] = b_O @ w0
+        if neurons:
+            per_neuron = np.einsum("lnm,m->ln", b["W_out"], w0).reshape(-1)
+            out[:, mlp_c] = b["neuron_act"].astype(dt, copy=False).reshape(T, -1) * per_neuron
+            out[:, mlp_bias_c] = b["mlp_bias"] @ w0
         else:
-            heads = np.einsum("the,hem,tm->th", z[:, layer], W_O[layer], w, optimize=True)
-        cols += list(heads.T)
-        cols.append(dot(b_O[layer]))
-        if "neuron_act" in b:
-            act = b["neuron_act"][:, layer].astype(dt, copy=False)
-            per_neuron = b["W_out"][layer] @ w.T                  # (N, T or 1)
-            cols += list((act * per_neuron.T).T)
-            cols.append(dot(b["mlp_bias"][layer]))
+            out[:, mlp_c] = (b["mlp_out"].astype(dt, copy=False).reshape(T * L, -1) @ w0).reshape(T, L)
+    else:
+        for i, x in enumerate(embeds):
+            out[:, i] = np.einsum("td,td->t", x.astype(dt, copy=False), w)
+        for layer in range(L):
+            out[:, heads_c[layer * H:(layer + 1) * H]] = np.einsum("the,hem,tm->th", z[:, layer], W_O[layer], w,
+                                                                     optimize=True)
+        out[:, bias_c] = w @ b_O.T
+        if neurons:
+            act = b["neuron_act"].astype(dt, copy=False)
+            out[:, mlp_c] = (act * np.einsum("lnm,tm->tln", b["W_out"], w, optimize=True)).reshape(T, -1)
+            out[:, mlp_bias_c] = w @ b["mlp_bias"].T
         else:
-            cols.append(dot(b["mlp_out"][:, layer].astype(dt, copy=False)))
-    out = np.stack(cols, axis=1) * s[:, None]
-    extras = []
+            out[:, mlp_c] = np.einsum("tlm,tm->tl", b["mlp_out"].astype(dt, copy=False), w)
+    out[:, :n_terms] *= s[:, None]
+    col = n_terms
     if p["beta"] is not None:
-        extras.append(np.broadcast_to(u @ p["beta"], (n_tok,)))
+        out[:, col] = u @ p["beta"]
+        col += 1
     if b_U is not None:
-        bias = b_U[ti] - b_U[fi] if fi is not None else b_U[ti]
-        extras.append(np.broadcast_to(bias, (n_tok,)))
-    if extras:
-        out = np.concatenate([out, np.stack(extras, axis=1).astype(dt, copy=False)], axis=1)
-    return out.astype(dt, copy=False)
+        out[:, col] = b_U[ti] - b_U[fi] if fi is not None else b_U[ti]
+    return out
 
 
 def _generic(ds, U, b_U, t_idx, f_idx, per_tok, neurons, dtype) -> xr.DataArray:
     """Through decompose itself: exact for any term model the core supports."""
+    from ..invariant import decompose
+
     terms = decompose(ds, neurons=neurons, dtype=dtype)
     p = norm_params(ds, dtype)
     n_tok = ds.sizes["token"]

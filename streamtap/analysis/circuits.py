@@ -27,7 +27,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ._common import (embedding_matrix, fold_direction, is_rotary, norm_params, per_query_head, require, static,
+from ._common import (embedding_matrix, fold_direction, is_rotary, local, norm_params, per_query_head, require, static,
                       token_ids, vocab_text)
 
 ROTARY_NOTE = ("rotary model: this position-free map ignores the rotation of queries and keys by "
@@ -75,7 +75,7 @@ def _notes(ds, what: str) -> dict:
 
 def _embed_rows(ds, ids, layer_ids, input_norm, dtype) -> np.ndarray:
     """(layer, S, d_model): the chosen tokens' embeddings as each layer's attention reads them."""
-    E = np.asarray(embedding_matrix(ds).isel(vocab=np.asarray(ids)).values, dtype)
+    E = np.asarray(local(embedding_matrix(ds).isel(vocab=np.asarray(ids))).values, dtype)
     use = ("attn_norm_weight" in ds) if input_norm is None else input_norm
     if use:
         require(ds, "attn_norm_weight")
@@ -147,14 +147,16 @@ def promotion(ds: xr.Dataset, tokens, *, tokenizer=None, layers=None, input_norm
     msgs = np.einsum("lsm,lhme,lhen->lhsn", X, W_V, W_O, optimize=True)    # (L, H, S, d)
     if through_final_norm:
         msgs = fold_direction(msgs, norm_params(ds, dtype))
-    W_U = static(ds, "W_U", dtype)
+    W_U = static(ds, "W_U", np.float32)          # vocabulary-wide statistics from float32 products
+    U_ids = np.asarray(local(ds["W_U"].isel(vocab=np.asarray(ids))).values, dtype)
     raw = np.empty(msgs.shape[:3] + (len(ids),), dtype)
     normed = np.empty_like(raw)
     for i in range(msgs.shape[0]):                                          # one layer's logits at a time
-        logits = msgs[i] @ W_U.T                                            # (H, S, V)
-        mean, std = logits.mean(-1, keepdims=True), logits.std(-1, keepdims=True)
-        raw[i] = logits[..., ids]
-        normed[i] = ((logits - mean) / np.where(std > 0, std, 1))[..., ids]
+        logits = msgs[i].astype(np.float32) @ W_U.T                         # (H, S, V)
+        mean = logits.mean(-1, keepdims=True, dtype=np.float64)
+        std = logits.std(-1, keepdims=True, dtype=np.float64)
+        raw[i] = msgs[i] @ U_ids.T                                          # the chosen targets, in dtype
+        normed[i] = (raw[i] - mean) / np.where(std > 0, std, 1)
     coords = {"layer": layer_ids, "head": np.arange(ds.sizes["head"]),
               **_token_axis(ds, ids, tokenizer, "source"), **_token_axis(ds, ids, tokenizer, "target")}
     dims = ("layer", "head", "source", "target")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ..invariant import decompose
 from ._common import (decompose_has_upto, float_dtype, per_token, prenorm_exact, single_token, static_dask,
                       token_coords, tokens_map)
 
@@ -42,6 +41,8 @@ def residual_terms(ds: xr.Dataset, layer: int, site: str = "attn", *, neurons: b
 
     Lazy; components keep decompose's labels and ``kind``/``layer``/``head``/``neuron`` coordinates.
     """
+    from ..invariant import decompose
+
     layer = _check(ds, layer, site)
     n_layers = ds.sizes["layer"]
     if layer == n_layers:

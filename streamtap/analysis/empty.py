@@ -15,7 +15,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ._common import (as_static_dask, embedding_matrix, float_dtype, pack, per_token, single_token, static,
+from ._common import (as_static_dask, embedding_matrix, local, float_dtype, pack, per_token, single_token, static,
                       token_coords, tokens_map, unpack)
 from .decomposition import residual_stream
 
@@ -53,7 +53,7 @@ def empty_messages(ds: xr.Dataset, *, n_tokens: int = 10, frequency_from: xr.Dat
     """
     dtype = float_dtype(dtype)
     most, rare = frequency_extremes(frequency_from if frequency_from is not None else ds, n_tokens)
-    E = np.asarray(embedding_matrix(ds).values, np.float64)
+    E = np.asarray(local(embedding_matrix(ds)).values, np.float64)
     unit = E / np.maximum(np.linalg.norm(E, axis=-1, keepdims=True), 1e-30)
     directions = []
     for ids in (most, rare):
@@ -89,7 +89,10 @@ def _block(b: dict, *, dt) -> np.ndarray:
     return pack({"norm": norm, "relative_norm": rel, "cos_frequent": cos[..., 0], "cos_rare": cos[..., 1]}, FIELDS)
 
 
-def empty_message_summary(em: xr.Dataset, *, threshold: float = 0.05, mostly: float = 0.5) -> xr.Dataset:
+NEAR_EMPTY = 0.02   # |message| below 2% of the residual it is written into
+
+
+def empty_message_summary(em: xr.Dataset, *, threshold: float = NEAR_EMPTY, mostly: float = 0.5) -> xr.Dataset:
     """Per head: how often its message is near-empty (relative_norm < threshold), computed.
 
     Dataset (layer, head): ``fraction_empty``, ``mean_norm``, ``mean_relative_norm``,

@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import StreamtapError
-from ._common import fold_direction, norm_params, require, static, vocab_scan
+from ._common import fold_direction, local, norm_params, require, static, vocab_scan
 
 
 def _parse(neurons) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +55,7 @@ def neuron_memories(ds: xr.Dataset, neurons, *, k: int = 10, context: int = 6, d
     top_val, top_idx = dask.compute(da.topk(data, k_tok, axis=0), da.argtopk(data, k_tok, axis=0))
     top_val, top_idx = top_val.T, top_idx.T                                       # (sel, rank), largest first
     flat = top_idx.reshape(-1)
-    info = {c: np.asarray(ds[c].isel(token=flat).values).reshape(top_idx.shape)
+    info = {c: np.asarray(local(ds[c].isel(token=flat)).values).reshape(top_idx.shape)
             for c in ("token_id", "seq", "pos", "text") if c in ds.coords}
     out = {"top_activation": (("sel", "rank"), top_val), "top_token": (("sel", "rank"), top_idx)}
     for c, v in info.items():
@@ -63,8 +63,8 @@ def neuron_memories(ds: xr.Dataset, neurons, *, k: int = 10, context: int = 6, d
     if "text" in ds.coords and context > 0:
         out["top_context"] = (("sel", "rank"), _contexts(ds, top_idx, context))
     # values: what W_out[n] writes, read through the final norm and the unembedding
-    W_out = np.asarray(ds["W_out"].isel(layer=xr.DataArray(layers, dims="sel"),
-                                        neuron=xr.DataArray(idx, dims="sel")).values, dtype)
+    W_out = np.asarray(local(ds["W_out"].isel(layer=xr.DataArray(layers, dims="sel"),
+                                              neuron=xr.DataArray(idx, dims="sel"))).values, dtype)
     rows = fold_direction(W_out, norm_params(ds, dtype))
     res = vocab_scan(rows, static(ds, "W_U", dtype), None, k, bottom=True, probs=False)
     out.update({"promoted_id": (("sel", "vocab_rank"), res["top_id"]),
@@ -82,8 +82,8 @@ def _contexts(ds: xr.Dataset, top_idx: np.ndarray, n: int) -> np.ndarray:
     raw = flat[:, None] + np.arange(-n + 1, 1)[None]
     window = raw.clip(0, ds.sizes["token"] - 1)
     uniq, inv = np.unique(window, return_inverse=True)
-    text = np.asarray(ds["text"].isel(token=uniq).values).astype(str)[inv].reshape(window.shape)
-    seq = np.asarray(ds["seq"].isel(token=uniq).values)[inv].reshape(window.shape)
+    text = np.asarray(local(ds["text"].isel(token=uniq)).values).astype(str)[inv].reshape(window.shape)
+    seq = np.asarray(local(ds["seq"].isel(token=uniq)).values)[inv].reshape(window.shape)
     same = (seq == seq[:, -1:]) & (raw >= 0)
     out = ["".join(t for t, keep in zip(row, ok) if keep) for row, ok in zip(text, same)]
     return np.array(out, dtype=str).reshape(top_idx.shape)

@@ -1,0 +1,249 @@
+"""Figures for the analyses, with matplotlib's object API (no pyplot state, any backend, thread safe).
+
+    fig = figures.contribution_heatmap(dla.isel(token=i))        # layer x head, plus bias and MLP columns
+    fig = figures.logit_lens_table(lens.isel(token=i), text)     # depth x top-k tokens, shaded by probability
+    fig = figures.token_maps(relevance(ds, words))               # token x token maps of chosen heads
+    fig = figures.effective_rank_bars(effective_rank(ds))        # fused against factored, per layer
+    fig = figures.message_norm_distribution(empty_messages(ds))  # relative message norms, per layer and head
+    figures.save(fig, "paris.png")
+
+Every function takes the (computed or small) result of one analysis and returns a
+``matplotlib.figure.Figure``. ``text`` arguments map an array of vocabulary ids to their text
+(``lambda ids: streamtap.analysis.vocab_text(ds, ids, tokenizer)``); without one, ids are shown.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import xarray as xr
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+
+DIVERGING = "RdBu_r"
+
+
+def save(fig: Figure, path, dpi: int = 110) -> None:
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+
+
+def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _ids_text(text, ids) -> np.ndarray:
+    ids = np.asarray(ids)
+    if text is None:
+        return np.array([f"#{int(i)}" for i in ids.reshape(-1)], dtype=object).reshape(ids.shape)
+    return np.asarray(text(ids), dtype=object)
+
+
+def _show(s: str, width: int = 14) -> str:
+    """Token text made visible: leading spaces as a dot, newlines escaped, long text cut."""
+    s = str(s).replace("\n", "\\n").replace("\t", "\\t")
+    s = ("·" + s[1:]) if s.startswith(" ") else s
+    return s if len(s) <= width else s[:width - 1] + "…"
+
+
+def _symmetric(values) -> TwoSlopeNorm:
+    lim = float(np.nanmax(np.abs(values))) if np.size(values) else 1.0
+    lim = lim if lim > 0 else 1.0
+    return TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
+
+
+# -- 1. layer x head contributions -------------------------------------------------------------------
+def contribution_heatmap(contrib: xr.DataArray, *, title: str | None = None, annotate: int = 8) -> Figure:
+    """Direct contributions of one token (a DLA result at one token: dims ``component``).
+
+    Heads as a layer x head grid; each layer's attention bias and MLP (or the sum of its neurons)
+    in two columns beside it; the ``annotate`` largest contributions in absolute value are labelled.
+    """
+    contrib = contrib.compute() if hasattr(contrib, "compute") else contrib
+    if contrib.dims != ("component",):
+        raise ValueError(f"give the contributions at one token (dims ('component',)), got {contrib.dims}")
+    kind, layer, head = contrib.kind.values, contrib.layer.values, contrib["head"].values
+    vals = np.asarray(contrib.values, np.float64)
+    n_layers = int(layer.max()) + 1 if (layer >= 0).any() else 0
+    n_heads = int(head.max()) + 1 if (head >= 0).any() else 0
+    grid = np.zeros((n_layers, n_heads))
+    side = np.zeros((n_layers, 2))
+    for k, l, h, v in zip(kind, layer, head, vals):
+        if k == "head":
+            grid[l, h] += v
+        elif k == "attn_bias":
+            side[l, 0] += v
+        elif l >= 0:          # mlp, neurons, mlp bias, experts, norm betas of a layer
+            side[l, 1] += v
+    norm = _symmetric(np.concatenate([grid.ravel(), side.ravel()]))
+    height = max(3.0, 0.22 * n_layers + 1.6)
+    fig = Figure(figsize=(2.2 + 0.42 * n_heads + 1.6, height))
+    gs = fig.add_gridspec(1, 2, width_ratios=[max(n_heads, 1), 2.4], wspace=0.08)
+    ax, ax2 = fig.add_subplot(gs[0]), fig.add_subplot(gs[1])
+    im = ax.imshow(grid, cmap=DIVERGING, norm=norm, aspect="auto", interpolation="nearest")
+    ax2.imshow(side, cmap=DIVERGING, norm=norm, aspect="auto", interpolation="nearest")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(n_heads))
+    step = max(1, -(-n_layers // 32))
+    ax.set_yticks(range(0, n_layers, step))
+    ax2.set_xticks([0, 1], ["attn\nbias", "MLP"])
+    ax2.set_yticks([])
+    order = np.argsort(-np.abs(vals))[:annotate]
+    lim = norm.vmax
+    for i in order:
+        l, h = layer[i], head[i]
+        color = "white" if abs(vals[i]) > 0.6 * lim else "black"
+        if kind[i] == "head":
+            ax.text(h, l, f"{vals[i]:+.1f}", ha="center", va="center", fontsize=6.5, color=color)
+        elif kind[i] in ("attn_bias", "mlp") and l >= 0:
+            ax2.text(0 if kind[i] == "attn_bias" else 1, l, f"{vals[i]:+.1f}", ha="center", va="center",
+                     fontsize=6.5, color=color)
+    fig.colorbar(im, ax=[ax, ax2], shrink=0.8, label="direct logit contribution")
+    others = {str(c): float(v) for c, k, l, v in zip(contrib.component.values, kind, layer, vals) if l < 0}
+    sub = ", ".join(f"{c} {v:+.2f}" for c, v in others.items())
+    fig.suptitle(title or "direct logit attribution", fontsize=10)
+    if sub:
+        ax.set_title(sub, fontsize=7.5, loc="left")
+    return fig
+
+
+# -- 2. logit lens -------------------------------------------------------------------------------------
+def logit_lens_table(lens: xr.Dataset, text=None, *, k: int | None = None, title: str | None = None) -> Figure:
+    """Top-k tokens at every depth for one token (a logit_lens result at one token: dims depth, k)."""
+    if "token" in lens.dims:
+        raise ValueError("give the logit lens at one token: lens.isel(token=i)")
+    lens = lens.compute()
+    k = min(k or lens.sizes["k"], lens.sizes["k"])
+    ids = lens.top_id.values[:, :k]
+    probs = lens.top_prob.values[:, :k]
+    words = _ids_text(text, ids)
+    depths = [str(d) for d in lens.depth.values]
+    n = len(depths)
+    fig = Figure(figsize=(1.35 * k + 1.6, 0.27 * n + 1.0))
+    ax = fig.add_subplot()
+    im = ax.imshow(probs, cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    for r in range(n):
+        for c in range(k):
+            ax.text(c, r, f"{_show(words[r, c], 11)} {probs[r, c]:.2f}", ha="center", va="center", fontsize=6.5,
+                    color="white" if probs[r, c] > 0.6 else "black")
+    ax.set_yticks(range(n), depths, fontsize=7)
+    ax.set_xticks(range(k), [f"top {i + 1}" for i in range(k)], fontsize=7)
+    ax.xaxis.tick_top()
+    fig.colorbar(im, ax=ax, shrink=0.6, label="probability")
+    ax.set_title(title or "logit lens", fontsize=10, pad=16)
+    return fig
+
+
+# -- 3. token-to-token maps --------------------------------------------------------------------------
+def pick_heads(maps: xr.Dataset, n: int = 6, which: str = "raw") -> list[tuple[int, int]]:
+    """The heads whose map varies most (largest standard deviation of ``which``)."""
+    spread = maps[which].std(dim=list(maps[which].dims[2:])).values
+    order = np.argsort(-spread.reshape(-1))[:n]
+    layers, heads = maps.layer.values, maps["head"].values
+    return [(int(layers[i // spread.shape[1]]), int(heads[i % spread.shape[1]])) for i in order]
+
+
+def token_maps(maps: xr.Dataset, heads=None, *, which: str = "normalized", n: int = 6, title: str | None = None) -> Figure:
+    """Token x token maps (relevance: query x key, promotion: source x target) of some heads.
+
+    ``heads`` is a list of (layer, head); by default the ``n`` heads whose raw map varies most.
+    """
+    rows_dim, cols_dim = maps[which].dims[2:]
+    heads = list(heads) if heads is not None else pick_heads(maps, n)
+    row_text = [_show(t) for t in maps[f"{rows_dim}_text"].values]
+    col_text = [_show(t) for t in maps[f"{cols_dim}_text"].values]
+    ncols = min(3, len(heads))
+    nrows = -(-len(heads) // ncols)
+    size = 0.42 * max(len(row_text), len(col_text)) + 1.6
+    fig = Figure(figsize=(ncols * size + 1.2, nrows * size + 0.8))
+    data = [maps[which].sel(layer=l, head=h).values for l, h in heads]
+    if which == "normalized" and rows_dim == "query":
+        norm, cmap = None, "viridis"
+        vmin, vmax = 0.0, float(max(np.max(d) for d in data))
+    else:
+        norm, cmap = _symmetric(np.stack(data)), DIVERGING
+        vmin = vmax = None
+    im = None
+    for i, ((l, h), m) in enumerate(zip(heads, data)):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        im = ax.imshow(m, cmap=cmap, norm=norm, vmin=vmin, vmax=vmax, aspect="equal", interpolation="nearest")
+        ax.set_title(f"L{l}H{h}", fontsize=9)
+        ax.set_xticks(range(len(col_text)), col_text, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(row_text)), row_text, fontsize=7)
+        if i % ncols == 0:
+            ax.set_ylabel(rows_dim, fontsize=8)
+        ax.set_xlabel(cols_dim, fontsize=8)
+    if im is not None:
+        fig.colorbar(im, ax=fig.axes, shrink=0.7, label=which)
+    fig.suptitle(title or f"{rows_dim} x {cols_dim} ({which})", fontsize=10)
+    return fig
+
+
+# -- 4. effective ranks ------------------------------------------------------------------------------
+def effective_rank_bars(er: xr.Dataset, *, definition: str = "entropy", title: str | None = None) -> Figure:
+    """Per layer, mean effective rank over heads of the factors and the fused matrices (min-max bars)."""
+    var = {"entropy": "erank_entropy", "energy": "erank_energy"}[definition]
+    groups = (("W_Q", "W_K", "W_QK"), ("W_V", "W_O", "W_OV"))
+    layers = er.layer.values
+    fig = Figure(figsize=(max(6.0, 0.32 * len(layers) * 3), 5.2))
+    colors = {"W_Q": "#9ecae1", "W_K": "#4292c6", "W_QK": "#08306b", "W_V": "#fdae6b", "W_O": "#e6550d",
+              "W_OV": "#7f2704"}
+    width = 0.27
+    for row, group in enumerate(groups):
+        ax = fig.add_subplot(2, 1, row + 1)
+        for j, m in enumerate(group):
+            v = er[var].sel(matrix=m)
+            mean, lo, hi = v.mean("head").values, v.min("head").values, v.max("head").values
+            x = np.arange(len(layers)) + (j - 1) * width
+            ax.bar(x, mean, width, color=colors[m], label=m,
+                   yerr=np.stack([mean - lo, hi - mean]), error_kw={"elinewidth": 0.6, "capsize": 0})
+        ax.set_xticks(np.arange(len(layers)), [str(l) for l in layers], fontsize=7)
+        ax.set_ylabel(f"effective rank ({definition})", fontsize=8)
+        ax.axhline(er.sizes["index"], color="grey", lw=0.6, ls=":")
+        ax.legend(fontsize=7, ncols=3, loc="lower right")
+    fig.axes[-1].set_xlabel("layer")
+    fig.suptitle(title or "effective rank of factors and fused matrices\n(mean over heads, min-max bars; "
+                          "dotted line: d_head)", fontsize=9)
+    return fig
+
+
+# -- 5. message norms --------------------------------------------------------------------------------
+def message_norm_distribution(em: xr.Dataset, *, threshold: float | None = 0.02,
+                              title: str | None = None) -> Figure:
+    """Distribution of relative message norms per layer, and per head the share of near-empty messages."""
+    em = em.compute()
+    rel = np.asarray(em.relative_norm.values, np.float64)            # (token, layer, head)
+    logs = np.log10(np.clip(rel, 1e-6, None))
+    n_layers, n_heads = rel.shape[1], rel.shape[2]
+    fig = Figure(figsize=(11, max(3.6, 0.2 * n_layers + 1.6)))
+    gs = fig.add_gridspec(1, 2, width_ratios=[1.5, 1], wspace=0.25)
+    ax = fig.add_subplot(gs[0])
+    parts = ax.violinplot([logs[:, l].reshape(-1) for l in range(n_layers)], positions=range(n_layers),
+                          showmedians=True, widths=0.8)
+    for body in parts["bodies"]:
+        body.set_alpha(0.5)
+    if threshold:
+        ax.axhline(np.log10(threshold), color="crimson", lw=0.8, ls="--", label=f"near-empty < {threshold:g}")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("log10 |message| / |residual entering the layer|", fontsize=8)
+    step = max(1, -(-n_layers // 15))
+    ax.set_xticks(range(0, n_layers, step))
+    ax2 = fig.add_subplot(gs[1])
+    if threshold:
+        frac = (rel < threshold).mean(0)
+        im = ax2.imshow(frac, cmap="magma_r", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        label = "share of near-empty messages"
+    else:
+        im = ax2.imshow(np.median(logs, 0), cmap="viridis", aspect="auto", interpolation="nearest")
+        label = "median log10 relative norm"
+    ax2.set_xlabel("head")
+    ax2.set_ylabel("layer")
+    ax2.set_xticks(range(n_heads))
+    ax2.set_yticks(range(0, n_layers, step))
+    fig.colorbar(im, ax=ax2, shrink=0.8, label=label)
+    fig.suptitle(title or f"message norms over {rel.shape[0]:,} tokens", fontsize=10)
+    return fig

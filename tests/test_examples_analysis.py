@@ -1,0 +1,49 @@
+"""The analysis examples run as a user would run them, on the real SmolLM2, at small size."""
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _run(script, args, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+    return capsys.readouterr().out
+
+
+def test_attribute_paris(tmp_path, monkeypatch, capsys):
+    out = _run("attribute_paris.py", ["--out", str(tmp_path)], monkeypatch, capsys)
+    assert '" Paris" logit at "The capital of France is": model 17.37' in out
+    assert "top 8 heads: L23H4" in out and "top 5 mlps: L29_mlp" in out
+    assert (tmp_path / "paris_heatmap.png").stat().st_size > 10_000
+    assert (tmp_path / "paris_lens.png").stat().st_size > 10_000
+
+
+def test_relevance_maps(tmp_path, monkeypatch, capsys):
+    out = _run("relevance_maps.py", ["--out", str(tmp_path), "--layers", "27-29"], monkeypatch, capsys)
+    assert "3 layers x 9 heads" in out and "rotary model" in out
+    assert "promotion  source ' France'  -> target ' Paris'  : strongest in L29H2" in out
+    assert (tmp_path / "relevance.png").exists() and (tmp_path / "promotion.png").exists()
+
+
+def test_effective_ranks(tmp_path, monkeypatch, capsys):
+    out = _run("effective_ranks.py", ["--out", str(tmp_path)], monkeypatch, capsys)
+    assert "d_head = 64" in out and out.count("\n") > 30
+    assert "W_QK: below both factors' effective rank in" in out
+    assert (tmp_path / "effective_rank.png").exists()
+
+
+def test_empty_messages(tmp_path, monkeypatch, capsys):
+    out = _run("empty_messages.py", ["--out", str(tmp_path), "--texts", "4"], monkeypatch, capsys)
+    assert "heads near-empty on at least half the tokens:" in out
+    assert "mean cosine with the frequent-token direction" in out
+    assert (tmp_path / "message_norms.png").exists()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_progress(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
