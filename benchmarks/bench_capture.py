@@ -1,98 +1,307 @@
-"""Capture throughput, side by side in one run: plain forward vs streamtap into memory and into Zarr.
+"""Capture cost side by side, one command, one run: plain forward, nnsight, TransformerLens, streamtap.
 
-    python benchmarks/bench_capture.py [--batches 5] [--skip-smollm2]
+    python benchmarks/bench_capture.py [--batch 8] [--seq 256] [--batches 5] [--skip-smollm2]
+                                       [--skip-memory] [--device cpu|cuda] [--dir DIR]
 
-Reports tokens/s, the ratio to the plain forward (lower is better; the target is <= 1.5x into
-Zarr), and bytes per token on disk. Timings are medians over ``--batches`` batches after a warm-up.
+For a GPT-2-small-shaped random model (12 layers, 12 heads, d_model 768) and for SmolLM2-135M, each
+case runs in a fresh process (so that its peak RSS is its own) on the same random batch:
+
+- plain HF forward;
+- nnsight 0.8 saving every layer's z (the output projection's input) and MLP output;
+- TransformerLens 4.x ``TransformerBridge.run_with_cache`` filtered to ``hook_z`` and
+  ``hook_mlp_out``, and with per-head results on (``hook_result`` and ``hook_mlp_out``);
+- streamtap factored into Zarr (the default store), and materialized (``materialize=True``).
+
+Reported: median seconds per batch, the mean including the writer's drain at the end (what the
+ratio to the plain forward uses), peak RSS, bytes per token on disk and the compression ratio of
+the per-token arrays, the writer's throughput, and the disk's write bandwidth measured in the same
+run. ``--skip-memory`` leaves out the peak-RSS check of a 100k-token capture against a 10k one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
-import torch
-import zarr
+HERE = os.path.dirname(os.path.abspath(__file__))
+CASES = ("plain", "nnsight", "tl", "tl-result", "streamtap", "streamtap-materialized")
+LABELS = {
+    "plain": "plain HF forward",
+    "nnsight": "nnsight: save z + MLP out (memory)",
+    "tl": "TransformerLens run_with_cache: z + MLP out",
+    "tl-result": "TransformerLens run_with_cache: per-head results + MLP out",
+    "streamtap": "streamtap → Zarr, factored",
+    "streamtap-materialized": "streamtap → Zarr, materialized messages",
+}
+MODELS = {"gpt2": "GPT-2-small shape (random)", "smollm2": "SmolLM2-135M"}
 
-import streamtap as st
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _load(name: str, device: str):
+    import torch
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=768)).eval()
+    else:
+        from streamtap.models import load_model
+
+        model, _ = load_model("smollm2")
+    return model.to(device)
+
+
+def _layer_paths(model) -> list[tuple[str, str]]:
+    n = model.config.num_hidden_layers
+    if model.config.model_type == "gpt2":
+        return [(f"transformer.h.{l}.attn.c_proj", f"transformer.h.{l}.mlp") for l in range(n)]
+    return [(f"model.layers.{l}.self_attn.o_proj", f"model.layers.{l}.mlp") for l in range(n)]
 
 
 def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def _median_seconds(fn, batches: int) -> float:
-    fn()  # warm-up
+def run_case(args) -> dict:
+    """One case in this process; prints a JSON line."""
+    import torch
+
+    base_rss = _rss()
+    model = _load(args.model, args.device)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
+    mask = torch.ones_like(ids)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    out: dict = {"case": args.case, "model": args.model, "model_bytes": model_bytes}
+    close = lambda: None  # noqa: E731
+    path = os.path.join(args.dir, f"{args.model}-{args.case}.zarr")
+
+    if args.case == "plain":
+        def step():
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+    elif args.case == "nnsight":
+        import nnsight
+
+        envoy = nnsight.NNsight(model)
+        paths = _layer_paths(model)
+
+        def step():
+            with torch.no_grad():
+                with envoy.trace(input_ids=ids, attention_mask=mask):
+                    saved = nnsight.save([(envoy.get(o).input, envoy.get(m).output) for o, m in paths])
+            assert len(saved) == len(paths) and saved[-1][1].shape[:2] == ids.shape
+            return saved
+    elif args.case in ("tl", "tl-result"):
+        sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+        from _peers import tl_bridge
+
+        result = args.case == "tl-result"
+        bridge = tl_bridge(model, attn_result=result)
+        del model
+        import gc
+
+        gc.collect()
+        wanted = ("attn.hook_result" if result else "attn.hook_z", "hook_mlp_out")
+
+        def keep(name: str) -> bool:
+            return name.endswith(wanted)
+
+        def step():
+            with torch.no_grad():
+                _, cache = bridge.run_with_cache(ids, attention_mask=mask, names_filter=keep, return_type=None)
+            return cache
+    else:
+        import streamtap as st
+
+        the_tap = st.tap(model, path, materialize=args.case.endswith("materialized"), check=False)
+        the_tap.__enter__()
+
+        def step():
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+
+        def close():
+            the_tap.__exit__(None, None, None)
+
+    step()  # warm-up (and, for streamtap, creating the store)
+    sync()
     times = []
-    for _ in range(batches):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    start = time.perf_counter()
+    for _ in range(args.batches):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    close()
+    total = time.perf_counter() - start
+    out.update(median=statistics.median(times), mean=total / args.batches, times=times,
+               peak_rss=_peak(), base_rss=base_rss, tokens=int(mask.sum()))
+    if args.case.startswith("streamtap"):
+        import zarr
+
+        group = zarr.open_group(path, mode="r")
+        per_token = [n for n, a in group.arrays() if a.metadata.dimension_names[0] == "token"]
+        tokens = int(group.attrs["committed_tokens"])
+        out["disk_per_token"] = sum(_dir_bytes(os.path.join(path, n)) for n in per_token) / tokens
+        out["raw_per_token"] = sum(group[n].nbytes for n in per_token) / tokens
+        p = the_tap.pipeline
+        out["writer"] = p.mode
+        out["write_seconds"] = p.write_seconds
+        out["written_bytes"] = p.written_bytes
+        out["batch_terms_bytes"] = out["raw_per_token"] * int(mask.sum())
+        shutil.rmtree(path, ignore_errors=True)
+    print(json.dumps(out))
+    return out
 
 
-def bench(name: str, model, ids: torch.Tensor, mask: torch.Tensor, batches: int) -> list[dict]:
-    tokens = int(mask.sum())
+def run_memory(args) -> dict:
+    """Peak RSS of a streamtap capture of ``args.tokens`` tokens (factored, into Zarr)."""
+    import nnsight  # noqa: F401 - imported before the baseline, like zarr: their code is not captured data
+    import torch
+    import zarr  # noqa: F401
 
-    def plain():
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask)
+    import streamtap as st
+    import streamtap.tapping  # noqa: F401
 
-    rows = [{"case": "plain forward", "s": _median_seconds(plain, batches)}]
+    base_rss = _rss()
+    model = _load(args.model, args.device)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
+    with torch.no_grad():
+        model(input_ids=ids)
+    plain_peak = _peak()
+    path = os.path.join(args.dir, f"mem-{args.tokens}.zarr")
+    batches = -(-args.tokens // ids.numel())
+    with torch.no_grad(), st.tap(model, path, check=False) as the_tap:
+        for _ in range(batches):
+            model(input_ids=ids)
+    import zarr
 
-    memory = zarr.storage.MemoryStore()
-    with st.tap(model, memory):
-        rows.append({"case": "streamtap -> memory (zarr MemoryStore)", "s": _median_seconds(plain, batches)})
-
-    tmp = tempfile.mkdtemp(prefix="streamtap-bench-")
-    path = os.path.join(tmp, "run.zarr")
-    with st.tap(model, path) as tap:
-        rows.append({"case": "streamtap -> Zarr on disk (factored)", "s": _median_seconds(plain, batches)})
     group = zarr.open_group(path, mode="r")
-    per_token = [name for name, arr in group.arrays() if arr.metadata.dimension_names[0] == "token"]
-    rows[-1]["bytes_per_token"] = sum(_dir_bytes(os.path.join(path, n)) for n in per_token) / tap.tokens
-    rows[-1]["raw_bytes_per_token"] = sum(group[n].nbytes for n in per_token) / tap.tokens
-    shutil.rmtree(tmp)
+    per_token = [n for n, a in group.arrays() if a.metadata.dimension_names[0] == "token"]
+    raw = sum(group[n].nbytes for n in per_token) / int(group.attrs["committed_tokens"])
+    out = {"tokens": the_tap.tokens, "peak_rss": _peak(), "plain_peak": plain_peak, "base_rss": base_rss,
+           "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+           "batch_terms_bytes": raw * ids.numel(), "writer": the_tap.pipeline.mode}
+    shutil.rmtree(path, ignore_errors=True)
+    print(json.dumps(out))
+    return out
 
-    base = rows[0]["s"]
-    for row in rows:
-        row.update(model=name, tokens_per_s=tokens / row["s"], ratio=row["s"] / base)
-    return rows
+
+def _child(argv: list[str], env: dict | None = None) -> dict:
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})})
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batches", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dir", default=None)
     parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-tokens", type=int, default=100_000)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.manual_seed(0)
+    if args.case:
+        run_case(args)
+        return
+    if args.tokens:
+        run_memory(args)
+        return
 
-    from transformers import GPT2Config, GPT2LMHeadModel
+    import torch
 
-    results = []
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=768)).eval()
-    ids = torch.randint(0, gpt2.config.vocab_size, (8, 128))
-    results += bench("GPT-2-small shape (random), 8x128", gpt2, ids, torch.ones_like(ids), args.batches)
-    del gpt2
-    if not args.skip_smollm2:
-        from streamtap.models import load_model
+    sys.path.insert(0, HERE)
+    from bench_pipeline import disk_bandwidth
 
-        model, tok = load_model("smollm2")
-        ids = torch.randint(0, model.config.vocab_size, (8, 128))
-        results += bench("SmolLM2-135M, 8x128", model, ids, torch.ones_like(ids), args.batches)
+    directory = tempfile.mkdtemp(prefix="streamtap-bench-", dir=args.dir)
+    common = ["--batch", str(args.batch), "--seq", str(args.seq), "--batches", str(args.batches),
+              "--device", args.device, "--dir", directory]
+    load_start = os.getloadavg()[0]
+    try:
+        disk_probe = disk_bandwidth(directory)
+        disk = disk_probe["disk"]
+        models = ["gpt2"] + ([] if args.skip_smollm2 else ["smollm2"])
+        results = []
+        for model in models:
+            for case in args.cases.split(","):
+                r = _child(["--case", case, "--model", model, *common])
+                results.append(r)
+                print(f"  {model:8s} {case:24s} median {r['median']:.3f} s  mean {r['mean']:.3f} s  "
+                      f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+        memory = {}
+        if not args.skip_memory:
+            for allocator, env in (("glibc defaults", {}), ("MALLOC_MMAP_THRESHOLD_=1 MiB", {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})):
+                memory[allocator] = [_child(["--tokens", str(tokens), "--model", "gpt2", *common], env)
+                                     for tokens in (args.memory_tokens // 10, args.memory_tokens)]
+        disk_after = disk_bandwidth(directory)["disk"]
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    load_end = os.getloadavg()[0]
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, device cpu")
-    print(f"| model | case | median s/batch | tokens/s | x plain | bytes/token on disk |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
-    for r in results:
-        disk = f"{r['bytes_per_token']:,.0f} (raw {r['raw_bytes_per_token']:,.0f})" if "bytes_per_token" in r else ""
-        print(f"| {r['model']} | {r['case']} | {r['s']:.3f} | {r['tokens_per_s']:,.0f} | {r['ratio']:.2f} | {disk} |")
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else "no GPU, CPU only"
+    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), {dev}; batch {args.batch} x {args.seq} tokens, median of "
+          f"{args.batches} batches after a warm-up; load average {load_start:.2f} at start, {load_end:.2f} at end.")
+    print(f"Disk write bandwidth (sequential, same run): {disk_probe['buffered + fsync'] / 1e9:.2f} GB/s buffered "
+          f"with fsync, {disk_probe['O_DIRECT'] / 1e9:.2f} GB/s O_DIRECT before the cases; "
+          f"{disk_after / 1e9:.2f} GB/s (the better of the two) after them.\n")
+    print("| model | case | median s/batch | × plain | peak RSS | bytes/token on disk | compression | writer |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for model in models:
+        rows = [r for r in results if r["model"] == model]
+        plain = next((r for r in rows if r["case"] == "plain"), rows[0])
+        for r in rows:
+            # streamtap's time includes draining the writer at the end (mean over the batches)
+            t = r["mean"] if r["case"].startswith("streamtap") else r["median"]
+            disk_col = f"{r['disk_per_token']:,.0f}" if "disk_per_token" in r else ""
+            ratio_col = f"{r['raw_per_token'] / r['disk_per_token']:.2f}x" if "disk_per_token" in r else ""
+            writer = ""
+            if "writer" in r:
+                mbps = r["written_bytes"] / r["write_seconds"] / 1e6 if r["write_seconds"] else float("nan")
+                writer = f"{r['writer']}, {mbps:,.0f} MB/s raw ({mbps / r['raw_per_token'] * r['disk_per_token'] / (disk / 1e6):.0%} of disk)"
+            print(f"| {MODELS[model]} | {LABELS[r['case']]} | {t:.3f} | {t / plain['median']:.2f} | "
+                  f"{r['peak_rss'] / 2**30:.2f} GiB | {disk_col} | {ratio_col} | {writer} |")
+    for allocator, (small, big) in memory.items():
+        print(f"\nPeak RSS of a streamtap capture ({allocator}; GPT-2-small shape, factored, {small['writer']} writer): "
+              f"{small['tokens']:,} tokens {small['peak_rss'] / 2**20:,.0f} MiB, {big['tokens']:,} tokens "
+              f"{big['peak_rss'] / 2**20:,.0f} MiB (difference {(big['peak_rss'] - small['peak_rss']) / 2**20:+,.0f} MiB). "
+              f"Plain forward's peak {big['plain_peak'] / 2**20:,.0f} MiB; model {big['model_bytes'] / 2**20:,.0f} MiB; "
+              f"one batch of captured terms {big['batch_terms_bytes'] / 2**20:,.0f} MiB; peak above the process "
+              f"before the model {(big['peak_rss'] - big['base_rss']) / 2**20:,.0f} MiB vs model + 3 batches "
+              f"{(big['model_bytes'] + 3 * big['batch_terms_bytes']) / 2**20:,.0f} MiB; above the plain forward's "
+              f"peak {(big['peak_rss'] - big['plain_peak']) / 2**20:,.0f} MiB vs 3 batches "
+              f"{3 * big['batch_terms_bytes'] / 2**20:,.0f} MiB.")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import zarr
 
 from .store import COMMITTED_TOKENS, COORDS, STORED_DTYPE, SCHEMA_VERSION, open_group
 from .errors import StreamtapError
+from .ranks import rank_stores
 
 
 def _bits_to_float32(block: np.ndarray) -> np.ndarray:
@@ -38,6 +39,9 @@ def open(store, *, chunks: dict | None = None) -> xr.Dataset:  # noqa: A001 - mi
 
     ``chunks`` is passed to ``xarray.open_zarr`` (``{"token": 4096}`` to read bigger blocks).
     """
+    ranks = rank_stores(store)
+    if ranks:
+        return _open_ranks(ranks, chunks)
     where = str(store)
     try:
         group = open_group(store, mode="r")
@@ -80,6 +84,26 @@ def with_token_dim(ds: xr.Dataset) -> tuple[xr.Dataset, bool]:
     per_token = [n for n in (*PER_TOKEN, *COORDS) if n in ds.variables]
     return ds.assign({n: ds[n].expand_dims("token") for n in per_token if n in ds.data_vars}).assign_coords(
         {n: ds[n].expand_dims("token") for n in per_token if n in ds.coords}), True
+
+
+IDENTITY = ("schema_version", "layout", "model_type", "dtype", "neurons", "weights_fingerprint")
+
+
+def _open_ranks(paths: list[str], chunks) -> xr.Dataset:
+    """One dataset over the rank stores of a data-parallel capture, as one process would have written it."""
+    parts, offset = [], 0
+    for path in paths:
+        ds = open(path, chunks=chunks)
+        mismatch = [k for k in IDENTITY if ds.attrs.get(k) != parts[0].attrs.get(k)] if parts else []
+        if mismatch:
+            raise StreamtapError(f"{path} does not belong with {paths[0]}: its {', '.join(mismatch)} differ")
+        parts.append(ds.assign_coords(seq=ds.seq + offset))
+        offset += int(ds.attrs["committed_sequences"])
+    combined = xr.concat(parts, dim="token", data_vars="minimal", coords="minimal", compat="override",
+                         join="override", combine_attrs="override")
+    combined.attrs.update(committed_tokens=sum(int(p.attrs["committed_tokens"]) for p in parts),
+                          committed_sequences=offset, ranks=len(parts))
+    return combined
 
 
 def _head_messages(z: np.ndarray, W_O: np.ndarray) -> np.ndarray:

@@ -9,11 +9,16 @@ metadata before writing chunks, which leaves unopenable stores behind when kille
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
+import threading
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.storage import LocalStore
 
 from .errors import StoreExistsError, StoreMismatchError
 
@@ -29,8 +35,16 @@ COMMITTED_TOKENS = "committed_tokens"
 COMMITTED_SEQUENCES = "committed_sequences"
 STORED_DTYPE = "streamtap_dtype"          # attribute naming the logical dtype (bfloat16 kept as bits)
 COORDS = ("seq", "pos", "token_id", "text")
+# identity attributes newer than schema 1's first stores: absent means the default, so stores written
+# before them still accept appends, and an append that differs from the default is refused
+OPTIONAL_IDENTITY = {"materialized": False, "store_dtype": None}
 CHUNK_TARGET_BYTES = 4 << 20              # chunks below ~1 MB collapse write throughput
-COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+# Blosc zstd level 1, byte shuffle, 1 MiB blocks: the best ratio of the lossless codecs on real
+# activations (float32 1.08x, bfloat16/float16 1.07-1.26x) at ~1 GB/s per core; lz4 is twice as
+# fast but saves only 1-2%. Measured in benchmarks/bench_pipeline.py, numbers in docs/pipeline.md.
+COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", blocksize=1 << 20)
+LOSSY_DTYPES = ("float16", "bfloat16")   # what a capture may store instead of the compute dtype
+LOSSY_ERROR_TOKENS = 2048                # tokens of each end of a lossy store the capture measures
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -67,8 +81,22 @@ class StoreSpec:
     identity: dict[str, Any] = field(default_factory=dict)
 
     def chunk_tokens(self) -> int:
-        widest = max(math.prod(v.tail) * v.dtype.itemsize for v in self.variables.values())
+        """Tokens per chunk, the same for every per-token variable, sized by the widest factored one.
+
+        Materialized ``messages`` are left out of the choice (they are chunked along layers too, see
+        :meth:`chunks`), so the factored variables keep chunks of ~1-4 MB either way.
+        """
+        widest = max(math.prod(v.tail) * v.dtype.itemsize for name, v in self.variables.items()
+                     if name != "messages")
         return int(min(4096, max(16, 2 ** round(math.log2(CHUNK_TARGET_BYTES / widest)))))
+
+    def chunks(self, name: str) -> tuple[int, ...]:
+        var, tokens = self.variables[name], self.chunk_tokens()
+        if name != "messages":
+            return (tokens, *var.tail)
+        per_layer = tokens * math.prod(var.tail[1:]) * var.dtype.itemsize
+        layers = int(min(var.tail[0], max(1, CHUNK_TARGET_BYTES // per_layer)))
+        return (tokens, layers, *var.tail[1:])
 
 
 def fingerprint(spec_static: dict[str, tuple[tuple[str, ...], torch.Tensor]]) -> str:
@@ -106,6 +134,93 @@ def open_group(target, mode: str = "r") -> zarr.Group:
     return zarr.open_group(target, mode=mode, zarr_format=3)
 
 
+# -- direct I/O ----------------------------------------------------------------------------------
+DIRECT_MIN_BYTES = 256 << 10   # chunk files at least this big bypass the page cache
+_ALIGN = 4096                  # O_DIRECT wants buffer address, length and offset aligned to the block size
+_aligned = threading.local()   # one aligned buffer per zarr pool thread, grown to the biggest chunk
+
+
+def direct_io_enabled() -> bool:
+    """Whether a capture into a directory writes its chunks with O_DIRECT (``STREAMTAP_DIRECT_IO=0`` turns it off)."""
+    return hasattr(os, "O_DIRECT") and os.environ.get("STREAMTAP_DIRECT_IO", "1").lower() not in ("0", "false", "no", "off")
+
+
+def _aligned_buffer(n: int) -> mmap.mmap:
+    buf = getattr(_aligned, "buf", None)
+    if buf is None or len(buf) < n:
+        if buf is not None:
+            buf.close()
+        _aligned.buf = buf = mmap.mmap(-1, max(-(-n // _ALIGN) * _ALIGN, 1 << 20))  # page-aligned
+    return buf
+
+
+def _put_direct(path, data: memoryview) -> int:
+    """Write a whole file with O_DIRECT, atomically (a temporary file renamed over the target).
+
+    The length is padded to the block size for the write and the file truncated to the exact size
+    after it, so the file holds exactly ``data``.
+    """
+    n = len(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = _aligned_buffer(n)
+    buf[:n] = data
+    padded = -(-n // _ALIGN) * _ALIGN
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+    try:
+        with memoryview(buf) as whole:
+            view = whole[:padded]
+            done = 0
+            while done < padded:
+                done += os.write(fd, view[done:])
+            view.release()
+        os.ftruncate(fd, n)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    tmp.replace(path)
+    return n
+
+
+class DirectLocalStore(LocalStore):
+    """A zarr ``LocalStore`` that writes chunk files with O_DIRECT, bypassing the page cache.
+
+    Measured here (docs/pipeline.md): buffered writes of fresh chunk files cost the CPU about as much
+    as the disk takes to store them (~0.5 GB/s of kernel copying and page faults), on the same cores
+    the model needs; O_DIRECT writes reach the disk at ~1.7 GB/s for almost no CPU, so a writer
+    thread waiting on them leaves the model's cores alone. Files are still written whole to a
+    temporary name and renamed, as zarr's own store does, so a crash never leaves a torn chunk.
+    Small files (metadata, short chunks) and filesystems that refuse O_DIRECT (tmpfs) take zarr's
+    ordinary path.
+    """
+
+    _direct_ok = True
+
+    async def _set(self, key: str, value, exclusive: bool = False) -> None:
+        if exclusive or not self._direct_ok or len(value) < DIRECT_MIN_BYTES:
+            return await super()._set(key, value, exclusive=exclusive)
+        if not self._is_open:
+            await self._open()
+        self._check_writable()
+        data = memoryview(value.as_buffer_like()).cast("B")
+        try:
+            await asyncio.to_thread(_put_direct, self.root / key, data)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            self._direct_ok = False  # this filesystem takes no O_DIRECT: write as zarr does
+            await super()._set(key, value, exclusive=exclusive)
+
+
+def writable_store(target):
+    """What a StoreWriter opens: a directory path becomes a :class:`DirectLocalStore`."""
+    if _is_path(target) and direct_io_enabled():
+        return DirectLocalStore(os.fspath(target))
+    return target
+
+
 class StoreWriter:
     """Appends captured batches to one store; creates it lazily on the first batch.
 
@@ -119,6 +234,7 @@ class StoreWriter:
         self.target = target
         self.append = append
         self.overwrite = overwrite
+        self.compress = True      # per-token arrays compressed (COMPRESSOR) or stored raw; set before prepare
         self.group: zarr.Group | None = None
         self.tokens = 0           # committed in the store, including what an append found there
         self.sequences = 0
@@ -152,7 +268,7 @@ class StoreWriter:
     def _create(self, spec: StoreSpec) -> None:
         if self._exists and self.overwrite and _is_path(self.target):
             shutil.rmtree(self.target)
-        group = open_group(self.target, mode="w")
+        group = open_group(writable_store(self.target), mode="w")
         chunk = spec.chunk_tokens()
         for name, tensor_spec in spec.static.items():
             dims, tensor = tensor_spec
@@ -168,7 +284,8 @@ class StoreWriter:
             np_dtype, logical = storage_dtype(var.dtype)
             group.create_array(
                 name, shape=(0, *var.tail), dtype=np_dtype, dimension_names=["token", *var.dims],
-                chunks=(chunk, *var.tail), compressors=COMPRESSOR, fill_value=_fill(np_dtype),
+                chunks=spec.chunks(name), compressors=COMPRESSOR if self.compress else None,
+                fill_value=_fill(np_dtype),
                 attributes={STORED_DTYPE: logical, "coordinates": " ".join(self._coords(spec))},
             )
         for name, np_dtype in (("seq", "int64"), ("pos", "int32"), ("token_id", "int64")):
@@ -178,7 +295,7 @@ class StoreWriter:
             group.create_array("text", shape=(0,), dtype=str, dimension_names=["token"],
                                chunks=(chunk * 16,))
         attrs = dict(spec.attrs)
-        attrs.update(spec.identity)
+        attrs.update({k: v for k, v in spec.identity.items() if OPTIONAL_IDENTITY.get(k, object()) != v})
         attrs.update({COMMITTED_TOKENS: 0, COMMITTED_SEQUENCES: 0})
         group.attrs.update(attrs)
         self.group = group
@@ -189,10 +306,11 @@ class StoreWriter:
         return [c for c in COORDS if c != "text" or spec.with_text]
 
     def _open_existing(self, spec: StoreSpec) -> None:
-        group = open_group(self.target, mode="r+")
+        group = open_group(writable_store(self.target), mode="r+")
         attrs = dict(group.attrs)
-        for key, want in spec.identity.items():
-            have = attrs.get(key)
+        keys = {**OPTIONAL_IDENTITY, **spec.identity}
+        for key, want in keys.items():
+            have = attrs.get(key, OPTIONAL_IDENTITY.get(key))
             if have != want:
                 raise StoreMismatchError(
                     f"cannot append to {self.target!r}: its {key} is {have!r} but this capture's is "
@@ -209,8 +327,12 @@ class StoreWriter:
         self.capacity = min(a.shape[0] for a in self._arrays.values())
 
     # -- appends ---------------------------------------------------------------------------
-    def write(self, batch: dict[str, np.ndarray], n_sequences: int) -> None:
-        """Write one batch's chunks, then commit its count; the commit is the last write."""
+    def write(self, batch: dict[str, np.ndarray], n_sequences: int, attrs: dict | None = None) -> None:
+        """Write one batch's chunks, then commit its count; the commit is the last write.
+
+        ``attrs`` (e.g. a lossy store's measured error) go into the same attribute update as the
+        commit, so they always describe exactly the committed tokens.
+        """
         n = len(batch["seq"])
         start, end = self.tokens, self.tokens + n
         if end > self.capacity:
@@ -219,7 +341,7 @@ class StoreWriter:
             if name in batch:
                 array[start:end] = batch[name]
         self.tokens, self.sequences = end, self.sequences + n_sequences
-        self.group.attrs.update({COMMITTED_TOKENS: self.tokens, COMMITTED_SEQUENCES: self.sequences})
+        self.group.attrs.update({**(attrs or {}), COMMITTED_TOKENS: self.tokens, COMMITTED_SEQUENCES: self.sequences})
 
     def _grow(self, needed: int) -> None:
         chunk = next(iter(self._arrays.values())).chunks[0]
@@ -256,3 +378,10 @@ def describe_config(config) -> str:
         return config.to_json_string(use_diff=False)
     except Exception:  # configs with non-JSON members still get a readable record
         return json.dumps({k: repr(v) for k, v in vars(config).items()})
+
+
+def committed_sequences(target) -> int:
+    """How many sequences a store has committed (0 if there is no store yet): where a resume starts."""
+    if not store_exists(target) or not is_streamtap_store(target):
+        return 0
+    return int(open_group(target, mode="r").attrs[COMMITTED_SEQUENCES])

@@ -3,13 +3,16 @@
 The tap replaces nothing the model computes. Inside the ``with`` block the root module's forward is
 routed through an nnsight trace whose cache holds the inputs and outputs of the modules the layout
 names; after the block, every attribute nnsight or streamtap put on the module tree is removed, so
-the model is exactly the object it was before.
+the model is exactly the object it was before. ``model.generate`` inside the block is followed step
+by step (its ``generate`` and stopping criteria are routed through the tap for the block's duration
+too); ``streamtap.generation`` says how each step's tokens get their ``seq`` and ``pos``.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import sys
 import warnings
 from typing import Any, Iterable, Sequence
 
@@ -18,7 +21,15 @@ import torch
 from . import __version__
 from .errors import DecompositionError, InputError, NonFiniteError, StreamtapError
 from .layouts import BoundLayout, bind, layout_for
-from .store import SCHEMA_VERSION, StoreSpec, StoreWriter, VariableSpec, describe_config, fingerprint, to_numpy
+from .ranks import process_rank, rank_store, shard
+from .store import committed_sequences
+from .store import (LOSSY_DTYPES, LOSSY_ERROR_TOKENS, SCHEMA_VERSION, StoreSpec, StoreWriter, VariableSpec,
+                    describe_config, fingerprint)
+from .writer import DEFAULT_DEPTH, CudaStager, Job, Pipeline, choose_mode, make_pipeline
+
+# stored exactly even in a lossy store: the reference the lossy terms are measured against, the
+# frozen norm scales every term through a norm is multiplied by, and integer indices
+EXACT_ALWAYS = ("resid_final", "norm_scale", "expert_index")
 
 
 def _unwrap(model) -> tuple[torch.nn.Module, Any]:
@@ -50,9 +61,36 @@ class _ModuleTreeSnapshot:
         for module, before in self.saved:
             for key in [k for k in module.__dict__ if k not in before]:
                 del module.__dict__[key]
-            for key in ("forward", "__nnsight__"):
+            for key in ("forward", "__nnsight__", "generate", "_get_stopping_criteria"):
                 if key in before:
                     module.__dict__[key] = before[key]
+
+
+class _SidedCache:
+    """Two nnsight caches, one of module inputs and one of outputs, read as one: ``cache[path].input``."""
+
+    def __init__(self, inputs, outputs):
+        self._inputs, self._outputs = inputs, outputs
+
+    def __getitem__(self, path: str) -> "_SidedEntry":
+        return _SidedEntry(self, path)
+
+
+class _SidedEntry:
+    def __init__(self, cache: _SidedCache, path: str):
+        self._cache, self._path = cache, path
+
+    @property
+    def input(self):
+        return self._cache._inputs[self._path].input
+
+    @property
+    def inputs(self):
+        return self._cache._inputs[self._path].inputs
+
+    @property
+    def output(self):
+        return self._cache._outputs[self._path].output
 
 
 class Tap:
@@ -64,7 +102,9 @@ class Tap:
 
     def __init__(self, model, store, *, tokenizer=None, neurons: bool = False, append: bool = False,
                  overwrite: bool = False, model_name: str | None = None, check: bool = True,
-                 how: str = "streamtap.tap"):
+                 how: str = "streamtap.tap", materialize: bool = False, store_dtype=None,
+                 writer: str = "auto", queue_depth: int = DEFAULT_DEPTH, progress: bool = False,
+                 compress: bool | None = None):
         self.module, self._given_envoy = _unwrap(model)
         if self.module.training:
             raise StreamtapError(
@@ -81,10 +121,29 @@ class Tap:
         self.neurons = neurons
         self.model_name = model_name or getattr(self.module.config, "_name_or_path", "") or type(self.module).__name__
         self.how = how
-        self.writer = StoreWriter(store, append=append, overwrite=overwrite)
+        self.rank, self.world = process_rank()
+        self.materialize = bool(materialize)
+        self.store_dtype = self._lossy_dtype(store_dtype)
+        choose_mode(writer, torch.device("cpu"))  # refuse an unknown mode before anything is touched
+        if queue_depth < 1:
+            raise ValueError(f"queue_depth must be at least 1, got {queue_depth}")
+        self.writer_mode, self.queue_depth, self.compress = writer, queue_depth, compress
+        self.writer = StoreWriter(rank_store(store, self.rank, self.world), append=append, overwrite=overwrite)
+        self.pipeline: Pipeline | None = None
+        self._stager: CudaStager | None = None
+        self._next_sequence = 0
+        self._W_O = None
         self.max_positions = _max_positions(self.module.config)
         self._signature = inspect.signature(type(self.module).forward)
-        self._paths = sorted({f"model.{path}" if path else "model" for path, _ in self.bound.taps.values()})
+        # only what this capture stores is cached, each module on the side it is read from: caching a
+        # module's other side (or the neuron activations of a capture without neurons) would keep
+        # tensors of the size of a whole batch of terms alive until the forward ends
+        self._sides: dict[str, set[str]] = {}
+        for key, (path, side) in self.bound.taps.items():
+            if key.startswith("neuron_act.") and not neurons:
+                continue
+            self._sides.setdefault(f"model.{path}" if path else "model", set()).add(side)
+        self._paths = sorted(self._sides)
         self._clone_keys = sorted(self.bound.clones, key=lambda k: int(k.split(".")[1]))
         self._clone_paths = [self.bound.taps[k][0] for k in self._clone_keys]
         self._inside = False
@@ -92,6 +151,9 @@ class Tap:
         self._spec: StoreSpec | None = None
         self._text_cache: dict[int, str] = {}
         self.check = check
+        self.progress = progress
+        self._bar = None
+        self._generation = None  # the state of the model.generate call running in the block, if any
 
     # -- context -------------------------------------------------------------------------------
     def __enter__(self) -> "Tap":
@@ -106,20 +168,106 @@ class Tap:
         # nnsight's controller is the root's forward now; the tap sits in front of it for the block
         self._controller = self.module.__dict__["forward"]
         self.module.__dict__["forward"] = self._forward
+        self._follow_generate()
         if self.check:
             try:
                 self_check(self)
             except BaseException:
                 self._snapshot.restore()
                 raise
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(unit="tok", desc="tap", dynamic_ncols=True)
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def _follow_generate(self) -> None:
+        """Route the model's ``generate`` (and the stopping criteria it builds) through the tap.
+
+        Both are instance attributes for the block's duration and are removed with the tap's
+        ``forward``; ``streamtap.generation`` explains how the steps are followed.
+        """
+        generate = getattr(self.module, "generate", None)
+        criteria = getattr(self.module, "_get_stopping_criteria", None)
+        if not callable(generate) or not callable(criteria):
+            return  # not a generative transformers model (or a version without the hook): forwards only
+        self._original_generate, self._original_criteria = generate, criteria
+        self.module.__dict__["generate"] = self._generate
+        self.module.__dict__["_get_stopping_criteria"] = self._stopping_criteria
+
+    def _generate(self, *args, **kwargs):
+        from .generation import Generation
+
+        if self._generation is not None:
+            raise StreamtapError("model.generate was called inside its own generate; streamtap follows one at a time")
         try:
-            self.writer.close()
+            bound = inspect.signature(self._original_generate).bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            bound = kwargs
+        self._generation = Generation(assistant_model=bound.get("assistant_model"))
+        try:
+            return self._original_generate(*args, **kwargs)
+        finally:
+            self._generation = None
+            if self._bar is not None:  # the call is done: what it could still add is nothing
+                self._bar.total = self._bar.n
+                self._bar.refresh()
+
+    def _stopping_criteria(self, *args, **kwargs):
+        criteria = self._original_criteria(*args, **kwargs)
+        if self._generation is None:
+            return criteria
+        config = kwargs["generation_config"] if "generation_config" in kwargs else args[0]
+        return self._generation.follow(config, criteria)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        try:
+            try:
+                if self.pipeline is not None:
+                    self.pipeline.close(exc)  # drains: every batch handed over is committed
+            finally:
+                self.writer.close()
+            if self.store_dtype is not None and exc is None and self.writer.tokens > self.writer.found_tokens:
+                self._measure_lossy_error()
         finally:
             self._snapshot.restore()
             self.envoy = None
+
+    def _lossy_dtype(self, store_dtype) -> torch.dtype | None:
+        if store_dtype is None:
+            return None
+        name = str(store_dtype).removeprefix("torch.")
+        compute = next(self.module.parameters()).dtype
+        if name == str(compute).removeprefix("torch."):
+            return None  # the compute dtype: exact, nothing lossy about it
+        if name not in LOSSY_DTYPES:
+            raise StreamtapError(f"store_dtype must be one of {LOSSY_DTYPES} (or the model's own dtype), got {name!r}")
+        if compute.itemsize <= 2:
+            raise StreamtapError(f"the model computes in {str(compute).removeprefix('torch.')}; storing it as {name} "
+                                 "would save no space and lose precision. Leave store_dtype unset")
+        return getattr(torch, name)
+
+    def _measure_lossy_error(self) -> None:
+        """Decompose the first and last tokens this tap stored, in their stored (lossy) precision,
+        against the exactly stored final residual; the result goes into the store's attributes."""
+        from .dataset import open as open_store
+        from .invariant import verify
+
+        ds = open_store(self.writer.target)
+        start, end = self.writer.found_tokens, self.writer.tokens
+        n = LOSSY_ERROR_TOKENS
+        picks = sorted({*range(start, min(end, start + n)), *range(max(start, end - n), end)})
+        err = verify(ds.isel(token=picks), raise_on_error=False)
+        attrs = self.writer.group.attrs
+        rel, abs_ = float(err.attrs["max_rel_error"]), float(err.attrs["max_abs_error"])
+        self.writer.group.attrs.update({
+            "lossy_max_rel_error": max(rel, float(attrs.get("lossy_max_rel_error", 0.0))),
+            "lossy_max_abs_error": max(abs_, float(attrs.get("lossy_max_abs_error", 0.0))),
+            "lossy_error_tokens": int(attrs.get("lossy_error_tokens", 0)) + len(picks),
+        })
 
     @property
     def tokens(self) -> int:
@@ -137,10 +285,46 @@ class Tap:
     def _forward(self, *args, **kwargs):
         if self._inside:  # nnsight's own call of the module inside the trace: run it as it was
             return self._controller(*args, **kwargs)
+        if self.pipeline is not None:
+            self.pipeline.raise_pending()  # a writer error surfaces here, before more compute is spent
+        if self._generation is not None:
+            return self._generation_step(args, kwargs)
         input_ids, mask = self._inputs(args, kwargs)
         output, cache, clones = self._traced(args, kwargs, self._paths)
         self._record(cache, clones, input_ids, mask)
+        self._advance(int(mask.sum()))
         return output
+
+    def _generation_step(self, args, kwargs):
+        """One forward of ``model.generate``: the prompt opens sequences, later steps extend them."""
+        gen = self._generation
+        bound = self._signature.bind_partial(self.module, *args, **kwargs).arguments
+        gen.check_forward(bound.get("attention_mask"))
+        if not gen.started:
+            gen.check_prompt(bound.get("past_key_values"))
+            input_ids, mask = self._inputs(args, kwargs, prompt=True)
+            output, cache, clones = self._traced(args, kwargs, self._paths)
+            gen.start(mask, first_seq=self._record(cache, clones, input_ids, mask))
+            self._advance(int(mask.sum()), gen.remaining())
+            return output
+        input_ids = bound["input_ids"]
+        real, seq, pos = gen.step(input_ids.shape, bound.get("attention_mask"))
+        if not bool(real.any()):  # every sequence has finished: nothing to capture, nothing to trace
+            return self._controller(*args, **kwargs)
+        output, cache, clones = self._traced(args, kwargs, self._paths)
+        self._record(cache, clones, input_ids.cpu(), real, seq=seq, pos=pos, n_sequences=0)
+        self._advance(int(real.sum()), gen.remaining())
+        return output
+
+    def _advance(self, n_tokens: int, remaining: int | None = None) -> None:
+        """Move the progress bar; inside ``generate`` its total is what the call can still add (ETA)."""
+        bar = self._bar
+        if bar is None:
+            return
+        # outside generate the count is open-ended (no ETA); inside, the total is what the call
+        # can still add at most (rows that stop early shrink it), which gives tqdm its ETA
+        bar.total = None if remaining is None else bar.n + n_tokens + remaining
+        bar.update(n_tokens)
 
     def _traced(self, args, kwargs, paths):
         """One forward through nnsight: (model output, cache of the named modules, copied outputs)."""
@@ -148,21 +332,36 @@ class Tap:
 
         self._inside = True
         try:
+            if paths is self._paths:  # a captured forward: each module on the side the terms come from
+                inputs = [p for p in paths if "input" in self._sides[p]]
+                outputs = [p for p in paths if "output" in self._sides[p]]
+            else:  # a probe (the self-check): both sides of everything asked for
+                inputs = outputs = list(paths)
             with self.envoy.trace(*args, **kwargs) as tracer:
-                cache = tracer.cache(modules=paths, include_inputs=True, device=None)
+                cached_in = tracer.cache(modules=inputs, include_inputs=True, include_output=False, device=None)
+                cached_out = tracer.cache(modules=outputs, device=None)
                 # outputs the model later changes in place are copied the moment they exist
                 copies = nnsight.save([self.envoy.get(path).output.clone() for path in self._clone_paths])
                 output = self.envoy.output.save()
         finally:
             self._inside = False
-        return output, cache, dict(zip(self._clone_keys, copies))
+        return output, _SidedCache(cached_in, cached_out), dict(zip(self._clone_keys, copies))
 
-    def _inputs(self, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inputs(self, args, kwargs, *, prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, real-token mask) on the host; refuses what cannot be placed in the store.
+
+        ``prompt``: the first forward of a ``generate`` call, where a row may have no real token yet
+        (prefill in chunks: a left-padded row's first chunk can be all padding).
+        """
         bound = self._signature.bind_partial(self.module, *args, **kwargs).arguments
         input_ids, mask, embeds = (bound.get(k) for k in ("input_ids", "attention_mask", "inputs_embeds"))
         reference = input_ids if input_ids is not None else embeds
         if reference is None:
             raise InputError("the forward got neither input_ids nor inputs_embeds; nothing to capture")
+        if self._generation is None:
+            from .generation import refuse_cached_forward
+
+            refuse_cached_forward(bound.get("past_key_values"))
         shape = tuple(reference.shape[:2])
         if len(shape) < 2 or 0 in shape:
             raise InputError(f"empty batch (shape {tuple(reference.shape)}): give at least one token per sequence")
@@ -172,12 +371,16 @@ class Tap:
                 "shorten the input or truncate it (streamtap.capture(..., truncate=True), --truncate)"
             )
         if input_ids is None:
-            input_ids = torch.full(shape, -1, dtype=torch.long)
+            raise InputError(
+                "the forward got inputs_embeds instead of input_ids; streamtap reads the embedding term "
+                "from the model's embedding module, which inputs_embeds bypasses. Pass input_ids"
+            )
+        # on the host before the forward is launched: on a GPU, later copies of these would wait for it
         if mask is None:
             mask = torch.ones(shape, dtype=torch.long)
-        mask = mask.to(torch.bool)
+        input_ids, mask = input_ids.cpu(), mask.cpu().to(torch.bool)
         empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
-        if empty:
+        if empty and not prompt:
             raise InputError(f"batch rows {empty} have no real tokens (attention_mask all zero); drop them")
         return input_ids, mask
 
@@ -185,10 +388,11 @@ class Tap:
     def _terms(self, cache, clones: dict, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """The batch's real tokens of every stored per-token variable, still on the model's device."""
         b = self.bound
-        mask_dev = None
+        flat = mask.reshape(-1)
+        index = None if bool(flat.all()) else flat.nonzero().squeeze(1)
+        index_on: dict = {}
 
         def real(key: str) -> torch.Tensor:
-            nonlocal mask_dev
             if key in clones:
                 value = clones[key]
             else:
@@ -201,9 +405,14 @@ class Tap:
                 value = value.reshape(*mask.shape, *value.shape[1:])  # blocks that flatten tokens (OPT's MLP)
             elif value.shape[0] != mask.shape[0]:  # position embeddings broadcast over the batch
                 value = value.expand(mask.shape[0], *value.shape[1:])
-            if mask_dev is None:
-                mask_dev = mask.to(value.device)
-            return value[mask_dev]
+            value = value.reshape(flat.numel(), *value.shape[2:])
+            if index is None:  # no padding: a view (the per-layer terms are copied once, by the stack)
+                # a view is safe to hand to the writer: after the forward nothing writes to these
+                # tensors (outputs the model changes in place during it come from ``clones``)
+                return value
+            if value.device not in index_on:
+                index_on[value.device] = index.to(value.device, non_blocking=True)
+            return value.index_select(0, index_on[value.device])
 
         L, H, dh = b.n_layers, b.n_heads, b.d_head
         out = {var: real(var) for var in b.layout.embeds if var in b.taps}
@@ -254,23 +463,95 @@ class Tap:
             x = x - x.mean(dim=-1, keepdim=True)
         return torch.rsqrt((x * x).mean(dim=-1) + probe["eps"])
 
-    def _record(self, cache, clones: dict, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+    def _record(self, cache, clones: dict, input_ids: torch.Tensor, mask: torch.Tensor, *,
+                seq: torch.Tensor | None = None, pos: torch.Tensor | None = None,
+                n_sequences: int | None = None) -> int:
+        """Turn one forward's cache into a batch and hand it to the writer (``input_ids``, ``mask``: host).
+
+        By default every row opens a new sequence (a plain forward). A ``generate`` step passes the
+        ``seq`` and ``pos`` of its real tokens (host tensors in mask order) and ``n_sequences=0``.
+        Returns the sequence number the batch's first row got by default.
+
+        On the model's thread only what must be: picking the real tokens out of the cache (one copy,
+        on the model's device), the optional messages and lossy cast, and on a GPU the launch of the
+        asynchronous copy to pinned host memory. Compression and chunk writes happen in the writer.
+        """
         out = self._terms(cache, clones, mask)
-        self._check_finite(out, mask)
+        on_gpu = out["resid_final"].device.type == "cuda"
+        if not on_gpu:  # a GPU batch is checked by the writer, once it is on the host: no sync here
+            self._check_finite(out, mask)
+        if self.materialize:
+            out["messages"] = self._messages(out["z"])
+        if self.store_dtype is not None:
+            out = self._lossy(out, check=not on_gpu)
         if self._spec is None:
             self._spec = self._make_spec(out)
+            mode = choose_mode(self.writer_mode, out["resid_final"].device)
+            # compression pays where the writer has cores of its own; on a CPU whose cores all run the
+            # model it costs the model more time than the disk saves (docs/pipeline.md)
+            self.writer.compress = (mode == "thread") if self.compress is None else self.compress
             self.writer.prepare(self._spec)
-        n_seq = mask.shape[0]
-        rows = torch.arange(n_seq).unsqueeze(1).expand_as(mask)[mask.cpu()]
-        positions = (mask.cumsum(dim=1) - 1)[mask].cpu()
-        ids = input_ids.cpu()[mask.cpu()]
-        batch = {name: to_numpy(t) for name, t in out.items()}
-        batch["seq"] = (rows + self.writer.sequences).numpy().astype("int64")
-        batch["pos"] = positions.numpy().astype("int32")
-        batch["token_id"] = ids.numpy().astype("int64")
+            self._next_sequence = self.writer.sequences
+            self.pipeline = make_pipeline(self.writer, mode, out["resid_final"].device, self.queue_depth)
+        n_seq = mask.shape[0] if n_sequences is None else n_sequences
+        first = self._next_sequence
+        if seq is None:
+            seq = torch.arange(mask.shape[0]).unsqueeze(1).expand_as(mask)[mask] + first
+        if pos is None:
+            pos = (mask.cumsum(dim=1) - 1)[mask]
+        coords = {
+            "seq": seq.numpy().astype("int64"),
+            "pos": pos.numpy().astype("int32"),
+            "token_id": input_ids[mask].numpy().astype("int64"),
+        }
         if self._spec.with_text:
-            batch["text"] = self._texts(batch["token_id"])
-        self.writer.write(batch, n_seq)
+            coords["text"] = self._texts(coords["token_id"])
+        if on_gpu:
+            if self._stager is None:
+                self._stager = CudaStager(out["resid_final"].device, sets=self.queue_depth + 2)
+            host, event, release = self._stager.stage(out)
+            job = Job(host, n_seq, ready=event, release=release, extra=coords,
+                      check=lambda arrays, mask=mask: self._check_host(arrays, mask))
+        else:
+            job = Job(out, n_seq, extra=coords)
+        self.pipeline.submit(job)  # blocks while the writer is queue_depth batches behind
+        self._next_sequence += n_seq
+        return first
+
+    def _messages(self, z: torch.Tensor) -> torch.Tensor:
+        """Materialized messages, z @ W_O per head, on the model's device (float32 sum, stored dtype)."""
+        if self._W_O is None or self._W_O.device != z.device:
+            W_O = self.bound.static_weights(neurons=False)["W_O"][1]
+            self._W_O = W_O.detach().to(z.device, torch.float32)
+        return torch.einsum("tlhd,lhdm->tlhm", z.float(), self._W_O).to(z.dtype)
+
+    def _lossy(self, out: dict[str, torch.Tensor], check: bool) -> dict[str, torch.Tensor]:
+        """Cast the terms to the lossy store dtype; the final residual (the reference) stays exact."""
+        cast = {}
+        for name, t in out.items():
+            if name in EXACT_ALWAYS or not t.is_floating_point():
+                cast[name] = t
+                continue
+            cast[name] = t.to(self.store_dtype)
+            if check and not bool(torch.isfinite(cast[name]).all()):
+                raise StreamtapError(self._range_message(name, t))
+        return cast
+
+    def _range_message(self, name: str, t: torch.Tensor | None) -> str:
+        dtype = str(self.store_dtype).removeprefix("torch.")
+        held = f"values up to {float(t.abs().max()):.4g}" if t is not None else "values"
+        return (f"{name} holds {held} beyond what {dtype} can store (max {torch.finfo(self.store_dtype).max:.4g}); "
+                "the batch was not written. Store in bfloat16 (the range of float32) or in the model's "
+                "dtype (store_dtype=None)")
+
+    def _check_host(self, arrays: dict, mask: torch.Tensor) -> None:
+        """The writer's check of a GPU batch, on its host copy (the same errors as on the CPU)."""
+        out = {name: a for name, a in arrays.items() if isinstance(a, torch.Tensor)}
+        self._check_finite(out, mask)
+        if self.store_dtype is not None:
+            for name, t in out.items():
+                if name not in EXACT_ALWAYS and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise StreamtapError(self._range_message(name, None))
 
     def _texts(self, ids):
         import numpy as np
@@ -308,11 +589,11 @@ class Tap:
         dims = {"z": ("layer", "head", "d_head"), "mlp_out": ("layer", "d_model"),
                 "neuron_act": ("layer", "neuron"), "norm_scale": ("norm",),
                 "expert_out": ("layer", "slot", "d_model"), "expert_index": ("layer", "slot"),
-                "shared_expert_out": ("layer", "d_model")}
+                "shared_expert_out": ("layer", "d_model"), "messages": ("layer", "head", "d_model")}
         variables = {name: VariableSpec(dims.get(name, ("d_model",)), tuple(t.shape[1:]), t.dtype)
                      for name, t in out.items()}
         static = b.static_weights(self.neurons)
-        dtype = str(out["z"].dtype).removeprefix("torch.")
+        dtype = str(out["resid_final"].dtype).removeprefix("torch.")  # the compute dtype, even in a lossy store
         identity = {
             "schema_version": SCHEMA_VERSION,
             "layout": b.name,
@@ -320,6 +601,8 @@ class Tap:
             "dtype": dtype,
             "neurons": self.neurons,
             "weights_fingerprint": fingerprint(static),
+            "materialized": self.materialize,
+            "store_dtype": None if self.store_dtype is None else str(self.store_dtype).removeprefix("torch."),
         }
         attrs = {
             "streamtap_version": __version__,
@@ -336,15 +619,39 @@ class Tap:
 
 
 def tap(model, store, *, tokenizer=None, neurons: bool = False, append: bool = False,
-        overwrite: bool = False, model_name: str | None = None, check: bool = True) -> Tap:
+        overwrite: bool = False, model_name: str | None = None, check: bool = True,
+        materialize: bool = False, store_dtype=None, writer: str = "auto",
+        queue_depth: int = DEFAULT_DEPTH, progress: bool = False, compress: bool | None = None) -> Tap:
     """Wrap existing inference code: each forward of ``model`` inside the block is captured.
+
+    ``model.generate(...)`` inside the block is followed step by step (greedy decoding or sampling,
+    KV cache on, batched with left padding): the prompt, then each newly fed token, is stored at its
+    sequence's ``seq`` and ``pos`` (see ``streamtap.generation``). ``progress=True`` shows a bar of
+    tokens captured and tokens/s, with an ETA while a ``generate`` call runs.
 
     ``store`` is a path or a zarr store (``zarr.storage.MemoryStore()`` keeps it in memory).
     ``check`` runs the invariant layer by layer on a short probe when the block opens, so a layout
     that no longer matches the model fails in milliseconds rather than after hours of capture.
+
+    ``materialize=True`` also stores every head's message (token, layer, head, d_model), which
+    ``streamtap.open`` then reads instead of deriving: ``n_heads`` times the bytes of ``z``, for
+    readers that want messages without the arithmetic. ``store_dtype="float16"`` (or
+    ``"bfloat16"``) stores a float32 model's terms in half precision: lossy, so the final residual is
+    kept exact and the decomposition error this costs is measured at the end of the block and
+    written into the store's attributes (``lossy_max_rel_error``, shown by ``streamtap info``).
+
+    ``writer`` is ``"auto"``, ``"thread"`` or ``"inline"`` (see ``streamtap.writer``): a background
+    writer behind a queue of ``queue_depth`` batches, or writing on the model's thread. ``"auto"``
+    takes the thread on a GPU or where torch leaves CPU cores free. A writer error is raised at the
+    next forward or when the block ends; leaving the block writes and commits every batch handed over.
+    ``compress`` (default: only with a writer thread) stores the per-token arrays Blosc-zstd-compressed:
+    activations compress 1.08x (float32) to 1.26x (bfloat16), worth it only where compression does not
+    take cores from the model.
     """
     return Tap(model, store, tokenizer=tokenizer, neurons=neurons, append=append,
-               overwrite=overwrite, model_name=model_name, check=check)
+               overwrite=overwrite, model_name=model_name, check=check, materialize=materialize,
+               store_dtype=store_dtype, writer=writer, queue_depth=queue_depth, progress=progress,
+               compress=compress)
 
 
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
@@ -354,8 +661,16 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
 
 def capture(model, texts, store, *, tokenizer=None, batch_size: int = 8, max_length: int | None = None,
             truncate: bool = False, neurons: bool = False, append: bool = False, overwrite: bool = False,
-            model_name: str | None = None, progress: bool = False, check: bool = True) -> Tap:
+            model_name: str | None = None, progress: bool = False, check: bool = True,
+            materialize: bool = False, store_dtype=None, writer: str = "auto",
+            resume: bool = False, queue_depth: int = DEFAULT_DEPTH, compress: bool | None = None) -> Tap:
     """Capture a corpus in one call: strings (with a tokenizer) or lists of token ids.
+
+    Under torch.distributed each rank captures a contiguous slice into its own store below
+    ``store``; ``streamtap.open(store)`` reads them back as one (see ``streamtap.ranks``).
+
+    ``resume=True`` continues an interrupted capture of the same corpus: the sequences the store
+    already committed are skipped, so none is duplicated or missing (it implies ``append``).
 
     Returns the finished tap, whose ``tokens`` and ``sequences`` say what was committed.
     """
@@ -370,13 +685,22 @@ def capture(model, texts, store, *, tokenizer=None, batch_size: int = 8, max_len
     empty = [i for i, t in enumerate(texts) if len(t) == 0]
     if empty:
         raise InputError(f"texts at indices {empty[:10]} are empty; remove them before capturing")
+    rank, world = process_rank()
+    texts = shard(texts, rank, world)  # each rank of a data-parallel job captures its own slice
+    if resume:
+        done_sequences = committed_sequences(rank_store(store, rank, world))
+        texts, append = texts[done_sequences:], True
+        if not texts:  # finished before: nothing to add, and the returned tap says so (0 tokens)
+            return Tap(model, store, tokenizer=tokenizer, neurons=neurons, append=True, check=False,
+                       model_name=model_name, how="streamtap.capture")
     module, _ = _unwrap(model)
     limit = _max_positions(module.config)
     if max_length is not None:
         limit = min(limit, max_length) if limit else max_length
     device = next(module.parameters()).device
     the_tap = Tap(model, store, tokenizer=tokenizer, neurons=neurons, append=append, overwrite=overwrite,
-                  model_name=model_name, check=check, how="streamtap.capture")
+                  model_name=model_name, check=check, how="streamtap.capture", materialize=materialize,
+                  store_dtype=store_dtype, writer=writer, queue_depth=queue_depth, compress=compress)
     bar = _progress(progress, len(texts))
     done = 0  # tokens of this call (the tap's count includes what an appended store already had)
     try:
@@ -388,6 +712,14 @@ def capture(model, texts, store, *, tokenizer=None, batch_size: int = 8, max_len
                     done += int(mask.sum())
                     bar.update(len(chunk))
                     bar.set_postfix_str(f"{done:,} tok, {done / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s")
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+            bar = None
+        print(f"\nstreamtap: interrupted; the store is consistent with {the_tap.writer.sequences} sequences "
+              f"committed. Resume with streamtap.capture(..., resume=True) or `streamtap capture ... --resume`.",
+              file=sys.stderr, flush=True)
+        raise
     finally:  # an error message must not land in the middle of a half-drawn bar
         if bar is not None:
             bar.close()

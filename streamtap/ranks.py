@@ -1,0 +1,54 @@
+"""Data-parallel capture: which part of a corpus and which store belong to this process.
+
+Each rank of a ``torch.distributed`` job writes its own store, ``<store>/rank-00003.zarr``, so no two
+processes ever write the same file and no coordination is needed beyond the rank number; its
+share of a corpus is a contiguous slice. ``streamtap.open(<store>)`` reads the rank stores back as
+one, in rank order, with sequence numbers offset so that the result is the store a single process
+would have written for the same corpus.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import StreamtapError
+
+RANK_PATTERN = "rank-{:05d}.zarr"
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed job; (0, 1) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_store(store, rank: int, world: int):
+    """The store this rank writes: the store itself for one process, a rank store below it for several."""
+    if world <= 1:
+        return store
+    if not isinstance(store, (str, os.PathLike)):
+        raise StreamtapError("a data-parallel capture writes one store per rank below a directory; "
+                             "give a path, not a store object")
+    return os.path.join(os.fspath(store), RANK_PATTERN.format(rank))
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """This rank's contiguous slice; concatenated in rank order the slices give back ``items``."""
+    per, extra = divmod(len(items), world)
+    start = rank * per + min(rank, extra)
+    return items[start:start + per + (1 if rank < extra else 0)]
+
+
+def rank_stores(store) -> list[str] | None:
+    """The rank stores of a data-parallel capture at ``store``, in rank order, or None if it is not one."""
+    if not isinstance(store, (str, os.PathLike)):
+        return None
+    root = Path(store)
+    if not root.is_dir() or (root / "zarr.json").exists():
+        return None
+    found = sorted(p for p in root.glob("rank-*.zarr") if p.is_dir())
+    return [str(p) for p in found] or None

@@ -1,0 +1,245 @@
+"""The capture pipeline's storage side: batches leave the model's thread and reach the store in order.
+
+A tap hands every captured batch to a :class:`Pipeline`. Two kinds exist, chosen by measurement
+(``benchmarks/bench_pipeline.py``, numbers in ``docs/pipeline.md``):
+
+- ``"thread"``: one background writer thread behind a bounded queue. Compression and chunk writes
+  run off the model's thread; when the store falls behind, ``submit`` blocks (back-pressure) instead
+  of buffering without bound, so memory stays flat however long the capture runs. This is what a
+  GPU producer gets: the device-to-host copy runs on a side stream into pinned buffers
+  (:class:`CudaStager`) and the writer waits for it, so neither the copy nor the write holds up
+  the next forward.
+- ``"inline"``: the batch is written on the model's thread before the forward returns. On a CPU
+  producer whose torch threads already occupy every core (2 cores here) there is nothing to overlap
+  with: a writer thread only takes cores from torch's thread team, and measured slower.
+
+``"auto"`` picks ``thread`` when the model runs on an accelerator or when the CPU has cores that
+torch's intra-op threads leave free, and ``inline`` otherwise.
+
+The crash-safety contract of the store holds for both: a batch's chunks are written first and its
+committed count last, batches are committed in the order they were fed, and a reader never sees
+half a batch. A writer error is kept and raised on the model's thread at the next forward, or at
+the end of the block; batches after a failed one are dropped, never committed out of order. On
+leaving the block (normally or by an exception in the user's code) every batch already handed over
+is written and committed before the block exits.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+MODES = ("auto", "thread", "inline")
+DEFAULT_DEPTH = 1  # batches waiting in the queue; with the one being written and the one being
+#                    produced, at most three batches of captured terms are alive at once
+
+
+@dataclass
+class Job:
+    """One captured batch on its way to the store.
+
+    ``arrays`` hold numpy arrays or host torch tensors (pinned, filled asynchronously when ``ready``
+    is set: the writer waits on it before reading them). ``check`` gets the host tensors before the
+    write (the deferred non-finite check of a GPU producer); ``release`` runs after it, written or not.
+    """
+
+    arrays: dict[str, Any]
+    n_sequences: int
+    ready: Any = None                       # a torch.cuda.Event, or None when the arrays are ready
+    check: Callable[[dict], None] | None = None
+    release: Callable[[], None] | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # numpy arrays made on the host
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        from .store import to_numpy
+
+        if self.ready is not None:
+            self.ready.synchronize()
+        if self.check is not None:
+            self.check(self.arrays)
+        out = {name: (to_numpy(a) if isinstance(a, torch.Tensor) else a) for name, a in self.arrays.items()}
+        out.update(self.extra)
+        return out
+
+
+class Pipeline:
+    """Hands batches to a :class:`~streamtap.store.StoreWriter`; see the module docstring."""
+
+    mode = "inline"
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.write_seconds = 0.0        # time spent writing (compress + store), for benchmarks
+        self.written_bytes = 0          # uncompressed bytes handed to the store
+        self.batches = 0
+
+    def submit(self, job: Job) -> None:
+        self.raise_pending()
+        try:
+            self._write(job)
+        finally:
+            if job.release is not None:
+                job.release()
+
+    def _write(self, job: Job) -> None:
+        arrays = job.numpy()
+        start = time.perf_counter()
+        self.writer.write(arrays, job.n_sequences)
+        self.write_seconds += time.perf_counter() - start
+        self.written_bytes += sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray))
+        self.batches += 1
+
+    def raise_pending(self) -> None:
+        """Raise a writer error on the caller's thread (none for the inline pipeline)."""
+
+    def close(self, exc: BaseException | None = None) -> None:
+        """Write and commit everything handed over; raise a writer error unless ``exc`` is in flight."""
+
+
+class ThreadPipeline(Pipeline):
+    """One writer thread behind a queue of ``depth`` batches; ``submit`` blocks when it is full."""
+
+    mode = "thread"
+
+    def __init__(self, writer, depth: int = DEFAULT_DEPTH):
+        super().__init__(writer)
+        if depth < 1:
+            raise ValueError(f"the writer queue needs a depth of at least 1, got {depth}")
+        self.depth = depth
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._reported = False
+        self._failed_batch = -1
+        self.wait_seconds = 0.0         # time the model's thread waited on a full queue
+        self._thread = threading.Thread(target=self._run, name="streamtap-writer", daemon=True)
+        self._thread.start()
+
+    _STOP = object()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is self._STOP:
+                    return
+                if self._error is None:  # after a failure, later batches are dropped, never committed
+                    try:
+                        self._write(job)
+                    except BaseException as exc:  # noqa: BLE001 - handed to the model's thread
+                        self._error = exc
+                        self._failed_batch = self.batches
+            finally:
+                if job is not self._STOP and job.release is not None:
+                    try:
+                        job.release()
+                    except BaseException as exc:  # noqa: BLE001
+                        self._error = self._error or exc
+                self._queue.task_done()
+
+    def submit(self, job: Job) -> None:
+        self.raise_pending()
+        if not self._thread.is_alive():
+            raise RuntimeError("the streamtap writer thread is not running (the tap was closed)")
+        start = time.perf_counter()
+        self._queue.put(job)  # blocks while the writer is `depth` batches behind: back-pressure
+        self.wait_seconds += time.perf_counter() - start
+
+    def raise_pending(self) -> None:
+        if self._error is not None and not self._reported:
+            self._reported = True
+            exc = self._error
+            exc.add_note(f"(raised by streamtap's background writer while writing batch {self._failed_batch} "
+                         f"of this tap; the {self._failed_batch} batches before it are committed)")
+            raise exc
+
+    def close(self, exc: BaseException | None = None) -> None:
+        if self._thread.is_alive():
+            self._queue.put(self._STOP)
+            self._thread.join()
+        if exc is None:
+            self.raise_pending()
+        elif self._error is not None and not self._reported:
+            self._reported = True
+            exc.add_note(f"streamtap's background writer also failed, at batch {self._failed_batch} "
+                         f"(earlier batches are committed): {type(self._error).__name__}: {self._error}")
+
+
+def spare_cores() -> int:
+    """CPU cores that torch's intra-op threads leave to a writer."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, cores - torch.get_num_threads())
+
+
+def choose_mode(mode: str, device: torch.device) -> str:
+    if mode not in MODES:
+        raise ValueError(f"writer must be one of {MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    if device.type != "cpu" or spare_cores() >= 1:
+        return "thread"
+    return "inline"
+
+
+def make_pipeline(writer, mode: str, device: torch.device, depth: int = DEFAULT_DEPTH) -> Pipeline:
+    mode = choose_mode(mode, device)
+    return ThreadPipeline(writer, depth) if mode == "thread" else Pipeline(writer)
+
+
+class CudaStager:
+    """Device-to-host copies on a side stream into a bounded pool of pinned buffers.
+
+    Each batch's terms are copied with ``non_blocking=True`` on a stream of their own, which waits
+    for the model's stream only up to the point the terms were made; the model's next layers and
+    next forward keep running on the device meanwhile. The writer thread waits on the batch's event
+    before it reads the buffers and gives them back to the pool after writing. The pool holds at most
+    ``sets`` buffer sets (queue depth + the batch being written + the one being filled), so pinned
+    memory is bounded; a buffer that is too small for a longer batch is reallocated.
+    """
+
+    def __init__(self, device: torch.device, sets: int):
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+        self.max_sets = sets
+        self.created = 0
+        self.free: queue.Queue = queue.Queue()
+
+    def _acquire(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.free.empty() and self.created < self.max_sets:
+            self.created += 1
+            bufs: dict[str, torch.Tensor] = {}
+        else:
+            bufs = self.free.get()  # blocks until the writer gives a set back
+        for name, t in out.items():
+            have = bufs.get(name)
+            if have is None or have.shape[1:] != t.shape[1:] or have.dtype != t.dtype or have.shape[0] < t.shape[0]:
+                rows = max(t.shape[0], 1)
+                rows = 1 << (rows - 1).bit_length()  # room for longer batches without reallocating
+                bufs[name] = torch.empty((rows, *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+        return bufs
+
+    def stage(self, out: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any, Callable[[], None]]:
+        bufs = self._acquire(out)
+        host = {}
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            for name, t in out.items():
+                view = bufs[name][: t.shape[0]]
+                view.copy_(t, non_blocking=True)
+                t.record_stream(self.stream)  # the allocator must not reuse t before the copy is done
+                host[name] = view
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return host, event, lambda: self.free.put(bufs)
+
+
+__all__ = ["Job", "Pipeline", "ThreadPipeline", "CudaStager", "make_pipeline", "choose_mode", "spare_cores", "MODES"]
