@@ -11,16 +11,12 @@ dimensions, and saves effective_rank.png in DIR.
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
 import streamtap as st
 from streamtap import figures
 from streamtap.models import load_model
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _attention_weights import attention_weights  # noqa: E402
 
 
 def main(argv=None):
@@ -31,9 +27,7 @@ def main(argv=None):
     store = os.path.join(args.out, "ranks.zarr")
     model, tok = load_model()
     st.capture(model, ["Effective rank of attention heads."], store, tokenizer=tok, overwrite=True)
-    ds = st.open(store)
-    if not all(n in ds for n in ("W_Q", "W_K", "W_V")):   # stores that predate the attention weights
-        ds = ds.assign(attention_weights(model))
+    ds = st.open(store)     # the store carries W_Q, W_K, W_V and W_O
     er = st.analysis.effective_rank(ds)
     ent = er.erank_entropy.mean("head")
     print(f"effective rank (entropy), mean over {er.sizes['head']} heads; d_head = {er.sizes['index']}")

@@ -10,27 +10,14 @@ the pairs together and saves relevance.png and promotion.png in DIR.
 
 import argparse
 import os
-import sys
 
 import numpy as np
-import torch
 
 import streamtap as st
 from streamtap import figures
 from streamtap.models import load_model
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _attention_weights import attention_weights  # noqa: E402
-
 WORDS = [" France", " Paris", " king", " queen", " London", " England"]
-
-
-def open_with_weights(store, model):
-    """The store; completed with W_Q, W_K, W_V, W_E from the model where it does not carry them yet."""
-    ds = st.open(store)
-    if not all(n in ds for n in ("W_Q", "W_K", "W_V")):
-        ds = ds.assign(attention_weights(model, input_norm=True))
-    return ds
 
 
 def parse_layers(text, n):
@@ -50,7 +37,7 @@ def main(argv=None):
     model, tok = load_model()
     st.capture(model, ["Paris is the capital of France; London is the capital of England."], store,
                tokenizer=tok, overwrite=True)
-    ds = open_with_weights(store, model)
+    ds = st.open(store)     # the store carries W_Q, W_K, W_V, the input norms and W_E (here W_U: tied)
     layers = parse_layers(args.layers, ds.sizes["layer"])
     rel = st.analysis.relevance(ds, WORDS, tokenizer=tok, layers=layers)
     pro = st.analysis.promotion(ds, WORDS, tokenizer=tok, layers=layers)

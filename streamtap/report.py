@@ -110,18 +110,19 @@ def _q(s: str) -> str:
 
 
 def write_report(store, out_dir, *, token: int | None = None, target=None, words=None, k: int = 10,
-                 sample: int = 4096, tokenizer=None, heads: int = 6) -> Path:
+                 sample: int = 4096, tokenizer=None, heads: int = 6, storage_options: dict | None = None) -> Path:
     """Write ``out_dir/index.html`` (and ``out_dir/data/*.csv``); returns the HTML file's path.
 
     ``token`` is the store row to attribute (default: the last); ``target`` a vocabulary id or token
     text (default: the model's top-1 prediction at that token); ``words`` the tokens of the
     relevance and promotion maps (default: the six most frequent stored tokens); ``sample`` how many
-    tokens (from the first) the per-token statistics use.
+    tokens (from the first) the per-token statistics use; ``storage_options`` go to fsspec for an
+    ``s3://`` store.
     """
     import streamtap as st
 
     started = time.perf_counter()
-    ds = store if isinstance(store, xr.Dataset) else st.open(store)
+    ds = store if isinstance(store, xr.Dataset) else st.open(store, storage_options=storage_options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     page = _Page(out)
@@ -174,6 +175,7 @@ def _summary(page: _Page, ds, sub, store) -> None:
         ("tied embeddings", bool(a.get("tied_embeddings", False))),
         ("positions", "rotary" if is_rotary(ds) else ("learned" if "pos_embed" in ds else "none stored")),
         ("attention weights (W_Q, W_K, W_V)", "stored" if all(n in ds for n in ("W_Q", "W_K", "W_V")) else "not stored"),
+        ("what else acts on q, k, v", "; ".join(a.get("attn_notes", [])) or "nothing noted"),
         (f"max decomposition error (first {sub.sizes['token']:,} tokens)",
          f"{err.attrs['max_rel_error']:.2g} relative (tolerance {err.attrs['tolerance']:g})"))]
     page.table(rows, "store", left=("property", "value"))

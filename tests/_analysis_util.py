@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,11 +13,6 @@ import streamtap as st
 from streamtap.models import tiny_model
 
 from _util import padded_batch
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-from _attention_weights import attention_weights  # noqa: E402
 
 LENGTHS = [11, 6, 3]
 
@@ -35,9 +28,6 @@ class Tapped:
     ids: torch.Tensor
     mask: torch.Tensor
     store: object
-
-    def with_weights(self, **kw):
-        return self.ds.assign(attention_weights(self.model, **kw))
 
 
 def tap_forward(arch: str, *, store=None, neurons: bool = False, lengths=LENGTHS, seed: int = 0,

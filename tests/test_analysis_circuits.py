@@ -37,10 +37,10 @@ def _projections(model, layer, x):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_relevance_and_messages_match_the_models_projections(arch):
     t = tap_forward(arch)
-    ds = t.with_weights()
+    ds = t.ds                       # the store alone carries W_Q, W_K, W_V and W_E
     E = t.model.get_input_embeddings().weight.detach()[WORDS]
-    rel = st.analysis.relevance(ds, WORDS)
-    pro = st.analysis.promotion(ds, WORDS, through_final_norm=False)
+    rel = st.analysis.relevance(ds, WORDS, input_norm=False)
+    pro = st.analysis.promotion(ds, WORDS, input_norm=False, through_final_norm=False)
     qk = st.analysis.qk_matrix(ds).compute()
     ov = st.analysis.ov_matrix(ds).compute()
     n_heads = ds.sizes["head"]
@@ -69,7 +69,7 @@ def test_relevance_and_messages_match_the_models_projections(arch):
 
 def test_promotion_normalized_is_a_z_score_over_the_vocabulary():
     t = tap_forward("llama")
-    ds = t.with_weights(input_norm=True)
+    ds = t.ds
     pro = st.analysis.promotion(ds, WORDS, layers=[1])
     assert pro.attrs["through_final_norm"] == 1 and st.analysis.relevance(ds, WORDS).attrs["input_norm"] == 1
     # rebuild one head's full logit row and standardise it
@@ -87,7 +87,7 @@ def test_promotion_normalized_is_a_z_score_over_the_vocabulary():
 
 def test_effective_ranks_and_truncation_against_explicit_svd():
     t = tap_forward("llama")
-    ds = t.with_weights()
+    ds = t.ds
     er = st.analysis.effective_rank(ds)
     qk = st.analysis.qk_matrix(ds, dtype=np.float64).compute()
     ov = st.analysis.ov_matrix(ds, dtype=np.float64).compute()
@@ -113,7 +113,8 @@ def test_effective_ranks_and_truncation_against_explicit_svd():
 
 def test_missing_attention_weights_are_named():
     t = tap_forward("gpt2")
+    old = t.ds.drop_vars(["W_Q", "W_K", "W_V"])     # a store from before they were kept
     with pytest.raises(MissingWeightsError, match="W_Q"):
-        st.analysis.relevance(t.ds, WORDS)
+        st.analysis.relevance(old, WORDS)
     with pytest.raises(MissingWeightsError, match="W_Q"):
-        st.analysis.effective_rank(t.ds)
+        st.analysis.effective_rank(old)

@@ -12,7 +12,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def test_every_figure_renders():
     t = tap_forward("llama")
-    ds = t.with_weights()
+    ds = t.ds
     text = lambda ids: st.analysis.vocab_text(ds, ids)  # noqa: E731
     made = {
         "heatmap": figures.contribution_heatmap(st.analysis.direct_logit_attribution(ds.isel(token=3), 5)),

@@ -16,7 +16,7 @@ def llama():
 
 
 def test_message_norms_and_cosines(llama):
-    t, ds = llama, llama.with_weights()     # an untied model: W_E from the model (tied ones use W_U)
+    t, ds = llama, llama.ds     # an untied model: the store carries W_E (tied ones say it is W_U)
     em = st.analysis.empty_messages(ds, n_tokens=3).compute()
     msgs = ds.messages.values.astype(np.float64)                            # (token, layer, head, d_model)
     norms = np.linalg.norm(msgs, axis=-1)

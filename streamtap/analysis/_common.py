@@ -79,7 +79,7 @@ def static(ds: xr.Dataset, name: str, dtype=np.float32) -> np.ndarray:
     a few megabytes of weights costs more than reading them.
     """
     require(ds, name)
-    return np.asarray(local(ds[name]).values, dtype=dtype)
+    return np.asarray(local(ds[stored_name(ds, name)]).values, dtype=dtype)
 
 
 def local(x):
@@ -90,7 +90,7 @@ def local(x):
 def static_dask(ds: xr.Dataset, name: str, dtype=np.float32) -> xr.DataArray:
     """A static weight as one dask chunk: one graph key, shipped once to each worker."""
     require(ds, name)
-    var = ds[name]
+    var = ds[stored_name(ds, name)]
     data = var.data if isinstance(var.data, da.Array) else da.from_array(np.asarray(var.data), chunks=-1)
     return var.copy(data=data.astype(dtype).rechunk(-1))
 
@@ -99,8 +99,23 @@ def as_static_dask(array: np.ndarray, dims: tuple[str, ...]) -> xr.DataArray:
     return xr.DataArray(da.from_array(array, chunks=-1), dims=dims)
 
 
+def stored_name(ds: xr.Dataset, name: str) -> str:
+    """The variable that holds ``name``: itself, or the one it is stored as.
+
+    A store keeps W_E once where it equals W_U bit for bit (tied, unscaled embeddings) and says so
+    with the attribute ``W_E_alias = "W_U"``; stores from before W_E was kept fall back to W_U where
+    their embeddings are tied.
+    """
+    if name in ds:
+        return name
+    alias = ds.attrs.get(f"{name}_alias")
+    if alias is None and name == "W_E" and ds.attrs.get("tied_embeddings"):
+        alias = "W_U"
+    return alias if alias is not None and alias in ds else name
+
+
 def require(ds: xr.Dataset, *names: str) -> None:
-    missing = [n for n in names if n not in ds]
+    missing = [n for n in names if stored_name(ds, n) not in ds]
     if missing:
         raise MissingWeightsError(
             f"this store has no {', '.join(missing)}; the analysis needs it. "
@@ -111,8 +126,11 @@ _WHY = {
     "W_U": "Capture from a model with an LM head (the unembedding is stored with it).",
     "neuron_act": "Capture with neurons=True (--neurons) to store neuron activations and W_out.",
     "W_out": "Capture with neurons=True (--neurons) to store neuron activations and W_out.",
-    "W_Q": "Query/key/value weights are stored by stores that carry the attention weights "
-           "(W_Q, W_K, W_V); complete an older store with ds.assign(W_Q=..., W_K=..., W_V=...).",
+    "W_Q": "Stores carry the query/key/value weights (W_Q, W_K, W_V) where the layout locates them; "
+           "this one predates that or its layout does not say where they are: capture again with this "
+           "streamtap, or complete it with ds.assign(W_Q=..., W_K=..., W_V=...).",
+    "W_E": "Stores carry the token embedding W_E (or say it is W_U); capture again with this streamtap, "
+           "or complete this one with ds.assign(W_E=...).",
 }
 _WHY["W_K"] = _WHY["W_V"] = _WHY["W_Q"]
 
@@ -197,14 +215,9 @@ def vocab_rows_step(vocab: int) -> int:
 
 # -- weights the analyses read ------------------------------------------------------------------------
 def embedding_matrix(ds: xr.Dataset) -> xr.DataArray:
-    """W_E (vocab, d_model): stored, or the unembedding of a model with tied embeddings."""
-    if "W_E" in ds:
-        return ds["W_E"]
-    if ds.attrs.get("tied_embeddings") and "W_U" in ds:
-        return ds["W_U"]
-    raise MissingWeightsError(
-        "this store has no token embedding W_E and its embeddings are not tied to W_U; the analysis "
-        "needs it (stores that carry W_E have it; complete one with ds.assign(W_E=...))")
+    """W_E (vocab, d_model): each token's embedding term; stored, or W_U where the two are equal."""
+    require(ds, "W_E")
+    return ds[stored_name(ds, "W_E")]
 
 
 def kv_heads(ds: xr.Dataset) -> np.ndarray:

@@ -9,14 +9,15 @@ W_Q is (layer, head, d_model, d_head); W_K and W_V are (layer, kv_head, d_model,
 grouped-query attention query head h uses kv head h // (n_heads / n_kv_heads). Biases of q, k and v
 are not part of the fused matrices.
 
-Token-to-token maps for a chosen set of tokens, from their embeddings E (rows of W_E, or W_U when
-embeddings are tied):
+Token-to-token maps for a chosen set of tokens, from their embeddings E (rows of W_E, each token's
+embedding term; a store keeps it once as W_U where the two are the same):
 
     relevance  E W_QK E^T           how much a query token attends to a key token, position aside
     promotion  E W_OV (gamma * W_U)^T  which tokens a token's message raises when it is attended to
 
 Where the store has the layer's input-norm weights (``attn_norm_weight``), embeddings pass through
-that norm first, as the layer would read them. Models with rotary positions rotate queries and keys
+that norm first, as the layer would read them. What else a model does to queries and keys (q/k
+norms, soft-capping, ALiBi) is listed in the store's ``attn_notes`` and copied into the results' attrs. Models with rotary positions rotate queries and keys
 by position before the product: the position-free map is what the head would compute for two tokens
 at the same position, and says nothing about how the rotation reweights other offsets.
 """
@@ -70,6 +71,8 @@ def _notes(ds, what: str) -> dict:
     attrs = {"note": what + "; q/k/v biases excluded"}
     if is_rotary(ds):
         attrs["rotary_note"] = ROTARY_NOTE
+    if ds.attrs.get("attn_notes"):
+        attrs["attn_notes"] = "; ".join(ds.attrs["attn_notes"])
     return attrs
 
 
@@ -106,7 +109,9 @@ def relevance(ds: xr.Dataset, tokens, *, tokenizer=None, layers=None, input_norm
     """Token-to-token relevance E W_QK E^T per head: Dataset (layer, head, query, key).
 
     ``raw`` is the unscaled bilinear score; ``normalized`` is the softmax over the chosen keys of
-    raw / sqrt(d_head): the attention a query token would pay among these keys alone (rows sum to 1).
+    raw times the model's score scale (``attn_scale``: 1/sqrt(d_head) in most models, 1 in GPT-Neo,
+    Gemma-2's query_pre_attn_scalar): the attention a query token would pay among these keys alone
+    (rows sum to 1).
     ``tokens`` are ids or token strings (resolved with ``tokenizer`` or the store's vocabulary text).
     """
     require(ds, "W_Q", "W_K")
@@ -117,14 +122,15 @@ def relevance(ds: xr.Dataset, tokens, *, tokenizer=None, layers=None, input_norm
     q = np.einsum("lsm,lhme->lhse", X, W_Q)
     k = np.einsum("lsm,lhme->lhse", X, W_K)
     raw = np.einsum("lhqe,lhke->lhqk", q, k)
-    scaled = raw / np.sqrt(W_Q.shape[-1])
+    scale = static(ds, "attn_scale", dtype)[layer_ids] if "attn_scale" in ds else np.full(len(layer_ids), W_Q.shape[-1] ** -0.5)
+    scaled = raw * scale[:, None, None, None]
     scaled = scaled - scaled.max(-1, keepdims=True)
     norm = np.exp(scaled) / np.exp(scaled).sum(-1, keepdims=True)
     coords = {"layer": layer_ids, "head": np.arange(ds.sizes["head"]),
               **_token_axis(ds, ids, tokenizer, "query"), **_token_axis(ds, ids, tokenizer, "key")}
     dims = ("layer", "head", "query", "key")
     attrs = _notes(ds, "relevance of key tokens to query tokens, E W_QK E^T")
-    attrs["normalized"] = "softmax over the chosen keys of raw / sqrt(d_head)"
+    attrs["normalized"] = "softmax over the chosen keys of raw * attn_scale (the model's score scale, 1/sqrt(d_head) in most)"
     attrs["input_norm"] = int(bool(("attn_norm_weight" in ds) if input_norm is None else input_norm))
     return xr.Dataset({"raw": (dims, raw), "normalized": (dims, norm)}, coords=coords, attrs=attrs)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 
 from ..errors import UnsupportedArchitectureError
-from .base import INPUT, OUTPUT, Attn, BoundLayout, Layout, Mlp, Moe, Norm, bind, in_out_weight
+from .base import INPUT, OUTPUT, SPLITS, Attn, BoundLayout, Layout, Mlp, Moe, Norm, bind, in_out_weight, projections
 
 _FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert", "moe")
 
@@ -43,5 +43,5 @@ def layout_for(model) -> Layout:
     )
 
 
-__all__ = ["INPUT", "OUTPUT", "Attn", "BoundLayout", "Layout", "LAYOUTS", "Mlp", "Moe", "Norm", "bind",
-           "in_out_weight", "layout_for", "register", "supported_model_types"]
+__all__ = ["INPUT", "OUTPUT", "SPLITS", "Attn", "BoundLayout", "Layout", "LAYOUTS", "Mlp", "Moe", "Norm", "bind",
+           "in_out_weight", "layout_for", "projections", "register", "supported_model_types"]

@@ -7,7 +7,7 @@ and each norm's beta is a term of its own. The masked-LM head is not linear, so 
 is stored.
 """
 
-from .base import OUTPUT, Attn, Layout, Mlp, Norm
+from .base import OUTPUT, Attn, Layout, Mlp, Norm, projections
 
 LAYOUTS = [
     Layout(
@@ -17,7 +17,8 @@ LAYOUTS = [
                 "token_type_embed": "embeddings.token_type_embeddings"},
         after_embeds=(Norm("embeddings.LayerNorm"),),
         layers="encoder.layer",
-        block=(Attn("attention.output.dense"), Norm("attention.output.LayerNorm"),
+        block=(Attn("attention.output.dense", **projections("attention.self", "query", "key", "value")),
+               Norm("attention.output.LayerNorm"),
                Mlp("output.dense"), Norm("output.LayerNorm")),
         resid_final=("encoder.layer.{last}.output.LayerNorm", OUTPUT),
         unembed=False,

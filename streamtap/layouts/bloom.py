@@ -8,6 +8,10 @@ the stream passes through each input norm: exact all the same, with the norms' s
 
 from .base import INPUT, Attn, Layout, Mlp, Norm
 
+# queries, keys and values fused per head, [head, (q, k, v), d_head]; positions enter as ALiBi biases
+ATTN = Attn("self_attention.dense", qkv="self_attention.query_key_value", split="per_group", norm="input_layernorm",
+            scale="inv_norm_factor", notes=("ALiBi biases are added to the scores by query-key distance",))
+
 _COMMON = dict(
     model_types=("bloom",),
     embeds={"embed": "word_embeddings_layernorm"},
@@ -20,13 +24,13 @@ LAYOUTS = [
     Layout(
         name="bloom-post-ln-residual",
         when=lambda config: getattr(config, "apply_residual_connection_post_layernorm", False),
-        block=(Norm("input_layernorm"), Attn("self_attention.dense"),
+        block=(Norm("input_layernorm"), ATTN,
                Norm("post_attention_layernorm"), Mlp("mlp.dense_4h_to_h")),
         **_COMMON,
     ),
     Layout(
         name="bloom",
-        block=(Attn("self_attention.dense"), Mlp("mlp.dense_4h_to_h")),
+        block=(ATTN, Mlp("mlp.dense_4h_to_h")),
         **_COMMON,
     ),
 ]

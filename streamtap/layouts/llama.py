@@ -6,7 +6,7 @@ embedding module, so its output is already the term); none of that changes where
 live. Parallel StableLM blocks only change what the MLP reads.
 """
 
-from .base import INPUT, Attn, Layout, Mlp
+from .base import INPUT, Attn, Layout, Mlp, projections
 
 LAYOUTS = [
     Layout(
@@ -14,7 +14,10 @@ LAYOUTS = [
         model_types=("llama", "mistral", "qwen2", "qwen3", "stablelm", "olmo", "gemma"),
         embeds={"embed": "embed_tokens"},
         layers="layers",
-        block=(Attn("self_attn.o_proj"), Mlp("mlp", down="mlp.down_proj")),
+        block=(Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"),
+                    qk_norm=(("self_attn.q_norm", "self_attn.q_layernorm"), ("self_attn.k_norm", "self_attn.k_layernorm")),
+                    notes=(("clip_qkv", "queries, keys and values are clipped to [-{0}, {0}] after the projection"),)),
+               Mlp("mlp", down="mlp.down_proj")),
         resid_final=("norm", INPUT),
         final_norm="norm",
     ),

@@ -4,7 +4,9 @@ The MLP term of a layer splits into one term per expert actually routed to, weig
 router weight (and the shared expert's term), so a researcher can ask which expert wrote what.
 """
 
-from .base import INPUT, Attn, Layout, Moe
+from .base import INPUT, Attn, Layout, Moe, projections
+
+ATTN = Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"))
 
 LAYOUTS = [
     Layout(
@@ -12,7 +14,7 @@ LAYOUTS = [
         model_types=("mixtral",),
         embeds={"embed": "embed_tokens"},
         layers="layers",
-        block=(Attn("self_attn.o_proj"), Moe("mlp", experts="mlp.experts")),
+        block=(ATTN, Moe("mlp", experts="mlp.experts")),
         resid_final=("norm", INPUT),
         final_norm="norm",
     ),
@@ -21,8 +23,7 @@ LAYOUTS = [
         model_types=("qwen2_moe",),
         embeds={"embed": "embed_tokens"},
         layers="layers",
-        block=(Attn("self_attn.o_proj"),
-               Moe("mlp", experts="mlp.experts", shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate")),
+        block=(ATTN, Moe("mlp", experts="mlp.experts", shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate")),
         resid_final=("norm", INPUT),
         final_norm="norm",
     ),

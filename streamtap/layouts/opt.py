@@ -4,9 +4,13 @@
 stream, so its output is the embedding term; ``project_out`` maps the final residual back before
 the unembedding and is folded into the stored unembedding. Post-LN blocks normalise the whole
 stream after each sublayer; the frozen scales keep every earlier term exact through them.
+OPT multiplies the query by the score scale right after ``q_proj``; the stored W_Q is ``q_proj``'s
+own weight, and ``attn_scale`` holds that factor as it does for every model.
 """
 
-from .base import INPUT, OUTPUT, Attn, Layout, Mlp, Norm
+from .base import INPUT, OUTPUT, Attn, Layout, Mlp, Norm, projections
+
+_QKV = projections("self_attn")
 
 _COMMON = dict(
     model_types=("opt",),
@@ -19,13 +23,13 @@ LAYOUTS = [
     Layout(
         name="opt-post-ln",
         when=lambda config: not config.do_layer_norm_before,
-        block=(Attn("self_attn.out_proj"), Norm("self_attn_layer_norm"), Mlp("fc2"), Norm("final_layer_norm")),
+        block=(Attn("self_attn.out_proj", **_QKV), Norm("self_attn_layer_norm"), Mlp("fc2"), Norm("final_layer_norm")),
         resid_final=("decoder.layers.{last}", OUTPUT),
         **_COMMON,
     ),
     Layout(
         name="opt",
-        block=(Attn("self_attn.out_proj"), Mlp("fc2")),
+        block=(Attn("self_attn.out_proj", norm="self_attn_layer_norm", **_QKV), Mlp("fc2")),
         resid_final=("decoder.final_layer_norm", INPUT),
         final_norm="decoder.final_layer_norm",
         **_COMMON,

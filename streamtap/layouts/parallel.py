@@ -5,7 +5,16 @@ into the MLP output in place (``mlp_output += attention_output``), so its MLP te
 moment it is produced.
 """
 
-from .base import INPUT, Attn, Layout, Mlp
+from .base import INPUT, Attn, Layout, Mlp, projections
+
+
+
+def _gptj_scale(attn) -> float:
+    # newer transformers releases keep the factor as ``scaling``; older ones divided by ``scale_attn``
+    if hasattr(attn, "scaling"):
+        return float(attn.scaling)
+    return 1.0 / float(attn.scale_attn)
+
 
 LAYOUTS = [
     Layout(
@@ -13,7 +22,8 @@ LAYOUTS = [
         model_types=("gptj",),
         embeds={"embed": "wte"},
         layers="h",
-        block=(Attn("attn.out_proj"), Mlp("mlp", down="mlp.fc_out")),
+        block=(Attn("attn.out_proj", norm="ln_1", scale=_gptj_scale, **projections("attn")),
+               Mlp("mlp", down="mlp.fc_out")),
         resid_final=("ln_f", INPUT),
         final_norm="ln_f",
     ),
@@ -22,7 +32,8 @@ LAYOUTS = [
         model_types=("gpt_neox",),
         embeds={"embed": "embed_in"},
         layers="layers",
-        block=(Attn("attention.dense"), Mlp("mlp", down="mlp.dense_4h_to_h")),
+        block=(Attn("attention.dense", qkv="attention.query_key_value", split="per_group", norm="input_layernorm"),
+               Mlp("mlp", down="mlp.dense_4h_to_h")),
         resid_final=("final_layer_norm", INPUT),
         final_norm="final_layer_norm",
     ),
@@ -31,7 +42,9 @@ LAYOUTS = [
         model_types=("phi",),
         embeds={"embed": "embed_tokens"},
         layers="layers",
-        block=(Attn("self_attn.dense"), Mlp("mlp", down="mlp.fc2")),
+        block=(Attn("self_attn.dense", norm="input_layernorm", **projections("self_attn"),
+                    qk_norm=("self_attn.q_layernorm", "self_attn.k_layernorm")),
+               Mlp("mlp", down="mlp.fc2")),
         resid_final=("final_layernorm", INPUT),
         final_norm="final_layernorm",
     ),
@@ -40,7 +53,10 @@ LAYOUTS = [
         model_types=("falcon",),
         embeds={"embed": "word_embeddings"},
         layers="h",
-        block=(Attn("self_attention.dense"), Mlp("mlp", down="mlp.dense_4h_to_h", clone=True)),
+        block=(Attn("self_attention.dense", qkv="self_attention.query_key_value", split="per_group",
+                    norm=("ln_attn", "input_layernorm"), scale="inv_norm_factor",
+                    notes=(("alibi", "ALiBi biases are added to the scores by query-key distance"),)),
+               Mlp("mlp", down="mlp.dense_4h_to_h", clone=True)),
         resid_final=("ln_f", INPUT),
         final_norm="ln_f",
     ),

@@ -4,7 +4,9 @@ Each attention and MLP term passes through its own RMSNorm (frozen per token), s
 message in the stream is post_norm(message) and not the raw message.
 """
 
-from .base import INPUT, Attn, Layout, Mlp
+from .base import INPUT, Attn, Layout, Mlp, projections
+
+_QK_NORM = ("self_attn.q_norm", "self_attn.k_norm")
 
 LAYOUTS = [
     Layout(
@@ -12,7 +14,9 @@ LAYOUTS = [
         model_types=("gemma2", "gemma3_text", "gemma3"),
         embeds={"embed": "embed_tokens"},
         layers="layers",
-        block=(Attn("self_attn.o_proj", through="post_attention_layernorm"),
+        block=(Attn("self_attn.o_proj", through="post_attention_layernorm", norm="input_layernorm",
+                    **projections("self_attn"), qk_norm=_QK_NORM,
+                    notes=(("attn_logit_softcapping", "attention scores are soft-capped: cap * tanh(score / cap), cap = {}"),)),
                Mlp("mlp", down="mlp.down_proj", through="post_feedforward_layernorm")),
         resid_final=("norm", INPUT),
         final_norm="norm",
@@ -23,7 +27,8 @@ LAYOUTS = [
         model_types=("olmo2",),
         embeds={"embed": "embed_tokens"},
         layers="layers",
-        block=(Attn("self_attn.o_proj", through="post_attention_layernorm"),
+        block=(Attn("self_attn.o_proj", through="post_attention_layernorm", **projections("self_attn"),
+                    qk_norm=_QK_NORM),  # no input norm: OLMo-2's attention reads the stream itself
                Mlp("mlp", down="mlp.down_proj", through="post_feedforward_layernorm")),
         resid_final=("norm", INPUT),
         final_norm="norm",
