@@ -19,13 +19,14 @@ _EXPORTS = {
     "decompose": "invariant", "verify": "invariant", "tolerance": "invariant",
     "StreamtapError": "errors", "DecompositionError": "errors", "InputError": "errors",
     "NonFiniteError": "errors", "StoreExistsError": "errors", "StoreMismatchError": "errors",
-    "UnsupportedArchitectureError": "errors",
+    "UnsupportedArchitectureError": "errors", "StoreLockedError": "errors", "StoreFullError": "errors",
 }
 # no submodule shares a name with an exported function: importing a submodule rebinds the package
 # attribute of its name, which would shadow the function
-_SUBMODULES = {"analysis", "layouts", "models", "testing", "tapping", "dataset", "invariant", "store", "errors"}
+_SUBMODULES = {"analysis", "layouts", "models", "testing", "tapping", "dataset", "invariant", "store", "errors",
+               "remote", "lock"}
 
-__all__ = ["__version__", *_EXPORTS, "analysis", "layouts", "models", "testing"]
+__all__ = ["__version__", *_EXPORTS, "analysis", "layouts", "models", "testing", "remote"]
 
 
 def __getattr__(name):

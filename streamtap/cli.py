@@ -1,9 +1,10 @@
 """The command line: capture a corpus, check a store, describe it, and the demo the README opens with.
 
     streamtap demo                               # the embedded default model, end to end
-    streamtap capture --text docs.txt --out run.zarr
+    streamtap capture --text docs.txt --out run.zarr     # --resume after a crash, Ctrl-C or full disk
     streamtap verify run.zarr
     streamtap info run.zarr
+    streamtap info s3://bucket/run.zarr --storage-option endpoint_url=http://127.0.0.1:9000
 
 Every streamtap error is printed as ``error: <message>`` with exit code 2 (the messages name the
 fix); a store that misses the invariant makes ``verify`` exit 1. ``--model tiny:ARCH`` loads a tiny
@@ -12,6 +13,7 @@ random model with a word-level tokenizer over the input text, so the whole CLI r
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from importlib import resources
@@ -22,7 +24,8 @@ import numpy as np
 import streamtap as st
 from .errors import StoreExistsError, StreamtapError
 from .models import DEFAULT_MODEL
-from .store import COMMITTED_SEQUENCES, COMMITTED_TOKENS, open_group
+from .ranks import rank_stores
+from .store import COMMITTED_SEQUENCES, COMMITTED_TOKENS, is_streamtap_store, is_url, open_group, store_exists
 
 DTYPES = ("float32", "bfloat16", "float16")
 TINY = "tiny:"
@@ -81,51 +84,55 @@ def _load(model_id: str, dtype: str, device: str | None, trust_remote_code: bool
     return model, tok
 
 
-def _refuse_existing(out: str, flags: str) -> None:
+def _refuse_existing(out: str, flags: str, options: dict | None = None) -> None:
     """Fail before the model loads (seconds to minutes) when the store is in the way."""
-    if os.path.exists(out):
+    if store_exists(out, options):
         raise StoreExistsError(f"a store already exists at {out}; pass {flags}")
 
 
-def _refuse_foreign(out: str) -> None:
+def _refuse_foreign(out: str, options: dict | None = None) -> None:
     """--overwrite deletes the target: never let it delete something that is not a streamtap store.
 
     The writer removes whatever is at the path (``streamtap demo --out .`` would take the working
     directory with it), so the command line checks first.
     """
-    if not os.path.exists(out):
-        return
-    try:
-        is_store = COMMITTED_TOKENS in open_group(out, mode="r").attrs
-    except Exception:  # not a Zarr group at all
-        is_store = False
-    if not is_store:
+    if store_exists(out, options) and not is_streamtap_store(out, options):
         raise StoreExistsError(f"{out} exists and is not a streamtap store; --overwrite only replaces "
                                "streamtap stores. Remove it yourself or choose another --out")
 
 
-def _committed(store) -> tuple[int, int]:
+def _committed(store, options: dict | None = None) -> tuple[int, int]:
     """(tokens, sequences) committed in a store, or (0, 0) when there is none yet.
 
     Read from the store rather than the tap, so that an append reports what it added.
     """
     try:
-        attrs = open_group(store, mode="r").attrs
+        attrs = open_group(store, mode="r", storage_options=options).attrs
     except Exception:  # no store (yet): nothing committed
         return 0, 0
     return int(attrs.get(COMMITTED_TOKENS, 0)), int(attrs.get(COMMITTED_SEQUENCES, 0))
 
 
-def _disk_bytes(path: str) -> int:
-    """Bytes on disk: the sum of file sizes under a directory store (or the file's size)."""
+def _disk_bytes(path: str, options: dict | None = None) -> int:
+    """Bytes on disk (or in the bucket): the sum of file sizes under a store (or the file's size)."""
+    if is_url(path):
+        from fsspec.core import url_to_fs
+
+        from .store import fs_options
+
+        fs, root = url_to_fs(path, **fs_options(path, options))
+        return int(fs.du(root))
     if os.path.isfile(path):
         return os.path.getsize(path)
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
 
 
-def _stored_bytes(store) -> int:
+def _stored_bytes(store, options: dict | None = None) -> int:
     """Uncompressed bytes of the stored arrays (committed tokens only, derived terms excluded)."""
-    group = open_group(store, mode="r")
+    ranks = rank_stores(store, options)
+    if ranks:
+        return sum(_stored_bytes(rank, options) for rank in ranks)
+    group = open_group(store, mode="r", storage_options=options)
     committed = int(group.attrs.get(COMMITTED_TOKENS, 0))
     total = 0
     for _, arr in group.arrays():
@@ -170,6 +177,27 @@ device_option = click.option("--device", default=None,
                              help="Where the model runs, e.g. cpu, cuda, cuda:1.  [default: cuda if available]")
 
 
+def _storage_options(ctx, param, values) -> dict:
+    """``KEY=VALUE`` pairs; a VALUE that is JSON (true, 3, {"a": 1}) is read as JSON, else as text."""
+    options = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx=ctx, param=param)
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
+storage_option = click.option(
+    "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", callback=_storage_options,
+    help="For an s3://... (any fsspec URL) store: an option of its filesystem, e.g. "
+         "endpoint_url=http://127.0.0.1:9000; repeatable. s3fs also reads AWS_ENDPOINT_URL and the AWS_* "
+         "credentials.")
+
+
 # -- commands ----------------------------------------------------------------------------------------
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(st.__version__, prog_name="streamtap")
@@ -181,7 +209,7 @@ def cli():
 @model_option
 @click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Text file, one document per line.  [default: the bundled sample]")
-@click.option("--out", required=True, type=click.Path(), help="The Zarr store to write, e.g. run.zarr.")
+@click.option("--out", required=True, help="The Zarr store to write, e.g. run.zarr or s3://bucket/run.zarr.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-length", type=click.IntRange(min=1), default=None,
               help="Longest sequence in tokens.  [default: the model's positions]")
@@ -191,29 +219,45 @@ def cli():
 @click.option("--neurons", is_flag=True, help="Also store per-neuron MLP activations (much larger).")
 @click.option("--append", is_flag=True, help="Add to an existing store (same model, dtype and options).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted capture (crash, Ctrl-C, full disk) of the same --text into --out: "
+                   "the sequences it committed are skipped, none is duplicated or missing.")
+@click.option("--no-check", is_flag=True, help="Skip the attach-time self-check of the layout (an 8-token probe).")
+@click.option("--materialize", is_flag=True,
+              help="Also store every head's message (n_heads times the bytes of z) instead of deriving it on read.")
+@click.option("--store-dtype", type=click.Choice(("float16", "bfloat16")), default=None,
+              help="Store a float32 model's terms in half precision (lossy; the final residual stays exact and "
+                   "the decomposition error is measured and shown by `streamtap info`).")
+@click.option("--writer", type=click.Choice(("auto", "thread", "inline")), default="auto", show_default=True,
+              help="Write batches from a background thread or on the model's thread.")
+@click.option("--break-lock", is_flag=True,
+              help="Take over the store's writer lock even if another host holds it (only when that writer is gone).")
+@storage_option
 @click.option("--trust-remote-code", is_flag=True, help="Let transformers run the model repository's code.")
 def capture(model_id, text, out, batch_size, max_length, truncate, dtype, device, neurons, append, overwrite,
-            trust_remote_code):
+            resume, no_check, materialize, store_dtype, writer, break_lock, storage_options, trust_remote_code):
     """Capture a text file (one document per line) into a store.
 
     The batch path for a corpus, with a progress bar; the tokens/s it prints is what to compare
-    across models, dtypes, devices and batch sizes.
+    across models, dtypes, devices and batch sizes. --out may be a directory or an s3:// URL.
     """
-    if append and overwrite:
-        raise click.UsageError("--append and --overwrite exclude each other; pick one")
-    if not (append or overwrite):
-        _refuse_existing(out, "--append to add to it or --overwrite to replace it")
+    if sum((append, overwrite, resume)) > 1:
+        raise click.UsageError("--append, --overwrite and --resume exclude each other; pick one")
+    if not (append or overwrite or resume):
+        _refuse_existing(out, "--resume to continue it, --append to add to it or --overwrite to replace it",
+                         storage_options)
     if overwrite:
-        _refuse_foreign(out)
+        _refuse_foreign(out, storage_options)
     texts = _read_texts(text or _sample_path())
     model, tok = _load(model_id, dtype, device, trust_remote_code, texts)
-    before_tokens, before_seqs = _committed(out) if append else (0, 0)
+    before_tokens, before_seqs = _committed(out, storage_options) if (append or resume) else (0, 0)
     start = time.perf_counter()
     st.capture(model, texts, out, tokenizer=tok, batch_size=batch_size, max_length=max_length,
-               truncate=truncate, neurons=neurons, append=append, overwrite=overwrite,
-               model_name=model_id, progress=True)
+               truncate=truncate, neurons=neurons, append=append, overwrite=overwrite, resume=resume,
+               model_name=model_id, progress=True, check=not no_check, materialize=materialize,
+               store_dtype=store_dtype, writer=writer, break_lock=break_lock, storage_options=storage_options)
     seconds = time.perf_counter() - start
-    total_tokens, total_seqs = _committed(out)
+    total_tokens, total_seqs = _committed(out, storage_options)
     tokens, seqs = total_tokens - before_tokens, total_seqs - before_seqs
     store = str(out) if not before_tokens else f"{out}  (now {total_tokens:,} tokens in {total_seqs:,} sequences)"
     _rows([("tokens", f"{tokens:,}"), ("sequences", f"{seqs:,}"), ("seconds", f"{seconds:.2f}"),
@@ -224,15 +268,16 @@ def capture(model_id, text, out, batch_size, max_length, truncate, dtype, device
 @click.argument("store")
 @click.option("--tol", type=float, default=None,
               help="Relative tolerance.  [default: the bound for the store's dtype]")
+@storage_option
 @click.pass_context
-def verify(ctx, store, tol):
+def verify(ctx, store, tol, storage_options):
     """Check that the stored terms sum to the final residual.
 
     Every token is checked. Exit 0 when they sum within the tolerance, 1 when not (a term is
     missing or the store is damaged), so scripts and CI can gate on a store before anyone
     analyses it.
     """
-    ds = st.open(store)
+    ds = st.open(store, storage_options=storage_options)
     failure = None
     try:
         err = st.verify(ds, tol=tol)
@@ -248,16 +293,17 @@ def verify(ctx, store, tol):
 
 @cli.command()
 @click.argument("store")
-def info(store):
+@storage_option
+def info(store, storage_options):
     """Describe a store: model, shape, size, exactness.
 
     One screen that answers "what is in this store and can I trust it" without opening Python:
     what model made it, how big it is on disk and uncompressed, and whether it still decomposes
     exactly.
     """
-    ds = st.open(store)
+    ds = st.open(store, storage_options=storage_options)
     a = ds.attrs
-    disk, raw = _disk_bytes(str(store)), _stored_bytes(store)
+    disk, raw = _disk_bytes(str(store), storage_options), _stored_bytes(store, storage_options)
     err = st.verify(ds, raise_on_error=False)
     ratio = f"{raw / disk:.2f}x" if disk else "n/a"
     _rows([
@@ -275,12 +321,25 @@ def info(store):
         ("on disk", _size(disk)),
         ("uncompressed", _size(raw)),
         ("compression", ratio),
+        ("materialized", "yes (messages stored)" if a.get("materialized") else "no (messages derived from z on read)"),
+        ("stored as", _stored_as(a)),
         ("max error", f"{err.attrs['max_rel_error']:.3g} relative, {err.attrs['max_abs_error']:.3g} absolute "
                       f"(tolerance {err.attrs['tolerance']:g}: {_verdict(err)})"),
         ("schema", f"{a.get('schema_version')}  (written by streamtap {a.get('streamtap_version')}, "
                    f"this is {st.__version__})"),
         ("created by", a.get("created_by", "?")),
     ])
+
+
+def _stored_as(attrs) -> str:
+    """The stored precision, and for a lossy store the decomposition error its capture measured."""
+    lossy = attrs.get("store_dtype")
+    if not lossy:
+        return f"{attrs.get('dtype')}, the model's own (exact)"
+    if "lossy_max_rel_error" not in attrs:
+        return f"{lossy} (lossy; its error was not measured: the capture did not finish)"
+    return (f"{lossy} (lossy): measured decomposition error {float(attrs['lossy_max_rel_error']):.3g} relative, "
+            f"{float(attrs['lossy_max_abs_error']):.3g} absolute over {int(attrs['lossy_error_tokens']):,} tokens")
 
 
 @cli.command()
@@ -384,7 +443,8 @@ def _top_table(contrib, wanted: dict[str, int]) -> None:
               help="Tokens (from the first) the per-token statistics use.")
 @click.option("--tokenizer", "tokenizer_id", default=None, metavar="ID_OR_DIR",
               help="Tokenizer for vocabulary text (e.g. smollm2).  [default: text stored with the corpus]")
-def report(store, out, token, target, words, sample, tokenizer_id):
+@storage_option
+def report(store, out, token, target, words, sample, tokenizer_id, storage_options):
     """Write a self-contained HTML report of a store: figures and the numbers behind them.
 
     Attribution of one prediction to heads and MLPs, the logit lens, relevance and promotion maps,
@@ -398,12 +458,13 @@ def report(store, out, token, target, words, sample, tokenizer_id):
 
         from .models import smollm2_dir
 
-        tok = AutoTokenizer.from_pretrained(str(smollm2_dir()) if tokenizer_id == DEFAULT_MODEL else tokenizer_id)
+        tok = AutoTokenizer.from_pretrained(str(smollm2_dir()) if tokenizer_id == DEFAULT_MODEL else tokenizer_id,
+                                            trust_remote_code=False)
     if target is not None and target.lstrip("-").isdigit():
         target = int(target)
     start = time.perf_counter()
     path = write_report(store, out, token=token, target=target, words=words.split(",") if words else None,
-                        sample=sample, tokenizer=tok)
+                        sample=sample, tokenizer=tok, storage_options=storage_options)
     _rows([("report", str(path)), ("seconds", f"{time.perf_counter() - start:.1f}")])
 
 

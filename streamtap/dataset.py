@@ -8,19 +8,23 @@ patterns because numpy and zarr 3.1 lack the type) are decoded to float32 lazily
 from __future__ import annotations
 
 import builtins
+import warnings
 
 import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
 
-from .store import COMMITTED_TOKENS, COORDS, STORED_DTYPE, SCHEMA_VERSION, open_group
+from .lock import LOCK_KEY
+from .store import COMMITTED_TOKENS, COORDS, STORED_DTYPE, SCHEMA_VERSION, open_group, resolve
 from .errors import StreamtapError
 from .ranks import rank_stores
 
 
 def _bits_to_float32(block: np.ndarray) -> np.ndarray:
-    return (block.astype(np.uint32) << 16).view(np.float32)
+    x = block.astype(np.uint32)
+    x <<= 16  # in place: one temporary fewer than ``(x << 16)``
+    return x.view(np.float32)
 
 
 def _decode(var: xr.DataArray) -> xr.DataArray:
@@ -34,15 +38,21 @@ def _decode(var: xr.DataArray) -> xr.DataArray:
     return var
 
 
-def open(store, *, chunks: dict | None = None) -> xr.Dataset:  # noqa: A001 - mirrors xarray.open_*
+def open(store, *, chunks: dict | None = None, storage_options: dict | None = None) -> xr.Dataset:  # noqa: A001
     """Open a store as a dask-backed Dataset with ``messages`` (and ``neuron_out``) derived lazily.
 
-    ``chunks`` is passed to ``xarray.open_zarr`` (``{"token": 4096}`` to read bigger blocks).
+    ``store`` is a path, a URL (``s3://bucket/run.zarr``; ``storage_options`` go to fsspec, e.g.
+    ``{"endpoint_url": ...}``) or a zarr store object. ``chunks`` is passed to ``xarray.open_zarr``
+    (``{"token": 4096}`` to read bigger blocks).
+
+    Only Zarr v3 JSON metadata is read, and only with zarr's own codecs: nothing from a store is
+    unpickled or executed (a Zarr v2 store, whose object arrays can carry a pickle codec, is refused).
     """
-    ranks = rank_stores(store)
+    ranks = rank_stores(store, storage_options)
     if ranks:
-        return _open_ranks(ranks, chunks)
+        return _open_ranks(ranks, chunks, storage_options)
     where = str(store)
+    store = resolve(store, storage_options)
     try:
         group = open_group(store, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError) as exc:
@@ -57,8 +67,13 @@ def open(store, *, chunks: dict | None = None) -> xr.Dataset:  # noqa: A001 - mi
             f"{SCHEMA_VERSION}; install a matching streamtap version"
         )
     committed = int(attrs[COMMITTED_TOKENS])
-    ds = xr.open_zarr(store, consolidated=False, chunks={} if chunks is None else chunks)
-    ds = ds.isel(token=builtins.slice(0, committed))
+    with warnings.catch_warnings():  # a running (or killed) writer's lock key is not a Zarr node
+        warnings.filterwarnings("ignore", message=f"Object at {LOCK_KEY} is not recognized")
+        try:
+            ds = _open_committed(store, group, committed, {} if chunks is None else chunks)
+        except Exception as exc:  # a member with a codec or data type zarr does not know (e.g. a pickle codec)
+            raise StreamtapError(f"{where} cannot be read: {type(exc).__name__}: {exc}. streamtap reads Zarr v3 "
+                                 "JSON metadata with zarr's own codecs only, and never unpickles") from exc
     ds = ds.set_coords([c for c in COORDS if c in ds])
     ds = ds.assign({name: _decode(ds[name]) for name in ds.data_vars})
     # coordinates are stored in 16x longer chunks than the data (they are tiny); align them so that
@@ -68,6 +83,32 @@ def open(store, *, chunks: dict | None = None) -> xr.Dataset:  # noqa: A001 - mi
     if token_chunks:
         ds = ds.assign_coords({c: ds[c].chunk({"token": token_chunks}) for c in COORDS if c in ds.coords})
     return with_derived_terms(ds)
+
+
+def _open_committed(store, group, committed: int, chunks: dict) -> xr.Dataset:
+    """The store's arrays cut to ``committed`` rows along ``token``.
+
+    Per-token arrays grow their capacity one after another, so a writer stopped mid-growth (a kill,
+    a full disk) leaves arrays of different lengths beyond the committed rows, which xarray refuses
+    to put in one Dataset. Such a store is opened as one Dataset per length and merged once cut.
+    """
+    lengths: dict[int, list[str]] = {}
+    for name, array in group.arrays():
+        dims = array.metadata.dimension_names or ()
+        if dims and dims[0] == "token":
+            lengths.setdefault(array.shape[0], []).append(name)
+
+    def opened(drop):
+        ds = xr.open_zarr(store, consolidated=False, zarr_format=3, chunks=chunks, drop_variables=drop)
+        return ds.isel(token=builtins.slice(0, committed)) if "token" in ds.dims else ds
+
+    if len(lengths) <= 1:
+        return opened(None)
+    per_token = [n for names in lengths.values() for n in names]
+    static = [name for name, _ in group.arrays() if name not in per_token]
+    parts = [opened([n for n in per_token if n not in names] + (static if i else []))
+             for i, names in enumerate(lengths.values())]
+    return xr.merge(parts, compat="override", join="override", combine_attrs="override")
 
 
 PER_TOKEN = ("embed", "pos_embed", "token_type_embed", "z", "mlp_out", "neuron_act", "norm_scale",
@@ -89,11 +130,11 @@ def with_token_dim(ds: xr.Dataset) -> tuple[xr.Dataset, bool]:
 IDENTITY = ("schema_version", "layout", "model_type", "dtype", "neurons", "weights_fingerprint")
 
 
-def _open_ranks(paths: list[str], chunks) -> xr.Dataset:
+def _open_ranks(paths: list[str], chunks, storage_options: dict | None = None) -> xr.Dataset:
     """One dataset over the rank stores of a data-parallel capture, as one process would have written it."""
     parts, offset = [], 0
     for path in paths:
-        ds = open(path, chunks=chunks)
+        ds = open(path, chunks=chunks, storage_options=storage_options)
         mismatch = [k for k in IDENTITY if ds.attrs.get(k) != parts[0].attrs.get(k)] if parts else []
         if mismatch:
             raise StreamtapError(f"{path} does not belong with {paths[0]}: its {', '.join(mismatch)} differ")

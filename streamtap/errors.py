@@ -31,3 +31,14 @@ class DecompositionError(StreamtapError):
     def __init__(self, message: str, errors=None):
         super().__init__(message)
         self.errors = errors
+
+
+class StoreLockedError(StreamtapError):
+    """Another writer holds the store's lock; two writers would interleave their batches."""
+
+
+class StoreFullError(StreamtapError, OSError):
+    """The disk (or bucket quota) filled up during a capture; what was committed before stays valid.
+
+    An ``OSError`` too (errno ENOSPC), because that is what callers of a full disk already catch.
+    """

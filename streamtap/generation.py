@@ -69,6 +69,16 @@ def cache_length(past_key_values) -> int:
         return 0
 
 
+def given_cache(bound: dict):
+    """The KV cache a forward was given, under either name (transformers renamed ``past_key_values`` to
+    ``cache``; the old name still arrives, through ``**kwargs`` where the signature dropped it)."""
+    for name in ("cache", "past_key_values"):
+        if bound.get(name) is not None:
+            return bound[name]
+    extra = bound.get("kwargs")
+    return extra.get("past_key_values", extra.get("cache")) if isinstance(extra, dict) else None
+
+
 def refuse_cached_forward(past_key_values) -> None:
     """A plain forward (outside ``generate``) that continues a KV cache cannot be placed in the store."""
     if cache_length(past_key_values):

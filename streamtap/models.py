@@ -98,15 +98,13 @@ def load_model(name_or_dir: str = DEFAULT_MODEL, dtype="float32", *, trust_remot
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {_dtype_kwarg(): torch_dtype}
-    if trust_remote_code:
-        kwargs["trust_remote_code"] = True
+    # always explicit: code from a model repository runs only when the caller asked for it
+    kwargs = {_dtype_kwarg(): torch_dtype, "trust_remote_code": bool(trust_remote_code)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, **({"trust_remote_code": True} if trust_remote_code else {}))
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=bool(trust_remote_code))
     except OSError as exc:
         if isinstance(exc, StreamtapError):
             raise

@@ -10,6 +10,8 @@ would have written for the same corpus.
 from __future__ import annotations
 
 import os
+import posixpath
+import re
 from pathlib import Path
 
 from .errors import StreamtapError
@@ -32,7 +34,9 @@ def rank_store(store, rank: int, world: int):
         return store
     if not isinstance(store, (str, os.PathLike)):
         raise StreamtapError("a data-parallel capture writes one store per rank below a directory; "
-                             "give a path, not a store object")
+                             "give a path or a URL, not a store object")
+    if isinstance(store, str) and "://" in store:  # s3://bucket/run.zarr/rank-00001.zarr
+        return posixpath.join(store, RANK_PATTERN.format(rank))
     return os.path.join(os.fspath(store), RANK_PATTERN.format(rank))
 
 
@@ -43,12 +47,32 @@ def shard(items: list, rank: int, world: int) -> list:
     return items[start:start + per + (1 if rank < extra else 0)]
 
 
-def rank_stores(store) -> list[str] | None:
+def rank_stores(store, storage_options: dict | None = None) -> list[str] | None:
     """The rank stores of a data-parallel capture at ``store``, in rank order, or None if it is not one."""
     if not isinstance(store, (str, os.PathLike)):
         return None
+    if isinstance(store, str) and "://" in store:
+        return _remote_rank_stores(store, storage_options)
     root = Path(store)
     if not root.is_dir() or (root / "zarr.json").exists():
         return None
     found = sorted(p for p in root.glob("rank-*.zarr") if p.is_dir())
     return [str(p) for p in found] or None
+
+
+def _remote_rank_stores(url: str, storage_options: dict | None) -> list[str] | None:
+    """:func:`rank_stores` for a URL, listed through fsspec (object storage has no directories to test)."""
+    from fsspec.core import url_to_fs
+
+    from .store import fs_options
+
+    fs, root = url_to_fs(url, **fs_options(url, storage_options))
+    root = root.rstrip("/")
+    if fs.exists(f"{root}/zarr.json"):
+        return None
+    try:
+        names = fs.ls(root, detail=False, refresh=True)
+    except FileNotFoundError:
+        return None
+    found = sorted(n.rstrip("/") for n in names if re.fullmatch(r"rank-\d+\.zarr", posixpath.basename(n.rstrip("/"))))
+    return [fs.unstrip_protocol(n) for n in found] or None

@@ -10,6 +10,7 @@ metadata before writing chunks, which leaves unopenable stores behind when kille
 from __future__ import annotations
 
 import asyncio
+import builtins
 import errno
 import hashlib
 import json
@@ -26,13 +27,16 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from .errors import StoreExistsError, StoreMismatchError
+from .errors import StoreExistsError, StoreFullError, StoreMismatchError, StreamtapError
+from .lock import LOCK_KEY, StoreLock
 
 SCHEMA_VERSION = 1
 COMMITTED_TOKENS = "committed_tokens"
 COMMITTED_SEQUENCES = "committed_sequences"
+INCOMPLETE = "streamtap_incomplete"      # the only attribute of a store whose creation has not finished
 STORED_DTYPE = "streamtap_dtype"          # attribute naming the logical dtype (bfloat16 kept as bits)
 COORDS = ("seq", "pos", "token_id", "text")
 # identity attributes newer than schema 1's first stores: absent means the default, so stores written
@@ -109,29 +113,75 @@ def fingerprint(spec_static: dict[str, tuple[tuple[str, ...], torch.Tensor]]) ->
     return h.hexdigest()[:32]
 
 
+def is_url(target) -> bool:
+    """A store named by URL (``s3://bucket/run.zarr``, ``gs://``, ``memory://``...): opened through fsspec."""
+    return isinstance(target, str) and "://" in target
+
+
 def _is_path(target) -> bool:
-    return isinstance(target, (str, os.PathLike))
+    """A local directory (a path, not a URL and not a zarr store object)."""
+    return isinstance(target, (str, os.PathLike)) and not is_url(target)
 
 
-def store_exists(target) -> bool:
+def fs_options(url: str, storage_options: dict | None = None) -> dict:
+    """The fsspec options for a store URL: the caller's, with directory-listing caches off on object
+    storage (another process, a writer or a resume, changes the store behind a cached listing)."""
+    options = dict(storage_options or {})
+    if url.split("://", 1)[0] in ("s3", "s3a", "gs", "gcs"):
+        options.setdefault("use_listings_cache", False)
+    return options
+
+
+def resolve(target, storage_options: dict | None = None):
+    """What zarr opens for ``target``: a URL becomes an fsspec store (``storage_options`` go to its
+    filesystem, e.g. ``{"endpoint_url": ...}``; s3fs also reads ``AWS_ENDPOINT_URL`` and the usual AWS
+    variables), a local path and a zarr store object are returned as they are."""
+    if not is_url(target):
+        if storage_options:
+            raise StreamtapError(f"storage_options apply to URLs such as s3://bucket/run.zarr, not to {target!r}")
+        return target
+    from zarr.storage import FsspecStore
+
+    try:
+        return FsspecStore.from_url(target, storage_options=fs_options(target, storage_options))
+    except ImportError as exc:
+        raise StreamtapError(f"cannot open {target}: {exc} (for s3:// install s3fs: pip install s3fs)") from None
+
+
+def _entries(store) -> list[str]:
+    """The names at the root of a zarr store object (empty when there is nothing there yet)."""
+    async def listing():
+        return [key async for key in store.list_dir("")]
+
+    try:
+        return sync(listing())
+    except FileNotFoundError:
+        return []
+
+
+def store_exists(target, storage_options: dict | None = None) -> bool:
+    """Whether anything but a writer's lock is at ``target``."""
     if _is_path(target):
+        if os.path.isdir(target):
+            return any(name != LOCK_KEY for name in os.listdir(target))
         return os.path.exists(target)
-    try:
-        zarr.open_group(target, mode="r")
-        return True
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return False
+    return any(name != LOCK_KEY for name in _entries(resolve(target, storage_options)))
 
 
-def is_streamtap_store(target) -> bool:
+def is_streamtap_store(target, storage_options: dict | None = None) -> bool:
     try:
-        return COMMITTED_TOKENS in open_group(target, mode="r").attrs
+        return COMMITTED_TOKENS in open_group(target, mode="r", storage_options=storage_options).attrs
     except Exception:  # not a zarr group at all
         return False
 
 
-def open_group(target, mode: str = "r") -> zarr.Group:
-    return zarr.open_group(target, mode=mode, zarr_format=3)
+def open_group(target, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
+    return zarr.open_group(resolve(target, storage_options), mode=mode, zarr_format=3)
+
+
+def where(target) -> str:
+    """How messages name a store."""
+    return os.fspath(target) if isinstance(target, (str, os.PathLike)) else repr(target)
 
 
 # -- direct I/O ----------------------------------------------------------------------------------
@@ -214,11 +264,24 @@ class DirectLocalStore(LocalStore):
             await super()._set(key, value, exclusive=exclusive)
 
 
-def writable_store(target):
-    """What a StoreWriter opens: a directory path becomes a :class:`DirectLocalStore`."""
-    if _is_path(target) and direct_io_enabled():
-        return DirectLocalStore(os.fspath(target))
-    return target
+def writable_store(target, storage_options: dict | None = None):
+    """What a StoreWriter opens: a zarr store object; a directory path becomes a :class:`DirectLocalStore`."""
+    if _is_path(target):
+        return (DirectLocalStore if direct_io_enabled() else LocalStore)(os.fspath(target))
+    return resolve(target, storage_options)
+
+
+def _is_full(exc: BaseException) -> bool:
+    """Whether an error (or one it was raised from) says the disk or the quota is full."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(exc, getattr(builtins, "BaseExceptionGroup", ())):
+            return any(_is_full(e) for e in exc.exceptions)
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class StoreWriter:
@@ -228,12 +291,19 @@ class StoreWriter:
     never leaves an empty store that would then block a retry.
     """
 
-    def __init__(self, target, *, append: bool = False, overwrite: bool = False):
+    def __init__(self, target, *, append: bool = False, overwrite: bool = False,
+                 storage_options: dict | None = None):
         if append and overwrite:
             raise ValueError("append and overwrite exclude each other; pick one")
         self.target = target
+        self.storage_options = storage_options
+        self.store = writable_store(target, storage_options)  # a zarr store object
+        self.where = where(target)
         self.append = append
         self.overwrite = overwrite
+        self._lock: StoreLock | None = None
+        self._made_dir = False    # the lock created the directory of a store that was then never written
+        self._interrupted = False  # a write that did not finish: its I/O may still be in flight
         self.compress = True      # per-token arrays compressed (COMPRESSOR) or stored raw; set before prepare
         self.group: zarr.Group | None = None
         self.tokens = 0           # committed in the store, including what an append found there
@@ -242,33 +312,95 @@ class StoreWriter:
         self.found_sequences = 0
         self.capacity = 0
         self._arrays: dict[str, zarr.Array] = {}
-        exists = store_exists(target)
-        if exists and overwrite and not is_streamtap_store(target):
+        exists = store_exists(target, storage_options)
+        if exists and overwrite and not is_streamtap_store(self.store):
             raise StoreExistsError(
-                f"refusing to overwrite {target}: it exists but is not a streamtap store; "
+                f"refusing to overwrite {self.where}: it exists but is not a streamtap store; "
                 "choose another path or remove it yourself"
             )
         if exists and not (append or overwrite):
             raise StoreExistsError(
-                f"a store already exists at {target!r}; pass append=True to add to it or "
+                f"a store already exists at {self.where!r}; pass append=True to add to it or "
                 "overwrite=True to replace it (--append / --overwrite on the command line)"
             )
         self._exists = exists
+
+    # -- the single-writer lock (streamtap.lock) -------------------------------------------------
+    def lock(self, break_lock: bool = False) -> None:
+        """Take the store's writer lock (see :mod:`streamtap.lock`); StoreLockedError if another writer has it."""
+        if self._lock is not None:
+            return
+        self._made_dir = _is_path(self.target) and not os.path.exists(self.target)
+        lock = StoreLock(self.store, self.where)
+        try:
+            lock.acquire(break_lock=break_lock)
+        except BaseException:
+            self._remove_empty_dir()
+            raise
+        self._lock = lock
+
+    def unlock(self) -> None:
+        """Release the lock; a directory that only the lock had created goes with it."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+        self._remove_empty_dir()
+
+    def _remove_empty_dir(self) -> None:
+        if self._made_dir and self.group is None:
+            try:
+                os.rmdir(self.target)  # only if empty: a store another writer began is left alone
+            except OSError:
+                pass
 
     # -- lifecycle -------------------------------------------------------------------------
     def prepare(self, spec: StoreSpec) -> None:
         """Open or create the store for this spec; refuses appends that would mix models."""
         if self.group is not None:
             return
-        if self._exists and self.append:
-            self._open_existing(spec)
-        else:
-            self._create(spec)
+        try:
+            if self._exists and self.append and not self._incomplete():
+                self._open_existing(spec)
+            else:
+                self._create(spec)
+        except OSError as exc:
+            if _is_full(exc):
+                raise self._full(exc, "while creating the store") from exc
+            raise
+
+    def _incomplete(self) -> bool:
+        """A store whose creation a crash or a full disk interrupted: nothing was ever committed to it."""
+        try:
+            attrs = dict(zarr.open_group(self.store, mode="r", zarr_format=3).attrs)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+            return False
+        return attrs.get(INCOMPLETE) is True and COMMITTED_TOKENS not in attrs
+
+    def _clear(self) -> None:
+        """Remove everything in the store but the lock (the writer holds it while it replaces the store)."""
+        if _is_path(self.target):
+            for entry in os.scandir(self.target):
+                if entry.name == LOCK_KEY:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+            return
+        for name in _entries(self.store):
+            if name == LOCK_KEY:
+                continue
+            try:
+                sync(self.store.delete_dir(name))  # an array's prefix (object storage: every key under it)
+            except ValueError:
+                pass  # a LocalStore refuses delete_dir on a file (zarr.json); delete below takes it
+            sync(self.store.delete(name))
 
     def _create(self, spec: StoreSpec) -> None:
-        if self._exists and self.overwrite and _is_path(self.target):
-            shutil.rmtree(self.target)
-        group = open_group(writable_store(self.target), mode="w")
+        if self._exists:  # overwrite, or an append onto a store whose creation never finished
+            self._clear()
+        # the creation marker is the group's only attribute until the first commit replaces them all
+        group = zarr.open_group(self.store, mode="a", zarr_format=3, attributes={INCOMPLETE: True})
         chunk = spec.chunk_tokens()
         for name, tensor_spec in spec.static.items():
             dims, tensor = tensor_spec
@@ -297,7 +429,7 @@ class StoreWriter:
         attrs = dict(spec.attrs)
         attrs.update({k: v for k, v in spec.identity.items() if OPTIONAL_IDENTITY.get(k, object()) != v})
         attrs.update({COMMITTED_TOKENS: 0, COMMITTED_SEQUENCES: 0})
-        group.attrs.update(attrs)
+        group.attrs.put(attrs)  # one write, replacing the creation marker
         self.group = group
         self._arrays = {name: group[name] for name in (*spec.variables, *self._coords(spec))}
 
@@ -306,14 +438,16 @@ class StoreWriter:
         return [c for c in COORDS if c != "text" or spec.with_text]
 
     def _open_existing(self, spec: StoreSpec) -> None:
-        group = open_group(writable_store(self.target), mode="r+")
+        group = zarr.open_group(self.store, mode="r+", zarr_format=3)
         attrs = dict(group.attrs)
+        if COMMITTED_TOKENS not in attrs:
+            raise StoreExistsError(f"cannot append to {self.where}: it is a Zarr group but not a streamtap store")
         keys = {**OPTIONAL_IDENTITY, **spec.identity}
         for key, want in keys.items():
             have = attrs.get(key, OPTIONAL_IDENTITY.get(key))
             if have != want:
                 raise StoreMismatchError(
-                    f"cannot append to {self.target!r}: its {key} is {have!r} but this capture's is "
+                    f"cannot append to {self.where!r}: its {key} is {have!r} but this capture's is "
                     f"{want!r}. Append only the same model, layout, dtype and options; write to a "
                     "new store or pass overwrite=True to replace it"
                 )
@@ -332,16 +466,43 @@ class StoreWriter:
 
         ``attrs`` (e.g. a lossy store's measured error) go into the same attribute update as the
         commit, so they always describe exactly the committed tokens.
+
+        A full disk raises :class:`~streamtap.errors.StoreFullError`; the store keeps what was
+        committed before (chunks are written whole to a temporary name and renamed, and the commit
+        comes last). Before writing, the writer checks that its lock is still its own.
         """
+        if self._lock is not None:
+            self._lock.check()
         n = len(batch["seq"])
         start, end = self.tokens, self.tokens + n
-        if end > self.capacity:
-            self._grow(end)
-        for name, array in self._arrays.items():
-            if name in batch:
-                array[start:end] = batch[name]
-        self.tokens, self.sequences = end, self.sequences + n_sequences
-        self.group.attrs.update({**(attrs or {}), COMMITTED_TOKENS: self.tokens, COMMITTED_SEQUENCES: self.sequences})
+        self._interrupted = True  # until the commit below has returned
+        try:
+            if end > self.capacity:
+                self._grow(end)
+            for name, array in self._arrays.items():
+                if name in batch:
+                    array[start:end] = batch[name]
+            sequences = self.sequences + n_sequences
+            # one write of zarr.json: ``group.attrs.update`` would write it once per key, and a kill between
+            # those writes left a committed token count without its sequence count (found by bench_crash)
+            self.group.update_attributes({**(attrs or {}), COMMITTED_TOKENS: end, COMMITTED_SEQUENCES: sequences})
+        except Exception as exc:
+            self._interrupted = False  # an error, not an interruption: zarr's I/O for it has ended
+            if isinstance(exc, OSError) and _is_full(exc):
+                raise self._full(exc, f"while writing a batch of {n:,} tokens") from exc
+            raise
+        self._interrupted = False
+        self.tokens, self.sequences = end, sequences
+
+    def _full(self, exc: OSError, doing: str) -> StoreFullError:
+        err = StoreFullError(
+            errno.ENOSPC,
+            f"the disk holding {self.where} is full ({exc.strerror or exc}) {doing}. The store stays valid "
+            f"at its last committed batch: {self.tokens:,} tokens in {self.sequences:,} sequences. Free some "
+            "space (or move the store), then resume: streamtap.capture(..., resume=True), or the same "
+            "`streamtap capture` command with --resume; a tap continues with append=True")
+        err.tokens, err.sequences = self.tokens, self.sequences
+        return err
 
     def _grow(self, needed: int) -> None:
         chunk = next(iter(self._arrays.values())).chunks[0]
@@ -353,11 +514,16 @@ class StoreWriter:
 
     def close(self) -> None:
         """Trim capacity to what is committed, so plain ``xarray.open_zarr`` sees only real tokens."""
-        if self.group is None:
-            return
-        for arr in self._arrays.values():
-            if arr.shape[0] != self.tokens:
-                arr.resize((self.tokens, *arr.shape[1:]))
+        if self.group is None or self._interrupted:
+            return  # an interrupted write may still be landing: leave the capacity (readers stop at the commit)
+        try:
+            for arr in self._arrays.values():
+                if arr.shape[0] != self.tokens:
+                    arr.resize((self.tokens, *arr.shape[1:]))
+        except OSError as exc:
+            if not _is_full(exc):
+                raise
+            return  # no room even for the trim: the capacity stays, which readers ignore
         self.capacity = self.tokens
 
 
@@ -380,8 +546,8 @@ def describe_config(config) -> str:
         return json.dumps({k: repr(v) for k, v in vars(config).items()})
 
 
-def committed_sequences(target) -> int:
+def committed_sequences(target, storage_options: dict | None = None) -> int:
     """How many sequences a store has committed (0 if there is no store yet): where a resume starts."""
-    if not store_exists(target) or not is_streamtap_store(target):
+    if not store_exists(target, storage_options) or not is_streamtap_store(target, storage_options):
         return 0
-    return int(open_group(target, mode="r").attrs[COMMITTED_SEQUENCES])
+    return int(open_group(target, mode="r", storage_options=storage_options).attrs[COMMITTED_SEQUENCES])

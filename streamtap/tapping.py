@@ -25,7 +25,7 @@ from .ranks import process_rank, rank_store, shard
 from .store import committed_sequences
 from .store import (LOSSY_DTYPES, LOSSY_ERROR_TOKENS, SCHEMA_VERSION, StoreSpec, StoreWriter, VariableSpec,
                     describe_config, fingerprint)
-from .writer import DEFAULT_DEPTH, CudaStager, Job, Pipeline, choose_mode, make_pipeline
+from .writer import DEFAULT_DEPTH, CudaStager, bound_allocator, Job, Pipeline, choose_mode, make_pipeline
 
 # stored exactly even in a lossy store: the reference the lossy terms are measured against, the
 # frozen norm scales every term through a norm is multiplied by, and integer indices
@@ -104,7 +104,7 @@ class Tap:
                  overwrite: bool = False, model_name: str | None = None, check: bool = True,
                  how: str = "streamtap.tap", materialize: bool = False, store_dtype=None,
                  writer: str = "auto", queue_depth: int = DEFAULT_DEPTH, progress: bool = False,
-                 compress: bool | None = None):
+                 compress: bool | None = None, break_lock: bool = False, storage_options: dict | None = None):
         self.module, self._given_envoy = _unwrap(model)
         if self.module.training:
             raise StreamtapError(
@@ -128,7 +128,9 @@ class Tap:
         if queue_depth < 1:
             raise ValueError(f"queue_depth must be at least 1, got {queue_depth}")
         self.writer_mode, self.queue_depth, self.compress = writer, queue_depth, compress
-        self.writer = StoreWriter(rank_store(store, self.rank, self.world), append=append, overwrite=overwrite)
+        self.writer = StoreWriter(rank_store(store, self.rank, self.world), append=append, overwrite=overwrite,
+                                  storage_options=storage_options)
+        self.break_lock = break_lock
         self.pipeline: Pipeline | None = None
         self._stager: CudaStager | None = None
         self._next_sequence = 0
@@ -159,6 +161,8 @@ class Tap:
     def __enter__(self) -> "Tap":
         import nnsight
 
+        self.writer.lock(self.break_lock)  # one writer per store: a second one fails here, before any work
+        bound_allocator()  # a long capture's peak RSS stays flat (streamtap.writer.bound_allocator)
         self._snapshot = _ModuleTreeSnapshot(self.module)
         with warnings.catch_warnings():
             # BERT-style blocks have a child named ``output``; nnsight renames its envoy and says so,
@@ -174,6 +178,7 @@ class Tap:
                 self_check(self)
             except BaseException:
                 self._snapshot.restore()
+                self.writer.unlock()
                 raise
         if self.progress:
             from tqdm.auto import tqdm
@@ -224,17 +229,26 @@ class Tap:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        released = False
         try:
             try:
                 if self.pipeline is not None:
                     self.pipeline.close(exc)  # drains: every batch handed over is committed
             finally:
-                self.writer.close()
+                # a writer thread that a second Ctrl-C stopped waiting for may still commit: it keeps
+                # the store (and its lock: a stale lock is taken over by the next writer on this host)
+                released = self.pipeline is None or not self.pipeline.busy()
+                if released:
+                    self.writer.close()
             if self.store_dtype is not None and exc is None and self.writer.tokens > self.writer.found_tokens:
                 self._measure_lossy_error()
         finally:
-            self._snapshot.restore()
-            self.envoy = None
+            try:
+                if released:
+                    self.writer.unlock()
+            finally:
+                self._snapshot.restore()
+                self.envoy = None
 
     def _lossy_dtype(self, store_dtype) -> torch.dtype | None:
         if store_dtype is None:
@@ -256,14 +270,14 @@ class Tap:
         from .dataset import open as open_store
         from .invariant import verify
 
-        ds = open_store(self.writer.target)
+        ds = open_store(self.writer.target, storage_options=self.writer.storage_options)
         start, end = self.writer.found_tokens, self.writer.tokens
         n = LOSSY_ERROR_TOKENS
         picks = sorted({*range(start, min(end, start + n)), *range(max(start, end - n), end)})
         err = verify(ds.isel(token=picks), raise_on_error=False)
         attrs = self.writer.group.attrs
         rel, abs_ = float(err.attrs["max_rel_error"]), float(err.attrs["max_abs_error"])
-        self.writer.group.attrs.update({
+        self.writer.group.update_attributes({  # one write (attrs.update writes once per key)
             "lossy_max_rel_error": max(rel, float(attrs.get("lossy_max_rel_error", 0.0))),
             "lossy_max_abs_error": max(abs_, float(attrs.get("lossy_max_abs_error", 0.0))),
             "lossy_error_tokens": int(attrs.get("lossy_error_tokens", 0)) + len(picks),
@@ -301,7 +315,9 @@ class Tap:
         bound = self._signature.bind_partial(self.module, *args, **kwargs).arguments
         gen.check_forward(bound.get("attention_mask"))
         if not gen.started:
-            gen.check_prompt(bound.get("past_key_values"))
+            from .generation import given_cache
+
+            gen.check_prompt(given_cache(bound))
             input_ids, mask = self._inputs(args, kwargs, prompt=True)
             output, cache, clones = self._traced(args, kwargs, self._paths)
             gen.start(mask, first_seq=self._record(cache, clones, input_ids, mask))
@@ -359,9 +375,9 @@ class Tap:
         if reference is None:
             raise InputError("the forward got neither input_ids nor inputs_embeds; nothing to capture")
         if self._generation is None:
-            from .generation import refuse_cached_forward
+            from .generation import given_cache, refuse_cached_forward
 
-            refuse_cached_forward(bound.get("past_key_values"))
+            refuse_cached_forward(given_cache(bound))
         shape = tuple(reference.shape[:2])
         if len(shape) < 2 or 0 in shape:
             raise InputError(f"empty batch (shape {tuple(reference.shape)}): give at least one token per sequence")
@@ -487,9 +503,9 @@ class Tap:
         if self._spec is None:
             self._spec = self._make_spec(out)
             mode = choose_mode(self.writer_mode, out["resid_final"].device)
-            # compression pays where the writer has cores of its own; on a CPU whose cores all run the
-            # model it costs the model more time than the disk saves (docs/pipeline.md)
-            self.writer.compress = (mode == "thread") if self.compress is None else self.compress
+            # Blosc zstd-1 costs the model nothing measurable with O_DIRECT writes, even inline on a
+            # CPU whose cores all run the model, and saves 8-27% of the disk (docs/pipeline.md)
+            self.writer.compress = True if self.compress is None else self.compress
             self.writer.prepare(self._spec)
             self._next_sequence = self.writer.sequences
             self.pipeline = make_pipeline(self.writer, mode, out["resid_final"].device, self.queue_depth)
@@ -521,7 +537,7 @@ class Tap:
     def _messages(self, z: torch.Tensor) -> torch.Tensor:
         """Materialized messages, z @ W_O per head, on the model's device (float32 sum, stored dtype)."""
         if self._W_O is None or self._W_O.device != z.device:
-            W_O = self.bound.static_weights(neurons=False)["W_O"][1]
+            W_O = self.bound.static_weights(neurons=False, attention=False)["W_O"][1]
             self._W_O = W_O.detach().to(z.device, torch.float32)
         return torch.einsum("tlhd,lhdm->tlhm", z.float(), self._W_O).to(z.dtype)
 
@@ -613,7 +629,7 @@ class Tap:
             "norm_labels": b.norm_labels(),
             "tied_embeddings": bool(getattr(self.module.config, "tie_word_embeddings", False)),
             "created_by": self.how,
-            **b.final_norm_info(),
+            **b.store_attrs(),
         }
         return StoreSpec(variables, static, attrs, with_text=self.tokenizer is not None, identity=identity)
 
@@ -621,7 +637,8 @@ class Tap:
 def tap(model, store, *, tokenizer=None, neurons: bool = False, append: bool = False,
         overwrite: bool = False, model_name: str | None = None, check: bool = True,
         materialize: bool = False, store_dtype=None, writer: str = "auto",
-        queue_depth: int = DEFAULT_DEPTH, progress: bool = False, compress: bool | None = None) -> Tap:
+        queue_depth: int = DEFAULT_DEPTH, progress: bool = False, compress: bool | None = None,
+        break_lock: bool = False, storage_options: dict | None = None) -> Tap:
     """Wrap existing inference code: each forward of ``model`` inside the block is captured.
 
     ``model.generate(...)`` inside the block is followed step by step (greedy decoding or sampling,
@@ -629,7 +646,14 @@ def tap(model, store, *, tokenizer=None, neurons: bool = False, append: bool = F
     sequence's ``seq`` and ``pos`` (see ``streamtap.generation``). ``progress=True`` shows a bar of
     tokens captured and tokens/s, with an ETA while a ``generate`` call runs.
 
-    ``store`` is a path or a zarr store (``zarr.storage.MemoryStore()`` keeps it in memory).
+    ``store`` is a path, a URL (``s3://bucket/run.zarr`` through fsspec and s3fs; ``storage_options``
+    such as ``{"endpoint_url": ...}`` go to the filesystem, and s3fs reads ``AWS_ENDPOINT_URL`` and
+    the usual AWS variables) or a zarr store (``zarr.storage.MemoryStore()`` keeps it in memory).
+
+    One writer per store: entering the block takes the store's lock (the key ``streamtap.lock``,
+    created exclusively, also on S3), and a second tap or capture on the same store raises
+    ``StoreLockedError`` naming the holder. A lock left by a writer that died on this host is taken
+    over with a warning; one from another host only with ``break_lock=True``.
     ``check`` runs the invariant layer by layer on a short probe when the block opens, so a layout
     that no longer matches the model fails in milliseconds rather than after hours of capture.
 
@@ -644,14 +668,13 @@ def tap(model, store, *, tokenizer=None, neurons: bool = False, append: bool = F
     writer behind a queue of ``queue_depth`` batches, or writing on the model's thread. ``"auto"``
     takes the thread on a GPU or where torch leaves CPU cores free. A writer error is raised at the
     next forward or when the block ends; leaving the block writes and commits every batch handed over.
-    ``compress`` (default: only with a writer thread) stores the per-token arrays Blosc-zstd-compressed:
-    activations compress 1.08x (float32) to 1.26x (bfloat16), worth it only where compression does not
-    take cores from the model.
+    ``compress`` (default on) stores the per-token arrays Blosc-zstd-1-compressed: activations
+    compress 1.08x (float32, float16) to 1.27x (bfloat16); ``compress=False`` writes them raw.
     """
     return Tap(model, store, tokenizer=tokenizer, neurons=neurons, append=append,
                overwrite=overwrite, model_name=model_name, check=check, materialize=materialize,
                store_dtype=store_dtype, writer=writer, queue_depth=queue_depth, progress=progress,
-               compress=compress)
+               compress=compress, break_lock=break_lock, storage_options=storage_options)
 
 
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
@@ -663,14 +686,18 @@ def capture(model, texts, store, *, tokenizer=None, batch_size: int = 8, max_len
             truncate: bool = False, neurons: bool = False, append: bool = False, overwrite: bool = False,
             model_name: str | None = None, progress: bool = False, check: bool = True,
             materialize: bool = False, store_dtype=None, writer: str = "auto",
-            resume: bool = False, queue_depth: int = DEFAULT_DEPTH, compress: bool | None = None) -> Tap:
+            resume: bool = False, queue_depth: int = DEFAULT_DEPTH, compress: bool | None = None,
+            break_lock: bool = False, storage_options: dict | None = None) -> Tap:
     """Capture a corpus in one call: strings (with a tokenizer) or lists of token ids.
 
     Under torch.distributed each rank captures a contiguous slice into its own store below
     ``store``; ``streamtap.open(store)`` reads them back as one (see ``streamtap.ranks``).
 
     ``resume=True`` continues an interrupted capture of the same corpus: the sequences the store
-    already committed are skipped, so none is duplicated or missing (it implies ``append``).
+    already committed are skipped, so none is duplicated or missing (it implies ``append``). After a
+    full disk (``StoreFullError``), a SIGKILL or Ctrl-C, the same call with ``resume=True`` completes it.
+    The other options are :func:`tap`'s (``store`` may be an ``s3://`` URL; ``break_lock`` and
+    ``storage_options`` as there).
 
     Returns the finished tap, whose ``tokens`` and ``sequences`` say what was committed.
     """
@@ -686,13 +713,13 @@ def capture(model, texts, store, *, tokenizer=None, batch_size: int = 8, max_len
     if empty:
         raise InputError(f"texts at indices {empty[:10]} are empty; remove them before capturing")
     rank, world = process_rank()
-    texts = shard(texts, rank, world)  # each rank of a data-parallel job captures its own slice
+    texts = mine = shard(texts, rank, world)  # each rank of a data-parallel job captures its own slice
     if resume:
-        done_sequences = committed_sequences(rank_store(store, rank, world))
+        done_sequences = committed_sequences(rank_store(store, rank, world), storage_options)
         texts, append = texts[done_sequences:], True
         if not texts:  # finished before: nothing to add, and the returned tap says so (0 tokens)
             return Tap(model, store, tokenizer=tokenizer, neurons=neurons, append=True, check=False,
-                       model_name=model_name, how="streamtap.capture")
+                       model_name=model_name, how="streamtap.capture", storage_options=storage_options)
     module, _ = _unwrap(model)
     limit = _max_positions(module.config)
     if max_length is not None:
@@ -700,11 +727,16 @@ def capture(model, texts, store, *, tokenizer=None, batch_size: int = 8, max_len
     device = next(module.parameters()).device
     the_tap = Tap(model, store, tokenizer=tokenizer, neurons=neurons, append=append, overwrite=overwrite,
                   model_name=model_name, check=check, how="streamtap.capture", materialize=materialize,
-                  store_dtype=store_dtype, writer=writer, queue_depth=queue_depth, compress=compress)
+                  store_dtype=store_dtype, writer=writer, queue_depth=queue_depth, compress=compress,
+                  break_lock=break_lock, storage_options=storage_options)
     bar = _progress(progress, len(texts))
     done = 0  # tokens of this call (the tap's count includes what an appended store already had)
     try:
         with the_tap, torch.no_grad():
+            if resume:  # under the lock now: a writer that was still committing before cannot have moved on since
+                texts = mine[committed_sequences(the_tap.writer.store, storage_options=None):]
+                if bar is not None:
+                    bar.total = len(texts)
             for chunk in _batches(texts, batch_size):
                 ids, mask = _encode(chunk, tokenizer, limit, truncate)
                 module(input_ids=ids.to(device), attention_mask=mask.to(device))
@@ -716,8 +748,9 @@ def capture(model, texts, store, *, tokenizer=None, batch_size: int = 8, max_len
         if bar is not None:
             bar.close()
             bar = None
-        print(f"\nstreamtap: interrupted; the store is consistent with {the_tap.writer.sequences} sequences "
-              f"committed. Resume with streamtap.capture(..., resume=True) or `streamtap capture ... --resume`.",
+        print(f"\nstreamtap: interrupted; the store is consistent with {the_tap.writer.sequences:,} sequences "
+              f"committed. Resume with streamtap.capture(..., resume=True), or run the same `streamtap capture` "
+              f"command again with --resume added (same --text, --model and --out).",
               file=sys.stderr, flush=True)
         raise
     finally:  # an error message must not land in the middle of a half-drawn bar
@@ -787,7 +820,7 @@ def self_check(the_tap: Tap, n_tokens: int = 8) -> float:
         # a broken model, not a broken layout: the first real batch reports where it goes non-finite
         warnings.warn("the model produced non-finite values on the self-check probe; layout check skipped")
         return float("nan")
-    static = b.static_weights(neurons=False)
+    static = b.static_weights(neurons=False, attention=False)
     W_O = static["W_O"][1].double().to(device)
     b_O = static["attn_bias"][1].double().to(device)
     probes = b.norm_probes

@@ -13,8 +13,6 @@ import sys
 import textwrap
 import time
 
-import zarr
-
 CORPUS = [[(11 * i + 3 * j) % 120 + 1 for j in range(4 + i % 7)] for i in range(60)]
 
 CHILD = textwrap.dedent("""
@@ -28,21 +26,34 @@ CHILD = textwrap.dedent("""
 
 
 def committed(path: str) -> int:
+    """Sequences committed in the store at ``path`` (a directory or an s3:// URL); 0 before it exists."""
+    from streamtap.store import open_group
+
     try:
-        return int(zarr.open_group(path, mode="r").attrs["committed_sequences"])
+        return int(open_group(path, mode="r").attrs["committed_sequences"])
     except Exception:
         return 0
 
 
-def kill_during_capture(path: str, rng: random.Random, *, timeout: float = 120.0) -> int:
-    """Start (or resume) a capture into ``path`` and SIGKILL it once it is writing; returns the kill delay in ms."""
+def start_capture(path: str, *, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """A child process that captures CORPUS into ``path`` (resuming what is there)."""
     tests = os.path.dirname(os.path.abspath(__file__))
-    child = subprocess.Popen([sys.executable, "-c", CHILD.format(tests=tests, path=path)],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    start = committed(path)
+    return subprocess.Popen([sys.executable, "-c", CHILD.format(tests=tests, path=path)],
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def wait_for_a_commit(child: subprocess.Popen, path: str, start: int, timeout: float = 120.0) -> None:
+    """Return once ``child`` has committed a batch beyond ``start`` sequences: it is in its write loop."""
     deadline = time.monotonic() + timeout
     while committed(path) == start and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)  # wait until this child has committed a batch: it is in its write loop
+        time.sleep(0.005)
+
+
+def kill_during_capture(path: str, rng: random.Random, *, timeout: float = 120.0) -> int:
+    """Start (or resume) a capture into ``path`` and SIGKILL it once it is writing; returns the kill delay in ms."""
+    start = committed(path)
+    child = start_capture(path)
+    wait_for_a_commit(child, path, start, timeout)
     delay_ms = rng.randint(0, 40)
     time.sleep(delay_ms / 1000)
     child.send_signal(signal.SIGKILL)

@@ -188,3 +188,143 @@ def test_demo_on_smollm2_finds_paris(tmp_path):
     model_logit, total = float(logit.group(1)), float(logit.group(2))
     assert abs(model_logit - total) <= 1e-3 and got['" Paris" logit'].endswith("ok")
     assert "ok" in got["max decomposition error"]
+
+
+# -- capture's options for long runs: --resume, --no-check, --materialize, --store-dtype, --writer, --break-lock
+def test_resume_continues_an_interrupted_capture_without_duplicates(text_file, tmp_path):
+    out, whole = tmp_path / "run.zarr", tmp_path / "whole.zarr"
+    assert capture(text_file, whole).exit_code == 0
+    result = capture(text_file, out, "--resume")  # nothing there yet: --resume simply starts
+    assert result.exit_code == 0, result.output
+    # as a crash between a batch's chunks and its commit leaves it: the last batch is not committed
+    group = zarr.open_group(out, mode="r+")
+    first_batch = DOCS[:3]
+    group.attrs.update(committed_tokens=sum(len(d.split()) for d in first_batch), committed_sequences=3)
+    result = capture(text_file, out, "--resume")
+    assert result.exit_code == 0, result.output
+    got = fields(result.stdout)
+    assert number(got["sequences"]) == 1 and number(got["tokens"]) == len(DOCS[3].split())
+    ours, theirs = zarr.open_group(out, mode="r"), zarr.open_group(whole, mode="r")
+    for name in ("seq", "pos", "token_id", "z", "resid_final"):
+        assert (ours[name][:] == theirs[name][:]).all(), name
+    result = capture(text_file, out, "--resume")  # finished: adds nothing
+    assert result.exit_code == 0 and number(fields(result.stdout)["sequences"]) == 0
+    result = capture(text_file, out, "--resume", "--append")
+    assert result.exit_code == 2 and "exclude each other" in result.stderr
+
+
+def test_no_check_skips_the_attach_time_self_check(text_file, tmp_path, monkeypatch):
+    import streamtap.tapping
+
+    def broken(the_tap, n_tokens=8):
+        raise streamtap.tapping.DecompositionError("layout does not fit (simulated)")
+
+    monkeypatch.setattr(streamtap.tapping, "self_check", broken)
+    result = capture(text_file, tmp_path / "a.zarr")
+    assert result.exit_code == 2 and "layout does not fit (simulated)" in result.stderr
+    result = capture(text_file, tmp_path / "b.zarr", "--no-check")
+    assert result.exit_code == 0, result.output
+
+
+def test_materialize_and_a_lossy_store_dtype_show_in_info(text_file, tmp_path):
+    out = tmp_path / "m.zarr"
+    assert capture(text_file, out, "--materialize", "--store-dtype", "float16").exit_code == 0
+    group = zarr.open_group(out, mode="r")
+    assert "messages" in group and group["z"].dtype == "float16" and group["resid_final"].dtype == "float32"
+    result = invoke("info", out)
+    assert result.exit_code == 0, result.output
+    got = fields(result.stdout)
+    assert got["materialized"].startswith("yes")
+    rel, abs_, n = (group.attrs[k] for k in ("lossy_max_rel_error", "lossy_max_abs_error", "lossy_error_tokens"))
+    assert 0 < rel < 1e-2 and n == sum(len(d.split()) for d in DOCS)
+    assert got["stored as"] == (f"float16 (lossy): measured decomposition error {rel:.3g} relative, "
+                                f"{abs_:.3g} absolute over {n:,} tokens")
+    plain = tmp_path / "p.zarr"
+    assert capture(text_file, plain).exit_code == 0
+    got = fields(invoke("info", plain).stdout)
+    assert got["materialized"].startswith("no") and got["stored as"] == "float32, the model's own (exact)"
+    result = capture(text_file, tmp_path / "x.zarr", "--store-dtype", "float8")
+    assert result.exit_code == 2 and "float8" in result.output
+
+
+@pytest.mark.parametrize("mode", ["inline", "thread"])
+def test_writer_picks_the_pipeline(mode, text_file, tmp_path, monkeypatch):
+    import streamtap.tapping
+
+    made = []
+    real = streamtap.tapping.make_pipeline
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(streamtap.tapping, "make_pipeline", spy)
+    result = capture(text_file, tmp_path / "w.zarr", "--writer", mode)
+    assert result.exit_code == 0, result.output
+    assert [p.mode for p in made] == [mode]
+    assert invoke("verify", tmp_path / "w.zarr").exit_code == 0
+
+
+def test_break_lock_takes_over_a_lock_from_another_host(text_file, tmp_path):
+    import json
+
+    from streamtap.lock import LOCK_KEY
+
+    out = tmp_path / "run.zarr"
+    assert capture(text_file, out).exit_code == 0
+    zarr.open_group(out, mode="r+").attrs.update(committed_tokens=0, committed_sequences=0)
+    (out / LOCK_KEY).write_text(json.dumps({"host": "gpu-node-3", "pid": 77, "started": 0, "token": "a" * 32}))
+    result = capture(text_file, out, "--resume")
+    assert result.exit_code == 2 and "pid 77 on host 'gpu-node-3'" in result.stderr and "--break-lock" in result.stderr
+    result = capture(text_file, out, "--resume", "--break-lock")
+    assert result.exit_code == 0, result.output
+    assert number(fields(result.stdout)["sequences"]) == len(DOCS) and not (out / LOCK_KEY).exists()
+
+
+@pytest.mark.parametrize("writer", ["inline", "thread"])
+def test_ctrl_c_leaves_a_store_that_opens_verifies_and_resumes(writer, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import streamtap as st
+    from streamtap.lock import LOCK_KEY
+
+    text = tmp_path / "long.txt"
+    words = "the quick brown fox jumps over a lazy dog while heads write messages".split()
+    text.write_text("\n".join(" ".join(words[(i + j) % len(words)] for j in range(3 + i % 9)) for i in range(400)))
+    out = tmp_path / "run.zarr"
+    args = ["capture", "--model", "tiny:llama", "--text", str(text), "--out", str(out), "--batch-size", "2"]
+    child = subprocess.Popen([sys.executable, "-m", "streamtap.cli", *args, "--writer", writer],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def committed():
+        try:
+            return int(zarr.open_group(out, mode="r").attrs["committed_sequences"])
+        except Exception:
+            return 0
+
+    deadline = time.monotonic() + 120
+    while committed() < 10 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)  # Ctrl-C
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode != 0
+    message = re.search(r"interrupted; the store is consistent with (\d+) sequences committed.*--resume", stderr)
+    assert message, stderr
+    done = int(message.group(1))
+    assert 10 <= done < 400 and done == committed()
+    assert not (out / LOCK_KEY).exists()
+    ds = st.open(out)
+    assert ds.sizes["token"] == ds.attrs["committed_tokens"]
+    st.verify(ds)
+
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert number(fields(result.stdout)["sequences"]) == 400 - done
+    assert invoke(*args[:-4], "--out", tmp_path / "whole.zarr").exit_code == 0
+    resumed, whole = st.open(out), st.open(tmp_path / "whole.zarr")
+    for name in ("seq", "pos", "token_id"):
+        assert (resumed[name].values == whole[name].values).all(), name
+    st.verify(resumed)

@@ -56,3 +56,22 @@ def test_an_empty_committed_store_verifies(tmp_path):
     zarr.open_group(path, mode="r+").attrs.update(committed_tokens=0, committed_sequences=0)
     err = st.verify(st.open(path))
     assert err.sizes["token"] == 0
+
+
+def test_a_commit_is_one_write_of_the_group_metadata(tmp_path):
+    """The committed token and sequence counts change together: zarr's ``attrs.update`` writes zarr.json
+    once per key, and a kill between two such writes left tokens counted without their sequences."""
+    from zarr.storage import LocalStore, WrapperStore
+
+    class Recording(WrapperStore):
+        keys: list = []
+
+        async def set(self, key, value):
+            Recording.keys.append(key)
+            await self._store.set(key, value)
+
+    Recording.keys = []
+    st.capture(tiny_model("llama"), CORPUS[:6], Recording(LocalStore(str(tmp_path / "s.zarr"))), batch_size=2)
+    first_chunk = next(i for i, k in enumerate(Recording.keys) if k.startswith("seq/c/"))
+    commits = [k for k in Recording.keys[first_chunk:] if k == "zarr.json"]
+    assert len(commits) == 3  # one per batch of two sequences

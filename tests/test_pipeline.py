@@ -347,3 +347,15 @@ def test_a_filesystem_without_o_direct_falls_back_to_ordinary_writes(tmp_path, m
         run(model, ids, torch.ones_like(ids))
     assert tap.writer.group.store._direct_ok is False
     st.verify(st.open(tmp_path / "s.zarr"))
+
+
+def test_the_allocator_is_bounded_once_per_process_unless_the_user_chose():
+    import subprocess
+    import sys
+
+    code = "import streamtap.writer as w; print(w.bound_allocator(), w.bound_allocator())"
+    run = lambda env: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
+                                     env={**os.environ, **env}, check=True).stdout.split()
+    assert run({}) == ["True", "False"]                                   # pinned once, then left alone
+    assert run({"MALLOC_MMAP_THRESHOLD_": "65536"}) == ["False", "False"]  # the user's own setting wins
+    assert run({"STREAMTAP_MALLOC_TUNING": "0"}) == ["False", "False"]

@@ -1,0 +1,155 @@
+"""Models too big for one machine: the forward runs remotely (nnsight on NDIF), the store is written here.
+
+    import streamtap as st
+    from nnsight import LanguageModel
+
+    model = LanguageModel("meta-llama/Llama-3.1-70B")     # here: the module tree, no weights needed
+    plan = st.remote.plan(model)                           # what to save, in the order the forward reaches it
+    with model.trace(batch["input_ids"], remote=True):
+        saved = st.remote.save_terms(model, plan)         # runs on the server: z, MLP outputs, norm scales
+    st.remote.write_store(model, saved, "run.zarr", input_ids=batch["input_ids"])
+
+The reduction happens on the server: it sends back what the factored store keeps (each attention's
+``z``, the input of its output projection, ``n_heads`` times smaller than the per-head messages; each
+MLP's output; the embedding terms; the final residual) and, for norms inside the stream, only the
+frozen per-token scale instead of the norm's input. :func:`write_store` then builds exactly the store
+a local ``st.tap`` would have written for the same forward (tested: ``remote="local"`` runs the
+serialized trace here). See docs/remote.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import InputError, StreamtapError
+from .layouts import bind, layout_for
+from .tapping import Tap, _unwrap
+
+
+def plan(model, *, neurons: bool = False) -> list[dict]:
+    """What a remote trace saves for a store, as plain dicts (``key``, ``path``, ``side``; ``center`` and
+    ``eps`` for a norm whose scale is reduced on the server), in the order the forward reaches them.
+
+    nnsight requires module values to be read in execution order. The order comes from a two-token
+    dry run of ``model`` here (on the meta device when the weights are not loaded, as nnsight's
+    ``LanguageModel`` keeps them before a local dispatch); where that fails, the layout's order is kept.
+    """
+    module, _ = _unwrap(model)
+    bound = bind(layout_for(module), module)
+    if bound.moe:
+        raise StreamtapError("mixture-of-experts layers are captured by re-running each expert here, which a "
+                             "remote forward cannot do; capture MoE models with st.tap on a machine that holds them")
+    entries = []
+    for key, (path, side) in bound.taps.items():
+        if key.startswith("neuron_act.") and not neurons:
+            continue
+        entry = {"key": key, "path": path, "side": side}
+        if key.startswith("norm."):
+            probe = bound.norm_probes[int(key.split(".")[1])]
+            entry.update(center=bool(probe["center"]), eps=float(probe["eps"]))
+        if key in bound.clones:
+            entry["clone"] = True
+        entries.append(entry)
+    order = _call_order(module)
+    if order:
+        rank = {event: i for i, event in reversed(list(enumerate(order)))}  # first occurrence
+        entries.sort(key=lambda e: rank.get((e["path"], e["side"]), len(rank)))
+    return entries
+
+
+def _call_order(module: torch.nn.Module) -> list[tuple[str, str]] | None:
+    """(module path, "input" | "output") in the order a forward reaches them, or None if the dry run fails."""
+    events: list[tuple[str, str]] = []
+    hooks = []
+    for name, sub in module.named_modules():
+        hooks.append(sub.register_forward_pre_hook(lambda m, a, n=name: events.append((n, "input"))))
+        hooks.append(sub.register_forward_hook(lambda m, a, o, n=name: events.append((n, "output"))))
+    try:
+        device = next(module.parameters()).device
+        with torch.no_grad():
+            module(input_ids=torch.ones((1, 2), dtype=torch.long, device=device))
+    except Exception:  # noqa: BLE001 - some models cannot run on the meta device: keep the layout's order
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return events
+
+
+def save_terms(model, plan: list[dict]) -> dict[str, Any]:
+    """Inside ``model.trace(...)`` (``remote=True`` or not): save the plan's values; returns them by key.
+
+    Runs where the model runs. It uses nothing but torch and nnsight, so NDIF can execute it, and it
+    reduces there: norm inputs become their frozen scales (one float per token), tuple outputs their
+    first element.
+    """
+    import nnsight
+
+    saved = {}
+    for entry in plan:
+        node = model.get(entry["path"]) if entry["path"] else model
+        value = node.input if entry["side"] == "input" else node.output
+        if isinstance(value, tuple):
+            value = value[0]
+        if "eps" in entry:  # a norm inside the stream: its frozen per-token scale, as tapping computes it
+            x = value.float()
+            if entry["center"]:
+                x = x - x.mean(dim=-1, keepdim=True)
+            value = torch.rsqrt((x * x).mean(dim=-1) + entry["eps"])
+        elif entry.get("clone"):
+            value = value.clone()  # the model changes this output in place later in the forward
+        saved[entry["key"]] = value
+    return nnsight.save(saved)  # the dict comes back to the caller's frame as ``saved = ...`` names it
+
+
+class _Saved:
+    """One module's saved values, read as a tap's cache entry is (``.input``, ``.output``)."""
+
+    def __init__(self):
+        self.input = self.output = None
+
+
+class _SavedTap(Tap):
+    """A tap fed with values saved elsewhere; norm scales arrive already reduced."""
+
+    def _frozen_scale(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        return x.float()
+
+
+def write_store(model, saved: dict[str, Any], store, *, input_ids, attention_mask=None, tokenizer=None,
+                neurons: bool = False, **options) -> Tap:
+    """Write one batch of values saved by :func:`save_terms` to ``store``, as a local tap would have.
+
+    ``input_ids`` and ``attention_mask`` are the batch the trace ran on (padding is dropped, as in a
+    tap). ``model`` provides the static weights the store keeps (output projections, biases, norm
+    weights, embeddings, unembedding), so those must be loaded here, even where the forward was
+    remote. ``options`` are :func:`streamtap.tap`'s (``append``, ``overwrite``, ``model_name``,
+    ``materialize``, ``store_dtype``, ``storage_options``, ``break_lock``...). Call it once per batch
+    with ``append=True`` after the first. Returns the closed tap (``tokens``, ``sequences``).
+    """
+    options.setdefault("how", "streamtap.remote.write_store")
+    the_tap = _SavedTap(model, store, tokenizer=tokenizer, neurons=neurons, check=False, **options)
+    input_ids = torch.as_tensor(input_ids).cpu()
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else torch.as_tensor(attention_mask).cpu().bool()
+    if input_ids.dim() != 2 or mask.shape != input_ids.shape:
+        raise InputError(f"input_ids must be (batch, tokens) with an attention_mask of the same shape, got "
+                         f"{tuple(input_ids.shape)} and {tuple(mask.shape)}")
+    missing = [key for key, (path, side) in the_tap.bound.taps.items()
+               if key not in saved and (neurons or not key.startswith("neuron_act."))]
+    if missing:
+        raise InputError(f"saved values lack {missing[:5]}: save them with st.remote.save_terms(model, "
+                         f"st.remote.plan(model{', neurons=True' if neurons else ''}))")
+    cache: dict[str, _Saved] = {}
+    for key, (path, side) in the_tap.bound.taps.items():
+        if key in saved:
+            entry = cache.setdefault(f"model.{path}" if path else "model", _Saved())
+            setattr(entry, side, torch.as_tensor(saved[key]))
+    clones = {key: torch.as_tensor(saved[key]) for key in the_tap.bound.clones}
+    with the_tap, torch.no_grad():
+        the_tap._record(cache, clones, input_ids, mask)
+    return the_tap
+
+
+__all__ = ["plan", "save_terms", "write_store"]

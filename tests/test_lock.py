@@ -1,0 +1,208 @@
+"""One writer per store: a second writer gets StoreLockedError, never interleaved data; a lock left by a
+killed writer is taken over on resume; one from another host needs break_lock."""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import streamtap as st
+from streamtap.lock import LOCK_KEY, StoreLock
+from streamtap.models import tiny_model
+from streamtap.store import StoreWriter
+
+from _crash import CORPUS, committed, kill_during_capture
+from _util import padded_batch, run
+
+
+def _lock(path):
+    with open(os.path.join(path, LOCK_KEY)) as f:
+        return json.load(f)
+
+
+def test_a_second_tap_on_the_same_store_is_refused_and_the_first_is_untouched(tmp_path):
+    model = tiny_model("llama")
+    path = tmp_path / "s.zarr"
+    ids, mask = padded_batch(model.config.vocab_size, [5, 3])
+    with st.tap(model, path) as first:
+        run(model, ids, mask)
+        holder = _lock(path)
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname() and len(holder["token"]) == 32
+        for kwargs in ({"append": True}, {"overwrite": True}):
+            with pytest.raises(st.StoreLockedError, match=rf"pid {os.getpid()} on host .*resume=True \(--resume\)"):
+                with st.tap(model, path, **kwargs):
+                    run(model, ids, mask)
+        with pytest.raises(st.StoreLockedError):
+            st.capture(model, CORPUS[:4], path, resume=True)
+        run(model, ids, mask)  # the first writer goes on as if nothing happened
+    assert not os.path.exists(path / LOCK_KEY)  # released on close
+    ds = st.open(path)
+    assert first.sequences == 4 and list(np.unique(ds.seq.values)) == [0, 1, 2, 3]
+    st.verify(ds)
+    with st.tap(model, path, append=True):  # free again
+        run(model, ids, mask)
+    assert st.open(path).attrs["committed_sequences"] == 6
+
+
+def test_the_lock_is_released_when_the_block_raises_and_a_never_written_store_leaves_nothing(tmp_path):
+    model = tiny_model("gpt2")
+    path = tmp_path / "s.zarr"
+    with pytest.raises(RuntimeError, match="user code"):
+        with st.tap(model, path):
+            raise RuntimeError("user code")
+    assert not os.path.exists(path)  # the lock made the directory; nothing was written, so both are gone
+    with pytest.raises(st.InputError):
+        st.capture(model, [[1, 2, 3] * 100], path)  # refused before the first batch
+    assert not os.path.exists(path)
+    with pytest.raises(KeyError):
+        with st.tap(model, path):
+            run(model, *padded_batch(model.config.vocab_size, [4]))
+            raise KeyError("after a batch")
+    assert os.listdir(path) and LOCK_KEY not in os.listdir(path)
+    assert st.open(path).attrs["committed_tokens"] == 4
+
+
+def test_readers_open_a_store_while_it_is_being_written(tmp_path, recwarn):
+    model = tiny_model("llama")
+    path = tmp_path / "s.zarr"
+    with st.tap(model, path):
+        run(model, *padded_batch(model.config.vocab_size, [6, 2]))
+        assert os.path.exists(path / LOCK_KEY)
+        ds = st.open(path)
+        assert ds.sizes["token"] == 8
+        st.verify(ds)
+    assert not [w for w in recwarn if LOCK_KEY in str(w.message)]  # st.open hides zarr's note on the lock key
+
+
+TWO_WRITERS = textwrap.dedent("""
+    import os, sys, time, torch, streamtap as st
+    from streamtap.models import tiny_model
+    model = tiny_model("llama")
+    print("ready", flush=True)
+    while not os.path.exists({go!r}):  # both start writing at the same moment
+        time.sleep(0.001)
+    try:
+        with st.tap(model, {path!r}, append=True) as tap:
+            for i in range(6):
+                model(input_ids=torch.full((1, 3), i + 1))
+                time.sleep(0.2)
+        print("done", tap.sequences, flush=True)
+    except st.StoreLockedError as exc:
+        print("refused", exc, flush=True)
+""")
+
+
+def test_two_writer_processes_started_together_one_writes_the_other_is_refused(tmp_path):
+    path, go = str(tmp_path / "s.zarr"), str(tmp_path / "go")
+    code = TWO_WRITERS.format(path=path, go=go)
+    children = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for _ in range(2)]
+    for child in children:
+        assert child.stdout.readline().strip() == "ready"
+    open(go, "w").close()
+    outs = [c.communicate(timeout=300) for c in children]
+    lines = sorted(out.strip().splitlines()[-1] for out, _ in outs)
+    assert lines[0] == "done 6", outs
+    assert lines[1].startswith("refused ") and "is being written by another streamtap writer" in lines[1], outs
+    ds = st.open(path)
+    assert ds.attrs["committed_sequences"] == 6 and ds.sizes["token"] == 18
+    np.testing.assert_array_equal(ds.seq.values, np.repeat(np.arange(6), 3))  # one writer's batches, in order
+    np.testing.assert_array_equal(ds.token_id.values, np.repeat(np.arange(1, 7), 3))
+    st.verify(ds)
+    assert not os.path.exists(os.path.join(path, LOCK_KEY))
+
+
+def test_a_lock_left_by_a_killed_writer_is_taken_over_on_resume(tmp_path):
+    path = str(tmp_path / "run.zarr")
+    kill_during_capture(path, random.Random(7))
+    holder = _lock(path)  # SIGKILL leaves the lock behind, naming a process that no longer runs
+    assert holder["host"] == socket.gethostname() and holder["pid"] != os.getpid()
+    before = committed(path)
+    with pytest.warns(UserWarning, match=rf"taking over the lock .*pid {holder['pid']} .* no longer runs"):
+        st.capture(tiny_model("llama"), CORPUS, path, batch_size=2, resume=True)
+    assert not os.path.exists(os.path.join(path, LOCK_KEY))
+    ds = st.open(path)
+    assert 0 < before < len(CORPUS) == ds.attrs["committed_sequences"]
+    np.testing.assert_array_equal(ds.seq.values, np.repeat(np.arange(len(CORPUS)), [len(t) for t in CORPUS]))
+    st.verify(ds)
+
+
+def _plant(path, **holder):
+    os.makedirs(path, exist_ok=True)
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": None, "started": time.time(),
+              "token": "f" * 32, **holder}
+    with open(os.path.join(path, LOCK_KEY), "w") as f:
+        json.dump(record, f)
+
+
+def test_a_lock_from_another_host_needs_break_lock(tmp_path):
+    model = tiny_model("gpt2")
+    path = str(tmp_path / "s.zarr")
+    st.capture(model, CORPUS[:3], path)
+    _plant(path, host="gpu-node-17", pid=4242)
+    with pytest.raises(st.StoreLockedError, match=r"pid 4242 on host 'gpu-node-17'.*break_lock=True \(--break-lock\)"):
+        st.capture(model, CORPUS[:6], path, resume=True)
+    assert committed(path) == 3
+    with pytest.warns(UserWarning, match="break_lock=True"):
+        st.capture(model, CORPUS[:6], path, resume=True, break_lock=True)
+    assert committed(path) == 6 and not os.path.exists(os.path.join(path, LOCK_KEY))
+
+
+def test_a_reused_pid_is_not_mistaken_for_the_writer(tmp_path):
+    """Same host, and the pid runs, but it is another process (started at another time): stale."""
+    model = tiny_model("gpt2")
+    path = str(tmp_path / "s.zarr")
+    st.capture(model, CORPUS[:3], path)
+    _plant(path, pid=os.getpid(), proc_start=1)  # this process's pid, but not its start time
+    with pytest.warns(UserWarning, match="no longer runs"):
+        st.capture(model, CORPUS[:5], path, resume=True)
+    assert committed(path) == 5
+
+
+def test_a_writer_whose_lock_was_broken_stops_before_writing_more(tmp_path):
+    model = tiny_model("llama")
+    path = tmp_path / "s.zarr"
+    ids, mask = padded_batch(model.config.vocab_size, [4, 4])
+    with pytest.raises(st.StoreLockedError, match="was broken .* no batch is interleaved"):
+        with st.tap(model, path, writer="inline"):
+            run(model, ids, mask)
+            _plant(path, host="elsewhere", pid=1)  # someone else took the store over (break_lock)
+            run(model, ids, mask)
+    assert committed(str(path)) == 2
+    assert _lock(path)["host"] == "elsewhere"  # the other writer's lock is left alone
+
+
+def test_each_rank_store_has_its_own_lock(tmp_path):
+    from streamtap.ranks import rank_store
+
+    a = StoreWriter(rank_store(str(tmp_path / "dp.zarr"), 0, 2))
+    b = StoreWriter(rank_store(str(tmp_path / "dp.zarr"), 1, 2))
+    a.lock()
+    b.lock()  # another rank's store: no conflict
+    with pytest.raises(st.StoreLockedError):
+        StoreWriter(rank_store(str(tmp_path / "dp.zarr"), 1, 2)).lock()
+    assert sorted(os.listdir(tmp_path / "dp.zarr")) == ["rank-00000.zarr", "rank-00001.zarr"]
+    a.unlock()
+    b.unlock()
+    assert not os.path.exists(tmp_path / "dp.zarr" / "rank-00000.zarr")
+
+
+def test_the_lock_is_exclusive_in_a_memory_store_too():
+    store = zarr.storage.MemoryStore()
+    first, second = StoreLock(store, "mem"), StoreLock(store, "mem")
+    first.acquire()
+    with pytest.raises(st.StoreLockedError):
+        second.acquire()
+    first.release()
+    second.acquire()
+    second.release()
+    assert first.read() is None

@@ -1,0 +1,80 @@
+"""The remote path (docs/remote.md): save z, MLP outputs and norm scales inside an nnsight trace, write
+the store here. nnsight's remote="local" serializes the trace as for NDIF and runs it in-process."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import streamtap as st
+from streamtap.models import tiny_model
+
+
+def _language_model(arch):
+    from nnsight import LanguageModel
+
+    from streamtap._tiny_tokenizer import word_level_tokenizer
+
+    hf = tiny_model(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return hf, LanguageModel(hf, tokenizer=word_level_tokenizer(["a b c"], hf.config.vocab_size))
+
+
+BATCHES = [
+    (torch.tensor([[5, 6, 7, 8, 9], [3, 4, 5, 0, 0]]), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])),
+    (torch.tensor([[11, 12, 13]]), torch.tensor([[1, 1, 1]])),
+]
+
+
+@pytest.mark.parametrize("arch,remote,neurons", [("llama", "local", False), ("gemma2", "local", False),
+                                                 ("gpt2", False, True)])
+def test_a_store_written_from_saved_terms_equals_a_local_tap(arch, remote, neurons, tmp_path):
+    hf, model = _language_model(arch)
+    plan = st.remote.plan(model, neurons=neurons)
+    for i, (ids, mask) in enumerate(BATCHES):
+        with model.trace(ids, attention_mask=mask, remote=remote):
+            saved = st.remote.save_terms(model, plan)
+        if arch == "gemma2":  # the server sent back one scale per token and norm, not the norm's input
+            assert saved["norm.0"].shape == ids.shape
+        st.remote.write_store(model, saved, tmp_path / "remote.zarr", input_ids=ids, attention_mask=mask,
+                              neurons=neurons, append=i > 0)
+    with st.tap(hf, tmp_path / "local.zarr", neurons=neurons), torch.no_grad():
+        for ids, mask in BATCHES:
+            hf(input_ids=ids, attention_mask=mask)
+    ours, theirs = st.open(tmp_path / "remote.zarr"), st.open(tmp_path / "local.zarr")
+    assert set(ours.variables) == set(theirs.variables)
+    for name in theirs.variables:
+        np.testing.assert_array_equal(ours[name].values, theirs[name].values, err_msg=name)
+    assert ours.attrs["created_by"] == "streamtap.remote.write_store" and ours.attrs["committed_sequences"] == 3
+    st.verify(ours)
+
+
+def test_the_plan_follows_the_forward_and_missing_values_are_named(tmp_path):
+    _, model = _language_model("gemma2")
+    plan = st.remote.plan(model)
+    keys = [e["key"] for e in plan]
+    # o_proj runs before the post-attention norm, which runs before the MLP: nnsight needs that order
+    assert keys.index("z.0") < keys.index("norm.0") < keys.index("mlp_out.0") < keys.index("z.1")
+    assert all(isinstance(e["eps"], float) for e in plan if e["key"].startswith("norm."))
+    ids = torch.tensor([[1, 2, 3]])
+    with model.trace(ids):
+        saved = st.remote.save_terms(model, plan)
+    del saved["z.1"]
+    with pytest.raises(st.InputError, match=r"saved values lack \['z.1'\]"):
+        st.remote.write_store(model, saved, tmp_path / "s.zarr", input_ids=ids)
+
+
+def test_the_docs_local_example_runs(tmp_path, monkeypatch):
+    import pathlib
+    import re
+    import runpy
+
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "remote.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", doc, re.S)[-1]  # the "try it here" block
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "example.py").write_text(block)  # nnsight reads a trace's source from its file
+    runpy.run_path(str(tmp_path / "example.py"), run_name="__main__")
+    ds = st.open(tmp_path / "remote_demo.zarr")
+    assert ds.sizes["token"] == 6 and ds.attrs["created_by"] == "streamtap.remote.write_store"
