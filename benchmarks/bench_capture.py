@@ -277,7 +277,7 @@ def main() -> None:
     print(f"Disk write bandwidth (sequential, same run): {disk_probe['buffered + fsync'] / 1e9:.2f} GB/s buffered "
           f"with fsync, {disk_probe['O_DIRECT'] / 1e9:.2f} GB/s O_DIRECT before the cases; "
           f"{disk_after / 1e9:.2f} GB/s (the better of the two) after them.\n")
-    print("| model | case | median s/batch | × plain | peak RSS | bytes/token on disk | compression | writer |")
+    print("| model | case | s/batch | × plain | peak RSS | bytes/token on disk | compression | writer |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for model in models:
         rows = [r for r in results if r["model"] == model]

@@ -31,6 +31,9 @@ from . import __version__
 from .errors import StoreLockedError
 
 LOCK_KEY = "streamtap.lock"
+# The lock is a plain key beside the Zarr nodes; zarr warns about it whenever it lists a group
+# (from its own I/O thread, so a local catch_warnings does not reach it). It is ours and expected.
+warnings.filterwarnings("ignore", message=r"Object at streamtap\.lock is not recognized")
 
 
 def _proc_start(pid: int) -> int | None:
