@@ -92,8 +92,9 @@ def _open_committed(store, group, committed: int, chunks: dict) -> xr.Dataset:
     a full disk) leaves arrays of different lengths beyond the committed rows, which xarray refuses
     to put in one Dataset. Such a store is opened as one Dataset per length and merged once cut.
     """
+    arrays = list(group.arrays())  # one listing (a round trip on object storage)
     lengths: dict[int, list[str]] = {}
-    for name, array in group.arrays():
+    for name, array in arrays:
         dims = array.metadata.dimension_names or ()
         if dims and dims[0] == "token":
             lengths.setdefault(array.shape[0], []).append(name)
@@ -105,7 +106,7 @@ def _open_committed(store, group, committed: int, chunks: dict) -> xr.Dataset:
     if len(lengths) <= 1:
         return opened(None)
     per_token = [n for names in lengths.values() for n in names]
-    static = [name for name, _ in group.arrays() if name not in per_token]
+    static = [name for name, _ in arrays if name not in per_token]
     parts = [opened([n for n in per_token if n not in names] + (static if i else []))
              for i, names in enumerate(lengths.values())]
     return xr.merge(parts, compat="override", join="override", combine_attrs="override")

@@ -21,6 +21,7 @@ import torch
 from . import __version__
 from .errors import DecompositionError, InputError, NonFiniteError, StreamtapError
 from .layouts import BoundLayout, bind, layout_for
+from .generation import Generation, given_cache, refuse_cached_forward
 from .ranks import process_rank, rank_store, shard
 from .store import committed_sequences
 from .store import (LOSSY_DTYPES, LOSSY_ERROR_TOKENS, SCHEMA_VERSION, StoreSpec, StoreWriter, VariableSpec,
@@ -104,7 +105,7 @@ class Tap:
                  overwrite: bool = False, model_name: str | None = None, check: bool = True,
                  how: str = "streamtap.tap", materialize: bool = False, store_dtype=None,
                  writer: str = "auto", queue_depth: int = DEFAULT_DEPTH, progress: bool = False,
-                 compress: bool | None = None, break_lock: bool = False, storage_options: dict | None = None):
+                 compress: bool = True, break_lock: bool = False, storage_options: dict | None = None):
         self.module, self._given_envoy = _unwrap(model)
         if self.module.training:
             raise StreamtapError(
@@ -201,8 +202,6 @@ class Tap:
         self.module.__dict__["_get_stopping_criteria"] = self._stopping_criteria
 
     def _generate(self, *args, **kwargs):
-        from .generation import Generation
-
         if self._generation is not None:
             raise StreamtapError("model.generate was called inside its own generate; streamtap follows one at a time")
         try:
@@ -315,8 +314,6 @@ class Tap:
         bound = self._signature.bind_partial(self.module, *args, **kwargs).arguments
         gen.check_forward(bound.get("attention_mask"))
         if not gen.started:
-            from .generation import given_cache
-
             gen.check_prompt(given_cache(bound))
             input_ids, mask = self._inputs(args, kwargs, prompt=True)
             output, cache, clones = self._traced(args, kwargs, self._paths)
@@ -375,8 +372,6 @@ class Tap:
         if reference is None:
             raise InputError("the forward got neither input_ids nor inputs_embeds; nothing to capture")
         if self._generation is None:
-            from .generation import given_cache, refuse_cached_forward
-
             refuse_cached_forward(given_cache(bound))
         shape = tuple(reference.shape[:2])
         if len(shape) < 2 or 0 in shape:
@@ -505,7 +500,7 @@ class Tap:
             mode = choose_mode(self.writer_mode, out["resid_final"].device)
             # Blosc zstd-1 costs the model nothing measurable with O_DIRECT writes, even inline on a
             # CPU whose cores all run the model, and saves 8-27% of the disk (docs/pipeline.md)
-            self.writer.compress = True if self.compress is None else self.compress
+            self.writer.compress = self.compress
             self.writer.prepare(self._spec)
             self._next_sequence = self.writer.sequences
             self.pipeline = make_pipeline(self.writer, mode, out["resid_final"].device, self.queue_depth)
@@ -637,7 +632,7 @@ class Tap:
 def tap(model, store, *, tokenizer=None, neurons: bool = False, append: bool = False,
         overwrite: bool = False, model_name: str | None = None, check: bool = True,
         materialize: bool = False, store_dtype=None, writer: str = "auto",
-        queue_depth: int = DEFAULT_DEPTH, progress: bool = False, compress: bool | None = None,
+        queue_depth: int = DEFAULT_DEPTH, progress: bool = False, compress: bool = True,
         break_lock: bool = False, storage_options: dict | None = None) -> Tap:
     """Wrap existing inference code: each forward of ``model`` inside the block is captured.
 
@@ -686,7 +681,7 @@ def capture(model, texts, store, *, tokenizer=None, batch_size: int = 8, max_len
             truncate: bool = False, neurons: bool = False, append: bool = False, overwrite: bool = False,
             model_name: str | None = None, progress: bool = False, check: bool = True,
             materialize: bool = False, store_dtype=None, writer: str = "auto",
-            resume: bool = False, queue_depth: int = DEFAULT_DEPTH, compress: bool | None = None,
+            resume: bool = False, queue_depth: int = DEFAULT_DEPTH, compress: bool = True,
             break_lock: bool = False, storage_options: dict | None = None) -> Tap:
     """Capture a corpus in one call: strings (with a tokenizer) or lists of token ids.
 
