@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, then run the test suite from the repository root. Arguments go to pytest,
-# e.g. ./test.sh -x -k invariant. A run that collects no tests fails (pytest's exit code 5 would
-# otherwise let an empty run look like a green one); every other exit code is pytest's own.
+# Set up .venv if needed, then run the test suite from the repository root, in parallel on every core.
+# Arguments go to pytest, e.g. ./test.sh -x -k invariant. A run that collects no tests fails (pytest's
+# exit code 5 would otherwise let an empty run look like a green one); every other exit code is pytest's own.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$root"
 bash scripts/setup-env.sh
 
+# -n auto: one pytest-xdist worker per core (tests/conftest.py pins each to its core); loadgroup keeps
+# tests marked xdist_group on one worker, where they share a module fixture. -n 0 runs serially.
 rc=0
-.venv/bin/python -m pytest "$@" || rc=$?
+.venv/bin/python -m pytest -n auto --dist loadgroup "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "test.sh: no tests were collected (pytest exit code 5); failing, since an empty run is no pass" >&2
   exit 1

@@ -8,6 +8,7 @@ patterns because numpy and zarr 3.1 lack the type) are decoded to float32 lazily
 from __future__ import annotations
 
 import builtins
+import time
 import warnings
 
 import dask.array as da
@@ -85,13 +86,26 @@ def open(store, *, chunks: dict | None = None, storage_options: dict | None = No
     return with_derived_terms(ds)
 
 
-def _open_committed(store, group, committed: int, chunks: dict) -> xr.Dataset:
+def _open_committed(store, group, committed: int, chunks: dict, attempts: int = 50) -> xr.Dataset:
     """The store's arrays cut to ``committed`` rows along ``token``.
 
     Per-token arrays grow their capacity one after another, so a writer stopped mid-growth (a kill,
     a full disk) leaves arrays of different lengths beyond the committed rows, which xarray refuses
     to put in one Dataset. Such a store is opened as one Dataset per length and merged once cut.
+    A writer that is growing them right now can change a length between the listing and the
+    opening: then the store is listed again (growth takes milliseconds).
     """
+    for attempt in range(attempts):
+        try:
+            return _open_lengths(store, group, committed, chunks)
+        except ValueError as exc:
+            if "conflicting sizes" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.02)
+    raise AssertionError("unreachable")
+
+
+def _open_lengths(store, group, committed: int, chunks: dict) -> xr.Dataset:
     arrays = list(group.arrays())  # one listing (a round trip on object storage)
     lengths: dict[int, list[str]] = {}
     for name, array in arrays:

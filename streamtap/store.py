@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import errno
 import hashlib
 import json
@@ -19,9 +20,11 @@ import mmap
 import os
 import shutil
 import threading
+import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -139,6 +142,8 @@ def resolve(target, storage_options: dict | None = None):
     if not is_url(target):
         if storage_options:
             raise StreamtapError(f"storage_options apply to URLs such as s3://bucket/run.zarr, not to {target!r}")
+        if _is_path(target):
+            wait_for_local_writes(target)
         return target
     from zarr.storage import FsspecStore
 
@@ -235,33 +240,182 @@ def _put_direct(path, data: memoryview) -> int:
 
 
 class DirectLocalStore(LocalStore):
-    """A zarr ``LocalStore`` that writes chunk files with O_DIRECT, bypassing the page cache.
+    """A zarr ``LocalStore`` that writes chunk files with O_DIRECT, bypassing the page cache, and can
+    leave the writing to background threads.
 
     Measured here (docs/pipeline.md): buffered writes of fresh chunk files cost the CPU about as much
     as the disk takes to store them (~0.5 GB/s of kernel copying and page faults), on the same cores
-    the model needs; O_DIRECT writes reach the disk at ~1.7 GB/s for almost no CPU, so a writer
-    thread waiting on them leaves the model's cores alone. Files are still written whole to a
-    temporary name and renamed, as zarr's own store does, so a crash never leaves a torn chunk.
-    Small files (metadata, short chunks) and filesystems that refuse O_DIRECT (tmpfs) take zarr's
-    ordinary path.
+    the model needs; O_DIRECT writes reach the disk at ~1.7 GB/s for almost no CPU, so a thread
+    waiting on them leaves the model's cores alone. Files are still written whole to a temporary
+    name and renamed, as zarr's own store does, so a crash never leaves a torn chunk. Small files
+    (metadata, short chunks) and filesystems that refuse O_DIRECT (tmpfs) take zarr's ordinary path.
+
+    Inside :meth:`deferred`, writes are handed to :class:`BackgroundWrites` and the call returns as
+    soon as the data is encoded: the model's thread compresses a batch (CPU work it would have to
+    share with the model anyway) and goes on with the next forward while the disk takes the batch.
+    :meth:`settle` waits for them.
     """
 
     _direct_ok = True
+    _background: "BackgroundWrites | None" = None
+    _deferring = False
 
     async def _set(self, key: str, value, exclusive: bool = False) -> None:
+        if self._deferring and not exclusive:
+            if not self._is_open:
+                await self._open()
+            self._check_writable()
+            self._background.submit(self._write_now, key, value, barrier="/c/" not in key)
+            return
+        await asyncio.to_thread(self._write_now, key, value, exclusive)
+
+    # disk accounting for benchmarks: bytes written and the wall time at least one write was in flight
+    io_bytes = 0
+    io_seconds = 0.0
+    _in_flight = 0
+    _busy_since = 0.0
+    _io_lock = threading.Lock()
+
+    def _write_now(self, key: str, value, exclusive: bool = False) -> None:
+        with self._io_lock:
+            if self._in_flight == 0:
+                self._busy_since = time.perf_counter()
+            self._in_flight += 1
+        try:
+            self._write_file(key, value, exclusive)
+        finally:
+            with self._io_lock:
+                self._in_flight -= 1
+                self.io_bytes += len(value)
+                if self._in_flight == 0:
+                    self.io_seconds += time.perf_counter() - self._busy_since
+
+    def _write_file(self, key: str, value, exclusive: bool = False) -> None:
         if exclusive or not self._direct_ok or len(value) < DIRECT_MIN_BYTES:
-            return await super()._set(key, value, exclusive=exclusive)
-        if not self._is_open:
-            await self._open()
-        self._check_writable()
+            _put_buffered(self.root / key, value, exclusive=exclusive)
+            return
         data = memoryview(value.as_buffer_like()).cast("B")
         try:
-            await asyncio.to_thread(_put_direct, self.root / key, data)
+            _put_direct(self.root / key, data)
         except OSError as exc:
             if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
                 raise
             self._direct_ok = False  # this filesystem takes no O_DIRECT: write as zarr does
-            await super()._set(key, value, exclusive=exclusive)
+            _put_buffered(self.root / key, value, exclusive=exclusive)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Writes made inside the block (from zarr's sync API on this thread) go to the background."""
+        if self._background is None:
+            self._background = BackgroundWrites()
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+
+    def settle(self) -> None:
+        """Wait for the background writes; raise the first that failed (once; later ones were dropped)."""
+        if self._background is not None:
+            self._background.settle()
+
+    def wait(self) -> None:
+        """Wait for the background writes without taking their failure (which the writer raises)."""
+        background = self._background
+        if background is not None:
+            background.wait()
+
+    def stop_background(self) -> None:
+        """Let the background threads go (after :meth:`settle`); a later deferred write starts new ones."""
+        background, self._background = self._background, None
+        if background is not None:
+            background.shutdown()
+
+
+class BackgroundWrites:
+    """Writes in the order that keeps the commit protocol: chunk files in parallel, each barrier after all.
+
+    A barrier (any key that is not a chunk: array and group metadata, hence the commit) starts only
+    when every write handed over before it has landed, and every write after it waits for it; so the
+    committed count never reaches the disk before the chunks it counts. After a failure, every later
+    write is dropped (never a commit without its chunks), and :meth:`settle` raises the failure.
+    A task only waits on tasks submitted before it, which a FIFO pool has already started: no deadlock.
+    """
+
+    WORKERS = 4  # chunk files in flight at once: enough to keep a local disk's queue busy
+
+    def __init__(self, workers: int = WORKERS):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="streamtap-io")
+        self._since_barrier: list = []     # writes handed over since the last barrier
+        self._barrier = None               # the last barrier's future
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    def submit(self, fn, *args, barrier: bool) -> None:
+        with self._lock:
+            if barrier:
+                waits = [f for f in (self._barrier, *self._since_barrier) if f is not None]
+                self._barrier = self._pool.submit(self._run, waits, fn, args)
+                self._since_barrier = []
+            else:
+                waits = [self._barrier] if self._barrier is not None else []
+                self._since_barrier.append(self._pool.submit(self._run, waits, fn, args))
+
+    def _run(self, waits, fn, args) -> None:
+        for f in waits:
+            f.exception()  # wait; a failure there is recorded in self.error
+        if self.error is not None:
+            return  # dropped: a write after a failed one never lands (above all not a commit)
+        try:
+            fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - kept for settle() on the writer's thread
+            with self._lock:
+                self.error = self.error or exc
+
+    def wait(self) -> None:
+        with self._lock:
+            futures = [f for f in (self._barrier, *self._since_barrier) if f is not None]
+        for f in futures:
+            f.exception()
+
+    def settle(self) -> None:
+        with self._lock:
+            futures = [f for f in (self._barrier, *self._since_barrier) if f is not None]
+        for f in futures:
+            f.exception()
+        with self._lock:
+            if futures:
+                self._barrier, self._since_barrier = None, []
+            error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+_writing: "weakref.WeakValueDictionary[str, StoreWriter]" = weakref.WeakValueDictionary()
+
+
+def wait_for_local_writes(path) -> None:
+    """Read your own writes: a store this process is writing is brought up to date before it is read.
+
+    A capture's last batch is committed shortly after the forward returns (a writer thread's queue,
+    the background disk writes); another process sees the store at its previous commit until then
+    (always consistent), and this one waits for it.
+    """
+    writer = _writing.get(os.path.realpath(os.fspath(path)))
+    if writer is not None:
+        writer.wait()
+
+
+def _put_buffered(path, value, exclusive: bool = False) -> None:
+    """zarr's own local write: a temporary file renamed over the target."""
+    from zarr.storage._local import _put
+
+    _put(path, value, exclusive=exclusive)
 
 
 def writable_store(target, storage_options: dict | None = None):
@@ -312,6 +466,7 @@ class StoreWriter:
         self.found_sequences = 0
         self.capacity = 0
         self._arrays: dict[str, zarr.Array] = {}
+        self.drain: Callable[[], None] | None = None  # waits for batches queued ahead of this writer
         exists = store_exists(target, storage_options)
         if exists and overwrite and not is_streamtap_store(self.store):
             raise StoreExistsError(
@@ -338,6 +493,8 @@ class StoreWriter:
             self._remove_empty_dir()
             raise
         self._lock = lock
+        if _is_path(self.target):  # this process's readers of the store wait for what it was handed
+            _writing[os.path.realpath(os.fspath(self.target))] = self
 
     def unlock(self) -> None:
         """Release the lock; a directory that only the lock had created goes with it."""
@@ -471,6 +628,7 @@ class StoreWriter:
         committed before (chunks are written whole to a temporary name and renamed, and the commit
         comes last). Before writing, the writer checks that its lock is still its own.
         """
+        self.settle()  # the previous batch's background writes: done, or their failure raised here
         if self._lock is not None:
             self._lock.check()
         n = len(batch["seq"])
@@ -479,13 +637,14 @@ class StoreWriter:
         try:
             if end > self.capacity:
                 self._grow(end)
-            for name, array in self._arrays.items():
-                if name in batch:
-                    array[start:end] = batch[name]
-            sequences = self.sequences + n_sequences
-            # one write of zarr.json: ``group.attrs.update`` would write it once per key, and a kill between
-            # those writes left a committed token count without its sequence count (found by bench_crash)
-            self.group.update_attributes({**(attrs or {}), COMMITTED_TOKENS: end, COMMITTED_SEQUENCES: sequences})
+            with self._deferred():  # a local store writes the chunks and the commit in the background
+                for name, array in self._arrays.items():
+                    if name in batch:
+                        array[start:end] = batch[name]
+                sequences = self.sequences + n_sequences
+                # one write of zarr.json: ``group.attrs.update`` would write it once per key, and a kill
+                # between those writes left a committed token count without its sequence count (bench_crash)
+                self.group.update_attributes({**(attrs or {}), COMMITTED_TOKENS: end, COMMITTED_SEQUENCES: sequences})
         except Exception as exc:
             self._interrupted = False  # an error, not an interruption: zarr's I/O for it has ended
             if isinstance(exc, OSError) and _is_full(exc):
@@ -493,6 +652,38 @@ class StoreWriter:
             raise
         self._interrupted = False
         self.tokens, self.sequences = end, sequences
+
+    def wait(self) -> None:
+        """Wait until every batch handed to this writer is committed (errors stay the writer's to raise)."""
+        if self.drain is not None:
+            self.drain()
+        wait = getattr(self.store, "wait", None)
+        if wait is not None:
+            wait()
+
+    def _deferred(self):
+        deferred = getattr(self.store, "deferred", None)
+        return deferred() if deferred is not None else contextlib.nullcontext()
+
+    def settle(self) -> None:
+        """Wait until every batch :meth:`write` returned from is on disk and committed.
+
+        A batch whose background writes failed was never committed (its commit is dropped): the
+        counts go back to what the store holds and the failure is raised, a full disk as
+        :class:`~streamtap.errors.StoreFullError`.
+        """
+        settle = getattr(self.store, "settle", None)
+        if settle is None:
+            return
+        try:
+            settle()
+        except Exception as exc:
+            attrs = dict(zarr.open_group(self.store, mode="r", zarr_format=3).attrs)
+            self.tokens = int(attrs.get(COMMITTED_TOKENS, self.found_tokens))
+            self.sequences = int(attrs.get(COMMITTED_SEQUENCES, self.found_sequences))
+            if isinstance(exc, OSError) and _is_full(exc):
+                raise self._full(exc, "while writing a batch in the background") from exc
+            raise
 
     def _full(self, exc: OSError, doing: str) -> StoreFullError:
         err = StoreFullError(
@@ -514,8 +705,22 @@ class StoreWriter:
 
     def close(self) -> None:
         """Trim capacity to what is committed, so plain ``xarray.open_zarr`` sees only real tokens."""
-        if self.group is None or self._interrupted:
-            return  # an interrupted write may still be landing: leave the capacity (readers stop at the commit)
+        if self.group is None:
+            return
+        failed = None
+        try:
+            self.settle()  # the last batch's background writes (a failure there is raised after the trim)
+        except Exception as exc:
+            failed = exc
+        finally:
+            if isinstance(self.store, DirectLocalStore):
+                self.store.stop_background()
+        if not self._interrupted:  # an interrupted write may still be landing: leave the capacity
+            self._trim()
+        if failed is not None:
+            raise failed
+
+    def _trim(self) -> None:
         try:
             for arr in self._arrays.values():
                 if arr.shape[0] != self.tokens:

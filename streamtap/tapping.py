@@ -26,7 +26,7 @@ from .ranks import process_rank, rank_store, shard
 from .store import committed_sequences
 from .store import (LOSSY_DTYPES, LOSSY_ERROR_TOKENS, SCHEMA_VERSION, StoreSpec, StoreWriter, VariableSpec,
                     describe_config, fingerprint)
-from .writer import DEFAULT_DEPTH, CudaStager, bound_allocator, Job, Pipeline, choose_mode, make_pipeline
+from .writer import DEFAULT_DEPTH, BufferPool, BufferSet, CudaStager, bound_allocator, Job, Pipeline, choose_mode, make_pipeline
 
 # stored exactly even in a lossy store: the reference the lossy terms are measured against, the
 # frozen norm scales every term through a norm is multiplied by, and integer indices
@@ -75,6 +75,10 @@ class _SidedCache:
 
     def __getitem__(self, path: str) -> "_SidedEntry":
         return _SidedEntry(self, path)
+
+    def clear(self) -> None:
+        """Let the cached activations go once the batch's terms are copied out of them."""
+        self._inputs = self._outputs = None
 
 
 class _SidedEntry:
@@ -134,6 +138,7 @@ class Tap:
         self.break_lock = break_lock
         self.pipeline: Pipeline | None = None
         self._stager: CudaStager | None = None
+        self._pool: BufferPool | None = None  # host buffers the per-layer terms are stacked into
         self._next_sequence = 0
         self._W_O = None
         self.max_positions = _max_positions(self.module.config)
@@ -396,14 +401,21 @@ class Tap:
         return input_ids, mask
 
     # -- one batch ------------------------------------------------------------------------------
-    def _terms(self, cache, clones: dict, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The batch's real tokens of every stored per-token variable, still on the model's device."""
+    def _terms(self, cache, clones: dict, mask: torch.Tensor, buffers: BufferSet | None) -> dict[str, torch.Tensor]:
+        """The batch's real tokens of every stored per-token variable.
+
+        Per-layer terms are copied once, layer by layer, straight into ``buffers`` (reused host
+        buffers, see :class:`~streamtap.writer.BufferPool`) when the model runs on the CPU, or into
+        new tensors on the model's device; the other variables are views of the cache when no token
+        is padding.
+        """
         b = self.bound
         flat = mask.reshape(-1)
-        index = None if bool(flat.all()) else flat.nonzero().squeeze(1)
+        n = int(flat.sum())
+        index = None if n == flat.numel() else flat.nonzero().squeeze(1)
         index_on: dict = {}
 
-        def real(key: str) -> torch.Tensor:
+        def source(key: str) -> torch.Tensor:
             if key in clones:
                 value = clones[key]
             else:
@@ -416,21 +428,38 @@ class Tap:
                 value = value.reshape(*mask.shape, *value.shape[1:])  # blocks that flatten tokens (OPT's MLP)
             elif value.shape[0] != mask.shape[0]:  # position embeddings broadcast over the batch
                 value = value.expand(mask.shape[0], *value.shape[1:])
-            value = value.reshape(flat.numel(), *value.shape[2:])
-            if index is None:  # no padding: a view (the per-layer terms are copied once, by the stack)
-                # a view is safe to hand to the writer: after the forward nothing writes to these
-                # tensors (outputs the model changes in place during it come from ``clones``)
-                return value
+            return value.reshape(flat.numel(), *value.shape[2:])
+
+        def real(key: str, into: torch.Tensor | None = None) -> torch.Tensor:
+            value = source(key)
+            if index is None:
+                # no padding: a view is safe to hand to the writer, since after the forward nothing
+                # writes to these tensors (outputs the model changes in place come from ``clones``)
+                return value if into is None else into.copy_(value)
             if value.device not in index_on:
                 index_on[value.device] = index.to(value.device, non_blocking=True)
-            return value.index_select(0, index_on[value.device])
+            if into is None:
+                return value.index_select(0, index_on[value.device])
+            return torch.index_select(value, 0, index_on[value.device], out=into)
+
+        def stacked(name: str, keys: list[str], shape: tuple[int, ...] | None = None) -> torch.Tensor:
+            probe = source(keys[0])
+            tail = shape or tuple(probe.shape[1:])
+            full = (n, len(keys), *tail)
+            if buffers is not None and probe.device.type == "cpu":
+                dst = buffers.take(name, full, probe.dtype)
+            else:
+                dst = torch.empty(full, dtype=probe.dtype, device=probe.device)
+            for i, key in enumerate(keys):
+                real(key, into=dst[:, i].view(n, *probe.shape[1:]) if shape else dst[:, i])
+            return dst
 
         L, H, dh = b.n_layers, b.n_heads, b.d_head
         out = {var: real(var) for var in b.layout.embeds if var in b.taps}
-        out["z"] = torch.stack([real(f"z.{l}").reshape(-1, H, dh) for l in range(L)], dim=1)
-        out["mlp_out"] = torch.stack([real(f"mlp_out.{l}") for l in range(L)], dim=1)
+        out["z"] = stacked("z", [f"z.{l}" for l in range(L)], shape=(H, dh))
+        out["mlp_out"] = stacked("mlp_out", [f"mlp_out.{l}" for l in range(L)])
         if self.neurons:
-            out["neuron_act"] = torch.stack([real(f"neuron_act.{l}") for l in range(L)], dim=1)
+            out["neuron_act"] = stacked("neuron_act", [f"neuron_act.{l}" for l in range(L)])
         if b.moe:
             out.update(self._expert_terms(cache, mask))
         if b.norms:
@@ -487,14 +516,26 @@ class Tap:
         on the model's device), the optional messages and lossy cast, and on a GPU the launch of the
         asynchronous copy to pinned host memory. Compression and chunk writes happen in the writer.
         """
-        out = self._terms(cache, clones, mask)
+        if self._pool is None:
+            self._pool = BufferPool(sets=self.queue_depth + 2)
+        buffers = self._pool.acquire()
+        try:
+            out = self._terms(cache, clones, mask, buffers)
+            cache.clear()  # the writer needs only the terms: the cache's batch of activations goes now
+            clones.clear()
+            return self._hand_over(out, buffers, input_ids, mask, seq, pos, n_sequences)
+        except BaseException:
+            buffers.release()
+            raise
+
+    def _hand_over(self, out, buffers, input_ids, mask, seq, pos, n_sequences) -> int:
         on_gpu = out["resid_final"].device.type == "cuda"
         if not on_gpu:  # a GPU batch is checked by the writer, once it is on the host: no sync here
             self._check_finite(out, mask)
         if self.materialize:
-            out["messages"] = self._messages(out["z"])
+            out["messages"] = self._messages(out["z"], buffers)
         if self.store_dtype is not None:
-            out = self._lossy(out, check=not on_gpu)
+            out = self._lossy(out, check=not on_gpu, buffers=buffers)
         if self._spec is None:
             self._spec = self._make_spec(out)
             mode = choose_mode(self.writer_mode, out["resid_final"].device)
@@ -521,29 +562,49 @@ class Tap:
             if self._stager is None:
                 self._stager = CudaStager(out["resid_final"].device, sets=self.queue_depth + 2)
             host, event, release = self._stager.stage(out)
-            job = Job(host, n_seq, ready=event, release=release, extra=coords,
+            job = Job(host, n_seq, ready=event, release=lambda: (release(), buffers.release()), extra=coords,
                       check=lambda arrays, mask=mask: self._check_host(arrays, mask))
         else:
-            job = Job(out, n_seq, extra=coords)
-        self.pipeline.submit(job)  # blocks while the writer is queue_depth batches behind
+            job = Job(out, n_seq, extra=coords, release=buffers.release)
+        del out
+        self.pipeline.submit(job)  # blocks while the writer is queue_depth batches behind; releases the buffers
         self._next_sequence += n_seq
         return first
 
-    def _messages(self, z: torch.Tensor) -> torch.Tensor:
-        """Materialized messages, z @ W_O per head, on the model's device (float32 sum, stored dtype)."""
+    def _messages(self, z: torch.Tensor, buffers: BufferSet | None) -> torch.Tensor:
+        """Materialized messages, z @ W_O per head (float32 sums, stored in z's dtype).
+
+        One batched product per layer written straight into its slot of the (reused) buffer: a
+        single einsum into a new array took 2.7x as long here, most of it faulting in the array.
+        """
         if self._W_O is None or self._W_O.device != z.device:
             W_O = self.bound.static_weights(neurons=False, attention=False)["W_O"][1]
             self._W_O = W_O.detach().to(z.device, torch.float32)
-        return torch.einsum("tlhd,lhdm->tlhm", z.float(), self._W_O).to(z.dtype)
+        W = self._W_O
+        shape = (z.shape[0], *W.shape[:2], W.shape[-1])  # token, layer, head, d_model
+        if buffers is not None and z.device.type == "cpu":
+            dst = buffers.take("messages", shape, z.dtype)
+        else:
+            dst = torch.empty(shape, dtype=z.dtype, device=z.device)
+        for layer in range(W.shape[0]):
+            by_head = z[:, layer].transpose(0, 1)  # head, token, d_head
+            if z.dtype == torch.float32:
+                torch.bmm(by_head, W[layer], out=dst[:, layer].transpose(0, 1))
+            else:
+                dst[:, layer] = torch.bmm(by_head.float(), W[layer]).transpose(0, 1)
+        return dst
 
-    def _lossy(self, out: dict[str, torch.Tensor], check: bool) -> dict[str, torch.Tensor]:
+    def _lossy(self, out: dict[str, torch.Tensor], check: bool, buffers: BufferSet | None) -> dict[str, torch.Tensor]:
         """Cast the terms to the lossy store dtype; the final residual (the reference) stays exact."""
         cast = {}
         for name, t in out.items():
             if name in EXACT_ALWAYS or not t.is_floating_point():
                 cast[name] = t
                 continue
-            cast[name] = t.to(self.store_dtype)
+            if buffers is not None and t.device.type == "cpu":
+                cast[name] = buffers.take(f"{name}.stored", tuple(t.shape), self.store_dtype).copy_(t)
+            else:
+                cast[name] = t.to(self.store_dtype)
             if check and not bool(torch.isfinite(cast[name]).all()):
                 raise StreamtapError(self._range_message(name, t))
         return cast
@@ -809,7 +870,7 @@ def self_check(the_tap: Tap, n_tokens: int = 8) -> float:
     with torch.no_grad():
         _, cache, clones = the_tap._traced((), {"input_ids": ids, "attention_mask": mask},
                                            sorted(set(the_tap._paths) | set(blocks)))
-        terms = {k: v.double() for k, v in the_tap._terms(cache, clones, mask.bool()).items()}
+        terms = {k: v.double() for k, v in the_tap._terms(cache, clones, mask.bool(), None).items()}
         entering = [cache[p].input[0].double() for p in blocks]
     if not bool(torch.isfinite(terms["resid_final"]).all()):
         # a broken model, not a broken layout: the first real batch reports where it goes non-finite

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -20,7 +21,9 @@ CHILD = textwrap.dedent("""
     from streamtap.models import tiny_model
     sys.path.insert(0, {tests!r})
     from _crash import CORPUS
-    st.capture(tiny_model("llama"), CORPUS, {path!r}, batch_size=2, resume=True)
+    model = tiny_model("llama")
+    print("capturing", flush=True)  # start-up done: see wait_for_a_commit
+    st.capture(model, CORPUS, {path!r}, batch_size=2, resume=True)
     print("finished", flush=True)
 """)
 
@@ -45,6 +48,12 @@ def start_capture(path: str, *, stderr=subprocess.DEVNULL) -> subprocess.Popen:
 def wait_for_a_commit(child: subprocess.Popen, path: str, start: int, timeout: float = 120.0) -> None:
     """Return once ``child`` has committed a batch beyond ``start`` sequences: it is in its write loop."""
     deadline = time.monotonic() + timeout
+    # The child's start-up (imports, the model) writes nothing: wait for its "capturing" line, then poll.
+    # Polling all along cost as much as the child's start-up itself on S3 (a request every few ms, served
+    # in this process). A child that dies first ends the pipe, which wakes select at once; the deadline holds.
+    if child.stdout is not None:
+        if select.select([child.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            child.stdout.readline()
     while committed(path) == start and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
 

@@ -281,8 +281,22 @@ def test_break_lock_takes_over_a_lock_from_another_host(text_file, tmp_path):
     assert number(fields(result.stdout)["sequences"]) == len(DOCS) and not (out / LOCK_KEY).exists()
 
 
+@pytest.fixture(scope="module")
+def long_text(tmp_path_factory):
+    """400 lines, and an uninterrupted capture of them with capture's default options: the store that a
+    resumed one must equal. Made once, for both writers below (it does not depend on the writer)."""
+    root = tmp_path_factory.mktemp("long")
+    text = root / "long.txt"
+    words = "the quick brown fox jumps over a lazy dog while heads write messages".split()
+    text.write_text("\n".join(" ".join(words[(i + j) % len(words)] for j in range(3 + i % 9)) for i in range(400)))
+    whole = root / "whole.zarr"
+    assert invoke("capture", "--model", "tiny:llama", "--text", text, "--out", whole).exit_code == 0
+    return text, whole
+
+
+@pytest.mark.xdist_group("ctrl_c")  # in parallel runs, both on one worker: long_text is made once
 @pytest.mark.parametrize("writer", ["inline", "thread"])
-def test_ctrl_c_leaves_a_store_that_opens_verifies_and_resumes(writer, tmp_path):
+def test_ctrl_c_leaves_a_store_that_opens_verifies_and_resumes(writer, long_text, tmp_path):
     import signal
     import subprocess
     import sys
@@ -291,9 +305,7 @@ def test_ctrl_c_leaves_a_store_that_opens_verifies_and_resumes(writer, tmp_path)
     import streamtap as st
     from streamtap.lock import LOCK_KEY
 
-    text = tmp_path / "long.txt"
-    words = "the quick brown fox jumps over a lazy dog while heads write messages".split()
-    text.write_text("\n".join(" ".join(words[(i + j) % len(words)] for j in range(3 + i % 9)) for i in range(400)))
+    text, whole_store = long_text
     out = tmp_path / "run.zarr"
     args = ["capture", "--model", "tiny:llama", "--text", str(text), "--out", str(out), "--batch-size", "2"]
     child = subprocess.Popen([sys.executable, "-m", "streamtap.cli", *args, "--writer", writer],
@@ -323,8 +335,7 @@ def test_ctrl_c_leaves_a_store_that_opens_verifies_and_resumes(writer, tmp_path)
     result = invoke(*args, "--resume")
     assert result.exit_code == 0, result.output
     assert number(fields(result.stdout)["sequences"]) == 400 - done
-    assert invoke(*args[:-4], "--out", tmp_path / "whole.zarr").exit_code == 0
-    resumed, whole = st.open(out), st.open(tmp_path / "whole.zarr")
+    resumed, whole = st.open(out), st.open(whole_store)
     for name in ("seq", "pos", "token_id"):
         assert (resumed[name].values == whole[name].values).all(), name
     st.verify(resumed)

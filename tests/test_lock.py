@@ -71,15 +71,17 @@ def test_the_lock_is_released_when_the_block_raises_and_a_never_written_store_le
     assert st.open(path).attrs["committed_tokens"] == 4
 
 
-def test_readers_open_a_store_while_it_is_being_written(tmp_path, recwarn):
+@pytest.mark.parametrize("writer", ["inline", "thread"])
+def test_readers_open_a_store_while_it_is_being_written(writer, tmp_path, recwarn):
     model = tiny_model("llama")
     path = tmp_path / "s.zarr"
-    with st.tap(model, path):
-        run(model, *padded_batch(model.config.vocab_size, [6, 2]))
-        assert os.path.exists(path / LOCK_KEY)
-        ds = st.open(path)
-        assert ds.sizes["token"] == 8
-        st.verify(ds)
+    with st.tap(model, path, writer=writer):
+        for k in range(1, 4):  # this process reads its own writes, even those still queued or landing
+            run(model, *padded_batch(model.config.vocab_size, [6, 2]))
+            assert os.path.exists(path / LOCK_KEY)
+            ds = st.open(path)
+            assert ds.sizes["token"] == 8 * k
+            st.verify(ds)
     assert not [w for w in recwarn if LOCK_KEY in str(w.message)]  # st.open hides zarr's note on the lock key
 
 

@@ -359,3 +359,83 @@ def test_the_allocator_is_bounded_once_per_process_unless_the_user_chose():
     assert run({}) == ["True", "False"]                                   # pinned once, then left alone
     assert run({"MALLOC_MMAP_THRESHOLD_": "65536"}) == ["False", "False"]  # the user's own setting wins
     assert run({"STREAMTAP_MALLOC_TUNING": "0"}) == ["False", "False"]
+
+
+def test_background_writes_land_the_commit_after_its_chunks_and_drop_it_after_a_failure():
+    from streamtap.store import BackgroundWrites
+
+    order, gate = [], threading.Event()
+
+    def chunk(name, wait=False, fail=False):
+        if wait:
+            gate.wait(5)
+        if fail:
+            raise OSError(28, "No space left on device")
+        order.append(name)
+
+    bg = BackgroundWrites(workers=4)
+    bg.submit(chunk, "c0", True, barrier=False)  # held until the gate opens
+    bg.submit(chunk, "c1", barrier=False)
+    bg.submit(chunk, "commit1", barrier=True)
+    bg.submit(chunk, "c2", barrier=False)
+    time.sleep(0.2)
+    assert order == ["c1"]  # the commit waits for c0, and c2 (the next batch) for the commit
+    gate.set()
+    bg.settle()
+    assert order == ["c1", "c0", "commit1", "c2"]
+
+    order.clear()
+    bg.submit(chunk, "c3", False, True, barrier=False)  # a chunk that fails
+    bg.submit(chunk, "c4", barrier=False)
+    bg.submit(chunk, "commit2", barrier=True)
+    bg.submit(chunk, "c5", barrier=False)
+    with pytest.raises(OSError, match="No space"):
+        bg.settle()
+    assert "commit2" not in order and "c5" not in order  # never a commit without its chunks
+    bg.settle()  # raised once; the writer has taken it
+    bg.shutdown()
+
+
+def test_the_forward_returns_before_its_chunks_reach_the_disk_and_reads_wait_for_them(tmp_path, monkeypatch):
+    """On a local store the model's thread only encodes; the disk write overlaps the next forward."""
+    from streamtap import store as store_mod
+
+    landed, release, hold = [], threading.Event(), threading.Event()
+    original = store_mod._put_direct
+
+    def slow_disk(path, data):
+        if hold.is_set():
+            release.wait(10)
+            landed.append(path.name)
+        return original(path, data)
+
+    monkeypatch.setattr(store_mod, "_put_direct", slow_disk)
+    model = _wide_model()
+    ids = torch.randint(1, 256, (2, 40), generator=torch.Generator().manual_seed(2))
+    path = tmp_path / "s.zarr"
+    with st.tap(model, path, check=False, writer="inline") as tap:
+        run(model, ids, torch.ones_like(ids))  # creates the store (its weights are written at once)
+        assert st.open(path).sizes["token"] == 80
+        hold.set()
+        run(model, ids, torch.ones_like(ids))  # returns although no chunk file could be written yet
+        assert not landed
+        on_disk = zarr.open_group(str(path), mode="r").attrs["committed_tokens"]
+        assert on_disk == 80  # the commit waits for its chunks: other readers see the previous batch
+        threading.Timer(0.3, release.set).start()
+        assert st.open(path).sizes["token"] == 160  # this process reads its own writes
+        assert landed
+    assert tap.tokens == 160
+    st.verify(st.open(path))
+
+
+def test_batches_reuse_a_bounded_set_of_host_buffers(tmp_path):
+    model = tiny_model("gpt2")
+    seen = []
+    with st.tap(model, tmp_path / "s.zarr", writer="inline") as tap:
+        for length in (6, 5, 6):  # the same capacity serves a shorter batch
+            ids, mask = padded_batch(model.config.vocab_size, [length, 3])
+            run(model, ids, mask)
+            (buffers,) = list(tap._pool.free.queue)
+            seen.append(buffers.buffers["z"].data_ptr())
+    assert tap._pool.created == 1 and len(set(seen)) == 1
+    st.verify(st.open(tmp_path / "s.zarr"))
