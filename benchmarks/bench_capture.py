@@ -1,6 +1,6 @@
 """Capture cost side by side, one command, one run: plain forward, nnsight, TransformerLens, streamtap.
 
-    python benchmarks/bench_capture.py [--batch 8] [--seq 256] [--batches 5] [--skip-smollm2]
+    python benchmarks/bench_capture.py [--batch 8] [--seq 256] [--batches 5] [--rounds 1] [--skip-smollm2]
                                        [--skip-memory] [--device cpu|cuda] [--dir DIR]
 
 For a GPT-2-small-shaped random model (12 layers, 12 heads, d_model 768) and for SmolLM2-135M, each
@@ -241,6 +241,7 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--memory-tokens", type=int, default=100_000)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--rounds", type=int, default=1, help="run the cases this many times, taking turns")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
@@ -267,11 +268,16 @@ def main() -> None:
         models = ["gpt2"] + ([] if args.skip_smollm2 else ["smollm2"])
         results = []
         for model in models:
-            for case in args.cases.split(","):
-                r = _child(["--case", case, "--model", model, *common])
-                results.append(r)
-                print(f"  {model:8s} {case:24s} median {r['median']:.3f} s  mean {r['mean']:.3f} s  "
-                      f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+            rounds: dict[str, list[dict]] = {}
+            for i in range(args.rounds):  # the cases take turns, so a drift of the machine's speed hits them alike
+                for case in args.cases.split(","):
+                    r = _child(["--case", case, "--model", model, *common])
+                    rounds.setdefault(case, []).append(r)
+                    print(f"  {model:8s} {case:24s} round {i + 1}: median {r['median']:.3f} s  mean {r['mean']:.3f} s  "
+                          f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+            for case, runs in rounds.items():  # the round with the median time stands for the case
+                runs.sort(key=lambda r: r["mean"] if case.startswith("streamtap") else r["median"])
+                results.append(runs[(len(runs) - 1) // 2])
         memory = {}
         if not args.skip_memory:
             for allocator, env in (("streamtap's default: mmap threshold pinned at 1 MiB", {}),
@@ -287,7 +293,8 @@ def main() -> None:
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {dev}; batch {args.batch} x {args.seq} tokens, median of "
-          f"{args.batches} batches after a warm-up; load average {load_start:.2f} at start, {load_end:.2f} at end.")
+          f"{args.batches} batches after a warm-up; each case the median of {args.rounds} round(s), the cases taking "
+          f"turns; load average {load_start:.2f} at start, {load_end:.2f} at end.")
     print(f"Disk write bandwidth (sequential, same run): {disk_probe['buffered + fsync'] / 1e9:.2f} GB/s buffered "
           f"with fsync, {disk_probe['O_DIRECT'] / 1e9:.2f} GB/s O_DIRECT before the cases; "
           f"{disk_after / 1e9:.2f} GB/s (the better of the two) after them.\n")

@@ -218,31 +218,42 @@ def sigint_deferred():
             raise KeyboardInterrupt
 
 
-MMAP_THRESHOLD = 1 << 20
+MMAP_THRESHOLD = 1 << 20        # the default: every block above it is a mapping, returned when freed
+FAST_MMAP_THRESHOLD = 512 << 20  # STREAMTAP_MALLOC_TUNING=fast: blocks below it reused from the heap
 _allocator_bounded = False
 
 
 def bound_allocator() -> bool:
-    """Keep a long capture's peak RSS flat: glibc ``mallopt(M_MMAP_THRESHOLD, 1 MiB)``, once per process.
+    """Keep a long capture's peak RSS flat: glibc's ``mallopt(M_MMAP_THRESHOLD)``, once per process.
 
-    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
-    every batch's multi-megabyte term and chunk buffers come from heap arenas that fragment and
-    never shrink: measured here (benchmarks/bench_capture.py), peak RSS grew by 172 MiB from a
-    10k- to a 100k-token capture with glibc's defaults and by 6 MiB with the threshold pinned at
-    1 MiB. A user's own ``MALLOC_MMAP_THRESHOLD_`` wins, and ``STREAMTAP_MALLOC_TUNING=0`` leaves
-    the allocator alone. Returns whether the threshold was set by this call.
+    Measured here on the GPT-2-small shape, 8 x 256 tokens (docs/pipeline.md, "Memory"):
+
+    - glibc's defaults raise the mmap threshold each time a large block is freed (up to 32 MiB);
+      the heaps then keep what the batches free, and a 100k-token capture peaked 254-736 MiB above
+      a 10k one (two runs);
+    - pinned at 1 MiB (the default here) the peak stayed flat (-159 and +6 MiB on two machines)
+      but every activation is a fresh mapping whose pages fault in on each forward: the forward
+      itself took 20% longer;
+    - pinned at 512 MiB (``STREAMTAP_MALLOC_TUNING=fast``) the activations are reused from the heap
+      and the forward runs at glibc's speed or better, but the peak moved by -21 and +852 MiB.
+
+    Flat memory wins by default, since a capture may run for days; ``fast`` is for captures short
+    enough that the growth does not matter. A user's own ``MALLOC_MMAP_THRESHOLD_`` wins, and
+    ``STREAMTAP_MALLOC_TUNING=0`` leaves the allocator alone. Returns whether this call set it.
     """
     global _allocator_bounded
     if _allocator_bounded or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    if os.environ.get("STREAMTAP_MALLOC_TUNING", "1").lower() in ("0", "false", "no", "off"):
+    tuning = os.environ.get("STREAMTAP_MALLOC_TUNING", "1").lower()
+    if tuning in ("0", "false", "no", "off"):
         return False
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
         M_MMAP_THRESHOLD = -3
-        _allocator_bounded = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+        threshold = FAST_MMAP_THRESHOLD if tuning == "fast" else MMAP_THRESHOLD
+        _allocator_bounded = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to tune
         return False
     return _allocator_bounded
@@ -275,10 +286,10 @@ def make_pipeline(writer, mode: str, device: torch.device, depth: int = DEFAULT_
 class BufferPool:
     """A bounded pool of host buffer sets that captured batches are written into and reused from.
 
-    Filling fresh arrays each batch costs more than the copy itself: with glibc's mmap threshold
-    bounded (:func:`bound_allocator`), every batch-sized array is a fresh mapping whose pages fault
-    in one by one; measured here, stacking a GPT-2-small batch's 12 layers of z into a new array
-    took 5x as long as into a reused one (0.106 s vs 0.020 s per 2,048 tokens). The pool holds at
+    Filling fresh arrays each batch can cost more than the copy itself: a batch-sized array above
+    the allocator's mmap threshold is a fresh mapping whose pages fault in one by one; measured
+    here, stacking a GPT-2-small batch's 12 layers of z into a new array took 5x as long as into a
+    reused one (0.106 s vs 0.020 s per 2,048 tokens). The pool holds at
     most ``sets`` sets (the batch being produced, the queued ones and the one being written), so its
     memory is bounded too; a set is taken by :meth:`acquire` and comes back through the job's
     ``release`` once the batch is written. ``pinned``: page-locked buffers, for non-blocking copies

@@ -359,6 +359,7 @@ def test_the_allocator_is_bounded_once_per_process_unless_the_user_chose():
     assert run({}) == ["True", "False"]                                   # pinned once, then left alone
     assert run({"MALLOC_MMAP_THRESHOLD_": "65536"}) == ["False", "False"]  # the user's own setting wins
     assert run({"STREAMTAP_MALLOC_TUNING": "0"}) == ["False", "False"]
+    assert run({"STREAMTAP_MALLOC_TUNING": "fast"}) == ["True", "False"]  # the heap-reusing threshold
 
 
 def test_background_writes_land_the_commit_after_its_chunks_and_drop_it_after_a_failure():
