@@ -261,10 +261,10 @@ class DirectLocalStore(LocalStore):
     _deferring = False
 
     async def _set(self, key: str, value, exclusive: bool = False) -> None:
+        if not self._is_open:
+            await self._open()
+        self._check_writable()
         if self._deferring and not exclusive:
-            if not self._is_open:
-                await self._open()
-            self._check_writable()
             self._background.submit(self._write_now, key, value, barrier="/c/" not in key)
             return
         await asyncio.to_thread(self._write_now, key, value, exclusive)
@@ -374,17 +374,16 @@ class BackgroundWrites:
             with self._lock:
                 self.error = self.error or exc
 
-    def wait(self) -> None:
+    def wait(self) -> list:
+        """Wait for every write handed over so far; returns their futures."""
         with self._lock:
             futures = [f for f in (self._barrier, *self._since_barrier) if f is not None]
         for f in futures:
             f.exception()
+        return futures
 
     def settle(self) -> None:
-        with self._lock:
-            futures = [f for f in (self._barrier, *self._since_barrier) if f is not None]
-        for f in futures:
-            f.exception()
+        futures = self.wait()
         with self._lock:
             if futures:
                 self._barrier, self._since_barrier = None, []
