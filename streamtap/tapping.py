@@ -253,6 +253,9 @@ class Tap:
             finally:
                 self._snapshot.restore()
                 self.envoy = None
+                for pool in (self._pool, self._stager and self._stager.pool):
+                    if pool is not None:
+                        pool.clear()
 
     def _lossy_dtype(self, store_dtype) -> torch.dtype | None:
         if store_dtype is None:

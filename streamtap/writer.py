@@ -313,6 +313,15 @@ class BufferPool:
         taken.taken = True
         return taken
 
+    def clear(self) -> None:
+        """Let go of the free sets: a finished tap that the caller still holds (``tap.tokens``) must
+        not keep batches of buffers alive; a second tap in the same process would make its own."""
+        while True:
+            try:
+                self.free.get_nowait()
+            except queue.Empty:
+                return
+
 
 class BufferSet:
     """One batch's named buffers; :meth:`take` hands out a view of the batch's shape."""

@@ -439,4 +439,5 @@ def test_batches_reuse_a_bounded_set_of_host_buffers(tmp_path):
             (buffers,) = list(tap._pool.free.queue)
             seen.append(buffers.buffers["z"].data_ptr())
     assert tap._pool.created == 1 and len(set(seen)) == 1
+    assert tap._pool.free.empty()  # a finished tap that the caller still holds keeps no buffers alive
     st.verify(st.open(tmp_path / "s.zarr"))
