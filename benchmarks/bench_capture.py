@@ -45,6 +45,8 @@ LABELS = {
     "streamtap": "streamtap → Zarr, factored",
     "streamtap-materialized": "streamtap → Zarr, materialized messages",
 }
+# glibc's allocator as it comes and torch without huge pages: what a session without streamtap has
+GLIBC_DEFAULTS = {"STREAMTAP_MALLOC_TUNING": "0", "THP_MEM_ALLOC_ENABLE": "0"}
 MODELS = {"gpt2": "GPT-2-small shape (random)", "smollm2": "SmolLM2-135M"}
 
 
@@ -85,14 +87,16 @@ def _dir_bytes(path: str) -> int:
 
 def run_case(args) -> dict:
     """One case in this process; prints a JSON line."""
-    import torch
-
     if args.case != "plain-glibc":
-        # every case runs with the allocator setting a tap makes (streamtap.writer.bound_allocator), so
-        # that the ratios measure the capture and not the allocator; "plain-glibc" shows glibc's own
+        # every case runs with the allocator settings a tap makes (torch's huge pages, asked for when
+        # streamtap is imported before torch, and streamtap.writer.bound_allocator), so that the
+        # ratios measure the capture and not the allocator; "plain-glibc" shows glibc's own
+        import streamtap  # noqa: F401 - before torch
         from streamtap.writer import bound_allocator
 
         bound_allocator()
+    import torch
+
     base_rss = _rss()
     model = _load(args.model, args.device)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -188,6 +192,7 @@ def run_case(args) -> dict:
 
 def run_memory(args) -> dict:
     """Peak RSS of a streamtap capture of ``args.tokens`` tokens (factored, into Zarr)."""
+    import streamtap  # noqa: F401 - before torch (huge pages, see streamtap._hugepages)
     import nnsight  # noqa: F401 - imported before the baseline, like zarr: their code is not captured data
     import torch
     import zarr  # noqa: F401
@@ -271,7 +276,7 @@ def main() -> None:
             rounds: dict[str, list[dict]] = {}
             for i in range(args.rounds):  # the cases take turns, so a drift of the machine's speed hits them alike
                 for case in args.cases.split(","):
-                    r = _child(["--case", case, "--model", model, *common])
+                    r = _child(["--case", case, "--model", model, *common], GLIBC_DEFAULTS if case == "plain-glibc" else None)
                     rounds.setdefault(case, []).append(r)
                     print(f"  {model:8s} {case:24s} round {i + 1}: median {r['median']:.3f} s  mean {r['mean']:.3f} s  "
                           f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
@@ -280,8 +285,8 @@ def main() -> None:
                 results.append(runs[(len(runs) - 1) // 2])
         memory = {}
         if not args.skip_memory:
-            for allocator, env in (("streamtap's default: mmap threshold pinned at 1 MiB", {}),
-                                     ("glibc's defaults, STREAMTAP_MALLOC_TUNING=0", {"STREAMTAP_MALLOC_TUNING": "0"})):
+            for allocator, env in (("streamtap's default: mmap threshold pinned at 1 MiB, torch's huge pages", {}),
+                                     ("glibc's defaults, STREAMTAP_MALLOC_TUNING=0", GLIBC_DEFAULTS)):
                 memory[allocator] = [_child(["--tokens", str(tokens), "--model", "gpt2", *common], env)
                                      for tokens in (args.memory_tokens // 10, args.memory_tokens)]
         disk_after = disk_bandwidth(directory)["disk"]

@@ -11,6 +11,10 @@ environment that has streamtap installed, and torch, xarray and dask cost second
 
 from importlib import import_module
 
+from ._hugepages import ask_for_huge_pages
+
+ask_for_huge_pages()  # before anything imports torch: torch reads it once (see _hugepages)
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

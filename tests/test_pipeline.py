@@ -362,6 +362,21 @@ def test_the_allocator_is_bounded_once_per_process_unless_the_user_chose():
     assert run({"STREAMTAP_MALLOC_TUNING": "fast"}) == ["True", "False"]  # the heap-reusing threshold
 
 
+def test_torch_huge_pages_are_asked_for_only_before_torch_is_imported_and_never_over_the_user():
+    import subprocess
+    import sys
+
+    def run(code, **env):
+        base = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "STREAMTAP_MALLOC_TUNING")}
+        return subprocess.run([sys.executable, "-c", code + "; import os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"],
+                              capture_output=True, text=True, env={**base, **env}, check=True).stdout.split()[-1]
+
+    assert run("import streamtap") == "1"                # before torch: torch reads it at its first allocation
+    assert run("import torch, streamtap") == "None"      # too late to take effect: left unset, not claimed
+    assert run("import streamtap", THP_MEM_ALLOC_ENABLE="0") == "0"  # the user's own choice wins
+    assert run("import streamtap", STREAMTAP_MALLOC_TUNING="0") == "None"
+
+
 def test_background_writes_land_the_commit_after_its_chunks_and_drop_it_after_a_failure():
     from streamtap.store import BackgroundWrites
 
