@@ -231,9 +231,11 @@ def bound_allocator() -> bool:
     - glibc's defaults raise the mmap threshold each time a large block is freed (up to 32 MiB);
       the heaps then keep what the batches free, and a 100k-token capture peaked 254-736 MiB above
       a 10k one (two runs);
-    - pinned at 1 MiB (the default here) the peak stayed flat (-159 and +6 MiB on two machines)
-      but every activation is a fresh mapping whose pages fault in on each forward: the forward
-      itself took 20% longer;
+    - pinned at 1 MiB (the default here) the peak stayed flat (-159, +6 and +2 MiB on three
+      machines) but every activation is a fresh mapping whose pages fault in on each forward: the
+      forward itself took 20-30% longer with 4 KiB pages, and about as long as with glibc's
+      defaults with torch's huge pages (``streamtap._hugepages``, set when streamtap is imported
+      before torch);
     - pinned at 512 MiB (``STREAMTAP_MALLOC_TUNING=fast``) the activations are reused from the heap
       and the forward runs at glibc's speed or better, but the peak moved by -21 and +852 MiB.
 
