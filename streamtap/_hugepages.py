@@ -20,20 +20,17 @@ import os
 import sys
 
 VARIABLE = "THP_MEM_ALLOC_ENABLE"
-asked = False  # whether this import set it (for the benchmark's and `streamtap info`'s record)
+
+
+def malloc_tuning() -> str | None:
+    """``STREAMTAP_MALLOC_TUNING`` (lower case; "1" when unset), or None when it turns the tuning off."""
+    tuning = os.environ.get("STREAMTAP_MALLOC_TUNING", "1").lower()
+    return None if tuning in ("0", "false", "no", "off") else tuning
 
 
 def ask_for_huge_pages() -> bool:
     """Set ``THP_MEM_ALLOC_ENABLE=1`` for torch if torch has not been imported yet; returns whether it did."""
-    global asked
-    tuning = os.environ.get("STREAMTAP_MALLOC_TUNING", "1").lower()
-    if "torch" in sys.modules or VARIABLE in os.environ or tuning in ("0", "false", "no", "off"):
+    if "torch" in sys.modules or VARIABLE in os.environ or malloc_tuning() is None:
         return False
     os.environ[VARIABLE] = "1"
-    asked = True
     return True
-
-
-def torch_huge_pages() -> bool:
-    """Whether torch's CPU tensors get huge pages in this process (as far as the environment tells)."""
-    return os.environ.get(VARIABLE) == "1"

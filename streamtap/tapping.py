@@ -67,6 +67,15 @@ class _ModuleTreeSnapshot:
                     module.__dict__[key] = before[key]
 
 
+def _term_buffer(buffers: BufferSet | None, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    """Where a batch's term is written: the reused host buffer on the CPU, a new tensor on a device
+    (a GPU batch reaches the host through :class:`~streamtap.writer.CudaStager`'s pinned buffers)."""
+    if buffers is not None and device.type == "cpu":
+        return buffers.take(name, shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 class _SidedCache:
     """Two nnsight caches, one of module inputs and one of outputs, read as one: ``cache[path].input``."""
 
@@ -449,10 +458,7 @@ class Tap:
             probe = source(keys[0])
             tail = shape or tuple(probe.shape[1:])
             full = (n, len(keys), *tail)
-            if buffers is not None and probe.device.type == "cpu":
-                dst = buffers.take(name, full, probe.dtype)
-            else:
-                dst = torch.empty(full, dtype=probe.dtype, device=probe.device)
+            dst = _term_buffer(buffers, name, full, probe.dtype, probe.device)
             for i, key in enumerate(keys):
                 real(key, into=dst[:, i].view(n, *probe.shape[1:]) if shape else dst[:, i])
             return dst
@@ -585,10 +591,7 @@ class Tap:
             self._W_O = W_O.detach().to(z.device, torch.float32)
         W = self._W_O
         shape = (z.shape[0], *W.shape[:2], W.shape[-1])  # token, layer, head, d_model
-        if buffers is not None and z.device.type == "cpu":
-            dst = buffers.take("messages", shape, z.dtype)
-        else:
-            dst = torch.empty(shape, dtype=z.dtype, device=z.device)
+        dst = _term_buffer(buffers, "messages", shape, z.dtype, z.device)
         for layer in range(W.shape[0]):
             by_head = z[:, layer].transpose(0, 1)  # head, token, d_head
             if z.dtype == torch.float32:
@@ -604,10 +607,7 @@ class Tap:
             if name in EXACT_ALWAYS or not t.is_floating_point():
                 cast[name] = t
                 continue
-            if buffers is not None and t.device.type == "cpu":
-                cast[name] = buffers.take(f"{name}.stored", tuple(t.shape), self.store_dtype).copy_(t)
-            else:
-                cast[name] = t.to(self.store_dtype)
+            cast[name] = _term_buffer(buffers, f"{name}.stored", tuple(t.shape), self.store_dtype, t.device).copy_(t)
             if check and not bool(torch.isfinite(cast[name]).all()):
                 raise StreamtapError(self._range_message(name, t))
         return cast

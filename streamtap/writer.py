@@ -48,6 +48,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ._hugepages import malloc_tuning
+
 MODES = ("auto", "thread", "inline")
 DEFAULT_DEPTH = 1  # batches waiting in the queue; with the one being written and the one being
 #                    produced, at most three batches of captured terms are alive at once
@@ -246,8 +248,8 @@ def bound_allocator() -> bool:
     global _allocator_bounded
     if _allocator_bounded or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    tuning = os.environ.get("STREAMTAP_MALLOC_TUNING", "1").lower()
-    if tuning in ("0", "false", "no", "off"):
+    tuning = malloc_tuning()
+    if tuning is None:
         return False
     try:
         import ctypes
