@@ -50,6 +50,10 @@ CHUNK_TARGET_BYTES = 4 << 20              # chunks below ~1 MB collapse write th
 # activations (float32 1.08x, bfloat16/float16 1.07-1.26x) at ~1 GB/s per core; lz4 is twice as
 # fast but saves only 1-2%. Measured in benchmarks/bench_pipeline.py, numbers in docs/pipeline.md.
 COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", blocksize=1 << 20)
+# Which per-token arrays are compressed unless the capture says otherwise: only where it pays. On
+# real text float32 and float16 terms shrink 1.08x, and encoding them cost the model's thread
+# 0.2-0.3 s of a 2.2-3.3 s batch on a fast CPU (docs/pipeline.md, "Codec"); bfloat16 shrinks 1.27x.
+COMPRESSED_BY_DEFAULT = ("bfloat16",)
 LOSSY_DTYPES = ("float16", "bfloat16")   # what a capture may store instead of the compute dtype
 LOSSY_ERROR_TOKENS = 2048                # tokens of each end of a lossy store the capture measures
 
@@ -318,6 +322,13 @@ class DirectLocalStore(LocalStore):
         finally:
             self._deferring = False
 
+    def after_writes(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once every write handed over so far has landed or failed (now, if none is pending)."""
+        if self._background is None:
+            fn()
+        else:
+            self._background.submit(fn, barrier=True, always=True)
+
     def settle(self) -> None:
         """Wait for the background writes; raise the first that failed (once; later ones were dropped)."""
         if self._background is not None:
@@ -357,20 +368,21 @@ class BackgroundWrites:
         self._lock = threading.Lock()
         self.error: BaseException | None = None
 
-    def submit(self, fn, *args, barrier: bool) -> None:
+    def submit(self, fn, *args, barrier: bool, always: bool = False) -> None:
+        """``always``: run ``fn`` even after a failure (a release of the buffers the writes read)."""
         with self._lock:
             if barrier:
                 waits = [f for f in (self._barrier, *self._since_barrier) if f is not None]
-                self._barrier = self._pool.submit(self._run, waits, fn, args)
+                self._barrier = self._pool.submit(self._run, waits, fn, args, always)
                 self._since_barrier = []
             else:
                 waits = [self._barrier] if self._barrier is not None else []
-                self._since_barrier.append(self._pool.submit(self._run, waits, fn, args))
+                self._since_barrier.append(self._pool.submit(self._run, waits, fn, args, always))
 
-    def _run(self, waits, fn, args) -> None:
+    def _run(self, waits, fn, args, always: bool = False) -> None:
         for f in waits:
             f.exception()  # wait; a failure there is recorded in self.error
-        if self.error is not None:
+        if self.error is not None and not always:
             return  # dropped: a write after a failed one never lands (above all not a commit)
         try:
             fn(*args)
@@ -461,7 +473,8 @@ class StoreWriter:
         self._lock: StoreLock | None = None
         self._made_dir = False    # the lock created the directory of a store that was then never written
         self._interrupted = False  # a write that did not finish: its I/O may still be in flight
-        self.compress = True      # per-token arrays compressed (COMPRESSOR) or stored raw; set before prepare
+        self.compress: bool | None = None  # per-token arrays compressed (COMPRESSOR), raw, or by dtype
+        #                                     (None: COMPRESSED_BY_DEFAULT); set before prepare
         self.group: zarr.Group | None = None
         self.tokens = 0           # committed in the store, including what an append found there
         self.sequences = 0
@@ -576,7 +589,7 @@ class StoreWriter:
             np_dtype, logical = storage_dtype(var.dtype)
             group.create_array(
                 name, shape=(0, *var.tail), dtype=np_dtype, dimension_names=["token", *var.dims],
-                chunks=spec.chunks(name), compressors=COMPRESSOR if self.compress else None,
+                chunks=spec.chunks(name), compressors=COMPRESSOR if self._compressed(logical) else None,
                 fill_value=_fill(np_dtype),
                 attributes={STORED_DTYPE: logical, "coordinates": " ".join(self._coords(spec))},
             )
@@ -591,7 +604,10 @@ class StoreWriter:
         attrs.update({COMMITTED_TOKENS: 0, COMMITTED_SEQUENCES: 0})
         group.attrs.put(attrs)  # one write, replacing the creation marker
         self.group = group
-        self._arrays = {name: group[name] for name in (*spec.variables, *self._coords(spec))}
+        self._arrays = {name: _for_appends(group[name]) for name in (*spec.variables, *self._coords(spec))}
+
+    def _compressed(self, logical_dtype: str) -> bool:
+        return logical_dtype in COMPRESSED_BY_DEFAULT if self.compress is None else bool(self.compress)
 
     @staticmethod
     def _coords(spec: StoreSpec) -> list[str]:
@@ -615,22 +631,35 @@ class StoreWriter:
         # token text is kept where the store has it: an append with a tokenizer onto a store made
         # without one drops the text, one without a tokenizer onto a store with text leaves it ""
         names = [n for n in (*spec.variables, *COORDS) if n in group]
-        self._arrays = {name: group[name] for name in names}
+        self._arrays = {name: _for_appends(group[name]) for name in names}
         self.tokens = self.found_tokens = int(attrs[COMMITTED_TOKENS])
         self.sequences = self.found_sequences = int(attrs[COMMITTED_SEQUENCES])
         self.capacity = min(a.shape[0] for a in self._arrays.values())
 
     # -- appends ---------------------------------------------------------------------------
-    def write(self, batch: dict[str, np.ndarray], n_sequences: int, attrs: dict | None = None) -> None:
+    def write(self, batch: dict[str, np.ndarray], n_sequences: int, attrs: dict | None = None,
+              done: Callable[[], None] | None = None) -> None:
         """Write one batch's chunks, then commit its count; the commit is the last write.
 
         ``attrs`` (e.g. a lossy store's measured error) go into the same attribute update as the
         commit, so they always describe exactly the committed tokens.
 
+        A local store may still be reading the batch's arrays after this returns (uncompressed
+        chunks go to the disk straight from them, without a copy); ``done`` is called, exactly once
+        and whatever happened, when it no longer does: that is when the caller may reuse them.
+
         A full disk raises :class:`~streamtap.errors.StoreFullError`; the store keeps what was
         committed before (chunks are written whole to a temporary name and renamed, and the commit
         comes last). Before writing, the writer checks that its lock is still its own.
         """
+        try:
+            self._write(batch, n_sequences, attrs)
+        finally:
+            if done is not None:
+                after = getattr(self.store, "after_writes", None)
+                after(done) if after is not None else done()
+
+    def _write(self, batch: dict[str, np.ndarray], n_sequences: int, attrs: dict | None) -> None:
         self.settle()  # the previous batch's background writes: done, or their failure raised here
         if self._lock is not None:
             self._lock.check()
@@ -641,9 +670,7 @@ class StoreWriter:
             if end > self.capacity:
                 self._grow(end)
             with self._deferred():  # a local store writes the chunks and the commit in the background
-                for name, array in self._arrays.items():
-                    if name in batch:
-                        array[start:end] = batch[name]
+                self._put_chunks(batch, start, end)
                 sequences = self.sequences + n_sequences
                 # one write of zarr.json: ``group.attrs.update`` would write it once per key, and a kill
                 # between those writes left a committed token count without its sequence count (bench_crash)
@@ -655,6 +682,29 @@ class StoreWriter:
             raise
         self._interrupted = False
         self.tokens, self.sequences = end, sequences
+
+    def _put_chunks(self, batch: dict[str, np.ndarray], start: int, end: int) -> None:
+        """Every array's rows ``start:end``, one chunk per zarr write, all writes in one concurrent call.
+
+        Handed a whole batch, zarr builds each chunk in a new fill-valued array and copies the
+        batch into it, on its event loop's one thread, and scans it for being empty; handed exactly
+        one chunk's rows it encodes them as they are. Measured (SmolLM2-shaped batch, 293 MB,
+        uncompressed, this 2-core machine): 0.22 s and 81k page faults per batch against 0.05 s and
+        14k. Only the chunks a batch starts or ends inside are merged with what the store holds.
+        A local store writes the bytes out before ``done`` (see :meth:`write`); any other store might
+        keep them as given (an in-memory store does), so it gets copies.
+        """
+        local = isinstance(self.store, LocalStore)
+
+        async def put_all():
+            await asyncio.gather(*(
+                array.async_array.setitem(slice(a, b), rows if local else rows.copy())
+                for name, array in self._arrays.items() if name in batch
+                for a, b in _chunk_pieces(start, end, array.chunks[0])
+                for rows in (batch[name][a - start:b - start],)
+            ))
+
+        sync(put_all())
 
     def wait(self) -> None:
         """Wait until every batch handed to this writer is committed (errors stay the writer's to raise)."""
@@ -733,6 +783,21 @@ class StoreWriter:
                 raise
             return  # no room even for the trim: the capacity stays, which readers ignore
         self.capacity = self.tokens
+
+
+def _chunk_pieces(start: int, end: int, chunk: int):
+    """``start:end`` cut at chunk boundaries: (a, b) pairs, each inside one chunk."""
+    a = start
+    while a < end:
+        b = min(end, (a // chunk + 1) * chunk)
+        yield a, b
+        a = b
+
+
+def _for_appends(array: zarr.Array) -> zarr.Array:
+    """The array as a writer appends to it: every chunk written, none first scanned for being empty
+    (a captured chunk never is; the scan read every byte of the batch once more)."""
+    return array.with_config({"write_empty_chunks": True})
 
 
 def _fill(dtype: np.dtype):

@@ -118,7 +118,7 @@ class Tap:
                  overwrite: bool = False, model_name: str | None = None, check: bool = True,
                  how: str = "streamtap.tap", materialize: bool = False, store_dtype=None,
                  writer: str = "auto", queue_depth: int = DEFAULT_DEPTH, progress: bool = False,
-                 compress: bool = True, break_lock: bool = False, storage_options: dict | None = None):
+                 compress: bool | None = None, break_lock: bool = False, storage_options: dict | None = None):
         self.module, self._given_envoy = _unwrap(model)
         if self.module.training:
             raise StreamtapError(
@@ -534,7 +534,8 @@ class Tap:
             clones.clear()
             return self._hand_over(out, buffers, input_ids, mask, seq, pos, n_sequences)
         except BaseException:
-            buffers.release()
+            if not buffers.handed:
+                buffers.release()
             raise
 
     def _hand_over(self, out, buffers, input_ids, mask, seq, pos, n_sequences) -> int:
@@ -548,9 +549,7 @@ class Tap:
         if self._spec is None:
             self._spec = self._make_spec(out)
             mode = choose_mode(self.writer_mode, out["resid_final"].device)
-            # Blosc zstd-1 costs the model nothing measurable with O_DIRECT writes, even inline on a
-            # CPU whose cores all run the model, and saves 8-27% of the disk (docs/pipeline.md)
-            self.writer.compress = self.compress
+            self.writer.compress = self.compress  # None: by dtype (store.COMPRESSED_BY_DEFAULT)
             self.writer.prepare(self._spec)
             self._next_sequence = self.writer.sequences
             self.pipeline = make_pipeline(self.writer, mode, out["resid_final"].device, self.queue_depth)
@@ -576,6 +575,7 @@ class Tap:
         else:
             job = Job(out, n_seq, extra=coords, release=buffers.release)
         del out
+        buffers.handed = True
         self.pipeline.submit(job)  # blocks while the writer is queue_depth batches behind; releases the buffers
         self._next_sequence += n_seq
         return first
@@ -696,7 +696,7 @@ class Tap:
 def tap(model, store, *, tokenizer=None, neurons: bool = False, append: bool = False,
         overwrite: bool = False, model_name: str | None = None, check: bool = True,
         materialize: bool = False, store_dtype=None, writer: str = "auto",
-        queue_depth: int = DEFAULT_DEPTH, progress: bool = False, compress: bool = True,
+        queue_depth: int = DEFAULT_DEPTH, progress: bool = False, compress: bool | None = None,
         break_lock: bool = False, storage_options: dict | None = None) -> Tap:
     """Wrap existing inference code: each forward of ``model`` inside the block is captured.
 
@@ -727,8 +727,9 @@ def tap(model, store, *, tokenizer=None, neurons: bool = False, append: bool = F
     writer behind a queue of ``queue_depth`` batches, or writing on the model's thread. ``"auto"``
     takes the thread on a GPU or where torch leaves CPU cores free. A writer error is raised at the
     next forward or when the block ends; leaving the block writes and commits every batch handed over.
-    ``compress`` (default on) stores the per-token arrays Blosc-zstd-1-compressed: activations
-    compress 1.08x (float32, float16) to 1.27x (bfloat16); ``compress=False`` writes them raw.
+    ``compress``: ``True`` stores the per-token arrays Blosc-zstd-1-compressed, ``False`` raw; by
+    default only bfloat16 terms are compressed (1.27x), since float32 and float16 activations shrink
+    only 1.08x and encoding them would cost the forward 10-15% on a fast CPU (docs/pipeline.md).
     """
     return Tap(model, store, tokenizer=tokenizer, neurons=neurons, append=append,
                overwrite=overwrite, model_name=model_name, check=check, materialize=materialize,
@@ -745,7 +746,7 @@ def capture(model, texts, store, *, tokenizer=None, batch_size: int = 8, max_len
             truncate: bool = False, neurons: bool = False, append: bool = False, overwrite: bool = False,
             model_name: str | None = None, progress: bool = False, check: bool = True,
             materialize: bool = False, store_dtype=None, writer: str = "auto",
-            resume: bool = False, queue_depth: int = DEFAULT_DEPTH, compress: bool = True,
+            resume: bool = False, queue_depth: int = DEFAULT_DEPTH, compress: bool | None = None,
             break_lock: bool = False, storage_options: dict | None = None) -> Tap:
     """Capture a corpus in one call: strings (with a tokenizer) or lists of token ids.
 

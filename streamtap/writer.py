@@ -61,7 +61,8 @@ class Job:
 
     ``arrays`` hold numpy arrays or host torch tensors (pinned, filled asynchronously when ``ready``
     is set: the writer waits on it before reading them). ``check`` gets the host tensors before the
-    write (the deferred non-finite check of a GPU producer); ``release`` runs after it, written or not.
+    write (the deferred non-finite check of a GPU producer); ``release`` runs once, written or not,
+    when the store no longer reads the arrays (a local store's background disk writes may).
     """
 
     arrays: dict[str, Any]
@@ -83,6 +84,11 @@ class Job:
         return out
 
 
+def _release(job: Job) -> None:
+    if job.release is not None:
+        job.release()
+
+
 class Pipeline:
     """Hands batches to a :class:`~streamtap.store.StoreWriter`; see the module docstring."""
 
@@ -95,18 +101,26 @@ class Pipeline:
         self.batches = 0
 
     def submit(self, job: Job) -> None:
-        self.raise_pending()
+        """Take the job: from here on its ``release`` runs exactly once, whatever happens."""
         try:
-            self._write(job)
-        finally:
-            if job.release is not None:
-                job.release()
+            self.raise_pending()
+        except BaseException:
+            _release(job)
+            raise
+        self._write(job)
 
     def _write(self, job: Job) -> None:
-        arrays = job.numpy()
+        """Write the job; its ``release`` runs once the store is done reading its arrays, which may
+        be after this returns (see :meth:`~streamtap.store.StoreWriter.write`), or here on a failure
+        before the store got them."""
+        try:
+            arrays = job.numpy()
+        except BaseException:
+            _release(job)
+            raise
         start = time.perf_counter()
         with sigint_deferred():
-            self.writer.write(arrays, job.n_sequences)
+            self.writer.write(arrays, job.n_sequences, done=job.release)
         self.write_seconds += time.perf_counter() - start
         self.written_bytes += sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray))
         self.batches += 1
@@ -151,16 +165,15 @@ class ThreadPipeline(Pipeline):
                     return
                 if self._error is None:  # after a failure, later batches are dropped, never committed
                     try:
-                        self._write(job)
+                        self._write(job)  # releases the job's buffers (once the store is done with them)
                     except BaseException as exc:  # noqa: BLE001 - handed to the model's thread
                         self._error = exc
                         self._failed_batch = self.batches
+                else:
+                    _release(job)
+            except BaseException as exc:  # noqa: BLE001 - a failing release
+                self._error = self._error or exc
             finally:
-                if job is not self._STOP and job.release is not None:
-                    try:
-                        job.release()
-                    except BaseException as exc:  # noqa: BLE001
-                        self._error = self._error or exc
                 self._queue.task_done()
 
     def drain(self) -> None:
@@ -169,11 +182,15 @@ class ThreadPipeline(Pipeline):
             self._queue.join()
 
     def submit(self, job: Job) -> None:
-        self.raise_pending()
-        if not self._thread.is_alive():
-            raise RuntimeError("the streamtap writer thread is not running (the tap was closed)")
-        start = time.perf_counter()
-        self._queue.put(job)  # blocks while the writer is `depth` batches behind: back-pressure
+        try:
+            self.raise_pending()
+            if not self._thread.is_alive():
+                raise RuntimeError("the streamtap writer thread is not running (the tap was closed)")
+            start = time.perf_counter()
+            self._queue.put(job)  # blocks while the writer is `depth` batches behind: back-pressure
+        except BaseException:
+            _release(job)  # not queued: the writer thread never sees it
+            raise
         self.wait_seconds += time.perf_counter() - start
 
     def raise_pending(self) -> None:
@@ -314,7 +331,7 @@ class BufferPool:
             taken = BufferSet(self)
         else:
             taken = self.free.get()  # blocks until the writer gives a set back
-        taken.taken = True
+        taken.taken, taken.handed = True, False
         return taken
 
     def clear(self) -> None:
@@ -334,6 +351,7 @@ class BufferSet:
         self.pool = pool
         self.buffers: dict[str, torch.Tensor] = {}
         self.taken = False
+        self.handed = False  # given to a pipeline, which releases it (the producer no longer may)
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         have = self.buffers.get(name)

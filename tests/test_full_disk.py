@@ -133,9 +133,13 @@ def test_a_real_full_filesystem(small_tmpfs, reference):
     mnt, remount = small_tmpfs
     ref, _ = reference
     path = str(mnt / "s.zarr")
-    corpus = CORPUS * 8  # 3,312 tokens: 1.3 MiB with the static weights (0.55 MiB), more than 1 MiB
+    # Uncompressed chunks of 4,096 tokens take their full size from the first batch on: 6.2 MiB
+    # for the first chunk of every variable (with the weights), 12.2 MiB once the 6,624 tokens
+    # spill into a second. 9 MiB holds the first (and a chunk's rewrite beside it), not the second.
+    corpus = CORPUS * 16
+    remount(9 << 10)
     with pytest.raises(st.StoreFullError) as info:
-        st.capture(tiny_model("llama"), corpus, path, batch_size=BATCH)
+        st.capture(tiny_model("llama"), corpus, path, batch_size=BATCH, compress=False)
     err = info.value
     assert 0 < err.sequences < len(corpus)
     ds = st.open(path)

@@ -15,7 +15,7 @@ import zarr
 import streamtap as st
 from streamtap import writer as writer_mod
 from streamtap.models import tiny_model
-from streamtap.store import StoreWriter
+from streamtap.store import DirectLocalStore, StoreWriter
 
 from _util import padded_batch, run
 
@@ -32,8 +32,8 @@ def _arrays(path):
 
 
 def _slow(seconds):
-    """StoreWriter.write, slowed down: a store that cannot keep up with the model."""
-    original = StoreWriter.write
+    """StoreWriter._write (what write does inside), slowed down: a store that cannot keep up with the model."""
+    original = StoreWriter._write
 
     def write(writer, batch, n_sequences, attrs=None):
         write.calls += 1
@@ -70,7 +70,7 @@ def test_a_slow_store_makes_the_model_wait_instead_of_buffering(tmp_path, monkey
     model = tiny_model("gpt2")
     batches = _batches(model) * 2
     slow = _slow(0.3)
-    monkeypatch.setattr(StoreWriter, "write", slow)
+    monkeypatch.setattr(StoreWriter, "_write", slow)
     alive, peak = [0], [0]
     lock = threading.Lock()
     original_submit = writer_mod.ThreadPipeline.submit
@@ -108,7 +108,7 @@ def test_a_slow_store_makes_the_model_wait_instead_of_buffering(tmp_path, monkey
 def test_a_writer_error_is_raised_at_the_next_forward_and_earlier_batches_stay_committed(tmp_path, monkeypatch):
     model = tiny_model("gpt2")
     batches = _batches(model)
-    original = StoreWriter.write
+    original = StoreWriter._write
     calls = []
     seen = threading.Event()
 
@@ -119,7 +119,7 @@ def test_a_writer_error_is_raised_at_the_next_forward_and_earlier_batches_stay_c
             raise OSError(28, "No space left on device")
         return original(writer, batch, n_sequences, attrs)
 
-    monkeypatch.setattr(StoreWriter, "write", failing)
+    monkeypatch.setattr(StoreWriter, "_write", failing)
     with pytest.raises(OSError, match="No space left") as info:
         with st.tap(model, tmp_path / "s.zarr", writer="thread") as tap:
             run(model, *batches[0])
@@ -140,7 +140,7 @@ def test_a_writer_error_is_raised_at_block_exit_and_never_lost(tmp_path, monkeyp
     def failing(writer, batch, n_sequences, attrs=None):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(StoreWriter, "write", failing)
+    monkeypatch.setattr(StoreWriter, "_write", failing)
     with pytest.raises(OSError, match="Input/output"):
         with st.tap(model, tmp_path / "s.zarr", writer="thread"):
             run(model, *_batches(model)[0])
@@ -154,7 +154,7 @@ def test_a_writer_error_is_raised_at_block_exit_and_never_lost(tmp_path, monkeyp
 
 def test_an_exception_in_the_block_still_commits_every_batch_handed_over(tmp_path, monkeypatch):
     model = tiny_model("llama")
-    monkeypatch.setattr(StoreWriter, "write", _slow(0.1))
+    monkeypatch.setattr(StoreWriter, "_write", _slow(0.1))
     batches = _batches(model)
     with pytest.raises(RuntimeError, match="user code"):
         with st.tap(model, tmp_path / "s.zarr", writer="thread", queue_depth=4):
@@ -451,8 +451,38 @@ def test_batches_reuse_a_bounded_set_of_host_buffers(tmp_path):
         for length in (6, 5, 6):  # the same capacity serves a shorter batch
             ids, mask = padded_batch(model.config.vocab_size, [length, 3])
             run(model, ids, mask)
+            tap.writer.wait()  # the set comes back once the disk has the batch's chunks
             (buffers,) = list(tap._pool.free.queue)
             seen.append(buffers.buffers["z"].data_ptr())
     assert tap._pool.created == 1 and len(set(seen)) == 1
     assert tap._pool.free.empty()  # a finished tap that the caller still holds keeps no buffers alive
     st.verify(st.open(tmp_path / "s.zarr"))
+
+
+def test_host_buffers_come_back_only_when_the_disk_has_their_chunks(tmp_path, monkeypatch):
+    """Uncompressed chunks go to the disk straight from the batch's host buffers: the next batch
+    must not be stacked into them while they are still being written."""
+    model = tiny_model("gpt2")
+    batches = _batches(model)
+    gate = threading.Event()
+    original = DirectLocalStore._write_now
+
+    def held(store, key, value, exclusive=False):
+        if "/c/" in key and threading.current_thread().name.startswith("streamtap-io"):
+            gate.wait(10)  # a batch's chunks (written in the background), not the weights at creation
+        return original(store, key, value, exclusive)
+
+    monkeypatch.setattr(DirectLocalStore, "_write_now", held)
+    with st.tap(model, tmp_path / "s.zarr", writer="inline", compress=False) as tap:
+        run(model, *batches[0])
+        assert tap._pool.free.empty()  # its chunks are still being written from it
+        threading.Timer(0.2, gate.set).start()
+        run(model, *batches[1])  # stacked into a second set meanwhile
+        assert tap._pool.created == 2
+        tap.writer.wait()
+        assert tap._pool.free.qsize() == 2
+        run(model, *batches[2])
+        assert tap._pool.created == 2  # and reused
+    ds = st.open(tmp_path / "s.zarr")
+    assert ds.sizes["token"] == sum(map(sum, LENGTHS[:3]))
+    st.verify(ds)
