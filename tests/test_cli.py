@@ -265,6 +265,16 @@ def test_writer_picks_the_pipeline(mode, text_file, tmp_path, monkeypatch):
     assert invoke("verify", tmp_path / "w.zarr").exit_code == 0
 
 
+@pytest.mark.parametrize("flag, compressed", [((), False), (("--compress",), True), (("--no-compress",), False)])
+def test_compress_chooses_the_codec_of_the_per_token_arrays(text_file, tmp_path, flag, compressed):
+    out = tmp_path / "c.zarr"
+    result = capture(text_file, out, *flag)  # a float32 model: raw unless asked
+    assert result.exit_code == 0, result.output
+    group = zarr.open_group(out, mode="r")
+    assert bool(group["z"].compressors) is compressed
+    assert invoke("verify", out).exit_code == 0
+
+
 def test_break_lock_takes_over_a_lock_from_another_host(text_file, tmp_path):
     import json
 
