@@ -254,9 +254,11 @@ def bound_allocator() -> bool:
       machines) but every activation is a fresh mapping whose pages fault in on each forward: the
       forward itself took 20-30% longer with 4 KiB pages, and about as long as with glibc's
       defaults with torch's huge pages (``streamtap._hugepages``, set when streamtap is imported
-      before torch);
+      before torch). In a VM that hands freed pages back to its host the faults cost more: the
+      forward took 1.23-1.29x glibc's time there (no huge pages; they were slower still);
     - pinned at 512 MiB (``STREAMTAP_MALLOC_TUNING=fast``) the activations are reused from the heap
-      and the forward runs at glibc's speed or better, but the peak moved by -21 and +852 MiB.
+      and the forward runs at glibc's speed or better, but the peak moved by -21 and +852 MiB, and
+      sat 1,000 MiB above the plain forward's peak where the 1 MiB threshold sat 429 MiB above.
 
     Flat memory wins by default, since a capture may run for days; ``fast`` is for captures short
     enough that the growth does not matter. A user's own ``MALLOC_MMAP_THRESHOLD_`` wins, and

@@ -371,10 +371,28 @@ def test_torch_huge_pages_are_asked_for_only_before_torch_is_imported_and_never_
         return subprocess.run([sys.executable, "-c", code + "; import os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"],
                               capture_output=True, text=True, env={**base, **env}, check=True).stdout.split()[-1]
 
-    assert run("import streamtap") == "1"                # before torch: torch reads it at its first allocation
+    from streamtap._hugepages import host_takes_freed_memory
+
+    wanted = "None" if host_takes_freed_memory() else "1"  # not where freed pages go back to a VM's host
+    assert run("import streamtap") == wanted             # before torch: torch reads it at its first allocation
     assert run("import torch, streamtap") == "None"      # too late to take effect: left unset, not claimed
     assert run("import streamtap", THP_MEM_ALLOC_ENABLE="0") == "0"  # the user's own choice wins
     assert run("import streamtap", STREAMTAP_MALLOC_TUNING="0") == "None"
+
+
+def test_free_page_reporting_is_read_from_the_virtio_balloons_features(tmp_path):
+    from streamtap._hugepages import host_takes_freed_memory
+
+    def balloon(name, bits):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "features").write_text(bits + "\n")
+
+    pattern = str(tmp_path / "virtio*" / "features")
+    assert not host_takes_freed_memory(pattern)  # no balloon at all
+    balloon("virtio0", "0110000100000000")       # stats and deflate-on-OOM, no reporting
+    assert not host_takes_freed_memory(pattern)
+    balloon("virtio1", "01100101")               # a Firecracker balloon with free page reporting (bit 5)
+    assert host_takes_freed_memory(pattern)
 
 
 def test_background_writes_land_the_commit_after_its_chunks_and_drop_it_after_a_failure():
