@@ -318,8 +318,11 @@ def test_ctrl_c_leaves_a_store_that_opens_verifies_and_resumes(writer, long_text
     text, whole_store = long_text
     out = tmp_path / "run.zarr"
     args = ["capture", "--model", "tiny:llama", "--text", str(text), "--out", str(out), "--batch-size", "2"]
+    # a suite started in the background by a shell without job control (`nohup ./test.sh &`) inherits
+    # SIGINT ignored, and so would the child: give it the terminal's default, as a Ctrl-C finds it
     child = subprocess.Popen([sys.executable, "-m", "streamtap.cli", *args, "--writer", writer],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def committed():
         try:
