@@ -379,7 +379,7 @@ class BackgroundWrites:
                 waits = [self._barrier] if self._barrier is not None else []
                 self._since_barrier.append(self._pool.submit(self._run, waits, fn, args, always))
 
-    def _run(self, waits, fn, args, always: bool = False) -> None:
+    def _run(self, waits, fn, args, always: bool) -> None:
         for f in waits:
             f.exception()  # wait; a failure there is recorded in self.error
         if self.error is not None and not always:
@@ -655,9 +655,10 @@ class StoreWriter:
         try:
             self._write(batch, n_sequences, attrs)
         finally:
-            if done is not None:
-                after = getattr(self.store, "after_writes", None)
-                after(done) if after is not None else done()
+            if done is not None and hasattr(self.store, "after_writes"):
+                self.store.after_writes(done)
+            elif done is not None:
+                done()
 
     def _write(self, batch: dict[str, np.ndarray], n_sequences: int, attrs: dict | None) -> None:
         self.settle()  # the previous batch's background writes: done, or their failure raised here
