@@ -156,6 +156,7 @@ def run_case(args) -> dict:
         def close():
             the_tap.__exit__(None, None, None)
 
+    first = time.perf_counter()
     step()  # warm-up (and, for streamtap, creating the store)
     sync()
     times = []
@@ -167,6 +168,7 @@ def run_case(args) -> dict:
         times.append(time.perf_counter() - t)
     close()
     total = time.perf_counter() - start
+    out["wall_all"] = time.perf_counter() - first  # every batch, warm-up and final drain included
     out.update(median=statistics.median(times), mean=total / args.batches, times=times,
                peak_rss=_peak(), base_rss=base_rss, tokens=int(mask.sum()))
     if args.case.startswith("streamtap"):
@@ -247,6 +249,9 @@ def main() -> None:
     parser.add_argument("--memory-tokens", type=int, default=100_000)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--rounds", type=int, default=1, help="run the cases this many times, taking turns")
+    parser.add_argument("--disk-limit", type=float, metavar="MB/s",
+                        help="throttle writes to the disk under --dir to this rate (root; see disk_limit.py), "
+                             "to measure the capture where the disk is the bottleneck")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
@@ -267,9 +272,15 @@ def main() -> None:
     common = ["--batch", str(args.batch), "--seq", str(args.seq), "--batches", str(args.batches),
               "--device", args.device, "--dir", directory]
     load_start = os.getloadavg()[0]
+    limit = None
+    if args.disk_limit:
+        from disk_limit import limit_writes
+
+        limit = limit_writes(directory, int(args.disk_limit * 1e6))  # before the probe: it measures the limit
     try:
         disk_probe = disk_bandwidth(directory)
-        disk = disk_probe["disk"]
+        # under a throttle only the O_DIRECT figure is limited (cgroup v1 does not throttle writeback)
+        disk = disk_probe["O_DIRECT"] if limit else disk_probe["disk"]
         models = ["gpt2"] + ([] if args.skip_smollm2 else ["smollm2"])
         results = []
         for model in models:
@@ -289,7 +300,7 @@ def main() -> None:
                                      ("glibc's defaults, STREAMTAP_MALLOC_TUNING=0", GLIBC_DEFAULTS)):
                 memory[allocator] = [_child(["--tokens", str(tokens), "--model", "gpt2", *common], env)
                                      for tokens in (args.memory_tokens // 10, args.memory_tokens)]
-        disk_after = disk_bandwidth(directory)["disk"]
+        disk_after = disk_bandwidth(directory)["O_DIRECT" if limit else "disk"]
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     load_end = os.getloadavg()[0]
@@ -302,7 +313,7 @@ def main() -> None:
           f"turns; load average {load_start:.2f} at start, {load_end:.2f} at end.")
     print(f"Disk write bandwidth (sequential, same run): {disk_probe['buffered + fsync'] / 1e9:.2f} GB/s buffered "
           f"with fsync, {disk_probe['O_DIRECT'] / 1e9:.2f} GB/s O_DIRECT before the cases; "
-          f"{disk_after / 1e9:.2f} GB/s (the better of the two) after them.\n")
+          f"{disk_after / 1e9:.2f} GB/s (the better of the two) after them." + (f" Throttled: {limit}." if limit else "") + "\n")
     print("| model | case | s/batch | × plain | peak RSS | bytes/token on disk | compression | writer (encoding on the model's thread; disk writes overlapping the next forward) |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for model in models:
@@ -321,6 +332,14 @@ def main() -> None:
                     mbps = r["io_bytes"] / r["io_seconds"] / 1e6
                     writer += (f"; disk busy {r['io_seconds'] / (args.batches + 1):.2f} s/batch in the background "
                                f"at {mbps:,.0f} MB/s ({mbps / (disk / 1e6):.0%} of disk)")
+                    # what the capture as a whole sustained: all its bytes over its whole wall time, from
+                    # the warm-up's forward to the last write landing (the warm-up's writes run into the
+                    # timed batches, so the timed mean alone would overstate the time per batch's bytes)
+                    rate = r["io_bytes"] / r["wall_all"] / 1e6
+                    # and in the steady state: a batch's bytes per median batch (the time between hand-overs)
+                    steady = r["io_bytes"] / (args.batches + 1) / r["median"] / 1e6
+                    writer += (f"; the capture writes {steady:,.0f} MB/s per batch ({steady / (disk / 1e6):.0%} of disk), "
+                               f"{rate:,.0f} MB/s ({rate / (disk / 1e6):.0%}) over the whole run")
             print(f"| {MODELS[model]} | {LABELS[r['case']]} | {t:.3f} | {t / plain['median']:.2f} | "
                   f"{r['peak_rss'] / 2**30:.2f} GiB | {disk_col} | {ratio_col} | {writer} |")
     for allocator, (small, big) in memory.items():
