@@ -684,6 +684,8 @@ class StoreWriter:
         self._interrupted = False
         self.tokens, self.sequences = end, sequences
 
+    PUT_GROUP = 8  # pieces handed to zarr at once (see _put_chunks)
+
     def _put_chunks(self, batch: dict[str, np.ndarray], start: int, end: int) -> None:
         """Every array's rows ``start:end``, one chunk per zarr write, all writes in one concurrent call.
 
@@ -697,13 +699,16 @@ class StoreWriter:
         """
         local = isinstance(self.store, LocalStore)
 
+        pieces = [(array, a, b, batch[name][a - start:b - start])
+                  for name, array in self._arrays.items() if name in batch
+                  for a, b in _chunk_pieces(start, end, array.chunks[0])]
+
         async def put_all():
-            await asyncio.gather(*(
-                array.async_array.setitem(slice(a, b), rows if local else rows.copy())
-                for name, array in self._arrays.items() if name in batch
-                for a, b in _chunk_pieces(start, end, array.chunks[0])
-                for rows in (batch[name][a - start:b - start],)
-            ))
+            # in groups: zarr encodes every piece of one gather before the first reaches the store, so
+            # one gather of a whole batch kept the disk idle while it ran (11 s of a 1.57 GB batch)
+            for i in range(0, len(pieces), self.PUT_GROUP):
+                await asyncio.gather(*(array.async_array.setitem(slice(a, b), rows if local else rows.copy())
+                                       for array, a, b, rows in pieces[i:i + self.PUT_GROUP]))
 
         sync(put_all())
 
