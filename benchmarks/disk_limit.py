@@ -40,20 +40,20 @@ def limit_writes(path: str, bytes_per_second: int) -> str:
                 if "io" not in f.read().split():
                     continue
             group = os.path.join(root, NAME)
-            rule = (os.path.join(group, "io.max"), f"{device} wbps={bytes_per_second}")
+            rule_file, rule = os.path.join(group, "io.max"), f"{device} wbps={bytes_per_second}"
             break
     else:
         if not os.path.isdir(V1):
             raise RuntimeError("--disk-limit needs the io (cgroup v2) or blkio (cgroup v1) controller mounted; "
                                "none is on this machine: leave the option out")
         group = os.path.join(V1, NAME)
-        rule = (os.path.join(group, "blkio.throttle.write_bps_device"), f"{device} {bytes_per_second}")
+        rule_file, rule = os.path.join(group, "blkio.throttle.write_bps_device"), f"{device} {bytes_per_second}"
     try:
         os.makedirs(group, exist_ok=True)
-        with open(rule[0], "w") as f:
-            f.write(rule[1])
+        with open(rule_file, "w") as f:
+            f.write(rule)
         with open(os.path.join(group, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
     except OSError as e:
-        raise RuntimeError(f"--disk-limit: could not set {rule[0]} ({e}); it needs root: run as root or leave it out") from e
-    return f"writes to disk {device} limited to {bytes_per_second / 1e6:,.0f} MB/s ({rule[0]})"
+        raise RuntimeError(f"--disk-limit: could not set {rule_file} ({e}); it needs root: run as root or leave it out") from e
+    return f"writes to disk {device} limited to {bytes_per_second / 1e6:,.0f} MB/s ({rule_file})"

@@ -655,10 +655,11 @@ class StoreWriter:
         try:
             self._write(batch, n_sequences, attrs)
         finally:
-            if done is not None and hasattr(self.store, "after_writes"):
-                self.store.after_writes(done)
-            elif done is not None:
-                done()
+            if done is not None:
+                if hasattr(self.store, "after_writes"):
+                    self.store.after_writes(done)
+                else:
+                    done()
 
     def _write(self, batch: dict[str, np.ndarray], n_sequences: int, attrs: dict | None) -> None:
         self.settle()  # the previous batch's background writes: done, or their failure raised here
@@ -687,7 +688,7 @@ class StoreWriter:
     PUT_GROUP = 8  # pieces handed to zarr at once (see _put_chunks)
 
     def _put_chunks(self, batch: dict[str, np.ndarray], start: int, end: int) -> None:
-        """Every array's rows ``start:end``, one chunk per zarr write, all writes in one concurrent call.
+        """Every array's rows ``start:end``, one chunk per zarr write, ``PUT_GROUP`` writes at a time.
 
         Handed a whole batch, zarr builds each chunk in a new fill-valued array and copies the
         batch into it, on its event loop's one thread, and scans it for being empty; handed exactly
