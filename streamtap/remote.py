@@ -104,18 +104,33 @@ def save_terms(model, plan: list[dict]) -> dict[str, Any]:
     return nnsight.save(saved)  # the dict comes back to the caller's frame as ``saved = ...`` names it
 
 
-class _Saved:
-    """One module's saved values, read as a tap's cache entry is (``.input``, ``.output``)."""
-
-    def __init__(self):
-        self.input = self.output = None
-
-
 class _SavedTap(Tap):
-    """A tap fed with values saved elsewhere; norm scales arrive already reduced."""
+    """A tap fed with values saved elsewhere: its "forward" hands them to the sinks; norm scales
+    arrive already reduced."""
+
+    saved: dict[str, Any] = {}
 
     def _frozen_scale(self, x: torch.Tensor, k: int) -> torch.Tensor:
         return x.float()
+
+    def _traced(self, args, kwargs, slots, keep):
+        kept: dict[str, _Saved] = {}
+        for key, (path, side) in self.bound.taps.items():
+            if key not in self.saved:
+                continue
+            value = torch.as_tensor(self.saved[key])
+            where = (f"model.{path}" if path else "model", "inputs" if side == "input" else "output")
+            setattr(kept.setdefault(where[0], _Saved()), side, value)
+            if where in slots.routes:
+                slots.put(where, ((value,), {}) if side == "input" else value)
+        return None, kept
+
+
+class _Saved:
+    """One module's saved values, read as a tap's kept values are (``.input``, ``.output``)."""
+
+    def __init__(self):
+        self.input = self.output = None
 
 
 def write_store(model, saved: dict[str, Any], store, *, input_ids, attention_mask=None, tokenizer=None,
@@ -141,14 +156,9 @@ def write_store(model, saved: dict[str, Any], store, *, input_ids, attention_mas
     if missing:
         raise InputError(f"saved values lack {missing[:5]}: save them with st.remote.save_terms(model, "
                          f"st.remote.plan(model{', neurons=True' if neurons else ''}))")
-    cache: dict[str, _Saved] = {}
-    for key, (path, side) in the_tap.bound.taps.items():
-        if key in saved:
-            entry = cache.setdefault(f"model.{path}" if path else "model", _Saved())
-            setattr(entry, side, torch.as_tensor(saved[key]))
-    clones = {key: torch.as_tensor(saved[key]) for key in the_tap.bound.clones}
+    the_tap.saved = saved
     with the_tap, torch.no_grad():
-        the_tap._record(cache, clones, input_ids, mask)
+        the_tap._capture((), {}, input_ids, mask)
     return the_tap
 
 

@@ -1,8 +1,8 @@
 """Capture (the tap): tap an unmodified model through nnsight and turn each forward into one store batch.
 
 The tap replaces nothing the model computes. Inside the ``with`` block the root module's forward is
-routed through an nnsight trace whose cache holds the inputs and outputs of the modules the layout
-names; after the block, every attribute nnsight or streamtap put on the module tree is removed, so
+routed through an nnsight trace whose sinks copy each term the layout names out of the forward as
+the model produces it (``streamtap.term_sinks``); after the block, every attribute nnsight or streamtap put on the module tree is removed, so
 the model is exactly the object it was before. ``model.generate`` inside the block is followed step
 by step (its ``generate`` and stopping criteria are routed through the tap for the block's duration
 too); ``streamtap.generation`` says how each step's tokens get their ``seq`` and ``pos``.
@@ -26,6 +26,7 @@ from .ranks import process_rank, rank_store, shard
 from .store import committed_sequences
 from .store import (LOSSY_DTYPES, LOSSY_ERROR_TOKENS, SCHEMA_VERSION, StoreSpec, StoreWriter, VariableSpec,
                     describe_config, fingerprint)
+from .term_sinks import KeptValues, Route, TermSlots, Where, sink
 from .writer import DEFAULT_DEPTH, BufferPool, BufferSet, CudaStager, bound_allocator, Job, Pipeline, choose_mode, make_pipeline
 
 # stored exactly even in a lossy store: the reference the lossy terms are measured against, the
@@ -76,37 +77,6 @@ def _term_buffer(buffers: BufferSet | None, name: str, shape: tuple[int, ...], d
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-class _SidedCache:
-    """Two nnsight caches, one of module inputs and one of outputs, read as one: ``cache[path].input``."""
-
-    def __init__(self, inputs, outputs):
-        self._inputs, self._outputs = inputs, outputs
-
-    def __getitem__(self, path: str) -> "_SidedEntry":
-        return _SidedEntry(self, path)
-
-    def clear(self) -> None:
-        """Let the cached activations go once the batch's terms are copied out of them."""
-        self._inputs = self._outputs = None
-
-
-class _SidedEntry:
-    def __init__(self, cache: _SidedCache, path: str):
-        self._cache, self._path = cache, path
-
-    @property
-    def input(self):
-        return self._cache._inputs[self._path].input
-
-    @property
-    def inputs(self):
-        return self._cache._inputs[self._path].inputs
-
-    @property
-    def output(self):
-        return self._cache._outputs[self._path].output
-
-
 class Tap:
     """Context manager: every forward of the model inside the block is appended to the store.
 
@@ -152,17 +122,10 @@ class Tap:
         self._W_O = None
         self.max_positions = _max_positions(self.module.config)
         self._signature = inspect.signature(type(self.module).forward)
-        # only what this capture stores is cached, each module on the side it is read from: caching a
-        # module's other side (or the neuron activations of a capture without neurons) would keep
-        # tensors of the size of a whole batch of terms alive until the forward ends
-        self._sides: dict[str, set[str]] = {}
-        for key, (path, side) in self.bound.taps.items():
-            if key.startswith("neuron_act.") and not neurons:
-                continue
-            self._sides.setdefault(f"model.{path}" if path else "model", set()).add(side)
-        self._paths = sorted(self._sides)
-        self._clone_keys = sorted(self.bound.clones, key=lambda k: int(k.split(".")[1]))
-        self._clone_paths = [self.bound.taps[k][0] for k in self._clone_keys]
+        # each per-token term is copied out the moment its module produces it (streamtap.term_sinks);
+        # only what a term needs whole (mixture-of-experts routing) is kept until the forward ends
+        self._routes = self._term_routes()
+        self._keep = self._kept_values()
         self._inside = False
         self._snapshot = None
         self._spec: StoreSpec | None = None
@@ -320,8 +283,7 @@ class Tap:
         if self._generation is not None:
             return self._generation_step(args, kwargs)
         input_ids, mask = self._inputs(args, kwargs)
-        output, cache, clones = self._traced(args, kwargs, self._paths)
-        self._record(cache, clones, input_ids, mask)
+        output, _ = self._capture(args, kwargs, input_ids, mask)
         self._advance(int(mask.sum()))
         return output
 
@@ -333,16 +295,15 @@ class Tap:
         if not gen.started:
             gen.check_prompt(given_cache(bound))
             input_ids, mask = self._inputs(args, kwargs, prompt=True)
-            output, cache, clones = self._traced(args, kwargs, self._paths)
-            gen.start(mask, first_seq=self._record(cache, clones, input_ids, mask))
+            output, first = self._capture(args, kwargs, input_ids, mask)
+            gen.start(mask, first_seq=first)
             self._advance(int(mask.sum()), gen.remaining())
             return output
         input_ids = bound["input_ids"]
         real, seq, pos = gen.step(input_ids.shape, bound.get("attention_mask"))
         if not bool(real.any()):  # every sequence has finished: nothing to capture, nothing to trace
             return self._controller(*args, **kwargs)
-        output, cache, clones = self._traced(args, kwargs, self._paths)
-        self._record(cache, clones, input_ids.cpu(), real, seq=seq, pos=pos, n_sequences=0)
+        output, _ = self._capture(args, kwargs, input_ids.cpu(), real, seq=seq, pos=pos, n_sequences=0)
         self._advance(int(real.sum()), gen.remaining())
         return output
 
@@ -356,26 +317,66 @@ class Tap:
         bar.total = None if remaining is None else bar.n + n_tokens + remaining
         bar.update(n_tokens)
 
-    def _traced(self, args, kwargs, paths):
-        """One forward through nnsight: (model output, cache of the named modules, copied outputs)."""
-        import nnsight
+    def _term_routes(self) -> dict[Where, list[Route]]:
+        """Which module value (path, side) fills which variable and layer of a batch."""
+        b = self.bound
+        routes: dict[Where, list[Route]] = {}
 
+        def add(key: str, route: Route) -> None:
+            path, side = b.taps[key]
+            where = (f"model.{path}" if path else "model", "inputs" if side == "input" else "output")
+            routes.setdefault(where, []).append(route)
+
+        L = b.n_layers
+        for var in b.layout.embeds:
+            if var in b.taps:
+                add(var, Route(var))
+        for layer in range(L):
+            add(f"z.{layer}", Route("z", layer, L, tail=(b.n_heads, b.d_head)))
+            add(f"mlp_out.{layer}", Route("mlp_out", layer, L))
+            if self.neurons:
+                add(f"neuron_act.{layer}", Route("neuron_act", layer, L))
+        for k in range(len(b.norms)):
+            add(f"norm.{k}", Route("norm_scale", k, len(b.norms), transform=lambda x, k=k: self._frozen_scale(x, k)))
+        add("resid_final", Route("resid_final"))
+        return routes
+
+    def _kept_values(self) -> set[Where]:
+        """The values a term is made from after the forward: a mixture-of-experts layer's routing."""
+        keep = set()
+        for key, (path, side) in self.bound.taps.items():
+            if key.split(".")[0] in ("experts", "shared", "shared_gate"):
+                keep.add((f"model.{path}", "inputs" if side == "input" else "output"))
+        return keep
+
+    def _slots(self, mask: torch.Tensor, buffers: BufferSet | None) -> TermSlots:
+        return TermSlots(self._routes, mask, lambda name, shape, dtype, device: _term_buffer(buffers, name, shape, dtype, device))
+
+    def _traced(self, args, kwargs, slots: TermSlots, keep: set[Where]):
+        """One forward through nnsight: (model output, the values kept whole); ``slots`` is filled."""
         self._inside = True
         try:
-            if paths is self._paths:  # a captured forward: each module on the side the terms come from
-                inputs = [p for p in paths if "input" in self._sides[p]]
-                outputs = [p for p in paths if "output" in self._sides[p]]
-            else:  # a probe (the self-check): both sides of everything asked for
-                inputs = outputs = list(paths)
-            with self.envoy.trace(*args, **kwargs) as tracer:
-                cached_in = tracer.cache(modules=inputs, include_inputs=True, include_output=False, device=None)
-                cached_out = tracer.cache(modules=outputs, device=None)
-                # outputs the model later changes in place are copied the moment they exist
-                copies = nnsight.save([self.envoy.get(path).output.clone() for path in self._clone_paths])
+            with self.envoy.trace(*args, **kwargs):
+                kept = sink(self.envoy, keep, slots)
                 output = self.envoy.output.save()
         finally:
             self._inside = False
-        return output, _SidedCache(cached_in, cached_out), dict(zip(self._clone_keys, copies))
+        return output, KeptValues(kept)
+
+    def _capture(self, args, kwargs, input_ids: torch.Tensor, mask: torch.Tensor, **where) -> tuple[Any, int]:
+        """One forward whose terms go straight into a set of reused buffers, then to the writer.
+        Returns (model output, the sequence number the batch's first row got)."""
+        if self._pool is None:
+            self._pool = BufferPool(sets=self.queue_depth + 2)
+        buffers = self._pool.acquire()
+        try:
+            slots = self._slots(mask, buffers)
+            output, kept = self._traced(args, kwargs, slots, self._keep)
+            return output, self._record(kept, slots, buffers, input_ids, mask, **where)
+        except BaseException:
+            if not buffers.handed:
+                buffers.release()
+            raise
 
     def _inputs(self, args, kwargs, *, prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, real-token mask) on the host; refuses what cannot be placed in the store.
@@ -413,67 +414,23 @@ class Tap:
         return input_ids, mask
 
     # -- one batch ------------------------------------------------------------------------------
-    def _terms(self, cache, clones: dict, mask: torch.Tensor, buffers: BufferSet | None) -> dict[str, torch.Tensor]:
-        """The batch's real tokens of every stored per-token variable.
+    def _terms(self, kept: KeptValues, slots: TermSlots, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch's real tokens of every stored per-token variable, in the store's order.
 
-        Per-layer terms are copied once, layer by layer, straight into ``buffers`` (reused host
-        buffers, see :class:`~streamtap.writer.BufferPool`) when the model runs on the CPU, or into
-        new tensors on the model's device; the other variables are views of the cache when no token
-        is padding.
+        The sinks wrote them during the forward (into the reused host buffers when the model runs
+        on the CPU, into new tensors on its device otherwise); per-expert terms are made now.
         """
+        sunk = slots.terms()
         b = self.bound
-        flat = mask.reshape(-1)
-        n = int(flat.sum())
-        index = None if n == flat.numel() else flat.nonzero().squeeze(1)
-        index_on: dict = {}
-
-        def source(key: str) -> torch.Tensor:
-            if key in clones:
-                value = clones[key]
-            else:
-                path, side = b.taps[key]
-                view = cache[f"model.{path}" if path else "model"]
-                value = view.input if side == "input" else view.output
-            if isinstance(value, tuple):
-                value = value[0]
-            if value.shape[:2] != mask.shape and value.shape[0] == mask.numel():
-                value = value.reshape(*mask.shape, *value.shape[1:])  # blocks that flatten tokens (OPT's MLP)
-            elif value.shape[0] != mask.shape[0]:  # position embeddings broadcast over the batch
-                value = value.expand(mask.shape[0], *value.shape[1:])
-            return value.reshape(flat.numel(), *value.shape[2:])
-
-        def real(key: str, into: torch.Tensor | None = None) -> torch.Tensor:
-            value = source(key)
-            if index is None:
-                # no padding: a view is safe to hand to the writer, since after the forward nothing
-                # writes to these tensors (outputs the model changes in place come from ``clones``)
-                return value if into is None else into.copy_(value)
-            if value.device not in index_on:
-                index_on[value.device] = index.to(value.device, non_blocking=True)
-            if into is None:
-                return value.index_select(0, index_on[value.device])
-            return torch.index_select(value, 0, index_on[value.device], out=into)
-
-        def stacked(name: str, keys: list[str], shape: tuple[int, ...] | None = None) -> torch.Tensor:
-            probe = source(keys[0])
-            tail = shape or tuple(probe.shape[1:])
-            full = (n, len(keys), *tail)
-            dst = _term_buffer(buffers, name, full, probe.dtype, probe.device)
-            for i, key in enumerate(keys):
-                real(key, into=dst[:, i].view(n, *probe.shape[1:]) if shape else dst[:, i])
-            return dst
-
-        L, H, dh = b.n_layers, b.n_heads, b.d_head
-        out = {var: real(var) for var in b.layout.embeds if var in b.taps}
-        out["z"] = stacked("z", [f"z.{l}" for l in range(L)], shape=(H, dh))
-        out["mlp_out"] = stacked("mlp_out", [f"mlp_out.{l}" for l in range(L)])
-        if self.neurons:
-            out["neuron_act"] = stacked("neuron_act", [f"neuron_act.{l}" for l in range(L)])
+        out = {var: sunk[var] for var in b.layout.embeds if var in sunk}
+        for var in ("z", "mlp_out", "neuron_act"):
+            if var in sunk:
+                out[var] = sunk[var]
         if b.moe:
-            out.update(self._expert_terms(cache, mask))
-        if b.norms:
-            out["norm_scale"] = torch.stack([self._frozen_scale(real(f"norm.{k}"), k) for k in range(len(b.norms))], dim=1)
-        out["resid_final"] = real("resid_final")
+            out.update(self._expert_terms(kept, mask))
+        if "norm_scale" in sunk:
+            out["norm_scale"] = sunk["norm_scale"]
+        out["resid_final"] = sunk["resid_final"]
         return out
 
     def _expert_terms(self, cache, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -512,31 +469,22 @@ class Tap:
             x = x - x.mean(dim=-1, keepdim=True)
         return torch.rsqrt((x * x).mean(dim=-1) + probe["eps"])
 
-    def _record(self, cache, clones: dict, input_ids: torch.Tensor, mask: torch.Tensor, *,
-                seq: torch.Tensor | None = None, pos: torch.Tensor | None = None,
+    def _record(self, kept: KeptValues, slots: TermSlots, buffers: BufferSet, input_ids: torch.Tensor,
+                mask: torch.Tensor, *, seq: torch.Tensor | None = None, pos: torch.Tensor | None = None,
                 n_sequences: int | None = None) -> int:
-        """Turn one forward's cache into a batch and hand it to the writer (``input_ids``, ``mask``: host).
+        """Turn one forward's terms into a batch and hand it to the writer (``input_ids``, ``mask``: host).
 
         By default every row opens a new sequence (a plain forward). A ``generate`` step passes the
         ``seq`` and ``pos`` of its real tokens (host tensors in mask order) and ``n_sequences=0``.
         Returns the sequence number the batch's first row got by default.
 
-        On the model's thread only what must be: picking the real tokens out of the cache (one copy,
-        on the model's device), the optional messages and lossy cast, and on a GPU the launch of the
-        asynchronous copy to pinned host memory. Compression and chunk writes happen in the writer.
+        On the model's thread only what must be: the per-expert terms, the optional messages and
+        lossy cast, and on a GPU the launch of the asynchronous copy to pinned host memory.
+        Compression and chunk writes happen in the writer.
         """
-        if self._pool is None:
-            self._pool = BufferPool(sets=self.queue_depth + 2)
-        buffers = self._pool.acquire()
-        try:
-            out = self._terms(cache, clones, mask, buffers)
-            cache.clear()  # the writer needs only the terms: the cache's batch of activations goes now
-            clones.clear()
-            return self._hand_over(out, buffers, input_ids, mask, seq, pos, n_sequences)
-        except BaseException:
-            if not buffers.handed:
-                buffers.release()
-            raise
+        out = self._terms(kept, slots, mask)
+        kept.clear()  # the writer needs only the terms: the kept activations go now
+        return self._hand_over(out, buffers, input_ids, mask, seq, pos, n_sequences)
 
     def _hand_over(self, out, buffers, input_ids, mask, seq, pos, n_sequences) -> int:
         on_gpu = out["resid_final"].device.type == "cuda"
@@ -872,10 +820,11 @@ def self_check(the_tap: Tap, n_tokens: int = 8) -> float:
     mask = torch.ones_like(ids)
     blocks = [f"model.{b.full(f'{b.layout.layers}.{l}')}" for l in range(b.n_layers)]
     with torch.no_grad():
-        _, cache, clones = the_tap._traced((), {"input_ids": ids, "attention_mask": mask},
-                                           sorted(set(the_tap._paths) | set(blocks)))
-        terms = {k: v.double() for k, v in the_tap._terms(cache, clones, mask.bool(), None).items()}
-        entering = [cache[p].input[0].double() for p in blocks]
+        slots = the_tap._slots(mask.bool(), None)
+        _, kept = the_tap._traced((), {"input_ids": ids, "attention_mask": mask}, slots,
+                                  the_tap._keep | {(p, "inputs") for p in blocks})
+        terms = {k: v.double() for k, v in the_tap._terms(kept, slots, mask.bool()).items()}
+        entering = [kept[p].input[0].double() for p in blocks]
     if not bool(torch.isfinite(terms["resid_final"]).all()):
         # a broken model, not a broken layout: the first real batch reports where it goes non-finite
         warnings.warn("the model produced non-finite values on the self-check probe; layout check skipped")
