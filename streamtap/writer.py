@@ -354,6 +354,7 @@ class BufferSet:
         self.buffers: dict[str, torch.Tensor] = {}
         self.taken = False
         self.handed = False  # given to a pipeline, which releases it (the producer no longer may)
+        self.after: BufferSet | None = None  # a set of another pool, given back with this one
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         have = self.buffers.get(name)
@@ -368,7 +369,10 @@ class BufferSet:
         """Give the set back (once: a second call, from an error path, is a no-op)."""
         if self.taken:
             self.taken = False
+            after, self.after = self.after, None
             self.pool.free.put(self)
+            if after is not None:
+                after.release()
 
 
 class CudaStager:

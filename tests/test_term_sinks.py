@@ -86,3 +86,28 @@ def test_a_module_input_routes_its_first_argument_split_into_heads():
     slots.put(("model.o", "inputs"), ((x,), {}))
     z = slots.terms()["z"]
     assert z.shape == (4, 1, 2, 3) and torch.equal(z[:, 0].reshape(4, 6), x.reshape(4, 6))
+
+
+def test_a_set_given_back_gives_back_the_late_set_it_holds():
+    from streamtap.writer import BufferPool
+
+    early, late = BufferPool(sets=2), BufferPool(sets=2)
+    a = early.acquire()
+    a.after = late.acquire()
+    a.release()
+    a.release()  # an error path releasing again changes nothing
+    assert early.free.qsize() == 1 and late.free.qsize() == 1 and a.after is None
+
+
+def test_materialized_messages_are_made_in_buffers_taken_after_the_forward(tmp_path):
+    model = tiny_model("gpt2")
+    ids, mask = padded_batch(model.config.vocab_size, [6, 4], seed=4)
+    with st.tap(model, tmp_path / "s.zarr", materialize=True, check=False) as t:
+        for _ in range(3):
+            run(model, ids, mask)
+        t.writer.wait()
+        early = [s.buffers for s in list(t._pool.free.queue)]
+        late = [s.buffers for s in list(t._late_pool.free.queue)]
+    assert early and all("messages" not in b and "z" in b for b in early)
+    assert late and all(set(b) == {"messages"} for b in late)
+    st.testing.assert_terms_sum_to_residual(st.open(tmp_path / "s.zarr"))
