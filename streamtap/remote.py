@@ -26,6 +26,7 @@ import torch
 from .errors import InputError, StreamtapError
 from .layouts import bind, layout_for
 from .tapping import Tap, _unwrap
+from .term_sinks import location
 
 
 def plan(model, *, neurons: bool = False) -> list[dict]:
@@ -119,7 +120,7 @@ class _SavedTap(Tap):
             if key not in self.saved:
                 continue
             value = torch.as_tensor(self.saved[key])
-            where = (f"model.{path}" if path else "model", "inputs" if side == "input" else "output")
+            where = location(path, side)
             setattr(kept.setdefault(where[0], _Saved()), side, value)
             if where in slots.routes:
                 slots.put(where, ((value,), {}) if side == "input" else value)

@@ -26,7 +26,7 @@ from .ranks import process_rank, rank_store, shard
 from .store import committed_sequences
 from .store import (LOSSY_DTYPES, LOSSY_ERROR_TOKENS, SCHEMA_VERSION, StoreSpec, StoreWriter, VariableSpec,
                     describe_config, fingerprint)
-from .term_sinks import KeptValues, Route, TermSlots, Where, sink
+from .term_sinks import KeptValues, Route, TermSlots, Where, location, sink
 from .writer import DEFAULT_DEPTH, BufferPool, BufferSet, CudaStager, bound_allocator, Job, Pipeline, choose_mode, make_pipeline
 
 # stored exactly even in a lossy store: the reference the lossy terms are measured against, the
@@ -324,9 +324,7 @@ class Tap:
         routes: dict[Where, list[Route]] = {}
 
         def add(key: str, route: Route) -> None:
-            path, side = b.taps[key]
-            where = (f"model.{path}" if path else "model", "inputs" if side == "input" else "output")
-            routes.setdefault(where, []).append(route)
+            routes.setdefault(location(*b.taps[key]), []).append(route)
 
         L = b.n_layers
         for var in b.layout.embeds:
@@ -344,11 +342,8 @@ class Tap:
 
     def _kept_values(self) -> set[Where]:
         """The values a term is made from after the forward: a mixture-of-experts layer's routing."""
-        keep = set()
-        for key, (path, side) in self.bound.taps.items():
-            if key.split(".")[0] in ("experts", "shared", "shared_gate"):
-                keep.add((f"model.{path}", "inputs" if side == "input" else "output"))
-        return keep
+        return {location(*tap) for key, tap in self.bound.taps.items()
+                if key.split(".")[0] in ("experts", "shared", "shared_gate")}
 
     def _slots(self, mask: torch.Tensor, buffers: BufferSet | None) -> TermSlots:
         return TermSlots(self._routes, mask, lambda name, shape, dtype, device: _term_buffer(buffers, name, shape, dtype, device))
@@ -488,21 +483,22 @@ class Tap:
         return self._hand_over(out, buffers, input_ids, mask, seq, pos, n_sequences)
 
     def _hand_over(self, out, buffers, input_ids, mask, seq, pos, n_sequences) -> int:
-        on_gpu = out["resid_final"].device.type == "cuda"
+        device = out["resid_final"].device
+        on_gpu = device.type == "cuda"
         if not on_gpu:  # a GPU batch is checked by the writer, once it is on the host: no sync here
             self._check_finite(out, mask)
-        late = self._late_buffers(buffers) if out["resid_final"].device.type == "cpu" else None
+        late = self._late_buffers(buffers) if device.type == "cpu" else None  # host buffers serve the CPU only
         if self.materialize:
             out["messages"] = self._messages(out["z"], late)
         if self.store_dtype is not None:
             out = self._lossy(out, check=not on_gpu, buffers=late)
         if self._spec is None:
             self._spec = self._make_spec(out)
-            mode = choose_mode(self.writer_mode, out["resid_final"].device)
+            mode = choose_mode(self.writer_mode, device)
             self.writer.compress = self.compress  # None: by dtype (store.COMPRESSED_BY_DEFAULT)
             self.writer.prepare(self._spec)
             self._next_sequence = self.writer.sequences
-            self.pipeline = make_pipeline(self.writer, mode, out["resid_final"].device, self.queue_depth)
+            self.pipeline = make_pipeline(self.writer, mode, device, self.queue_depth)
         n_seq = mask.shape[0] if n_sequences is None else n_sequences
         first = self._next_sequence
         if seq is None:
@@ -518,7 +514,7 @@ class Tap:
             coords["text"] = self._texts(coords["token_id"])
         if on_gpu:
             if self._stager is None:
-                self._stager = CudaStager(out["resid_final"].device, sets=self.queue_depth + 2)
+                self._stager = CudaStager(device, sets=self.queue_depth + 2)
             host, event, release = self._stager.stage(out)
             job = Job(host, n_seq, ready=event, release=lambda: (release(), buffers.release()), extra=coords,
                       check=lambda arrays, mask=mask: self._check_host(arrays, mask))

@@ -29,6 +29,11 @@ from .errors import StreamtapError
 Where = tuple[str, str]
 
 
+def location(path: str, side: str) -> Where:
+    """A layout tap's (path below the model, "input" or "output") as nnsight names it."""
+    return (f"model.{path}" if path else "model", "inputs" if side == "input" else "output")
+
+
 @dataclass(frozen=True)
 class Route:
     """Where one module value goes: variable ``var``, at ``layer`` along its second axis (None: a
