@@ -504,3 +504,35 @@ def test_host_buffers_come_back_only_when_the_disk_has_their_chunks(tmp_path, mo
     ds = st.open(tmp_path / "s.zarr")
     assert ds.sizes["token"] == sum(map(sum, LENGTHS[:3]))
     st.verify(ds)
+
+
+@pytest.mark.parametrize("neurons", [False, True])
+def test_the_weights_written_into_the_store_are_not_held_for_the_rest_of_the_capture(tmp_path, monkeypatch, neurons):
+    # the per-head (and per-neuron) weight arrays are copies of the model's; held by the tap they
+    # would sit beside every batch (GPT-2 shape: 108 MiB of heads, more with neurons)
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from streamtap.layouts import BoundLayout
+
+    model = tiny_model("gpt2")
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    copies = []
+    original = BoundLayout.static_weights
+
+    def static_weights(self, *args, **kwargs):
+        weights = original(self, *args, **kwargs)
+        copies.extend(StorageWeakRef(t.untyped_storage()) for _, t in weights.values()
+                      if t.untyped_storage().data_ptr() not in params)
+        return weights
+
+    monkeypatch.setattr(BoundLayout, "static_weights", static_weights)
+    (ids, mask), *rest = _batches(model)[:3]
+    with st.tap(model, tmp_path / "s.zarr", neurons=neurons, writer="inline"):
+        run(model, ids, mask)
+        assert copies, "the layout's weights include per-head copies (the case this guards)"
+        assert all(ref.expired() for ref in copies), "the tap still holds the weights it wrote into the store"
+        for ids, mask in rest:
+            run(model, ids, mask)
+    ds = st.open(tmp_path / "s.zarr")
+    assert "W_O" in ds and (not neurons or "W_out" in ds)
+    st.testing.assert_terms_sum_to_residual(ds)
