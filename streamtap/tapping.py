@@ -11,7 +11,6 @@ too); ``streamtap.generation`` says how each step's tokens get their ``seq`` and
 from __future__ import annotations
 
 import dataclasses
-
 import inspect
 import json
 import sys
