@@ -116,7 +116,7 @@ def fingerprint(spec_static: dict[str, tuple[tuple[str, ...], torch.Tensor]]) ->
     for name in ("W_O", "attn_bias", "mlp_bias", "final_norm_weight"):
         if name in spec_static:
             h.update(name.encode())
-            h.update(to_numpy(spec_static[name][1]).tobytes())
+            h.update(np.ascontiguousarray(to_numpy(spec_static[name][1])))  # no copy of a contiguous array
     return h.hexdigest()[:32]
 
 
@@ -584,7 +584,7 @@ class StoreWriter:
                 chunks=_static_chunks(data), compressors=COMPRESSOR, fill_value=_fill(data.dtype),
                 attributes={STORED_DTYPE: logical},
             )
-            arr[...] = data
+            _write_by_chunks(arr, data)
         for name, var in spec.variables.items():
             np_dtype, logical = storage_dtype(var.dtype)
             group.create_array(
@@ -809,6 +809,18 @@ def _for_appends(array: zarr.Array) -> zarr.Array:
 
 def _fill(dtype: np.dtype):
     return np.nan if np.dtype(dtype).kind == "f" else 0
+
+
+def _write_by_chunks(arr, data: np.ndarray) -> None:
+    """Write ``data`` one chunk of rows at a time: handed the whole array, zarr encodes many chunks at
+    once, and at a store's creation (the first batch's output and terms still alive) that transient
+    was the capture's peak (GPT-2 shape: ~60 MiB for the unembedding and the per-head weights)."""
+    rows = arr.chunks[0] if data.ndim else 0
+    if data.ndim == 0 or rows >= data.shape[0]:
+        arr[...] = data
+        return
+    for start in range(0, data.shape[0], rows):
+        arr[start:start + rows] = data[start:start + rows]
 
 
 def _static_chunks(data: np.ndarray) -> tuple[int, ...]:

@@ -131,6 +131,7 @@ class Tap:
         self._inside = False
         self._snapshot = None
         self._spec: StoreSpec | None = None
+        self._static: dict | None = None  # the store's weights, from before the first forward until written
         self._text_cache: dict[int, str] = {}
         self.check = check
         self.progress = progress
@@ -364,7 +365,11 @@ class Tap:
         """One forward whose terms go straight into a set of reused buffers, then to the writer.
         Returns (model output, the sequence number the batch's first row got)."""
         if self._pool is None:
-            self._pool = BufferPool(sets=self.queue_depth + 2)
+            self._pool = BufferPool(sets=self.queue_depth + 2, shed=True)
+        if self._spec is None and self._static is None:
+            # built now, between forwards: building them beside the first batch's output and terms
+            # (GPT-2 shape: 393 MiB of logits, a 162 MiB set) made that hand-over the capture's peak
+            self._static = self.bound.static_weights(self.neurons)
         buffers = self._pool.acquire()
         try:
             slots = self._slots(mask, buffers)
@@ -500,7 +505,7 @@ class Tap:
             self.writer.prepare(spec)
             # the weights are in the store now; kept, their per-head copies would sit in memory for
             # the whole capture (GPT-2 shape: 108 MiB; with neurons, 216 MiB)
-            self._spec = dataclasses.replace(spec, static={})
+            self._spec, self._static = dataclasses.replace(spec, static={}), None
             self._next_sequence = self.writer.sequences
             self.pipeline = make_pipeline(self.writer, mode, device, self.queue_depth)
         n_seq = mask.shape[0] if n_sequences is None else n_sequences
@@ -543,7 +548,7 @@ class Tap:
         if not (self.materialize or self.store_dtype is not None):
             return None
         if self._late_pool is None:
-            self._late_pool = BufferPool(sets=self.queue_depth + 2)
+            self._late_pool = BufferPool(sets=self.queue_depth + 2, shed=True)
         buffers.after = self._late_pool.acquire()
         return buffers.after
 
@@ -634,7 +639,7 @@ class Tap:
                 "shared_expert_out": ("layer", "d_model"), "messages": ("layer", "head", "d_model")}
         variables = {name: VariableSpec(dims.get(name, ("d_model",)), tuple(t.shape[1:]), t.dtype)
                      for name, t in out.items()}
-        static = b.static_weights(self.neurons)
+        static = self._static if self._static is not None else b.static_weights(self.neurons)
         dtype = str(out["resid_final"].dtype).removeprefix("torch.")  # the compute dtype, even in a lossy store
         identity = {
             "schema_version": SCHEMA_VERSION,

@@ -495,12 +495,15 @@ def test_host_buffers_come_back_only_when_the_disk_has_their_chunks(tmp_path, mo
         run(model, *batches[0])
         assert tap._pool.free.empty()  # its chunks are still being written from it
         threading.Timer(0.2, gate.set).start()
+        acquire, sets_at_acquire = tap._pool.acquire, []
+        tap._pool.acquire = lambda: (taken := acquire(), sets_at_acquire.append(tap._pool.created))[0]
         run(model, *batches[1])  # stacked into a second set meanwhile
-        assert tap._pool.created == 2
+        assert sets_at_acquire == [2]
         tap.writer.wait()
-        assert tap._pool.free.qsize() == 2
+        # the first set came back while the second was still in use, so its memory went back
+        assert tap._pool.created == 1 and tap._pool.free.qsize() == 1
         run(model, *batches[2])
-        assert tap._pool.created == 2  # and reused
+        assert tap._pool.created == 1  # the second set reused
     ds = st.open(tmp_path / "s.zarr")
     assert ds.sizes["token"] == sum(map(sum, LENGTHS[:3]))
     st.verify(ds)
@@ -536,3 +539,32 @@ def test_the_weights_written_into_the_store_are_not_held_for_the_rest_of_the_cap
     ds = st.open(tmp_path / "s.zarr")
     assert "W_O" in ds and (not neurons or "W_out" in ds)
     st.testing.assert_terms_sum_to_residual(ds)
+
+
+def test_a_set_given_back_while_another_is_in_use_lets_its_memory_go():
+    # two sets are needed only while a batch's chunks are still being written as the next forward
+    # starts; kept, the idle one would sit through every later forward's peak beside the one in use
+    pool = writer_mod.BufferPool(sets=3, shed=True)
+    a, b = pool.acquire(), pool.acquire()
+    a.take("z", (4, 3), torch.float32)
+    a.release()
+    assert a.buffers == {} and pool.created == 1 and pool.free.empty()
+    b.take("z", (4, 3), torch.float32)
+    b.release()  # the last one in use: kept for the next batch
+    assert pool.free.qsize() == 1 and pool.acquire() is b
+
+
+def test_an_acquire_waiting_on_a_full_pool_gets_a_set_when_one_is_shed():
+    pool = writer_mod.BufferPool(sets=2, shed=True)
+    a, b = pool.acquire(), pool.acquire()
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire()))
+    waiter.start()
+    time.sleep(0.05)
+    assert not got  # the pool is at its bound
+    a.release()  # shed (b is in use): room for a new set
+    waiter.join(5)
+    assert got and got[0] is not a and pool.created == 2
+    b.release()
+    got[0].release()
+    assert pool.in_use == 0 and pool.free.qsize() == 1
