@@ -815,10 +815,10 @@ def _write_by_chunks(arr, data: np.ndarray) -> None:
     """Write ``data`` one chunk of rows at a time: handed the whole array, zarr encodes many chunks at
     once, and at a store's creation (the first batch's output and terms still alive) that transient
     was the capture's peak (GPT-2 shape: ~60 MiB for the unembedding and the per-head weights)."""
-    rows = arr.chunks[0] if data.ndim else 0
-    if data.ndim == 0 or rows >= data.shape[0]:
+    if data.ndim == 0 or arr.chunks[0] >= data.shape[0]:
         arr[...] = data
         return
+    rows = arr.chunks[0]
     for start in range(0, data.shape[0], rows):
         arr[start:start + rows] = data[start:start + rows]
 
