@@ -17,7 +17,9 @@ Reported: median seconds per batch, the mean including the writer's drain at the
 ratio to the plain forward uses), peak RSS, bytes per token on disk and the compression ratio of
 the per-token arrays, the time the model's thread spends encoding each batch, the throughput of the
 background disk writes while they run, and the disk's write bandwidth measured in the same
-run. ``--skip-memory`` leaves out the peak-RSS check of a 100k-token capture against a 10k one.
+run. ``--skip-memory`` leaves out the peak-RSS check of a 100k-token capture (its peak after a tenth
+of the tokens and at the end, against the plain forward's settled peak in the same process), which
+runs once with the flat 1 MiB mmap threshold and once with glibc's defaults.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ LABELS = {
 }
 # glibc's allocator as it comes and torch without huge pages: what a session without streamtap has
 GLIBC_DEFAULTS = {"STREAMTAP_MALLOC_TUNING": "0", "THP_MEM_ALLOC_ENABLE": "0"}
+PLAIN_FORWARDS = 5  # before the memory probe's capture
 MODELS = {"gpt2": "GPT-2-small shape (random)", "smollm2": "SmolLM2-135M"}
 
 
@@ -193,7 +196,8 @@ def run_case(args) -> dict:
 
 
 def run_memory(args) -> dict:
-    """Peak RSS of a streamtap capture of ``args.tokens`` tokens (factored, into Zarr)."""
+    """Peak RSS of a streamtap capture of ``args.tokens`` tokens (factored, into Zarr), read after every
+    batch, against the plain forward's settled peak in the same process."""
     import streamtap  # noqa: F401 - before torch (huge pages, see streamtap._hugepages)
     import nnsight  # noqa: F401 - imported before the baseline, like zarr: their code is not captured data
     import torch
@@ -208,21 +212,27 @@ def run_memory(args) -> dict:
     model = _load(args.model, args.device)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
-    with torch.no_grad():
-        model(input_ids=ids)
-    plain_peak = _peak()
+    plain_peaks = []
+    for _ in range(PLAIN_FORWARDS):  # glibc's heap grows over the first forwards: the settled peak is the baseline
+        with torch.no_grad():
+            model(input_ids=ids)
+        plain_peaks.append(_peak())
     path = os.path.join(args.dir, f"mem-{args.tokens}.zarr")
     batches = -(-args.tokens // ids.numel())
+    tenth = -(-batches // 10)  # a tenth of the tokens: 10x more must not raise the peak
+    peaks = []
     with torch.no_grad(), st.tap(model, path, check=False) as the_tap:
         for _ in range(batches):
             model(input_ids=ids)
+            peaks.append(_peak())
     import zarr
 
     group = zarr.open_group(path, mode="r")
     per_token = [n for n, a in group.arrays() if a.metadata.dimension_names[0] == "token"]
     raw = sum(group[n].nbytes for n in per_token) / int(group.attrs["committed_tokens"])
-    out = {"tokens": the_tap.tokens, "peak_rss": _peak(), "plain_peak": plain_peak, "base_rss": base_rss,
-           "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    out = {"tokens": the_tap.tokens, "tenth_tokens": tenth * ids.numel(), "peak_tenth": peaks[tenth - 1],
+           "peak_rss": _peak(), "plain_peak": plain_peaks[-1], "plain_first_peak": plain_peaks[0],
+           "base_rss": base_rss, "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
            "batch_terms_bytes": raw * ids.numel(), "writer": the_tap.pipeline.mode}
     shutil.rmtree(path, ignore_errors=True)
     print(json.dumps(out))
@@ -296,10 +306,16 @@ def main() -> None:
                 results.append(runs[(len(runs) - 1) // 2])
         memory = {}
         if not args.skip_memory:
-            for allocator, env in (("streamtap's default: mmap threshold pinned at 1 MiB, torch's huge pages", {}),
-                                     ("glibc's defaults, STREAMTAP_MALLOC_TUNING=0", GLIBC_DEFAULTS)):
-                memory[allocator] = [_child(["--tokens", str(tokens), "--model", "gpt2", *common], env)
-                                     for tokens in (args.memory_tokens // 10, args.memory_tokens)]
+            from streamtap._hugepages import host_takes_freed_memory
+            from streamtap.writer import mmap_threshold
+
+            heap_here = mmap_threshold("auto", host_takes_freed_memory()) is None
+            for allocator, env, default in (
+                    ("mmap threshold pinned at 1 MiB, STREAMTAP_MALLOC_TUNING=flat", {"STREAMTAP_MALLOC_TUNING": "flat"},
+                     not heap_here),
+                    ("glibc's defaults, STREAMTAP_MALLOC_TUNING=0", GLIBC_DEFAULTS, heap_here)):
+                label = allocator + ("; streamtap's default on this machine" if default else "")
+                memory[label] = _child(["--tokens", str(args.memory_tokens), "--model", "gpt2", *common], env)
         disk_after = disk_bandwidth(directory)["O_DIRECT" if limit else "disk"]
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -342,16 +358,17 @@ def main() -> None:
                                f"{rate:,.0f} MB/s ({rate / (disk / 1e6):.0%}) over the whole run")
             print(f"| {MODELS[model]} | {LABELS[r['case']]} | {t:.3f} | {t / plain['median']:.2f} | "
                   f"{r['peak_rss'] / 2**30:.2f} GiB | {disk_col} | {ratio_col} | {writer} |")
-    for allocator, (small, big) in memory.items():
-        print(f"\nPeak RSS of a streamtap capture ({allocator}; GPT-2-small shape, factored, {small['writer']} writer): "
-              f"{small['tokens']:,} tokens {small['peak_rss'] / 2**20:,.0f} MiB, {big['tokens']:,} tokens "
-              f"{big['peak_rss'] / 2**20:,.0f} MiB (difference {(big['peak_rss'] - small['peak_rss']) / 2**20:+,.0f} MiB). "
-              f"Plain forward's peak {big['plain_peak'] / 2**20:,.0f} MiB; model {big['model_bytes'] / 2**20:,.0f} MiB; "
-              f"one batch of captured terms {big['batch_terms_bytes'] / 2**20:,.0f} MiB; peak above the process "
-              f"before the model {(big['peak_rss'] - big['base_rss']) / 2**20:,.0f} MiB vs model + 3 batches "
-              f"{(big['model_bytes'] + 3 * big['batch_terms_bytes']) / 2**20:,.0f} MiB; above the plain forward's "
-              f"peak {(big['peak_rss'] - big['plain_peak']) / 2**20:,.0f} MiB vs 3 batches "
-              f"{3 * big['batch_terms_bytes'] / 2**20:,.0f} MiB.")
+    for allocator, m in memory.items():
+        mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+        batches3 = 3 * m["batch_terms_bytes"]
+        print(f"\nPeak RSS of a streamtap capture ({allocator}; GPT-2-small shape, factored, {m['writer']} writer), "
+              f"read after every batch: {m['tenth_tokens']:,} tokens {mib(m['peak_tenth'])}, {m['tokens']:,} tokens "
+              f"{mib(m['peak_rss'])} (difference {(m['peak_rss'] - m['peak_tenth']) / 2**20:+,.0f} MiB). The plain "
+              f"forward's peak in the same process, settled over {PLAIN_FORWARDS} forwards: {mib(m['plain_peak'])} "
+              f"(first forward {mib(m['plain_first_peak'])}); model {mib(m['model_bytes'])}; one batch of captured "
+              f"terms {mib(m['batch_terms_bytes'])}; the capture's peak above the plain forward's "
+              f"{mib(m['peak_rss'] - m['plain_peak'])} vs 3 batches {mib(batches3)}; above the process before the "
+              f"model {mib(m['peak_rss'] - m['base_rss'])} vs model + 3 batches {mib(m['model_bytes'] + batches3)}.")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ def host_takes_freed_memory(pattern: str = BALLOON_FEATURES) -> bool:
 
 
 def malloc_tuning() -> str | None:
-    """``STREAMTAP_MALLOC_TUNING`` (lower case; "1" when unset), or None when it turns the tuning off."""
-    tuning = os.environ.get("STREAMTAP_MALLOC_TUNING", "1").lower()
+    """``STREAMTAP_MALLOC_TUNING`` (lower case; "auto" when unset), or None when it turns the tuning off."""
+    tuning = (os.environ.get("STREAMTAP_MALLOC_TUNING") or "auto").lower()
     return None if tuning in ("0", "false", "no", "off") else tuning
 
 

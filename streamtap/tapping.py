@@ -142,8 +142,8 @@ class Tap:
     def __enter__(self) -> "Tap":
         import nnsight
 
+        bound_allocator()  # flat peak RSS or heap reuse, by machine (streamtap.writer.mmap_threshold); may raise
         self.writer.lock(self.break_lock)  # one writer per store: a second one fails here, before any work
-        bound_allocator()  # a long capture's peak RSS stays flat (streamtap.writer.bound_allocator)
         self._snapshot = _ModuleTreeSnapshot(self.module)
         with warnings.catch_warnings():
             # BERT-style blocks have a child named ``output``; nnsight renames its envoy and says so,
@@ -365,7 +365,7 @@ class Tap:
         """One forward whose terms go straight into a set of reused buffers, then to the writer.
         Returns (model output, the sequence number the batch's first row got)."""
         if self._pool is None:
-            self._pool = BufferPool(sets=self.queue_depth + 2, shed=self._sheds())
+            self._pool = BufferPool(sets=self.queue_depth + 2, shed=True)
         if self._spec is None and self._static is None:
             # built now, between forwards: building them beside the first batch's output and terms
             # (GPT-2 shape: 393 MiB of logits, a 162 MiB set) made that hand-over the capture's peak
@@ -535,12 +535,6 @@ class Tap:
         self._next_sequence += n_seq
         return first
 
-    def _sheds(self) -> bool:
-        """Whether the host pools let an idle set go (``BufferPool``): with the inline writer only,
-        where it was measured; behind a writer thread the back-pressure test saw four batches alive
-        against a bound of three in 3 of 6 runs with it (cause not found), so that mode keeps its sets."""
-        return choose_mode(self.writer_mode, next(self.module.parameters()).device) == "inline"
-
     def _late_buffers(self, buffers: BufferSet) -> BufferSet | None:
         """Buffers for what is made after the forward, from a pool of their own, taken only now.
 
@@ -555,7 +549,7 @@ class Tap:
         if not (self.materialize or self.store_dtype is not None):
             return None
         if self._late_pool is None:
-            self._late_pool = BufferPool(sets=self.queue_depth + 2, shed=self._sheds())
+            self._late_pool = BufferPool(sets=self.queue_depth + 2, shed=True)
         buffers.after = self._late_pool.acquire()
         return buffers.after
 

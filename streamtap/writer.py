@@ -48,7 +48,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ._hugepages import malloc_tuning
+from ._hugepages import host_takes_freed_memory, malloc_tuning
 
 MODES = ("auto", "thread", "inline")
 DEFAULT_DEPTH = 1  # batches waiting in the queue; with the one being written and the one being
@@ -237,45 +237,62 @@ def sigint_deferred():
             raise KeyboardInterrupt
 
 
-MMAP_THRESHOLD = 1 << 20        # the default: every block above it is a mapping, returned when freed
+MMAP_THRESHOLD = 1 << 20        # "flat": every block above it is a mapping, returned when freed
 FAST_MMAP_THRESHOLD = 512 << 20  # STREAMTAP_MALLOC_TUNING=fast: blocks below it reused from the heap
 _allocator_bounded = False
 
 
+def mmap_threshold(tuning: str | None, host_takes_freed_memory: bool) -> int | None:
+    """The ``M_MMAP_THRESHOLD`` a tap sets for ``STREAMTAP_MALLOC_TUNING`` (None: glibc left alone).
+
+    Measured on the GPT-2-small shape, 8 x 256 tokens (docs/pipeline.md, "Memory" and after):
+
+    - pinned at 1 MiB (``flat``) every activation is a fresh mapping, returned when freed: the peak
+      is flat from the first batch and the same in every process (the tap 185-284 MiB above the
+      plain forward's peak), but each forward faults its activations in again. With torch's huge
+      pages (``streamtap._hugepages``) that costs nothing measurable; with 4 KiB pages the forward
+      took 20-30% longer, and in a VM whose balloon hands freed pages to its host 1.23-1.38x
+      glibc's time, since there every fault goes through the hypervisor and huge pages are slower
+      still. So ``auto`` (the default) pins 1 MiB except on such a VM;
+    - glibc's defaults (the dynamic threshold, up to 32 MiB) reuse the activations from the heap
+      and the forward runs at full speed. Before the tap reused its batch buffers, dropped the
+      store's weights and shed its idle buffer set, a heap-served capture grew by hundreds of MiB
+      from 10k to 100k tokens; now it settles over its first batches, as the plain forward's own
+      peak does (three processes: +33, +56 and +93 MiB from 10k to 100k tokens), 56-354 MiB above
+      the plain forward's settled peak (three batches of terms: 486 MiB). Both peaks move by a few
+      hundred MiB between processes;
+    - pinned at 512 MiB (``fast``) the batch buffers come from the heap too: 1,000 MiB above the
+      plain forward's peak.
+    """
+    if tuning is None:
+        return None
+    if tuning == "fast":
+        return FAST_MMAP_THRESHOLD
+    if tuning == "flat":
+        return MMAP_THRESHOLD
+    if tuning not in ("1", "auto", "true", "yes", "on"):
+        raise ValueError(f"STREAMTAP_MALLOC_TUNING must be auto (the default), flat, fast or 0, got {tuning!r}")
+    return None if host_takes_freed_memory else MMAP_THRESHOLD
+
+
 def bound_allocator() -> bool:
-    """Keep a long capture's peak RSS flat: glibc's ``mallopt(M_MMAP_THRESHOLD)``, once per process.
+    """Set glibc's mmap threshold for a tap (:func:`mmap_threshold`), once per process.
 
-    Measured here on the GPT-2-small shape, 8 x 256 tokens (docs/pipeline.md, "Memory"):
-
-    - glibc's defaults raise the mmap threshold each time a large block is freed (up to 32 MiB);
-      the heaps then keep what the batches free, and a 100k-token capture peaked 254-736 MiB above
-      a 10k one (two runs);
-    - pinned at 1 MiB (the default here) the peak stayed flat (-159, +6 and +2 MiB on three
-      machines) but every activation is a fresh mapping whose pages fault in on each forward: the
-      forward itself took 20-30% longer with 4 KiB pages, and about as long as with glibc's
-      defaults with torch's huge pages (``streamtap._hugepages``, set when streamtap is imported
-      before torch). In a VM that hands freed pages back to its host the faults cost more: the
-      forward took 1.23-1.29x glibc's time there (no huge pages; they were slower still);
-    - pinned at 512 MiB (``STREAMTAP_MALLOC_TUNING=fast``) the activations are reused from the heap
-      and the forward runs at glibc's speed or better, but the peak moved by -21 and +852 MiB, and
-      sat 1,000 MiB above the plain forward's peak where the 1 MiB threshold sat 429 MiB above.
-
-    Flat memory wins by default, since a capture may run for days; ``fast`` is for captures short
-    enough that the growth does not matter. A user's own ``MALLOC_MMAP_THRESHOLD_`` wins, and
-    ``STREAMTAP_MALLOC_TUNING=0`` leaves the allocator alone. Returns whether this call set it.
+    A user's own ``MALLOC_MMAP_THRESHOLD_`` wins, ``STREAMTAP_MALLOC_TUNING=0`` leaves the allocator
+    alone, and so does the default on a VM whose balloon takes freed pages. Returns whether this
+    call set it.
     """
     global _allocator_bounded
     if _allocator_bounded or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    tuning = malloc_tuning()
-    if tuning is None:
+    threshold = mmap_threshold(malloc_tuning(), host_takes_freed_memory())
+    if threshold is None:
         return False
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
         M_MMAP_THRESHOLD = -3
-        threshold = FAST_MMAP_THRESHOLD if tuning == "fast" else MMAP_THRESHOLD
         _allocator_bounded = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to tune
         return False
@@ -352,17 +369,20 @@ class BufferPool:
     def _give_back(self, given: "BufferSet") -> None:
         """Keep ``given`` for the next batch, or, with ``shed``, let its memory go when another set is
         still in use: that one will be free for the next batch, and a set kept idle beside it would
-        sit through the next forward's peak."""
+        sit through the next forward's peak. A shed set's memory goes before a waiting ``acquire``
+        may make a new one, so the pool never holds more than ``sets`` sets, even for a moment."""
+        with self._changed:
+            shed = self.shed and self.in_use > 1
+            if not shed:
+                self.in_use -= 1
+                self.free.put(given)
+                self._changed.notify()
+                return
+        given.buffers = {}
         with self._changed:
             self.in_use -= 1
-            shed = self.shed and self.in_use > 0
-            if shed:
-                self.created -= 1
-            else:
-                self.free.put(given)
+            self.created -= 1
             self._changed.notify()
-        if shed:
-            given.buffers = {}
 
     def clear(self) -> None:
         """Let go of the free sets: a finished tap that the caller still holds (``tap.tokens``) must

@@ -356,10 +356,35 @@ def test_the_allocator_is_bounded_once_per_process_unless_the_user_chose():
     code = "import streamtap.writer as w; print(w.bound_allocator(), w.bound_allocator())"
     run = lambda env: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
                                      env={**os.environ, **env}, check=True).stdout.split()
-    assert run({}) == ["True", "False"]                                   # pinned once, then left alone
-    assert run({"MALLOC_MMAP_THRESHOLD_": "65536"}) == ["False", "False"]  # the user's own setting wins
+    from streamtap._hugepages import host_takes_freed_memory
+
+    by_machine = "False" if host_takes_freed_memory() else "True"  # auto: glibc's heap on a ballooned VM
+    assert run({"STREAMTAP_MALLOC_TUNING": ""}) == run({}) == [by_machine, "False"]
+    assert run({"STREAMTAP_MALLOC_TUNING": "flat"}) == ["True", "False"]  # pinned once, then left alone
+    assert run({"MALLOC_MMAP_THRESHOLD_": "65536", "STREAMTAP_MALLOC_TUNING": "flat"}) == ["False", "False"]  # the user's own
     assert run({"STREAMTAP_MALLOC_TUNING": "0"}) == ["False", "False"]
     assert run({"STREAMTAP_MALLOC_TUNING": "fast"}) == ["True", "False"]  # the heap-reusing threshold
+
+
+def test_the_allocator_setting_follows_the_tuning_and_the_machine():
+    from streamtap.writer import FAST_MMAP_THRESHOLD, MMAP_THRESHOLD, mmap_threshold
+
+    assert mmap_threshold("auto", host_takes_freed_memory=False) == MMAP_THRESHOLD  # flat: faults are cheap here
+    assert mmap_threshold("auto", host_takes_freed_memory=True) is None  # faults go through the hypervisor
+    assert mmap_threshold("1", host_takes_freed_memory=True) is None     # the old spelling of the default
+    assert mmap_threshold("flat", host_takes_freed_memory=True) == MMAP_THRESHOLD
+    assert mmap_threshold("fast", host_takes_freed_memory=False) == FAST_MMAP_THRESHOLD
+    assert mmap_threshold(None, host_takes_freed_memory=False) is None
+
+
+def test_an_unknown_allocator_tuning_is_refused_before_the_store_is_touched(tmp_path, monkeypatch):
+    import streamtap.writer as writer
+
+    monkeypatch.setenv("STREAMTAP_MALLOC_TUNING", "flatt")
+    monkeypatch.setattr(writer, "_allocator_bounded", False)
+    with pytest.raises(ValueError, match="STREAMTAP_MALLOC_TUNING must be auto .* got 'flatt'"):
+        st.tap(_wide_model(), tmp_path / "s.zarr", check=False).__enter__()
+    assert not (tmp_path / "s.zarr").exists()
 
 
 def test_torch_huge_pages_are_asked_for_only_before_torch_is_imported_and_never_over_the_user():
@@ -568,3 +593,25 @@ def test_an_acquire_waiting_on_a_full_pool_gets_a_set_when_one_is_shed():
     b.release()
     got[0].release()
     assert pool.in_use == 0 and pool.free.qsize() == 1
+
+
+def test_a_shed_sets_memory_is_gone_before_a_waiting_acquire_makes_a_new_one():
+    # woken first, the producer would make its next set while the shed one still existed: one set
+    # over the bound, for as long as the free takes (the back-pressure test saw four batches alive)
+    pool = writer_mod.BufferPool(sets=2, shed=True)
+    a, b = pool.acquire(), pool.acquire()
+    freed = threading.Event()
+
+    class SlowToFree:
+        def __del__(self):
+            time.sleep(0.2)
+            freed.set()
+
+    a.buffers["z"] = SlowToFree()
+    seen = []
+    waiter = threading.Thread(target=lambda: (pool.acquire(), seen.append(freed.is_set())))
+    waiter.start()
+    time.sleep(0.05)
+    a.release()
+    waiter.join(5)
+    assert seen == [True]
