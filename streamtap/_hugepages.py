@@ -17,7 +17,8 @@ Not in a virtual machine whose balloon hands freed memory back to the host as it
 free page reporting, which reports free 2 MiB blocks): there every freed huge page goes back to the
 host and the next one is faulted in through the hypervisor. On such a machine (a Firecracker VM,
 AMD EPYC) the same forward took 7.57-8.08 s with torch's huge pages, 6.53-6.87 s without them and
-5.31-5.58 s with glibc's defaults (docs/pipeline.md).
+5.31-5.58 s with glibc's defaults (docs/pipeline.md). There the tap leaves glibc's heap alone as
+well, by default (``streamtap.writer.mmap_threshold``).
 """
 
 from __future__ import annotations

@@ -251,7 +251,7 @@ def mmap_threshold(tuning: str | None, host_takes_freed_memory: bool) -> int | N
       is flat from the first batch and the same in every process (the tap 185-284 MiB above the
       plain forward's peak), but each forward faults its activations in again. With torch's huge
       pages (``streamtap._hugepages``) that costs nothing measurable; with 4 KiB pages the forward
-      took 20-30% longer, and in a VM whose balloon hands freed pages to its host 1.23-1.38x
+      took 20-30% longer, and in a VM whose balloon hands freed pages to its host 1.23-1.62x
       glibc's time, since there every fault goes through the hypervisor and huge pages are slower
       still. So ``auto`` (the default) pins 1 MiB except on such a VM;
     - glibc's defaults (the dynamic threshold, up to 32 MiB) reuse the activations from the heap
@@ -260,7 +260,8 @@ def mmap_threshold(tuning: str | None, host_takes_freed_memory: bool) -> int | N
       from 10k to 100k tokens; now it settles over its first batches, as the plain forward's own
       peak does (three processes: +33, +56 and +93 MiB from 10k to 100k tokens), 56-354 MiB above
       the plain forward's settled peak (three batches of terms: 486 MiB). Both peaks move by a few
-      hundred MiB between processes;
+      hundred MiB between processes, and a 300k-token capture still crept, in ever rarer steps
+      (+139 MiB over 145 batches): ``flat`` is for captures that run for days;
     - pinned at 512 MiB (``fast``) the batch buffers come from the heap too: 1,000 MiB above the
       plain forward's peak.
     """
