@@ -640,7 +640,7 @@ class Tap:
                 "shared_expert_out": ("layer", "d_model"), "messages": ("layer", "head", "d_model")}
         variables = {name: VariableSpec(dims.get(name, ("d_model",)), tuple(t.shape[1:]), t.dtype)
                      for name, t in out.items()}
-        static = self._static if self._static is not None else b.static_weights(self.neurons)
+        static = self._static  # built by _capture before the first forward, the only way here
         dtype = str(out["resid_final"].dtype).removeprefix("torch.")  # the compute dtype, even in a lossy store
         identity = {
             "schema_version": SCHEMA_VERSION,
