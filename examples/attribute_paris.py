@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import streamtap as st
-from streamtap import figures
+from streamtap.report import figures
 from streamtap.models import load_model
 
 PROMPT = "The capital of France is"

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 import streamtap as st
-from streamtap import figures
+from streamtap.report import figures
 from streamtap.models import load_model
 
 

@@ -15,7 +15,7 @@ from importlib import resources
 import numpy as np
 
 import streamtap as st
-from streamtap import figures
+from streamtap.report import figures
 from streamtap.models import load_model
 
 THRESHOLD = 0.02

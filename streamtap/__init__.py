@@ -1,19 +1,17 @@
-"""streamtap: every head's message and every MLP's output as additive residual terms, in Zarr.
+"""streamtap: every head's output and every MLP's output as additive residual terms, in Zarr.
 
     with streamtap.tap(model, "run.zarr", tokenizer=tok):
         model(**batch)
     ds = streamtap.open("run.zarr")
     streamtap.verify(ds)
 
-Names are imported on first use: the pytest plugin loads this package in every pytest run of an
-environment that has streamtap installed, and torch, xarray and dask cost seconds to import.
+Names are imported on first use, because the pytest plugin loads this package in every pytest run of
+an environment that has streamtap installed and torch, xarray and dask cost seconds to import.
+Importing streamtap changes nothing in the process: no environment variable, allocator setting or
+warning filter.
 """
 
 from importlib import import_module
-
-from ._hugepages import ask_for_huge_pages
-
-ask_for_huge_pages()  # before anything imports torch: torch reads it once (see _hugepages)
 
 __version__ = "0.1.0"
 
@@ -21,16 +19,18 @@ _EXPORTS = {
     "tap": "tapping", "capture": "tapping", "Tap": "tapping",
     "open": "dataset",
     "decompose": "invariant", "verify": "invariant", "tolerance": "invariant",
-    "StreamtapError": "errors", "DecompositionError": "errors", "InputError": "errors",
-    "NonFiniteError": "errors", "StoreExistsError": "errors", "StoreMismatchError": "errors",
+    "CaptureOptions": "options", "CorpusOptions": "options",
+    "StreamtapError": "errors", "DecompositionError": "errors", "InputError": "errors", "OptionError": "errors",
+    "NonFiniteError": "errors", "StoreExistsError": "errors", "StoreMismatchError": "errors", "LayoutError": "errors",
     "UnsupportedArchitectureError": "errors", "StoreLockedError": "errors", "StoreFullError": "errors",
 }
 # no submodule shares a name with an exported function: importing a submodule rebinds the package
 # attribute of its name, which would shadow the function
-_SUBMODULES = {"analysis", "layouts", "models", "testing", "tapping", "dataset", "invariant", "store", "errors",
-               "remote", "lock"}
+_SUBMODULES = {"analysis", "layouts", "models", "testing", "tapping", "dataset", "invariant", "io", "errors",
+               "options", "stream", "report"}
+_ALIASES = {"remote": "tapping.remote"}
 
-__all__ = ["__version__", *_EXPORTS, "analysis", "layouts", "models", "testing", "remote"]
+__all__ = ["__version__", *_EXPORTS, "analysis", "layouts", "models", "testing", "remote", "report"]
 
 
 def __getattr__(name):
@@ -38,6 +38,8 @@ def __getattr__(name):
         value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     elif name in _SUBMODULES:
         value = import_module(f".{name}", __name__)
+    elif name in _ALIASES:
+        value = import_module(f".{_ALIASES[name]}", __name__)
     else:
         raise AttributeError(f"module 'streamtap' has no attribute {name!r}")
     globals()[name] = value

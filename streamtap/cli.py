@@ -23,9 +23,11 @@ import numpy as np
 
 import streamtap as st
 from .errors import StoreExistsError, StreamtapError
-from .models import DEFAULT_MODEL
-from .ranks import rank_stores
-from .store import COMMITTED_SEQUENCES, COMMITTED_TOKENS, is_streamtap_store, is_url, open_group, store_exists
+from .io.location import fs_options, is_streamtap_store, is_url, open_group, store_exists
+from .io.ranks import rank_stores
+from .io.schema import COMMITTED_SEQUENCES, COMMITTED_TOKENS
+from .models.smollm2 import DEFAULT_MODEL
+from .options import CorpusOptions, option_fields
 
 DTYPES = ("float32", "bfloat16", "float16")
 TINY = "tiny:"
@@ -71,7 +73,7 @@ def _load(model_id: str, dtype: str, device: str | None, trust_remote_code: bool
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model_id.startswith(TINY):
-        from ._tiny_tokenizer import word_level_tokenizer
+        from .models.tokenizer import word_level_tokenizer
 
         model = models.tiny_model(model_id[len(TINY):], dtype=dtype)
         tok = word_level_tokenizer(texts, model.config.vocab_size)
@@ -117,8 +119,6 @@ def _disk_bytes(path: str, options: dict | None = None) -> int:
     """Bytes on disk (or in the bucket): the sum of file sizes under a store (or the file's size)."""
     if is_url(path):
         from fsspec.core import url_to_fs
-
-        from .store import fs_options
 
         fs, root = url_to_fs(path, **fs_options(path, options))
         return int(fs.du(root))
@@ -205,62 +205,65 @@ def cli():
     """Record every attention head's message and MLP output as residual-stream terms in Zarr."""
 
 
+def _options_from(cls, skip=()):
+    """The click options of an options class's fields (flags and help texts come from its metadata)."""
+    decorators = []
+    for f in option_fields(cls):
+        flag, help_text, choices = f.metadata["flag"], f.metadata["help"], f.metadata["choices"]
+        if flag == "" or f.name in skip:
+            continue  # not on the command line
+        if f.name == "storage_options":
+            decorators.append(storage_option)
+        elif flag and "/" in flag:
+            decorators.append(click.option(flag, f.name, default=None, help=help_text))
+        elif flag and flag.startswith("--no-"):
+            decorators.append(click.option(flag, f.name, flag_value=False, default=True, help=help_text))
+        elif f.type == "bool":
+            decorators.append(click.option(flag or "--" + f.name.replace("_", "-"), f.name, is_flag=True,
+                                           help=help_text))
+        elif choices:
+            decorators.append(click.option(flag or "--" + f.name.replace("_", "-"), f.name, type=click.Choice(choices),
+                                           default=f.default, show_default=f.default is not None, help=help_text))
+        else:
+            decorators.append(click.option(flag or "--" + f.name.replace("_", "-"), f.name,
+                                           type=click.IntRange(min=1), default=f.default,
+                                           show_default=f.default is not None, help=help_text))
+
+    def apply(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+
+    return apply
+
+
 @cli.command()
 @model_option
 @click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Text file, one document per line.  [default: the bundled sample]")
 @click.option("--out", required=True, help="The Zarr store to write, e.g. run.zarr or s3://bucket/run.zarr.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-length", type=click.IntRange(min=1), default=None,
-              help="Longest sequence in tokens.  [default: the model's positions]")
-@click.option("--truncate", is_flag=True, help="Cut longer documents to --max-length instead of refusing them.")
 @dtype_option
 @device_option
-@click.option("--neurons", is_flag=True, help="Also store per-neuron MLP activations (much larger).")
-@click.option("--append", is_flag=True, help="Add to an existing store (same model, dtype and options).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
-@click.option("--resume", is_flag=True,
-              help="Continue an interrupted capture (crash, Ctrl-C, full disk) of the same --text into --out: "
-                   "the sequences it committed are skipped, none is duplicated or missing.")
-@click.option("--no-check", is_flag=True, help="Skip the attach-time self-check of the layout (an 8-token probe).")
-@click.option("--materialize", is_flag=True,
-              help="Also store every head's message (n_heads times the bytes of z) instead of deriving it on read.")
-@click.option("--store-dtype", type=click.Choice(("float16", "bfloat16")), default=None,
-              help="Store a float32 model's terms in half precision (lossy; the final residual stays exact and "
-                   "the decomposition error is measured and shown by `streamtap info`).")
-@click.option("--writer", type=click.Choice(("auto", "thread", "inline")), default="auto", show_default=True,
-              help="Write batches from a background thread or on the model's thread.")
-@click.option("--compress/--no-compress", default=None,
-              help="Blosc zstd-1 for the per-token arrays, or raw. Default: only bfloat16 terms are compressed "
-                   "(1.27x); float32 and float16 ones shrink only 1.08x, not worth the encoding time.")
-@click.option("--break-lock", is_flag=True,
-              help="Take over the store's writer lock even if another host holds it (only when that writer is gone).")
-@storage_option
+@_options_from(CorpusOptions)
 @click.option("--trust-remote-code", is_flag=True, help="Let transformers run the model repository's code.")
-def capture(model_id, text, out, batch_size, max_length, truncate, dtype, device, neurons, append, overwrite,
-            resume, no_check, materialize, store_dtype, writer, compress, break_lock, storage_options,
-            trust_remote_code):
+def capture(model_id, text, out, dtype, device, trust_remote_code, **flags):
     """Capture a text file (one document per line) into a store.
 
     The batch path for a corpus, with a progress bar; the tokens/s it prints is what to compare
     across models, dtypes, devices and batch sizes. --out may be a directory or an s3:// URL.
     """
-    if sum((append, overwrite, resume)) > 1:
-        raise click.UsageError("--append, --overwrite and --resume exclude each other; pick one")
-    if not (append or overwrite or resume):
+    options = CorpusOptions(**flags, model_name=model_id, progress=True)  # every option checked before any work
+    storage_options = options.storage_options
+    if not (options.append or options.overwrite or options.resume):
         _refuse_existing(out, "--resume to continue it, --append to add to it or --overwrite to replace it",
                          storage_options)
-    if overwrite:
+    if options.overwrite:
         _refuse_foreign(out, storage_options)
     texts = _read_texts(text or _sample_path())
     model, tok = _load(model_id, dtype, device, trust_remote_code, texts)
-    before_tokens, before_seqs = _committed(out, storage_options) if (append or resume) else (0, 0)
+    before_tokens, before_seqs = _committed(out, storage_options) if (options.append or options.resume) else (0, 0)
     start = time.perf_counter()
-    st.capture(model, texts, out, tokenizer=tok, batch_size=batch_size, max_length=max_length,
-               truncate=truncate, neurons=neurons, append=append, overwrite=overwrite, resume=resume,
-               model_name=model_id, progress=True, check=not no_check, materialize=materialize,
-               store_dtype=store_dtype, writer=writer, compress=compress, break_lock=break_lock,
-               storage_options=storage_options)
+    st.capture(model, texts, out, tokenizer=tok, **vars(options))
     seconds = time.perf_counter() - start
     total_tokens, total_seqs = _committed(out, storage_options)
     tokens, seqs = total_tokens - before_tokens, total_seqs - before_seqs
@@ -326,7 +329,6 @@ def info(store, storage_options):
         ("on disk", _size(disk)),
         ("uncompressed", _size(raw)),
         ("compression", ratio),
-        ("materialized", "yes (messages stored)" if a.get("materialized") else "no (messages derived from z on read)"),
         ("stored as", _stored_as(a)),
         ("max error", f"{err.attrs['max_rel_error']:.3g} relative, {err.attrs['max_abs_error']:.3g} absolute "
                       f"(tolerance {err.attrs['tolerance']:g}: {_verdict(err)})"),
@@ -461,7 +463,7 @@ def report(store, out, token, target, words, sample, tokenizer_id, storage_optio
     if tokenizer_id:
         from transformers import AutoTokenizer
 
-        from .models import smollm2_dir
+        from .models.smollm2 import smollm2_dir
 
         tok = AutoTokenizer.from_pretrained(str(smollm2_dir()) if tokenizer_id == DEFAULT_MODEL else tokenizer_id,
                                             trust_remote_code=False)

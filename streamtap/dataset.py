@@ -3,23 +3,23 @@
 Only ``committed_tokens`` rows are exposed, whatever capacity the arrays have, so a store that a
 crash interrupted opens at its last complete batch. bfloat16 arrays (kept as their uint16 bit
 patterns because numpy and zarr 3.1 lack the type) are decoded to float32 lazily, which is exact.
+Nothing here imports torch: a store is read with xarray, dask and zarr alone.
 """
 
 from __future__ import annotations
 
 import builtins
 import time
-import warnings
 
 import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
 
-from .lock import LOCK_KEY
-from .store import COMMITTED_TOKENS, COORDS, STORED_DTYPE, SCHEMA_VERSION, open_group, resolve
 from .errors import StreamtapError
-from .ranks import rank_stores
+from .io.location import open_group, resolve
+from .io.ranks import rank_stores
+from .io.schema import COMMITTED_SEQUENCES, COMMITTED_TOKENS, COORDS, IDENTITY, SCHEMA_VERSION, STORED_DTYPE, per_token_names
 
 
 def _bits_to_float32(block: np.ndarray) -> np.ndarray:
@@ -40,14 +40,23 @@ def _decode(var: xr.DataArray) -> xr.DataArray:
 
 
 def open(store, *, chunks: dict | None = None, storage_options: dict | None = None) -> xr.Dataset:  # noqa: A001
-    """Open a store as a dask-backed Dataset with ``messages`` (and ``neuron_out``) derived lazily.
+    """Open a store as a dask-backed Dataset, with ``messages`` (and ``neuron_out``) derived lazily.
 
-    ``store`` is a path, a URL (``s3://bucket/run.zarr``; ``storage_options`` go to fsspec, e.g.
-    ``{"endpoint_url": ...}``) or a zarr store object. ``chunks`` is passed to ``xarray.open_zarr``
-    (``{"token": 4096}`` to read bigger blocks).
+    Parameters
+    ----------
+    store : str, os.PathLike or zarr store
+        A path, a URL (``s3://bucket/run.zarr``) or a zarr store object; a directory of per-rank
+        stores (a data-parallel capture) opens as one.
+    chunks : dict, optional
+        Passed to ``xarray.open_zarr`` (``{"token": 4096}`` reads bigger blocks).
+    storage_options : dict, optional
+        For a URL: options of its fsspec filesystem, e.g. ``{"endpoint_url": ...}``.
 
-    Only Zarr v3 JSON metadata is read, and only with zarr's own codecs: nothing from a store is
-    unpickled or executed (a Zarr v2 store, whose object arrays can carry a pickle codec, is refused).
+    Returns
+    -------
+    xarray.Dataset
+        The committed tokens only, every variable lazy. Only Zarr v3 JSON metadata is read, and only
+        with zarr's own codecs: nothing from a store is unpickled or executed.
     """
     ranks = rank_stores(store, storage_options)
     if ranks:
@@ -68,13 +77,11 @@ def open(store, *, chunks: dict | None = None, storage_options: dict | None = No
             f"{SCHEMA_VERSION}; install a matching streamtap version"
         )
     committed = int(attrs[COMMITTED_TOKENS])
-    with warnings.catch_warnings():  # a running (or killed) writer's lock key is not a Zarr node
-        warnings.filterwarnings("ignore", message=f"Object at {LOCK_KEY} is not recognized")
-        try:
-            ds = _open_committed(store, group, committed, {} if chunks is None else chunks)
-        except Exception as exc:  # a member with a codec or data type zarr does not know (e.g. a pickle codec)
-            raise StreamtapError(f"{where} cannot be read: {type(exc).__name__}: {exc}. streamtap reads Zarr v3 "
-                                 "JSON metadata with zarr's own codecs only, and never unpickles") from exc
+    try:
+        ds = _open_committed(store, group, committed, {} if chunks is None else chunks)
+    except Exception as exc:  # a member with a codec or data type zarr does not know (e.g. a pickle codec)
+        raise StreamtapError(f"{where} cannot be read: {type(exc).__name__}: {exc}. streamtap reads Zarr v3 "
+                             "JSON metadata with zarr's own codecs only, and never unpickles") from exc
     ds = ds.set_coords([c for c in COORDS if c in ds])
     ds = ds.assign({name: _decode(ds[name]) for name in ds.data_vars})
     # coordinates are stored in 16x longer chunks than the data (they are tiny); align them so that
@@ -126,10 +133,6 @@ def _open_lengths(store, group, committed: int, chunks: dict) -> xr.Dataset:
     return xr.merge(parts, compat="override", join="override", combine_attrs="override")
 
 
-PER_TOKEN = ("embed", "pos_embed", "token_type_embed", "z", "mlp_out", "neuron_act", "norm_scale",
-             "expert_out", "expert_index", "shared_expert_out", "resid_final", "messages", "neuron_out")
-
-
 def with_token_dim(ds: xr.Dataset) -> tuple[xr.Dataset, bool]:
     """A dataset indexed down to one token (``ds.isel(token=i)``) given its token dim back.
 
@@ -137,12 +140,9 @@ def with_token_dim(ds: xr.Dataset) -> tuple[xr.Dataset, bool]:
     """
     if "token" in ds.dims:
         return ds, False
-    per_token = [n for n in (*PER_TOKEN, *COORDS) if n in ds.variables]
+    per_token = [n for n in (*per_token_names(), *COORDS) if n in ds.variables]
     return ds.assign({n: ds[n].expand_dims("token") for n in per_token if n in ds.data_vars}).assign_coords(
         {n: ds[n].expand_dims("token") for n in per_token if n in ds.coords}), True
-
-
-IDENTITY = ("schema_version", "layout", "model_type", "dtype", "neurons", "weights_fingerprint")
 
 
 def _open_ranks(paths: list[str], chunks, storage_options: dict | None = None) -> xr.Dataset:
@@ -154,11 +154,11 @@ def _open_ranks(paths: list[str], chunks, storage_options: dict | None = None) -
         if mismatch:
             raise StreamtapError(f"{path} does not belong with {paths[0]}: its {', '.join(mismatch)} differ")
         parts.append(ds.assign_coords(seq=ds.seq + offset))
-        offset += int(ds.attrs["committed_sequences"])
+        offset += int(ds.attrs[COMMITTED_SEQUENCES])
     combined = xr.concat(parts, dim="token", data_vars="minimal", coords="minimal", compat="override",
                          join="override", combine_attrs="override")
-    combined.attrs.update(committed_tokens=sum(int(p.attrs["committed_tokens"]) for p in parts),
-                          committed_sequences=offset, ranks=len(parts))
+    combined.attrs.update({COMMITTED_TOKENS: sum(int(p.attrs[COMMITTED_TOKENS]) for p in parts),
+                           COMMITTED_SEQUENCES: offset, "ranks": len(parts)})
     return combined
 
 

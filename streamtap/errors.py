@@ -5,6 +5,15 @@ class StreamtapError(Exception):
     """Base class of every error streamtap raises on purpose."""
 
 
+class OptionError(StreamtapError, ValueError):
+    """An option of a capture (or of an analysis) has a value it cannot take; the message names the
+    option and what it accepts. A ``ValueError`` too, which is what callers of bad arguments catch."""
+
+
+class LayoutError(StreamtapError):
+    """A layout does not fit the model it is bound to: a module it names is missing or misbehaves."""
+
+
 class UnsupportedArchitectureError(StreamtapError):
     """The model's architecture has no layout, so streamtap cannot know where its terms live."""
 

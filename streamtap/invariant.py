@@ -2,13 +2,13 @@
 
     resid_final = embed (+ pos_embed) + sum_l sum_h z[l,h] @ W_O[l,h] + sum_l b_O[l] + sum_l mlp_out[l]
 
-Everything here is lazy (dask) until asked for; ``verify`` computes the sum without materialising
-the per-component array, so it runs over stores larger than memory.
+with norms inside the stream carried through their frozen maps (docs/design.md). The terms are
+added up by the one replay of ``streamtap.stream`` over the store's recorded events. Everything here
+is lazy (dask) until asked for; ``verify`` computes the sum without materialising the per-component
+array, so it runs over stores larger than memory.
 """
 
 from __future__ import annotations
-
-import json
 
 import dask.array as da
 import numpy as np
@@ -16,20 +16,32 @@ import xarray as xr
 
 from .dataset import with_token_dim
 from .errors import DecompositionError, StreamtapError
+from .stream import Embed, FrozenNorms, Parts, Piece, Sum, component_label, from_json, replay, stop_index
 
 # Tolerances on max |sum of terms - resid_final| / max |resid_final|, per token.
-# float32 (and float64): DESIGN.md's 1e-5. In half precision the model itself rounds: each layer
-# rounds its attention output projection and both residual additions, and the embedding is
-# rounded once, so 3L+1 roundings of at most one unit roundoff u each enter the residual the
-# model reports. The bound is that first-order worst case, (3L+1) * u. Measured (README,
-# "Architectures"): bfloat16 7.2e-3 on 2-layer tiny models (bound 2.7e-2) and 5.9e-2 on
-# 30-layer SmolLM2 (bound 0.36); float16 1.1e-3 (bound 3.4e-3) and 7.3e-3 (bound 4.5e-2).
+# float32 (and float64): 1e-5. In half precision the model itself rounds: each layer rounds its
+# attention output projection and both residual additions, and the embedding is rounded once, so
+# 3L+1 roundings of at most one unit roundoff u each enter the residual the model reports. The bound
+# is that first-order worst case, (3L+1) * u; measured errors per architecture: docs/architectures.md.
 FULL_PRECISION = {"float32": 1e-5, "float64": 1e-5}
 UNIT_ROUNDOFF = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 
 
 def tolerance(ds_or_dtype, n_layers: int | None = None) -> float:
-    """The invariant's bound for a store (or for a dtype and a number of layers)."""
+    """The invariant's bound for a store, or for a dtype and a number of layers.
+
+    Parameters
+    ----------
+    ds_or_dtype : xarray.Dataset or str
+        An opened store (its ``dtype`` and ``n_layers`` attributes are used), or a dtype name.
+    n_layers : int, optional
+        The depth, needed for half precision, whose bound grows with it.
+
+    Returns
+    -------
+    float
+        1e-5 in float32 and float64; (3 n_layers + 1) times the unit roundoff in half precision.
+    """
     if isinstance(ds_or_dtype, xr.Dataset):
         dtype, n_layers = ds_or_dtype.attrs["dtype"], ds_or_dtype.attrs["n_layers"]
     else:
@@ -42,10 +54,25 @@ def tolerance(ds_or_dtype, n_layers: int | None = None) -> float:
     return (3 * int(n_layers) + 1) * UNIT_ROUNDOFF[dtype]
 
 
-def _component(label, kind, layer=-1, head=-1, neuron=-1):
-    return label, kind, layer, head, neuron
+def relative_error(total: np.ndarray, reference: np.ndarray, seen_scale: np.ndarray | None = None):
+    """(max over tokens of |total - reference| / scale, scale): scale is each token's largest magnitude
+    so far (``seen_scale``, then this comparison), since rounding error is bounded relative to the
+    largest partial sum, not to the current one (the residual can shrink by cancellation)."""
+    magnitude = np.maximum(np.abs(reference).max(-1), np.abs(total).max(-1))
+    scale = magnitude if seen_scale is None else np.maximum(seen_scale, magnitude)
+    err = float((np.abs(total - reference).max(-1) / np.maximum(scale, 1e-30)).max())
+    return err, scale
 
 
+def token_errors(total: xr.DataArray, resid: xr.DataArray) -> xr.DataArray:
+    """Per-token max |total - resid| / max |resid|, with the absolute error as the ``abs_error`` coordinate."""
+    diff = abs(total - resid).max("d_model")
+    scale = abs(resid).max("d_model")
+    rel = diff / xr.where(scale > 0, scale, 1)
+    return rel.assign_coords(abs_error=diff).rename("rel_error")
+
+
+# -- the store's stream ----------------------------------------------------------------------------
 def _token_chunks(ds: xr.Dataset):
     return ds["resid_final"].data.chunks[0] if isinstance(ds["resid_final"].data, da.Array) else (ds.sizes["token"],)
 
@@ -54,62 +81,91 @@ def _as_dask(x, dtype) -> da.Array:
     return x.astype(dtype) if isinstance(x, da.Array) else da.from_array(np.asarray(x, dtype=dtype))
 
 
-def stream_events(ds: xr.Dataset) -> list[dict]:
+def stream_events(ds: xr.Dataset) -> list:
     """The order in which terms entered the stream and norms acted on it (written at capture)."""
-    return json.loads(ds.attrs["stream"])
+    return from_json(ds.attrs["stream"])
 
 
-def _stop_index(events: list[dict], upto) -> int:
-    """Index of the first event not included when decomposing the residual entering ``upto``."""
-    if upto is None:
-        return len(events)
-    layer, part = (upto, "attn") if isinstance(upto, (int, np.integer)) else upto
-    if part not in ("attn", "mlp"):
-        raise StreamtapError(f"upto must be a layer or (layer, 'attn' | 'mlp'), got {upto!r}")
-    # a layer is entered before its first event (which may be a stream norm); its MLP is entered
-    # right before the MLP writes, after any norm the stream passed through since the attention
-    for i, event in enumerate(events):
-        if event.get("layer") == layer and (part == "attn" or event["op"] == "mlp"):
-            return i
-    raise StreamtapError(f"this store has no {part} at layer {layer}")
+def store_norms(ds: xr.Dataset, dtype=np.float32) -> FrozenNorms:
+    """The store's norms inside the stream, frozen at its per-token scales (lazily)."""
+    if "norm_weight" not in ds:
+        return FrozenNorms.none()
+    return FrozenNorms(gamma=np.asarray(ds["norm_weight"].values, dtype=dtype),
+                       beta=np.asarray(ds["norm_bias"].values, dtype=dtype),
+                       center=np.asarray(ds["norm_center"].values, dtype=bool),
+                       scale=_as_dask(ds["norm_scale"].data, dtype))
 
 
-class _Norms:
-    """Frozen norms as affine maps: x -> gamma * (x - [mean x]) * s, with beta a term of its own."""
+def _source(ds: xr.Dataset, dtype, *, per_component: bool, neurons: bool = False):
+    """What each event of a store writes: every component apart, or one summed term per event."""
+    d_model = ds.sizes["d_model"]
+    chunks = _token_chunks(ds)
 
-    def __init__(self, ds: xr.Dataset, dtype):
-        self.ds, self.dtype = ds, dtype
-        if "norm_weight" in ds:
-            self.gamma = np.asarray(ds["norm_weight"].values, dtype=dtype)
-            self.beta = np.asarray(ds["norm_bias"].values, dtype=dtype)
-            self.center = np.asarray(ds["norm_center"].values, dtype=bool)
-            self.scale = _as_dask(ds["norm_scale"].data, dtype)
+    def per_token(data) -> da.Array:
+        return _as_dask(data, dtype).rechunk((chunks, d_model))
 
-    def apply(self, k: int, x: da.Array) -> da.Array:
-        """Map x of shape (..., token, d_model) through norm k without its beta."""
-        if self.center[k]:
-            x = x - x.mean(axis=-1, keepdims=True)
-        return x * self.scale[:, k][:, None] * self.gamma[k]
+    if per_component:
+        messages = ds["messages"].data.astype(dtype)
+    else:
+        z = _as_dask(ds["z"].data, dtype)
+        W_O = np.asarray(ds["W_O"].values, dtype=dtype)
+        attn = z.map_blocks(lambda b: np.einsum("tlhd,lhdm->tlm", b, W_O, optimize=True),
+                            chunks=(z.chunks[0], (W_O.shape[0],), (d_model,)), drop_axis=[3], dtype=dtype)
+        attn = attn + np.asarray(ds["attn_bias"].values, dtype=dtype)[None]
+    attn_bias = np.asarray(ds["attn_bias"].values, dtype=dtype)
+    mlp_bias = np.asarray(ds["mlp_bias"].values, dtype=dtype)
 
-    def has_beta(self, k: int) -> bool:
-        return bool(np.any(self.beta[k] != 0))
+    def source(e) -> list[Piece]:
+        if isinstance(e, Embed):
+            return [Piece([component_label(e)], per_token(ds[e.var].data)[None])]
+        layer = e.layer
+        if not per_component:
+            term = attn[:, layer] if e.site == "attn" else _as_dask(ds["mlp_out"].data[:, layer], dtype)
+            return [Piece([e.site], term[None])]
+        if e.site == "attn":
+            heads = [component_label(e, head=h) for h in range(ds.sizes["head"])]
+            return [Piece(heads, da.moveaxis(messages[:, layer], 1, 0)),
+                    Piece([component_label(e, part="attn_bias")], attn_bias[layer][None], constant=True)]
+        if e.experts:
+            pieces = [Piece([component_label(e, expert=x) for x in range(e.experts)],
+                            _dense_experts(ds, layer, e.experts, dtype))]
+            if e.shared:
+                pieces.append(Piece([component_label(e, part="shared_expert")],
+                                    per_token(ds["shared_expert_out"].data[:, layer])[None]))
+            return pieces
+        if neurons:
+            labels = [component_label(e, neuron=n) for n in range(ds.sizes["neuron"])]
+            return [Piece(labels, da.moveaxis(ds["neuron_out"].data[:, layer].astype(dtype), 1, 0)),
+                    Piece([component_label(e, part="mlp_bias")], mlp_bias[layer][None], constant=True)]
+        return [Piece([component_label(e, part="mlp")], per_token(ds["mlp_out"].data[:, layer])[None])]
 
-    def label(self, k: int) -> str:
-        return f"{self.ds.attrs['norm_labels'][k]}_beta"
+    return source
 
 
 def decompose(ds: xr.Dataset, *, neurons: bool = False, upto=None, dtype=np.float32) -> xr.DataArray:
     """Every additive term of the residual: a lazy DataArray (component, token, d_model).
 
-    By default the final residual (its sum over ``component`` is ``ds.resid_final``); with
-    ``upto=layer`` or ``upto=(layer, "mlp")`` the residual entering that layer's attention or MLP,
-    as the sum of the terms written before it. Terms that passed through a norm (post-LN blocks,
-    post-sublayer norms) are shown as they arrived, through the norm's frozen per-token scale, and
-    each such norm's beta is a component of its own.
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store (``streamtap.open``), or any selection of its tokens.
+    neurons : bool
+        Split each MLP into one term per neuron (``L3N1234``) plus ``L3_mlp_bias``; needs a store
+        captured with ``neurons=True``.
+    upto : int or (int, str), optional
+        Decompose the residual entering a layer's attention (``upto=l``) or its MLP
+        (``upto=(l, "mlp")``) instead of the final residual, as the sum of the terms written before it.
+    dtype : numpy dtype
+        What the terms are computed in.
 
-    Components carry TransformerLens-style labels (``embed``, ``pos_embed``, ``L3H7``,
-    ``L3_attn_bias``, ``L3_mlp``, or with ``neurons=True`` ``L3N1234`` and ``L3_mlp_bias``) and
-    ``kind``/``layer``/``head``/``neuron`` coordinates.
+    Returns
+    -------
+    xarray.DataArray
+        (component, token, d_model); its sum over ``component`` is ``ds.resid_final`` (or the residual
+        at ``upto``). Terms that passed through a norm are shown as they arrived, through the norm's
+        frozen per-token scale, and each such norm's beta is a component of its own. Components carry
+        TransformerLens-style labels (``embed``, ``pos_embed``, ``L3H7``, ``L3_attn_bias``, ``L3_mlp``)
+        and ``kind``/``layer``/``head``/``neuron`` coordinates.
     """
     ds, squeezed = with_token_dim(ds)
     if squeezed:
@@ -117,72 +173,34 @@ def decompose(ds: xr.Dataset, *, neurons: bool = False, upto=None, dtype=np.floa
     if neurons and "neuron_act" not in ds:
         raise StreamtapError("this store has no neuron activations; capture with neurons=True (--neurons)")
     events = stream_events(ds)
-    events = events[:_stop_index(events, upto)]
+    try:
+        stop = stop_index(events, upto)
+    except ValueError as exc:
+        raise StreamtapError(str(exc)) from None
     n_tok, d_model = ds.sizes["token"], ds.sizes["d_model"]
     chunks = _token_chunks(ds)
-    norms = _Norms(ds, dtype)
-    pieces: list[da.Array] = []
-    labels: list[tuple] = []
 
-    def per_token(data) -> da.Array:
-        return _as_dask(data, dtype).rechunk((chunks, d_model))[None]
+    def broadcast(vectors) -> da.Array:
+        vec = _as_dask(vectors, dtype)
+        return da.broadcast_to(vec[:, None, :], (vec.shape[0], n_tok, d_model),
+                               chunks=((vec.shape[0],), chunks, (d_model,)))
 
-    def broadcast(vector) -> da.Array:
-        vec = _as_dask(vector, dtype)
-        return da.broadcast_to(vec[None, None, :], (1, n_tok, d_model), chunks=((1,), chunks, (d_model,)))
-
-    def add_beta(k: int, layer: int) -> None:
-        if norms.has_beta(k):
-            pieces.append(broadcast(norms.beta[k]))
-            labels.append(_component(norms.label(k), "norm_beta", layer))
-
-    def write(new_pieces, new_labels, through, layer) -> None:
-        if through is not None:
-            new_pieces = [norms.apply(through, p) for p in new_pieces]
-        pieces.extend(new_pieces)
-        labels.extend(new_labels)
-        if through is not None:
-            add_beta(through, layer)
-
-    messages = ds["messages"].data.astype(dtype)
-    for event in events:
-        op, layer = event["op"], event.get("layer", -1)
-        if op == "embed":
-            write([per_token(ds[event["var"]].data)], [_component(event["var"], event["var"])], None, -1)
-        elif op == "attn":
-            heads = [_component(f"L{layer}H{h}", "head", layer, h) for h in range(ds.sizes["head"])]
-            write([da.moveaxis(messages[:, layer], 1, 0), broadcast(ds["attn_bias"].data[layer])],
-                  heads + [_component(f"L{layer}_attn_bias", "attn_bias", layer)], event["norm"], layer)
-        elif op == "mlp" and "experts" in event:
-            n_experts = event["experts"]
-            per_expert = _dense_experts(ds, layer, n_experts, dtype)
-            names = [_component(f"L{layer}E{e}", "expert", layer) for e in range(n_experts)]
-            new = [per_expert]
-            if event.get("shared"):
-                new.append(per_token(ds["shared_expert_out"].data[:, layer]))
-                names.append(_component(f"L{layer}_shared_expert", "shared_expert", layer))
-            write(new, names, event["norm"], layer)
-        elif op == "mlp" and neurons:
-            out = da.moveaxis(ds["neuron_out"].data[:, layer].astype(dtype), 1, 0)
-            names = [_component(f"L{layer}N{n}", "neuron", layer, -1, n) for n in range(ds.sizes["neuron"])]
-            write([out, broadcast(ds["mlp_bias"].data[layer])],
-                  names + [_component(f"L{layer}_mlp_bias", "mlp_bias", layer)], event["norm"], layer)
-        elif op == "mlp":
-            write([per_token(ds["mlp_out"].data[:, layer])], [_component(f"L{layer}_mlp", "mlp", layer)],
-                  event["norm"], layer)
-        elif op == "norm":
-            pieces = [norms.apply(event["norm"], p) for p in pieces]
-            add_beta(event["norm"], layer)
-    data = da.concatenate([p.rechunk({1: chunks}) for p in pieces], axis=0)
-    label, kind, layer, head, neuron = (np.array(x) for x in zip(*labels))
-    coords = {
-        "component": label, "kind": ("component", kind), "layer": ("component", layer.astype(np.int32)),
-        "head": ("component", head.astype(np.int32)), "neuron": ("component", neuron.astype(np.int32)),
-    }
+    acc = replay(events, store_norms(ds, dtype), _source(ds, dtype, per_component=True, neurons=neurons),
+                 Parts(broadcast), stop=stop, norm_labels=ds.attrs.get("norm_labels", ()))
+    data = da.concatenate([p.data.rechunk({1: chunks}) for p in acc.pieces], axis=0)
+    labels = [label for p in acc.pieces for label in p.labels]
+    coords = component_coords(labels)
     coords.update({name: ds.coords[name] for name in ds["resid_final"].coords})
     target = "resid_final" if upto is None else f"residual entering {upto}"
     return xr.DataArray(data, dims=("component", "token", "d_model"), coords=coords, name="terms",
                         attrs={"note": f"sum over component equals {target}"})
+
+
+def component_coords(labels: list[tuple]) -> dict:
+    """``component`` labels with their ``kind``, ``layer``, ``head`` and ``neuron`` coordinates."""
+    label, kind, layer, head, neuron = (np.array(x) for x in zip(*labels))
+    return {"component": label, "kind": ("component", kind), "layer": ("component", layer.astype(np.int32)),
+            "head": ("component", head.astype(np.int32)), "neuron": ("component", neuron.astype(np.int32))}
 
 
 def _dense_experts(ds: xr.Dataset, layer: int, n_experts: int, dtype) -> da.Array:
@@ -207,39 +225,13 @@ def sum_of_terms(ds: xr.Dataset, dtype=np.float32) -> xr.DataArray:
     ds, squeezed = with_token_dim(ds)
     if squeezed:
         return sum_of_terms(ds, dtype).isel(token=0)
-    z = _as_dask(ds["z"].data, dtype)
-    W_O = np.asarray(ds["W_O"].values, dtype=dtype)
-    d_model = W_O.shape[-1]
-    attn = z.map_blocks(lambda b: np.einsum("tlhd,lhdm->tlm", b, W_O, optimize=True),
-                        chunks=(z.chunks[0], (W_O.shape[0],), (d_model,)), drop_axis=[3], dtype=dtype)
-    attn = attn + np.asarray(ds["attn_bias"].values, dtype=dtype)[None]
-    mlp = _as_dask(ds["mlp_out"].data, dtype)
-    norms = _Norms(ds, dtype)
-    total = None
-
-    def through(x, k):
-        return x if k is None else norms.apply(k, x) + norms.beta[k]
-
-    for event in stream_events(ds):
-        op = event["op"]
-        if op == "embed":
-            term = _as_dask(ds[event["var"]].data, dtype)
-        elif op in ("attn", "mlp"):
-            term = through((attn if op == "attn" else mlp)[:, event["layer"]], event["norm"])
-        else:
-            total = norms.apply(event["norm"], total) + norms.beta[event["norm"]]
-            continue
-        total = term if total is None else total + term
-    return xr.DataArray(total, dims=("token", "d_model"), coords=ds["resid_final"].coords)
+    acc = replay(stream_events(ds), store_norms(ds, dtype), _source(ds, dtype, per_component=False), Sum())
+    return xr.DataArray(acc.total, dims=("token", "d_model"), coords=ds["resid_final"].coords)
 
 
 def errors(ds: xr.Dataset, dtype=np.float32) -> xr.DataArray:
     """Per-token max |sum - resid_final| / max |resid_final|, with the absolute error as a coordinate."""
-    resid = ds["resid_final"].astype(dtype)
-    diff = abs(sum_of_terms(ds, dtype) - resid).max("d_model")
-    scale = abs(resid).max("d_model")
-    rel = diff / xr.where(scale > 0, scale, 1)
-    return rel.assign_coords(abs_error=diff).rename("rel_error")
+    return token_errors(sum_of_terms(ds, dtype), ds["resid_final"].astype(dtype))
 
 
 def _errors_by_block(ds: xr.Dataset, dtype) -> xr.DataArray:

@@ -1,6 +1,8 @@
 """pytest plugin: verify stored captures as test items, and fixtures for tiny models and stores.
 
-Registered through the ``pytest11`` entry point, so it is active wherever streamtap is installed.
+Registered through the ``pytest11`` entry point, so it is active wherever streamtap is installed; its
+fixtures are prefixed ``streamtap_`` so that they never shadow a project's own, and loading it changes
+nothing in the process (no environment variable, allocator setting or warning filter).
 
 ``pytest --streamtap-verify run.zarr`` (repeatable) turns every stored sequence into its own test
 item, ``run.zarr::seq[3]``, that checks the invariant on that sequence's tokens with the store's
@@ -259,7 +261,7 @@ class SequenceItem(pytest.Item):
 
 # -- fixtures ---------------------------------------------------------------------------------------
 @pytest.fixture
-def tiny_model_factory():
+def streamtap_tiny_model_factory():
     """``streamtap.models.tiny_model`` itself, for tests that need several models or other settings."""
     from .models import tiny_model
 
@@ -267,18 +269,18 @@ def tiny_model_factory():
 
 
 @pytest.fixture
-def tiny_model(request, tiny_model_factory):
+def streamtap_tiny_model(request, streamtap_tiny_model_factory):
     """A tiny random model; parametrize indirectly with an architecture name (default ``"llama"``).
 
-    ``@pytest.mark.parametrize("tiny_model", ["gpt2", "llama"], indirect=True)``; a dict param,
-    ``{"arch": "qwen2", "dtype": torch.bfloat16}``, passes the rest to ``tiny_model``. A fresh model
-    per test, because a test that taps or edits it must not leak into the next.
+    ``@pytest.mark.parametrize("streamtap_tiny_model", ["gpt2", "llama"], indirect=True)``; a dict
+    param, ``{"arch": "qwen2", "dtype": "bfloat16"}``, passes the rest to ``tiny_model``. A fresh
+    model per test, because a test that taps or edits it must not leak into the next.
     """
     param = getattr(request, "param", "llama")
     if isinstance(param, dict):
         param = dict(param)
-        return tiny_model_factory(param.pop("arch", "llama"), **param)
-    return tiny_model_factory(param)
+        return streamtap_tiny_model_factory(param.pop("arch", "llama"), **param)
+    return streamtap_tiny_model_factory(param)
 
 
 @pytest.fixture

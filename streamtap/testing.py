@@ -19,7 +19,7 @@ import numpy as np
 import xarray as xr
 
 from .dataset import open as _open_store
-from .invariant import decompose, errors, tolerance
+from .invariant import decompose, errors, token_errors, tolerance
 
 __all__ = ["assert_terms_sum_to_residual"]
 
@@ -81,12 +81,8 @@ def relative_errors(ds: xr.Dataset) -> xr.DataArray:
 
 def neuron_relative_errors(ds: xr.Dataset) -> xr.DataArray:
     """Per-token errors of the per-neuron decomposition's sum, measured the way ``errors`` measures."""
-    resid = ds["resid_final"].astype(np.float64)
     total = decompose(ds, neurons=True, dtype=np.float64).sum("component")
-    diff = abs(total - resid).max("d_model")
-    scale = abs(resid).max("d_model")
-    rel = diff / xr.where(scale > 0, scale, 1)
-    return rel.assign_coords(abs_error=diff).rename("rel_error").compute()
+    return token_errors(total, ds["resid_final"].astype(np.float64)).compute()
 
 
 def misses(rel: np.ndarray, tol: float) -> np.ndarray:

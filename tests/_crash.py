@@ -30,7 +30,7 @@ CHILD = textwrap.dedent("""
 
 def committed(path: str) -> int:
     """Sequences committed in the store at ``path`` (a directory or an s3:// URL); 0 before it exists."""
-    from streamtap.store import open_group
+    from streamtap.io.location import open_group
 
     try:
         return int(open_group(path, mode="r").attrs["committed_sequences"])

@@ -32,3 +32,33 @@ def attention_implementations(arch: str) -> tuple[str, ...]:
     except ValueError:  # transformers: "... does not support ... scaled_dot_product_attention yet"
         return ("eager",)
     return ("eager", "sdpa")
+
+
+def lock_holder(path) -> dict | None:
+    """The writer record in a local store's lock (None when nobody holds it), read as a writer reads it."""
+    import zarr.storage
+
+    from streamtap.io.lock import StoreLock
+
+    return StoreLock(zarr.storage.LocalStore(str(path)), str(path)).read()
+
+
+def plant_lock(path, record: dict) -> None:
+    """Leave a lock in a local store as a writer elsewhere (another host, a killed process) would."""
+    import json
+    import os
+
+    from streamtap.io.lock import LOCK_KEY, RECORD
+
+    target = os.path.join(path, LOCK_KEY)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "w") as f:
+        json.dump({"zarr_format": 3, "node_type": "group", "attributes": {RECORD: record}}, f)
+
+
+def lock_exists(path) -> bool:
+    import os
+
+    from streamtap.io.lock import LOCK_NAME
+
+    return os.path.exists(os.path.join(path, LOCK_NAME))

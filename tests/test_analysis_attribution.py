@@ -5,7 +5,7 @@ import pytest
 import xarray as xr
 
 import streamtap as st
-from streamtap.analysis import MissingWeightsError, attribution
+from streamtap.analysis import MissingWeightsError
 
 from _analysis_util import tap_forward
 
@@ -46,15 +46,32 @@ def test_logit_difference_and_per_token_targets(tapped):
     assert per.attrs["target"] == "per token"
 
 
-def test_fast_path_equals_decompose_path():
-    t = tap_forward("gpt2")
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2", "bloom-post-ln-residual", "mixtral"])
+def test_each_component_equals_its_decomposed_term_read_through_the_final_norm(arch):
+    # independent of the attribution's backward walk: decompose's terms, each dotted with the folded
+    # direction gamma * (W_U[7] - W_U[2]) (centred for a LayerNorm) and scaled by the final norm's s
+    t = tap_forward(arch)
     ds = t.ds
-    fast = st.analysis.direct_logit_attribution(ds, 7, foil=2, dtype=np.float64).compute()
-    U = np.asarray(ds["W_U"].isel(vocab=[2, 7]).values, np.float64)
-    slow = attribution._generic(ds, U, None, 1, 0, False, False, np.float64).compute()
-    assert list(fast.component.values) == list(slow.component.values)
-    # decompose derives messages in float32, so the two agree to float32 rounding
-    np.testing.assert_allclose(fast.values, slow.values, atol=1e-6 * np.abs(slow.values).max())
+    contrib = st.analysis.direct_logit_attribution(ds, 7, foil=2, dtype=np.float64).compute()
+    terms = st.decompose(ds, dtype=np.float64).compute()
+    gamma = ds["final_norm_weight"].values.astype(np.float64)
+    w = gamma * (ds["W_U"].values[7] - ds["W_U"].values[2]).astype(np.float64)
+    resid = ds["resid_final"].values.astype(np.float64)
+    layernorm = ds.attrs["final_norm_kind"] == "layernorm"
+    if layernorm:
+        w = w - w.mean()
+        resid = resid - resid.mean(-1, keepdims=True)
+    s = 1 / np.sqrt((resid ** 2).mean(-1) + ds.attrs["final_norm_eps"])
+    expected = (terms.values @ w) * s
+    n = terms.sizes["component"]
+    assert list(contrib.component.values[:n]) == list(terms.component.values)
+    np.testing.assert_allclose(contrib.values[:n], expected, atol=1e-6 * np.abs(expected).max())
+    logits = t.logits
+    cap = getattr(t.model.config, "final_logit_softcapping", None)
+    if cap:  # the model reports cap * tanh(logit / cap); the attribution is of the logit it caps
+        logits = cap * np.arctanh(logits / cap)
+    logit_diff = logits[:, 7] - logits[:, 2]
+    np.testing.assert_allclose(contrib.sum("component").values, logit_diff, atol=2e-5 * np.abs(logits).max())
 
 
 def test_neurons_and_a_single_token():

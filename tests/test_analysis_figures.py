@@ -3,7 +3,7 @@
 import numpy as np
 
 import streamtap as st
-from streamtap import figures
+from streamtap.report import figures
 
 from _analysis_util import tap_forward
 

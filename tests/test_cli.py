@@ -7,6 +7,7 @@ import zarr
 from click.testing import CliRunner
 
 from streamtap.cli import cli
+from _util import lock_exists, plant_lock
 
 DOCS = [
     "the quick brown fox jumps over the lazy dog",
@@ -190,7 +191,7 @@ def test_demo_on_smollm2_finds_paris(tmp_path):
     assert "ok" in got["max decomposition error"]
 
 
-# -- capture's options for long runs: --resume, --no-check, --materialize, --store-dtype, --writer, --break-lock
+# -- capture's options for long runs: --resume, --no-check, --store-dtype, --writer, --break-lock
 def test_resume_continues_an_interrupted_capture_without_duplicates(text_file, tmp_path):
     out, whole = tmp_path / "run.zarr", tmp_path / "whole.zarr"
     assert capture(text_file, whole).exit_code == 0
@@ -214,27 +215,27 @@ def test_resume_continues_an_interrupted_capture_without_duplicates(text_file, t
 
 
 def test_no_check_skips_the_attach_time_self_check(text_file, tmp_path, monkeypatch):
-    import streamtap.tapping
+    import streamtap as st
+    import streamtap.tapping.self_check
 
     def broken(the_tap, n_tokens=8):
-        raise streamtap.tapping.DecompositionError("layout does not fit (simulated)")
+        raise st.DecompositionError("layout does not fit (simulated)")
 
-    monkeypatch.setattr(streamtap.tapping, "self_check", broken)
+    monkeypatch.setattr(streamtap.tapping.self_check, "self_check", broken)
     result = capture(text_file, tmp_path / "a.zarr")
     assert result.exit_code == 2 and "layout does not fit (simulated)" in result.stderr
     result = capture(text_file, tmp_path / "b.zarr", "--no-check")
     assert result.exit_code == 0, result.output
 
 
-def test_materialize_and_a_lossy_store_dtype_show_in_info(text_file, tmp_path):
+def test_a_lossy_store_dtype_shows_in_info(text_file, tmp_path):
     out = tmp_path / "m.zarr"
-    assert capture(text_file, out, "--materialize", "--store-dtype", "float16").exit_code == 0
+    assert capture(text_file, out, "--store-dtype", "float16").exit_code == 0
     group = zarr.open_group(out, mode="r")
-    assert "messages" in group and group["z"].dtype == "float16" and group["resid_final"].dtype == "float32"
+    assert group["z"].dtype == "float16" and group["resid_final"].dtype == "float32"
     result = invoke("info", out)
     assert result.exit_code == 0, result.output
     got = fields(result.stdout)
-    assert got["materialized"].startswith("yes")
     rel, abs_, n = (group.attrs[k] for k in ("lossy_max_rel_error", "lossy_max_abs_error", "lossy_error_tokens"))
     assert 0 < rel < 1e-2 and n == sum(len(d.split()) for d in DOCS)
     assert got["stored as"] == (f"float16 (lossy): measured decomposition error {rel:.3g} relative, "
@@ -242,23 +243,23 @@ def test_materialize_and_a_lossy_store_dtype_show_in_info(text_file, tmp_path):
     plain = tmp_path / "p.zarr"
     assert capture(text_file, plain).exit_code == 0
     got = fields(invoke("info", plain).stdout)
-    assert got["materialized"].startswith("no") and got["stored as"] == "float32, the model's own (exact)"
+    assert got["stored as"] == "float32, the model's own (exact)"
     result = capture(text_file, tmp_path / "x.zarr", "--store-dtype", "float8")
     assert result.exit_code == 2 and "float8" in result.output
 
 
 @pytest.mark.parametrize("mode", ["inline", "thread"])
 def test_writer_picks_the_pipeline(mode, text_file, tmp_path, monkeypatch):
-    import streamtap.tapping
+    import streamtap.tapping.batch
 
     made = []
-    real = streamtap.tapping.make_pipeline
+    real = streamtap.tapping.batch.make_pipeline
 
     def spy(*args, **kwargs):
         made.append(real(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(streamtap.tapping, "make_pipeline", spy)
+    monkeypatch.setattr(streamtap.tapping.batch, "make_pipeline", spy)
     result = capture(text_file, tmp_path / "w.zarr", "--writer", mode)
     assert result.exit_code == 0, result.output
     assert [p.mode for p in made] == [mode]
@@ -276,19 +277,15 @@ def test_compress_chooses_the_codec_of_the_per_token_arrays(text_file, tmp_path,
 
 
 def test_break_lock_takes_over_a_lock_from_another_host(text_file, tmp_path):
-    import json
-
-    from streamtap.lock import LOCK_KEY
-
     out = tmp_path / "run.zarr"
     assert capture(text_file, out).exit_code == 0
     zarr.open_group(out, mode="r+").attrs.update(committed_tokens=0, committed_sequences=0)
-    (out / LOCK_KEY).write_text(json.dumps({"host": "gpu-node-3", "pid": 77, "started": 0, "token": "a" * 32}))
+    plant_lock(out, {"host": "gpu-node-3", "pid": 77, "started": 0, "token": "a" * 32})
     result = capture(text_file, out, "--resume")
     assert result.exit_code == 2 and "pid 77 on host 'gpu-node-3'" in result.stderr and "--break-lock" in result.stderr
     result = capture(text_file, out, "--resume", "--break-lock")
     assert result.exit_code == 0, result.output
-    assert number(fields(result.stdout)["sequences"]) == len(DOCS) and not (out / LOCK_KEY).exists()
+    assert number(fields(result.stdout)["sequences"]) == len(DOCS) and not lock_exists(out)
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +310,6 @@ def test_ctrl_c_leaves_a_store_that_opens_verifies_and_resumes(writer, long_text
     import time
 
     import streamtap as st
-    from streamtap.lock import LOCK_KEY
 
     text, whole_store = long_text
     out = tmp_path / "run.zarr"
@@ -340,7 +336,7 @@ def test_ctrl_c_leaves_a_store_that_opens_verifies_and_resumes(writer, long_text
     assert message, stderr
     done = int(message.group(1))
     assert 10 <= done < 400 and done == committed()
-    assert not (out / LOCK_KEY).exists()
+    assert not lock_exists(out)
     ds = st.open(out)
     assert ds.sizes["token"] == ds.attrs["committed_tokens"]
     st.verify(ds)

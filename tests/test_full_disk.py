@@ -15,7 +15,7 @@ import pytest
 from zarr.storage import LocalStore, WrapperStore
 
 import streamtap as st
-from streamtap.lock import LOCK_KEY
+from streamtap.io.lock import LOCK_NAME
 from streamtap.models import tiny_model
 
 from _crash import CORPUS
@@ -80,7 +80,7 @@ def test_a_full_disk_stops_the_capture_clearly_and_resume_completes_it(mode, ref
     assert 0 < err.sequences < len(CORPUS) and err.sequences % BATCH == 0
     if mode == "thread":
         assert any("background writer" in note for note in err.__notes__)
-    assert LOCK_KEY not in os.listdir(path)  # released even though the disk is full
+    assert LOCK_NAME not in os.listdir(path)  # released even though the disk is full
 
     ds = st.open(path)  # valid at its last committed batch
     assert ds.attrs["committed_sequences"] == err.sequences

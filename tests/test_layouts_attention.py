@@ -25,7 +25,7 @@ import torch
 import zarr
 
 import streamtap as st
-from streamtap.analysis._common import is_rotary, kv_heads, static
+from streamtap.analysis._store import is_rotary, kv_heads, static
 from streamtap.layouts import bind, layout_for
 from streamtap.models import TINY_ARCHS, tiny_model
 

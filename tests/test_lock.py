@@ -16,17 +16,16 @@ import torch
 import zarr
 
 import streamtap as st
-from streamtap.lock import LOCK_KEY, StoreLock
+from streamtap.io.lock import LOCK_NAME, StoreLock
 from streamtap.models import tiny_model
-from streamtap.store import StoreWriter
+from streamtap.io.writer import StoreWriter
 
 from _crash import CORPUS, committed, kill_during_capture
-from _util import padded_batch, run
+from _util import lock_exists, lock_holder, padded_batch, plant_lock, run
 
 
 def _lock(path):
-    with open(os.path.join(path, LOCK_KEY)) as f:
-        return json.load(f)
+    return lock_holder(path)
 
 
 def test_a_second_tap_on_the_same_store_is_refused_and_the_first_is_untouched(tmp_path):
@@ -44,7 +43,7 @@ def test_a_second_tap_on_the_same_store_is_refused_and_the_first_is_untouched(tm
         with pytest.raises(st.StoreLockedError):
             st.capture(model, CORPUS[:4], path, resume=True)
         run(model, ids, mask)  # the first writer goes on as if nothing happened
-    assert not os.path.exists(path / LOCK_KEY)  # released on close
+    assert not lock_exists(path)  # released on close
     ds = st.open(path)
     assert first.sequences == 4 and list(np.unique(ds.seq.values)) == [0, 1, 2, 3]
     st.verify(ds)
@@ -67,7 +66,7 @@ def test_the_lock_is_released_when_the_block_raises_and_a_never_written_store_le
         with st.tap(model, path):
             run(model, *padded_batch(model.config.vocab_size, [4]))
             raise KeyError("after a batch")
-    assert os.listdir(path) and LOCK_KEY not in os.listdir(path)
+    assert os.listdir(path) and not lock_exists(path)
     assert st.open(path).attrs["committed_tokens"] == 4
 
 
@@ -78,11 +77,11 @@ def test_readers_open_a_store_while_it_is_being_written(writer, tmp_path, recwar
     with st.tap(model, path, writer=writer):
         for k in range(1, 4):  # this process reads its own writes, even those still queued or landing
             run(model, *padded_batch(model.config.vocab_size, [6, 2]))
-            assert os.path.exists(path / LOCK_KEY)
+            assert lock_exists(path)
             ds = st.open(path)
             assert ds.sizes["token"] == 8 * k
             st.verify(ds)
-    assert not [w for w in recwarn if LOCK_KEY in str(w.message)]  # st.open hides zarr's note on the lock key
+    assert not [w for w in recwarn if LOCK_NAME in str(w.message)]  # zarr sees the lock as a well-formed group
 
 
 TWO_WRITERS = textwrap.dedent("""
@@ -120,7 +119,7 @@ def test_two_writer_processes_started_together_one_writes_the_other_is_refused(t
     np.testing.assert_array_equal(ds.seq.values, np.repeat(np.arange(6), 3))  # one writer's batches, in order
     np.testing.assert_array_equal(ds.token_id.values, np.repeat(np.arange(1, 7), 3))
     st.verify(ds)
-    assert not os.path.exists(os.path.join(path, LOCK_KEY))
+    assert not lock_exists(path)
 
 
 def test_a_lock_left_by_a_killed_writer_is_taken_over_on_resume(tmp_path):
@@ -131,7 +130,7 @@ def test_a_lock_left_by_a_killed_writer_is_taken_over_on_resume(tmp_path):
     before = committed(path)
     with pytest.warns(UserWarning, match=rf"taking over the lock .*pid {holder['pid']} .* no longer runs"):
         st.capture(tiny_model("llama"), CORPUS, path, batch_size=2, resume=True)
-    assert not os.path.exists(os.path.join(path, LOCK_KEY))
+    assert not lock_exists(path)
     ds = st.open(path)
     assert 0 < before < len(CORPUS) == ds.attrs["committed_sequences"]
     np.testing.assert_array_equal(ds.seq.values, np.repeat(np.arange(len(CORPUS)), [len(t) for t in CORPUS]))
@@ -142,8 +141,7 @@ def _plant(path, **holder):
     os.makedirs(path, exist_ok=True)
     record = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": None, "started": time.time(),
               "token": "f" * 32, **holder}
-    with open(os.path.join(path, LOCK_KEY), "w") as f:
-        json.dump(record, f)
+    plant_lock(path, record)
 
 
 def test_a_lock_from_another_host_needs_break_lock(tmp_path):
@@ -156,7 +154,7 @@ def test_a_lock_from_another_host_needs_break_lock(tmp_path):
     assert committed(path) == 3
     with pytest.warns(UserWarning, match="break_lock=True"):
         st.capture(model, CORPUS[:6], path, resume=True, break_lock=True)
-    assert committed(path) == 6 and not os.path.exists(os.path.join(path, LOCK_KEY))
+    assert committed(path) == 6 and not lock_exists(path)
 
 
 def test_a_reused_pid_is_not_mistaken_for_the_writer(tmp_path):
@@ -184,7 +182,7 @@ def test_a_writer_whose_lock_was_broken_stops_before_writing_more(tmp_path):
 
 
 def test_each_rank_store_has_its_own_lock(tmp_path):
-    from streamtap.ranks import rank_store
+    from streamtap.io.ranks import rank_store
 
     a = StoreWriter(rank_store(str(tmp_path / "dp.zarr"), 0, 2))
     b = StoreWriter(rank_store(str(tmp_path / "dp.zarr"), 1, 2))

@@ -159,23 +159,24 @@ def test_assertion_fails_on_nan_which_compares_false_with_any_tolerance(captured
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("tiny_model", ["gpt2", "llama"], indirect=True)
-def test_tiny_model_fixture_by_arch_and_store_factory(tiny_model, streamtap_store, request):
-    assert tiny_model.config.model_type == request.node.callspec.params["tiny_model"]
-    ds = streamtap_store(tiny_model, [[5, 6, 7], [8, 9]], batch_size=1)
+@pytest.mark.parametrize("streamtap_tiny_model", ["gpt2", "llama"], indirect=True)
+def test_the_tiny_model_fixture_by_arch_and_the_store_factory(streamtap_tiny_model, streamtap_store, request):
+    assert streamtap_tiny_model.config.model_type == request.node.callspec.params["streamtap_tiny_model"]
+    ds = streamtap_store(streamtap_tiny_model, [[5, 6, 7], [8, 9]], batch_size=1)
     assert ds.sizes["token"] == 5 and list(ds.seq.values) == [0, 0, 0, 1, 1]
     assert_terms_sum_to_residual(ds)
 
 
-def test_tiny_model_defaults_to_llama_and_factory_is_the_library_function(tiny_model, tiny_model_factory):
-    assert tiny_model.config.model_type == "llama"
-    assert tiny_model_factory is streamtap.models.tiny_model
+def test_the_tiny_model_fixture_defaults_to_llama_and_its_factory_is_the_library_function(
+        streamtap_tiny_model, streamtap_tiny_model_factory):
+    assert streamtap_tiny_model.config.model_type == "llama"
+    assert streamtap_tiny_model_factory is streamtap.models.tiny_model
 
 
-def test_store_factory_runs_padded_batches_as_given(tiny_model, streamtap_store):
+def test_store_factory_runs_padded_batches_as_given(streamtap_tiny_model, streamtap_store):
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    ds = streamtap_store(tiny_model, {"input_ids": ids, "attention_mask": mask},
+    ds = streamtap_store(streamtap_tiny_model, {"input_ids": ids, "attention_mask": mask},
                          store=zarr.storage.MemoryStore(), neurons=True)
     assert ds.sizes["token"] == 6 and ds.attrs["neurons"]
     assert_terms_sum_to_residual(ds, neurons=True)

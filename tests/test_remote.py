@@ -14,7 +14,7 @@ from streamtap.models import tiny_model
 def _language_model(arch):
     from nnsight import LanguageModel
 
-    from streamtap._tiny_tokenizer import word_level_tokenizer
+    from streamtap.models.tokenizer import word_level_tokenizer
 
     hf = tiny_model(arch)
     with warnings.catch_warnings():

@@ -11,7 +11,7 @@ import streamtap as st
 from streamtap.cli import cli
 from streamtap.report import write_report
 from streamtap.models import tiny_model
-from streamtap._tiny_tokenizer import word_level_tokenizer
+from streamtap.models.tokenizer import word_level_tokenizer
 
 TEXTS = ["the king and the queen of england", "paris is the capital of france", "london is in england and the king"]
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import streamtap as st
 from streamtap.cli import cli
-from streamtap.lock import LOCK_KEY
+from streamtap.io.lock import LOCK_KEY
 from streamtap.models import tiny_model
 
 from _crash import CORPUS, committed, kill_during_capture

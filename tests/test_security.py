@@ -145,7 +145,7 @@ def fake_hub(monkeypatch):
     """from_pretrained replaced: records its kwargs and returns a tiny model and a word-level tokenizer."""
     import transformers
 
-    from streamtap._tiny_tokenizer import word_level_tokenizer
+    from streamtap.models.tokenizer import word_level_tokenizer
 
     calls = []
 

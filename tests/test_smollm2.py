@@ -74,8 +74,8 @@ def test_heads_plus_bias_equal_the_attention_output(smollm2, tmp_path):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_self_check_passes_in_half_precision(dtype):
     """Rounding grows with depth and the residual can shrink by cancellation: 30 layers must pass."""
-    from streamtap.tapping import Tap, self_check
+    from streamtap.tapping.self_check import self_check
 
     model, _ = load_model("smollm2", dtype=dtype)
-    with Tap(model, zarr.storage.MemoryStore(), check=False) as the_tap:
+    with st.tap(model, zarr.storage.MemoryStore(), check=False) as the_tap:
         assert self_check(the_tap) <= st.tolerance(dtype, n_layers=30)

@@ -19,7 +19,7 @@ analysis                               returns                                  
 ``promotion(ds, tokens)``              E W_OV W_U^T: (layer, head, source, target)              circuits
 ``effective_rank(ds)``                 effective ranks (layer, head, matrix), truncation        rank
                                        errors (layer, head, matrix, rank)
-``empty_messages(ds)``                 message norms and cosines: (token, layer, head)          empty
+``empty_messages(ds)``                 head-output norms and cosines: (token, layer, head)      empty
 ``empty_message_summary(em)``          near-empty heads: (layer, head)                          empty
 ``accumulation_pca(ds)``               PCA over depth per token: (token, pc) and (token, k)     accumulation
 ``neuron_memories(ds, neurons)``       keys (top stored tokens) and values (promoted tokens)    neurons
@@ -27,9 +27,11 @@ analysis                               returns                                  
 =====================================  =======================================================  ===================================
 
 Analyses that need weights a store lacks raise :class:`MissingWeightsError` naming them.
+
 """
 
-from ._common import MissingWeightsError, token_ids, vocab_text
+from ._store import MissingWeightsError
+from ._vocab import token_ids, vocab_text
 from .accumulation import accumulation_pca
 from .attribution import direct_logit_attribution, final_norm_scale
 from .circuits import ov_matrix, promotion, qk_matrix, relevance

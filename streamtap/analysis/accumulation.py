@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ._common import (apply_norm_np, float_dtype, fold_direction, norm_params, require, single_token, static_dask,
-                      tokens_map, vocab_scan)
+from ._blocks import float_dtype, single_token, static_dask, tokens_map
+from ._store import final_norm, require
+from ._vocab import vocab_scan
 from .decomposition import residual_stream
 
 
@@ -37,7 +38,7 @@ def accumulation_pca(ds: xr.Dataset, *, n_components: int = 3, k: int = 5, sites
         statics["b_U"] = static_dask(ds, "unembed_bias", dtype)
     width = n_components + k + 4
     data = tokens_map(_block, ("token", "field"), {"field": width}, {"x": stack}, statics, dtype=np.float64,
-                      p=norm_params(ds, dtype), n_components=n_components, k=k, dt=dtype)
+                      p=final_norm(ds, dtype), n_components=n_components, k=k, dt=dtype)
     nc = n_components
     coords = {c: stack.coords[c] for c in stack.coords if stack.coords[c].dims == ("token",)}
     out = xr.Dataset({
@@ -62,8 +63,8 @@ def _block(b: dict, *, p, n_components, k, dt) -> np.ndarray:
     sign = np.sign(np.einsum("td,td->t", x[:, -1] - x[:, 0], pc1))
     pc1 = pc1 * np.where(sign == 0, 1, sign)[:, None]
     W_U, b_U = b["W_U"], b.get("b_U")
-    final = vocab_scan(apply_norm_np(x[:, -1].astype(dt, copy=False), p), W_U, b_U, 1, probs=False)["top_id"][:, 0]
-    lens = vocab_scan(fold_direction(pc1.astype(dt, copy=False), p), W_U, None, k, targets=final, probs=False)
+    final = vocab_scan(p.apply(x[:, -1].astype(dt, copy=False)), W_U, b_U, 1, probs=False)["top_id"][:, 0]
+    lens = vocab_scan(p.fold(pc1.astype(dt, copy=False)), W_U, None, k, targets=final, probs=False)
     final_vec = x[:, -1]
     cos = np.einsum("td,td->t", pc1, final_vec) / np.maximum(np.linalg.norm(final_vec, axis=-1), 1e-30)
     out = np.empty((T, n_components + k + 4), np.float64)

@@ -8,9 +8,11 @@ with s a function of resid_final alone (recomputed exactly from the store). So t
 is a sum over the components x_c of decompose, plus two constants that are components of their own
 (``final_norm_bias``, ``unembed_bias``). The contributions sum to the model's logit exactly.
 
-On pre-norm decoders the direction gamma * W_U[v] (centred for a LayerNorm) is folded into W_O once,
-so a head's contribution is z . (W_O w): one pass over the stored z, no message is materialised, and a
-store of a million tokens is attributed at close to the disk's read rate.
+The direction gamma * W_U[v] (centred for a LayerNorm) is carried backwards through the stream
+(``streamtap.stream.directions``: through every norm inside the stream by its frozen adjoint), so a
+head's contribution is z . (W_O w): one pass over the stored z, no message is materialised. Where no
+norm acts inside the stream and one target is asked for, w is the same for every token and is folded
+into W_O once per block.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import numpy as np
 import xarray as xr
 
 from ..errors import StreamtapError
-from ._common import (component_coords, local, float_dtype, fold_direction, logit_softcap, norm_params, norm_scale_np, per_token,
-                      prenorm_components, prenorm_exact, require, single_token, static, static_dask, token_coords,
-                      token_ids, tokens_map, as_static_dask)
+from ..invariant import component_coords, stream_events, store_norms
+from ..stream import Embed, Labels, Piece, StreamNorm, component_label, directions, replay
+from ._blocks import (as_static_dask, block_norms, float_dtype, norm_center, per_token, single_token, static_dask,
+                      stream_inputs, token_coords, tokens_map)
+from ._store import final_norm, local, logit_softcap, require, static
+from ._vocab import token_ids
 
 
 def final_norm_scale(ds: xr.Dataset, dtype=np.float32) -> xr.DataArray:
@@ -60,11 +65,24 @@ def direct_logit_attribution(ds: xr.Dataset, token_id, *, foil=None, neurons: bo
                              dtype=np.float32) -> xr.DataArray:
     """Each component's direct contribution to the logit of ``token_id`` at every stored token.
 
-    ``token_id`` is a vocabulary id (or a token string the store can resolve, or one id per stored
-    token); with ``foil`` the contributions are to ``logit[token_id] - logit[foil]``. Returns a lazy
-    DataArray (component, token): decompose's components (``embed``, ``L3H7``, ``L3_attn_bias``,
-    ``L3_mlp`` or with ``neurons=True`` ``L3N1234`` and ``L3_mlp_bias``), then ``final_norm_bias`` and
-    ``unembed_bias`` where the model has them. The sum over component is the model's logit (difference).
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store (or a selection of its tokens).
+    token_id : int, str or array
+        A vocabulary id, a token string the store can resolve, or one id per stored token.
+    foil : int, str or array, optional
+        With a foil the contributions are to ``logit[token_id] - logit[foil]``.
+    neurons : bool
+        Split each MLP into its neurons (``L3N1234``) and ``L3_mlp_bias``.
+    dtype : numpy dtype
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy (component, token): decompose's components, then ``final_norm_bias`` and
+        ``unembed_bias`` where the model has them. The sum over component is the model's logit
+        (difference), before any final soft-capping.
     """
     require(ds, "W_U")
     dtype = float_dtype(dtype)
@@ -91,11 +109,45 @@ def direct_logit_attribution(ds: xr.Dataset, token_id, *, foil=None, neurons: bo
         attrs["softcap"] = cap
         attrs["note"] += (f" before the model's final soft-capping (it reports cap * tanh(logit / cap), "
                           f"cap = {cap:g}; attribution is of the linear logit it caps)")
-    if prenorm_exact(ds):
-        out = _fast(ds, U, b_U, t_idx, f_idx, per_tok, neurons, dtype)
-    else:
-        out = _generic(ds, U, b_U, t_idx, f_idx, per_tok, neurons, dtype)
+    events = stream_events(ds)
+    labels = replay(events, store_norms(ds), lambda e: _pieces(ds, e, neurons), Labels(),
+                    norm_labels=ds.attrs.get("norm_labels", ())).labels + _extras(ds)
+    inputs, statics = stream_inputs(ds, dtype, mlp="neuron_act" if neurons else "mlp_out")
+    for name in ("expert_out", "expert_index", "shared_expert_out"):
+        if name in ds:
+            inputs[name] = per_token(ds, name)
+    statics["U"] = as_static_dask(U, ("row", "d_model"))
+    if neurons:
+        statics["W_out"] = static_dask(ds, "W_out", dtype)
+    if per_tok:
+        chunks = inputs["resid_final"].chunks[0]
+        for name, idx in (("t_idx", t_idx), ("f_idx", f_idx)):
+            if idx is not None:
+                idx = np.broadcast_to(idx, (n_tok,)).astype(np.int64)
+                inputs[name] = xr.DataArray(da.from_array(idx, chunks=(chunks,)), dims=("token",))
+    data = tokens_map(_dla_block, ("token", "component"), {"component": len(labels)}, inputs, statics,
+                      dtype=dtype, events=events, center=norm_center(ds), p=final_norm(ds, dtype), b_U=b_U,
+                      t_idx=None if per_tok else int(t_idx), f_idx=None if (per_tok or f_idx is None) else int(f_idx),
+                      has_foil=f_idx is not None, dt=dtype)
+    coords = {**component_coords(labels), **token_coords(ds)}
+    out = xr.DataArray(data, dims=("token", "component"), coords=coords).transpose("component", "token")
     return out.rename("logit_contribution").assign_attrs(attrs)
+
+
+def _pieces(ds: xr.Dataset, e, neurons: bool):
+    """The labels each event writes (data aside), in decompose's order."""
+    if isinstance(e, Embed):
+        return [Piece([component_label(e)])]
+    if e.site == "attn":
+        return [Piece([component_label(e, head=h) for h in range(ds.sizes["head"])]),
+                Piece([component_label(e, part="attn_bias")])]
+    if e.experts:
+        pieces = [Piece([component_label(e, expert=x) for x in range(e.experts)])]
+        return pieces + ([Piece([component_label(e, part="shared_expert")])] if e.shared else [])
+    if neurons:
+        return [Piece([component_label(e, neuron=n) for n in range(ds.sizes["neuron"])]),
+                Piece([component_label(e, part="mlp_bias")])]
+    return [Piece([component_label(e, part="mlp")])]
 
 
 def _describe(ids) -> str:
@@ -112,46 +164,15 @@ def _extras(ds: xr.Dataset) -> list[tuple]:
     return out
 
 
-def _fast(ds, U, b_U, t_idx, f_idx, per_tok, neurons, dtype) -> xr.DataArray:
-    labels = prenorm_components(ds, neurons) + _extras(ds)
-    inputs = {n: per_token(ds, n) for n in ("embed", "pos_embed", "z", "resid_final") if n in ds}
-    inputs["neuron_act" if neurons else "mlp_out"] = per_token(ds, "neuron_act" if neurons else "mlp_out")
-    statics = {"W_O": static_dask(ds, "W_O", dtype), "attn_bias": static_dask(ds, "attn_bias", dtype),
-               "U": as_static_dask(U, ("row", "d_model"))}
-    if neurons:
-        statics["W_out"] = static_dask(ds, "W_out", dtype)
-        statics["mlp_bias"] = static_dask(ds, "mlp_bias", dtype)
-    if per_tok:
-        chunks = inputs["resid_final"].chunks[0]
-        n_tok = ds.sizes["token"]
-        for name, idx in (("t_idx", t_idx), ("f_idx", f_idx)):
-            if idx is not None:
-                idx = np.broadcast_to(idx, (n_tok,)).astype(np.int64)
-                inputs[name] = xr.DataArray(da.from_array(idx, chunks=(chunks,)), dims=("token",))
-    p = norm_params(ds, dtype)
-    data = tokens_map(_dla_block, ("token", "component"), {"component": len(labels)}, inputs, statics,
-                      dtype=dtype, p=p, b_U=b_U, t_idx=None if per_tok else int(t_idx),
-                      f_idx=None if (per_tok or f_idx is None) else int(f_idx),
-                      has_foil=f_idx is not None, dt=dtype)
-    coords = {**component_coords(labels), **token_coords(ds)}
-    return xr.DataArray(data, dims=("token", "component"), coords=coords).transpose("component", "token")
+def _dot(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x (T, d) . w (T or 1, d) -> (T,)."""
+    return x @ w[0] if w.shape[0] == 1 else np.einsum("td,td->t", x, w)
 
 
-def _columns(n_layers: int, n_heads: int, base: int, mlp_width: int, mlp_bias: bool):
-    """Column of each term in a block's output: per layer heads, attention bias, MLP (or neurons + bias)."""
-    per_layer = n_heads + 1 + mlp_width + int(mlp_bias)
-    start = base + per_layer * np.arange(n_layers)
-    heads = (start[:, None] + np.arange(n_heads)).reshape(-1)
-    attn_bias = start + n_heads
-    mlp = (start[:, None] + n_heads + 1 + np.arange(mlp_width)).reshape(-1)
-    return heads, attn_bias, mlp, (start + per_layer - 1) if mlp_bias else None, base + per_layer * n_layers
-
-
-def _dla_block(b: dict, *, p, b_U, t_idx, f_idx, has_foil, dt) -> np.ndarray:
+def _dla_block(b: dict, *, events, center, p, b_U, t_idx, f_idx, has_foil, dt) -> np.ndarray:
     resid = b["resid_final"].astype(dt, copy=False)
-    z, W_O, b_O = b["z"].astype(dt, copy=False), b["W_O"], b["attn_bias"]
-    T, L, H, E = z.shape
-    s = norm_scale_np(resid, p["center"], p["eps"]).astype(dt, copy=False)
+    T = resid.shape[0]
+    s = p.scale(resid).astype(dt, copy=False)
     U = b["U"]
     if "t_idx" in b:  # one direction per token
         ti, fi = b["t_idx"], b.get("f_idx")
@@ -159,73 +180,49 @@ def _dla_block(b: dict, *, p, b_U, t_idx, f_idx, has_foil, dt) -> np.ndarray:
         ti = np.array([t_idx])
         fi = np.array([f_idx]) if has_foil else None
     u = U[ti] - U[fi] if fi is not None else U[ti]              # (T or 1, d)
-    w = fold_direction(u, p)                                     # direct-effect direction, norm folded in
-    single = w.shape[0] == 1
-    neurons = "neuron_act" in b
-    embeds = [b["embed"]] + ([b["pos_embed"]] if "pos_embed" in b else [])
-    mlp_width = b["neuron_act"].shape[2] if neurons else 1
-    heads_c, bias_c, mlp_c, mlp_bias_c, n_terms = _columns(L, H, len(embeds), mlp_width, neurons)
-    n_extra = int(p["beta"] is not None) + int(b_U is not None)
-    out = np.empty((T, n_terms + n_extra), dt)
-    if single:
-        w0 = w[0]
-        for i, x in enumerate(embeds):
-            out[:, i] = x.astype(dt, copy=False) @ w0
-        vz = np.einsum("lhem,m->lhe", W_O, w0).reshape(L * H, E)
-        out[:, heads_c] = np.einsum("tke,ke->tk", z.reshape(T, L * H, E), vz)
-        out[:, bias_c] = b_O @ w0
-        if neurons:
-            per_neuron = np.einsum("lnm,m->ln", b["W_out"], w0).reshape(-1)
-            out[:, mlp_c] = b["neuron_act"].astype(dt, copy=False).reshape(T, -1) * per_neuron
-            out[:, mlp_bias_c] = b["mlp_bias"] @ w0
+    norms = block_norms(b, center)
+    columns = []                                                  # per event, walking backwards
+    for _, e, w_out, w_in in directions(events, norms, p.fold(u)):
+        cols = []
+        if isinstance(e, StreamNorm):
+            if norms.has_beta(e.norm):
+                cols.append(_dot(np.broadcast_to(norms.beta[e.norm], (T, resid.shape[1])), w_out)[:, None])
+        elif isinstance(e, Embed):
+            cols.append(_dot(b[e.var].astype(dt, copy=False), w_in)[:, None])
+        elif e.site == "attn":
+            z, W_O = b["z"][:, e.layer].astype(dt, copy=False), b["W_O"][e.layer]
+            if w_in.shape[0] == 1:  # one direction for every token: fold it into W_O once
+                cols.append(np.einsum("the,he->th", z, np.einsum("hem,m->he", W_O, w_in[0])))
+            else:
+                cols.append(np.einsum("the,hem,tm->th", z, W_O, w_in, optimize=True))
+            cols.append(_dot(np.broadcast_to(b["attn_bias"][e.layer], (T, resid.shape[1])), w_in)[:, None])
+        elif e.experts:
+            out, index = b["expert_out"][:, e.layer].astype(dt, copy=False), b["expert_index"][:, e.layer]
+            per_expert = np.zeros((T, e.experts), dt)
+            for slot in range(out.shape[1]):
+                np.add.at(per_expert, (np.arange(T), index[:, slot]), _dot(out[:, slot], w_in))
+            cols.append(per_expert)
+            if e.shared:
+                cols.append(_dot(b["shared_expert_out"][:, e.layer].astype(dt, copy=False), w_in)[:, None])
+        elif "neuron_act" in b:
+            act, W_out = b["neuron_act"][:, e.layer].astype(dt, copy=False), b["W_out"][e.layer]
+            per_neuron = W_out @ w_in[0] if w_in.shape[0] == 1 else np.einsum("nm,tm->tn", W_out, w_in)
+            cols.append(act * per_neuron)
+            cols.append(_dot(np.broadcast_to(b["mlp_bias"][e.layer], (T, resid.shape[1])), w_in)[:, None])
         else:
-            out[:, mlp_c] = (b["mlp_out"].astype(dt, copy=False).reshape(T * L, -1) @ w0).reshape(T, L)
-    else:
-        for i, x in enumerate(embeds):
-            out[:, i] = np.einsum("td,td->t", x.astype(dt, copy=False), w)
-        for layer in range(L):
-            out[:, heads_c[layer * H:(layer + 1) * H]] = np.einsum("the,hem,tm->th", z[:, layer], W_O[layer], w,
-                                                                     optimize=True)
-        out[:, bias_c] = w @ b_O.T
-        if neurons:
-            act = b["neuron_act"].astype(dt, copy=False)
-            out[:, mlp_c] = (act * np.einsum("lnm,tm->tln", b["W_out"], w, optimize=True)).reshape(T, -1)
-            out[:, mlp_bias_c] = w @ b["mlp_bias"].T
-        else:
-            out[:, mlp_c] = np.einsum("tlm,tm->tl", b["mlp_out"].astype(dt, copy=False), w)
-    out[:, :n_terms] *= s[:, None]
-    col = n_terms
-    if p["beta"] is not None:
-        out[:, col] = u @ p["beta"]
-        col += 1
-    if b_U is not None:
-        out[:, col] = b_U[ti] - b_U[fi] if fi is not None else b_U[ti]
-    return out
-
-
-def _generic(ds, U, b_U, t_idx, f_idx, per_tok, neurons, dtype) -> xr.DataArray:
-    """Through decompose itself: exact for any term model the core supports."""
-    from ..invariant import decompose
-
-    terms = decompose(ds, neurons=neurons, dtype=dtype)
-    p = norm_params(ds, dtype)
-    n_tok = ds.sizes["token"]
-    ti = np.broadcast_to(t_idx, (n_tok,)) if per_tok else t_idx
-    fi = (np.broadcast_to(f_idx, (n_tok,)) if per_tok else f_idx) if f_idx is not None else None
-    u = U[ti] - U[fi] if fi is not None else U[ti]
-    w = fold_direction(u, p)
-    w = xr.DataArray(w, dims=("token", "d_model") if per_tok else ("d_model",))
-    scale = final_norm_scale(ds, dtype)
-    contrib = xr.dot(terms, w, dim="d_model") * scale
+            cols.append(_dot(b["mlp_out"][:, e.layer].astype(dt, copy=False), w_in)[:, None])
+        if not isinstance(e, StreamNorm) and getattr(e, "norm", None) is not None and norms.has_beta(e.norm):
+            cols.append(_dot(np.broadcast_to(norms.beta[e.norm], (T, resid.shape[1])), w_out)[:, None])
+        columns.append(np.concatenate(cols, axis=1) if cols else np.empty((T, 0), dt))
+    terms = np.concatenate(columns[::-1], axis=1) * s[:, None]
     extras = []
-    if p["beta"] is not None:
-        extras.append(("final_norm_bias", np.broadcast_to(u @ p["beta"], (n_tok,))))
+    if p.beta is not None:
+        extras.append(np.broadcast_to(u @ p.beta, (T,)))
     if b_U is not None:
-        bias = b_U[ti] - b_U[fi] if fi is not None else b_U[ti]
-        extras.append(("unembed_bias", np.broadcast_to(bias, (n_tok,))))
+        extras.append(np.broadcast_to(b_U[ti] - b_U[fi] if fi is not None else b_U[ti], (T,)))
     if extras:
-        labels = [(k, k, -1, -1, -1) for k, _ in extras]
-        extra = xr.DataArray(np.stack([v for _, v in extras]).astype(dtype), dims=("component", "token"),
-                             coords={**component_coords(labels), **token_coords(ds)})
-        contrib = xr.concat([contrib, extra], dim="component", coords="minimal", compat="override")
-    return contrib.transpose("component", "token")
+        terms = np.concatenate([terms, np.stack(extras, axis=1).astype(dt)], axis=1)
+    return terms.astype(dt, copy=False)
+
+
+__all__ = ["direct_logit_attribution", "final_norm_scale"]

@@ -28,8 +28,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ._common import (embedding_matrix, fold_direction, is_rotary, local, norm_params, per_query_head, require, static,
-                      token_ids, vocab_text)
+from ._store import (embedding_matrix, final_norm, is_rotary, kv_heads, local, per_query_head, require, static)
+from ._vocab import token_ids, vocab_text
 
 ROTARY_NOTE = ("rotary model: this position-free map ignores the rotation of queries and keys by "
                "position; it is the score two tokens would get at the same position (offset 0), not "
@@ -42,8 +42,6 @@ def _dask_per_query_head(ds, name, dtype):
     data = var.data if isinstance(var.data, da.Array) else da.from_array(np.asarray(var.data))
     data = data.astype(dtype)
     if "kv_head" in var.dims:
-        from ._common import kv_heads
-
         data = data[:, kv_heads(ds)]
     return data.rechunk((1, 1, -1, -1))
 
@@ -152,7 +150,7 @@ def promotion(ds: xr.Dataset, tokens, *, tokenizer=None, layers=None, input_norm
     W_O = static(ds, "W_O", dtype)[layer_ids]
     msgs = np.einsum("lsm,lhme,lhen->lhsn", X, W_V, W_O, optimize=True)    # (L, H, S, d)
     if through_final_norm:
-        msgs = fold_direction(msgs, norm_params(ds, dtype))
+        msgs = final_norm(ds, dtype).fold(msgs)
     W_U = static(ds, "W_U", np.float32)          # vocabulary-wide statistics from float32 products
     U_ids = np.asarray(local(ds["W_U"].isel(vocab=np.asarray(ids))).values, dtype)
     raw = np.empty(msgs.shape[:3] + (len(ids),), dtype)

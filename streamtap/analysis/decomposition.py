@@ -6,9 +6,7 @@
 
 ``site`` is ``"attn"`` (the residual entering the layer, before its attention) or ``"mlp"`` (after
 the layer's attention has written, before its MLP reads). ``layer = n_layers`` is the final residual.
-For pre-norm decoders the residual entering layer l is exactly the embedding plus every head, bias
-and MLP term of layers below l; ``streamtap.decompose(ds, upto=(layer, site))`` generalises this to
-other term models when the core provides it, and is used whenever it exists.
+Both are replays of the store's stream (``streamtap.stream``), exact on every architecture.
 """
 
 from __future__ import annotations
@@ -16,8 +14,10 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ._common import (decompose_has_upto, float_dtype, per_token, prenorm_exact, single_token, static_dask,
-                      token_coords, tokens_map)
+from ..invariant import decompose, stream_events
+from ..stream import Sum, entries, replay
+from ._blocks import (block_norms, block_source, float_dtype, norm_center, single_token, stream_inputs, token_coords,
+                      tokens_map)
 
 SITES = ("attn", "mlp")
 
@@ -41,23 +41,10 @@ def residual_terms(ds: xr.Dataset, layer: int, site: str = "attn", *, neurons: b
 
     Lazy; components keep decompose's labels and ``kind``/``layer``/``head``/``neuron`` coordinates.
     """
-    from ..invariant import decompose
-
     layer = _check(ds, layer, site)
-    n_layers = ds.sizes["layer"]
-    if layer == n_layers:
-        terms = decompose(ds, neurons=neurons, dtype=dtype)
-    elif decompose_has_upto():
-        terms = decompose(ds, upto=(layer, site), neurons=neurons, dtype=dtype)
-    else:
-        terms = decompose(ds, neurons=neurons, dtype=dtype)
-        kind, lay = terms.kind.values, terms.layer.values
-        keep = (lay < layer) & (lay >= 0)
-        keep |= np.isin(kind, ("embed", "pos_embed"))
-        if site == "mlp":
-            keep |= (lay == layer) & np.isin(kind, ("head", "attn_bias"))
-        terms = terms.isel(component=np.flatnonzero(keep))
-    where = "final" if layer == n_layers else f"L{layer}_{site}_in"
+    final = layer == ds.sizes["layer"]
+    terms = decompose(ds, neurons=neurons, dtype=dtype, upto=None if final else (layer, site))
+    where = "final" if final else f"L{layer}_{site}_in"
     return terms.assign_attrs(note=f"sum over component equals the residual at {where}", depth=where)
 
 
@@ -100,55 +87,29 @@ def residual_stream(ds: xr.Dataset, *, sites=("attn",), final: bool = True, dept
     depths = list(depths) if depths is not None else depth_list(n_layers, sites, final)
     if not depths:
         raise ValueError("no depths asked for")
+    depths = [(n_layers, "final") if layer == n_layers else (layer, site) for layer, site in depths]
     for layer, site in depths:
         if site != "final":
             _check(ds, layer, site)
-    coords = {**depth_coords(depths), **token_coords(ds)}
-    if prenorm_exact(ds):
-        inputs = {n: per_token(ds, n) for n in ("embed", "pos_embed", "z", "mlp_out", "resid_final") if n in ds}
-        statics = {"W_O": static_dask(ds, "W_O", dtype), "attn_bias": static_dask(ds, "attn_bias", dtype)}
-        data = tokens_map(_stream_block, ("token", "depth", "d_model"), {"depth": len(depths), "d_model": d_model},
-                          inputs, statics, dtype=dtype, depths=depths, dt=dtype)
-        out = xr.DataArray(data, dims=("token", "depth", "d_model"), coords=coords)
-    else:
-        parts = []
-        for layer, site in depths:
-            if site == "final" or layer == n_layers:
-                parts.append(ds["resid_final"].astype(dtype))
-            else:
-                parts.append(residual_terms(ds, layer, site, dtype=dtype).sum("component"))
-        out = xr.concat([p.drop_vars([c for c in p.coords if c not in token_coords(ds)]) for p in parts],
-                        dim="depth").transpose("token", "depth", "d_model").assign_coords(coords)
+    inputs, statics = stream_inputs(ds, dtype)
+    data = tokens_map(_stream_block, ("token", "depth", "d_model"), {"depth": len(depths), "d_model": d_model},
+                      inputs, statics, dtype=dtype, events=stream_events(ds), depths=depths,
+                      center=norm_center(ds), dt=dtype)
+    out = xr.DataArray(data, dims=("token", "depth", "d_model"), coords={**depth_coords(depths), **token_coords(ds)})
     return out.rename("residual").assign_attrs(note="residual stream at each depth; final is resid_final")
 
 
-def layer_writes(b: dict, dt) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(base, attention writes, MLP writes) of one block: (T, d), (T, L, d), (T, L, d).
+def _stream_block(b: dict, *, events, depths, center, dt) -> np.ndarray:
+    out = np.empty((b["resid_final"].shape[0], len(depths), b["resid_final"].shape[-1]), dt)
+    where = {depth: i for i, depth in enumerate(depths)}
 
-    Attention writes are every head's message plus the layer's output bias.
-    """
-    base = b["embed"].astype(dt, copy=False)
-    if "pos_embed" in b:
-        base = base + b["pos_embed"].astype(dt, copy=False)
-    attn = np.einsum("tlhe,lhem->tlm", b["z"].astype(dt, copy=False), b["W_O"].astype(dt, copy=False), optimize=True)
-    attn += b["attn_bias"].astype(dt, copy=False)[None]
-    return base, attn, b["mlp_out"].astype(dt, copy=False)
+    def on_enter(layer, site, acc):
+        if (layer, site) in where:
+            out[:, where[(layer, site)]] = acc.total
 
-
-def _stream_block(b: dict, *, depths, dt) -> np.ndarray:
-    base, attn, mlp = layer_writes(b, dt)
-    n_tok, n_layers, d = attn.shape
-    # pre[l] = residual entering layer l; pre[L] = everything
-    pre = np.empty((n_tok, n_layers + 1, d), dt)
-    pre[:, 0] = base
-    np.cumsum(attn + mlp, axis=1, out=pre[:, 1:])
-    pre[:, 1:] += base[:, None]
-    out = np.empty((n_tok, len(depths), d), dt)
-    for i, (layer, site) in enumerate(depths):
-        if site == "final":
-            out[:, i] = b["resid_final"].astype(dt, copy=False)  # the stored one; equals pre[:, L] within the invariant
-        elif site == "attn":
-            out[:, i] = pre[:, layer]
-        else:
-            out[:, i] = pre[:, layer] + attn[:, layer]
+    stop = max((entries(events)[d] for d in depths if d[1] != "final"), default=-1) + 1
+    replay(events, block_norms(b, center), block_source(b, dt), Sum(), on_enter=on_enter, stop=stop)
+    for i, (_, site) in enumerate(depths):
+        if site == "final":  # the stored one; equals the sum within the invariant
+            out[:, i] = b["resid_final"].astype(dt, copy=False)
     return out

@@ -15,8 +15,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ._common import (as_static_dask, embedding_matrix, local, float_dtype, pack, per_token, single_token, static,
-                      token_coords, tokens_map, unpack)
+from ._blocks import as_static_dask, float_dtype, pack, per_token, single_token, token_coords, tokens_map, unpack
+from ._store import embedding_matrix, local, static
 from .decomposition import residual_stream
 
 FIELDS = ["norm", "relative_norm", "cos_frequent", "cos_rare"]

@@ -1,11 +1,11 @@
-"""What a head says: each message projected to the vocabulary.
+"""What a head says: each head's output projected to the vocabulary.
 
-A message m (one head, one token) changes the logits directly by s (gamma * (m - mean m)) @ W_U^T, with
-s the token's frozen final-norm scale (where the stream normalises terms after they are written, as
-in post-LN models, m is the message as it reaches the final norm, from ``decompose``): its direct logit attribution over the whole vocabulary (summed
-over every component and the biases, that is the model's logits). The tokens it pushes up most are
-what the head "says" at that token; the ones it pushes down most, what it argues against. W_U is the
-stored unembedding, the tied embedding for tied models.
+A head's output m (one head, one token) changes the logits directly by s (gamma * (m' - mean m')) @ W_U^T,
+with s the token's frozen final-norm scale and m' the output as it reaches the final norm (carried
+through any norm the stream applies after it, ``streamtap.stream.carry``; m' = m where none does):
+its direct logit attribution over the whole vocabulary. The tokens it pushes up most are what the head
+"says" at that token; the ones it pushes down most, what it argues against. W_U is the stored
+unembedding, the tied embedding for tied models.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ._common import (float_dtype, norm_params, norm_scale_np, pack, per_token, prenorm_exact, require,
-                      single_token, static_dask, token_coords, tokens_map, unpack, vocab_scan)
+from ..invariant import stream_events
+from ..stream import Write, carry
+from ._blocks import block_norms, float_dtype, norm_center, pack, per_token, single_token, static_dask, tokens_map, unpack
+from ._store import final_norm, require
+from ._vocab import vocab_scan
 
 FIELDS = ["top_id", "top_logit", "bottom_id", "bottom_logit"]
 
@@ -22,61 +25,52 @@ FIELDS = ["top_id", "top_logit", "bottom_id", "bottom_logit"]
 @single_token
 def head_vocab(ds: xr.Dataset, *, k: int = 10, layers=None, through_norm: bool = True,
                dtype=np.float32) -> xr.Dataset:
-    """Top and bottom vocabulary tokens of every message: Dataset (token, layer, head, k), lazy.
+    """Top and bottom vocabulary tokens of every head's output: Dataset (token, layer, head, k), lazy.
 
-    ``top_id``/``top_logit`` are the k tokens whose logits the message raises most (its direct
+    ``top_id``/``top_logit`` are the k tokens whose logits the output raises most (its direct
     effect through the final norm with the token's frozen scale), ``bottom_id``/``bottom_logit``
-    the k it lowers most. ``through_norm=False`` projects the raw message onto W_U instead.
-    ``layers`` limits the work to some layers (every message costs a vocabulary-sized product, so
+    the k it lowers most. ``through_norm=False`` projects the raw output onto W_U instead.
+    ``layers`` limits the work to some layers (every output costs a vocabulary-sized product, so
     select tokens with ``ds.isel(token=...)`` first on big stores).
     """
     require(ds, "W_U")
     dtype = float_dtype(dtype)
     layer_ids = np.arange(ds.sizes["layer"]) if layers is None else np.atleast_1d(np.asarray(layers, int))
-    sub = ds.isel(layer=layer_ids)
     k = min(int(k), ds.sizes["vocab"])
-    n_layers, n_heads = len(layer_ids), ds.sizes["head"]
-    inputs = {"resid_final": per_token(sub, "resid_final")}
-    statics = {"W_U": static_dask(sub, "W_U", dtype)}
-    if prenorm_exact(ds):
-        inputs["z"] = per_token(sub, "z")
-        statics["W_O"] = static_dask(sub, "W_O", dtype)
-    else:  # messages as they reach the final norm (through any norm the stream applies after them)
-        from ..invariant import decompose
-
-        terms = decompose(ds, dtype=dtype)
-        labels = [f"L{l}H{h}" for l in layer_ids for h in range(n_heads)]
-        heads = terms.sel(component=labels).data.reshape(n_layers, n_heads, *terms.shape[1:])
-        heads = heads.transpose(2, 0, 1, 3).rechunk({0: inputs["resid_final"].chunks[0], 1: -1, 2: -1, 3: -1})
-        inputs["messages"] = xr.DataArray(heads, dims=("token", "layer", "head", "d_model"))
-    data = tokens_map(_block, ("token", "layer", "head", "k", "field"),
-                      {"layer": n_layers, "head": n_heads, "k": k, "field": len(FIELDS)}, inputs, statics,
-                      dtype=np.float64, p=norm_params(ds, dtype), k=k, through_norm=through_norm, dt=dtype)
+    n_heads = ds.sizes["head"]
+    events = stream_events(ds)
+    writes = {e.layer: i for i, e in enumerate(events) if isinstance(e, Write) and e.site == "attn"}
+    inputs = {n: per_token(ds, n) for n in ("z", "resid_final") + (("norm_scale",) if "norm_weight" in ds else ())}
+    statics = {n: static_dask(ds, n, dtype) for n in ("W_U", "W_O", "norm_weight", "norm_bias") if n in ds}
+    data = tokens_map(_block, ("token", "sel", "head", "k", "field"),
+                      {"sel": len(layer_ids), "head": n_heads, "k": k, "field": len(FIELDS)}, inputs, statics,
+                      dtype=np.float64, p=final_norm(ds, dtype), k=k, through_norm=through_norm, dt=dtype,
+                      events=events, center=norm_center(ds), layers=[int(l) for l in layer_ids],
+                      index=[writes[int(l)] for l in layer_ids])
     fields = unpack(data, FIELDS, int_fields=("top_id", "bottom_id"))
     dims = ("token", "layer", "head", "k")
-    coords = {**token_coords(ds), "layer": layer_ids, "head": np.arange(n_heads)}
+    coords = {name: c.drop_encoding() for name, c in ds.coords.items() if c.dims == ("token",)}
+    coords.update(layer=layer_ids, head=np.arange(n_heads))
     return xr.Dataset({n: xr.DataArray(v if n.endswith("_id") else v.astype(dtype), dims=dims)
                        for n, v in fields.items()}, coords=coords).assign_attrs(
         k=k, through_norm=int(through_norm),
-        note="logit change each message causes directly" + (" (through the final norm, frozen scale)"
-                                                            if through_norm else " (raw message @ W_U^T)"))
+        note="logit change each head's output causes directly" + (" (through the final norm, frozen scale)"
+                                                                  if through_norm else " (raw output @ W_U^T)"))
 
 
-def _block(b: dict, *, p, k, through_norm, dt) -> np.ndarray:
-    s = norm_scale_np(b["resid_final"].astype(dt, copy=False), p["center"], p["eps"])
-    if "messages" in b:
-        msgs = b["messages"].astype(dt, copy=False)
-        T, L, H, _ = msgs.shape
-    else:
-        z, W_O = b["z"].astype(dt, copy=False), b["W_O"]
-        T, L, H, _ = z.shape
-    out = np.empty((T, L, H, k, len(FIELDS)), np.float64)
-    for layer in range(L):
-        m = msgs[:, layer] if "messages" in b else np.einsum("the,hem->thm", z[:, layer], W_O[layer])
+def _block(b: dict, *, p, k, through_norm, dt, events, center, layers, index) -> np.ndarray:
+    s = p.scale(b["resid_final"].astype(dt, copy=False))
+    z, W_O = b["z"].astype(dt, copy=False), b["W_O"]
+    T, H = z.shape[0], z.shape[2]
+    norms = block_norms(b, center)
+    out = np.empty((T, len(layers), H, k, len(FIELDS)), np.float64)
+    for j, (layer, i) in enumerate(zip(layers, index)):
+        m = np.einsum("the,hem->htm", z[:, layer], W_O[layer])          # (head, token, d_model)
+        m = carry(events, norms, i, m).transpose(1, 0, 2)               # as it reaches the final norm
         if through_norm:
-            if p["center"]:
+            if p.center:
                 m = m - m.mean(-1, keepdims=True)
-            m = m * p["gamma"] * s[:, None, None]
+            m = m * p.gamma * s[:, None, None]
         res = vocab_scan(m.reshape(T * H, -1), b["W_U"], None, k, bottom=True, probs=False)
-        out[:, layer] = pack(res, FIELDS).reshape(T, H, k, len(FIELDS))
+        out[:, j] = pack(res, FIELDS).reshape(T, H, k, len(FIELDS))
     return out

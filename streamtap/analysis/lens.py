@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ._common import (apply_norm_np, float_dtype, logit_softcap, norm_params, pack, require, single_token,
-                      static_dask, tokens_map, unpack, vocab_scan)
+from ._blocks import float_dtype, pack, single_token, static_dask, tokens_map, unpack
+from ._store import final_norm, logit_softcap, require
+from ._vocab import vocab_scan
 from .attribution import _ids
 from .decomposition import residual_stream
 
@@ -43,7 +44,7 @@ def logit_lens(ds: xr.Dataset, *, k: int = 10, sites=("attn",), final: bool = Tr
         statics["b_U"] = static_dask(ds, "unembed_bias", dtype)
     data = tokens_map(_lens_block, ("token", "depth", "slot", "field"),
                       {"depth": n_depth, "slot": k + 1, "field": 3}, inputs, statics, dtype=np.float64,
-                      p=norm_params(ds, dtype), k=k, target=None if per_tok else tgt, dt=dtype,
+                      p=final_norm(ds, dtype), k=k, target=None if per_tok else tgt, dt=dtype,
                       softcap=logit_softcap(ds))
     top = unpack(data[:, :, :k], FIELDS, int_fields=("top_id",))
     coords = dict(stack.coords)
@@ -69,7 +70,7 @@ def _chunked(ids: np.ndarray, like: xr.DataArray):
 def _lens_block(b: dict, *, p, k, target, dt, softcap) -> np.ndarray:
     x = b["x"].astype(dt, copy=False)
     T, D, d = x.shape
-    rows = apply_norm_np(x, p).reshape(T * D, d)
+    rows = p.apply(x).reshape(T * D, d)
     if "target" in b:
         targets = np.repeat(b["target"], D)
     elif target is not None:

@@ -17,7 +17,8 @@ import numpy as np
 import xarray as xr
 
 from ..errors import StreamtapError
-from ._common import fold_direction, local, norm_params, require, static, vocab_scan
+from ._store import final_norm, local, require, static
+from ._vocab import vocab_scan
 
 
 def _parse(neurons) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +66,7 @@ def neuron_memories(ds: xr.Dataset, neurons, *, k: int = 10, context: int = 6, d
     # values: what W_out[n] writes, read through the final norm and the unembedding
     W_out = np.asarray(local(ds["W_out"].isel(layer=xr.DataArray(layers, dims="sel"),
                                               neuron=xr.DataArray(idx, dims="sel"))).values, dtype)
-    rows = fold_direction(W_out, norm_params(ds, dtype))
+    rows = final_norm(ds, dtype).fold(W_out)
     res = vocab_scan(rows, static(ds, "W_U", dtype), None, k, bottom=True, probs=False)
     out.update({"promoted_id": (("sel", "vocab_rank"), res["top_id"]),
                 "promoted_logit": (("sel", "vocab_rank"), res["top_logit"]),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ._common import per_query_head, require, static
+from ._store import per_query_head, require, static
 
 MATRICES = ("W_Q", "W_K", "W_QK", "W_V", "W_O", "W_OV")
 

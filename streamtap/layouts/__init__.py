@@ -1,7 +1,8 @@
-"""Architecture knowledge, one small declarative file per family.
+"""Architecture knowledge, one small declarative file per family, and nothing outside this package.
 
 Adding a model is adding a file: declare ``LAYOUTS = [Layout(...)]`` in a module here and list the
-module in ``_FAMILIES``. Nothing outside this package branches on an architecture's name.
+module in ``_FAMILIES`` (docs/layouts.md). ``layout_for(model)`` picks the layout of a live model;
+``bind`` resolves it against the model; ``Weights`` reads the static weights a store keeps.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 from importlib import import_module
 
 from ..errors import UnsupportedArchitectureError
-from .base import INPUT, OUTPUT, SPLITS, Attn, BoundLayout, Layout, Mlp, Moe, Norm, bind, in_out_weight, projections
+from .bind import BoundLayout, bind
+from .spec import INPUT, OUTPUT, POSITIONS, SPLITS, Attn, Layout, Mlp, Moe, Norm, projections
+from .weights import Weights, in_out_weight
 
 _FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert", "moe")
 
@@ -30,6 +33,7 @@ def register(layout: Layout) -> Layout:
 
 
 def layout_for(model) -> Layout:
+    """The layout of a live model, by its config's ``model_type`` (and the layout's ``when``)."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     for layout in LAYOUTS:
@@ -43,5 +47,5 @@ def layout_for(model) -> Layout:
     )
 
 
-__all__ = ["INPUT", "OUTPUT", "SPLITS", "Attn", "BoundLayout", "Layout", "LAYOUTS", "Mlp", "Moe", "Norm", "bind",
-           "in_out_weight", "layout_for", "projections", "register", "supported_model_types"]
+__all__ = ["INPUT", "OUTPUT", "POSITIONS", "SPLITS", "Attn", "BoundLayout", "Layout", "LAYOUTS", "Mlp", "Moe", "Norm",
+           "Weights", "bind", "in_out_weight", "layout_for", "projections", "register", "supported_model_types"]

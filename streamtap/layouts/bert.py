@@ -7,7 +7,7 @@ and each norm's beta is a term of its own. The masked-LM head is not linear, so 
 is stored.
 """
 
-from .base import OUTPUT, Attn, Layout, Mlp, Norm, projections
+from .spec import OUTPUT, Attn, Layout, Mlp, Norm, projections
 
 LAYOUTS = [
     Layout(
@@ -22,5 +22,7 @@ LAYOUTS = [
                Mlp("output.dense"), Norm("output.LayerNorm")),
         resid_final=("encoder.layer.{last}.output.LayerNorm", OUTPUT),
         unembed=False,
+        positions="learned",
+        causal=False,
     ),
 ]

@@ -6,7 +6,7 @@ With ``apply_residual_connection_post_layernorm`` the residual itself is the nor
 the stream passes through each input norm: exact all the same, with the norms' scales frozen.
 """
 
-from .base import INPUT, Attn, Layout, Mlp, Norm
+from .spec import INPUT, Attn, Layout, Mlp, Norm
 
 # queries, keys and values fused per head, [head, (q, k, v), d_head]; positions enter as ALiBi biases
 ATTN = Attn("self_attention.dense", qkv="self_attention.query_key_value", split="per_group", norm="input_layernorm",
@@ -18,6 +18,7 @@ _COMMON = dict(
     layers="h",
     resid_final=("ln_f", INPUT),
     final_norm="ln_f",
+    positions="alibi",
 )
 
 LAYOUTS = [

@@ -5,13 +5,14 @@ heads, then all key heads, then all value heads side by side; GPT-BigCode groups
 head (which, with multi-query attention's single key/value head, is the same thing).
 """
 
-from .base import INPUT, Attn, Layout, Mlp
+from .spec import INPUT, Attn, Layout, Mlp
 
 _COMMON = dict(
     embeds={"embed": "wte", "pos_embed": "wpe"},
     layers="h",
     resid_final=("ln_f", INPUT),
     final_norm="ln_f",
+    positions="learned",
 )
 
 LAYOUTS = [

@@ -3,7 +3,7 @@
 Its attention does not scale scores by 1/sqrt(d_head), hence ``scale=1.0``.
 """
 
-from .base import INPUT, Attn, Layout, Mlp, projections
+from .spec import INPUT, Attn, Layout, Mlp, projections
 
 LAYOUTS = [
     Layout(
@@ -15,5 +15,6 @@ LAYOUTS = [
                Mlp("mlp", down="mlp.c_proj")),
         resid_final=("ln_f", INPUT),
         final_norm="ln_f",
+        positions="learned",
     ),
 ]

@@ -6,7 +6,7 @@ embedding module, so its output is already the term); none of that changes where
 live. Parallel StableLM blocks only change what the MLP reads.
 """
 
-from .base import INPUT, Attn, Layout, Mlp, projections
+from .spec import INPUT, Attn, Layout, Mlp, projections
 
 LAYOUTS = [
     Layout(

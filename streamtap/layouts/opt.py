@@ -8,7 +8,7 @@ OPT multiplies the query by the score scale right after ``q_proj``; the stored W
 own weight, and ``attn_scale`` holds that factor as it does for every model.
 """
 
-from .base import INPUT, OUTPUT, Attn, Layout, Mlp, Norm, projections
+from .spec import INPUT, OUTPUT, Attn, Layout, Mlp, Norm, projections
 
 _QKV = projections("self_attn")
 
@@ -17,19 +17,20 @@ _COMMON = dict(
     embeds={"embed": ("decoder.project_in", "decoder.embed_tokens"), "pos_embed": "decoder.embed_positions"},
     layers="decoder.layers",
     unembed_through="decoder.project_out",
+    positions="learned",
 )
 
 LAYOUTS = [
     Layout(
         name="opt-post-ln",
         when=lambda config: not config.do_layer_norm_before,
-        block=(Attn("self_attn.out_proj", **_QKV), Norm("self_attn_layer_norm"), Mlp("fc2"), Norm("final_layer_norm")),
+        block=(Attn("self_attn.out_proj", **_QKV), Norm("self_attn_layer_norm"), Mlp("fc2", flat=True), Norm("final_layer_norm")),
         resid_final=("decoder.layers.{last}", OUTPUT),
         **_COMMON,
     ),
     Layout(
         name="opt",
-        block=(Attn("self_attn.out_proj", norm="self_attn_layer_norm", **_QKV), Mlp("fc2")),
+        block=(Attn("self_attn.out_proj", norm="self_attn_layer_norm", **_QKV), Mlp("fc2", flat=True)),
         resid_final=("decoder.final_layer_norm", INPUT),
         final_norm="decoder.final_layer_norm",
         **_COMMON,

@@ -5,8 +5,7 @@ into the MLP output in place (``mlp_output += attention_output``), so its MLP te
 moment it is produced.
 """
 
-from .base import INPUT, Attn, Layout, Mlp, projections
-
+from .spec import INPUT, Attn, Layout, Mlp, projections
 
 
 def _gptj_scale(attn) -> float:
@@ -59,5 +58,6 @@ LAYOUTS = [
                Mlp("mlp", down="mlp.dense_4h_to_h", clone=True)),
         resid_final=("ln_f", INPUT),
         final_norm="ln_f",
+        positions=lambda config: "alibi" if getattr(config, "alibi", False) else "rotary",
     ),
 ]

@@ -4,7 +4,7 @@ Each attention and MLP term passes through its own RMSNorm (frozen per token), s
 message in the stream is post_norm(message) and not the raw message.
 """
 
-from .base import INPUT, Attn, Layout, Mlp, projections
+from .spec import INPUT, Attn, Layout, Mlp, projections
 
 _QK_NORM = ("self_attn.q_norm", "self_attn.k_norm")
 
@@ -21,6 +21,7 @@ LAYOUTS = [
         resid_final=("norm", INPUT),
         final_norm="norm",
         notes="logit soft-capping acts after the unembedding and does not touch the residual",
+        final_softcap="final_logit_softcapping",
     ),
     Layout(
         name="olmo2",

@@ -51,7 +51,7 @@ from __future__ import annotations
 import torch
 from transformers import StoppingCriteriaList
 
-from .errors import InputError, StreamtapError
+from ..errors import InputError, StreamtapError
 
 SUPPORTED_MODES = ("greedy_search", "sample")
 

@@ -1,7 +1,9 @@
-"""One writer per store: a lock key inside the store, created exclusively, removed when the writer closes.
+"""One writer per store: a lock inside the store, created exclusively, removed when the writer closes.
 
-The lock is the object ``streamtap.lock`` at the store's root, a small JSON document naming the writer
-(host, pid, the process's start, when the capture began, a random token). It is created with an
+The lock is the node ``streamtap.lock`` at the store's root: an empty Zarr group whose attributes name
+the writer (host, pid, the process's start, when the capture began, a random token), so that zarr,
+xarray and any other reader see a well-formed hierarchy while a capture runs. Its ``zarr.json`` is
+created with an
 exclusive create, which every store streamtap writes to supports atomically: ``O_EXCL``-style on a
 local directory (zarr's ``LocalStore.set_if_not_exists``), a conditional PUT (``If-None-Match: *``)
 on S3 and S3-compatible object storage through s3fs, and a compare under zarr's own lock in memory.
@@ -27,13 +29,12 @@ from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from . import __version__
-from .errors import StoreLockedError
+from .. import __version__
+from ..errors import StoreLockedError
+from .location import LOCK_NAME
 
-LOCK_KEY = "streamtap.lock"
-# The lock is a plain key beside the Zarr nodes; zarr warns about it whenever it lists a group
-# (from its own I/O thread, so a local catch_warnings does not reach it). It is ours and expected.
-warnings.filterwarnings("ignore", message=r"Object at streamtap\.lock is not recognized")
+LOCK_KEY = f"{LOCK_NAME}/zarr.json"   # the lock group's metadata document, created exclusively
+RECORD = "streamtap_lock"              # the attribute holding the writer's record
 
 
 def _proc_start(pid: int) -> int | None:
@@ -82,14 +83,14 @@ class StoreLock:
         if buf is None:
             return None
         try:
-            holder = json.loads(buf.to_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            holder = json.loads(buf.to_bytes().decode("utf-8")).get("attributes", {}).get(RECORD)
+        except (UnicodeDecodeError, ValueError, AttributeError):
             holder = None
         return holder if isinstance(holder, dict) else {"token": None, "unreadable": True}
 
     def _create(self, record: dict) -> bool:
         """Exclusive create; True when this call made the key."""
-        data = json.dumps(record).encode()
+        data = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {RECORD: record}}).encode()
         fs = getattr(self.store, "fs", None)
         if fs is not None and hasattr(fs, "_pipe_file"):  # an FsspecStore: conditional PUT on S3
             try:
@@ -123,7 +124,7 @@ class StoreLock:
             if self.read() != holder:  # changed while we looked: look again
                 continue
             warnings.warn(f"streamtap: taking over the lock of {self.where}: {reason}", stacklevel=3)
-            sync(self.store.delete(LOCK_KEY))
+            self._delete()
         holder = self.read() or {}
         raise StoreLockedError(self._locked_message(holder))
 
@@ -148,7 +149,7 @@ class StoreLock:
                    "break_lock=True (--break-lock) to take the lock over")
         return (f"{self.where} is being written by another streamtap writer ({_describe(holder)}); a second "
                 f"writer would interleave its batches with it. {fix[0].upper() + fix[1:]}. The lock is the "
-                f"key {LOCK_KEY!r} in the store")
+                f"node {LOCK_NAME!r} in the store")
 
     def check(self) -> None:
         """Raise StoreLockedError when the lock is no longer this writer's (someone broke it)."""
@@ -169,7 +170,10 @@ class StoreLock:
         token, self.token = self.token, None
         holder = self.read()
         if holder is not None and holder.get("token") == token:
-            sync(self.store.delete(LOCK_KEY))
+            self._delete()
+
+    def _delete(self) -> None:
+        sync(self.store.delete_dir(LOCK_NAME))  # the group's one key (and its directory, on a disk)
 
 
-__all__ = ["LOCK_KEY", "StoreLock", "process_alive"]
+__all__ = ["LOCK_KEY", "LOCK_NAME", "StoreLock", "process_alive"]

@@ -24,13 +24,17 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from . import __version__
+from .. import __version__
+from ..analysis import (accumulation_pca, direct_logit_attribution, effective_rank, empty_message_summary,
+                        empty_messages, logit_lens, promotion, relevance, vocab_text)
+from ..analysis._store import MissingWeightsError, is_rotary
+from ..analysis._vocab import corpus_vocab, token_ids
+from ..analysis.circuits import ROTARY_NOTE
+from ..analysis.empty import NEAR_EMPTY, token_frequencies
+from ..dataset import open as open_store
+from ..errors import InputError
+from ..invariant import verify
 from . import figures as F
-from .analysis import (accumulation_pca, direct_logit_attribution, effective_rank, empty_message_summary,
-                       empty_messages, logit_lens, promotion, relevance, vocab_text)
-from .analysis._common import MissingWeightsError, corpus_vocab, is_rotary, token_ids
-from .analysis.circuits import ROTARY_NOTE
-from .analysis.empty import NEAR_EMPTY, token_frequencies
 
 STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1180px;color:#1b1b1b;padding:0 1rem}
@@ -119,16 +123,14 @@ def write_report(store, out_dir, *, token: int | None = None, target=None, words
     tokens (from the first) the per-token statistics use; ``storage_options`` go to fsspec for an
     ``s3://`` store.
     """
-    import streamtap as st
-
     started = time.perf_counter()
-    ds = store if isinstance(store, xr.Dataset) else st.open(store, storage_options=storage_options)
+    ds = store if isinstance(store, xr.Dataset) else open_store(store, storage_options=storage_options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     page = _Page(out)
     n_tok = ds.sizes["token"]
     if n_tok == 0:
-        raise st.InputError("the store holds no tokens; nothing to report")
+        raise InputError("the store holds no tokens; nothing to report")
     text = (lambda ids: vocab_text(ds, ids, tokenizer))  # noqa: E731
     sub = ds.isel(token=slice(0, min(sample, n_tok)))
     row = (n_tok - 1) if token is None else (token % n_tok)
@@ -162,11 +164,9 @@ def write_report(store, out_dir, *, token: int | None = None, target=None, words
 
 # -- sections ----------------------------------------------------------------------------------------
 def _summary(page: _Page, ds, sub, store) -> None:
-    import streamtap as st
-
     a = ds.attrs
     page.h2("Store", "store")
-    err = st.verify(sub, raise_on_error=False)
+    err = verify(sub, raise_on_error=False)
     rows = [{"property": k, "value": v} for k, v in (
         ("model", a.get("model_name", "?")), ("layout", a.get("layout", "?")), ("dtype", a.get("dtype", "?")),
         ("tokens", f"{ds.sizes['token']:,}"), ("sequences", f"{len(np.unique(ds.seq.values)):,}"),

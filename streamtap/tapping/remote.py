@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
-from .errors import InputError, StreamtapError
-from .layouts import bind, layout_for
-from .tapping import Tap, _unwrap
-from .term_sinks import location
+from ..errors import InputError, StreamtapError
+from ..layouts import bind, layout_for
+from ..options import CaptureOptions
+from .sinks import location, unwrap
+from .tap import Tap
 
 
 def plan(model, *, neurons: bool = False) -> list[dict]:
@@ -37,7 +38,7 @@ def plan(model, *, neurons: bool = False) -> list[dict]:
     dry run of ``model`` here (on the meta device when the weights are not loaded, as nnsight's
     ``LanguageModel`` keeps them before a local dispatch); where that fails, the layout's order is kept.
     """
-    module, _ = _unwrap(model)
+    module, _ = unwrap(model)
     bound = bind(layout_for(module), module)
     if bound.moe:
         raise StreamtapError("mixture-of-experts layers are captured by re-running each expert here, which a "
@@ -94,7 +95,7 @@ def save_terms(model, plan: list[dict]) -> dict[str, Any]:
         value = node.input if entry["side"] == "input" else node.output
         if isinstance(value, tuple):
             value = value[0]
-        if "eps" in entry:  # a norm inside the stream: its frozen per-token scale, as tapping computes it
+        if "eps" in entry:  # a norm inside the stream: its frozen per-token scale, as a tap computes it
             x = value.float()
             if entry["center"]:
                 x = x - x.mean(dim=-1, keepdim=True)
@@ -105,16 +106,17 @@ def save_terms(model, plan: list[dict]) -> dict[str, Any]:
     return nnsight.save(saved)  # the dict comes back to the caller's frame as ``saved = ...`` names it
 
 
-class _SavedTap(Tap):
-    """A tap fed with values saved elsewhere: its "forward" hands them to the sinks; norm scales
-    arrive already reduced."""
+class SavedForward:
+    """A tap's forward fed with values saved elsewhere (by :func:`save_terms`): it hands them to the
+    sinks instead of running the model; norm inputs arrive already reduced to their scales."""
 
-    saved: dict[str, Any] = {}
+    reduces_norms = True
 
-    def _frozen_scale(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        return x.float()
+    def __init__(self, saved: dict[str, Any]):
+        self.saved = saved
+        self.bound = None  # the tap's bound layout, set once the tap is made
 
-    def _traced(self, args, kwargs, slots, keep):
+    def __call__(self, args, kwargs, slots, keep):
         kept: dict[str, _Saved] = {}
         for key, (path, side) in self.bound.taps.items():
             if key not in self.saved:
@@ -135,31 +137,48 @@ class _Saved:
 
 
 def write_store(model, saved: dict[str, Any], store, *, input_ids, attention_mask=None, tokenizer=None,
-                neurons: bool = False, **options) -> Tap:
+                **options) -> Tap:
     """Write one batch of values saved by :func:`save_terms` to ``store``, as a local tap would have.
 
-    ``input_ids`` and ``attention_mask`` are the batch the trace ran on (padding is dropped, as in a
-    tap). ``model`` provides the static weights the store keeps (output projections, biases, norm
-    weights, embeddings, unembedding), so those must be loaded here, even where the forward was
-    remote. ``options`` are :func:`streamtap.tap`'s (``append``, ``overwrite``, ``model_name``,
-    ``materialize``, ``store_dtype``, ``storage_options``, ``break_lock``...). Call it once per batch
-    with ``append=True`` after the first. Returns the closed tap (``tokens``, ``sequences``).
+    Parameters
+    ----------
+    model : transformers model or nnsight envoy
+        Provides the static weights the store keeps (output projections, biases, norm weights,
+        embeddings, unembedding), so those must be loaded here, even where the forward was remote.
+    saved : dict
+        What :func:`save_terms` returned.
+    store : str, os.PathLike or zarr store
+        As for :func:`streamtap.tap`.
+    input_ids, attention_mask : tensors
+        The batch the trace ran on (padding is dropped, as in a tap).
+    tokenizer : optional
+        Stores each token's text too.
+    **options
+        Options of :class:`~streamtap.options.CaptureOptions` (``append``, ``overwrite``,
+        ``model_name``, ``neurons``, ``store_dtype``, ``storage_options``...). Call once per batch
+        with ``append=True`` after the first.
+
+    Returns
+    -------
+    Tap
+        The closed tap (``tokens``, ``sequences``).
     """
-    options.setdefault("how", "streamtap.remote.write_store")
-    the_tap = _SavedTap(model, store, tokenizer=tokenizer, neurons=neurons, check=False, **options)
+    opts = CaptureOptions.from_kwargs({**options, "check": False})
+    forward = SavedForward(saved)
+    the_tap = Tap(model, store, opts, tokenizer=tokenizer, created_by="streamtap.remote.write_store", forward=forward)
+    forward.bound = the_tap.bound
     input_ids = torch.as_tensor(input_ids).cpu()
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else torch.as_tensor(attention_mask).cpu().bool()
     if input_ids.dim() != 2 or mask.shape != input_ids.shape:
         raise InputError(f"input_ids must be (batch, tokens) with an attention_mask of the same shape, got "
                          f"{tuple(input_ids.shape)} and {tuple(mask.shape)}")
     missing = [key for key, (path, side) in the_tap.bound.taps.items()
-               if key not in saved and (neurons or not key.startswith("neuron_act."))]
+               if key not in saved and (opts.neurons or not key.startswith("neuron_act."))]
     if missing:
         raise InputError(f"saved values lack {missing[:5]}: save them with st.remote.save_terms(model, "
-                         f"st.remote.plan(model{', neurons=True' if neurons else ''}))")
-    the_tap.saved = saved
+                         f"st.remote.plan(model{', neurons=True' if opts.neurons else ''}))")
     with the_tap, torch.no_grad():
-        the_tap._capture((), {}, input_ids, mask)
+        the_tap.capture_forward((), {}, input_ids, mask)
     return the_tap
 
 

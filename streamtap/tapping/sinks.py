@@ -1,13 +1,9 @@
-"""Each per-token term copied out of the forward the moment the model produces it.
+"""nnsight, and nothing else that touches it: each term copied out of the forward the moment the
+model produces it.
 
 nnsight's cache keeps every value it records until the trace ends, so a forward that cached every
-layer's z and MLP output held a whole batch of terms on top of the model's own activations, and
-under glibc's heap those long-lived blocks also fragmented it. SmolLM2, 8 x 256 tokens, glibc's
-allocator defaults, 30 forwards in one process: the plain forward peaked at 2,368 MiB, caching and
-copying after the forward at 2,880 MiB, copying each value into the batch's buffer as it appeared
-at 2,403 MiB, at the plain forward's speed (median 4.45 s against 4.6 s).
-
-So a sink is an nnsight cache (registered on the trace's mediator the way ``tracer.cache()`` is,
+layer's z and MLP output would hold a whole batch of terms on top of the model's own activations
+(docs/benchmarks.md, "Memory"). So a sink is an nnsight cache (registered on the trace's mediator the way ``tracer.cache()`` is,
 fed by the interleaver's observer route after any intervention) that writes each routed value's
 real tokens into its slot of the batch's buffer and keeps no reference: the activation is freed
 when the model frees it, as in a plain forward. A value the model later changes in place is copied
@@ -23,10 +19,34 @@ from typing import Any, Callable
 import torch
 from nnsight.intervention.cache import Cache, CacheView
 
-from .errors import StreamtapError
+from ..errors import LayoutError
 
 # where a value comes from: (nnsight module path, "inputs" or "output"), nnsight's slot names
 Where = tuple[str, str]
+
+
+def unwrap(model) -> tuple[torch.nn.Module, Any]:
+    """(the torch module, the nnsight envoy if one was given)."""
+    from nnsight.intervention.envoy import Envoy
+
+    if isinstance(model, Envoy):
+        return model._module, model
+    if isinstance(model, torch.nn.Module):
+        return model, None
+    raise TypeError(f"expected a transformers model or an nnsight envoy, got {type(model).__name__}")
+
+
+def envoy_for(module: torch.nn.Module):
+    """An nnsight envoy over ``module`` (its controller becomes the module's forward)."""
+    import warnings
+
+    import nnsight
+
+    with warnings.catch_warnings():
+        # BERT-style blocks have a child named ``output``; nnsight renames its envoy and says so,
+        # which matters to attribute navigation only, and the tap addresses modules by path
+        warnings.filterwarnings("ignore", message=".*has a submodule named 'output'")
+        return nnsight.NNsight(module)
 
 
 def location(path: str, side: str) -> Where:
@@ -38,13 +58,15 @@ def location(path: str, side: str) -> Where:
 class Route:
     """Where one module value goes: variable ``var``, at ``layer`` along its second axis (None: a
     variable without one), with its last axis split into ``tail`` (z: heads x d_head), after
-    ``transform`` (a norm's input becomes its frozen scale)."""
+    ``transform`` (a norm's input becomes its frozen scale). ``flat``: the module sees the batch's
+    tokens flattened into one axis (the layout says so)."""
 
     var: str
     layer: int | None = None
     layers: int = 0
     tail: tuple[int, ...] | None = None
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    flat: bool = False
 
 
 def first_tensor(value: Any, slot: str) -> torch.Tensor:
@@ -57,11 +79,11 @@ def first_tensor(value: Any, slot: str) -> torch.Tensor:
     return value
 
 
-def token_rows(value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def token_rows(value: torch.Tensor, mask: torch.Tensor, flat: bool = False) -> torch.Tensor:
     """``value`` as (batch x position, ...) rows in the mask's order."""
-    if value.shape[:2] != mask.shape and value.shape[0] == mask.numel():
-        value = value.reshape(*mask.shape, *value.shape[1:])  # blocks that flatten tokens (OPT's MLP)
-    elif value.shape[0] != mask.shape[0]:  # position embeddings broadcast over the batch
+    if flat:
+        return value.reshape(mask.numel(), *value.shape[1:])
+    if value.shape[0] != mask.shape[0]:  # position embeddings broadcast over the batch
         value = value.expand(mask.shape[0], *value.shape[1:])
     return value.reshape(mask.numel(), *value.shape[2:])
 
@@ -81,9 +103,9 @@ class TermSlots:
         self._filled: dict[str, set[int | None]] = {}
 
     def put(self, where: Where, value: Any) -> None:
-        rows = token_rows(first_tensor(value, where[1]).detach(), self.mask)
+        tensor = first_tensor(value, where[1]).detach()
         for route in self.routes[where]:
-            self._write(route, rows, where)
+            self._write(route, token_rows(tensor, self.mask, route.flat), where)
 
     def _real(self, rows: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
         if self._index is None:
@@ -96,7 +118,7 @@ class TermSlots:
     def _write(self, route: Route, rows: torch.Tensor, where: Where) -> None:
         filled = self._filled.setdefault(route.var, set())
         if route.layer in filled:
-            raise StreamtapError(f"{where[0]} ({where[1]}) ran twice in one forward, so {route.var} "
+            raise LayoutError(f"{where[0]} ({where[1]}) ran twice in one forward, so {route.var} "
                                  f"{'' if route.layer is None else f'of layer {route.layer} '}has two values; "
                                  "the layout must name a module that runs once per layer (docs/layouts.md)")
         filled.add(route.layer)
@@ -125,7 +147,7 @@ class TermSlots:
             missing = layers - self._filled.get(var, set())
             if missing:
                 where = sorted(w for w, rs in self.routes.items() for r in rs if r.var == var and r.layer in missing)
-                raise StreamtapError(f"the forward never reached {where[:3]}, so {var} has no value there; "
+                raise LayoutError(f"the forward never reached {where[:3]}, so {var} has no value there; "
                                      "a module the layout names is not called by this model (docs/layouts.md)")
         return self._terms
 
@@ -174,3 +196,14 @@ def sink(envoy, keep: set[Where], slots: TermSlots) -> CacheView:
     cache = _SinkingCache(envoy, keep, slots)
     mediator.caches.append(cache)
     return nnsight.save(CacheView(cache, None))
+
+
+def trace(envoy, args, kwargs, slots: TermSlots, keep: set[Where]):
+    """One forward of ``envoy`` through an nnsight trace whose sinks fill ``slots``.
+
+    Returns (the model's output, the values kept whole as :class:`KeptValues`).
+    """
+    with envoy.trace(*args, **kwargs):
+        kept = sink(envoy, keep, slots)
+        output = envoy.output.save()
+    return output, KeptValues(kept)

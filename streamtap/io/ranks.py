@@ -14,7 +14,7 @@ import posixpath
 import re
 from pathlib import Path
 
-from .errors import StreamtapError
+from ..errors import StreamtapError
 
 RANK_PATTERN = "rank-{:05d}.zarr"
 
@@ -64,7 +64,7 @@ def _remote_rank_stores(url: str, storage_options: dict | None) -> list[str] | N
     """:func:`rank_stores` for a URL, listed through fsspec (object storage has no directories to test)."""
     from fsspec.core import url_to_fs
 
-    from .store import fs_options
+    from .location import fs_options
 
     fs, root = url_to_fs(url, **fs_options(url, storage_options))
     root = root.rstrip("/")

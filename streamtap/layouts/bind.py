@@ -1,0 +1,210 @@
+"""A layout bound to one live model: the concrete module paths a capture taps, and the stream's events.
+
+Binding turns a layout's relative paths into per-layer paths under the model (the ones nnsight
+addresses), the ordered events that ``streamtap.stream`` replays, the norms whose per-token scale a
+capture freezes, and the architecture's facts the store records. A path the model lacks is a
+:class:`~streamtap.errors.LayoutError` naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LayoutError
+from ..stream import Embed, Event, StreamNorm, Write
+from .norms import probe_norm
+from .spec import INPUT, OUTPUT, Attn, Layout, Moe, Norm, Paths
+
+
+def resolve_path(root: torch.nn.Module, path: str):
+    """The module at a dotted path (integers index module lists), or None."""
+    module = root
+    for part in path.split("."):
+        module = module[int(part)] if part.lstrip("-").isdigit() else getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+@dataclass
+class BoundLayout:
+    """A layout resolved against one model: tap paths, stream events, sizes, frozen-norm probes."""
+
+    layout: Layout
+    model: torch.nn.Module
+    base_path: str
+    n_layers: int
+    n_heads: int
+    d_head: int
+    d_model: int
+    taps: dict[str, tuple[str, str]] = field(default_factory=dict)   # key -> (module path, side)
+    events: list[Event] = field(default_factory=list)                # the stream, in order
+    norms: list[str] = field(default_factory=list)                   # module path of each norm
+    clones: set[str] = field(default_factory=set)                    # tap keys to copy at capture
+    flat: set[str] = field(default_factory=set)                      # tap keys whose tokens come flattened
+    norm_probes: list[dict] = field(default_factory=list)            # gamma, beta, centring, eps per norm
+    attn: Attn | None = None                                         # the block's attention step
+
+    @property
+    def name(self) -> str:
+        return self.layout.name
+
+    @property
+    def moe(self) -> bool:
+        """Whether MLP terms are split per routed expert (no per-neuron terms then)."""
+        return any(isinstance(e, Write) and e.experts for e in self.events)
+
+    @property
+    def d_mlp(self) -> int:
+        if self.moe:
+            return 0
+        from .weights import in_out_weight
+
+        return in_out_weight(self.module(self.taps["neuron_act.0"][0])).shape[0]
+
+    def full(self, rel: str) -> str:
+        rel = rel.replace("{last}", str(self.n_layers - 1))
+        return f"{self.base_path}.{rel}" if self.base_path else rel
+
+    def find(self, paths: Paths) -> str | None:
+        """The full path of the first alternative that names a module in this model."""
+        for rel in (paths,) if isinstance(paths, str) else paths:
+            if resolve_path(self.model, self.full(rel)) is not None:
+                return self.full(rel)
+        return None
+
+    def module(self, full_path: str) -> torch.nn.Module:
+        return resolve_path(self.model, full_path)
+
+    def block_path(self, layer: int, rel: str) -> str:
+        """A path inside one block, relative to the base model (as layout paths are)."""
+        return f"{self.layout.layers}.{layer}.{rel}"
+
+    def block_full_path(self, layer: int) -> str:
+        return self.full(f"{self.layout.layers}.{layer}")
+
+    def in_block(self, layer: int, paths: Paths, what: str) -> str:
+        """The full path of the first alternative that names a module in block ``layer``."""
+        rels = (paths,) if isinstance(paths, str) else paths
+        found = self.find(tuple(self.block_path(layer, p) for p in rels))
+        if found is None:
+            raise LayoutError(f"layout {self.name!r}: {type(self.model).__name__} has no module at "
+                              f"{self.full(self.block_path(layer, rels[0]))!r} ({what}); see docs/layouts.md")
+        return found
+
+    def norm_labels(self) -> list[str]:
+        prefix = self.full(self.layout.layers) + "."
+        return [p.removeprefix(prefix).removeprefix(self.base_path + ".") for p in self.norms]
+
+    # -- facts of the architecture (store attributes) ----------------------------------------------
+    def positions(self) -> str:
+        """How positions enter: "rotary", "learned", "alibi" or "none" (the layout's declaration)."""
+        p = self.layout.positions
+        return p(self.model.config) if callable(p) else p
+
+    def max_positions(self) -> int | None:
+        """The longest sequence the model takes, from the config fields the layout names."""
+        for attr in self.layout.max_positions:
+            value = getattr(self.model.config, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def final_softcap(self) -> float | None:
+        """The soft-cap on the final logits (cap * tanh(logit / cap)), where the layout names one."""
+        field_name = self.layout.final_softcap
+        value = getattr(self.model.config, field_name, None) if field_name else None
+        return float(value) if value else None
+
+    def facts(self) -> dict:
+        """The architecture's facts as store attributes; analyses read these, never the config."""
+        out = {"positional": self.positions(), "causal": self.layout.causal}
+        cap = self.final_softcap()
+        if cap:
+            out["final_logit_softcap"] = cap
+        limit = self.max_positions()
+        if limit:
+            out["max_positions"] = limit
+        return out
+
+
+def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
+    """Resolve ``layout`` against ``model``; a missing module raises :class:`LayoutError` naming its path."""
+    config = model.config
+    base = model.base_model if hasattr(model, "base_model") else model
+    names = {id(m): n for n, m in model.named_modules()}
+    base_path = names[id(base)]
+    layers = resolve_path(base, layout.layers)
+    if layers is None:
+        raise LayoutError(f"layout {layout.name!r}: {type(model).__name__} has no module list at "
+                          f"{layout.layers!r} (the blocks); see docs/layouts.md")
+    n_heads = config.num_attention_heads
+    d_model = config.hidden_size
+    d_head = getattr(config, "head_dim", None) or d_model // n_heads
+    bound = BoundLayout(layout, model, base_path, len(layers), n_heads, d_head, d_model)
+
+    def norm_index(full_path: str) -> int:
+        bound.norms.append(full_path)
+        return len(bound.norms) - 1
+
+    def require(paths: Paths, what: str) -> str:
+        found = bound.find(paths)
+        if found is None:
+            first = paths if isinstance(paths, str) else paths[0]
+            raise LayoutError(f"layout {layout.name!r}: {type(model).__name__} has no module at "
+                              f"{bound.full(first)!r} ({what}); see docs/layouts.md")
+        return found
+
+    taps, events = {}, []
+    for var, paths in layout.embeds.items():
+        found = bound.find(paths)
+        if found is not None:  # an optional embedding the config switched off (e.g. OPT's project_in)
+            taps[var] = (found, OUTPUT)
+            events.append(Embed(var))
+    for step in layout.after_embeds:
+        k = norm_index(require(step.path, "embedding norm"))
+        taps[f"norm.{k}"] = (bound.norms[k], INPUT)
+        events.append(StreamNorm(k, -1))
+    for layer in range(bound.n_layers):
+        for step in layout.block:
+            if isinstance(step, Norm):
+                k = norm_index(require(bound.block_path(layer, step.path), "stream norm"))
+                taps[f"norm.{k}"] = (bound.norms[k], INPUT)
+                events.append(StreamNorm(k, layer))
+                continue
+            through = None
+            if step.through:
+                through = norm_index(require(bound.block_path(layer, step.through), "sublayer norm"))
+                taps[f"norm.{through}"] = (bound.norms[through], INPUT)
+            if isinstance(step, Attn):
+                bound.attn = step
+                taps[f"z.{layer}"] = (require(bound.block_path(layer, step.proj), "attention output projection"), INPUT)
+                events.append(Write("attn", layer, through))
+            elif isinstance(step, Moe):
+                taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, step.term), "MoE term"), OUTPUT)
+                taps[f"experts.{layer}"] = (require(bound.block_path(layer, step.experts), "experts"), INPUT)
+                n_experts = int(bound.module(taps[f"experts.{layer}"][0]).num_experts)
+                if step.shared:
+                    taps[f"shared.{layer}"] = (require(bound.block_path(layer, step.shared), "shared expert"), OUTPUT)
+                    taps[f"shared_gate.{layer}"] = (require(bound.block_path(layer, step.shared_gate),
+                                                            "shared expert gate"), OUTPUT)
+                events.append(Write("mlp", layer, through, experts=n_experts, shared=bool(step.shared)))
+            else:
+                taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, step.term), "MLP term"), OUTPUT)
+                taps[f"neuron_act.{layer}"] = (require(bound.block_path(layer, step.down or step.term),
+                                                       "MLP down projection"), INPUT)
+                if step.clone:
+                    bound.clones.add(f"mlp_out.{layer}")
+                if step.flat:
+                    bound.flat.update({f"mlp_out.{layer}", f"neuron_act.{layer}"})
+                events.append(Write("mlp", layer, through))
+    paths, side = layout.resid_final
+    taps["resid_final"] = (require(paths, "final residual"), side)
+    bound.taps, bound.events = taps, events
+    bound.norm_probes = [probe_norm(bound.module(p), d_model) for p in bound.norms]
+    return bound
+
+
+__all__ = ["BoundLayout", "bind", "resolve_path"]

@@ -1,0 +1,145 @@
+"""What a layout declares: module paths, which side of each module holds a term, and the order in
+which each block writes into the residual stream.
+
+A layout is data. ``Attn`` and ``Mlp`` steps write terms; a ``Norm`` step passes the whole stream
+through a norm (post-LN models), and ``through=`` passes one term through a norm of its own
+(Gemma-2's post-sublayer norms). Norms are affine once their per-token scale is frozen, so capture
+stores that scale and the decomposition stays exact (docs/design.md). Writing one: docs/layouts.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+POSITIONS = ("rotary", "learned", "alibi", "none")
+
+INPUT, OUTPUT = "input", "output"
+Paths = str | tuple[str, ...]   # alternatives: the first that names a module in this model is used
+
+
+SPLITS = ("concat", "per_group")
+"""How a fused query/key/value projection lays out its outputs (see ``Attn``)."""
+
+
+@dataclass(frozen=True)
+class Attn:
+    """Attention writes: ``proj``'s input is z (heads concatenated), its weight W_O, its bias b_O.
+
+    The other fields say where the queries, keys and values come from, so that the store carries
+    W_Q, W_K, W_V (and their biases) for the offline analyses of patterns and messages:
+
+    - ``q``, ``k``, ``v``: separate projections (``projections(prefix)`` fills them in), or
+    - ``qkv``: one fused projection, laid out as ``split`` says: ``"concat"`` is
+      [all query heads | all key heads | all value heads] (GPT-2's ``c_attn``, Phi-3's ``qkv_proj``);
+      ``"per_group"`` is [kv head, (its query heads..., key, value), d_head], which without grouped
+      queries is [head, (q, k, v), d_head] (GPT-NeoX, BLOOM, Falcon, GPT-BigCode). The number of
+      key/value heads is read off the projection's width, (n_heads + 2 n_kv) d_head.
+    - ``norm``: the norm the attention reads the stream through (pre-norm blocks); omit where the
+      attention reads the stream itself (post-LN blocks, OLMo-2).
+    - ``scale``: what the model multiplies q.k by: a number, the name of an attribute of the attention
+      module (the parent of ``q``/``qkv``), or a function of that module.
+    - ``qk_norm``: norms applied to queries and keys after the projection (noted in the store).
+    - ``notes``: anything else the attention does to q, k or v: a string is always noted; a pair
+      (config field, text) is noted where the config sets the field, ``{}`` standing for its value.
+    """
+
+    proj: str
+    through: str | None = None
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None
+    split: str = "concat"
+    norm: Paths | None = None
+    scale: float | str | Callable | None = "scaling"
+    qk_norm: tuple[Paths, Paths] | None = None
+    notes: tuple[str | tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if self.split not in SPLITS:
+            raise ValueError(f"Attn(split={self.split!r}): expected one of {SPLITS}")
+        if self.qkv and self.q:
+            raise ValueError("Attn: give either qkv= or q=/k=/v=, not both")
+
+
+def projections(prefix: str, q: str = "q_proj", k: str = "k_proj", v: str = "v_proj") -> dict[str, str]:
+    """``Attn`` fields for separate query, key and value projections under one attention module."""
+    return {"q": f"{prefix}.{q}", "k": f"{prefix}.{k}", "v": f"{prefix}.{v}"}
+
+
+@dataclass(frozen=True)
+class Mlp:
+    """The MLP writes ``term``'s output; ``down``'s input holds the neuron activations.
+
+    ``clone`` copies the output at capture, for models that add into it in place afterwards
+    (Falcon's ``mlp_output += attention_output``). ``flat``: the MLP sees the batch's tokens
+    flattened into one axis, (batch x position, d) (OPT).
+    """
+
+    term: str
+    down: str | None = None
+    through: str | None = None
+    clone: bool = False
+    flat: bool = False
+
+
+@dataclass(frozen=True)
+class Moe:
+    """A mixture of experts writes ``term``'s output, split into one term per routed expert.
+
+    ``experts`` is called as ``experts(x, top_k_index, top_k_weights)`` (the transformers 5 fused
+    experts); calling it again once per routing slot, with that slot's index and weight alone, gives
+    each routed expert's weighted output from the model's own code. ``shared`` is an always-on
+    expert whose output is scaled by sigmoid(``shared_gate``(x)) (Qwen2-MoE).
+    """
+
+    term: str
+    experts: str
+    shared: str | None = None
+    shared_gate: str | None = None
+    through: str | None = None
+
+
+@dataclass(frozen=True)
+class Norm:
+    """The whole residual stream passes through this norm (post-LN blocks, embedding norms)."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each additive term of the residual stream lives in one architecture family.
+
+    Paths are relative to ``model.base_model``; block steps are relative to one block of
+    ``layers``; ``{last}`` in a path stands for the last block's index.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    embeds: dict[str, Paths]             # stored variable name -> module whose output enters the stream
+    layers: str
+    block: tuple[Attn | Mlp | Moe | Norm, ...]
+    resid_final: tuple[Paths, str]       # where the final residual is read, and from which side
+    final_norm: Paths | None = None      # the norm before the unembedding (offline attribution)
+    after_embeds: tuple[Norm, ...] = ()
+    unembed_through: Paths | None = None  # a linear map between the final norm and the unembedding
+    unembed: bool = True                  # False where the head is not linear (masked-LM heads)
+    when: Callable[[object], bool] | None = None   # a config predicate, for families with variants
+    notes: str = ""
+    # facts of the architecture the store records (docs/layouts.md): analyses read them, never the config
+    positions: str | Callable[[object], str] = "rotary"   # "rotary", "learned", "alibi" or "none"
+    final_softcap: str | None = None     # the config field of a soft-cap on the final logits, if any
+    max_positions: tuple[str, ...] = ("max_position_embeddings", "n_positions")   # config fields, first set wins
+    causal: bool = True                  # False for bidirectional encoders
+
+    def __post_init__(self):
+        if isinstance(self.positions, str) and self.positions not in POSITIONS:
+            raise ValueError(f"Layout(positions={self.positions!r}): expected one of {POSITIONS} or a config predicate")
+
+    def describe(self) -> str:
+        return f"{self.name} ({', '.join(self.model_types)})"
+
+
+__all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "Paths", "Attn", "Mlp", "Moe", "Norm", "Layout", "projections"]

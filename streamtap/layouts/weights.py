@@ -1,0 +1,272 @@
+"""The static weights a store keeps once, read off the bound model.
+
+W_O and the biases define the terms (the decomposition needs nothing else); W_Q, W_K, W_V, the
+attention's input norm and score scale, W_E and W_U serve the offline analyses of patterns and
+messages. Each is returned in the schema's layout (``streamtap.io.schema.VARIABLES`` gives the dims).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LayoutError
+from .bind import BoundLayout
+from .norms import bare_forward, probe_norm
+
+
+def in_out_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The weight as (in_features, out_features), whatever convention the module stores it in.
+
+    ``nn.Linear`` (and subclasses such as Falcon's) keeps (out, in); GPT-2's ``Conv1D`` keeps
+    (in, out). Telling them apart by the module's own type keeps architecture names out of this.
+    """
+    if isinstance(module, torch.nn.Linear):
+        return module.weight.detach().T
+    if type(module).__name__ == "Conv1D":
+        return module.weight.detach()
+    raise TypeError(f"cannot read an (in, out) weight from {type(module).__name__}")
+
+
+def _bias(module: torch.nn.Module, width: int, like: torch.Tensor) -> torch.Tensor:
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        return torch.zeros(width, dtype=like.dtype, device=like.device)
+    return bias.detach()
+
+
+def _augmented(module: torch.nn.Module) -> tuple[torch.Tensor, bool]:
+    """(in + 1, out): the (in, out) weight with the bias (zeros where none) as a last row; has it a bias."""
+    w = in_out_weight(module)
+    return torch.cat([w, _bias(module, w.shape[1], w)[None]]), getattr(module, "bias", None) is not None
+
+
+def _split_qkv(aug: torch.Tensor, split: str, n_heads: int, d_head: int, name: str):
+    """q (rows, n_heads, d_head), k and v (rows, n_kv, d_head) from a fused projection's columns."""
+    rows, width = aug.shape
+    n_kv, odd = divmod(width // d_head - n_heads, 2)
+    if width % d_head or odd or n_kv < 1 or n_heads % n_kv:
+        raise LayoutError(f"layout {name!r}: a fused query/key/value projection {width} wide is not "
+                         f"(n_heads + 2 n_kv) x d_head with n_heads={n_heads}, d_head={d_head}")
+    if split == "concat":
+        q, k, v = aug.split([n_heads * d_head, n_kv * d_head, n_kv * d_head], dim=1)
+        return q.reshape(rows, n_heads, d_head), k.reshape(rows, n_kv, d_head), v.reshape(rows, n_kv, d_head)
+    group = n_heads // n_kv
+    g = aug.reshape(rows, n_kv, group + 2, d_head)
+    return g[:, :, :group].reshape(rows, n_heads, d_head), g[:, :, group], g[:, :, group + 1]
+
+
+class Weights:
+    """The weights of one bound layout (probes and the tied-embedding test are computed once)."""
+
+    def __init__(self, bound: BoundLayout):
+        self.bound = bound
+        self._cache: dict = {}
+
+    def output_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_O (layer, head, d_head, d_model) and the attention output bias (layer, d_model)."""
+        b = self.bound
+        W_O, b_O = [], []
+        for layer in range(b.n_layers):
+            o = b.module(b.taps[f"z.{layer}"][0])
+            w = in_out_weight(o)
+            W_O.append(w.reshape(b.n_heads, b.d_head, b.d_model))
+            b_O.append(_bias(o, b.d_model, w))
+        return torch.stack(W_O), torch.stack(b_O)
+
+    def static(self, neurons: bool) -> dict[str, torch.Tensor]:
+        """Every weight the store keeps once, by schema name."""
+        b = self.bound
+        d = b.d_model
+        W_O, b_O = self.output_projections()
+        out = {"W_O": W_O, "attn_bias": b_O}
+        W_out, b_out = [], []
+        for layer in range(b.n_layers):
+            if b.moe:  # fused experts have no single down projection; their bias is part of each term
+                b_out.append(torch.zeros(d, dtype=W_O.dtype, device=W_O.device))
+                continue
+            down = b.module(b.taps[f"neuron_act.{layer}"][0])
+            wd = in_out_weight(down)
+            b_out.append(_bias(down, d, wd))
+            if neurons:
+                W_out.append(wd)
+        out["mlp_bias"] = torch.stack(b_out)
+        if neurons:
+            out["W_out"] = torch.stack(W_out)
+        if b.norms:
+            probes = b.norm_probes
+            out["norm_weight"] = torch.stack([p["gamma"] for p in probes])
+            out["norm_bias"] = torch.stack([p["beta"] for p in probes])
+            out["norm_center"] = torch.tensor([p["center"] for p in probes])
+        final = self._final_norm()
+        if final is not None:
+            out["final_norm_weight"] = final["gamma"]
+            if bool(final["beta"].abs().max() > 0):
+                out["final_norm_bias"] = final["beta"]
+            unembedding = self._unembedding()
+            if unembedding is not None:
+                out["W_U"], unembed_bias = unembedding
+                if unembed_bias is not None:
+                    out["unembed_bias"] = unembed_bias
+        out.update(self.attention_weights())
+        if not self.embedding_is_unembedding():
+            W_E = self.token_embedding()
+            if W_E is not None:
+                out["W_E"] = W_E
+        return out
+
+    def _final_norm(self) -> dict | None:
+        if "final" not in self._cache:
+            b = self.bound
+            path = b.find(b.layout.final_norm) if b.layout.final_norm else None
+            self._cache["final"] = probe_norm(b.module(path), b.d_model) if path is not None else None
+        return self._cache["final"]
+
+    def _unembedding(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """W_U (vocab, d_model), with a linear map after the final norm folded in, and its bias."""
+        b = self.bound
+        model = b.model
+        unembed = model.get_output_embeddings() if b.layout.unembed and hasattr(model, "get_output_embeddings") else None
+        if unembed is None:
+            return None
+        W_U = unembed.weight.detach()
+        through = b.find(b.layout.unembed_through) if b.layout.unembed_through else None
+        if through is not None:  # fold a linear map after the final norm into the unembedding
+            W_U = (W_U.float() @ in_out_weight(b.module(through)).float().T).to(W_U.dtype)
+        bias = getattr(unembed, "bias", None)
+        return W_U, None if bias is None else bias.detach()
+
+    # -- what the analyses of patterns and messages need -------------------------------------------
+    def token_embedding(self, rows: int = 8192) -> torch.Tensor | None:
+        """W_E (vocab, d_model): each token's embedding term as it enters the stream.
+
+        The input embedding's output passed through the ``embed`` module where that is another one
+        (OPT's ``project_in``, BLOOM's embedding LayerNorm), and scaled where the embedding module
+        scales (Gemma); a plain ``nn.Embedding`` is its weight, read without a copy.
+        """
+        b = self.bound
+        emb = b.model.get_input_embeddings() if hasattr(b.model, "get_input_embeddings") else None
+        entry_path = b.find(b.layout.embeds["embed"]) if "embed" in b.layout.embeds else None
+        if emb is None or entry_path is None:
+            return None
+        entry = b.module(entry_path)
+        if entry is emb and type(emb) is torch.nn.Embedding:
+            return emb.weight.detach()
+        blocks = []
+        with torch.no_grad():
+            for start in range(0, emb.num_embeddings, rows):
+                x = bare_forward(emb, torch.arange(start, min(start + rows, emb.num_embeddings), device=emb.weight.device))
+                blocks.append(x if entry is emb else bare_forward(entry, x))
+        return torch.cat(blocks)
+
+    def embedding_is_unembedding(self) -> bool:
+        """Whether W_E equals the stored W_U bit for bit (tied, unscaled): then W_E is not stored twice."""
+        if "tied" not in self._cache:
+            tied = False
+            if self._final_norm() is not None:
+                unembedding = self._unembedding()
+                W_E = self.token_embedding() if unembedding is not None else None
+                tied = W_E is not None and W_E.shape == unembedding[0].shape and bool(torch.equal(W_E, unembedding[0]))
+            self._cache["tied"] = tied
+        return self._cache["tied"]
+
+    def _has_qkv(self) -> bool:
+        attn = self.bound.attn
+        return attn is not None and bool(attn.q or attn.qkv)
+
+    def attn_norm_probes(self) -> list[dict]:
+        """gamma, beta, centring and eps of each layer's attention input norm (empty where none)."""
+        if "attn_norms" not in self._cache:
+            b, step = self.bound, self.bound.attn
+            paths = ([b.in_block(layer, step.norm, "attention input norm") for layer in range(b.n_layers)]
+                     if self._has_qkv() and step.norm else [])
+            self._cache["attn_norms"] = [probe_norm(b.module(p), b.d_model) for p in paths]
+        return self._cache["attn_norms"]
+
+    def _qkv(self, layer: int) -> dict[str, tuple[torch.Tensor, bool]]:
+        """Per name Q, K, V: (heads, d_model + 1, d_head), the bias as the last row; has it a bias."""
+        b = self.bound
+        step, dh = b.attn, b.d_head
+        if step.qkv:
+            aug, biased = _augmented(b.module(b.in_block(layer, step.qkv, "query/key/value projection")))
+            parts = dict(zip("QKV", ((p, biased) for p in _split_qkv(aug, step.split, b.n_heads, dh, b.name))))
+        else:
+            parts = {}
+            for name, rel in zip("QKV", (step.q, step.k, step.v)):
+                aug, biased = _augmented(b.module(b.in_block(layer, rel, f"{name.lower()} projection")))
+                parts[name] = (aug.reshape(aug.shape[0], -1, dh), biased)
+        # on the host, layer by layer: the store wants them there, and a GPU is spared the stacked copy
+        return {name: (p.permute(1, 0, 2).cpu(), biased) for name, (p, biased) in parts.items()}
+
+    def _score_scale(self, layer: int) -> float | None:
+        b = self.bound
+        scale = b.attn.scale
+        if scale is None or isinstance(scale, (int, float)):
+            return scale
+        attn = b.module(b.in_block(layer, (b.attn.qkv or b.attn.q).rsplit(".", 1)[0], "attention module"))
+        value = scale(attn) if callable(scale) else getattr(attn, scale, None)
+        return None if value is None else float(value)
+
+    def attention_weights(self) -> dict[str, torch.Tensor]:
+        """W_Q (layer, head, d_model, d_head), W_K and W_V (layer, kv_head, d_model, d_head), their biases
+        where the model has them, the attention's input norm and its score scale, per layer.
+
+        q = attn_norm(x) @ W_Q + b_Q is the model's query for head h before any position encoding
+        (rotary, ALiBi) and before the extras ``attention_info`` notes (q/k norms, clipping); the
+        score is ``attn_scale`` * q . k.
+        """
+        if not self._has_qkv():
+            return {}
+        per_layer = [self._qkv(layer) for layer in range(self.bound.n_layers)]
+        out = {}
+        for name in "QKV":
+            aug = torch.stack([layer[name][0] for layer in per_layer])         # (layer, heads, d_model + 1, d_head)
+            out[f"W_{name}"] = aug[:, :, :-1].contiguous()
+            if any(layer[name][1] for layer in per_layer):
+                out[f"b_{name}"] = aug[:, :, -1].contiguous()
+        probes = self.attn_norm_probes()
+        if probes:
+            out["attn_norm_weight"] = torch.stack([p["gamma"] for p in probes])
+            if any(bool(p["beta"].abs().max() > 0) for p in probes):
+                out["attn_norm_bias"] = torch.stack([p["beta"] for p in probes])
+        scales = [self._score_scale(layer) for layer in range(self.bound.n_layers)]
+        if all(s is not None for s in scales):
+            out["attn_scale"] = torch.tensor(scales, dtype=torch.float32)
+        return out
+
+    def attention_info(self) -> dict:
+        """Store attributes for the attention weights: input-norm kind and eps, notes, W_E's alias."""
+        info = {"W_E_alias": "W_U"} if self.embedding_is_unembedding() else {}
+        if not self._has_qkv():
+            return info
+        probes = self.attn_norm_probes()
+        if probes:
+            info["attn_norm_kind"] = "layernorm" if probes[0]["center"] else "rmsnorm"
+            info["attn_norm_eps"] = probes[0]["eps"]
+        b = self.bound
+        notes, step = [], b.attn
+        qk = [b.find(tuple(b.block_path(0, p) for p in ((r,) if isinstance(r, str) else r)))
+              for r in step.qk_norm or ()]
+        if qk and all(qk):
+            names = " and ".join(p.rsplit(".", 2)[-2] + "." + p.rsplit(".", 1)[-1] for p in qk)
+            notes.append(f"queries and keys pass through norms of their own ({names}) after the projection and "
+                         "before positions are applied; W_Q, W_K and the fused W_QK leave them out")
+        for note in step.notes:
+            if isinstance(note, str):
+                notes.append(note)
+            elif getattr(b.model.config, note[0], None):
+                notes.append(note[1].format(getattr(b.model.config, note[0])))
+        if notes:
+            info["attn_notes"] = notes
+        return info
+
+    def attrs(self) -> dict:
+        """The store attributes the weights contribute: the final norm's kind and eps, and
+        :meth:`attention_info`."""
+        info = self.attention_info()
+        probe = self._final_norm()
+        if probe is None:
+            return info
+        return {"final_norm_kind": "layernorm" if probe["center"] else "rmsnorm", "final_norm_eps": probe["eps"], **info}
+
+
+__all__ = ["Weights", "in_out_weight"]

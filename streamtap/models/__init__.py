@@ -1,0 +1,66 @@
+"""Loading models: the embedded default (SmolLM2-135M-Instruct), any local or hub model, tiny test models.
+
+    model, tok = load_model()                      # SmolLM2-135M-Instruct, converted once, then cached
+    model, tok = load_model("path/to/model_dir")   # or a Hugging Face id already on disk
+    model = tiny_model("llama")                    # a random 2-layer model for tests, in milliseconds
+
+``smollm2`` fetches and converts the default once (``smollm2_dir``); ``tiny`` holds the tiny configs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import StreamtapError
+from .base import MissingDependencyError, ModelLoadError, UnknownModelError, dtype_kwarg, resolve_dtype
+from .smollm2 import DEFAULT_MODEL, SMOLLM2_NAMES, smollm2_dir
+from .tiny import TINY_ARCHS, tiny_model
+
+__all__ = [
+    "DEFAULT_MODEL", "TINY_ARCHS", "load_model", "smollm2_dir", "tiny_model",
+    "ModelLoadError", "MissingDependencyError", "UnknownModelError",
+]
+
+# -- public API ------------------------------------------------------------------------------------
+def load_model(name_or_dir: str = DEFAULT_MODEL, dtype="float32", *, trust_remote_code: bool = False,
+               attn_implementation: str | None = None):
+    """``(model, tokenizer)`` for a name streamtap knows, a model directory, or a Hugging Face id.
+
+    ``"smollm2"`` (the default) is SmolLM2-135M-Instruct from the cached conversion of
+    :func:`smollm2_dir` (made on first use). Anything else goes to ``AutoModelForCausalLM`` /
+    ``AutoTokenizer.from_pretrained`` unchanged, so a local directory or a hub id already in the local
+    Hugging Face cache works as it would in the user's own code.
+
+    ``dtype`` is ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``: the precision the
+    model runs in, which is also the precision a capture stores. ``trust_remote_code`` is passed only
+    when asked for, because it runs code from the model repository. ``attn_implementation`` (``"eager"``,
+    ``"sdpa"``, ...) is passed through when given; the terms are the same either way, eager is slower.
+
+    The model is returned in eval mode (dropout off: captures must be of the model's inference). A
+    tokenizer without a pad token gets its eos token as pad token, because batching needs one and
+    streamtap drops padding anyway; its ``padding_side`` is left as the tokenizer has it.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    if isinstance(name_or_dir, os.PathLike):
+        name_or_dir = os.fspath(name_or_dir)
+    source = str(smollm2_dir()) if name_or_dir.lower() in SMOLLM2_NAMES else name_or_dir
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # always explicit: code from a model repository runs only when the caller asked for it
+    kwargs = {dtype_kwarg(): torch_dtype, "trust_remote_code": bool(trust_remote_code)}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=bool(trust_remote_code))
+    except OSError as exc:
+        if isinstance(exc, StreamtapError):
+            raise
+        raise ModelLoadError(
+            f"could not load model {name_or_dir!r}: it is not {DEFAULT_MODEL!r}, not a model directory, "
+            f"and not a Hugging Face id that is in the local cache or reachable ({exc})") from exc
+    model.eval()
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,180 @@
+"""Every option of a capture in one place, validated once; and the environment, read in one place.
+
+``st.tap``, ``st.capture``, ``streamtap capture`` and ``st.remote.write_store`` all build a
+:class:`CaptureOptions` (``st.capture`` a :class:`CorpusOptions`) from their keyword arguments, and
+the command line's flags and help texts are made from the same fields. A bad option raises
+:class:`OptionError`, which names the option and what it accepts, before anything is touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import OptionError
+
+WRITER_MODES = ("auto", "thread", "inline")
+STORE_DTYPES = ("float32", "float16", "bfloat16")
+_OFF = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What streamtap reads from the environment, and nothing else does.
+
+    ``STREAMTAP_CACHE``: where the embedded default model is converted to (default
+    ``$XDG_CACHE_HOME/streamtap``, i.e. ``~/.cache/streamtap``). ``STREAMTAP_DIRECT_IO=0``: write chunk
+    files through the page cache instead of with O_DIRECT (the default of ``direct_io``).
+    """
+
+    cache_dir: Path
+    direct_io: bool
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        explicit = env.get("STREAMTAP_CACHE")
+        if explicit:
+            cache = Path(explicit).expanduser()
+        else:
+            xdg = env.get("XDG_CACHE_HOME")
+            cache = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "streamtap"
+        return cls(cache_dir=cache, direct_io=env.get("STREAMTAP_DIRECT_IO", "1").lower() not in _OFF)
+
+
+def _opt(default, help: str, *, flag: str | None = None, choices=None, factory=None):
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """The options of a capture (``st.tap``; ``st.capture`` adds :class:`CorpusOptions`' four)."""
+
+    neurons: bool = _opt(False, "Also store each MLP neuron's activation and W_out (much larger).")
+    append: bool = _opt(False, "Add to an existing store (same model, dtype and options).")
+    overwrite: bool = _opt(False, "Replace an existing store (only a streamtap store is ever removed).")
+    model_name: str | None = _opt(None, "The name recorded in the store (default: the model's own).", flag="")
+    check: bool = _opt(True, "Run the attach-time self-check of the layout (an 8-token probe).",
+                       flag="--no-check")
+    store_dtype: str | None = _opt(None, "Store a float32 model's terms in float16 or bfloat16 (lossy; the final "
+                                         "residual stays exact and the error is measured).",
+                                   choices=("float16", "bfloat16"))
+    writer: str = _opt("auto", "Write batches from a background thread (thread), on the model's thread "
+                               "(inline), or pick by device and spare cores (auto).", choices=WRITER_MODES)
+    queue_depth: int = _opt(1, "Batches that may wait for the writer (memory: queue_depth + 2 batches).", flag="")
+    progress: bool = _opt(False, "Show a progress bar of tokens captured.", flag="")
+    compress: bool | None = _opt(None, "Blosc zstd-1 for the per-token arrays (True), raw (False); by default "
+                                       "only bfloat16 terms are compressed.", flag="--compress/--no-compress")
+    break_lock: bool = _opt(False, "Take over the store's writer lock even if another host holds it "
+                                   "(only when that writer is gone).")
+    storage_options: Mapping[str, Any] | None = _opt(None, "Options of the filesystem of an s3:// (fsspec) "
+                                                           "store, e.g. {'endpoint_url': ...}.",
+                                                     flag="--storage-option")
+    direct_io: bool = _opt(None, "Write chunk files of a local store with O_DIRECT (default: on, unless "
+                                 "STREAMTAP_DIRECT_IO=0).", flag="",
+                           factory=lambda: Settings.from_environ().direct_io)
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("bool",) and not isinstance(value, bool):
+                raise OptionError(f"option {f.name}={value!r}: expected True or False")
+            if f.type == "bool | None" and value is not None and not isinstance(value, bool):
+                raise OptionError(f"option {f.name}={value!r}: expected True, False or None")
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise OptionError(f"option {f.name}={value!r}: expected an integer")
+        if self.append and self.overwrite:
+            raise OptionError("options append=True and overwrite=True exclude each other (--append / "
+                              "--overwrite); pick one")
+        if self.writer not in WRITER_MODES:
+            raise OptionError(f"option writer={self.writer!r}: expected one of {', '.join(WRITER_MODES)}")
+        if self.queue_depth < 1:
+            raise OptionError(f"option queue_depth={self.queue_depth}: must be at least 1")
+        if self.store_dtype is not None:
+            name = str(self.store_dtype).removeprefix("torch.")
+            if name not in STORE_DTYPES:
+                raise OptionError(f"option store_dtype={self.store_dtype!r}: expected float16 or bfloat16 "
+                                  "(or the model's own dtype, which is the default)")
+            object.__setattr__(self, "store_dtype", name)
+        if self.storage_options is not None and not isinstance(self.storage_options, Mapping):
+            raise OptionError(f"option storage_options: expected a dict of filesystem options, got "
+                              f"{type(self.storage_options).__name__}")
+        if self.model_name is not None and not isinstance(self.model_name, str):
+            raise OptionError(f"option model_name={self.model_name!r}: expected a string")
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> "CaptureOptions":
+        """Build from keyword arguments; an unknown name is an :class:`OptionError` that suggests the
+        closest known one."""
+        known = [f.name for f in fields(cls)]
+        for name in kwargs:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise OptionError(f"unknown option {name!r}{hint} Options: {', '.join(known)}")
+        return cls(**kwargs)
+
+    def replace(self, **changes) -> "CaptureOptions":
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+    def tap_options(self) -> "CaptureOptions":
+        """Just the options of a tap (a :class:`CorpusOptions` without its corpus fields)."""
+        names = {f.name for f in fields(CaptureOptions)}
+        return CaptureOptions(**{n: getattr(self, n) for n in names})
+
+
+@dataclass(frozen=True)
+class CorpusOptions(CaptureOptions):
+    """The options of ``st.capture`` over a corpus: a tap's, and how the corpus is batched."""
+
+    batch_size: int = _opt(8, "Sequences per forward.")
+    max_length: int | None = _opt(None, "Longest sequence in tokens (default: the model's positions).")
+    truncate: bool = _opt(False, "Cut longer documents to max_length instead of refusing them.")
+    resume: bool = _opt(False, "Continue an interrupted capture of the same corpus into the same store: the "
+                               "sequences it committed are skipped, none is duplicated or missing.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise OptionError(f"option batch_size={self.batch_size}: must be at least 1")
+        if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
+                                            or self.max_length < 1):
+            raise OptionError(f"option max_length={self.max_length!r}: must be a positive integer or None")
+        for other in ("append", "overwrite"):
+            if self.resume and getattr(self, other):
+                raise OptionError(f"options resume=True and {other}=True exclude each other (--resume / "
+                                  f"--{other}): resume continues the store as it is; pick one")
+
+
+def option_fields(cls=CorpusOptions) -> list:
+    """The dataclass fields of an options class, with their help texts (``field.metadata``)."""
+    return list(fields(cls))
+
+
+def describe(cls, skip=()) -> str:
+    """A numpydoc list of an options class's fields and their help texts, for docstrings."""
+    lines = []
+    for f in fields(cls):
+        if f.name not in skip:
+            default = "from the environment" if f.default is MISSING else repr(f.default)
+            lines += [f"{f.name} : {f.type}, default {default}", f"    {f.metadata['help']}"]
+    return "\n".join(lines)
+
+
+def _attributes(cls, skip=()) -> str:
+    body = "\n".join("    " + line for line in describe(cls, skip).splitlines())
+    return "\n\n    Attributes\n    ----------\n" + body + "\n"
+
+
+CaptureOptions.__doc__ += _attributes(CaptureOptions)
+CorpusOptions.__doc__ += _attributes(CorpusOptions, skip={f.name for f in fields(CaptureOptions)})
+
+__all__ = ["CaptureOptions", "CorpusOptions", "Settings", "OptionError", "WRITER_MODES", "option_fields"]

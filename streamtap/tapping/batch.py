@@ -1,0 +1,333 @@
+"""One forward's terms -> one store batch: where each term goes, what is made after the forward, checks.
+
+The sinks (``streamtap.tapping.sinks``) copy each term the layout names into a set of reused host
+buffers while the model runs. After the forward the :class:`Recorder` completes the batch (each
+routed expert's share of a mixture, a lossy cast), checks it (non-finite values are refused with
+their positions), labels its tokens (``seq``, ``pos``, ``token_id``, text) and hands it to the
+writer's pipeline. The first batch also fixes the store's spec: variables, static weights,
+attributes and the identity an append must match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import NonFiniteError, StreamtapError
+from ..io.buffers import BufferPool, BufferSet, CudaStager
+from ..io.pipeline import Job, Pipeline, choose_mode, make_pipeline, to_numpy
+from ..io.schema import LOSSY_DTYPES, SCHEMA_VERSION, StoreSpec, VariableSpec, fingerprint, is_exact_always
+from ..io.writer import StoreWriter
+from ..layouts import BoundLayout, Weights
+from ..options import CaptureOptions
+from ..stream import to_json
+from .sinks import KeptValues, Route, TermSlots, Where, location
+
+EXPERT_KEYS = ("experts", "shared", "shared_gate")   # taps a mixture's terms are made from after the forward
+
+
+def lossy_dtype(name: str | None, compute: torch.dtype) -> torch.dtype | None:
+    """The dtype a lossy store keeps terms in, or None when ``name`` asks for the model's own (exact)."""
+    if name is None or name == str(compute).removeprefix("torch."):
+        return None
+    if name not in LOSSY_DTYPES:
+        raise StreamtapError(f"store_dtype must be one of {LOSSY_DTYPES} (or the model's own dtype), got {name!r}")
+    if compute.itemsize <= 2:
+        raise StreamtapError(f"the model computes in {str(compute).removeprefix('torch.')}; storing it as {name} "
+                             "would save no space and lose precision. Leave store_dtype unset")
+    return getattr(torch, name)
+
+
+def describe_config(config) -> str:
+    """The model config as JSON text for the store's attributes."""
+    import json
+
+    try:
+        return config.to_json_string(use_diff=False)
+    except Exception:  # configs with non-JSON members still get a readable record
+        return json.dumps({k: repr(v) for k, v in vars(config).items()})
+
+
+class Recorder:
+    """Per tap: the routes of the terms, the buffer pools, the store spec, and each batch's hand-over."""
+
+    def __init__(self, bound: BoundLayout, options: CaptureOptions, *, module: torch.nn.Module, writer: StoreWriter,
+                 tokenizer=None, model_name: str, created_by: str, scales_reduced: bool = False):
+        self.bound, self.options, self.module, self.writer = bound, options, module, writer
+        self.tokenizer, self.model_name, self.created_by = tokenizer, model_name, created_by
+        self.scales_reduced = scales_reduced  # norm inputs arrive as their frozen scales (remote execution)
+        self.store_dtype = lossy_dtype(options.store_dtype, next(module.parameters()).dtype)
+        self.routes = self._term_routes()
+        self.keep: set[Where] = {location(*tap) for key, tap in bound.taps.items() if key.split(".")[0] in EXPERT_KEYS}
+        self.pipeline: Pipeline | None = None
+        self.spec: StoreSpec | None = None
+        self._static: dict[str, torch.Tensor] | None = None  # the store's weights, until written
+        # inspection hooks (tests, benchmarks): the host buffers the sinks copy each forward's terms into,
+        # those of what is made after it (lossy casts), and the GPU staging
+        self.pool: BufferPool | None = None
+        self.late_pool: BufferPool | None = None
+        self.stager: CudaStager | None = None
+        self._next_sequence = 0
+        self._text_cache: dict[int, str] = {}
+
+    # -- routes ---------------------------------------------------------------------------------------
+    def _term_routes(self) -> dict[Where, list[Route]]:
+        """Which module value (path, side) fills which variable and layer of a batch."""
+        b = self.bound
+        routes: dict[Where, list[Route]] = {}
+
+        def add(key: str, route: Route) -> None:
+            routes.setdefault(location(*b.taps[key]), []).append(route)
+
+        L = b.n_layers
+        for var in b.layout.embeds:
+            if var in b.taps:
+                add(var, Route(var))
+        for layer in range(L):
+            add(f"z.{layer}", Route("z", layer, L, tail=(b.n_heads, b.d_head)))
+            add(f"mlp_out.{layer}", Route("mlp_out", layer, L, flat=f"mlp_out.{layer}" in b.flat))
+            if self.options.neurons:
+                add(f"neuron_act.{layer}", Route("neuron_act", layer, L, flat=f"neuron_act.{layer}" in b.flat))
+        for k in range(len(b.norms)):
+            add(f"norm.{k}", Route("norm_scale", k, len(b.norms), transform=lambda x, k=k: self._frozen_scale(x, k)))
+        add("resid_final", Route("resid_final"))
+        return routes
+
+    def _frozen_scale(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """s = 1/sqrt(var(x) + eps) of norm k, in float32 as the norms compute it."""
+        if self.scales_reduced:
+            return x.float()
+        probe = self.bound.norm_probes[k]
+        x = x.float()
+        if probe["center"]:
+            x = x - x.mean(dim=-1, keepdim=True)
+        return torch.rsqrt((x * x).mean(dim=-1) + probe["eps"])
+
+    # -- a forward's destinations -----------------------------------------------------------------------
+    def acquire(self) -> BufferSet:
+        """The buffer set the next forward's terms go into (waits while the writer is behind)."""
+        if self.pool is None:
+            self.pool = BufferPool(sets=self.options.queue_depth + 2, shed=True)
+        if self.spec is None and self._static is None:
+            # built between forwards: beside the first batch's output and terms it would be the peak
+            self._static = Weights(self.bound).static(self.options.neurons)
+        return self.pool.acquire()
+
+    def slots(self, mask: torch.Tensor, buffers: BufferSet | None) -> TermSlots:
+        def make(name, shape, dtype, device):
+            if buffers is not None and device.type == "cpu":
+                return buffers.take(name, shape, dtype)
+            return torch.empty(shape, dtype=dtype, device=device)  # on a GPU: staged to the host later
+
+        return TermSlots(self.routes, mask, make)
+
+    def terms(self, kept: KeptValues, slots: TermSlots, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch's real tokens of every stored per-token variable, in the store's order."""
+        sunk = slots.terms()
+        b = self.bound
+        out = {var: sunk[var] for var in b.layout.embeds if var in sunk}
+        for var in ("z", "mlp_out", "neuron_act"):
+            if var in sunk:
+                out[var] = sunk[var]
+        if b.moe:
+            out.update(self._expert_terms(kept, mask))
+        if "norm_scale" in sunk:
+            out["norm_scale"] = sunk["norm_scale"]
+        out["resid_final"] = sunk["resid_final"]
+        return out
+
+    def _expert_terms(self, kept: KeptValues, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each routed expert's weighted output (and the shared expert's), for the real tokens.
+
+        The experts module runs again once per routing slot with only that slot's index and
+        weight, which is the model's own expert code producing exactly that slot's share.
+        """
+        b = self.bound
+        per_slot, index, shared = [], [], []
+        for layer in range(b.n_layers):
+            path = b.taps[f"experts.{layer}"][0]
+            (x, top_index, top_weights), _ = kept[location(path, "input")[0]].inputs
+            real = mask.reshape(-1).to(x.device)
+            x, top_index, top_weights = x[real], top_index[real], top_weights[real]
+            experts = b.module(path)
+            with torch.no_grad():
+                per_slot.append(torch.stack([experts(x, top_index[:, j:j + 1], top_weights[:, j:j + 1])
+                                             for j in range(top_index.shape[1])], dim=1))
+            index.append(top_index.to(torch.int32))
+            if f"shared.{layer}" in b.taps:
+                out = kept[location(b.taps[f"shared.{layer}"][0], "output")[0]].output
+                gate = kept[location(b.taps[f"shared_gate.{layer}"][0], "output")[0]].output
+                out, gate = out.reshape(-1, out.shape[-1])[real], gate.reshape(-1, gate.shape[-1])[real]
+                shared.append(torch.sigmoid(gate) * out)
+        terms = {"expert_out": torch.stack(per_slot, dim=1), "expert_index": torch.stack(index, dim=1)}
+        if shared:
+            terms["shared_expert_out"] = torch.stack(shared, dim=1)
+        return terms
+
+    # -- the hand-over ---------------------------------------------------------------------------------
+    def record(self, kept: KeptValues, slots: TermSlots, buffers: BufferSet, input_ids: torch.Tensor,
+               mask: torch.Tensor, *, seq: torch.Tensor | None = None, pos: torch.Tensor | None = None,
+               n_sequences: int | None = None) -> int:
+        """Turn one forward's terms into a batch and hand it to the writer (``input_ids``, ``mask``: host).
+
+        By default every row opens a new sequence (a plain forward). A ``generate`` step passes the
+        ``seq`` and ``pos`` of its real tokens (host tensors in mask order) and ``n_sequences=0``.
+        Returns the sequence number the batch's first row got. On the model's thread only what must
+        be: the per-expert terms, a lossy cast, and on a GPU the launch of the copy to pinned host
+        memory; encoding and chunk writes happen in the writer.
+        """
+        out = self.terms(kept, slots, mask)
+        kept.clear()  # the writer needs only the terms: the kept activations go now
+        device = out["resid_final"].device
+        on_gpu = device.type == "cuda"
+        if not on_gpu:  # a GPU batch is checked by the writer, once it is on the host: no sync here
+            self._check_finite(out, mask)
+        if self.store_dtype is not None:
+            late = self._late_buffers(buffers) if device.type == "cpu" else None
+            out = self._lossy(out, check=not on_gpu, buffers=late)
+        if self.spec is None:
+            self._start(out, device)
+        n_seq = mask.shape[0] if n_sequences is None else n_sequences
+        first = self._next_sequence
+        if seq is None:
+            seq = torch.arange(mask.shape[0]).unsqueeze(1).expand_as(mask)[mask] + first
+        if pos is None:
+            pos = (mask.cumsum(dim=1) - 1)[mask]
+        coords = {"seq": seq.numpy().astype("int64"), "pos": pos.numpy().astype("int32"),
+                  "token_id": input_ids[mask].numpy().astype("int64")}
+        if self.spec.with_text:
+            coords["text"] = self._texts(coords["token_id"])
+        if on_gpu:
+            if self.stager is None:
+                self.stager = CudaStager(device, sets=self.options.queue_depth + 2)
+            host, event, release = self.stager.stage(out)
+            job = Job(host, n_seq, ready=event, release=lambda: (release(), buffers.release()), extra=coords,
+                      check=lambda arrays, mask=mask: self._check_host(arrays, mask))
+        else:
+            job = Job(out, n_seq, extra=coords, release=buffers.release)
+        del out
+        buffers.handed = True
+        self.pipeline.submit(job)  # blocks while the writer is queue_depth batches behind; releases the buffers
+        self._next_sequence += n_seq
+        return first
+
+    def _start(self, out: dict[str, torch.Tensor], device: torch.device) -> None:
+        """The first batch: create (or open) the store and start the writer's pipeline."""
+        spec = self._make_spec(out)
+        self.writer.prepare(spec)
+        # the weights are in the store now; kept, their per-head copies would sit in memory all along
+        self.spec, self._static = dataclasses.replace(spec, static={}), None
+        self._next_sequence = self.writer.sequences
+        mode = choose_mode(self.options.writer, device)
+        self.pipeline = make_pipeline(self.writer, mode, device, self.options.queue_depth)
+
+    def _late_buffers(self, buffers: BufferSet) -> BufferSet:
+        """Buffers for what is made after the forward, from a pool of their own, taken only now, when
+        the previous batch's writes have usually landed (so a lossy cast costs one set, not two).
+        Released with ``buffers``."""
+        if self.late_pool is None:
+            self.late_pool = BufferPool(sets=self.options.queue_depth + 2, shed=True)
+        buffers.after = self.late_pool.acquire()
+        return buffers.after
+
+    def _lossy(self, out: dict[str, torch.Tensor], check: bool, buffers: BufferSet | None) -> dict[str, torch.Tensor]:
+        """Cast the terms to the lossy store dtype; the reference and the scales stay exact."""
+        cast = {}
+        for name, t in out.items():
+            if is_exact_always(name) or not t.is_floating_point():
+                cast[name] = t
+                continue
+            shape = tuple(t.shape)
+            dst = (buffers.take(f"{name}.stored", shape, self.store_dtype) if buffers is not None
+                   else torch.empty(shape, dtype=self.store_dtype, device=t.device))
+            cast[name] = dst.copy_(t)
+            if check and not bool(torch.isfinite(cast[name]).all()):
+                raise StreamtapError(self._range_message(name, t))
+        return cast
+
+    def _range_message(self, name: str, t: torch.Tensor | None) -> str:
+        dtype = str(self.store_dtype).removeprefix("torch.")
+        held = f"values up to {float(t.abs().max()):.4g}" if t is not None else "values"
+        return (f"{name} holds {held} beyond what {dtype} can store (max {torch.finfo(self.store_dtype).max:.4g}); "
+                "the batch was not written. Store in bfloat16 (the range of float32) or in the model's "
+                "dtype (store_dtype=None)")
+
+    def _check_host(self, arrays: dict, mask: torch.Tensor) -> None:
+        """The writer's check of a GPU batch, on its host copy (the same errors as on the CPU)."""
+        out = {name: a for name, a in arrays.items() if isinstance(a, torch.Tensor)}
+        self._check_finite(out, mask)
+        if self.store_dtype is not None:
+            for name, t in out.items():
+                if not is_exact_always(name) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise StreamtapError(self._range_message(name, None))
+
+    def _texts(self, ids) -> np.ndarray:
+        cache = self._text_cache
+        missing = sorted({int(i) for i in ids} - cache.keys())
+        if missing:
+            for i, text in zip(missing, self.tokenizer.batch_decode([[i] for i in missing])):
+                cache[i] = text
+        return np.array([cache.get(int(i), "") for i in ids], dtype=object)
+
+    @staticmethod
+    def _check_finite(out: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
+        if bool(torch.isfinite(out["resid_final"]).all()):
+            return
+        rows = torch.arange(mask.shape[0]).unsqueeze(1).expand_as(mask)[mask.cpu()]
+        positions = (mask.cumsum(dim=1) - 1)[mask].cpu()
+        where = []
+        for name, t in out.items():
+            bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1).cpu()
+            if bad.any():
+                first = bad.nonzero().flatten()[:5].tolist()
+                spots = ", ".join(f"row {int(rows[i])} pos {int(positions[i])}" for i in first)
+                detail = ""
+                if t.dim() >= 3:  # per-layer terms: name the first layer that went bad
+                    per_layer = ~torch.isfinite(t.reshape(t.shape[0], t.shape[1], -1)).all(dim=2)
+                    detail = f", first at layer {int(per_layer.any(dim=0).nonzero()[0])}"
+                where.append(f"{name}: {int(bad.sum())} tokens ({spots}{detail})")
+        raise NonFiniteError(
+            "the model produced non-finite activations; the batch was not written. " + "; ".join(where)
+            + ". Check the inputs and the dtype (float16 overflows are common; try bfloat16 or float32)"
+        )
+
+    def _make_spec(self, out: dict[str, torch.Tensor]) -> StoreSpec:
+        b = self.bound
+        variables = {name: VariableSpec(tuple(t.shape[1:]), str(t.dtype).removeprefix("torch."))
+                     for name, t in out.items()}
+        static = {name: (to_numpy(t), str(t.dtype).removeprefix("torch.")) for name, t in self._static.items()}
+        dtype = str(out["resid_final"].dtype).removeprefix("torch.")  # the compute dtype, even in a lossy store
+        identity = {
+            "schema_version": SCHEMA_VERSION,
+            "layout": b.name,
+            "model_type": self.module.config.model_type,
+            "dtype": dtype,
+            "neurons": self.options.neurons,
+            "weights_fingerprint": fingerprint(static),
+            "store_dtype": None if self.store_dtype is None else str(self.store_dtype).removeprefix("torch."),
+        }
+        attrs = {
+            "streamtap_version": __version__,
+            "model_name": self.model_name,
+            "model_config": describe_config(self.module.config),
+            "n_layers": b.n_layers, "n_heads": b.n_heads, "d_head": b.d_head, "d_model": b.d_model,
+            "stream": to_json(b.events),
+            "norm_labels": b.norm_labels(),
+            "tied_embeddings": bool(getattr(self.module.config, "tie_word_embeddings", False)),
+            "created_by": self.created_by,
+            **b.facts(),
+            **Weights(b).attrs(),
+        }
+        return StoreSpec(variables, static, attrs, with_text=self.tokenizer is not None, identity=identity)
+
+    def close(self) -> None:
+        """Let go of the free buffer sets: a finished tap the caller still holds must not keep them."""
+        for pool in (self.pool, self.late_pool, self.stager and self.stager.pool):
+            if pool is not None:
+                pool.clear()
+
+
+__all__ = ["Recorder", "lossy_dtype", "describe_config"]

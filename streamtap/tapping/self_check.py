@@ -1,0 +1,98 @@
+"""The attach-time self-check: a short probe proves the layout right on the live model, or names where not.
+
+When a tap opens, an 8-token probe runs through the model; its terms are replayed through the
+stream (``streamtap.stream.replay``, the same replay ``decompose`` and ``verify`` use) in float64,
+and the running sum is compared with the real input of every block and with the final residual.
+A layout that names a wrong module or misses a term fails here, in milliseconds, naming the first
+layer that does not add up, instead of after hours of capture.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from ..errors import DecompositionError
+from ..invariant import relative_error, tolerance
+from ..layouts import Weights
+from ..stream import Embed, FrozenNorms, Piece, Sum, replay
+
+
+def probe_norms(bound, scale: np.ndarray | None) -> FrozenNorms:
+    """The bound layout's stream norms, frozen at the given per-token scales (token, norm)."""
+    if not bound.norm_probes:
+        return FrozenNorms.none()
+    probes = bound.norm_probes
+    return FrozenNorms(gamma=np.stack([p["gamma"].double().numpy() for p in probes]),
+                       beta=np.stack([p["beta"].double().numpy() for p in probes]),
+                       center=np.array([p["center"] for p in probes]), scale=scale)
+
+
+def self_check(tap, n_tokens: int = 8) -> float:
+    """Replay the layout's stream on a short probe and compare it with each block's real input.
+
+    Returns the largest relative error. Raises :class:`~streamtap.errors.DecompositionError` naming
+    the first layer whose terms do not add up to the residual entering the next one (or to the final
+    residual).
+    """
+    b, module = tap.bound, tap.module
+    vocab = int(getattr(module.config, "vocab_size", 2) or 2)
+    n = min(n_tokens, tap.max_positions or n_tokens)
+    device = next(module.parameters()).device
+    ids = (torch.arange(n, device=device) % max(vocab - 1, 1) + 1)[None]
+    blocks = [b.block_full_path(layer) for layer in range(b.n_layers)]
+    terms, entering = tap.probe(ids, blocks)
+    terms = {k: v.detach().double().cpu().numpy() for k, v in terms.items()}
+    entering = [x.detach().double().cpu().numpy().reshape(-1, b.d_model) for x in entering]
+    if not np.isfinite(terms["resid_final"]).all():
+        # a broken model, not a broken layout: the first real batch reports where it goes non-finite
+        warnings.warn("the model produced non-finite values on the self-check probe; layout check skipped",
+                      stacklevel=3)
+        return float("nan")
+    W_O, b_O = (t.double().cpu().numpy() for t in Weights(b).output_projections())
+    norms = probe_norms(b, terms.get("norm_scale"))
+    model_dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
+
+    def source(event):
+        if isinstance(event, Embed):
+            return [Piece([event.var], terms[event.var][None])]
+        if event.site == "attn":
+            term = np.einsum("thd,hdm->tm", terms["z"][:, event.layer], W_O[event.layer]) + b_O[event.layer]
+        elif event.experts:
+            term = terms["expert_out"][:, event.layer].sum(axis=1)
+            if event.shared:
+                term = term + terms["shared_expert_out"][:, event.layer]
+        else:
+            term = terms["mlp_out"][:, event.layer]
+        return [Piece([event.site], term[None])]
+
+    # rounding error is bounded relative to the largest partial sum so far, not to the current one
+    # (the residual can shrink by cancellation), so each token's scale is the running max
+    state = {"scale": None, "worst": 0.0}
+
+    def compare(total, reference, where: str, layer: int) -> None:
+        err, state["scale"] = relative_error(total, reference, state["scale"])
+        bound = tolerance(model_dtype, n_layers=max(layer, 1))
+        if not err <= bound:
+            raise DecompositionError(
+                f"layout {b.name!r} does not fit this {type(module).__name__}: {where} "
+                f"(relative error {err:.3g}, bound {bound:.1g}). A module the layout names may have moved "
+                "or a term may be missing; see docs/layouts.md. check=False skips this probe."
+            )
+        state["worst"] = max(state["worst"], err)
+
+    def on_enter(layer: int, site: str, acc: Sum) -> None:
+        if site != "attn":
+            return
+        before = "the embedding terms" if layer == 0 else f"the terms written up to layer {layer - 1}"
+        compare(acc.total, entering[layer], f"{before} do not add up to the residual entering layer {layer}", layer)
+
+    acc = replay(b.events, norms, source, Sum(), on_enter=on_enter)
+    compare(acc.total, terms["resid_final"], f"the terms of layer {b.n_layers - 1} and before do not add up "
+            "to the final residual", b.n_layers)
+    return state["worst"]
+
+
+__all__ = ["self_check", "probe_norms"]
