@@ -104,7 +104,7 @@ class Pipeline:
 
     def _write(self, job: Job) -> None:
         """Write the job; its ``release`` runs once the store is done reading its arrays, which may
-        be after this returns (see :meth:`~streamtap.store.StoreWriter.write`), or here on a failure
+        be after this returns (see :meth:`~streamtap.io.writer.StoreWriter.write`), or here on a failure
         before the store got them."""
         try:
             arrays = job.numpy()

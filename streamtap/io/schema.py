@@ -118,8 +118,8 @@ def itemsize(logical: str) -> int:
 
 CHUNK_TARGET_BYTES = 4 << 20              # chunks below ~1 MB collapse write throughput (docs/benchmarks.md)
 LOSSY_DTYPES = ("float16", "bfloat16")   # what a capture may store instead of the compute dtype
-# which per-token arrays are compressed unless a capture says otherwise: only where it pays
-# (bfloat16 activations shrink 1.27x; float32/float16 ~1.08x, not worth the encoding, docs/pipeline.md)
+# which per-token arrays are compressed unless a capture says otherwise: only where it pays (bfloat16
+# activations shrink noticeably, float32/float16 hardly; docs/benchmarks.md, "Storage choices")
 COMPRESSED_BY_DEFAULT = ("bfloat16",)
 
 

@@ -285,9 +285,8 @@ class StoreWriter:
 
         Handed a whole batch, zarr builds each chunk in a new fill-valued array and copies the
         batch into it, on its event loop's one thread, and scans it for being empty; handed exactly
-        one chunk's rows it encodes them as they are. Measured (SmolLM2-shaped batch, 293 MB,
-        uncompressed, this 2-core machine): 0.22 s and 81k page faults per batch against 0.05 s and
-        14k. Only the chunks a batch starts or ends inside are merged with what the store holds.
+        one chunk's rows it encodes them as they are, several times faster (docs/benchmarks.md,
+        "Storage choices"). Only the chunks a batch starts or ends inside are merged with what the store holds.
         A local store writes the bytes out before ``done`` (see :meth:`write`); any other store might
         keep them as given (an in-memory store does), so it gets copies.
         """
@@ -403,7 +402,7 @@ def _for_appends(array: zarr.Array) -> zarr.Array:
 def _write_by_chunks(arr, data: np.ndarray) -> None:
     """Write ``data`` one chunk of rows at a time: handed the whole array, zarr encodes many chunks at
     once, and at a store's creation (the first batch's output and terms still alive) that transient
-    was the capture's peak (GPT-2 shape: ~60 MiB for the unembedding and the per-head weights)."""
+    would be the capture's peak memory."""
     if data.ndim == 0 or arr.chunks[0] >= data.shape[0]:
         arr[...] = data
         return
