@@ -23,6 +23,7 @@ LETTERS = {"token": "t", "layer": "l", "head": "h", "kv_head": "k", "d_head": "e
 
 
 def float_dtype(dtype) -> np.dtype:
+    """``dtype`` as a numpy float dtype; ``ValueError`` for anything else."""
     dtype = np.dtype(dtype)
     if dtype.kind != "f":
         raise ValueError(f"analyses compute in a float dtype, got {dtype}")
@@ -44,6 +45,7 @@ def single_token(func):
 
 
 def token_chunks(ds: xr.Dataset) -> tuple[int, ...]:
+    """The store's token chunks (those of ``resid_final``; one chunk when it is not dask)."""
     data = ds["resid_final"].data
     if isinstance(data, da.Array):
         return data.chunks[0]
@@ -73,6 +75,7 @@ def static_dask(ds: xr.Dataset, name: str, dtype=np.float32) -> xr.DataArray:
 
 
 def as_static_dask(array: np.ndarray, dims: tuple[str, ...]) -> xr.DataArray:
+    """A computed static array as one dask chunk (see ``static_dask``)."""
     return xr.DataArray(da.from_array(array, chunks=-1), dims=dims)
 
 
@@ -108,6 +111,7 @@ def pack(fields: dict, names: list[str]) -> np.ndarray:
 
 
 def unpack(data, names: list[str], int_fields=()) -> dict:
+    """The inverse of ``pack``: one array per name, those in ``int_fields`` back to int64."""
     return {n: (data[..., i].astype(np.int64) if n in int_fields else data[..., i]) for i, n in enumerate(names)}
 
 
@@ -155,4 +159,5 @@ def block_source(b: dict, dt):
 
 
 def norm_center(ds: xr.Dataset) -> np.ndarray:
+    """For each norm inside the stream, whether it subtracts the mean (a LayerNorm); empty without such norms."""
     return np.asarray(ds["norm_center"].values, dtype=bool) if "norm_center" in ds else np.zeros(0, bool)

@@ -39,6 +39,7 @@ def stored_name(ds: xr.Dataset, name: str) -> str:
 
 
 def require(ds: xr.Dataset, *names: str) -> None:
+    """Raise ``MissingWeightsError`` naming those of ``names`` the store lacks, and how to get the first."""
     missing = [n for n in names if stored_name(ds, n) not in ds]
     if missing:
         raise MissingWeightsError(
@@ -71,6 +72,7 @@ class FinalNorm:
         return norm_scale(x, self.center, self.eps)
 
     def apply(self, x):
+        """N(x), each row with its own scale."""
         return apply_norm(x, self.gamma, self.beta, self.center, self.eps)
 
     def fold(self, u):

@@ -9,7 +9,7 @@ import xarray as xr
 from ..errors import StreamtapError
 from ._store import local
 
-VOCAB_BLOCK_BYTES = 32 << 20   # rows x vocab logits computed at once inside a task
+VOCAB_BLOCK_BYTES = 32 << 20   # logits (rows x vocab) held at once inside a task: bounds its memory
 
 
 def topk_rows(x: np.ndarray, k: int, largest: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -24,12 +24,28 @@ def topk_rows(x: np.ndarray, k: int, largest: bool = True) -> tuple[np.ndarray, 
 
 
 def vocab_rows_step(vocab: int) -> int:
+    """How many rows of logits over ``vocab`` fit in ``VOCAB_BLOCK_BYTES`` (at 8 bytes each; at least one)."""
     return int(max(1, VOCAB_BLOCK_BYTES // (vocab * 8)))
 
 
 def vocab_text(ds: xr.Dataset, ids, tokenizer=None) -> np.ndarray:
-    """Text of vocabulary ids: from a tokenizer, else from the stored corpus (ids that neither knows
-    read ``<id>``)."""
+    """Text of vocabulary ids: from a tokenizer, else from the stored corpus.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store; without a tokenizer, its ``text`` coordinate gives the text of the ids
+        that occur in it.
+    ids : int or array of int
+        Vocabulary ids, any shape.
+    tokenizer : optional
+        Decodes each id on its own.
+
+    Returns
+    -------
+    numpy.ndarray
+        Strings (object dtype) of the shape of ``ids``; ids that neither source knows read ``<id>``.
+    """
     ids = np.asarray(ids, dtype=np.int64)
     flat = ids.reshape(-1)
     if tokenizer is not None:
@@ -51,7 +67,29 @@ def corpus_vocab(ds: xr.Dataset) -> dict[int, str]:
 
 
 def token_ids(ds: xr.Dataset, words, tokenizer=None) -> list[int]:
-    """Vocabulary ids of token strings (e.g. ``" Paris"``): exact single-token matches."""
+    """Vocabulary ids of token strings (e.g. ``" Paris"``): exact single-token matches.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store; without a tokenizer, strings are looked up in the text of its stored
+        tokens.
+    words : sequence of str or int
+        Token strings; ints pass through as ids.
+    tokenizer : optional
+        Encodes each string (without special tokens); it must give exactly one token.
+
+    Returns
+    -------
+    list of int
+        One id per word, in order.
+
+    Raises
+    ------
+    StreamtapError
+        A string that the tokenizer does not encode as exactly one token, or, without a
+        tokenizer, that no stored token reads.
+    """
     ids = []
     known = None
     for w in words:
@@ -80,7 +118,7 @@ def vocab_scan(rows: np.ndarray, W_U: np.ndarray, b_U, k: int, *, targets=None, 
     Returns top-k ids/logits (and probabilities of a softmax over the whole vocabulary), optionally
     bottom-k, and for ``targets`` (R,) their logit, probability and rank (0 = top). ``softcap``
     applies the model's final logit soft-capping (cap * tanh(logit / cap)). Works through the
-    rows in slices, so no more than ~32 MB of logits exist at once.
+    rows in slices of ``vocab_rows_step`` rows, so task memory stays bounded whatever the vocabulary.
     """
     R, V = rows.shape[0], W_U.shape[0]
     k = min(k, V)

@@ -21,11 +21,46 @@ from .decomposition import residual_stream
 @single_token
 def accumulation_pca(ds: xr.Dataset, *, n_components: int = 3, k: int = 5, sites=("attn",),
                      dtype=np.float32) -> xr.Dataset:
-    """Per token, lazily: Dataset with ``explained_variance_ratio`` (token, pc) of the first
-    ``n_components``; ``pc1_top_id`` (token, k), the vocabulary tokens PC1 promotes most;
-    ``final_top_id`` (token), the model's own top-1; ``agrees`` (PC1's top-1 is the model's);
-    ``final_rank_in_pc1`` (rank of the model's top-1 in PC1's projection, 0 = first) and
-    ``pc1_cos_final`` (cosine of PC1 with the final residual).
+    """PCA over depth of each token's residual, and whether its first component names the prediction.
+
+    For each token the residual entering every layer (and, with ``sites``, between attention and
+    MLP) and the final residual are centred and decomposed; the first component is oriented from
+    the first depth to the last and read through the final norm's gamma (centred for a LayerNorm)
+    and the unembedding. Lazy: one pass over the store's token chunks.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store (``streamtap.open``) or a selection of its tokens; a single token
+        (``ds.isel(token=i)``) gives results without the ``token`` dim.
+    n_components : int
+        How many explained-variance ratios to keep (at most the number of depths).
+    k : int
+        How many vocabulary tokens PC1 promotes to keep (at most the vocabulary size).
+    sites : tuple of str
+        ``("attn",)``: the residual entering each layer; ``("attn", "mlp")`` adds the residual
+        between each layer's attention and MLP. The final residual is always the last depth.
+    dtype : numpy dtype
+        A float dtype for the residuals and the unembedding (the PCA itself is in float64).
+
+    Returns
+    -------
+    xarray.Dataset
+        Over ``token`` (with the store's per-token coordinates):
+
+        - ``explained_variance_ratio`` (token, pc), pc = 1..n_components;
+        - ``pc1_top_id`` (token, k): the vocabulary ids PC1 promotes most;
+        - ``final_top_id`` (token): the model's own top-1 prediction;
+        - ``agrees`` (token): PC1's top-1 is the model's top-1;
+        - ``final_rank_in_pc1`` (token): rank of the model's top-1 in PC1's projection (0 = first);
+        - ``pc1_cos_final`` (token): cosine of PC1 with the final residual.
+
+        Attributes ``depths`` (how many depths were stacked) and ``note``.
+
+    Raises
+    ------
+    MissingWeightsError
+        The store has no unembedding (``W_U``).
     """
     require(ds, "W_U")
     dtype = float_dtype(dtype)
@@ -53,6 +88,7 @@ def accumulation_pca(ds: xr.Dataset, *, n_components: int = 3, k: int = 5, sites
 
 
 def _block(b: dict, *, p, n_components, k, dt) -> np.ndarray:
+    """One token chunk: the packed fields of ``accumulation_pca`` (float64, one row per token)."""
     x = b["x"].astype(np.float64)                                    # (T, D, d)
     T = x.shape[0]
     xc = x - x.mean(1, keepdims=True)

@@ -33,7 +33,20 @@ from ._vocab import token_ids
 def final_norm_scale(ds: xr.Dataset, dtype=np.float32) -> xr.DataArray:
     """The final norm's per-token scale s, frozen: N(x) = gamma * (x - mean(x)) * s + beta.
 
-    It is a function of resid_final alone, so it is recomputed from the store exactly.
+    s = 1 / sqrt(var + eps) is a function of ``resid_final`` alone (the mean is subtracted only for
+    a LayerNorm), so it is recomputed from the store exactly rather than stored.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store, or a selection of its tokens.
+    dtype : numpy dtype
+        What the scale is computed in.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``final_norm_scale`` over ``token``, lazy where the store is.
     """
     resid = ds["resid_final"].astype(dtype)
     eps = float(ds.attrs["final_norm_eps"])
@@ -45,7 +58,10 @@ def final_norm_scale(ds: xr.Dataset, dtype=np.float32) -> xr.DataArray:
 
 
 def _ids(ds: xr.Dataset, which, n_tok: int, what: str):
-    """A target given as an id, a token string, or one id per stored token -> (int | ndarray, per_token)."""
+    """A target given as an id, a token string, or one id per stored token -> (int | ndarray, per_token).
+
+    Raises ``StreamtapError`` naming ``what`` when an array is not one id per stored token.
+    """
     if which is None:
         return None, False
     if isinstance(which, str):
@@ -65,24 +81,43 @@ def direct_logit_attribution(ds: xr.Dataset, token_id, *, foil=None, neurons: bo
                              dtype=np.float32) -> xr.DataArray:
     """Each component's direct contribution to the logit of ``token_id`` at every stored token.
 
+    Exact, not approximate: with the final norm's per-token scale frozen (``final_norm_scale``) the
+    logit is linear in the residual terms, so the contributions sum to the model's logit. The
+    target direction is carried backwards through the stream's norms and dotted with the stored
+    ``z``, so no per-head message is materialised; one pass over the store's token chunks.
+
     Parameters
     ----------
     ds : xarray.Dataset
-        An opened store (or a selection of its tokens).
+        An opened store (``streamtap.open``) or a selection of its tokens; a single token
+        (``ds.isel(token=i)``) gives results without the ``token`` dim.
     token_id : int, str or array
-        A vocabulary id, a token string the store can resolve, or one id per stored token.
+        A vocabulary id, a token string the store can resolve (``token_ids``), or one id per
+        stored token.
     foil : int, str or array, optional
         With a foil the contributions are to ``logit[token_id] - logit[foil]``.
     neurons : bool
-        Split each MLP into its neurons (``L3N1234``) and ``L3_mlp_bias``.
+        Split each MLP into its neurons (``L3N1234``) and ``L3_mlp_bias``; needs a store captured
+        with ``neurons=True``.
     dtype : numpy dtype
+        A float dtype the contributions are computed in.
 
     Returns
     -------
     xarray.DataArray
-        Lazy (component, token): decompose's components, then ``final_norm_bias`` and
-        ``unembed_bias`` where the model has them. The sum over component is the model's logit
-        (difference), before any final soft-capping.
+        ``logit_contribution``, lazy (component, token): decompose's components (with its
+        ``kind``/``layer``/``head``/``neuron`` coordinates), then ``final_norm_bias`` and
+        ``unembed_bias`` where the model has them; the store's per-token coordinates. The sum over
+        component is the model's logit (difference), before any final soft-capping. Attributes
+        ``target``, ``foil``, ``note`` and, for a soft-capping model, ``softcap``.
+
+    Raises
+    ------
+    MissingWeightsError
+        The store has no ``W_U`` (or, with ``neurons=True``, no ``neuron_act`` or ``W_out``).
+    StreamtapError
+        An id outside the vocabulary, a per-token array of the wrong length, or a token string
+        that does not resolve to one token.
     """
     require(ds, "W_U")
     dtype = float_dtype(dtype)
@@ -151,11 +186,13 @@ def _pieces(ds: xr.Dataset, e, neurons: bool):
 
 
 def _describe(ids) -> str:
+    """The target as the result's attributes show it: the id, or ``"per token"``."""
     arr = np.asarray(ids)
     return str(int(arr)) if arr.ndim == 0 else "per token"
 
 
 def _extras(ds: xr.Dataset) -> list[tuple]:
+    """The labels of the constant components after decompose's: the final norm's and the unembedding's bias."""
     out = []
     if "final_norm_bias" in ds:
         out.append(("final_norm_bias", "final_norm_bias", -1, -1, -1))
@@ -170,6 +207,7 @@ def _dot(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def _dla_block(b: dict, *, events, center, p, b_U, t_idx, f_idx, has_foil, dt) -> np.ndarray:
+    """One token chunk: (token, component) contributions, in the order of the component labels."""
     resid = b["resid_final"].astype(dt, copy=False)
     T = resid.shape[0]
     s = p.scale(resid).astype(dt, copy=False)

@@ -37,6 +37,7 @@ ROTARY_NOTE = ("rotary model: this position-free map ignores the rotation of que
 
 
 def _dask_per_query_head(ds, name, dtype):
+    """W_Q, W_K or W_V as lazy (layer, head, d_model, d_head), one chunk per head, kv heads repeated."""
     require(ds, name)
     var = ds[name]
     data = var.data if isinstance(var.data, da.Array) else da.from_array(np.asarray(var.data))
@@ -47,7 +48,31 @@ def _dask_per_query_head(ds, name, dtype):
 
 
 def qk_matrix(ds: xr.Dataset, *, dtype=np.float32) -> xr.DataArray:
-    """W_QK = W_Q W_K^T per head: (layer, head, d_model_q, d_model_k), lazy, one chunk per head."""
+    """The fused query-key matrix W_QK = W_Q W_K^T of every head, lazily.
+
+    x_i W_QK x_j^T is head h's unscaled score of query x_i on key x_j, biases and positions aside
+    (see the module docstring for what it leaves out on rotary models). One chunk per head, so a
+    selection of heads computes only those.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store.
+    dtype : numpy dtype
+        What the product is computed in.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``W_QK`` (layer, head, d_model_q, d_model_k); with grouped-query attention query head h uses
+        kv head h // (n_heads / n_kv_heads). Attributes ``note``, and ``rotary_note`` and
+        ``attn_notes`` where they apply.
+
+    Raises
+    ------
+    MissingWeightsError
+        The store has no ``W_Q`` or ``W_K``.
+    """
     W_Q = _dask_per_query_head(ds, "W_Q", dtype)
     W_K = _dask_per_query_head(ds, "W_K", dtype)
     data = da.einsum("lhqe,lhke->lhqk", W_Q, W_K)
@@ -56,7 +81,28 @@ def qk_matrix(ds: xr.Dataset, *, dtype=np.float32) -> xr.DataArray:
 
 
 def ov_matrix(ds: xr.Dataset, *, dtype=np.float32) -> xr.DataArray:
-    """W_OV = W_V W_O per head: (layer, head, d_model_in, d_model_out), lazy, one chunk per head."""
+    """The fused value-output matrix W_OV = W_V W_O of every head, lazily.
+
+    x W_OV is the message a key x contributes to the residual per unit of attention, the value
+    bias aside. One chunk per head.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store.
+    dtype : numpy dtype
+        What the product is computed in.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``W_OV`` (layer, head, d_model_in, d_model_out). Attributes as for ``qk_matrix``.
+
+    Raises
+    ------
+    MissingWeightsError
+        The store has no ``W_V``.
+    """
     W_V = _dask_per_query_head(ds, "W_V", dtype)
     W_O = ds["W_O"].data if isinstance(ds["W_O"].data, da.Array) else da.from_array(np.asarray(ds["W_O"].data))
     W_O = W_O.astype(dtype).rechunk((1, 1, -1, -1))
@@ -66,6 +112,7 @@ def ov_matrix(ds: xr.Dataset, *, dtype=np.float32) -> xr.DataArray:
 
 
 def _notes(ds, what: str) -> dict:
+    """The attributes every result here carries: what it is, and what the model does beyond the weights."""
     attrs = {"note": what + "; q/k/v biases excluded"}
     if is_rotary(ds):
         attrs["rotary_note"] = ROTARY_NOTE
@@ -92,11 +139,13 @@ def _embed_rows(ds, ids, layer_ids, input_norm, dtype) -> np.ndarray:
 
 
 def _token_axis(ds, ids, tokenizer, name):
+    """Coordinates of a token axis ``name``: position, ``<name>_id`` and ``<name>_text``."""
     return {name: np.arange(len(ids)), f"{name}_id": (name, np.asarray(ids, np.int64)),
             f"{name}_text": (name, vocab_text(ds, ids, tokenizer).astype(str))}
 
 
 def _resolve(ds, tokens, tokenizer, layers):
+    """(vocabulary ids of ``tokens``, layer indices: ``layers`` or all)."""
     ids = token_ids(ds, tokens, tokenizer)
     layer_ids = np.arange(ds.sizes["layer"]) if layers is None else np.atleast_1d(np.asarray(layers, int))
     return ids, layer_ids
@@ -104,13 +153,46 @@ def _resolve(ds, tokens, tokenizer, layers):
 
 def relevance(ds: xr.Dataset, tokens, *, tokenizer=None, layers=None, input_norm=None,
               dtype=np.float64) -> xr.Dataset:
-    """Token-to-token relevance E W_QK E^T per head: Dataset (layer, head, query, key).
+    """Token-to-token relevance E W_QK E^T of every head, for chosen tokens.
 
-    ``raw`` is the unscaled bilinear score; ``normalized`` is the softmax over the chosen keys of
-    raw times the model's score scale (``attn_scale``: 1/sqrt(d_head) in most models, 1 in GPT-Neo,
-    Gemma-2's query_pre_attn_scalar): the attention a query token would pay among these keys alone
-    (rows sum to 1).
-    ``tokens`` are ids or token strings (resolved with ``tokenizer`` or the store's vocabulary text).
+    How much a query token would attend to a key token by content alone: the chosen tokens'
+    embeddings (through the layer's input norm where the store has it) multiplied through W_Q and
+    W_K, biases and positions aside. Computed at once (weights only).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store.
+    tokens : sequence of int or str
+        Vocabulary ids or token strings (resolved with ``tokenizer`` or the store's vocabulary
+        text, see ``token_ids``); they are both the queries and the keys.
+    tokenizer : optional
+        Resolves token strings and gives the ids' text.
+    layers : int or sequence of int, optional
+        The layers to compute (default: all).
+    input_norm : bool, optional
+        Pass the embeddings through the layer's input norm (``attn_norm_weight``) first. Default:
+        where the store has that norm.
+    dtype : numpy dtype
+        What the products are computed in.
+
+    Returns
+    -------
+    xarray.Dataset
+        Over (layer, head, query, key): ``raw``, the unscaled bilinear score, and ``normalized``,
+        the softmax over the chosen keys of raw times the model's score scale (``attn_scale``:
+        1/sqrt(d_head) in most models, 1 in GPT-Neo, Gemma-2's query_pre_attn_scalar): the
+        attention a query token would pay among these keys alone (rows sum to 1). Coordinates
+        ``query_id``, ``query_text``, ``key_id``, ``key_text``; attributes ``note``,
+        ``normalized``, ``input_norm`` and, where they apply, ``rotary_note`` and ``attn_notes``.
+
+    Raises
+    ------
+    MissingWeightsError
+        The store has no ``W_Q``, ``W_K`` or token embedding (or no ``attn_norm_weight`` when
+        ``input_norm=True``).
+    StreamtapError
+        A token string that does not resolve to one token.
     """
     require(ds, "W_Q", "W_K")
     ids, layer_ids = _resolve(ds, tokens, tokenizer, layers)
@@ -135,13 +217,48 @@ def relevance(ds: xr.Dataset, tokens, *, tokenizer=None, layers=None, input_norm
 
 def promotion(ds: xr.Dataset, tokens, *, tokenizer=None, layers=None, input_norm=None,
               through_final_norm: bool = True, dtype=np.float64) -> xr.Dataset:
-    """Token-to-token promotion E W_OV W_U^T per head: Dataset (layer, head, source, target).
+    """Token-to-token promotion E W_OV W_U^T of every head, for chosen tokens.
 
-    ``raw[source, target]``: the logit of ``target`` that a fully attended ``source`` token's message
-    adds (through the final norm's gamma, and its centring for a LayerNorm, unless
-    ``through_final_norm=False``; the per-token scale is left out). ``normalized``: the same row as
-    z-scores over the whole vocabulary, so a value of 3 means the target is raised three standard
-    deviations more than a typical token.
+    Which tokens a token's message raises when the head attends to it fully: the chosen tokens'
+    embeddings (through the layer's input norm where the store has it) multiplied through W_V, W_O
+    and the unembedding, biases aside. Computed at once (weights only).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store.
+    tokens : sequence of int or str
+        Vocabulary ids or token strings (see ``token_ids``); they are both sources and targets.
+    tokenizer : optional
+        Resolves token strings and gives the ids' text.
+    layers : int or sequence of int, optional
+        The layers to compute (default: all).
+    input_norm : bool, optional
+        Pass the embeddings through the layer's input norm (``attn_norm_weight``) first. Default:
+        where the store has that norm.
+    through_final_norm : bool
+        Read messages through the final norm's gamma (and its centring for a LayerNorm); the
+        per-token scale is left out either way.
+    dtype : numpy dtype
+        What ``raw`` is computed in (the vocabulary-wide statistics use float32 logits).
+
+    Returns
+    -------
+    xarray.Dataset
+        Over (layer, head, source, target): ``raw[source, target]``, the logit of ``target`` that a
+        fully attended ``source`` token's message adds; ``normalized``, the same row as z-scores
+        over the whole vocabulary (3 means the target is raised three standard deviations more than
+        a typical token). Coordinates ``source_id``, ``source_text``, ``target_id``,
+        ``target_text``; attributes ``note``, ``normalized``, ``through_final_norm`` and, where
+        they apply, ``rotary_note`` and ``attn_notes``.
+
+    Raises
+    ------
+    MissingWeightsError
+        The store has no ``W_V``, ``W_U`` or token embedding (or no ``attn_norm_weight`` when
+        ``input_norm=True``).
+    StreamtapError
+        A token string that does not resolve to one token.
     """
     require(ds, "W_V", "W_U")
     ids, layer_ids = _resolve(ds, tokens, tokenizer, layers)

@@ -23,6 +23,7 @@ SITES = ("attn", "mlp")
 
 
 def _check(ds: xr.Dataset, layer: int, site: str) -> int:
+    """``layer`` as an index in 0..n_layers (negative counts from the final residual); ``ValueError`` otherwise."""
     n_layers = ds.sizes["layer"]
     if site not in SITES:
         raise ValueError(f"site must be one of {SITES}, got {site!r}")
@@ -39,7 +40,35 @@ def residual_terms(ds: xr.Dataset, layer: int, site: str = "attn", *, neurons: b
                    dtype=np.float32) -> xr.DataArray:
     """The terms whose sum is the residual entering ``layer``'s ``site``: (component, token, d_model).
 
-    Lazy; components keep decompose's labels and ``kind``/``layer``/``head``/``neuron`` coordinates.
+    ``streamtap.decompose`` with ``upto`` that depth: every term written before it, labelled as
+    decompose labels them, so their sum is that residual.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store (``streamtap.open``) or a selection of its tokens; a single token
+        (``ds.isel(token=i)``) gives results without the ``token`` dim.
+    layer : int
+        0..n_layers; ``n_layers`` (or -1) is the final residual, other negative values count back
+        from it.
+    site : str
+        ``"attn"``: the residual entering the layer, before its attention; ``"mlp"``: after the
+        layer's attention has written, before its MLP reads.
+    neurons : bool
+        Split each MLP into its neurons (needs a store captured with ``neurons=True``).
+    dtype : numpy dtype
+        What the terms are computed in.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy (component, token, d_model) with decompose's labels and ``kind``/``layer``/``head``/
+        ``neuron`` coordinates. Attributes ``depth`` (``L3_mlp_in``, ..., ``final``) and ``note``.
+
+    Raises
+    ------
+    ValueError
+        ``site`` is not ``"attn"`` or ``"mlp"``, or ``layer`` is out of range.
     """
     layer = _check(ds, layer, site)
     final = layer == ds.sizes["layer"]
@@ -50,7 +79,33 @@ def residual_terms(ds: xr.Dataset, layer: int, site: str = "attn", *, neurons: b
 
 @single_token
 def residual(ds: xr.Dataset, layer: int, site: str = "attn", *, dtype=np.float32) -> xr.DataArray:
-    """The residual entering ``layer``'s ``site`` (token, d_model), lazily."""
+    """The residual entering ``layer``'s ``site`` (token, d_model), lazily.
+
+    A replay of the store's stream up to that depth (exact on every architecture); at
+    ``layer = n_layers`` it is the stored ``resid_final``.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store or a selection of its tokens; a single token gives results without the
+        ``token`` dim.
+    layer : int
+        0..n_layers; ``n_layers`` (or -1) is the final residual.
+    site : str
+        ``"attn"`` (before the layer's attention) or ``"mlp"`` (before its MLP).
+    dtype : numpy dtype
+        A float dtype the residual is computed in.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``residual`` (token, d_model) with the store's per-token coordinates.
+
+    Raises
+    ------
+    ValueError
+        ``site`` is not ``"attn"`` or ``"mlp"``, or ``layer`` is out of range.
+    """
     layer = _check(ds, layer, site)
     if layer == ds.sizes["layer"]:
         return ds["resid_final"].astype(dtype).rename("residual").assign_attrs(depth="final")
@@ -58,6 +113,7 @@ def residual(ds: xr.Dataset, layer: int, site: str = "attn", *, dtype=np.float32
 
 
 def depth_list(n_layers: int, sites=("attn",), final: bool = True) -> list[tuple[int, str]]:
+    """The (layer, site) depths in stream order, ``(n_layers, "final")`` last when ``final``."""
     for s in sites:
         if s not in SITES:
             raise ValueError(f"sites must be among {SITES}, got {s!r}")
@@ -68,6 +124,7 @@ def depth_list(n_layers: int, sites=("attn",), final: bool = True) -> list[tuple
 
 
 def depth_coords(depths: list[tuple[int, str]]) -> dict:
+    """The ``depth`` coordinate (``L3_attn_in``, ..., ``final``) with ``depth_layer`` and ``depth_site``."""
     labels = ["final" if s == "final" else f"L{l}_{s}_in" for l, s in depths]
     return {"depth": labels, "depth_layer": ("depth", np.array([l for l, _ in depths], np.int32)),
             "depth_site": ("depth", np.array([s for _, s in depths]))}
@@ -78,9 +135,37 @@ def residual_stream(ds: xr.Dataset, *, sites=("attn",), final: bool = True, dept
                     dtype=np.float32) -> xr.DataArray:
     """The residual at successive depths: (token, depth, d_model), lazily, one pass over the store.
 
-    By default the residual entering every layer and then the final one (n_layers + 1 depths);
-    ``sites=("attn", "mlp")`` adds the residual between each layer's attention and MLP. ``depth``
-    labels read ``L3_attn_in``, ``L3_mlp_in``, ``final``.
+    Each token chunk replays the stream once and records the running sum where each depth is
+    entered, so all depths cost one pass; the ``final`` depth is the stored ``resid_final`` (equal
+    to the sum within the invariant's tolerance).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store or a selection of its tokens; a single token gives results without the
+        ``token`` dim.
+    sites : tuple of str
+        ``("attn",)``: the residual entering every layer; ``("attn", "mlp")`` adds the residual
+        between each layer's attention and MLP.
+    final : bool
+        End with the final residual.
+    depths : sequence of (int, str), optional
+        Explicit (layer, site) depths instead of ``sites`` and ``final``; a layer of n_layers is
+        the final residual.
+    dtype : numpy dtype
+        A float dtype the residuals are computed in.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``residual`` (token, depth, d_model); ``depth`` labels read ``L3_attn_in``, ``L3_mlp_in``,
+        ``final``, with ``depth_layer`` and ``depth_site`` coordinates and the store's per-token
+        ones. By default n_layers + 1 depths. Attribute ``note``.
+
+    Raises
+    ------
+    ValueError
+        No depths asked for, or a site or layer out of range.
     """
     dtype = float_dtype(dtype)
     n_layers, d_model = ds.sizes["layer"], ds.sizes["d_model"]
@@ -100,6 +185,7 @@ def residual_stream(ds: xr.Dataset, *, sites=("attn",), final: bool = True, dept
 
 
 def _stream_block(b: dict, *, events, depths, center, dt) -> np.ndarray:
+    """One token chunk: the residual at each depth, replaying the stream only as far as the last one."""
     out = np.empty((b["resid_final"].shape[0], len(depths), b["resid_final"].shape[-1]), dt)
     where = {depth: i for i, depth in enumerate(depths)}
 

@@ -23,7 +23,19 @@ FIELDS = ["norm", "relative_norm", "cos_frequent", "cos_rare"]
 
 
 def token_frequencies(ds: xr.Dataset) -> xr.DataArray:
-    """How often each vocabulary id occurs among the stored tokens: (vocab,), computed."""
+    """How often each vocabulary id occurs among the stored tokens, computed.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store or a selection of its tokens.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``count`` over ``vocab``: the store's vocabulary size where it has a ``vocab`` dim, else
+        the largest stored id + 1.
+    """
     ids = ds["token_id"].data
     ids = ids if isinstance(ids, da.Array) else da.from_array(np.asarray(ids))
     n_vocab = ds.sizes["vocab"] if "vocab" in ds.dims else int(ids.max().compute()) + 1
@@ -32,7 +44,21 @@ def token_frequencies(ds: xr.Dataset) -> xr.DataArray:
 
 
 def frequency_extremes(ds: xr.Dataset, n: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """(ids of the n most frequent stored tokens, ids of the n least frequent among those that occur)."""
+    """The most and the least frequent vocabulary ids among the stored tokens.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store or a selection of its tokens.
+    n : int
+        How many ids of each kind.
+
+    Returns
+    -------
+    most, rare : numpy.ndarray
+        Ids of the ``n`` most frequent stored tokens (count descending), and of the ``n`` least
+        frequent among those that occur (count ascending); ties go to the smaller id.
+    """
     counts = token_frequencies(ds).values
     seen = np.flatnonzero(counts)
     order = np.lexsort((seen, -counts[seen]))          # count descending, then id
@@ -45,11 +71,36 @@ def frequency_extremes(ds: xr.Dataset, n: int = 10) -> tuple[np.ndarray, np.ndar
 @single_token
 def empty_messages(ds: xr.Dataset, *, n_tokens: int = 10, frequency_from: xr.Dataset | None = None,
                    dtype=np.float32) -> xr.Dataset:
-    """Per message: Dataset (token, layer, head) of ``norm``, ``relative_norm``, ``cos_frequent``, ``cos_rare``.
+    """Norm and direction of every head's message at every token, lazily.
 
-    ``relative_norm`` is |message| / |residual entering the layer|. The frequent and rare directions
-    are the mean unit embeddings of the ``n_tokens`` most and least frequent tokens of
-    ``frequency_from`` (default: this dataset's tokens); their ids are in the attributes.
+    Computed from the stored ``z`` through small per-head matrices (W_O W_O^T and W_O u), so no
+    message is materialised. The token frequencies behind the two directions are counted at once
+    (one pass over ``token_id``); the rest is one lazy pass over the store's token chunks.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store or a selection of its tokens; a single token gives results without the
+        ``token`` dim.
+    n_tokens : int
+        How many of the most and least frequent tokens define the two directions.
+    frequency_from : xarray.Dataset, optional
+        Where to count token frequencies (default: ``ds`` itself).
+    dtype : numpy dtype
+        A float dtype the norms are computed in.
+
+    Returns
+    -------
+    xarray.Dataset
+        Over (token, layer, head): ``norm`` (|message|), ``relative_norm`` (|message| / |residual
+        entering the layer|), ``cos_frequent`` and ``cos_rare`` (cosine with the mean unit
+        embedding of the ``n_tokens`` most, resp. least, frequent tokens; 0 for a zero message).
+        Attributes ``frequent_ids``, ``rare_ids`` and ``note``.
+
+    Raises
+    ------
+    MissingWeightsError
+        The store has no token embedding (``W_E``, or ``W_U`` standing for it).
     """
     dtype = float_dtype(dtype)
     most, rare = frequency_extremes(frequency_from if frequency_from is not None else ds, n_tokens)
@@ -78,6 +129,7 @@ def empty_messages(ds: xr.Dataset, *, n_tokens: int = 10, frequency_from: xr.Dat
 
 
 def _block(b: dict, *, dt) -> np.ndarray:
+    """One token chunk: the packed fields (token, layer, head, field) of ``empty_messages``."""
     z = b["z"].astype(dt, copy=False)
     sq = np.einsum("tlhe,lhef,tlhf->tlh", z, b["gram"], z, optimize=True)
     norm = np.sqrt(np.clip(sq, 0, None))
@@ -89,15 +141,31 @@ def _block(b: dict, *, dt) -> np.ndarray:
     return pack({"norm": norm, "relative_norm": rel, "cos_frequent": cos[..., 0], "cos_rare": cos[..., 1]}, FIELDS)
 
 
-NEAR_EMPTY = 0.02   # |message| below 2% of the residual it is written into
+NEAR_EMPTY = 0.02   # near-empty: |message| below 2% of the residual entering its layer
 
 
 def empty_message_summary(em: xr.Dataset, *, threshold: float = NEAR_EMPTY, mostly: float = 0.5) -> xr.Dataset:
     """Per head: how often its message is near-empty (relative_norm < threshold), computed.
 
-    Dataset (layer, head): ``fraction_empty``, ``mean_norm``, ``mean_relative_norm``,
-    ``cos_frequent_empty``/``cos_rare_empty`` (mean cosines over the near-empty messages) and
-    ``mostly_empty`` (fraction_empty >= ``mostly``). One pass over the data.
+    Reduces an ``empty_messages`` result over its tokens in one pass.
+
+    Parameters
+    ----------
+    em : xarray.Dataset
+        An ``empty_messages`` result (lazy or computed).
+    threshold : float
+        A message is near-empty when its ``relative_norm`` is below this.
+    mostly : float
+        The share of near-empty tokens from which a head counts as ``mostly_empty``.
+
+    Returns
+    -------
+    xarray.Dataset
+        Over (layer, head): ``fraction_empty``, ``mean_norm``, ``mean_relative_norm``,
+        ``cos_frequent_empty``/``cos_rare_empty`` (mean cosines over the near-empty messages; NaN
+        for a head with none), ``cos_frequent_all`` (mean over all tokens) and ``mostly_empty``
+        (fraction_empty >= ``mostly``). Attributes ``threshold``, ``mostly``, ``n_tokens`` and
+        those of ``em``.
     """
     empty = em["relative_norm"] < threshold
     out = xr.Dataset({

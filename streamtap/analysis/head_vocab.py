@@ -27,11 +27,38 @@ def head_vocab(ds: xr.Dataset, *, k: int = 10, layers=None, through_norm: bool =
                dtype=np.float32) -> xr.Dataset:
     """Top and bottom vocabulary tokens of every head's output: Dataset (token, layer, head, k), lazy.
 
-    ``top_id``/``top_logit`` are the k tokens whose logits the output raises most (its direct
-    effect through the final norm with the token's frozen scale), ``bottom_id``/``bottom_logit``
-    the k it lowers most. ``through_norm=False`` projects the raw output onto W_U instead.
-    ``layers`` limits the work to some layers (every output costs a vocabulary-sized product, so
-    select tokens with ``ds.isel(token=...)`` first on big stores).
+    Each head's output is read as its direct logit attribution over the whole vocabulary (see the
+    module docstring). Every output costs a vocabulary-sized product, so on big stores select
+    tokens with ``ds.isel(token=...)`` and layers with ``layers`` first.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store or a selection of its tokens; a single token gives results without the
+        ``token`` dim.
+    k : int
+        How many tokens to keep at each end (at most the vocabulary size).
+    layers : int or sequence of int, optional
+        The layers to compute (default: all).
+    through_norm : bool
+        Read each output through the final norm with the token's frozen scale (its direct effect
+        on the logits); ``False`` multiplies the output, as it reaches the final norm, by W_U
+        without the norm.
+    dtype : numpy dtype
+        A float dtype the products are computed in.
+
+    Returns
+    -------
+    xarray.Dataset
+        Over (token, layer, head, k): ``top_id``/``top_logit``, the k tokens whose logits the output
+        raises most, largest first; ``bottom_id``/``bottom_logit``, the k it lowers most. The
+        unembedding bias is not included (it is no head's effect). Attributes ``k``,
+        ``through_norm`` and ``note``.
+
+    Raises
+    ------
+    MissingWeightsError
+        The store has no unembedding (``W_U``).
     """
     require(ds, "W_U")
     dtype = float_dtype(dtype)
@@ -59,6 +86,7 @@ def head_vocab(ds: xr.Dataset, *, k: int = 10, layers=None, through_norm: bool =
 
 
 def _block(b: dict, *, p, k, through_norm, dt, events, center, layers, index) -> np.ndarray:
+    """One token chunk: the packed fields (token, layer, head, k, field) of ``head_vocab``."""
     s = p.scale(b["resid_final"].astype(dt, copy=False))
     z, W_O = b["z"].astype(dt, copy=False), b["W_O"]
     T, H = z.shape[0], z.shape[2]

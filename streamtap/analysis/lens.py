@@ -25,10 +25,42 @@ def logit_lens(ds: xr.Dataset, *, k: int = 10, sites=("attn",), final: bool = Tr
                dtype=np.float32) -> xr.Dataset:
     """Top-k tokens of the residual at every depth: Dataset (token, depth, k), lazy.
 
-    ``top_id``, ``top_logit``, ``top_prob`` (softmax over the whole vocabulary), and with ``target``
-    (an id, or one id per stored token) ``target_logit``, ``target_prob``, ``target_rank`` (0 = top)
-    over (token, depth). ``depth`` labels read ``L3_attn_in`` ... ``final``; texts of ids come from
-    ``streamtap.analysis.vocab_text``.
+    Each depth's residual goes through the final norm with its own scale, the unembedding (and its
+    bias) and the model's logit soft-capping where it has one, as the model would if it stopped
+    there; at ``final`` this is the model's own output distribution.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store or a selection of its tokens; a single token gives results without the
+        ``token`` dim.
+    k : int
+        How many top tokens to keep (at most the vocabulary size).
+    sites : tuple of str
+        ``("attn",)``: the residual entering every layer; ``("attn", "mlp")`` adds the residual
+        between each layer's attention and MLP; ``()`` none.
+    final : bool
+        End with the final residual.
+    target : int, str or array, optional
+        A vocabulary id, a token string the store can resolve, or one id per stored token, to
+        follow through the depths.
+    dtype : numpy dtype
+        A float dtype the logits are computed in.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``top_id``, ``top_logit``, ``top_prob`` (softmax over the whole vocabulary) over (token,
+        depth, k), and with ``target`` ``target_logit``, ``target_prob``, ``target_rank`` (0 = top)
+        over (token, depth). ``depth`` labels read ``L3_attn_in`` ... ``final``; texts of ids come
+        from ``streamtap.analysis.vocab_text``. Attributes ``k``, ``target`` and ``note``.
+
+    Raises
+    ------
+    MissingWeightsError
+        The store has no unembedding (``W_U``).
+    StreamtapError
+        A per-token ``target`` of the wrong length, or a token string that does not resolve.
     """
     require(ds, "W_U")
     dtype = float_dtype(dtype)
@@ -62,12 +94,14 @@ def logit_lens(ds: xr.Dataset, *, k: int = 10, sites=("attn",), final: bool = Tr
 
 
 def _chunked(ids: np.ndarray, like: xr.DataArray):
+    """Per-token ids as a dask array chunked along token like ``like``."""
     import dask.array as da
 
     return da.from_array(np.asarray(ids, np.int64), chunks=(like.chunks[0],))
 
 
 def _lens_block(b: dict, *, p, k, target, dt, softcap) -> np.ndarray:
+    """One token chunk: (token, depth, k + 1, 3), the top-k fields and, in the last slot, the target's."""
     x = b["x"].astype(dt, copy=False)
     T, D, d = x.shape
     rows = p.apply(x).reshape(T * D, d)

@@ -22,6 +22,7 @@ from ._vocab import vocab_scan
 
 
 def _parse(neurons) -> tuple[np.ndarray, np.ndarray]:
+    """(layers, neuron indices) of ``(layer, index)`` pairs or ``"L3N12"`` labels; ``StreamtapError`` otherwise."""
     layers, idx = [], []
     for item in neurons:
         if isinstance(item, str):
@@ -35,13 +36,42 @@ def _parse(neurons) -> tuple[np.ndarray, np.ndarray]:
 
 
 def neuron_memories(ds: xr.Dataset, neurons, *, k: int = 10, context: int = 6, dtype=np.float32) -> xr.Dataset:
-    """Keys and values of chosen neurons (``[(layer, index), ...]`` or ``["L3N12", ...]``), computed.
+    """Keys and values of chosen MLP neurons, computed.
 
-    Dataset over (sel, rank): keys ``top_activation``, ``top_token`` (store row), ``top_token_id``,
-    ``top_seq``, ``top_pos``, ``top_text`` and ``top_context`` (up to ``context`` tokens ending at
-    it, where the store has text); values ``promoted_id``/``promoted_logit`` and
-    ``suppressed_id``/``suppressed_logit`` (direct logit effect of W_out[n] per unit activation,
-    through the final norm's gamma). ``sel`` carries ``label``, ``layer`` and ``neuron``.
+    Keys: the stored tokens with the largest activation, found with an out-of-core top-k over the
+    token axis. Values: the vocabulary tokens that W_out[n] raises and lowers most directly, per
+    unit activation, through the final norm's gamma (and its centring for a LayerNorm).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store captured with ``neurons=True``, or a selection of its tokens.
+    neurons : sequence of (int, int) or str
+        ``[(layer, index), ...]`` or ``["L3N12", ...]``.
+    k : int
+        How many top tokens (at most the number of stored tokens) and how many promoted and
+        suppressed vocabulary tokens to keep.
+    context : int
+        How many tokens of text, ending at each top token and within its sequence, ``top_context``
+        shows (0: none).
+    dtype : numpy dtype
+        What activations and logits are computed in.
+
+    Returns
+    -------
+    xarray.Dataset
+        Keys over (sel, rank), largest activation first: ``top_activation``, ``top_token`` (the
+        store row), ``top_token_id``, ``top_seq``, ``top_pos``, and where the store has text
+        ``top_text`` and ``top_context``. Values over (sel, vocab_rank): ``promoted_id``/
+        ``promoted_logit`` and ``suppressed_id``/``suppressed_logit``. ``sel`` carries ``label``,
+        ``layer`` and ``neuron``. Attribute ``note``.
+
+    Raises
+    ------
+    MissingWeightsError
+        The store has no ``neuron_act``, ``W_out`` or ``W_U``.
+    StreamtapError
+        No neurons, or a label that does not read ``L<layer>N<index>``.
     """
     require(ds, "neuron_act", "W_out", "W_U")
     layers, idx = _parse(neurons)
@@ -79,6 +109,7 @@ def neuron_memories(ds: xr.Dataset, neurons, *, k: int = 10, context: int = 6, d
 
 
 def _contexts(ds: xr.Dataset, top_idx: np.ndarray, n: int) -> np.ndarray:
+    """The text of up to ``n`` tokens ending at each store row of ``top_idx``, cut at its sequence's start."""
     flat = top_idx.reshape(-1)
     raw = flat[:, None] + np.arange(-n + 1, 1)[None]
     window = raw.clip(0, ds.sizes["token"] - 1)

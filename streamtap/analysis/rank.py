@@ -28,6 +28,7 @@ def _sv_from_gram(g: np.ndarray) -> np.ndarray:
 
 
 def _sqrt_psd(g: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a (batched) positive semi-definite matrix, negative eigenvalues clipped."""
     lam, vec = np.linalg.eigh(g)
     return (vec * np.sqrt(np.clip(lam, 0, None))[..., None, :]) @ np.swapaxes(vec, -1, -2)
 
@@ -43,11 +44,29 @@ def _sv_of_product(g_left: np.ndarray, g_right: np.ndarray) -> np.ndarray:
 
 
 def singular_values(ds: xr.Dataset, *, dtype=np.float64) -> xr.DataArray:
-    """Singular values of each head's factors and fused matrices: (layer, head, matrix, index).
+    """Singular values of each head's factors and fused matrices, computed.
 
-    Everything goes through d_head x d_head Gram matrices (batched symmetric eigenproblems), which
-    is exact in float64 to well below the precision that effective ranks need, and fast: stacked
-    SVDs of tall matrices crawl when a threaded BLAS splits each tiny problem.
+    Everything goes through d_head x d_head Gram matrices (batched symmetric eigenproblems): in
+    float64 this is accurate to well below what effective ranks need, and it avoids stacked SVDs of
+    tall d_model x d_head matrices, each problem too small for a threaded BLAS to split well.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store.
+    dtype : numpy dtype
+        What the Gram matrices and eigenproblems are computed in.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``singular_value`` (layer, head, matrix, index), descending along ``index`` (d_head values);
+        ``matrix`` is one of W_Q, W_K, W_QK, W_V, W_O, W_OV.
+
+    Raises
+    ------
+    MissingWeightsError
+        The store has no ``W_Q``, ``W_K`` or ``W_V``.
     """
     require(ds, "W_Q", "W_K", "W_V")
     W_Q = static(ds, "W_Q", dtype)                                  # (L, H, d, e)
@@ -68,9 +87,30 @@ def singular_values(ds: xr.Dataset, *, dtype=np.float64) -> xr.DataArray:
 def effective_rank(ds: xr.Dataset, *, energy: float = 0.99, dtype=np.float64) -> xr.Dataset:
     """Effective ranks and rank-r truncation errors of W_Q, W_K, W_QK, W_V, W_O, W_OV per head.
 
-    Dataset with ``erank_entropy`` and ``erank_energy`` (layer, head, matrix), ``singular_value``
-    (layer, head, matrix, index) and ``truncation_error`` (layer, head, matrix, rank), rank 1..d_head:
-    the relative Frobenius error of the best rank-r approximation.
+    From ``singular_values``; the definitions are in the module docstring. Computed at once
+    (weights only).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        An opened store.
+    energy : float
+        The share of sum s^2 that ``erank_energy`` must hold.
+    dtype : numpy dtype
+        What the singular values are computed in.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``erank_entropy`` and ``erank_energy`` (layer, head, matrix), ``singular_value``
+        (layer, head, matrix, index) and ``truncation_error`` (layer, head, matrix, rank), rank
+        1..d_head: the relative Frobenius error of the best rank-r approximation. Attributes
+        ``energy`` and ``note``.
+
+    Raises
+    ------
+    MissingWeightsError
+        The store has no ``W_Q``, ``W_K`` or ``W_V``.
     """
     s = singular_values(ds, dtype=dtype)
     v = s.values
