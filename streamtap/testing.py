@@ -31,14 +31,35 @@ def assert_terms_sum_to_residual(ds_or_path, *, tol: float | None = None, neuron
                                  seq: int | Iterable[int] | None = None) -> xr.DataArray:
     """Assert the invariant on every stored token (or on the tokens of ``seq``).
 
-    ``ds_or_path`` is what the test has at hand: an open Dataset, a path, or a zarr store. ``tol``
-    defaults to the store's own bound for its dtype (``streamtap.tolerance``); a test should only
-    pass a tighter one, never loosen it to get green. With ``neurons=True`` the per-neuron
-    decomposition is summed too, because it is built from other stored arrays (``neuron_act``,
-    ``W_out``, ``mlp_bias``) than the per-MLP one and can be wrong while the latter is right.
+    The terms of ``streamtap.decompose``, summed in float64, must equal ``resid_final`` within the
+    tolerance at every token; a NaN error fails.
 
-    Returns the per-token relative errors (float64, coordinates ``seq``, ``pos``, ``abs_error``) so
-    a test can make further claims about them.
+    Parameters
+    ----------
+    ds_or_path : xarray.Dataset, str, os.PathLike or zarr store
+        What the test has at hand: an open Dataset, a path, or a zarr store.
+    tol : float, optional
+        Defaults to the store's own bound for its dtype (``streamtap.tolerance``); a test should
+        only pass a tighter one, never loosen it to get green.
+    neurons : bool
+        Sum the per-neuron decomposition too, because it is built from other stored arrays
+        (``neuron_act``, ``W_out``, ``mlp_bias``) than the per-MLP one and can be wrong while the
+        latter is right.
+    seq : int or iterable of int, optional
+        Check only the tokens of these sequences.
+
+    Returns
+    -------
+    xarray.DataArray
+        The per-token relative errors (float64, coordinates ``seq``, ``pos``, ``abs_error``), so a
+        test can make further claims about them; attributes ``tolerance``, ``max_rel_error`` and
+        ``max_abs_error``.
+
+    Raises
+    ------
+    AssertionError
+        A token misses the tolerance (the message names the worst sequences and positions), the
+        store holds no committed tokens, or a sequence in ``seq`` is not stored.
     """
     ds = ds_or_path if isinstance(ds_or_path, xr.Dataset) else _open_store(ds_or_path)
     if seq is not None:
@@ -75,7 +96,7 @@ def select_sequences(ds: xr.Dataset, seq: int | Iterable[int]) -> xr.Dataset:
 
 
 def relative_errors(ds: xr.Dataset) -> xr.DataArray:
-    """Per-token errors of the per-head/per-MLP sum, computed in float64."""
+    """Per-token errors of the per-head/per-MLP sum, computed in float64 (``streamtap.invariant.errors``)."""
     return errors(ds, dtype=np.float64).compute()
 
 

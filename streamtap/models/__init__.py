@@ -2,7 +2,7 @@
 
     model, tok = load_model()                      # SmolLM2-135M-Instruct, converted once, then cached
     model, tok = load_model("path/to/model_dir")   # or a Hugging Face id already on disk
-    model = tiny_model("llama")                    # a random 2-layer model for tests, in milliseconds
+    model = tiny_model("llama")                    # a random 2-layer model for tests, built offline
 
 ``smollm2`` fetches and converts the default once (``smollm2_dir``); ``tiny`` holds the tiny configs.
 """
@@ -26,19 +26,42 @@ def load_model(name_or_dir: str = DEFAULT_MODEL, dtype="float32", *, trust_remot
                attn_implementation: str | None = None):
     """``(model, tokenizer)`` for a name streamtap knows, a model directory, or a Hugging Face id.
 
-    ``"smollm2"`` (the default) is SmolLM2-135M-Instruct from the cached conversion of
-    :func:`smollm2_dir` (made on first use). Anything else goes to ``AutoModelForCausalLM`` /
-    ``AutoTokenizer.from_pretrained`` unchanged, so a local directory or a hub id already in the local
-    Hugging Face cache works as it would in the user's own code.
+    Anything but the default goes to ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``
+    unchanged, so a local directory or a hub id already in the local Hugging Face cache works as it
+    would in the user's own code.
 
-    ``dtype`` is ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``: the precision the
-    model runs in, which is also the precision a capture stores. ``trust_remote_code`` is passed only
-    when asked for, because it runs code from the model repository. ``attn_implementation`` (``"eager"``,
-    ``"sdpa"``, ...) is passed through when given; the terms are the same either way, eager is slower.
+    Parameters
+    ----------
+    name_or_dir : str or os.PathLike
+        ``"smollm2"`` (the default; also ``"smollm2-135m-instruct"``, in any case) is
+        SmolLM2-135M-Instruct from the cached conversion of :func:`smollm2_dir` (made on first
+        use); anything else is a model directory or a hub id.
+    dtype : str or torch.dtype
+        ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``: the precision the model
+        runs in, which is also the precision a capture stores.
+    trust_remote_code : bool
+        Passed only when asked for, because it runs code from the model repository.
+    attn_implementation : str, optional
+        ``"eager"``, ``"sdpa"``, ...: passed through when given; the terms are the same either way
+        (eager is slower).
 
-    The model is returned in eval mode (dropout off: captures must be of the model's inference). A
-    tokenizer without a pad token gets its eos token as pad token, because batching needs one and
-    streamtap drops padding anyway; its ``padding_side`` is left as the tokenizer has it.
+    Returns
+    -------
+    model : transformers.PreTrainedModel
+        In eval mode (dropout off: captures must be of the model's inference).
+    tokenizer : transformers tokenizer
+        A tokenizer without a pad token gets its eos token as pad token, because batching needs one
+        and streamtap drops padding anyway; its ``padding_side`` is left as the tokenizer has it.
+
+    Raises
+    ------
+    ModelLoadError
+        The model or tokenizer cannot be found or read (``from_pretrained`` raised ``OSError``), or
+        the default cannot be fetched or converted.
+    UnknownModelError
+        An unsupported ``dtype``.
+    MissingDependencyError
+        Converting the default model needs the ``gguf`` package and it is not installed.
     """
     torch_dtype = resolve_dtype(dtype)
     if isinstance(name_or_dir, os.PathLike):

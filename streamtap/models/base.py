@@ -24,7 +24,23 @@ class UnknownModelError(StreamtapError, ValueError):
 
 
 def resolve_dtype(dtype):
-    """A ``torch.dtype`` from a name or a dtype; only the three precisions streamtap stores."""
+    """A ``torch.dtype`` from a name or a dtype; only the three precisions streamtap stores.
+
+    Parameters
+    ----------
+    dtype : str or torch.dtype
+        ``"float32"``, ``"bfloat16"``, ``"float16"`` (a ``"torch."`` prefix is allowed) or the
+        matching ``torch.dtype``.
+
+    Returns
+    -------
+    torch.dtype
+
+    Raises
+    ------
+    UnknownModelError
+        Any other dtype.
+    """
     import torch
 
     if isinstance(dtype, torch.dtype):

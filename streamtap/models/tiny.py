@@ -19,12 +19,12 @@ TINY_ARCHS = (
 
 def tiny_model(arch: str, *, dtype="float32", seed: int = 0, attn_implementation: str = "eager",
                **config_overrides):
-    """A tiny randomly initialised causal LM of architecture ``arch`` (eval mode), for tests.
+    """A tiny randomly initialised model of architecture ``arch`` (eval mode), for tests.
 
     Why: every layout must be checked against the real ``transformers`` modelling code, offline and
     in seconds, so these are the library's own classes with tiny configs (2 layers, d_model 64,
     4 heads of 16, vocabulary 128, 64 positions; the Llama family with 2 key/value heads, i.e.
-    grouped-query attention). ``config_overrides`` change any config field.
+    grouped-query attention). A causal LM, except ``bert`` and ``roberta`` (masked LMs).
 
     The weights are deliberately not the library's default initialisation: ``initializer_range`` is
     0.2 (default 0.02) so that every term is of a size that an error would show in, every bias is
@@ -33,6 +33,29 @@ def tiny_model(arch: str, *, dtype="float32", seed: int = 0, attn_implementation
     same reason. Weights are made in float32 with a private generator seeded by ``seed`` (the global
     torch RNG is left untouched) and then cast to ``dtype``, so the same seed gives the same model,
     rounded, in every precision.
+
+    Parameters
+    ----------
+    arch : str
+        One of :data:`TINY_ARCHS`.
+    dtype : str or torch.dtype
+        ``"float32"``, ``"bfloat16"`` or ``"float16"`` (or the ``torch.dtype``).
+    seed : int
+        Seeds the weights; the same seed gives the same model.
+    attn_implementation : str
+        Passed to ``from_config`` (``"eager"``, ``"sdpa"``, ...).
+    **config_overrides
+        Any field of the architecture's config, e.g. ``num_hidden_layers=4``.
+
+    Returns
+    -------
+    transformers.PreTrainedModel
+        In eval mode, in ``dtype``.
+
+    Raises
+    ------
+    UnknownModelError
+        An ``arch`` not in :data:`TINY_ARCHS`, or an unsupported ``dtype``.
     """
     if arch not in _TINY_CONFIGS:
         raise UnknownModelError(f"unknown tiny architecture {arch!r}; known: {', '.join(TINY_ARCHS)}")
@@ -71,6 +94,7 @@ def _gpt2():
 
 
 def _llama_fields(**extra):
+    """The Llama family's tiny config fields (grouped-query attention, 2 kv heads)."""
     return dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra)
 
@@ -100,12 +124,14 @@ def _qwen2():
 
 
 def _named(config_name: str, **fields):
+    """A config maker for ``transformers.<config_name>``, looked up when the model is built."""
     import transformers
 
     return lambda: (getattr(transformers, config_name), fields)
 
 
 def _masked_lm(config_name: str, **fields):
+    """As ``_named``, built with ``AutoModelForMaskedLM``."""
     import transformers
 
     return lambda: (getattr(transformers, config_name), fields, transformers.AutoModelForMaskedLM)

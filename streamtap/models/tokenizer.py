@@ -12,7 +12,21 @@ SPECIALS = ("[PAD]", "[UNK]")
 
 
 def word_level_tokenizer(texts: Iterable[str], vocab_size: int):
-    """A ``PreTrainedTokenizerFast`` over the words of ``texts`` (first seen first), with a pad token."""
+    """A ``PreTrainedTokenizerFast`` over the words of ``texts`` (first seen first), with a pad token.
+
+    Parameters
+    ----------
+    texts : iterable of str
+        The texts whose words (as the ``Whitespace`` pre-tokenizer splits them: runs of word
+        characters, runs of punctuation) make the vocabulary, in order of first appearance.
+    vocab_size : int
+        The model's vocabulary size: ids stay below it, and words beyond it map to ``[UNK]``.
+
+    Returns
+    -------
+    transformers.PreTrainedTokenizerFast
+        ``[PAD]`` is id 0 (the pad token), ``[UNK]`` id 1, the words from id 2.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

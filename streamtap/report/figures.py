@@ -25,16 +25,46 @@ DIVERGING = "RdBu_r"
 
 
 def save(fig: Figure, path, dpi: int = 110) -> None:
+    """Write a figure to a file, cropped to its contents.
+
+    Parameters
+    ----------
+    fig : matplotlib.figure.Figure
+        A figure from this module (or any other).
+    path : str or os.PathLike
+        Where to write; the extension picks the format (``.png``, ``.svg``, ``.pdf``, ...).
+    dpi : int
+        Resolution of raster formats.
+
+    Returns
+    -------
+    None
+    """
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
 
 
 def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
+    """A figure as PNG bytes, cropped to its contents (the report embeds them in its page).
+
+    Parameters
+    ----------
+    fig : matplotlib.figure.Figure
+        The figure.
+    dpi : int
+        Resolution.
+
+    Returns
+    -------
+    bytes
+        The PNG file.
+    """
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return buf.getvalue()
 
 
 def _ids_text(text, ids) -> np.ndarray:
+    """The text of ``ids`` through ``text``, or ``#id`` without it."""
     ids = np.asarray(ids)
     if text is None:
         return np.array([f"#{int(i)}" for i in ids.reshape(-1)], dtype=object).reshape(ids.shape)
@@ -49,6 +79,7 @@ def _show(s: str, width: int = 14) -> str:
 
 
 def _symmetric(values) -> TwoSlopeNorm:
+    """A colour norm centred on 0 and symmetric around it, so that sign reads as colour."""
     lim = float(np.nanmax(np.abs(values))) if np.size(values) else 1.0
     lim = lim if lim > 0 else 1.0
     return TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
@@ -56,10 +87,31 @@ def _symmetric(values) -> TwoSlopeNorm:
 
 # -- 1. layer x head contributions -------------------------------------------------------------------
 def contribution_heatmap(contrib: xr.DataArray, *, title: str | None = None, annotate: int = 8) -> Figure:
-    """Direct contributions of one token (a DLA result at one token: dims ``component``).
+    """Direct contributions at one token: heads as a layer x head grid, biases and MLPs beside it.
 
-    Heads as a layer x head grid; each layer's attention bias and MLP (or the sum of its neurons)
-    in two columns beside it; the ``annotate`` largest contributions in absolute value are labelled.
+    Each layer's attention bias and MLP (or the sum of its neurons, experts and norm betas) form two
+    columns beside the grid, on the same colour scale centred on 0; components of no layer
+    (embeddings, the final norm's and unembedding's biases) are listed above it with their values.
+
+    Parameters
+    ----------
+    contrib : xarray.DataArray
+        A ``direct_logit_attribution`` result at one token (dims ``("component",)``), lazy or
+        computed.
+    title : str, optional
+        The figure's title (default: "direct logit attribution").
+    annotate : int
+        How many of the largest contributions in absolute value get their value written on them
+        (where they are a head, an attention bias or an MLP).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    ValueError
+        ``contrib`` has dims other than ``("component",)``.
     """
     contrib = contrib.compute() if hasattr(contrib, "compute") else contrib
     if contrib.dims != ("component",):
@@ -112,7 +164,28 @@ def contribution_heatmap(contrib: xr.DataArray, *, title: str | None = None, ann
 
 # -- 2. logit lens -------------------------------------------------------------------------------------
 def logit_lens_table(lens: xr.Dataset, text=None, *, k: int | None = None, title: str | None = None) -> Figure:
-    """Top-k tokens at every depth for one token (a logit_lens result at one token: dims depth, k)."""
+    """Top-k tokens at every depth for one token, shaded by probability.
+
+    Parameters
+    ----------
+    lens : xarray.Dataset
+        A ``logit_lens`` result at one token (dims ``depth``, ``k``), lazy or computed.
+    text : callable, optional
+        Maps an array of vocabulary ids to their text; without one, ids are shown as ``#id``.
+    k : int, optional
+        How many columns (default: all of ``lens``'s k).
+    title : str, optional
+        The figure's title (default: "logit lens").
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    ValueError
+        ``lens`` still has a ``token`` dim.
+    """
     if "token" in lens.dims:
         raise ValueError("give the logit lens at one token: lens.isel(token=i)")
     lens = lens.compute()
@@ -139,7 +212,22 @@ def logit_lens_table(lens: xr.Dataset, text=None, *, k: int | None = None, title
 
 # -- 3. token-to-token maps --------------------------------------------------------------------------
 def pick_heads(maps: xr.Dataset, n: int = 6, which: str = "raw") -> list[tuple[int, int]]:
-    """The heads whose map varies most (largest standard deviation of ``which``)."""
+    """The heads whose map varies most: largest standard deviation of ``which`` over the map.
+
+    Parameters
+    ----------
+    maps : xarray.Dataset
+        A ``relevance`` or ``promotion`` result (dims layer, head and two token dims).
+    n : int
+        How many heads.
+    which : str
+        The variable to rank by: ``"raw"`` or ``"normalized"``.
+
+    Returns
+    -------
+    list of (int, int)
+        (layer, head) pairs, the most varied first.
+    """
     spread = maps[which].std(dim=list(maps[which].dims[2:])).values
     order = np.argsort(-spread.reshape(-1))[:n]
     layers, heads = maps.layer.values, maps["head"].values
@@ -149,7 +237,26 @@ def pick_heads(maps: xr.Dataset, n: int = 6, which: str = "raw") -> list[tuple[i
 def token_maps(maps: xr.Dataset, heads=None, *, which: str = "normalized", n: int = 6, title: str | None = None) -> Figure:
     """Token x token maps (relevance: query x key, promotion: source x target) of some heads.
 
-    ``heads`` is a list of (layer, head); by default the ``n`` heads whose raw map varies most.
+    Normalised relevance (rows sum to 1) is drawn from 0 up; everything else on a diverging scale
+    centred on 0. All maps share one colour scale.
+
+    Parameters
+    ----------
+    maps : xarray.Dataset
+        A ``relevance`` or ``promotion`` result.
+    heads : sequence of (int, int), optional
+        The (layer, head) pairs to draw; by default the ``n`` heads whose raw map varies most
+        (``pick_heads``).
+    which : str
+        The variable to draw: ``"normalized"`` or ``"raw"``.
+    n : int
+        How many heads to pick when ``heads`` is not given.
+    title : str, optional
+        The figure's title (default: the two token dims and ``which``).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
     """
     rows_dim, cols_dim = maps[which].dims[2:]
     heads = list(heads) if heads is not None else pick_heads(maps, n)
@@ -184,7 +291,23 @@ def token_maps(maps: xr.Dataset, heads=None, *, which: str = "normalized", n: in
 
 # -- 4. effective ranks ------------------------------------------------------------------------------
 def effective_rank_bars(er: xr.Dataset, *, definition: str = "entropy", title: str | None = None) -> Figure:
-    """Per layer, mean effective rank over heads of the factors and the fused matrices (min-max bars)."""
+    """Per layer, mean effective rank over heads of the factors and the fused matrices (min-max bars).
+
+    Two panels, W_Q, W_K, W_QK and W_V, W_O, W_OV, with d_head dotted as the bound of every rank.
+
+    Parameters
+    ----------
+    er : xarray.Dataset
+        An ``effective_rank`` result.
+    definition : str
+        ``"entropy"`` (``erank_entropy``) or ``"energy"`` (``erank_energy``).
+    title : str, optional
+        The figure's title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
     var = {"entropy": "erank_entropy", "energy": "erank_energy"}[definition]
     groups = (("W_Q", "W_K", "W_QK"), ("W_V", "W_O", "W_OV"))
     layers = er.layer.values
@@ -213,7 +336,25 @@ def effective_rank_bars(er: xr.Dataset, *, definition: str = "entropy", title: s
 # -- 5. message norms --------------------------------------------------------------------------------
 def message_norm_distribution(em: xr.Dataset, *, threshold: float | None = 0.02,
                               title: str | None = None) -> Figure:
-    """Distribution of relative message norms per layer, and per head the share of near-empty messages."""
+    """Distribution of relative message norms per layer, and per head the share of near-empty messages.
+
+    Left: violins of log10 ``relative_norm`` per layer, over tokens and heads. Right: a layer x
+    head map of the share of tokens below ``threshold``.
+
+    Parameters
+    ----------
+    em : xarray.Dataset
+        An ``empty_messages`` result (it is computed here, so select tokens first on big stores).
+    threshold : float, optional
+        The near-empty bound, drawn as a line; ``None`` or 0 maps each head's median log10
+        relative norm instead.
+    title : str, optional
+        The figure's title (default: the number of tokens).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
     em = em.compute()
     rel = np.asarray(em.relative_norm.values, np.float64)            # (token, layer, head)
     logs = np.log10(np.clip(rel, 1e-6, None))

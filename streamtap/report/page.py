@@ -7,8 +7,8 @@ Sections: the store and its exactness; direct logit attribution of one token's p
 and MLPs; the logit lens at that token; token-to-token relevance and promotion maps of the heads
 whose maps vary most; effective ranks of fused and factored attention matrices; message norms and
 near-empty heads; the residual as an accumulating prediction. Per-token statistics are computed over
-the first ``sample`` tokens, so a report on a store larger than memory takes seconds to minutes, not
-a pass over everything. A section whose inputs the store lacks (attention weights, say) says so.
+the first ``sample`` tokens, so the cost of a report is bounded by ``sample``, not by the size of the
+store. A section whose inputs the store lacks (attention weights, say) says so.
 The page needs nothing outside itself: no scripts or styles are fetched; the CSV files next to it
 repeat the tables for other tools.
 """
@@ -60,6 +60,8 @@ window.addEventListener("load", function () {
 
 
 class _Page:
+    """The report being written: its HTML parts in order, and the CSV tables written beside it."""
+
     def __init__(self, out: Path):
         self.parts: list[str] = []
         self.out = out
@@ -104,24 +106,64 @@ class _Page:
 
 
 def _fmt(v) -> str:
+    """A table cell: floats to four significant digits."""
     if isinstance(v, (float, np.floating)):
         return f"{v:.4g}"
     return str(v)
 
 
 def _q(s: str) -> str:
+    """Token text quoted, so that leading spaces and escapes show."""
     return repr(str(s))
 
 
 def write_report(store, out_dir, *, token: int | None = None, target=None, words=None, k: int = 10,
                  sample: int = 4096, tokenizer=None, heads: int = 6, storage_options: dict | None = None) -> Path:
-    """Write ``out_dir/index.html`` (and ``out_dir/data/*.csv``); returns the HTML file's path.
+    """Write the HTML report of a store: ``out_dir/index.html`` and ``out_dir/data/*.csv``.
 
-    ``token`` is the store row to attribute (default: the last); ``target`` a vocabulary id or token
-    text (default: the model's top-1 prediction at that token); ``words`` the tokens of the
-    relevance and promotion maps (default: the six most frequent stored tokens); ``sample`` how many
-    tokens (from the first) the per-token statistics use; ``storage_options`` go to fsspec for an
-    ``s3://`` store.
+    The page is self-contained (figures embedded as PNG, nothing fetched) and is replaced
+    atomically, so a reader never sees half a page. Sections whose weights the store lacks say so
+    instead of failing.
+
+    Parameters
+    ----------
+    store : str, os.PathLike, zarr store or xarray.Dataset
+        What ``streamtap.open`` accepts, or an already opened store.
+    out_dir : str or os.PathLike
+        The directory to write to (created if needed).
+    token : int, optional
+        The store row to attribute and read the logit lens at (default: the last; negative
+        values count from the end).
+    target : int or str, optional
+        A vocabulary id, or token text as the stored tokens read it (looked up in the store, not
+        with ``tokenizer``); default: the model's top-1 prediction at that token.
+    words : sequence of int or str, optional
+        The tokens of the relevance and promotion maps (default: the six most frequent tokens of
+        the sample).
+    k : int
+        How many top tokens the logit lens keeps.
+    sample : int
+        How many tokens, from the first, the per-token statistics use (the accumulation section
+        uses at most the first 1024 of them).
+    tokenizer : optional
+        Gives token texts and resolves ``words``; without one, the text of the stored tokens is
+        used.
+    heads : int
+        How many heads the relevance and promotion maps show.
+    storage_options : dict, optional
+        For a URL (``s3://...``): options of its fsspec filesystem.
+
+    Returns
+    -------
+    pathlib.Path
+        The path of ``index.html``.
+
+    Raises
+    ------
+    InputError
+        The store holds no tokens.
+    StreamtapError
+        A ``target`` or ``words`` string that does not resolve to one token.
     """
     started = time.perf_counter()
     ds = store if isinstance(store, xr.Dataset) else open_store(store, storage_options=storage_options)
@@ -164,6 +206,7 @@ def write_report(store, out_dir, *, token: int | None = None, target=None, words
 
 # -- sections ----------------------------------------------------------------------------------------
 def _summary(page: _Page, ds, sub, store) -> None:
+    """The store's facts, and its decomposition error over the sample."""
     a = ds.attrs
     page.h2("Store", "store")
     err = verify(sub, raise_on_error=False)
@@ -182,6 +225,7 @@ def _summary(page: _Page, ds, sub, store) -> None:
 
 
 def _attribution(page: _Page, ds, one, row, target, text, k) -> int | None:
+    """Direct logit attribution at one token; returns the target id it used (None without W_U)."""
     page.h2("Direct logit attribution", "attribution")
     if "W_U" not in ds:
         page.missing("the store has no unembedding (W_U)")
@@ -215,6 +259,7 @@ def _attribution(page: _Page, ds, one, row, target, text, k) -> int | None:
 
 
 def _where(one) -> str:
+    """A token as the page names it: its seq, pos and text."""
     t = one.isel(token=0)
     s = f"seq {int(t.seq)}, pos {int(t.pos)}"
     if "text" in t.coords:
@@ -223,6 +268,7 @@ def _where(one) -> str:
 
 
 def _lens(page: _Page, one, row, target_id, text, k) -> None:
+    """The logit lens at one token, following the attribution's target."""
     page.h2("Logit lens", "lens")
     if "W_U" not in one:
         page.missing("the store has no unembedding (W_U)")
@@ -246,11 +292,13 @@ def _lens(page: _Page, one, row, target_id, text, k) -> None:
 
 
 def _default_words(ds, sub, n=6) -> list[int]:
+    """The ``n`` most frequent token ids of the sample."""
     counts = token_frequencies(sub).values
     return [int(i) for i in np.argsort(-counts, kind="stable")[:n] if counts[i] > 0]
 
 
 def _maps(page: _Page, ds, sub, words, tokenizer, heads) -> None:
+    """Relevance and promotion maps of the heads whose maps vary most, with their raw values."""
     page.h2("Relevance and promotion", "maps")
     try:
         ids = token_ids(ds, words, tokenizer) if words else _default_words(ds, sub)
@@ -288,6 +336,7 @@ def _maps(page: _Page, ds, sub, words, tokenizer, heads) -> None:
 
 
 def _ranks(page: _Page, ds) -> None:
+    """Effective ranks per layer, means over heads."""
     page.h2("Effective ranks", "ranks")
     try:
         er = effective_rank(ds)
@@ -314,6 +363,7 @@ def _ranks(page: _Page, ds) -> None:
 
 
 def _empty(page: _Page, sub) -> None:
+    """Message norms over the sample and the heads most often near-empty."""
     page.h2("Empty messages", "empty")
     threshold = NEAR_EMPTY
     try:
@@ -340,11 +390,13 @@ def _empty(page: _Page, sub) -> None:
 
 
 def _q_list(ds, ids) -> str:
+    """Quoted texts of ids, from the stored corpus."""
     known = corpus_vocab(ds)
     return ", ".join(_q(known.get(int(i), f"<{int(i)}>")) for i in ids)
 
 
 def _accumulation(page: _Page, sub, text) -> None:
+    """PCA over depth of the sample's residuals, and how often PC1 names the model's prediction."""
     page.h2("The residual as an accumulating prediction", "accumulation")
     if "W_U" not in sub:
         page.missing("the store has no unembedding (W_U)")
