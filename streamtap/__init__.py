@@ -21,7 +21,7 @@ _EXPORTS = {
     "decompose": "invariant", "verify": "invariant", "tolerance": "invariant",
     "CaptureOptions": "options", "CorpusOptions": "options",
     "StreamtapError": "errors", "DecompositionError": "errors", "InputError": "errors", "OptionError": "errors",
-    "NonFiniteError": "errors", "StoreExistsError": "errors", "StoreMismatchError": "errors", "LayoutError": "errors",
+    "NonFiniteError": "errors", "StoreExistsError": "errors", "StoreDamagedError": "errors", "StoreAccessError": "errors", "StoreMismatchError": "errors", "LayoutError": "errors",
     "UnsupportedArchitectureError": "errors", "StoreLockedError": "errors", "StoreFullError": "errors",
 }
 # no submodule shares a name with an exported function: importing a submodule rebinds the package

@@ -22,8 +22,9 @@ import click
 import numpy as np
 
 import streamtap as st
-from .errors import StoreExistsError, StreamtapError
-from .io.location import fs_options, is_streamtap_store, is_url, open_group, store_exists
+from .errors import StreamtapError
+from .io.location import access_error, fs_options, is_url, open_group
+from .io.writer import check_target
 from .io.ranks import rank_stores
 from .io.schema import COMMITTED_SEQUENCES, COMMITTED_TOKENS
 from .models.smollm2 import DEFAULT_MODEL
@@ -37,7 +38,8 @@ TARGET = " Paris"
 
 # -- plumbing --------------------------------------------------------------------------------------
 class _Cli(click.Group):
-    """A group that turns any StreamtapError into one line on stderr and exit code 2.
+    """A group that turns any StreamtapError into one line on stderr and exit code 2, and Ctrl-C
+    into exit code 130 (as shells expect of an interrupted command).
 
     streamtap's errors are written for the person at the terminal; a traceback would bury them.
     """
@@ -48,6 +50,15 @@ class _Cli(click.Group):
         except StreamtapError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
+        except KeyboardInterrupt:
+            ctx.exit(130)
+        except Exception as exc:  # a storage library's "cannot reach" (S3 credentials, endpoint): one line too
+            if access_error(exc) is None:
+                raise
+            click.echo(f"error: cannot reach the store ({type(access_error(exc)).__name__}: {access_error(exc)}). "
+                       "Check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the "
+                       "endpoint (--storage-option endpoint_url=... or AWS_ENDPOINT_URL)", err=True)
+            ctx.exit(2)
 
 
 def _sample_path() -> str:
@@ -55,14 +66,30 @@ def _sample_path() -> str:
     return str(resources.files("streamtap") / "data" / "sample.txt")
 
 
-def _read_texts(path: str) -> list[str]:
-    """One document per line; blank lines are skipped because a capture refuses empty texts."""
-    with open(path, encoding="utf-8") as f:
-        texts = [line.rstrip("\r\n") for line in f]
-    texts = [t for t in texts if t.strip()]
+def _read_texts(path: str) -> tuple[list[str], list[int]]:
+    """(documents, the line number of each): one document per line; blank lines are skipped because a
+    capture refuses empty texts. The file must be UTF-8 text; anything else is refused naming the line."""
+    texts, lines, offset = [], [], 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise st.InputError(
+                    f"{path} is not UTF-8 text: line {number}, byte {offset + exc.start} (0x{raw[exc.start]:02x}) "
+                    "cannot be decoded. --text takes UTF-8 text, one document per line; convert the file "
+                    "(e.g. iconv -f latin1 -t utf-8) or give another") from None
+            if "\x00" in line:
+                raise st.InputError(f"{path} holds a NUL byte on line {number}: it looks like a binary file. "
+                                    "--text takes UTF-8 text, one document per line")
+            offset += len(raw)
+            line = line.rstrip("\r\n")
+            if line.strip():
+                texts.append(line)
+                lines.append(number)
     if not texts:
         raise st.InputError(f"{path} has no non-blank lines; give one document per line")
-    return texts
+    return texts, lines
 
 
 def _load(model_id: str, dtype: str, device: str | None, trust_remote_code: bool, texts: list[str]):
@@ -86,21 +113,12 @@ def _load(model_id: str, dtype: str, device: str | None, trust_remote_code: bool
     return model, tok
 
 
-def _refuse_existing(out: str, flags: str, options: dict | None = None) -> None:
-    """Fail before the model loads (seconds to minutes) when the store is in the way."""
-    if store_exists(out, options):
-        raise StoreExistsError(f"a store already exists at {out}; pass {flags}")
-
-
-def _refuse_foreign(out: str, options: dict | None = None) -> None:
-    """--overwrite deletes the target: never let it delete something that is not a streamtap store.
-
-    The writer removes whatever is at the path (``streamtap demo --out .`` would take the working
-    directory with it), so the command line checks first.
-    """
-    if store_exists(out, options) and not is_streamtap_store(out, options):
-        raise StoreExistsError(f"{out} exists and is not a streamtap store; --overwrite only replaces "
-                               "streamtap stores. Remove it yourself or choose another --out")
+def _line_of(error: st.InputError, lines: list[int], path: str) -> st.InputError:
+    """A capture's error about text i, told as the line of the file it came from."""
+    index = getattr(error, "index", None)
+    if index is None or not 0 <= index < len(lines):
+        return error
+    return st.InputError(str(error).replace(f"text {index} ", f"line {lines[index]} of {path} ", 1))
 
 
 def _committed(store, options: dict | None = None) -> tuple[int, int]:
@@ -156,6 +174,10 @@ def _rows(pairs: list[tuple[str, object]], indent: str = "") -> None:
     width = max(len(k) for k, _ in pairs)
     for key, value in pairs:
         click.echo(f"{indent}{key:<{width}}  {value}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _q(text: str) -> str:
@@ -254,16 +276,18 @@ def capture(model_id, text, out, dtype, device, trust_remote_code, **flags):
     """
     options = CorpusOptions(**flags, model_name=model_id, progress=True)  # every option checked before any work
     storage_options = options.storage_options
-    if not (options.append or options.overwrite or options.resume):
-        _refuse_existing(out, "--resume to continue it, --append to add to it or --overwrite to replace it",
-                         storage_options)
-    if options.overwrite:
-        _refuse_foreign(out, storage_options)
-    texts = _read_texts(text or _sample_path())
+    # everything about --out and --text that would stop the capture, before the model loads
+    check_target(out, append=options.append, overwrite=options.overwrite, resume=options.resume,
+                 break_lock=options.break_lock, storage_options=storage_options)
+    path = text or _sample_path()
+    texts, lines = _read_texts(path)
     model, tok = _load(model_id, dtype, device, trust_remote_code, texts)
     before_tokens, before_seqs = _committed(out, storage_options) if (options.append or options.resume) else (0, 0)
     start = time.perf_counter()
-    st.capture(model, texts, out, tokenizer=tok, **vars(options))
+    try:
+        st.capture(model, texts, out, tokenizer=tok, **vars(options))
+    except st.InputError as error:
+        raise _line_of(error, lines, path) from None
     seconds = time.perf_counter() - start
     total_tokens, total_seqs = _committed(out, storage_options)
     tokens, seqs = total_tokens - before_tokens, total_seqs - before_seqs
@@ -286,16 +310,21 @@ def verify(ctx, store, tol, storage_options):
     analyses it.
     """
     ds = st.open(store, storage_options=storage_options)
-    failure = None
-    try:
-        err = st.verify(ds, tol=tol)
-    except st.DecompositionError as exc:
-        err, failure = exc.errors, exc
+    err = st.verify(ds, tol=tol, raise_on_error=False)
+    problems = err.attrs["problems"]
     _rows([("tokens", f"{ds.sizes['token']:,}"), ("max rel error", f"{err.attrs['max_rel_error']:.3g}"),
            ("max abs error", f"{err.attrs['max_abs_error']:.3g}"), ("tolerance", f"{err.attrs['tolerance']:g}"),
-           ("invariant", _verdict(err))])
-    if failure is not None:
-        click.echo(f"error: {failure}", err=True)
+           ("invariant", _verdict(err)), ("store", "whole" if not problems else f"DAMAGED ({_count(len(problems), 'problem')})")])
+    if problems:
+        for problem in problems:
+            click.echo(f"  damaged: {problem}")
+        click.echo(f"error: the store is damaged ({_count(len(problems), 'problem')}, listed above); recapture the tokens "
+                   "concerned or restore the files from a copy", err=True)
+        ctx.exit(1)
+    if _verdict(err) != "ok":
+        from .invariant import misses
+
+        click.echo(f"error: {misses(err)}", err=True)
         ctx.exit(1)
 
 
@@ -313,7 +342,7 @@ def info(store, storage_options):
     a = ds.attrs
     disk, raw = _disk_bytes(str(store), storage_options), _stored_bytes(store, storage_options)
     err = st.verify(ds, raise_on_error=False)
-    ratio = f"{raw / disk:.2f}x" if disk else "n/a"
+    problems = err.attrs["problems"]
     _rows([
         ("store", store),
         ("model", a.get("model_name", "?")),
@@ -327,15 +356,47 @@ def info(store, storage_options):
         ("tokens", f"{int(a[COMMITTED_TOKENS]):,}"),
         ("sequences", f"{int(a[COMMITTED_SEQUENCES]):,}"),
         ("on disk", _size(disk)),
-        ("uncompressed", _size(raw)),
-        ("compression", ratio),
+        ("data", f"{_size(raw)} over the committed tokens"),
+        ("compression", _compression(store, storage_options)),
         ("stored as", _stored_as(a)),
         ("max error", f"{err.attrs['max_rel_error']:.3g} relative, {err.attrs['max_abs_error']:.3g} absolute "
                       f"(tolerance {err.attrs['tolerance']:g}: {_verdict(err)})"),
         ("schema", f"{a.get('schema_version')}  (written by streamtap {a.get('streamtap_version')}, "
                    f"this is {st.__version__})"),
         ("created by", a.get("created_by", "?")),
+        ("integrity", "whole" if not problems else f"DAMAGED, {_count(len(problems), 'problem')}:"),
     ])
+    for problem in problems:
+        click.echo(f"  damaged: {problem}")
+
+
+def _compression(store, options: dict | None = None) -> str:
+    """What the codecs do, per kind of array: ``raw`` where none is applied, else the ratio of the
+    chunks' decoded to stored bytes (what the codec saves, not what a partly filled chunk costs)."""
+    ranks = rank_stores(store, options)
+    group = open_group(ranks[0] if ranks else store, mode="r", storage_options=options)
+    kinds: dict[str, list[int]] = {"per-token arrays": [0, 0], "static weights": [0, 0]}
+    raw_kinds = set()
+    for name, arr in group.arrays():
+        dims = arr.metadata.dimension_names or ()
+        kind = "per-token arrays" if dims and dims[0] == "token" and name not in ("seq", "pos", "token_id", "text") \
+            else "static weights" if not (dims and dims[0] == "token") else None
+        if kind is None:
+            continue
+        if not arr.compressors:
+            raw_kinds.add(kind)
+            continue
+        stored = arr.nbytes_stored()
+        chunks = arr.nchunks_initialized
+        kinds[kind][0] += chunks * int(np.prod(arr.chunks)) * arr.dtype.itemsize
+        kinds[kind][1] += stored
+    parts = []
+    for kind, (decoded, stored) in kinds.items():
+        if kind in raw_kinds and not stored:
+            parts.append(f"{kind} raw")
+        elif stored:
+            parts.append(f"{kind} Blosc zstd-1, {decoded / stored:.2f}x" + (" (some raw)" if kind in raw_kinds else ""))
+    return "; ".join(parts) or "n/a"
 
 
 def _stored_as(attrs) -> str:
@@ -366,10 +427,8 @@ def demo(model_id, out, overwrite, dtype, device):
     """
     import torch
 
-    if not overwrite:
-        _refuse_existing(out, "--overwrite to replace it, or another --out")
-    _refuse_foreign(out)
-    sample = _read_texts(_sample_path())
+    check_target(out, overwrite=overwrite)  # never replaces anything but a streamtap store
+    sample, _ = _read_texts(_sample_path())
     start = time.perf_counter()
     model, tok = _load(model_id, dtype, device, False, sample + [PROMPT])
     loaded = time.perf_counter() - start

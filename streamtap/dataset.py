@@ -16,8 +16,8 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from .errors import StreamtapError
-from .io.location import open_group, resolve
+from .errors import StoreAccessError, StreamtapError
+from .io.location import access_error, describe, open_group, reaching, resolve
 from .io.ranks import rank_stores
 from .io.schema import COMMITTED_SEQUENCES, COMMITTED_TOKENS, COORDS, IDENTITY, SCHEMA_VERSION, STORED_DTYPE, per_token_names
 
@@ -58,16 +58,26 @@ def open(store, *, chunks: dict | None = None, storage_options: dict | None = No
         The committed tokens only, every variable lazy. Only Zarr v3 JSON metadata is read, and only
         with zarr's own codecs: nothing from a store is unpickled or executed.
     """
+    with reaching(store):
+        return _open(store, chunks, storage_options)
+
+
+def _open(store, chunks, storage_options) -> xr.Dataset:
     ranks = rank_stores(store, storage_options)
     if ranks:
         return _open_ranks(ranks, chunks, storage_options)
-    where = str(store)
+    where = describe(store)
     store = resolve(store, storage_options)
     try:
         group = open_group(store, mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError) as exc:
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError,
+            NotADirectoryError) as exc:
         raise StreamtapError(f"no streamtap store at {where} ({type(exc).__name__}); give the store's "
                              "top directory, the one that `streamtap capture --out` wrote") from None
+    except (ValueError, KeyError, TypeError) as exc:  # zarr.json that is not JSON or not zarr metadata
+        raise StoreAccessError(f"the metadata of {where} is damaged ({type(exc).__name__}: {exc}): its top "
+                               "zarr.json cannot be read as Zarr v3 group metadata. Restore it from a copy, "
+                               "or recapture into a new store") from None
     attrs = dict(group.attrs)
     if COMMITTED_TOKENS not in attrs:
         raise StreamtapError(f"{where} is a Zarr group but not a streamtap store (no {COMMITTED_TOKENS})")
@@ -80,14 +90,16 @@ def open(store, *, chunks: dict | None = None, storage_options: dict | None = No
     try:
         ds = _open_committed(store, group, committed, {} if chunks is None else chunks)
     except Exception as exc:  # a member with a codec or data type zarr does not know (e.g. a pickle codec)
+        if access_error(exc) is not None:
+            raise
         raise StreamtapError(f"{where} cannot be read: {type(exc).__name__}: {exc}. streamtap reads Zarr v3 "
                              "JSON metadata with zarr's own codecs only, and never unpickles") from exc
     ds = ds.set_coords([c for c in COORDS if c in ds])
     ds = ds.assign({name: _decode(ds[name]) for name in ds.data_vars})
     # coordinates are stored in 16x longer chunks than the data (they are tiny); align them so that
     # every per-token block of data meets exactly one block of its labels
-    data = ds["resid_final"].variable.data
-    token_chunks = data.chunks[0] if isinstance(data, da.Array) else None
+    per_token = [ds[n].variable.data for n in ds.data_vars if ds[n].dims[:1] == ("token",)]
+    token_chunks = per_token[0].chunks[0] if per_token and isinstance(per_token[0], da.Array) else None
     if token_chunks:
         ds = ds.assign_coords({c: ds[c].chunk({"token": token_chunks}) for c in COORDS if c in ds.coords})
     return with_derived_terms(ds)
@@ -115,22 +127,30 @@ def _open_committed(store, group, committed: int, chunks: dict, attempts: int = 
 def _open_lengths(store, group, committed: int, chunks: dict) -> xr.Dataset:
     arrays = list(group.arrays())  # one listing (a round trip on object storage)
     lengths: dict[int, list[str]] = {}
+    short = {}  # arrays that end before the committed tokens do: damaged, left out and reported
     for name, array in arrays:
         dims = array.metadata.dimension_names or ()
         if dims and dims[0] == "token":
-            lengths.setdefault(array.shape[0], []).append(name)
+            if array.shape[0] < committed:
+                short[name] = f"holds {array.shape[0]:,} tokens, {committed:,} are committed"
+            else:
+                lengths.setdefault(array.shape[0], []).append(name)
 
     def opened(drop):
         ds = xr.open_zarr(store, consolidated=False, zarr_format=3, chunks=chunks, drop_variables=drop)
         return ds.isel(token=builtins.slice(0, committed)) if "token" in ds.dims else ds
 
     if len(lengths) <= 1:
-        return opened(None)
-    per_token = [n for names in lengths.values() for n in names]
-    static = [name for name, _ in arrays if name not in per_token]
-    parts = [opened([n for n in per_token if n not in names] + (static if i else []))
-             for i, names in enumerate(lengths.values())]
-    return xr.merge(parts, compat="override", join="override", combine_attrs="override")
+        ds = opened(list(short) or None)
+    else:
+        per_token = [n for names in lengths.values() for n in names]
+        static = [name for name, _ in arrays if name not in per_token and name not in short]
+        parts = [opened([n for n in per_token if n not in names] + list(short) + (static if i else []))
+                 for i, names in enumerate(lengths.values())]
+        ds = xr.merge(parts, compat="override", join="override", combine_attrs="override")
+    if short:
+        ds.attrs["unreadable"] = short
+    return ds
 
 
 def with_token_dim(ds: xr.Dataset) -> tuple[xr.Dataset, bool]:
@@ -168,8 +188,14 @@ def _head_messages(z: np.ndarray, W_O: np.ndarray) -> np.ndarray:
 
 
 def with_derived_terms(ds: xr.Dataset) -> xr.Dataset:
-    """Add ``messages`` = z @ W_O per head and ``neuron_out`` = act * W_out per neuron, lazily."""
+    """Add ``messages`` = z @ W_O per head and ``neuron_out`` = act * W_out per neuron, lazily.
+
+    A store that lacks what a derived term is made of (a damaged store) opens without it;
+    ``streamtap.verify`` names what is missing.
+    """
     derived = {}
+    if "z" not in ds or "W_O" not in ds:
+        return ds
     z = ds["z"].astype(np.float32)
     W_O = ds["W_O"].astype(np.float32)
     if W_O.chunks:  # static weights may be stored in several chunks; each block needs all of W_O

@@ -42,6 +42,20 @@ class DecompositionError(StreamtapError):
         self.errors = errors
 
 
+class StoreAccessError(StreamtapError):
+    """A store's location cannot be reached or read (credentials, endpoint, permissions, damaged
+    metadata); the message names the location and the settings to check."""
+
+
+class StoreDamagedError(DecompositionError):
+    """Part of a store cannot be read, or holds fill values where a capture wrote tokens; ``problems``
+    names each array and token range (a ``DecompositionError``: the store cannot be trusted)."""
+
+    def __init__(self, message: str, errors=None, problems=()):
+        super().__init__(message, errors)
+        self.problems = list(problems)
+
+
 class StoreLockedError(StreamtapError):
     """Another writer holds the store's lock; two writers would interleave their batches."""
 

@@ -15,7 +15,7 @@ import numpy as np
 import xarray as xr
 
 from .dataset import with_token_dim
-from .errors import DecompositionError, StreamtapError
+from .errors import DecompositionError, StoreDamagedError, StreamtapError
 from .stream import Embed, FrozenNorms, Parts, Piece, Sum, component_label, from_json, replay, stop_index
 
 # Tolerances on max |sum of terms - resid_final| / max |resid_final|, per token.
@@ -234,14 +234,27 @@ def errors(ds: xr.Dataset, dtype=np.float32) -> xr.DataArray:
     return token_errors(sum_of_terms(ds, dtype), ds["resid_final"].astype(dtype))
 
 
-def _errors_by_block(ds: xr.Dataset, dtype) -> xr.DataArray:
-    """Per-token errors computed one token block at a time, so that a damaged chunk is reported with
-    the tokens it holds instead of ending the whole check with a decoding traceback."""
-    lazy = errors(ds, dtype)
+def summed_arrays(ds: xr.Dataset) -> list[str]:
+    """The per-token arrays the sum of terms reads (the embeddings, z, MLP outputs, frozen scales, the
+    reference); ``verify`` decodes every other one separately (``streamtap.integrity``)."""
+    from .stream import Embed
+
+    events = stream_events(ds)
+    names = [e.var for e in events if isinstance(e, Embed)] + ["z", "mlp_out", "resid_final"]
+    return names + (["norm_scale"] if "norm_weight" in ds else [])
+
+
+def _errors_by_block(ds: xr.Dataset, dtype):
+    """Per-token errors computed one token block at a time where needed, so that a damaged chunk is
+    reported with the tokens it holds instead of ending the whole check with a decoding traceback.
+    Returns (errors, problems); an unreadable block's errors are NaN."""
+    from .integrity import Problem
+
+    lazy = errors(ds.reset_coords(drop=True), dtype)  # the coordinates are read (and checked) apart
     if not isinstance(lazy.data, da.Array):
-        return lazy.compute()
+        return lazy.compute(), []
     try:  # one graph for the healthy case: parallel, and runs as it is on a dask.distributed cluster
-        return lazy.compute()
+        return lazy.compute(), []
     except Exception:  # noqa: BLE001 - something could not be read: find which blocks, one at a time
         pass
     values, absolute, damaged, start = [], [], [], 0
@@ -249,46 +262,118 @@ def _errors_by_block(ds: xr.Dataset, dtype) -> xr.DataArray:
         block = lazy.isel(token=slice(start, start + n))
         try:
             block = block.compute()
-        except Exception as exc:  # undecodable or missing chunk data
-            seq, pos = ds.seq.values, ds.pos.values
-            damaged.append(f"tokens {start}..{start + n - 1} (seq {int(seq[start])} pos {int(pos[start])} to "
-                           f"seq {int(seq[start + n - 1])} pos {int(pos[start + n - 1])}): {type(exc).__name__}: {exc}")
+        except Exception as exc:  # undecodable or missing chunk data: name the array(s) that fail
+            for name in summed_arrays(ds):
+                try:
+                    ds[name].isel(token=slice(start, start + n)).compute()
+                except Exception as why:  # noqa: BLE001
+                    damaged.append(Problem(name, f"cannot be read ({type(why).__name__}: {why})",
+                                           (start, start + n - 1)))
+            if not any(p.tokens == (start, start + n - 1) for p in damaged):
+                damaged.append(Problem("terms", f"cannot be summed ({type(exc).__name__}: {exc})",
+                                       (start, start + n - 1)))
             values.append(np.full(n, np.nan, dtype))
             absolute.append(np.full(n, np.nan, dtype))
         else:
             values.append(block.values)
             absolute.append(block.abs_error.values)
         start += n
-    err = xr.DataArray(np.concatenate(values), dims="token", coords=ds["resid_final"].coords, name="rel_error")
-    err = err.assign_coords(abs_error=("token", np.concatenate(absolute))).compute()
-    if damaged:
-        raise DecompositionError("damaged data in the store, the check could not read " + "; ".join(damaged)
-                                 + ". Recapture those sequences (or restore the chunk files)", errors=err)
-    return err
+    err = xr.DataArray(np.concatenate(values), dims="token", name="rel_error")
+    err = err.assign_coords(abs_error=("token", np.concatenate(absolute)))
+    return err, damaged
 
 
-def verify(ds: xr.Dataset, *, tol: float | None = None, dtype=np.float32, raise_on_error: bool = True) -> xr.DataArray:
-    """Check the invariant on every token: returns per-token relative errors (computed).
+def verify(ds, *, tol: float | None = None, dtype=np.float32, raise_on_error: bool = True) -> xr.DataArray:
+    """Check that a store is whole and that its terms sum to its final residual on every token.
 
-    Raises ``DecompositionError`` naming the worst tokens when any exceeds ``tol`` (by default the
-    bound for the store's dtype, see ``streamtap.tolerance``).
+    The sum is replayed through the store's stream without materialising the per-component array,
+    one token chunk at a time, so it runs over stores larger than memory. Besides the sum, every
+    array the store lists must be there and decode over the committed tokens, no token coordinate
+    may be a fill value, static weights must be finite and every committed sequence must have tokens
+    (``streamtap.integrity``); each problem is reported by array and token range.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset or path
+        An opened store (``streamtap.open``), a selection of its tokens, or a store's location.
+    tol : float, optional
+        The bound on max |sum of terms - resid_final| / max |resid_final| per token; by default the
+        store's own (``streamtap.tolerance``).
+    dtype : numpy dtype
+        What the terms are summed in.
+    raise_on_error : bool
+        Raise when the store is damaged or a token misses the bound (else only return the errors).
+
+    Returns
+    -------
+    xarray.DataArray
+        Per-token relative errors (computed; NaN where unreadable), with ``abs_error`` as a coordinate
+        and ``tolerance``, ``max_rel_error``, ``max_abs_error`` and ``problems`` (the damage found, as
+        text) as attributes.
+
+    Raises
+    ------
+    StoreDamagedError
+        Naming each damaged or missing array and its token range (a ``DecompositionError``).
+    DecompositionError
+        Naming the worst tokens beyond the tolerance (a NaN error always fails).
     """
+    from .integrity import Problem, check, located
+
+    if not isinstance(ds, xr.Dataset):
+        from .dataset import open as open_store
+
+        ds = open_store(ds)
     tol = tolerance(ds) if tol is None else tol
-    if ds.sizes.get("token", 1) == 0:  # an empty store holds no term to miss (dask refuses empty reductions)
+    summed = summed_arrays(ds)
+    problems = check(ds, read=[n for n in ds.data_vars if n not in summed])
+    n_tok = ds.sizes.get("token", 0)
+    if n_tok == 0:  # an empty store holds no term to miss (dask refuses empty reductions)
         err = xr.DataArray(np.zeros(0, dtype), dims="token", name="rel_error").assign_coords(abs_error=("token", np.zeros(0, dtype)))
+    elif any(n not in ds.data_vars for n in summed):
+        err = xr.DataArray(np.full(n_tok, np.nan, dtype), dims="token", name="rel_error").assign_coords(
+            abs_error=("token", np.full(n_tok, np.nan, dtype)))
+        problems.append(Problem("terms", "cannot be summed: "
+                                + ", ".join(n for n in summed if n not in ds.data_vars) + " missing"))
     else:
-        err = _errors_by_block(ds, dtype)
+        err, damaged = _errors_by_block(ds, dtype)
+        problems += damaged
+    problems = located(ds, problems)
+    err = _label(err, ds)
     # NaN (unwritten or damaged data) must fail, so compare with "not within" and never skip NaN
     err.attrs.update(tolerance=tol, max_rel_error=float(err.max(skipna=False)) if err.size else 0.0,
-                     max_abs_error=float(err.abs_error.max(skipna=False)) if err.size else 0.0)
-    bad = ~(err <= tol)
-    if raise_on_error and bool(bad.any()):
-        worst = err.sortby(err.fillna(np.inf), ascending=False).isel(token=slice(0, 5))
-        spots = ", ".join(f"seq {int(s)} pos {int(p)}: {float(e):.3g}"
-                          for s, p, e in zip(worst.seq.values, worst.pos.values, worst.values))
-        raise DecompositionError(
-            f"{int(bad.sum())} of {err.sizes['token']} tokens miss the invariant beyond {tol:g} "
-            f"(relative to max |resid_final|); worst: {spots}. A term is missing or the store is damaged",
-            errors=err,
-        )
+                     max_abs_error=float(err.abs_error.max(skipna=False)) if err.size else 0.0,
+                     problems=[str(p) for p in problems])
+    if raise_on_error and problems:
+        raise StoreDamagedError(
+            f"the store is damaged: {'; '.join(str(p) for p in problems[:8])}"
+            + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+            + ". Recapture the tokens concerned or restore the files from a copy; `streamtap info` describes the store",
+            errors=err, problems=problems)
+    if raise_on_error and bool((~(err <= tol)).any()):
+        raise DecompositionError(misses(err), errors=err)
     return err
+
+
+def misses(err: xr.DataArray) -> str:
+    """What ``verify`` says of errors beyond their tolerance: how many tokens, and the worst five."""
+    tol = err.attrs["tolerance"]
+    bad = ~(err <= tol)
+    worst = err.sortby(err.fillna(np.inf), ascending=False).isel(token=slice(0, 5))
+    spots = ", ".join(f"seq {int(s)} pos {int(p)}: {float(e):.3g}"
+                      for s, p, e in zip(worst.seq.values, worst.pos.values, worst.values))
+    return (f"{int(bad.sum())} of {err.sizes['token']} tokens miss the invariant beyond {tol:g} "
+            f"(relative to max |resid_final|); worst: {spots}. A term is missing or the store is damaged")
+
+
+def _label(err: xr.DataArray, ds: xr.Dataset) -> xr.DataArray:
+    """The errors with the store's token coordinates where they can be read (-1 where they cannot)."""
+    coords = {}
+    for name in ("seq", "pos", "token_id"):
+        if name in ds.variables and "seq" not in err.coords:
+            try:
+                coords[name] = ("token", np.asarray(ds[name].values))
+            except Exception:  # noqa: BLE001 - a damaged coordinate: reported by the integrity check
+                coords[name] = ("token", np.full(err.sizes["token"], -1, np.int64))
+    return err.assign_coords(coords) if coords else err
+

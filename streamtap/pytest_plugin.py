@@ -144,19 +144,25 @@ class StoreCollector(pytest.Collector):
             self._tol = tolerance(self.dataset)
         return self._tol
 
-    def collect(self) -> Iterator["SequenceItem"]:
+    def collect(self) -> Iterator[pytest.Item]:
         import numpy as np
 
-        seqs = np.asarray(self.dataset["seq"].values)
-        order = np.argsort(seqs, kind="stable")
+        yield WholeStoreItem.from_parent(self, name="store")
+        try:
+            seqs = np.asarray(self.dataset["seq"].values)
+        except Exception:  # noqa: BLE001 - an unreadable seq chunk: the store item reports it
+            return
+        real = np.flatnonzero(seqs >= 0)  # fill values (-1) belong to no sequence: the store item names them
+        order = real[np.argsort(seqs[real], kind="stable")]
         values, starts = np.unique(seqs[order], return_index=True)
-        ends = [*starts[1:], seqs.size]
+        ends = [*starts[1:], order.size]
         for value, start, end in zip(values, starts, ends):
             yield SequenceItem.from_parent(self, name=f"seq[{int(value)}]", seq=int(value),
                                            tokens=order[start:end], **_item_id(self, int(value)))
 
     def errors_at(self, tokens):
-        """(relative, absolute) errors of these token indices, computing only the chunks not yet done."""
+        """(relative, absolute) errors of these token indices, computing only the chunks not yet done;
+        a chunk that cannot be read gives NaN (and the store item says why)."""
         import numpy as np
 
         from .testing import relative_errors
@@ -174,11 +180,44 @@ class StoreCollector(pytest.Collector):
         for _, run in itertools.groupby(enumerate(todo), key=lambda t: t[1] - t[0]):
             run = [c for _, c in run]
             lo, hi = self._bounds[run[0]], self._bounds[run[-1] + 1]
-            err = relative_errors(ds.isel(token=slice(lo, hi)))
-            self._rel[lo:hi] = err.values
-            self._abs[lo:hi] = err["abs_error"].values
+            try:
+                err = relative_errors(ds.isel(token=slice(lo, hi)))
+            except Exception:  # noqa: BLE001 - damaged data: NaN, which fails, and the store item names it
+                pass
+            else:
+                self._rel[lo:hi] = err.values
+                self._abs[lo:hi] = err["abs_error"].values
             self._done[run] = True
         return self._rel[tokens], self._abs[tokens]
+
+
+class StoreDamaged(Exception):
+    """The store is not whole; carries the problems the report lists."""
+
+
+class WholeStoreItem(pytest.Item):
+    """The store as a whole (``run.zarr::store``): every listed array there and readable, no token
+    coordinate a fill value, static weights finite, every committed sequence present."""
+
+    def runtest(self) -> None:
+        from .integrity import check
+
+        problems = check(self.parent.dataset)
+        if problems:
+            raise StoreDamaged(problems)
+
+    def repr_failure(self, excinfo, style=None):
+        if not isinstance(excinfo.value, StoreDamaged):
+            return super().repr_failure(excinfo, style=style)
+        problems = excinfo.value.args[0]
+        lines = [f"streamtap store {self.parent.label} is damaged ({len(problems)} problem"
+                 f"{'' if len(problems) == 1 else 's'}):"]
+        lines += [f"  {problem}" for problem in problems]
+        lines.append("Recapture the tokens concerned or restore the files from a copy.")
+        return "\n".join(lines)
+
+    def reportinfo(self):
+        return self.path, None, self.name
 
 
 def _item_id(parent: pytest.Collector, seq: int) -> dict:
@@ -322,4 +361,4 @@ def _is_token_list(item) -> bool:
     return isinstance(item, (list, tuple)) and all(isinstance(t, numbers.Integral) for t in item)
 
 
-__all__ = ["StoreCollector", "SequenceItem", "SequenceMismatch"]
+__all__ = ["StoreCollector", "SequenceItem", "SequenceMismatch", "WholeStoreItem"]

@@ -76,8 +76,8 @@ def test_capture_verify_info(arch, text_file, tmp_path):
     for key in ("layers", "heads", "d_head", "d_model"):
         assert number(got[key]) > 0
     assert number(got["tokens"]) == n_tokens and number(got["sequences"]) == len(DOCS)
-    assert re.match(r"[\d.]+ (B|KiB|MiB)", got["on disk"]) and re.match(r"[\d.]+ (B|KiB|MiB)", got["uncompressed"])
-    assert got["compression"].endswith("x")
+    assert re.match(r"[\d.]+ (B|KiB|MiB)", got["on disk"]) and re.match(r"[\d.]+ (B|KiB|MiB) over the committed tokens", got["data"])
+    assert re.fullmatch(r"per-token arrays raw; static weights Blosc zstd-1, [\d.]+x", got["compression"])
     assert "tolerance 1e-05: ok" in got["max error"]
     assert got["schema"].startswith("1 ") and "streamtap 0.1.0" in got["schema"]
 
@@ -195,7 +195,9 @@ def test_demo_on_smollm2_finds_paris(tmp_path):
 def test_resume_continues_an_interrupted_capture_without_duplicates(text_file, tmp_path):
     out, whole = tmp_path / "run.zarr", tmp_path / "whole.zarr"
     assert capture(text_file, whole).exit_code == 0
-    result = capture(text_file, out, "--resume")  # nothing there yet: --resume simply starts
+    result = capture(text_file, out, "--resume")  # nothing there yet: a typo in --out must not start a capture
+    assert result.exit_code == 2 and "nothing to resume at" in result.stderr and not out.exists()
+    result = capture(text_file, out)
     assert result.exit_code == 0, result.output
     # as a crash between a batch's chunks and its commit leaves it: the last batch is not committed
     group = zarr.open_group(out, mode="r+")

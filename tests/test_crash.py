@@ -44,7 +44,7 @@ def test_verify_reports_a_damaged_chunk_with_the_tokens_it_affects(tmp_path):
     chunk = sorted(glob.glob(os.path.join(path, "mlp_out", "c", "*", "*", "*")))[0]
     with open(chunk, "wb") as f:
         f.write(b"\x00garbage, not a blosc frame")
-    with __import__("pytest").raises(st.DecompositionError, match=r"damaged data .* tokens 0\.\.\d+ \(seq 0 pos 0 to seq"):
+    with __import__("pytest").raises(st.StoreDamagedError, match=r"mlp_out: cannot be read .* \(tokens 0\.\.\d+, seq 0 pos 0 to seq"):
         st.verify(st.open(path))
 
 

@@ -48,23 +48,23 @@ def _damage(path, variable="mlp_out", rows=SEQ0_LAST_AND_SEQ1_FIRST, value=0.0):
 def test_each_sequence_is_a_passing_item_and_a_dir_without_tests_exits_0(pytester, captured):
     _copy(captured, pytester.path)
     result = pytester.runpytest_inprocess("--streamtap-verify", "run.zarr", "-v")
-    result.assert_outcomes(passed=len(LENGTHS))
+    result.assert_outcomes(passed=1 + len(LENGTHS))  # the store as a whole, then each sequence
     assert result.ret == pytest.ExitCode.OK
-    result.stdout.fnmatch_lines([f"run.zarr::seq?{i}? PASSED*" for i in range(len(LENGTHS))])
+    result.stdout.fnmatch_lines(["run.zarr::store PASSED*"] + [f"run.zarr::seq?{i}? PASSED*" for i in range(len(LENGTHS))])
 
 
-def test_collect_only_lists_one_node_id_per_sequence(pytester, captured):
+def test_collect_only_lists_the_store_and_one_node_id_per_sequence(pytester, captured):
     _copy(captured, pytester.path)
     result = pytester.runpytest_inprocess("--streamtap-verify", "run.zarr", "--collect-only", "-q")
     assert result.ret == pytest.ExitCode.OK
     ids = [line for line in result.outlines if line.startswith("run.zarr")]
-    assert ids == [f"run.zarr::seq[{i}]" for i in range(len(LENGTHS))]
+    assert ids == ["run.zarr::store"] + [f"run.zarr::seq[{i}]" for i in range(len(LENGTHS))]
 
 
 def test_damaged_store_fails_exactly_the_damaged_sequences(pytester, captured):
     _damage(_copy(captured, pytester.path))
     result = pytester.runpytest_inprocess("--streamtap-verify", "run.zarr", "-rf", "--junitxml=out.xml")
-    result.assert_outcomes(failed=2, passed=1)
+    result.assert_outcomes(failed=2, passed=2)  # the store is whole; two sequences do not add up
     result.stdout.fnmatch_lines([
         "*streamtap store run.zarr, seq 0: 1 of 5 tokens miss the invariant",
         "*tolerance 1e-05 for float32*",
@@ -81,12 +81,12 @@ def test_damaged_store_fails_exactly_the_damaged_sequences(pytester, captured):
 
 def test_x_k_and_lf_select_items_like_any_tests(pytester, captured):
     _damage(_copy(captured, pytester.path))
-    pytester.runpytest_inprocess("--streamtap-verify", "run.zarr", "-x").assert_outcomes(failed=1)
+    pytester.runpytest_inprocess("--streamtap-verify", "run.zarr", "-x").assert_outcomes(failed=1, passed=1)
     selected = pytester.runpytest_inprocess("--streamtap-verify", "run.zarr", "-k", "seq[2]")
-    selected.assert_outcomes(passed=1, deselected=2)
-    pytester.runpytest_inprocess("--streamtap-verify", "run.zarr").assert_outcomes(failed=2, passed=1)
+    selected.assert_outcomes(passed=1, deselected=3)
+    pytester.runpytest_inprocess("--streamtap-verify", "run.zarr").assert_outcomes(failed=2, passed=2)
     last_failed = pytester.runpytest_inprocess("--streamtap-verify", "run.zarr", "--lf")
-    last_failed.assert_outcomes(failed=2, deselected=1)
+    last_failed.assert_outcomes(failed=2, deselected=2)
 
 
 def test_store_is_checked_alongside_tests_even_in_a_norecursedirs_folder(pytester, captured):
@@ -96,7 +96,22 @@ def test_store_is_checked_alongside_tests_even_in_a_norecursedirs_folder(pyteste
     _copy(captured, pytester.path, name="also.zarr")
     pytester.makepyfile(test_plain="def test_plain():\n    assert True\n")
     result = pytester.runpytest_inprocess("--streamtap-verify", ".runs/run.zarr", "--streamtap-verify", "also.zarr")
-    result.assert_outcomes(passed=1 + 2 * len(LENGTHS))
+    result.assert_outcomes(passed=1 + 2 * (1 + len(LENGTHS)))
+
+
+def test_a_lost_coordinate_chunk_fails_the_store_item_and_names_it(pytester, captured):
+    # a deleted chunk reads back as fill values (token_id -1, seq -1): no error from zarr, so without
+    # the store item the run would collect fewer sequences and pass
+    import glob
+    import os
+
+    path = _copy(captured, pytester.path)
+    for chunk in glob.glob(os.path.join(path, "seq", "c", "*")):
+        os.remove(chunk)
+    result = pytester.runpytest_inprocess("--streamtap-verify", "run.zarr", "-rf")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*streamtap store run.zarr is damaged (1 problem):",
+                                 "*seq: no value (the fill value*(tokens 0..11)"])
 
 
 @pytest.mark.parametrize("target, message", [

@@ -157,3 +157,9 @@ def vocab_scan(rows: np.ndarray, W_U: np.ndarray, b_U, k: int, *, targets=None, 
             out["target_prob"][sl] = np.exp(tl - lse)
             out["target_rank"][sl] = (logits > tl[:, None]).sum(-1)
     return out
+
+
+def as_text(values) -> np.ndarray:
+    """Token texts as a fixed-width unicode array, whatever string dtype they were read as (a store's
+    ``text`` reads back as numpy's variable-width ``StringDType``, which does not cast to it directly)."""
+    return np.asarray(values, dtype=object).astype(str)

@@ -29,7 +29,7 @@ import numpy as np
 import xarray as xr
 
 from ._store import (embedding_matrix, final_norm, is_rotary, kv_heads, local, per_query_head, require, static)
-from ._vocab import token_ids, vocab_text
+from ._vocab import as_text, token_ids, vocab_text
 
 ROTARY_NOTE = ("rotary model: this position-free map ignores the rotation of queries and keys by "
                "position; it is the score two tokens would get at the same position (offset 0), not "
@@ -141,7 +141,7 @@ def _embed_rows(ds, ids, layer_ids, input_norm, dtype) -> np.ndarray:
 def _token_axis(ds, ids, tokenizer, name):
     """Coordinates of a token axis ``name``: position, ``<name>_id`` and ``<name>_text``."""
     return {name: np.arange(len(ids)), f"{name}_id": (name, np.asarray(ids, np.int64)),
-            f"{name}_text": (name, vocab_text(ds, ids, tokenizer).astype(str))}
+            f"{name}_text": (name, as_text(vocab_text(ds, ids, tokenizer)))}
 
 
 def _resolve(ds, tokens, tokenizer, layers):

@@ -18,7 +18,7 @@ import xarray as xr
 
 from ..errors import StreamtapError
 from ._store import final_norm, local, require, static
-from ._vocab import vocab_scan
+from ._vocab import as_text, vocab_scan
 
 
 def _parse(neurons) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +90,7 @@ def neuron_memories(ds: xr.Dataset, neurons, *, k: int = 10, context: int = 6, d
             for c in ("token_id", "seq", "pos", "text") if c in ds.coords}
     out = {"top_activation": (("sel", "rank"), top_val), "top_token": (("sel", "rank"), top_idx)}
     for c, v in info.items():
-        out[f"top_{c}"] = (("sel", "rank"), v.astype(str) if c == "text" else v)
+        out[f"top_{c}"] = (("sel", "rank"), as_text(v) if c == "text" else v)
     if "text" in ds.coords and context > 0:
         out["top_context"] = (("sel", "rank"), _contexts(ds, top_idx, context))
     # values: what W_out[n] writes, read through the final norm and the unembedding
@@ -114,7 +114,7 @@ def _contexts(ds: xr.Dataset, top_idx: np.ndarray, n: int) -> np.ndarray:
     raw = flat[:, None] + np.arange(-n + 1, 1)[None]
     window = raw.clip(0, ds.sizes["token"] - 1)
     uniq, inv = np.unique(window, return_inverse=True)
-    text = np.asarray(local(ds["text"].isel(token=uniq)).values).astype(str)[inv].reshape(window.shape)
+    text = as_text(local(ds["text"].isel(token=uniq)).values)[inv].reshape(window.shape)
     seq = np.asarray(local(ds["seq"].isel(token=uniq)).values)[inv].reshape(window.shape)
     same = (seq == seq[:, -1:]) & (raw >= 0)
     out = ["".join(t for t, keep in zip(row, ok) if keep) for row, ok in zip(text, same)]

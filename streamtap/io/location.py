@@ -6,14 +6,15 @@ Readers in this process also wait here for a writer in the same process (read yo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 
 import zarr
 from zarr.core.sync import sync
 
-from ..errors import StreamtapError
-from .schema import COMMITTED_TOKENS
+from ..errors import StoreAccessError, StreamtapError
+from .schema import COMMITTED_TOKENS, INCOMPLETE
 
 LOCK_NAME = "streamtap.lock"   # the writer lock's node at the store's root (streamtap.io.lock)
 
@@ -84,11 +85,58 @@ def open_group(target, mode: str = "r", storage_options: dict | None = None) -> 
     return zarr.open_group(resolve(target, storage_options), mode=mode, zarr_format=3)
 
 
-def is_streamtap_store(target, storage_options: dict | None = None) -> bool:
+def is_streamtap_store(target, storage_options: dict | None = None, *, or_incomplete: bool = False) -> bool:
+    """Whether ``target`` holds a streamtap store (``or_incomplete``: or one whose creation never finished)."""
     try:
-        return COMMITTED_TOKENS in open_group(target, mode="r", storage_options=storage_options).attrs
+        attrs = open_group(target, mode="r", storage_options=storage_options).attrs
     except Exception:  # not a zarr group at all
         return False
+    return COMMITTED_TOKENS in attrs or (or_incomplete and attrs.get(INCOMPLETE) is True)
+
+
+# exceptions of the object-storage stack that mean "cannot reach or may not read", by class name, so
+# that botocore and aiohttp need not be importable (they are optional, through s3fs)
+_ACCESS_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "EndpointConnectionError",
+                  "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError", "ServerTimeoutError",
+                  "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "NoSuchBucket")
+
+
+def access_error(exc: BaseException) -> BaseException | None:
+    """The error in ``exc``'s chain that means the store cannot be reached or read, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ in _ACCESS_ERRORS or isinstance(exc, PermissionError):
+            return exc
+        if type(exc).__name__ == "ClientError":  # botocore: the code says which
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+            if code in _ACCESS_ERRORS or code in ("403", "404", "NoSuchBucket"):
+                return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def reaching(target):
+    """Turn "cannot reach or read ``target``" (no credentials, an unreachable endpoint, a refused
+    permission) into one :class:`~streamtap.errors.StoreAccessError` that names the location and the
+    settings to check, instead of a storage library's traceback."""
+    try:
+        yield
+    except StreamtapError:
+        raise
+    except Exception as exc:
+        cause = access_error(exc)
+        if cause is None:
+            raise
+        what = f"{type(cause).__name__}: {str(cause).strip() or 'no detail'}"
+        if is_url(target):
+            fix = ("Check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE), the "
+                   "endpoint (--storage-option endpoint_url=... or AWS_ENDPOINT_URL for S3-compatible storage) "
+                   "and that the bucket exists")
+        else:
+            fix = "Check the permissions of that directory, or choose another location"
+        raise StoreAccessError(f"cannot reach {describe(target)} ({what}). {fix}") from None
 
 
 # -- read your own writes -------------------------------------------------------------------------------

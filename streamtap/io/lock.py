@@ -128,6 +128,12 @@ class StoreLock:
         holder = self.read() or {}
         raise StoreLockedError(self._locked_message(holder))
 
+    def check_free(self, break_lock: bool = False) -> None:
+        """Raise StoreLockedError now if a live writer holds the lock (the check ``acquire`` would make)."""
+        holder = self.read()
+        if holder is not None and self._takeover_reason(holder, break_lock) is None:
+            raise StoreLockedError(self._locked_message(holder))
+
     def _takeover_reason(self, holder: dict, break_lock: bool) -> str | None:
         if holder.get("unreadable"):
             return "its lock key is not a streamtap lock record" if break_lock else None

@@ -40,10 +40,16 @@ def rank_store(store, rank: int, world: int):
     return os.path.join(os.fspath(store), RANK_PATTERN.format(rank))
 
 
+def shard_start(n: int, rank: int, world: int) -> int:
+    """Where this rank's contiguous slice of ``n`` items begins."""
+    per, extra = divmod(n, world)
+    return rank * per + min(rank, extra)
+
+
 def shard(items: list, rank: int, world: int) -> list:
     """This rank's contiguous slice; concatenated in rank order the slices give back ``items``."""
     per, extra = divmod(len(items), world)
-    start = rank * per + min(rank, extra)
+    start = shard_start(len(items), rank, world)
     return items[start:start + per + (1 if rank < extra else 0)]
 
 

@@ -26,10 +26,10 @@ from zarr.codecs import BloscCodec
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from ..errors import StoreExistsError, StoreFullError, StoreMismatchError
+from ..errors import StoreAccessError, StoreExistsError, StoreFullError, StoreMismatchError
 from .direct import DirectLocalStore, direct_io_supported
-from .location import (LOCK_NAME, describe, entries, is_local_path, is_streamtap_store, open_group, register_writer,
-                       resolve, store_exists)
+from .location import (LOCK_NAME, describe, entries, is_local_path, is_streamtap_store, open_group, reaching,
+                       register_writer, resolve, store_exists)
 from .lock import StoreLock
 from .schema import (COMMITTED_SEQUENCES, COMMITTED_TOKENS, COMPRESSED_BY_DEFAULT, COORD_DTYPES, IDENTITY, INCOMPLETE,
                      STORED_DTYPE, StoreSpec, dims_of, fill_value, static_chunks, storage_dtype)
@@ -37,6 +37,60 @@ from .schema import (COMMITTED_SEQUENCES, COMMITTED_TOKENS, COMPRESSED_BY_DEFAUL
 # Blosc zstd level 1, byte shuffle, 1 MiB blocks: the best ratio of the lossless codecs on real
 # activations at ~1 GB/s per core (docs/benchmarks.md, "Codecs")
 COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", blocksize=1 << 20)
+
+
+def check_target(target, *, append: bool = False, overwrite: bool = False, resume: bool = False,
+                 break_lock: bool = False, storage_options: dict | None = None) -> None:
+    """Everything about ``target`` that would stop a capture, checked before a model is loaded.
+
+    Something that is not a streamtap store is never appended to or replaced; an existing store needs
+    ``append``, ``overwrite`` or ``resume``; ``resume`` needs a store; the location must be writable;
+    and a live writer's lock is reported now rather than after the model has loaded. Writes nothing:
+    a directory made to test writability is removed again.
+    """
+    with reaching(target):
+        exists = store_exists(target, storage_options)
+        if exists and not is_streamtap_store(target, storage_options, or_incomplete=True):
+            raise StoreExistsError(
+                f"{describe(target)} exists and is not a streamtap store (a file, or a directory that streamtap "
+                "did not write); streamtap never appends to or replaces it. Choose another location (--out) "
+                "or remove it yourself")
+        if resume and not exists:
+            raise StoreExistsError(
+                f"nothing to resume at {describe(target)}: there is no store there. Check the location "
+                "(--out); to start a new capture, leave out resume=True (--resume)")
+        if exists and not (append or overwrite or resume):
+            raise StoreExistsError(f"a store already exists at {describe(target)}; pass --resume to continue it, "
+                                   "--append to add to it or --overwrite to replace it")
+        if is_local_path(target):
+            _check_writable(os.fspath(target))
+        if exists:
+            StoreLock(writable_store(target, storage_options, direct_io=False), describe(target)).check_free(break_lock)
+
+
+def _check_writable(path: str) -> None:
+    """Create (and remove) what a capture would create first, so a refused permission shows now."""
+    made = []
+    try:
+        parent = path
+        while not os.path.exists(parent):
+            made.append(parent)
+            parent = os.path.dirname(parent) or "."
+        for directory in reversed(made):
+            os.mkdir(directory)
+        probe = os.path.join(path, f".streamtap-write-test-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise StoreAccessError(f"cannot write to {path} ({exc.strerror or exc}): choose a location you may write "
+                               "to (--out), or fix its permissions") from None
+    finally:
+        for directory in made:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
 
 
 def writable_store(target, storage_options: dict | None = None, *, direct_io: bool = True):
@@ -88,11 +142,14 @@ class StoreWriter:
         self.capacity = 0
         self._arrays: dict[str, zarr.Array] = {}
         self.drain: Callable[[], None] | None = None  # waits for batches queued ahead of this writer
-        exists = store_exists(target, storage_options)
-        if exists and overwrite and not is_streamtap_store(self.store):
+        with reaching(target):
+            exists = store_exists(target, storage_options)
+            ours = exists and is_streamtap_store(self.store, or_incomplete=True)
+        if exists and not ours:
             raise StoreExistsError(
-                f"refusing to overwrite {self.where}: it exists but is not a streamtap store; "
-                "choose another path or remove it yourself"
+                f"{self.where} exists and is not a streamtap store (a file, or a directory that streamtap did "
+                "not write); streamtap never appends to or replaces it. Choose another location (--out) or "
+                "remove it yourself"
             )
         if exists and not (append or overwrite):
             raise StoreExistsError(
@@ -109,7 +166,8 @@ class StoreWriter:
         self._made_dir = is_local_path(self.target) and not os.path.exists(self.target)
         lock = StoreLock(self.store, self.where)
         try:
-            lock.acquire(break_lock=break_lock)
+            with reaching(self.target):
+                lock.acquire(break_lock=break_lock)
         except BaseException:
             self._remove_empty_dir()
             raise
@@ -200,7 +258,8 @@ class StoreWriter:
                                chunks=(chunk * 16,), compressors=COMPRESSOR, fill_value=-1)
         if spec.with_text:
             group.create_array("text", shape=(0,), dtype=str, dimension_names=["token"], chunks=(chunk * 16,))
-        attrs = {**spec.attrs, **spec.identity, COMMITTED_TOKENS: 0, COMMITTED_SEQUENCES: 0}
+        arrays = sorted([*spec.static, *spec.variables, *spec.coords()])
+        attrs = {**spec.attrs, **spec.identity, "arrays": arrays, COMMITTED_TOKENS: 0, COMMITTED_SEQUENCES: 0}
         group.attrs.put(attrs)  # one write, replacing the creation marker
         self.group = group
         self._arrays = {name: _for_appends(group[name]) for name in (*spec.variables, *spec.coords())}
@@ -356,8 +415,13 @@ class StoreWriter:
         self.capacity = capacity
 
     def close(self) -> None:
-        """Trim capacity to what is committed, so plain ``xarray.open_zarr`` sees only real tokens."""
+        """Trim capacity to what is committed, so plain ``xarray.open_zarr`` sees only real tokens.
+
+        A writer that appended nothing still tidies an existing store: one whose writer died after
+        its last commit but before closing keeps capacity beyond its committed tokens until then.
+        """
         if self.group is None:
+            self._tidy_existing()
             return
         failed = None
         try:
@@ -371,6 +435,16 @@ class StoreWriter:
             self._trim()
         if failed is not None:
             raise failed
+
+    def _tidy_existing(self) -> None:
+        if not (self._exists and self.append and self._lock is not None) or self._incomplete():
+            return
+        group = zarr.open_group(self.store, mode="r+", zarr_format=3)
+        committed = int(group.attrs.get(COMMITTED_TOKENS, 0))
+        for _, arr in group.arrays():
+            dims = arr.metadata.dimension_names or ()
+            if dims and dims[0] == "token" and arr.shape[0] > committed:
+                arr.resize((committed, *arr.shape[1:]))
 
     def _trim(self) -> None:
         try:

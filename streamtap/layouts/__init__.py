@@ -23,17 +23,44 @@ LAYOUTS: list[Layout] = [layout for family in _FAMILIES
 
 
 def supported_model_types() -> list[str]:
+    """Every ``model_type`` a layout declares, sorted."""
     return sorted({t for layout in LAYOUTS for t in layout.model_types})
 
 
 def register(layout: Layout) -> Layout:
-    """Add a layout at run time (for a family outside this package); it takes precedence."""
+    """Add a layout at run time (for a family outside this package); it takes precedence.
+
+    Parameters
+    ----------
+    layout : Layout
+        The declaration (docs/layouts.md); every tap checks it on the live model when it opens.
+
+    Returns
+    -------
+    Layout
+        ``layout`` itself.
+    """
     LAYOUTS.insert(0, layout)
     return layout
 
 
 def layout_for(model) -> Layout:
-    """The layout of a live model, by its config's ``model_type`` (and the layout's ``when``)."""
+    """The layout of a live model, by its config's ``model_type`` (and the layout's ``when``).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A transformers model.
+
+    Returns
+    -------
+    Layout
+
+    Raises
+    ------
+    UnsupportedArchitectureError
+        Listing the supported model types and how to add one.
+    """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     for layout in LAYOUTS:

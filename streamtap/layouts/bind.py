@@ -131,7 +131,23 @@ class BoundLayout:
 
 
 def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
-    """Resolve ``layout`` against ``model``; a missing module raises :class:`LayoutError` naming its path."""
+    """Resolve ``layout`` against ``model``: the paths a capture taps and the stream's events.
+
+    Parameters
+    ----------
+    layout : Layout
+    model : torch.nn.Module
+        The live transformers model.
+
+    Returns
+    -------
+    BoundLayout
+
+    Raises
+    ------
+    LayoutError
+        When a module the layout names is missing; the message gives its full path.
+    """
     config = model.config
     base = model.base_model if hasattr(model, "base_model") else model
     names = {id(m): n for n, m in model.named_modules()}

@@ -97,12 +97,12 @@ class Weights:
             out["norm_weight"] = torch.stack([p["gamma"] for p in probes])
             out["norm_bias"] = torch.stack([p["beta"] for p in probes])
             out["norm_center"] = torch.tensor([p["center"] for p in probes])
-        final = self._final_norm()
+        final = self.final_norm()
         if final is not None:
             out["final_norm_weight"] = final["gamma"]
             if bool(final["beta"].abs().max() > 0):
                 out["final_norm_bias"] = final["beta"]
-            unembedding = self._unembedding()
+            unembedding = self.unembedding()
             if unembedding is not None:
                 out["W_U"], unembed_bias = unembedding
                 if unembed_bias is not None:
@@ -114,14 +114,15 @@ class Weights:
                 out["W_E"] = W_E
         return out
 
-    def _final_norm(self) -> dict | None:
+    def final_norm(self) -> dict | None:
+        """gamma, beta, centring and eps of the norm before the unembedding (None where the layout has none)."""
         if "final" not in self._cache:
             b = self.bound
             path = b.find(b.layout.final_norm) if b.layout.final_norm else None
             self._cache["final"] = probe_norm(b.module(path), b.d_model) if path is not None else None
         return self._cache["final"]
 
-    def _unembedding(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def unembedding(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """W_U (vocab, d_model), with a linear map after the final norm folded in, and its bias."""
         b = self.bound
         model = b.model
@@ -162,8 +163,8 @@ class Weights:
         """Whether W_E equals the stored W_U bit for bit (tied, unscaled): then W_E is not stored twice."""
         if "tied" not in self._cache:
             tied = False
-            if self._final_norm() is not None:
-                unembedding = self._unembedding()
+            if self.final_norm() is not None:
+                unembedding = self.unembedding()
                 W_E = self.token_embedding() if unembedding is not None else None
                 tied = W_E is not None and W_E.shape == unembedding[0].shape and bool(torch.equal(W_E, unembedding[0]))
             self._cache["tied"] = tied
@@ -263,7 +264,7 @@ class Weights:
         """The store attributes the weights contribute: the final norm's kind and eps, and
         :meth:`attention_info`."""
         info = self.attention_info()
-        probe = self._final_norm()
+        probe = self.final_norm()
         if probe is None:
             return info
         return {"final_norm_kind": "layernorm" if probe["center"] else "rmsnorm", "final_norm_eps": probe["eps"], **info}

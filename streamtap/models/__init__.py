@@ -67,6 +67,9 @@ def load_model(name_or_dir: str = DEFAULT_MODEL, dtype="float32", *, trust_remot
     if isinstance(name_or_dir, os.PathLike):
         name_or_dir = os.fspath(name_or_dir)
     source = str(smollm2_dir()) if name_or_dir.lower() in SMOLLM2_NAMES else name_or_dir
+    local = os.path.isdir(source)
+    if local:
+        _check_model_dir(source)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,16 +77,55 @@ def load_model(name_or_dir: str = DEFAULT_MODEL, dtype="float32", *, trust_remot
     kwargs = {dtype_kwarg(): torch_dtype, "trust_remote_code": bool(trust_remote_code)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    offline = not local and not hub_reachable()
+    if offline:  # the local cache only: an unreachable hub would be retried for a minute first
+        kwargs["local_files_only"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=bool(trust_remote_code))
-    except OSError as exc:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=bool(trust_remote_code),
+                                                  local_files_only=offline)
+    except (OSError, ValueError) as exc:
         if isinstance(exc, StreamtapError):
             raise
+        where = ("the Hugging Face hub cannot be reached, and it is not in the local cache" if offline
+                 else "and not a Hugging Face id that is in the local cache or reachable")
         raise ModelLoadError(
             f"could not load model {name_or_dir!r}: it is not {DEFAULT_MODEL!r}, not a model directory, "
-            f"and not a Hugging Face id that is in the local cache or reachable ({exc})") from exc
+            f"{where} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     model.eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _check_model_dir(path: str) -> None:
+    """A directory given as a model must be one ``save_pretrained`` wrote: a config with a model_type."""
+    import json
+
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise ModelLoadError(f"{path} is a directory but not a model directory: it has no config.json. Give the "
+                             "directory that save_pretrained (or a hub download) made: config.json, weights, tokenizer")
+    try:
+        with open(config, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"{config} cannot be read as a model config ({type(exc).__name__}: {exc})") from None
+    if not model_type:
+        raise ModelLoadError(f"{config} has no model_type, so transformers cannot tell which model it describes; "
+                             "give the directory of a transformers model")
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub can be reached now (False at once under ``HF_HUB_OFFLINE``)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False

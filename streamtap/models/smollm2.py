@@ -45,6 +45,12 @@ _SOURCE_FILE = "streamtap-source.json"
 _TMP_PREFIX = f".tmp-{SMOLLM2_CACHE_NAME}-"
 
 
+def cached_smollm2_dir() -> Path | None:
+    """The converted default's directory if a finished conversion is cached, else None (never converts)."""
+    target = _cache_root() / SMOLLM2_CACHE_NAME
+    return target if _complete(target) else None
+
+
 def smollm2_dir() -> Path:
     """A directory with SmolLM2-135M-Instruct as plain safetensors plus its tokenizer (made on first use).
 
@@ -306,4 +312,4 @@ def _publish(tmp: Path, target: Path) -> None:
             os.rename(tmp, target)
 
 
-__all__ = ["DEFAULT_MODEL", "SMOLLM2_NAMES", "smollm2_dir"]
+__all__ = ["DEFAULT_MODEL", "SMOLLM2_NAMES", "smollm2_dir", "cached_smollm2_dir"]

@@ -131,7 +131,7 @@ def contribution_heatmap(contrib: xr.DataArray, *, title: str | None = None, ann
             side[l, 1] += v
     norm = _symmetric(np.concatenate([grid.ravel(), side.ravel()]))
     height = max(3.0, 0.22 * n_layers + 1.6)
-    fig = Figure(figsize=(2.2 + 0.42 * n_heads + 1.6, height))
+    fig = Figure(figsize=(2.2 + 0.42 * n_heads + 1.6, height), layout="constrained")
     gs = fig.add_gridspec(1, 2, width_ratios=[max(n_heads, 1), 2.4], wspace=0.08)
     ax, ax2 = fig.add_subplot(gs[0]), fig.add_subplot(gs[1])
     im = ax.imshow(grid, cmap=DIVERGING, norm=norm, aspect="auto", interpolation="nearest")
@@ -195,7 +195,7 @@ def logit_lens_table(lens: xr.Dataset, text=None, *, k: int | None = None, title
     words = _ids_text(text, ids)
     depths = [str(d) for d in lens.depth.values]
     n = len(depths)
-    fig = Figure(figsize=(1.35 * k + 1.6, 0.27 * n + 1.0))
+    fig = Figure(figsize=(1.35 * k + 1.6, 0.27 * n + 1.0), layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(probs, cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     for r in range(n):
@@ -265,7 +265,7 @@ def token_maps(maps: xr.Dataset, heads=None, *, which: str = "normalized", n: in
     ncols = min(3, len(heads))
     nrows = -(-len(heads) // ncols)
     size = 0.42 * max(len(row_text), len(col_text)) + 1.6
-    fig = Figure(figsize=(ncols * size + 1.2, nrows * size + 0.8))
+    fig = Figure(figsize=(ncols * size + 1.2, nrows * size + 0.8), layout="constrained")
     data = [maps[which].sel(layer=l, head=h).values for l, h in heads]
     if which == "normalized" and rows_dim == "query":
         norm, cmap = None, "viridis"
@@ -311,26 +311,62 @@ def effective_rank_bars(er: xr.Dataset, *, definition: str = "entropy", title: s
     var = {"entropy": "erank_entropy", "energy": "erank_energy"}[definition]
     groups = (("W_Q", "W_K", "W_QK"), ("W_V", "W_O", "W_OV"))
     layers = er.layer.values
-    fig = Figure(figsize=(max(6.0, 0.32 * len(layers) * 3), 5.2))
+    # lines with min-max bands: readable at any depth in a fixed width (bars grew with the layers)
+    fig = Figure(figsize=(10, 5.6), layout="constrained")
     colors = {"W_Q": "#9ecae1", "W_K": "#4292c6", "W_QK": "#08306b", "W_V": "#fdae6b", "W_O": "#e6550d",
               "W_OV": "#7f2704"}
-    width = 0.27
+    step = max(1, -(-len(layers) // 16))
     for row, group in enumerate(groups):
         ax = fig.add_subplot(2, 1, row + 1)
-        for j, m in enumerate(group):
+        for m in group:
             v = er[var].sel(matrix=m)
             mean, lo, hi = v.mean("head").values, v.min("head").values, v.max("head").values
-            x = np.arange(len(layers)) + (j - 1) * width
-            ax.bar(x, mean, width, color=colors[m], label=m,
-                   yerr=np.stack([mean - lo, hi - mean]), error_kw={"elinewidth": 0.6, "capsize": 0})
-        ax.set_xticks(np.arange(len(layers)), [str(l) for l in layers], fontsize=7)
-        ax.set_ylabel(f"effective rank ({definition})", fontsize=8)
-        ax.axhline(er.sizes["index"], color="grey", lw=0.6, ls=":")
-        ax.legend(fontsize=7, ncols=3, loc="lower right")
-    fig.axes[-1].set_xlabel("layer")
-    fig.suptitle(title or "effective rank of factors and fused matrices\n(mean over heads, min-max bars; "
-                          "dotted line: d_head)", fontsize=9)
+            ax.fill_between(layers, lo, hi, color=colors[m], alpha=0.2, lw=0)
+            ax.plot(layers, mean, color=colors[m], lw=1.6, marker="o", ms=3, label=m)
+        ax.set_xticks(layers[::step])
+        ax.tick_params(labelsize=9)
+        ax.set_ylabel(f"effective rank\n({definition})", fontsize=10)
+        ax.axhline(er.sizes["index"], color="grey", lw=0.8, ls=":")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=9, ncols=3, loc="lower right")
+    fig.axes[-1].set_xlabel("layer", fontsize=10)
+    fig.suptitle(title or "effective rank of factors and fused matrices (mean over heads; band: min to max; "
+                          "dotted: d_head)", fontsize=10)
     return fig
+
+
+def overflowing_text(fig: Figure) -> list[str]:
+    """What of ``fig`` reaches outside the figure once drawn: an axes' labels, ticks or title (named by
+    its title or axis labels), or a figure-level text. Only what is drawn counts.
+
+    Parameters
+    ----------
+    fig : matplotlib.figure.Figure
+
+    Returns
+    -------
+    list of str
+        The offenders; empty when everything is inside (what the report's tests require).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    box = fig.bbox
+
+    def outside(ext) -> bool:
+        return ext.x0 < box.x0 - 1 or ext.y0 < box.y0 - 1 or ext.x1 > box.x1 + 1 or ext.y1 > box.y1 + 1
+
+    out = []
+    for ax in fig.axes:
+        ext = ax.get_tightbbox(renderer)
+        if ext is not None and outside(ext):
+            out.append(ax.get_title() or ax.get_ylabel() or ax.get_xlabel() or "an unlabelled axes")
+    for text in fig.texts:
+        if text.get_visible() and text.get_text().strip() and outside(text.get_window_extent(renderer)):
+            out.append(text.get_text())
+    return out
 
 
 # -- 5. message norms --------------------------------------------------------------------------------
@@ -359,7 +395,7 @@ def message_norm_distribution(em: xr.Dataset, *, threshold: float | None = 0.02,
     rel = np.asarray(em.relative_norm.values, np.float64)            # (token, layer, head)
     logs = np.log10(np.clip(rel, 1e-6, None))
     n_layers, n_heads = rel.shape[1], rel.shape[2]
-    fig = Figure(figsize=(11, max(3.6, 0.2 * n_layers + 1.6)))
+    fig = Figure(figsize=(11, max(3.6, 0.2 * n_layers + 1.6)), layout="constrained")
     gs = fig.add_gridspec(1, 2, width_ratios=[1.5, 1], wspace=0.25)
     ax = fig.add_subplot(gs[0])
     parts = ax.violinplot([logs[:, l].reshape(-1) for l in range(n_layers)], positions=range(n_layers),

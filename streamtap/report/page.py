@@ -18,6 +18,8 @@ from __future__ import annotations
 import base64
 import html
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,9 +83,11 @@ class _Page:
         self.add(f'<p class="missing">Not available for this store: {html.escape(why)}</p>')
 
     def figure(self, fig, alt: str) -> None:
+        overflow = F.overflowing_text(fig)  # shown on the page (and checked by its browser test)
         data = base64.b64encode(F.png_bytes(fig)).decode()
         self.figures += 1
-        self.add(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
+        self.add(f'<img alt="{html.escape(alt)}" data-overflow="{html.escape("|".join(overflow))}" '
+                 f'src="data:image/png;base64,{data}">')
 
     def table(self, rows: list[dict], name: str, caption: str = "", left=()) -> None:
         """An HTML table, and the same rows as data/<name>.csv."""
@@ -121,9 +125,9 @@ def write_report(store, out_dir, *, token: int | None = None, target=None, words
                  sample: int = 4096, tokenizer=None, heads: int = 6, storage_options: dict | None = None) -> Path:
     """Write the HTML report of a store: ``out_dir/index.html`` and ``out_dir/data/*.csv``.
 
-    The page is self-contained (figures embedded as PNG, nothing fetched) and is replaced
-    atomically, so a reader never sees half a page. Sections whose weights the store lacks say so
-    instead of failing.
+    The page is self-contained (figures embedded as PNG, nothing fetched). It is built beside
+    ``out_dir`` and moved into place when finished, so a failed report leaves nothing and a reader
+    never sees half a report. Sections whose weights the store lacks say so instead of failing.
 
     Parameters
     ----------
@@ -146,8 +150,8 @@ def write_report(store, out_dir, *, token: int | None = None, target=None, words
         How many tokens, from the first, the per-token statistics use (the accumulation section
         uses at most the first 1024 of them).
     tokenizer : optional
-        Gives token texts and resolves ``words``; without one, the text of the stored tokens is
-        used.
+        Gives token texts and resolves ``words``; by default the store's model's tokenizer where it
+        can be loaded offline (:func:`store_tokenizer`), else the text of the stored tokens.
     heads : int
         How many heads the relevance and promotion maps show.
     storage_options : dict, optional
@@ -161,22 +165,75 @@ def write_report(store, out_dir, *, token: int | None = None, target=None, words
     Raises
     ------
     InputError
-        The store holds no tokens.
+        The store holds no tokens, ``token`` is out of range, or ``out_dir`` is something else than
+        a report.
     StreamtapError
         A ``target`` or ``words`` string that does not resolve to one token.
     """
     started = time.perf_counter()
     ds = store if isinstance(store, xr.Dataset) else open_store(store, storage_options=storage_options)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    page = _Page(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "index.html").exists())):
+        raise InputError(f"{out} exists and is not a streamtap report (no index.html); a report replaces only "
+                         "an earlier report. Choose another --out or remove it yourself")
     n_tok = ds.sizes["token"]
     if n_tok == 0:
         raise InputError("the store holds no tokens; nothing to report")
+    if token is not None and not -n_tok <= token < n_tok:
+        raise InputError(f"token {token} is out of range: the store holds {n_tok:,} tokens, rows 0..{n_tok - 1} "
+                         f"(or -{n_tok}..-1 from the end)")
+    if tokenizer is None:
+        tokenizer = store_tokenizer(ds)
     text = (lambda ids: vocab_text(ds, ids, tokenizer))  # noqa: E731
     sub = ds.isel(token=slice(0, min(sample, n_tok)))
     row = (n_tok - 1) if token is None else (token % n_tok)
     one = ds.isel(token=[row])
+    # everything is written into a folder beside the target and moved into place at the end: a
+    # failed report leaves nothing behind, a finished one replaces the previous one whole
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        path = _build(ds, building, store, sub, one, row, target, words, tokenizer, heads, k, text, started)
+        _replace(building, out)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return out / path.name
+
+
+def store_tokenizer(ds: xr.Dataset):
+    """The tokenizer of the model that made the store, where it can be loaded without the network
+    (the embedded default once converted, a local model directory or the Hugging Face cache); else
+    None, and token texts come from the stored corpus."""
+    name = ds.attrs.get("model_name") or ""
+    try:
+        from transformers import AutoTokenizer
+
+        from ..models.smollm2 import SMOLLM2_NAMES, cached_smollm2_dir
+
+        if name.lower() in SMOLLM2_NAMES:
+            directory = cached_smollm2_dir()
+            return AutoTokenizer.from_pretrained(str(directory)) if directory is not None else None
+        if not name or ":" in name:  # tiny:ARCH and the like: no tokenizer of their own on disk
+            return None
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - no tokenizer to be had offline: the stored text serves
+        return None
+
+
+def _replace(built: Path, out: Path) -> None:
+    """Put the finished report in place of ``out`` (an earlier report is removed only now)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(built, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(built, out)
+
+
+def _build(ds, out: Path, store, sub, one, row, target, words, tokenizer, heads, k, text, started) -> Path:
+    page = _Page(out)
 
     _summary(page, ds, sub, store)
     target_id = _attribution(page, ds, one, row, target, text, k)
@@ -198,9 +255,7 @@ def write_report(store, out_dir, *, token: int | None = None, target=None, words
            f"{html.escape(str(store) if not isinstance(store, xr.Dataset) else 'a dataset')}. Tables are also in "
            f"<code>data/</code> as CSV.</p><ul>{toc}</ul>{''.join(page.parts)}</body></html>")
     path = out / "index.html"
-    tmp = out / ".index.html.tmp"
-    tmp.write_text(doc, encoding="utf-8")
-    os.replace(tmp, path)
+    path.write_text(doc, encoding="utf-8")
     return path
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import sys
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import InputError
-from ..io.ranks import process_rank, rank_store, shard
+from ..io.ranks import process_rank, rank_store, shard, shard_start
 from ..io.writer import committed_sequences
 from ..options import CorpusOptions
 from .sinks import unwrap
@@ -26,31 +27,50 @@ def batches(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start:start + size]
 
 
-def encode(chunk, tokenizer, limit: int | None, truncate: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of one batch of texts or token-id lists, padded on the tokenizer's side."""
-    if isinstance(chunk[0], str):
-        rows = tokenizer(list(chunk), add_special_tokens=True)["input_ids"]
-    else:
-        rows = [list(map(int, r)) for r in chunk]
-    for i, row in enumerate(rows):
-        if len(row) == 0:
-            raise InputError(f"text {i} of this batch has no tokens after tokenization; remove it")
-        if limit is not None and len(row) > limit:
-            if not truncate:
-                raise InputError(
-                    f"a sequence has {len(row)} tokens, more than the limit of {limit}; pass "
-                    "truncate=True (--truncate) to cut it, or a larger max_length if the model allows"
-                )
-            rows[i] = row[:limit]
+def token_rows(texts: Sequence, tokenizer, limit: int | None, truncate: bool, vocab: int | None,
+               first: int = 0, step: int = 1024) -> list[np.ndarray]:
+    """Every document as an array of token ids, checked before anything is captured: an empty one,
+    one longer than ``limit`` (unless ``truncate``) or an id outside the vocabulary is an
+    :class:`InputError` that names the document (``error.index``: its position in the caller's corpus,
+    ``texts[0]`` being ``first``). Tokenized ``step`` documents at a time into int32 arrays, so a
+    large corpus costs about four bytes per token."""
+    rows: list[np.ndarray] = []
+    for start in range(0, len(texts), step):
+        part = texts[start:start + step]
+        if isinstance(part[0], str):
+            part = tokenizer(list(part), add_special_tokens=True)["input_ids"]
+        for j, row in enumerate(part):
+            row = np.asarray(row, dtype=np.int64).reshape(-1)
+            i = first + start + j
+            problem = None
+            if row.size == 0:
+                problem = f"text {i} has no tokens after tokenization; remove it"
+            elif limit is not None and row.size > limit and not truncate:
+                problem = (f"text {i} has {row.size} tokens, more than the limit of {limit}; pass truncate=True "
+                           "(--truncate) to cut it, or a larger max_length if the model allows")
+            elif vocab is not None and (row.min() < 0 or row.max() >= vocab):
+                bad = int(row[(row < 0) | (row >= vocab)][0])
+                problem = (f"text {i} holds token id {bad}, outside the model's vocabulary of {vocab} ids "
+                           f"(0..{vocab - 1}); give ids of this model's tokenizer")
+            if problem is not None:
+                error = InputError(problem + ". Nothing was captured")
+                error.index = i
+                raise error
+            rows.append(row[:limit].astype(np.int32 if (vocab or 0) < 2 ** 31 else np.int64))
+    return rows
+
+
+def pad(rows: Sequence[np.ndarray], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of one batch of token-id arrays, padded on the tokenizer's side."""
     width = max(len(r) for r in rows)
-    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    pad = 0 if pad is None else pad
+    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    pad_id = 0 if pad_id is None else pad_id
     left = tokenizer is not None and getattr(tokenizer, "padding_side", "right") == "left"
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         sl = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, sl] = torch.tensor(row, dtype=torch.long)
+        ids[i, sl] = torch.from_numpy(np.asarray(row, dtype=np.int64))
         mask[i, sl] = 1
     return ids, mask
 
@@ -65,32 +85,43 @@ def capture_corpus(model, texts, store, options: CorpusOptions, tokenizer=None) 
         raise InputError("texts are strings but no tokenizer was given; pass tokenizer= or token ids")
     empty = [i for i, t in enumerate(texts) if len(t) == 0]
     if empty:
-        raise InputError(f"texts at indices {empty[:10]} are empty; remove them before capturing")
+        error = InputError(f"texts at indices {empty[:10]} are empty; remove them before capturing")
+        error.index = empty[0]
+        raise error
     rank, world = process_rank()
+    offset = shard_start(len(texts), rank, world)
     texts = mine = shard(texts, rank, world)  # each rank of a data-parallel job captures its own slice
     tap_options = options.tap_options().replace(progress=False)  # the corpus has a bar of its own
-    if options.resume:
-        done = committed_sequences(rank_store(store, rank, world), options.storage_options)
+    target = rank_store(store, rank, world)
+    if options.resume:  # where there is no store yet, a resumed capture starts one (the command line refuses)
+        done = committed_sequences(target, options.storage_options)
         texts, tap_options = texts[done:], tap_options.replace(append=True)
-        if not texts:  # finished before: nothing to add, and the returned tap says so (0 tokens)
-            return Tap(model, store, tap_options.replace(check=False), tokenizer=tokenizer,
-                       created_by="streamtap.capture")
+        if not texts:  # finished before: nothing to add; the tap still tidies what a dead writer left
+            finished = Tap(model, store, tap_options.replace(check=False), tokenizer=tokenizer,
+                           created_by="streamtap.capture")
+            with finished:
+                pass
+            return finished
     module, _ = unwrap(model)
     the_tap = Tap(model, store, tap_options, tokenizer=tokenizer, created_by="streamtap.capture")
     limit = the_tap.max_positions
     if options.max_length is not None:
         limit = min(limit, options.max_length) if limit else options.max_length
+    # every document is checked before the first batch is committed
+    rows = token_rows(texts, tokenizer, limit, options.truncate, the_tap.vocab_size,
+                      first=offset + len(mine) - len(texts))
     device = next(module.parameters()).device
     bar = _progress(options.progress, len(texts))
     done_tokens = 0  # tokens of this call (the tap's count includes what an appended store already had)
     try:
         with the_tap, torch.no_grad():
             if options.resume:  # under the lock now: a writer still committing before cannot have moved on since
-                texts = mine[committed_sequences(the_tap.writer.store, storage_options=None):]
+                skip = committed_sequences(the_tap.writer.store, storage_options=None) - (len(mine) - len(texts))
+                rows = rows[skip:]
                 if bar is not None:
-                    bar.total = len(texts)
-            for chunk in batches(texts, options.batch_size):
-                ids, mask = encode(chunk, tokenizer, limit, options.truncate)
+                    bar.total = len(rows)
+            for chunk in batches(rows, options.batch_size):
+                ids, mask = pad(chunk, tokenizer)
                 module(input_ids=ids.to(device), attention_mask=mask.to(device))
                 if bar is not None:
                     done_tokens += int(mask.sum())
@@ -120,4 +151,4 @@ def _progress(enabled: bool, total: int):
     return tqdm(total=total, unit="seq", desc="capture")
 
 
-__all__ = ["capture_corpus", "encode", "batches"]
+__all__ = ["capture_corpus", "token_rows", "pad", "batches"]

@@ -31,12 +31,29 @@ from .tap import Tap
 
 
 def plan(model, *, neurons: bool = False) -> list[dict]:
-    """What a remote trace saves for a store, as plain dicts (``key``, ``path``, ``side``; ``center`` and
-    ``eps`` for a norm whose scale is reduced on the server), in the order the forward reaches them.
+    """What a remote trace saves for a store, in the order the forward reaches it.
 
     nnsight requires module values to be read in execution order. The order comes from a two-token
     dry run of ``model`` here (on the meta device when the weights are not loaded, as nnsight's
     ``LanguageModel`` keeps them before a local dispatch); where that fails, the layout's order is kept.
+
+    Parameters
+    ----------
+    model : transformers model or nnsight envoy
+    neurons : bool
+        Also save each MLP's neuron activations.
+
+    Returns
+    -------
+    list of dict
+        ``key``, ``path``, ``side`` per value (``center`` and ``eps`` for a norm whose scale is reduced
+        on the server, ``clone`` for an output the model changes in place later), plain data that
+        travels with a remote request.
+
+    Raises
+    ------
+    StreamtapError
+        For mixture-of-experts models, whose per-expert terms need the experts re-run locally.
     """
     module, _ = unwrap(model)
     bound = bind(layout_for(module), module)
@@ -81,11 +98,23 @@ def _call_order(module: torch.nn.Module) -> list[tuple[str, str]] | None:
 
 
 def save_terms(model, plan: list[dict]) -> dict[str, Any]:
-    """Inside ``model.trace(...)`` (``remote=True`` or not): save the plan's values; returns them by key.
+    """Inside ``model.trace(...)`` (``remote=True`` or not): save the plan's values.
 
     Runs where the model runs. It uses nothing but torch and nnsight, so NDIF can execute it, and it
     reduces there: norm inputs become their frozen scales (one float per token), tuple outputs their
     first element.
+
+    Parameters
+    ----------
+    model : nnsight envoy
+        The model being traced.
+    plan : list of dict
+        What :func:`plan` returned.
+
+    Returns
+    -------
+    dict
+        The saved values by key, for :func:`write_store`.
     """
     import nnsight
 

@@ -3,8 +3,11 @@
 When a tap opens, an 8-token probe runs through the model; its terms are replayed through the
 stream (``streamtap.stream.replay``, the same replay ``decompose`` and ``verify`` use) in float64,
 and the running sum is compared with the real input of every block and with the final residual.
-A layout that names a wrong module or misses a term fails here, in milliseconds, naming the first
-layer that does not add up, instead of after hours of capture.
+Then the final residual is read out as the analyses read a store (the final norm with its frozen
+scale, the unembedding and its bias, the layout's soft-cap) and compared with the model's own
+logits, so a layout that misreads the head of the model (an unseen logit scale, a different final
+norm) is refused like one that misreads a block. A failure names the first layer (or the head)
+that does not add up, in milliseconds, instead of after hours of capture.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from ..errors import DecompositionError
 from ..invariant import relative_error, tolerance
 from ..layouts import Weights
-from ..stream import Embed, FrozenNorms, Piece, Sum, replay
+from ..stream import Embed, FrozenNorms, Piece, Sum, apply_norm, replay
 
 
 def probe_norms(bound, scale: np.ndarray | None) -> FrozenNorms:
@@ -43,7 +46,7 @@ def self_check(tap, n_tokens: int = 8) -> float:
     device = next(module.parameters()).device
     ids = (torch.arange(n, device=device) % max(vocab - 1, 1) + 1)[None]
     blocks = [b.block_full_path(layer) for layer in range(b.n_layers)]
-    terms, entering = tap.probe(ids, blocks)
+    terms, entering, logits = tap.probe(ids, blocks)
     terms = {k: v.detach().double().cpu().numpy() for k, v in terms.items()}
     entering = [x.detach().double().cpu().numpy().reshape(-1, b.d_model) for x in entering]
     if not np.isfinite(terms["resid_final"]).all():
@@ -92,7 +95,36 @@ def self_check(tap, n_tokens: int = 8) -> float:
     acc = replay(b.events, norms, source, Sum(), on_enter=on_enter)
     compare(acc.total, terms["resid_final"], f"the terms of layer {b.n_layers - 1} and before do not add up "
             "to the final residual", b.n_layers)
+    if logits is not None:
+        state["worst"] = max(state["worst"], _check_logits(b, terms["resid_final"], logits, model_dtype))
     return state["worst"]
+
+
+def _check_logits(b, resid_final: np.ndarray, logits: torch.Tensor, model_dtype: str) -> float:
+    """The logits the store's weights give from the final residual, against the model's own."""
+    weights = Weights(b)
+    final, unembedding = weights.final_norm(), weights.unembedding()
+    if final is None or unembedding is None:
+        return 0.0  # a head the store does not describe (masked-LM heads): no logits to attribute
+    W_U, bias = unembedding
+    gamma, beta = final["gamma"].double().numpy(), final["beta"].double().numpy()
+    ours = apply_norm(resid_final, gamma, beta, final["center"], final["eps"])
+    ours = ours @ W_U.double().cpu().numpy().T + (0.0 if bias is None else bias.double().cpu().numpy())
+    cap = b.final_softcap()
+    if cap:
+        ours = cap * np.tanh(ours / cap)
+    theirs = logits.detach().double().cpu().numpy()
+    err = float(np.abs(ours - theirs).max() / max(float(np.abs(theirs).max()), 1e-30))
+    bound = tolerance(model_dtype, n_layers=b.n_layers)
+    if not err <= bound:
+        raise DecompositionError(
+            f"layout {b.name!r} does not fit this {type(b.model).__name__}: the logits its final norm and "
+            f"unembedding give from the final residual differ from the model's (relative error {err:.3g}, "
+            f"bound {bound:.1g}); the model does something to the final residual or the logits that the "
+            "layout does not declare (a logit scale, another final norm). Attributions would be wrong; "
+            "see docs/layouts.md. check=False skips this probe."
+        )
+    return err
 
 
 __all__ = ["self_check", "probe_norms"]

@@ -89,6 +89,8 @@ class Tap:
                                  model_name=model_name, created_by=created_by,
                                  scales_reduced=self._forward_impl.reduces_norms)
         self.max_positions = self.bound.max_positions()
+        embedding = self.module.get_input_embeddings() if hasattr(self.module, "get_input_embeddings") else None
+        self.vocab_size = getattr(embedding, "num_embeddings", None)
         self._signature = inspect.signature(type(self.module).forward)
         self._inside = False
         self._snapshot = None
@@ -285,18 +287,20 @@ class Tap:
                 buffers.release()
             raise
 
-    def probe(self, input_ids: torch.Tensor, entering: list[str]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        """The terms of one unpadded forward over ``input_ids`` (nothing is stored), and the input of
-        each module in ``entering`` (full paths under the model): what the self-check compares."""
+    def probe(self, input_ids: torch.Tensor, entering: list[str]):
+        """One unpadded forward over ``input_ids`` (nothing is stored): its terms, the input of each
+        module in ``entering`` (full paths under the model) and the model's logits (None for a model
+        without them): what the self-check compares."""
         mask = torch.ones_like(input_ids)
         recorder = self.recorder
         keep = recorder.keep | {location(p, "input") for p in entering}
         with torch.no_grad():
             slots = recorder.slots(mask.bool(), None)
-            _, kept = self.traced((), {"input_ids": input_ids, "attention_mask": mask}, slots, keep)
+            output, kept = self.traced((), {"input_ids": input_ids, "attention_mask": mask}, slots, keep)
             terms = recorder.terms(kept, slots, mask.bool())
             inputs = [kept[location(p, "input")[0]].input[0] for p in entering]
-        return terms, inputs
+        logits = getattr(output, "logits", None)
+        return terms, inputs, None if logits is None else logits.reshape(-1, logits.shape[-1])
 
     def _inputs(self, args, kwargs, *, prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, real-token mask) on the host; refuses what cannot be placed in the store.
@@ -328,6 +332,12 @@ class Tap:
         if mask is None:
             mask = torch.ones(shape, dtype=torch.long)
         input_ids, mask = input_ids.cpu(), mask.cpu().to(torch.bool)
+        real = input_ids[mask]
+        if self.vocab_size is not None and real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.vocab_size):
+            bad = real[(real < 0) | (real >= self.vocab_size)]
+            row = int(((input_ids < 0) | (input_ids >= self.vocab_size)).logical_and(mask).any(dim=1).nonzero()[0])
+            raise InputError(f"batch row {row} holds token id {int(bad[0])}, outside the model's vocabulary of "
+                             f"{self.vocab_size} ids (0..{self.vocab_size - 1}); give ids of this model's tokenizer")
         empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
         if empty and not prompt:
             raise InputError(f"batch rows {empty} have no real tokens (attention_mask all zero); drop them")
