@@ -139,8 +139,8 @@ def write_report(store, out_dir, *, token: int | None = None, target=None, words
         The store row to attribute and read the logit lens at (default: the last; negative
         values count from the end).
     target : int or str, optional
-        A vocabulary id, or token text as the stored tokens read it (looked up in the store, not
-        with ``tokenizer``); default: the model's top-1 prediction at that token.
+        A vocabulary id, or one token's text (resolved with the tokenizer, else among the stored
+        tokens); default: the model's top-1 prediction at that token.
     words : sequence of int or str, optional
         The tokens of the relevance and promotion maps (default: the six most frequent tokens of
         the sample).
@@ -236,7 +236,7 @@ def _build(ds, out: Path, store, sub, one, row, target, words, tokenizer, heads,
     page = _Page(out)
 
     _summary(page, ds, sub, store)
-    target_id = _attribution(page, ds, one, row, target, text, k)
+    target_id = _attribution(page, ds, one, row, target, text, k, tokenizer)
     _lens(page, one, row, target_id, text, k)
     _maps(page, ds, sub, words, tokenizer, heads)
     _ranks(page, ds)
@@ -279,7 +279,7 @@ def _summary(page: _Page, ds, sub, store) -> None:
     page.table(rows, "store", left=("property", "value"))
 
 
-def _attribution(page: _Page, ds, one, row, target, text, k) -> int | None:
+def _attribution(page: _Page, ds, one, row, target, text, k, tokenizer=None) -> int | None:
     """Direct logit attribution at one token; returns the target id it used (None without W_U)."""
     page.h2("Direct logit attribution", "attribution")
     if "W_U" not in ds:
@@ -289,7 +289,7 @@ def _attribution(page: _Page, ds, one, row, target, text, k) -> int | None:
     if target is None:
         target_id = int(final.top_id.values[0])
     else:
-        target_id = token_ids(ds, [target])[0] if isinstance(target, str) else int(target)
+        target_id = token_ids(ds, [target], tokenizer)[0] if isinstance(target, str) else int(target)
     contrib = direct_logit_attribution(one, target_id).isel(token=0).compute()
     model = logit_lens(one, k=1, sites=(), target=target_id).isel(token=0, depth=-1).compute()
     where = _where(one)
