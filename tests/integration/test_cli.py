@@ -206,16 +206,16 @@ def test_a_lossy_store_dtype_shows_in_info(text_file, tmp_path):
 
 @pytest.mark.parametrize("mode", ["inline", "thread"])
 def test_writer_picks_the_pipeline(mode, text_file, tmp_path, monkeypatch):
-    import streamtap.tapping.batch
+    from streamtap.io.pipeline import Pipeline  # ThreadPipeline is one too
 
     made = []
-    real = streamtap.tapping.batch.make_pipeline
+    real = Pipeline.__init__
 
-    def spy(*args, **kwargs):
-        made.append(real(*args, **kwargs))
-        return made[-1]
+    def spy(self, *args, **kwargs):
+        made.append(self)
+        real(self, *args, **kwargs)
 
-    monkeypatch.setattr(streamtap.tapping.batch, "make_pipeline", spy)
+    monkeypatch.setattr(Pipeline, "__init__", spy)
     result = capture(text_file, tmp_path / "w.zarr", "--writer", mode)
     assert result.exit_code == 0, result.output
     assert [p.mode for p in made] == [mode]

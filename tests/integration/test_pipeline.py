@@ -32,16 +32,23 @@ def _arrays(path):
 
 
 def _slow(seconds):
-    """StoreWriter._write (what write does inside), slowed down: a store that cannot keep up with the model."""
-    original = StoreWriter._write
+    """StoreWriter.write, slowed down: a store that cannot keep up with the model."""
+    original = StoreWriter.write
 
-    def write(writer, batch, n_sequences, attrs=None):
+    def write(writer, batch, n_sequences, attrs=None, done=None):
         write.calls += 1
         time.sleep(seconds)
-        return original(writer, batch, n_sequences, attrs)
+        return original(writer, batch, n_sequences, attrs, done)
 
     write.calls, write.seconds = 0, seconds
     return write
+
+
+def _fail(done, exc):
+    """What a write that fails before the store got the batch does: hand its arrays back (``done``), raise."""
+    if done is not None:
+        done()
+    raise exc
 
 
 def test_background_writer_gives_the_same_store_as_writing_inline(tmp_path):
@@ -70,7 +77,7 @@ def test_a_slow_store_makes_the_model_wait_instead_of_buffering(tmp_path, monkey
     model = tiny_model("gpt2")
     batches = _batches(model) * 2
     slow = _slow(0.3)
-    monkeypatch.setattr(StoreWriter, "_write", slow)
+    monkeypatch.setattr(StoreWriter, "write", slow)
     alive, peak = [0], [0]
     lock = threading.Lock()
     original_submit = writer_mod.ThreadPipeline.submit
@@ -108,18 +115,18 @@ def test_a_slow_store_makes_the_model_wait_instead_of_buffering(tmp_path, monkey
 def test_a_writer_error_is_raised_at_the_next_forward_and_earlier_batches_stay_committed(tmp_path, monkeypatch):
     model = tiny_model("gpt2")
     batches = _batches(model)
-    original = StoreWriter._write
+    original = StoreWriter.write
     calls = []
     seen = threading.Event()
 
-    def failing(writer, batch, n_sequences, attrs=None):
+    def failing(writer, batch, n_sequences, attrs=None, done=None):
         calls.append(len(batch["seq"]))
         if len(calls) == 2:
             seen.set()
-            raise OSError(28, "No space left on device")
-        return original(writer, batch, n_sequences, attrs)
+            _fail(done, OSError(28, "No space left on device"))
+        return original(writer, batch, n_sequences, attrs, done)
 
-    monkeypatch.setattr(StoreWriter, "_write", failing)
+    monkeypatch.setattr(StoreWriter, "write", failing)
     with pytest.raises(OSError, match="No space left") as info:
         with st.tap(model, tmp_path / "s.zarr", writer="thread") as tap:
             run(model, *batches[0])
@@ -137,10 +144,10 @@ def test_a_writer_error_is_raised_at_the_next_forward_and_earlier_batches_stay_c
 def test_a_writer_error_is_raised_at_block_exit_and_never_lost(tmp_path, monkeypatch):
     model = tiny_model("gpt2")
 
-    def failing(writer, batch, n_sequences, attrs=None):
-        raise OSError(5, "Input/output error")
+    def failing(writer, batch, n_sequences, attrs=None, done=None):
+        _fail(done, OSError(5, "Input/output error"))
 
-    monkeypatch.setattr(StoreWriter, "_write", failing)
+    monkeypatch.setattr(StoreWriter, "write", failing)
     with pytest.raises(OSError, match="Input/output"):
         with st.tap(model, tmp_path / "s.zarr", writer="thread"):
             run(model, *_batches(model)[0])
@@ -154,7 +161,7 @@ def test_a_writer_error_is_raised_at_block_exit_and_never_lost(tmp_path, monkeyp
 
 def test_an_exception_in_the_block_still_commits_every_batch_handed_over(tmp_path, monkeypatch):
     model = tiny_model("llama")
-    monkeypatch.setattr(StoreWriter, "_write", _slow(0.1))
+    monkeypatch.setattr(StoreWriter, "write", _slow(0.1))
     batches = _batches(model)
     with pytest.raises(RuntimeError, match="user code"):
         with st.tap(model, tmp_path / "s.zarr", writer="thread", queue_depth=4):
@@ -273,15 +280,35 @@ def test_a_filesystem_without_o_direct_falls_back_to_ordinary_writes(tmp_path, m
 
     from streamtap.io import direct as store_mod
 
+    refused, buffered = [], []
+    original_buffered = store_mod.put_buffered
+
     def refuse(path, data):
+        refused.append(len(data))
         raise OSError(errno.EINVAL, "Invalid argument")
 
+    def counting_buffered(path, data):
+        buffered.append(len(data))
+        return original_buffered(path, data)
+
     monkeypatch.setattr(store_mod, "put_direct", refuse)
+    monkeypatch.setattr(store_mod, "put_buffered", counting_buffered)
     model = _wide_model()
     ids = torch.randint(1, 256, (2, 40), generator=torch.Generator().manual_seed(1))
     with st.tap(model, tmp_path / "s.zarr", check=False) as tap:
         run(model, ids, torch.ones_like(ids))
-    assert tap.writer.group.store._direct_ok is False
+        tap.writer.wait()
+        assert refused  # the store tried O_DIRECT for its big files once, and was refused
+        tried, big_before = len(refused), sum(n >= store_mod.DIRECT_MIN_BYTES for n in buffered)
+        run(model, ids, torch.ones_like(ids))
+        tap.writer.wait()
+    # from then on this store writes through the page cache: the next batch's big chunks never try
+    # O_DIRECT again, and they did land (buffered)
+    assert len(refused) == tried
+    assert sum(n >= store_mod.DIRECT_MIN_BYTES for n in buffered) > big_before
+    assert tap.tokens == 160
+    leftovers = [f for _, _, files in os.walk(tmp_path) for f in files if f.endswith(".partial")]
+    assert not leftovers
     st.verify(st.open(tmp_path / "s.zarr"))
 
 
