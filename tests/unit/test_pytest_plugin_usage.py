@@ -3,6 +3,12 @@
 
 import pytest
 
+# What the plugin imports to look at a store, imported here first (integration/test_pytest_plugin.py's
+# store fixture does the same): pytester drops the modules first imported inside an in-process run, and
+# with those dropped, the next in-process run in this process did not load the installed streamtap
+# plugin at all ("unrecognized arguments: --streamtap-verify").
+import streamtap.dataset  # noqa: F401
+
 pytest_plugins = ["pytester"]
 
 
