@@ -1,4 +1,4 @@
-"""The suite's layout:
+"""The suite's layout (see tests/README.md):
 
 - ``tests/unit``: no model at all, nothing builds or loads a transformers model;
 - ``tests/integration``: tiny random models, in this process;
