@@ -8,8 +8,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$root"
 bash scripts/setup-env.sh
 
-# -n auto: one pytest-xdist worker per core (tests/conftest.py pins each to its core); loadgroup keeps
-# tests marked xdist_group on one worker, where they share a module fixture. -n 0 runs serially.
+# -n auto: one pytest-xdist worker per core; loadgroup keeps tests marked xdist_group on one worker, where
+# they share a module fixture. -n 0 runs serially; -m "not slow" leaves out tests/slow (child processes,
+# servers, a browser, the real SmolLM2); ./test.sh tests/unit runs the tests that need no model.
 rc=0
 .venv/bin/python -m pytest -n auto --dist loadgroup "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then

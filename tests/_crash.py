@@ -1,6 +1,6 @@
 """Fault injection: run a capture in a child process and SIGKILL it at a random moment.
 
-Shared by tests/test_crash.py (a handful of kills) and benchmarks/bench_crash.py (a hundred).
+Shared by tests/slow/test_crash.py (a handful of kills) and benchmarks/bench_crash.py (a hundred).
 """
 
 from __future__ import annotations

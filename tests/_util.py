@@ -1,4 +1,4 @@
-"""Small shared builders for the tests: padded batches of token ids."""
+"""Small shared builders for the tests: padded batches of token ids, store locks, the report's store."""
 
 from __future__ import annotations
 
@@ -62,3 +62,20 @@ def lock_exists(path) -> bool:
     from streamtap.io.lock import LOCK_NAME
 
     return os.path.exists(os.path.join(path, LOCK_NAME))
+
+
+REPORT_TEXTS = ["the king and the queen of england", "paris is the capital of france",
+                "london is in england and the king"]
+
+
+def report_store(path):
+    """A store of REPORT_TEXTS from a tiny Llama with tied embeddings and a word-level tokenizer (what the
+    report tests render); returns (path, model)."""
+    import streamtap as st
+    from streamtap.models import tiny_model
+    from streamtap.models.tokenizer import word_level_tokenizer
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    tok = word_level_tokenizer(REPORT_TEXTS, model.config.vocab_size)
+    st.capture(model, REPORT_TEXTS, path, tokenizer=tok)
+    return path, model

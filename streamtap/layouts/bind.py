@@ -154,8 +154,9 @@ def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
     base_path = names[id(base)]
     layers = resolve_path(base, layout.layers)
     if layers is None:
+        full = f"{base_path}.{layout.layers}" if base_path else layout.layers
         raise LayoutError(f"layout {layout.name!r}: {type(model).__name__} has no module list at "
-                          f"{layout.layers!r} (the blocks); see docs/layouts.md")
+                          f"{full!r} (the blocks); see docs/layouts.md")
     n_heads = config.num_attention_heads
     d_model = config.hidden_size
     d_head = getattr(config, "head_dim", None) or d_model // n_heads
@@ -174,11 +175,11 @@ def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
         return found
 
     taps, events = {}, []
-    for var, paths in layout.embeds.items():
-        found = bound.find(paths)
-        if found is not None:  # an optional embedding the config switched off (e.g. OPT's project_in)
-            taps[var] = (found, OUTPUT)
-            events.append(Embed(var))
+    for var, paths in layout.embeds.items():  # alternatives name what a config may switch off (OPT's project_in)
+        taps[var] = (require(paths, f"embedding term {var}"), OUTPUT)
+        events.append(Embed(var))
+    if layout.final_norm:
+        require(layout.final_norm, "final norm")
     for step in layout.after_embeds:
         k = norm_index(require(step.path, "embedding norm"))
         taps[f"norm.{k}"] = (bound.norms[k], INPUT)

@@ -18,7 +18,8 @@ import torch
 from .. import __version__
 from ..errors import NonFiniteError, StreamtapError
 from ..io.buffers import BufferPool, BufferSet, CudaStager
-from ..io.pipeline import Job, Pipeline, choose_mode, make_pipeline, to_numpy
+from ..io import pipeline as io_pipeline
+from ..io.pipeline import Job, Pipeline, to_numpy
 from ..io.schema import LOSSY_DTYPES, SCHEMA_VERSION, StoreSpec, VariableSpec, fingerprint, is_exact_always
 from ..io.writer import StoreWriter
 from ..layouts import BoundLayout, Weights
@@ -221,8 +222,8 @@ class Recorder:
         # the weights are in the store now; kept, their per-head copies would sit in memory all along
         self.spec, self._static = dataclasses.replace(spec, static={}), None
         self._next_sequence = self.writer.sequences
-        mode = choose_mode(self.options.writer, device)
-        self.pipeline = make_pipeline(self.writer, mode, device, self.options.queue_depth)
+        mode = io_pipeline.choose_mode(self.options.writer, device)
+        self.pipeline = io_pipeline.make_pipeline(self.writer, mode, device, self.options.queue_depth)
 
     def _late_buffers(self, buffers: BufferSet) -> BufferSet:
         """Buffers for what is made after the forward, from a pool of their own, taken only now, when

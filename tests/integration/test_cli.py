@@ -1,12 +1,12 @@
-"""The command line, end to end: capture, verify, info and demo, on tiny models and on SmolLM2."""
+"""The command line, end to end: capture, verify, info and demo, on tiny models. (On SmolLM2 and a Ctrl-C
+in a child process: tests/slow.)"""
 
 import re
 
 import pytest
 import zarr
-from click.testing import CliRunner
 
-from streamtap.cli import cli
+from _cli_util import error_line, fields, invoke, number
 from _util import lock_exists, plant_lock
 
 DOCS = [
@@ -15,29 +15,6 @@ DOCS = [
     "heads write messages and mlps write features",
     "short one",
 ]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def fields(output: str) -> dict[str, str]:
-    """The aligned ``key  value`` lines the commands print, as a dict."""
-    out = {}
-    for line in output.splitlines():
-        match = re.match(r"\s*(\S.*?)\s{2,}(\S.*)$", line)
-        if match:
-            out[match.group(1)] = match.group(2)
-    return out
-
-
-def error_line(result) -> str:
-    """The one line an error leaves on stderr (after whatever progress bar was drawn)."""
-    return result.stderr.strip().splitlines()[-1]
-
-
-def number(text: str) -> int:
-    return int(text.split()[0].replace(",", ""))
 
 
 @pytest.fixture
@@ -170,27 +147,6 @@ def test_demo_on_a_tiny_model(tmp_path):
     assert result.exit_code == 2 and "--overwrite" in result.stderr
 
 
-def _smollm2_or_skip():
-    models = pytest.importorskip("streamtap.models")
-    try:
-        return models.load_model(models.DEFAULT_MODEL)
-    except Exception as exc:  # no gguf package or wheel here: the tiny-model tests still cover the CLI
-        pytest.skip(f"the default model cannot be loaded here: {exc}")
-
-
-def test_demo_on_smollm2_finds_paris(tmp_path):
-    _smollm2_or_skip()  # converts and caches it once, so the demo below times the capture alone
-    result = invoke("demo", "--out", tmp_path / "demo.zarr")
-    assert result.exit_code == 0, result.output
-    got = fields(result.stdout)
-    assert got["top-1 next token"].startswith('" Paris"')
-    assert 0.7 < float(got["top-1 next token"].split("p = ")[1]) < 0.85
-    logit = re.search(r"model (-?[\d.]+), sum of \d+ direct contributions (-?[\d.]+)", got['" Paris" logit'])
-    model_logit, total = float(logit.group(1)), float(logit.group(2))
-    assert abs(model_logit - total) <= 1e-3 and got['" Paris" logit'].endswith("ok")
-    assert "ok" in got["max decomposition error"]
-
-
 # -- capture's options for long runs: --resume, --no-check, --store-dtype, --writer, --break-lock
 def test_resume_continues_an_interrupted_capture_without_duplicates(text_file, tmp_path):
     out, whole = tmp_path / "run.zarr", tmp_path / "whole.zarr"
@@ -252,16 +208,16 @@ def test_a_lossy_store_dtype_shows_in_info(text_file, tmp_path):
 
 @pytest.mark.parametrize("mode", ["inline", "thread"])
 def test_writer_picks_the_pipeline(mode, text_file, tmp_path, monkeypatch):
-    import streamtap.tapping.batch
+    from streamtap.io.pipeline import Pipeline  # ThreadPipeline is one too
 
     made = []
-    real = streamtap.tapping.batch.make_pipeline
+    real = Pipeline.__init__
 
-    def spy(*args, **kwargs):
-        made.append(real(*args, **kwargs))
-        return made[-1]
+    def spy(self, *args, **kwargs):
+        made.append(self)
+        real(self, *args, **kwargs)
 
-    monkeypatch.setattr(streamtap.tapping.batch, "make_pipeline", spy)
+    monkeypatch.setattr(Pipeline, "__init__", spy)
     result = capture(text_file, tmp_path / "w.zarr", "--writer", mode)
     assert result.exit_code == 0, result.output
     assert [p.mode for p in made] == [mode]
@@ -288,65 +244,3 @@ def test_break_lock_takes_over_a_lock_from_another_host(text_file, tmp_path):
     result = capture(text_file, out, "--resume", "--break-lock")
     assert result.exit_code == 0, result.output
     assert number(fields(result.stdout)["sequences"]) == len(DOCS) and not lock_exists(out)
-
-
-@pytest.fixture(scope="module")
-def long_text(tmp_path_factory):
-    """400 lines, and an uninterrupted capture of them with capture's default options: the store that a
-    resumed one must equal. Made once, for both writers below (it does not depend on the writer)."""
-    root = tmp_path_factory.mktemp("long")
-    text = root / "long.txt"
-    words = "the quick brown fox jumps over a lazy dog while heads write messages".split()
-    text.write_text("\n".join(" ".join(words[(i + j) % len(words)] for j in range(3 + i % 9)) for i in range(400)))
-    whole = root / "whole.zarr"
-    assert invoke("capture", "--model", "tiny:llama", "--text", text, "--out", whole).exit_code == 0
-    return text, whole
-
-
-@pytest.mark.xdist_group("ctrl_c")  # in parallel runs, both on one worker: long_text is made once
-@pytest.mark.parametrize("writer", ["inline", "thread"])
-def test_ctrl_c_leaves_a_store_that_opens_verifies_and_resumes(writer, long_text, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import streamtap as st
-
-    text, whole_store = long_text
-    out = tmp_path / "run.zarr"
-    args = ["capture", "--model", "tiny:llama", "--text", str(text), "--out", str(out), "--batch-size", "2"]
-    # a suite started in the background by a shell without job control (`nohup ./test.sh &`) inherits
-    # SIGINT ignored, and so would the child: give it the terminal's default, as a Ctrl-C finds it
-    child = subprocess.Popen([sys.executable, "-m", "streamtap.cli", *args, "--writer", writer],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-    def committed():
-        try:
-            return int(zarr.open_group(out, mode="r").attrs["committed_sequences"])
-        except Exception:
-            return 0
-
-    deadline = time.monotonic() + 120
-    while committed() < 10 and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    child.send_signal(signal.SIGINT)  # Ctrl-C
-    _, stderr = child.communicate(timeout=120)
-    assert child.returncode != 0
-    message = re.search(r"interrupted; the store is consistent with (\d+) sequences committed.*--resume", stderr)
-    assert message, stderr
-    done = int(message.group(1))
-    assert 10 <= done < 400 and done == committed()
-    assert not lock_exists(out)
-    ds = st.open(out)
-    assert ds.sizes["token"] == ds.attrs["committed_tokens"]
-    st.verify(ds)
-
-    result = invoke(*args, "--resume")
-    assert result.exit_code == 0, result.output
-    assert number(fields(result.stdout)["sequences"]) == 400 - done
-    resumed, whole = st.open(out), st.open(whole_store)
-    for name in ("seq", "pos", "token_id"):
-        assert (resumed[name].values == whole[name].values).all(), name
-    st.verify(resumed)

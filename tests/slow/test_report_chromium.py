@@ -1,29 +1,23 @@
-"""The HTML report: written from a store alone, self-contained, and rendered by a real headless Chromium."""
+"""The HTML report rendered by a real headless Chromium (a child process): nothing fetched from outside,
+every image loads, no script error, a page is painted."""
 
 import re
 import shutil
 import subprocess
 
 import pytest
-from click.testing import CliRunner
 
 import streamtap as st
-from streamtap.cli import cli
 from streamtap.report import write_report
-from streamtap.models import tiny_model
-from streamtap.models.tokenizer import word_level_tokenizer
 
-TEXTS = ["the king and the queen of england", "paris is the capital of france", "london is in england and the king"]
+from _util import report_store
+
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    model = tiny_model("llama", tie_word_embeddings=True)
-    tok = word_level_tokenizer(TEXTS, model.config.vocab_size)
-    path = tmp_path_factory.mktemp("report") / "run.zarr"
-    st.capture(model, TEXTS, path, tokenizer=tok)
-    return path, model
+    return report_store(tmp_path_factory.mktemp("report") / "run.zarr")
 
 
 def _render(html_path, tmp_path):
@@ -38,19 +32,6 @@ def _render(html_path, tmp_path):
     subprocess.run(base + ["--window-size=1200,3000", f"--screenshot={shot}", url], capture_output=True,
                    timeout=120, check=True)
     return dom.stdout, dom.stderr, shot
-
-
-def test_report_from_the_command_line(store, tmp_path):
-    path, _ = store
-    out = tmp_path / "cli"
-    result = CliRunner().invoke(cli, ["report", str(path), "--out", str(out), "--words", "the,king,queen"])
-    assert result.exit_code == 0, result.output
-    page = (out / "index.html").read_text()
-    # the store alone carries every weight the report needs (W_Q, W_K, W_V, W_E included)
-    assert "Not available" not in page and "W_Q" in page
-    assert page.count("<img ") == 6
-    for name in ("store", "attribution_top", "logit_lens", "empty_heads", "accumulation"):
-        assert (out / "data" / f"{name}.csv").exists(), name
 
 
 def test_report_renders_in_headless_chromium(store, tmp_path):

@@ -114,19 +114,6 @@ def test_a_lost_coordinate_chunk_fails_the_store_item_and_names_it(pytester, cap
                                  "*seq: no value (the fill value*(tokens 0..11)"])
 
 
-@pytest.mark.parametrize("target, message", [
-    ("missing.zarr", "*--streamtap-verify missing.zarr: no such file or directory*"),
-    ("plain_dir", "*--streamtap-verify plain_dir: no streamtap store at*"),
-    ("file.txt", "*--streamtap-verify file.txt: not a directory*"),
-], ids=["missing", "not-zarr", "file"])
-def test_a_path_that_is_no_store_is_a_usage_error(pytester, target, message):
-    (pytester.path / "plain_dir").mkdir()
-    (pytester.path / "file.txt").write_text("x")
-    result = pytester.runpytest_inprocess("--streamtap-verify", target)
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([message])
-
-
 # -- assert_terms_sum_to_residual -------------------------------------------------------------------
 def test_assertion_passes_on_an_intact_store_from_path_or_dataset(captured):
     for given in (captured, str(captured), st.open(captured)):

@@ -71,7 +71,7 @@ def test_the_docs_local_example_runs(tmp_path, monkeypatch):
     import re
     import runpy
 
-    doc = (pathlib.Path(__file__).parents[1] / "docs" / "remote.md").read_text()
+    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "remote.md").read_text()
     block = re.findall(r"```python\n(.*?)```", doc, re.S)[-1]  # the "try it here" block
     monkeypatch.chdir(tmp_path)
     (tmp_path / "example.py").write_text(block)  # nnsight reads a trace's source from its file

@@ -10,10 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-try:
-    from tests._peers import tl_available, tl_head_results
-except ImportError:  # tests/ on sys.path rather than the repository root
-    from _peers import tl_available, tl_head_results
+from _peers import tl_available, tl_head_results
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -25,7 +25,6 @@ import torch
 import zarr
 
 import streamtap as st
-from streamtap.analysis._store import is_rotary, kv_heads, static
 from streamtap.layouts import bind, layout_for
 from streamtap.models import TINY_ARCHS, tiny_model
 
@@ -33,6 +32,26 @@ from _util import padded_batch
 
 LENGTHS = [11, 6, 3]
 ENCODERS = {"bert", "roberta"}   # bidirectional: position 0 attends to every token
+
+
+# The store's own schema, read with xarray alone (docs/design.md, "The store"): a weight kept once under
+# another name says so in ``<name>_alias``; grouped-query heads share kv heads in order; ``positional``
+# says how positions enter.
+def static(ds, name: str, dtype=np.float32) -> np.ndarray:
+    stored = name if name in ds else ds.attrs.get(f"{name}_alias", name)
+    return np.asarray(ds[stored].values, dtype=dtype)
+
+
+def kv_heads(ds) -> np.ndarray:
+    """For each query head, its key/value head."""
+    n_heads = ds.sizes["head"]
+    n_kv = ds.sizes["kv_head"] if "kv_head" in ds.dims else n_heads
+    assert n_heads % n_kv == 0, (n_heads, n_kv)
+    return np.arange(n_heads) // (n_heads // n_kv)
+
+
+def is_rotary(ds) -> bool:
+    return ds.attrs["positional"] == "rotary"
 
 
 def _rel(a, b) -> float:

@@ -2,13 +2,10 @@
 the model does (streamtap.term_sinks): what keeps a long capture's memory at the plain forward's."""
 
 import pytest
-import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import streamtap as st
-from streamtap.errors import StreamtapError
 from streamtap.models import tiny_model
-from streamtap.tapping.sinks import Route, TermSlots
 
 from _util import padded_batch, run
 
@@ -51,52 +48,6 @@ def test_an_mlp_output_is_freed_when_the_model_frees_it(arch, lengths, tmp_path)
     ds = st.open(tmp_path / "s.zarr")
     assert ds.sizes["token"] == sum(lengths)
     st.testing.assert_terms_sum_to_residual(ds)
-
-
-def _slots(routes, mask):
-    return TermSlots(routes, mask, lambda name, shape, dtype, device: torch.empty(shape, dtype=dtype, device=device))
-
-
-def test_a_module_that_runs_twice_in_one_forward_is_an_error_not_an_overwrite():
-    mask = torch.ones(1, 3, dtype=torch.bool)
-    where = ("model.block", "output")
-    slots = _slots({where: [Route("mlp_out", 0, 1)]}, mask)
-    slots.put(where, torch.ones(1, 3, 4))
-    with pytest.raises(StreamtapError, match="ran twice in one forward"):
-        slots.put(where, torch.ones(1, 3, 4))
-
-
-def test_a_module_the_forward_never_reached_is_named():
-    mask = torch.tensor([[True, True, False]])
-    routes = {("model.a", "output"): [Route("mlp_out", 0, 2)], ("model.b", "output"): [Route("mlp_out", 1, 2)]}
-    slots = _slots(routes, mask)
-    slots.put(("model.a", "output"), (torch.arange(6.0).reshape(1, 3, 2), None))
-    with pytest.raises(StreamtapError, match=r"never reached \[\('model.b', 'output'\)\]"):
-        slots.terms()
-    slots.put(("model.b", "output"), torch.zeros(1, 3, 2))
-    terms = slots.terms()["mlp_out"]
-    assert terms.shape == (2, 2, 2)  # real tokens only: the padded third position is left out
-    assert torch.equal(terms[:, 0], torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
-
-
-def test_a_module_input_routes_its_first_argument_split_into_heads():
-    mask = torch.ones(2, 2, dtype=torch.bool)
-    slots = _slots({("model.o", "inputs"): [Route("z", 0, 1, tail=(2, 3))]}, mask)
-    x = torch.arange(24.0).reshape(2, 2, 6)
-    slots.put(("model.o", "inputs"), ((x,), {}))
-    z = slots.terms()["z"]
-    assert z.shape == (4, 1, 2, 3) and torch.equal(z[:, 0].reshape(4, 6), x.reshape(4, 6))
-
-
-def test_a_set_given_back_gives_back_the_late_set_it_holds():
-    from streamtap.io.buffers import BufferPool
-
-    early, late = BufferPool(sets=2), BufferPool(sets=2)
-    a = early.acquire()
-    a.after = late.acquire()
-    a.release()
-    a.release()  # an error path releasing again changes nothing
-    assert early.free.qsize() == 1 and late.free.qsize() == 1 and a.after is None
 
 
 def test_lossy_casts_are_made_in_buffers_taken_after_the_forward(tmp_path):

@@ -1,9 +1,8 @@
-"""The capture pipeline: background writer, back-pressure, errors, order, flat memory, lossy stores."""
+"""The capture pipeline in a tap: background writer, back-pressure, errors, order, host buffers, O_DIRECT,
+lossy stores. (The pools and background writes alone: tests/unit; peak memory and what the library
+leaves of the host: tests/slow.)"""
 
-import json
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,7 +13,6 @@ import zarr
 
 import streamtap as st
 from streamtap.io import pipeline as writer_mod
-from streamtap.io.buffers import BufferPool
 from streamtap.models import tiny_model
 from streamtap.io.direct import DirectLocalStore
 from streamtap.io.writer import StoreWriter
@@ -34,16 +32,23 @@ def _arrays(path):
 
 
 def _slow(seconds):
-    """StoreWriter._write (what write does inside), slowed down: a store that cannot keep up with the model."""
-    original = StoreWriter._write
+    """StoreWriter.write, slowed down: a store that cannot keep up with the model."""
+    original = StoreWriter.write
 
-    def write(writer, batch, n_sequences, attrs=None):
+    def write(writer, batch, n_sequences, attrs=None, done=None):
         write.calls += 1
         time.sleep(seconds)
-        return original(writer, batch, n_sequences, attrs)
+        return original(writer, batch, n_sequences, attrs, done)
 
     write.calls, write.seconds = 0, seconds
     return write
+
+
+def _fail(done, exc):
+    """What a write that fails before the store got the batch does: hand its arrays back (``done``), raise."""
+    if done is not None:
+        done()
+    raise exc
 
 
 def test_background_writer_gives_the_same_store_as_writing_inline(tmp_path):
@@ -72,7 +77,7 @@ def test_a_slow_store_makes_the_model_wait_instead_of_buffering(tmp_path, monkey
     model = tiny_model("gpt2")
     batches = _batches(model) * 2
     slow = _slow(0.3)
-    monkeypatch.setattr(StoreWriter, "_write", slow)
+    monkeypatch.setattr(StoreWriter, "write", slow)
     alive, peak = [0], [0]
     lock = threading.Lock()
     original_submit = writer_mod.ThreadPipeline.submit
@@ -110,18 +115,18 @@ def test_a_slow_store_makes_the_model_wait_instead_of_buffering(tmp_path, monkey
 def test_a_writer_error_is_raised_at_the_next_forward_and_earlier_batches_stay_committed(tmp_path, monkeypatch):
     model = tiny_model("gpt2")
     batches = _batches(model)
-    original = StoreWriter._write
+    original = StoreWriter.write
     calls = []
     seen = threading.Event()
 
-    def failing(writer, batch, n_sequences, attrs=None):
+    def failing(writer, batch, n_sequences, attrs=None, done=None):
         calls.append(len(batch["seq"]))
         if len(calls) == 2:
             seen.set()
-            raise OSError(28, "No space left on device")
-        return original(writer, batch, n_sequences, attrs)
+            _fail(done, OSError(28, "No space left on device"))
+        return original(writer, batch, n_sequences, attrs, done)
 
-    monkeypatch.setattr(StoreWriter, "_write", failing)
+    monkeypatch.setattr(StoreWriter, "write", failing)
     with pytest.raises(OSError, match="No space left") as info:
         with st.tap(model, tmp_path / "s.zarr", writer="thread") as tap:
             run(model, *batches[0])
@@ -139,10 +144,10 @@ def test_a_writer_error_is_raised_at_the_next_forward_and_earlier_batches_stay_c
 def test_a_writer_error_is_raised_at_block_exit_and_never_lost(tmp_path, monkeypatch):
     model = tiny_model("gpt2")
 
-    def failing(writer, batch, n_sequences, attrs=None):
-        raise OSError(5, "Input/output error")
+    def failing(writer, batch, n_sequences, attrs=None, done=None):
+        _fail(done, OSError(5, "Input/output error"))
 
-    monkeypatch.setattr(StoreWriter, "_write", failing)
+    monkeypatch.setattr(StoreWriter, "write", failing)
     with pytest.raises(OSError, match="Input/output"):
         with st.tap(model, tmp_path / "s.zarr", writer="thread"):
             run(model, *_batches(model)[0])
@@ -156,7 +161,7 @@ def test_a_writer_error_is_raised_at_block_exit_and_never_lost(tmp_path, monkeyp
 
 def test_an_exception_in_the_block_still_commits_every_batch_handed_over(tmp_path, monkeypatch):
     model = tiny_model("llama")
-    monkeypatch.setattr(StoreWriter, "_write", _slow(0.1))
+    monkeypatch.setattr(StoreWriter, "write", _slow(0.1))
     batches = _batches(model)
     with pytest.raises(RuntimeError, match="user code"):
         with st.tap(model, tmp_path / "s.zarr", writer="thread", queue_depth=4):
@@ -168,57 +173,11 @@ def test_an_exception_in_the_block_still_commits_every_batch_handed_over(tmp_pat
     st.verify(ds)
 
 
-def test_auto_mode_follows_spare_cores_and_the_device(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(writer_mod, "spare_cores", lambda: 0)
-    assert writer_mod.choose_mode("auto", cpu) == "inline"
-    assert writer_mod.choose_mode("auto", torch.device("cuda")) == "thread"
-    monkeypatch.setattr(writer_mod, "spare_cores", lambda: 3)
-    assert writer_mod.choose_mode("auto", cpu) == "thread"
-    assert writer_mod.choose_mode("inline", torch.device("cuda")) == "inline"
+def test_an_unknown_writer_mode_is_refused_by_the_tap():
+    # how auto picks a mode is tests/unit/test_choose_mode.py
     with pytest.raises(st.OptionError, match="option writer='process': expected one of auto, thread, inline"):
         st.tap(tiny_model("gpt2"), zarr.storage.MemoryStore(), writer="process")
 
-
-_MEMORY_PROBE = r"""
-import json, resource, sys, tempfile, os, torch
-import streamtap as st
-from transformers import GPT2Config, GPT2LMHeadModel
-torch.manual_seed(0)
-torch.set_num_threads(1)
-model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_head=8, n_embd=256, vocab_size=1000, n_positions=128)).eval()
-ids = torch.randint(0, 1000, (8, 128))
-mode = sys.argv[1]
-def peak():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-out = {}
-with tempfile.TemporaryDirectory() as d:
-    for label, batches in (("x1", 4), ("x10", 40)):
-        with torch.no_grad(), st.tap(model, os.path.join(d, label + ".zarr"), writer=mode, check=False) as tap:
-            for _ in range(batches):
-                model(input_ids=ids)
-        out[label] = peak()
-        out[label + "_tokens"] = tap.tokens
-    g = __import__("zarr").open_group(os.path.join(d, "x1.zarr"), mode="r")
-    out["batch_bytes"] = sum(g[n].nbytes for n in ("embed", "pos_embed", "z", "mlp_out", "resid_final")) // 4
-print(json.dumps(out))
-"""
-
-
-@pytest.mark.parametrize("mode", ["thread", "inline"])
-def test_peak_memory_does_not_grow_with_the_number_of_tokens(mode):
-    # glibc raises its mmap threshold as big blocks are freed and then serves them from heaps that
-    # fragment: with it, the peak RSS of even a plain forward wanders by a few batches from run to run.
-    # A fixed threshold takes that noise out, so what is measured is what streamtap holds
-    # (docs/pipeline.md has the numbers with and without it).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-    result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, mode], capture_output=True, text=True,
-                            timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["x10_tokens"] == 10 * out["x1_tokens"]
-    # ten times the tokens, and the peak stays within one batch of captured terms (~8 MB here)
-    assert out["x10"] - out["x1"] < out["batch_bytes"], out
 
 
 def test_lossy_float16_store_keeps_the_reference_exact_and_records_its_error(tmp_path):
@@ -321,117 +280,36 @@ def test_a_filesystem_without_o_direct_falls_back_to_ordinary_writes(tmp_path, m
 
     from streamtap.io import direct as store_mod
 
+    refused, buffered = [], []
+    original_buffered = store_mod.put_buffered
+
     def refuse(path, data):
+        refused.append(len(data))
         raise OSError(errno.EINVAL, "Invalid argument")
 
+    def counting_buffered(path, data):
+        buffered.append(len(data))
+        return original_buffered(path, data)
+
     monkeypatch.setattr(store_mod, "put_direct", refuse)
+    monkeypatch.setattr(store_mod, "put_buffered", counting_buffered)
     model = _wide_model()
     ids = torch.randint(1, 256, (2, 40), generator=torch.Generator().manual_seed(1))
     with st.tap(model, tmp_path / "s.zarr", check=False) as tap:
         run(model, ids, torch.ones_like(ids))
-    assert tap.writer.group.store._direct_ok is False
+        tap.writer.wait()
+        assert refused  # the store tried O_DIRECT for its big files once, and was refused
+        tried, big_before = len(refused), sum(n >= store_mod.DIRECT_MIN_BYTES for n in buffered)
+        run(model, ids, torch.ones_like(ids))
+        tap.writer.wait()
+    # from then on this store writes through the page cache: the next batch's big chunks never try
+    # O_DIRECT again, and they did land (buffered)
+    assert len(refused) == tried
+    assert sum(n >= store_mod.DIRECT_MIN_BYTES for n in buffered) > big_before
+    assert tap.tokens == 160
+    leftovers = [f for _, _, files in os.walk(tmp_path) for f in files if f.endswith(".partial")]
+    assert not leftovers
     st.verify(st.open(tmp_path / "s.zarr"))
-
-
-def test_importing_and_tapping_leave_the_process_as_they_found_it():
-    # a library imported next to someone's training job must not change its environment, allocator
-    # or warnings: compare them around an import of streamtap, its pytest plugin and a whole tap
-    probe = r"""
-import json, os, warnings
-def state():
-    return {"environ": dict(os.environ), "filters": [repr(f) for f in warnings.filters]}
-baseline = state()
-import streamtap, streamtap.pytest_plugin   # first, before torch (where a library might still set things up)
-after_import = state()
-# what the host itself imports and does: its libraries set their own filters and caches
-import dask.array, nnsight, torch, transformers, xarray, zarr
-from streamtap.models import tiny_model
-model = tiny_model("gpt2")
-import tempfile
-with tempfile.TemporaryDirectory() as d:  # xarray adds a filter of its own whenever it decodes a variable
-    xarray.Dataset({"x": ("t", [1.0])}).to_zarr(os.path.join(d, "x.zarr"))
-    xarray.open_zarr(os.path.join(d, "x.zarr")).load()
-before_tap = state()
-with tempfile.TemporaryDirectory() as d:
-    with torch.no_grad(), streamtap.tap(model, os.path.join(d, "s.zarr")):
-        model(input_ids=torch.ones((1, 5), dtype=torch.long))
-    streamtap.verify(streamtap.open(os.path.join(d, "s.zarr")))
-after_tap = state()
-print(json.dumps({"baseline": baseline, "import": after_import, "before_tap": before_tap, "tap": after_tap}))
-"""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "THP_", "STREAMTAP_"))}
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    got = json.loads(result.stdout.strip().splitlines()[-1])
-    assert got["import"] == got["baseline"]
-    assert got["tap"] == got["before_tap"]
-
-
-def test_the_allocator_is_never_tuned_by_the_library():
-    # glibc's mmap threshold is dynamic: after a 4 MiB block is freed it rises, and the next 4 MiB
-    # block comes from the heap. A tap that pinned the threshold (mallopt) would keep it a mapping.
-    probe = r"""
-import ctypes, os, tempfile, torch
-import streamtap
-from streamtap.models import tiny_model
-class M(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = M
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-model = tiny_model("gpt2")
-with tempfile.TemporaryDirectory() as d:
-    with torch.no_grad(), streamtap.tap(model, os.path.join(d, "s.zarr")):
-        model(input_ids=torch.ones((1, 5), dtype=torch.long))
-p = libc.malloc(4 << 20); libc.free(p)      # glibc raises its threshold above 4 MiB here
-before = libc.mallinfo2().hblks
-p = libc.malloc(4 << 20)                     # so this one comes from the heap, not a new mapping
-print(libc.mallinfo2().hblks - before)
-libc.free(p)
-"""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "THP_", "STREAMTAP_"))}
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
-    if "mallinfo2" in result.stderr:
-        pytest.skip("not glibc >= 2.33 (no mallinfo2): nothing the library could have tuned")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[-1] == "0"  # the dynamic threshold is glibc's own: no new mapping
-
-
-def test_background_writes_land_the_commit_after_its_chunks_and_drop_it_after_a_failure():
-    from streamtap.io.direct import BackgroundWrites
-
-    order, gate = [], threading.Event()
-
-    def chunk(name, wait=False, fail=False):
-        if wait:
-            gate.wait(5)
-        if fail:
-            raise OSError(28, "No space left on device")
-        order.append(name)
-
-    bg = BackgroundWrites(workers=4)
-    bg.submit(chunk, "c0", True, barrier=False)  # held until the gate opens
-    bg.submit(chunk, "c1", barrier=False)
-    bg.submit(chunk, "commit1", barrier=True)
-    bg.submit(chunk, "c2", barrier=False)
-    time.sleep(0.2)
-    assert order == ["c1"]  # the commit waits for c0, and c2 (the next batch) for the commit
-    gate.set()
-    bg.settle()
-    assert order == ["c1", "c0", "commit1", "c2"]
-
-    order.clear()
-    bg.submit(chunk, "c3", False, True, barrier=False)  # a chunk that fails
-    bg.submit(chunk, "c4", barrier=False)
-    bg.submit(chunk, "commit2", barrier=True)
-    bg.submit(chunk, "c5", barrier=False)
-    with pytest.raises(OSError, match="No space"):
-        bg.settle()
-    assert "commit2" not in order and "c5" not in order  # never a commit without its chunks
-    bg.settle()  # raised once; the writer has taken it
-    bg.shutdown()
 
 
 def test_the_forward_returns_before_its_chunks_reach_the_disk_and_reads_wait_for_them(tmp_path, monkeypatch):
@@ -545,52 +423,3 @@ def test_the_weights_written_into_the_store_are_not_held_for_the_rest_of_the_cap
     st.testing.assert_terms_sum_to_residual(ds)
 
 
-def test_a_set_given_back_while_another_is_in_use_lets_its_memory_go():
-    # two sets are needed only while a batch's chunks are still being written as the next forward
-    # starts; kept, the idle one would sit through every later forward's peak beside the one in use
-    pool = BufferPool(sets=3, shed=True)
-    a, b = pool.acquire(), pool.acquire()
-    a.take("z", (4, 3), torch.float32)
-    a.release()
-    assert a.buffers == {} and pool.created == 1 and pool.free.empty()
-    b.take("z", (4, 3), torch.float32)
-    b.release()  # the last one in use: kept for the next batch
-    assert pool.free.qsize() == 1 and pool.acquire() is b
-
-
-def test_an_acquire_waiting_on_a_full_pool_gets_a_set_when_one_is_shed():
-    pool = BufferPool(sets=2, shed=True)
-    a, b = pool.acquire(), pool.acquire()
-    got = []
-    waiter = threading.Thread(target=lambda: got.append(pool.acquire()))
-    waiter.start()
-    time.sleep(0.05)
-    assert not got  # the pool is at its bound
-    a.release()  # shed (b is in use): room for a new set
-    waiter.join(5)
-    assert got and got[0] is not a and pool.created == 2
-    b.release()
-    got[0].release()
-    assert pool.in_use == 0 and pool.free.qsize() == 1
-
-
-def test_a_shed_sets_memory_is_gone_before_a_waiting_acquire_makes_a_new_one():
-    # woken first, the producer would make its next set while the shed one still existed: one set
-    # over the bound, for as long as the free takes (the back-pressure test saw four batches alive)
-    pool = BufferPool(sets=2, shed=True)
-    a, b = pool.acquire(), pool.acquire()
-    freed = threading.Event()
-
-    class SlowToFree:
-        def __del__(self):
-            time.sleep(0.2)
-            freed.set()
-
-    a.buffers["z"] = SlowToFree()
-    seen = []
-    waiter = threading.Thread(target=lambda: (pool.acquire(), seen.append(freed.is_set())))
-    waiter.start()
-    time.sleep(0.05)
-    a.release()
-    waiter.join(5)
-    assert seen == [True]

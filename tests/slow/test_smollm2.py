@@ -1,4 +1,7 @@
-"""The real pretrained model (SmolLM2-135M-Instruct, Llama architecture, tied embeddings)."""
+"""The real pretrained model (SmolLM2-135M-Instruct, Llama architecture, tied embeddings): the invariant,
+attribution, the command line's demo and generation."""
+
+import re
 
 import numpy as np
 import pytest
@@ -7,6 +10,9 @@ import zarr
 
 import streamtap as st
 from streamtap.models import load_model
+
+from _cli_util import fields, invoke
+from _generation_util import assert_same_terms, by_sequence, expected, plain_forward_store
 
 PROMPTS = ["The capital of France is", "Water boils at a temperature of one hundred degrees"]
 
@@ -79,3 +85,44 @@ def test_self_check_passes_in_half_precision(dtype):
     model, _ = load_model("smollm2", dtype=dtype)
     with st.tap(model, zarr.storage.MemoryStore(), check=False) as the_tap:
         assert self_check(the_tap) <= st.tolerance(dtype, n_layers=30)
+
+
+# -- the command line's demo (from tests/test_cli.py) -------------------------------------------------
+def _smollm2_or_skip():
+    models = pytest.importorskip("streamtap.models")
+    try:
+        return models.load_model(models.DEFAULT_MODEL)
+    except Exception as exc:  # no gguf package or wheel here: the tiny-model tests still cover the CLI
+        pytest.skip(f"the default model cannot be loaded here: {exc}")
+
+
+def test_demo_on_smollm2_finds_paris(tmp_path):
+    _smollm2_or_skip()  # converts and caches it once, so the demo below times the capture alone
+    result = invoke("demo", "--out", tmp_path / "demo.zarr")
+    assert result.exit_code == 0, result.output
+    got = fields(result.stdout)
+    assert got["top-1 next token"].startswith('" Paris"')
+    assert 0.7 < float(got["top-1 next token"].split("p = ")[1]) < 0.85
+    logit = re.search(r"model (-?[\d.]+), sum of \d+ direct contributions (-?[\d.]+)", got['" Paris" logit'])
+    model_logit, total = float(logit.group(1)), float(logit.group(2))
+    assert abs(model_logit - total) <= 1e-3 and got['" Paris" logit'].endswith("ok")
+    assert "ok" in got["max decomposition error"]
+
+
+# -- generation (from tests/test_generation.py) -----------------------------------------------------
+def test_smollm2_generation_float32(tmp_path):
+    model, tok = st.models.load_model("smollm2", dtype="float32")
+    tok.padding_side = "left"
+    prompts = ["The capital of France is", "Water boils at a temperature of"]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    with st.tap(model, tmp_path / "gen.zarr", tokenizer=tok) as tap:
+        out = model.generate(**batch, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert " Paris" in tok.decode(out[0, batch["input_ids"].shape[1]:])
+    ds = st.open(tmp_path / "gen.zarr")
+    want = expected(batch["input_ids"], batch["attention_mask"], out, eos=tok.eos_token_id)
+    assert by_sequence(ds) == dict(enumerate(want)) and tap.tokens == sum(map(len, want))
+    ordered = ds.sortby(["seq", "pos"])
+    first = ordered.isel(token=ordered.seq.values == 0)
+    assert "".join(map(str, first.text.values)).startswith(prompts[0] + " Paris")
+    assert st.verify(ds).attrs["max_rel_error"] <= 1e-5
+    assert_same_terms(ds, plain_forward_store(model, out, batch["attention_mask"], tmp_path / "plain.zarr"))
