@@ -204,9 +204,10 @@ def run_memory(args) -> dict:
     """Peak RSS of a streamtap capture of ``args.tokens`` tokens into Zarr, read after every batch,
     against the plain forward's settled peak in the same process (same host settings: this process's
     environment)."""
-    import nnsight  # noqa: F401 - imported before the baseline, like zarr: their code is not captured data
+    # every module the capture uses is imported before the baseline: their code is not captured data
+    import nnsight  # noqa: F401
     import torch
-    import zarr  # noqa: F401
+    import zarr
 
     import streamtap as st
     import streamtap.tapping  # noqa: F401
@@ -228,8 +229,6 @@ def run_memory(args) -> dict:
         for _ in range(batches):
             model(input_ids=ids)
             peaks.append(_peak())
-    import zarr
-
     group = zarr.open_group(path, mode="r")
     per_token = [n for n, a in group.arrays() if a.metadata.dimension_names[0] == "token"]
     raw = sum(group[n].nbytes for n in per_token) / int(group.attrs["committed_tokens"])
@@ -366,7 +365,7 @@ def main() -> None:
     load_end = os.getloadavg()[0]
 
     dev = torch.cuda.get_device_name() if args.device == "cuda" else "no GPU, CPU only"
-    import nnsight
+    import nnsight  # noqa: F401
     import transformers
     import zarr
 
