@@ -43,10 +43,13 @@ LIMIT_BYTES = 2 * GIB
 def make_store(path: str, n_tokens: int, dtype: str, seq_len: int, batch: int, seed: int = 0) -> dict:
     import numpy as np
     import torch
+    import zarr
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import streamtap as st
-    from streamtap.store import StoreSpec, StoreWriter, VariableSpec, to_numpy
+    from streamtap.io.pipeline import to_numpy
+    from streamtap.io.schema import IDENTITY, StoreSpec, VariableSpec
+    from streamtap.io.writer import StoreWriter
 
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
     cfg = GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
@@ -60,9 +63,13 @@ def make_store(path: str, n_tokens: int, dtype: str, seq_len: int, batch: int, s
     W_O = torch.from_numpy(np.asarray(ds["W_O"].values, np.float32)).reshape(-1, cfg.n_embd)
     bias = torch.from_numpy(np.asarray(ds["attn_bias"].values, np.float32)).sum(0)
     names = ("embed", "pos_embed", "z", "mlp_out", "resid_final")
-    spec = StoreSpec(variables={n: VariableSpec((), (), torch_dtype) for n in names}, static={}, attrs={},
-                     with_text=False, identity={})
+    stored = dict(zarr.open_group(path, mode="r").attrs)
+    # an append's spec: the variables the batches carry, and the identity the store was created with
+    # (an append that does not match it is refused)
+    spec = StoreSpec(variables={n: VariableSpec(tuple(ds[n].shape[1:]), dtype) for n in names}, static={}, attrs={},
+                     with_text=False, identity={k: stored.get(k) for k in IDENTITY})
     writer = StoreWriter(path, append=True)
+    writer.lock()
     writer.prepare(spec)
     g = torch.Generator().manual_seed(seed + 1)
     L, H, E, D = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd
@@ -98,6 +105,7 @@ def make_store(path: str, n_tokens: int, dtype: str, seq_len: int, batch: int, s
         done += rows
         print(f"\r  store: {done:,} / {n_tokens:,} tokens", end="", file=sys.stderr, flush=True)
     writer.close()
+    writer.unlock()
     print(file=sys.stderr)
     return {"tokens": int(writer.tokens), "seconds": time.perf_counter() - started}
 

@@ -2,24 +2,31 @@
 
     python benchmarks/bench_capture.py [--batch 8] [--seq 256] [--batches 5] [--rounds 1] [--skip-smollm2]
                                        [--skip-memory] [--device cpu|cuda] [--dir DIR]
+                                       [--malloc-mmap-threshold BYTES] [--torch-huge-pages]
 
 For a GPT-2-small-shaped random model (12 layers, 12 heads, d_model 768) and for SmolLM2-135M, each
 case runs in a fresh process (so that its peak RSS is its own) on the same random batch:
 
-- plain HF forward (every case runs with the allocator setting a tap makes, see
-  ``streamtap.writer.bound_allocator``; one more row shows the plain forward with glibc's defaults);
+- the plain HF forward;
 - nnsight 0.8 saving every layer's z (the output projection's input) and MLP output;
 - TransformerLens 4.x ``TransformerBridge.run_with_cache`` filtered to ``hook_z`` and
   ``hook_mlp_out``, and with per-head results on (``hook_result`` and ``hook_mlp_out``);
-- streamtap factored into Zarr (the default store), and materialized (``materialize=True``).
+- streamtap into Zarr (the default store).
+
+Every case runs under the same host settings: glibc's allocator and torch as they come, unless
+``--malloc-mmap-threshold`` (``MALLOC_MMAP_THRESHOLD_``) or ``--torch-huge-pages``
+(``THP_MEM_ALLOC_ENABLE=1``) set them in the environment of every child process, the plain forward's
+included, so that a ratio to the plain forward measures the capture and not the allocator. streamtap
+itself never changes either; they are host advice (docs/benchmarks.md, "Tuning the host").
 
 Reported: median seconds per batch, the mean including the writer's drain at the end (what the
-ratio to the plain forward uses), peak RSS, bytes per token on disk and the compression ratio of
-the per-token arrays, the time the model's thread spends encoding each batch, the throughput of the
-background disk writes while they run, and the disk's write bandwidth measured in the same
-run. ``--skip-memory`` leaves out the peak-RSS check of a 100k-token capture (its peak after a tenth
-of the tokens and at the end, against the plain forward's settled peak in the same process), which
-runs once with the flat 1 MiB mmap threshold and once with glibc's defaults.
+ratio to the plain forward uses for streamtap), peak RSS, bytes per token on disk and the compression
+ratio of the per-token arrays, the time the model's thread spends on each batch's write, the
+throughput of the background disk writes while they run, and the disk's write bandwidth measured in
+the same run. The memory probe (``--skip-memory`` leaves it out) runs a 100k-token capture in one
+process under the same settings and reads its peak RSS after a tenth of the tokens and at the end,
+against the plain forward's settled peak in the same process: whether a long capture's memory stays
+flat.
 """
 
 from __future__ import annotations
@@ -37,19 +44,19 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CASES = ("plain-glibc", "plain", "nnsight", "tl", "tl-result", "streamtap", "streamtap-materialized")
+CASES = ("plain", "nnsight", "tl", "tl-result", "streamtap")
 LABELS = {
-    "plain-glibc": "plain HF forward, glibc's allocator defaults",
     "plain": "plain HF forward",
     "nnsight": "nnsight: save z + MLP out (memory)",
     "tl": "TransformerLens run_with_cache: z + MLP out",
     "tl-result": "TransformerLens run_with_cache: per-head results + MLP out",
-    "streamtap": "streamtap → Zarr, factored",
-    "streamtap-materialized": "streamtap → Zarr, materialized messages",
+    "streamtap": "streamtap → Zarr",
 }
-# glibc's allocator as it comes and torch without huge pages: what a session without streamtap has
-GLIBC_DEFAULTS = {"STREAMTAP_MALLOC_TUNING": "0", "THP_MEM_ALLOC_ENABLE": "0"}
 PLAIN_FORWARDS = 5  # before the memory probe's capture
+# the host settings the flags control; unless a flag sets one, it is removed from the children's
+# environment, so that "unset" means glibc's and torch's defaults whatever the calling shell exported
+HOST_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "THP_MEM_ALLOC_ENABLE")
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc (64-bit) ignores a larger MALLOC_MMAP_THRESHOLD_
 MODELS = {"gpt2": "GPT-2-small shape (random)", "smollm2": "SmolLM2-135M"}
 
 
@@ -84,20 +91,17 @@ def _layer_paths(model) -> list[tuple[str, str]]:
     return [(f"model.layers.{l}.self_attn.o_proj", f"model.layers.{l}.mlp") for l in range(n)]
 
 
+def _host_seen() -> dict[str, str | None]:
+    """The host settings as this process got them (the parent checks every case got the same)."""
+    return {k: os.environ.get(k) for k in HOST_VARIABLES}
+
+
 def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
 def run_case(args) -> dict:
-    """One case in this process; prints a JSON line."""
-    if args.case != "plain-glibc":
-        # every case runs with the allocator settings a tap makes (torch's huge pages, asked for when
-        # streamtap is imported before torch, and streamtap.writer.bound_allocator), so that the
-        # ratios measure the capture and not the allocator; "plain-glibc" shows glibc's own
-        import streamtap  # noqa: F401 - before torch
-        from streamtap.writer import bound_allocator
-
-        bound_allocator()
+    """One case in this process (the host settings came in its environment); prints a JSON line."""
     import torch
 
     base_rss = _rss()
@@ -107,11 +111,11 @@ def run_case(args) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
     mask = torch.ones_like(ids)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    out: dict = {"case": args.case, "model": args.model, "model_bytes": model_bytes}
+    out: dict = {"case": args.case, "model": args.model, "model_bytes": model_bytes, "host": _host_seen()}
     close = lambda: None  # noqa: E731
     path = os.path.join(args.dir, f"{args.model}-{args.case}.zarr")
 
-    if args.case.startswith("plain"):
+    if args.case == "plain":
         def step():
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=mask)
@@ -149,7 +153,7 @@ def run_case(args) -> dict:
     else:
         import streamtap as st
 
-        the_tap = st.tap(model, path, materialize=args.case.endswith("materialized"), check=False)
+        the_tap = st.tap(model, path, check=False)
         the_tap.__enter__()
 
         def step():
@@ -174,7 +178,7 @@ def run_case(args) -> dict:
     out["wall_all"] = time.perf_counter() - first  # every batch, warm-up and final drain included
     out.update(median=statistics.median(times), mean=total / args.batches, times=times,
                peak_rss=_peak(), base_rss=base_rss, tokens=int(mask.sum()))
-    if args.case.startswith("streamtap"):
+    if args.case == "streamtap":
         import zarr
 
         group = zarr.open_group(path, mode="r")
@@ -184,11 +188,12 @@ def run_case(args) -> dict:
         out["raw_per_token"] = sum(group[n].nbytes for n in per_token) / tokens
         p = the_tap.pipeline
         out["writer"] = p.mode
-        out["write_seconds"] = p.write_seconds  # on the writer's side of the queue: encoding (+ waiting)
+        out["write_seconds"] = p.write_seconds  # the writer's side of the queue: encoding, handing to the disk
         out["written_bytes"] = p.written_bytes
-        store = the_tap.writer.store  # the disk side: compressed bytes, and wall time with a write in flight
-        out["io_bytes"] = getattr(store, "io_bytes", 0)
-        out["io_seconds"] = getattr(store, "io_seconds", 0.0)
+        # the disk side (a DirectLocalStore): bytes written, and wall time with at least one write in flight
+        stats = getattr(the_tap.writer.store, "stats", None)
+        out["io_bytes"] = stats.bytes if stats is not None else 0
+        out["io_seconds"] = stats.seconds if stats is not None else 0.0
         out["batch_terms_bytes"] = out["raw_per_token"] * int(mask.sum())
         shutil.rmtree(path, ignore_errors=True)
     print(json.dumps(out))
@@ -196,18 +201,17 @@ def run_case(args) -> dict:
 
 
 def run_memory(args) -> dict:
-    """Peak RSS of a streamtap capture of ``args.tokens`` tokens (factored, into Zarr), read after every
-    batch, against the plain forward's settled peak in the same process."""
-    import streamtap  # noqa: F401 - before torch (huge pages, see streamtap._hugepages)
-    import nnsight  # noqa: F401 - imported before the baseline, like zarr: their code is not captured data
+    """Peak RSS of a streamtap capture of ``args.tokens`` tokens into Zarr, read after every batch,
+    against the plain forward's settled peak in the same process (same host settings: this process's
+    environment)."""
+    # every module the capture uses is imported before the baseline: their code is not captured data
+    import nnsight  # noqa: F401
     import torch
-    import zarr  # noqa: F401
+    import zarr
 
     import streamtap as st
     import streamtap.tapping  # noqa: F401
-    from streamtap.writer import bound_allocator
 
-    bound_allocator()  # the plain forward measured below runs with the allocator the tap will use
     base_rss = _rss()
     model = _load(args.model, args.device)
     g = torch.Generator().manual_seed(1)
@@ -225,26 +229,61 @@ def run_memory(args) -> dict:
         for _ in range(batches):
             model(input_ids=ids)
             peaks.append(_peak())
-    import zarr
-
     group = zarr.open_group(path, mode="r")
     per_token = [n for n, a in group.arrays() if a.metadata.dimension_names[0] == "token"]
     raw = sum(group[n].nbytes for n in per_token) / int(group.attrs["committed_tokens"])
     out = {"tokens": the_tap.tokens, "tenth_tokens": tenth * ids.numel(), "peak_tenth": peaks[tenth - 1],
            "peak_rss": _peak(), "plain_peak": plain_peaks[-1], "plain_first_peak": plain_peaks[0],
            "base_rss": base_rss, "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-           "batch_terms_bytes": raw * ids.numel(), "writer": the_tap.pipeline.mode}
+           "batch_terms_bytes": raw * ids.numel(), "writer": the_tap.pipeline.mode, "host": _host_seen()}
     shutil.rmtree(path, ignore_errors=True)
     print(json.dumps(out))
     return out
 
 
-def _child(argv: list[str], env: dict | None = None) -> dict:
+def host_environment(args) -> dict[str, str]:
+    """The environment every case's process gets: this one's, with the host settings of the flags."""
+    env = {k: v for k, v in os.environ.items() if k not in HOST_VARIABLES}
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    if args.torch_huge_pages:
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
+    return env
+
+
+def describe_host(env: dict[str, str]) -> str:
+    """The host settings of a run, as the table's header states them."""
+    threshold = env.get("MALLOC_MMAP_THRESHOLD_")
+    parts = [f"MALLOC_MMAP_THRESHOLD_={threshold}" if threshold is not None
+             else "MALLOC_MMAP_THRESHOLD_ unset (glibc's dynamic mmap threshold)"]
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        thp = "unknown"
+    parts.append(("THP_MEM_ALLOC_ENABLE=1" if env.get("THP_MEM_ALLOC_ENABLE") else "THP_MEM_ALLOC_ENABLE unset")
+                 + f" (kernel THP mode {thp})")
+    if env.get("GLIBC_TUNABLES"):
+        parts.append(f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (inherited)")
+    return ", ".join(parts)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def _child(argv: list[str], env: dict[str, str]) -> dict:
     result = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True,
-                            env={**os.environ, **(env or {})})
+                            env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["host"] == {k: env.get(k) for k in HOST_VARIABLES}, (argv, out["host"])
+    return out
 
 
 def main() -> None:
@@ -259,6 +298,12 @@ def main() -> None:
     parser.add_argument("--memory-tokens", type=int, default=100_000)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--rounds", type=int, default=1, help="run the cases this many times, taking turns")
+    parser.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
+                        help="run every case with MALLOC_MMAP_THRESHOLD_=BYTES (default: unset, glibc's dynamic "
+                             "threshold); e.g. 1048576 for a flat peak RSS in long captures (docs/benchmarks.md)")
+    parser.add_argument("--torch-huge-pages", action="store_true",
+                        help="run every case with THP_MEM_ALLOC_ENABLE=1 (torch's CPU tensors of 2 MiB and more "
+                             "on transparent huge pages; the kernel's THP mode must be madvise or always)")
     parser.add_argument("--disk-limit", type=float, metavar="MB/s",
                         help="throttle writes to the disk under --dir to this rate (root; see disk_limit.py), "
                              "to measure the capture where the disk is the bottleneck")
@@ -266,6 +311,12 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.malloc_mmap_threshold is not None and not 0 <= args.malloc_mmap_threshold <= MMAP_THRESHOLD_MAX:
+        parser.error(f"--malloc-mmap-threshold must be between 0 and {MMAP_THRESHOLD_MAX} bytes "
+                     "(glibc ignores a larger threshold)")
+    unknown = sorted(set(args.cases.split(",")) - set(CASES))
+    if unknown:
+        parser.error(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(CASES)}")
     if args.case:
         run_case(args)
         return
@@ -278,6 +329,7 @@ def main() -> None:
     sys.path.insert(0, HERE)
     from bench_pipeline import disk_bandwidth
 
+    env = host_environment(args)  # the same for every case, the plain forward's included
     directory = tempfile.mkdtemp(prefix="streamtap-bench-", dir=args.dir)
     common = ["--batch", str(args.batch), "--seq", str(args.seq), "--batches", str(args.batches),
               "--device", args.device, "--dir", directory]
@@ -297,36 +349,33 @@ def main() -> None:
             rounds: dict[str, list[dict]] = {}
             for i in range(args.rounds):  # the cases take turns, so a drift of the machine's speed hits them alike
                 for case in args.cases.split(","):
-                    r = _child(["--case", case, "--model", model, *common], GLIBC_DEFAULTS if case == "plain-glibc" else None)
+                    r = _child(["--case", case, "--model", model, *common], env)
                     rounds.setdefault(case, []).append(r)
                     print(f"  {model:8s} {case:24s} round {i + 1}: median {r['median']:.3f} s  mean {r['mean']:.3f} s  "
                           f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
             for case, runs in rounds.items():  # the round with the median time stands for the case
-                runs.sort(key=lambda r: r["mean"] if case.startswith("streamtap") else r["median"])
+                runs.sort(key=lambda r: r["mean"] if case == "streamtap" else r["median"])
                 results.append(runs[(len(runs) - 1) // 2])
-        memory = {}
+        memory = None
         if not args.skip_memory:
-            from streamtap._hugepages import host_takes_freed_memory
-            from streamtap.writer import mmap_threshold
-
-            heap_here = mmap_threshold("auto", host_takes_freed_memory()) is None
-            for allocator, env, default in (
-                    ("mmap threshold pinned at 1 MiB, STREAMTAP_MALLOC_TUNING=flat", {"STREAMTAP_MALLOC_TUNING": "flat"},
-                     not heap_here),
-                    ("glibc's defaults, STREAMTAP_MALLOC_TUNING=0", GLIBC_DEFAULTS, heap_here)):
-                label = allocator + ("; streamtap's default on this machine" if default else "")
-                memory[label] = _child(["--tokens", str(args.memory_tokens), "--model", "gpt2", *common], env)
+            memory = _child(["--tokens", str(args.memory_tokens), "--model", "gpt2", *common], env)
         disk_after = disk_bandwidth(directory)["O_DIRECT" if limit else "disk"]
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     load_end = os.getloadavg()[0]
 
     dev = torch.cuda.get_device_name() if args.device == "cuda" else "no GPU, CPU only"
-    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
+    import nnsight  # noqa: F401
+    import transformers
+    import zarr
+
+    print(f"Machine: {_cpu_model()}, {platform.machine()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), {dev}; batch {args.batch} x {args.seq} tokens, median of "
+          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, nnsight "
+          f"{getattr(nnsight, '__version__', '?')}, zarr {zarr.__version__}, {dev}; batch {args.batch} x {args.seq} tokens, median of "
           f"{args.batches} batches after a warm-up; each case the median of {args.rounds} round(s), the cases taking "
           f"turns; load average {load_start:.2f} at start, {load_end:.2f} at end.")
+    print(f"Host settings, the same for every case: {describe_host(env)}.")
     print(f"Disk write bandwidth (sequential, same run): {disk_probe['buffered + fsync'] / 1e9:.2f} GB/s buffered "
           f"with fsync, {disk_probe['O_DIRECT'] / 1e9:.2f} GB/s O_DIRECT before the cases; "
           f"{disk_after / 1e9:.2f} GB/s (the better of the two) after them." + (f" Throttled: {limit}." if limit else "") + "\n")
@@ -337,7 +386,7 @@ def main() -> None:
         plain = next((r for r in rows if r["case"] == "plain"), rows[0])
         for r in rows:
             # streamtap's time includes draining the writer at the end (mean over the batches)
-            t = r["mean"] if r["case"].startswith("streamtap") else r["median"]
+            t = r["mean"] if r["case"] == "streamtap" else r["median"]
             disk_col = f"{r['disk_per_token']:,.0f}" if "disk_per_token" in r else ""
             ratio_col = f"{r['raw_per_token'] / r['disk_per_token']:.2f}x" if "disk_per_token" in r else ""
             writer = ""
@@ -358,10 +407,11 @@ def main() -> None:
                                f"{rate:,.0f} MB/s ({rate / (disk / 1e6):.0%}) over the whole run")
             print(f"| {MODELS[model]} | {LABELS[r['case']]} | {t:.3f} | {t / plain['median']:.2f} | "
                   f"{r['peak_rss'] / 2**30:.2f} GiB | {disk_col} | {ratio_col} | {writer} |")
-    for allocator, m in memory.items():
+    if memory is not None:
+        m = memory
         mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
         batches3 = 3 * m["batch_terms_bytes"]
-        print(f"\nPeak RSS of a streamtap capture ({allocator}; GPT-2-small shape, factored, {m['writer']} writer), "
+        print(f"\nPeak RSS of a streamtap capture (GPT-2-small shape, {m['writer']} writer, the host settings above), "
               f"read after every batch: {m['tenth_tokens']:,} tokens {mib(m['peak_tenth'])}, {m['tokens']:,} tokens "
               f"{mib(m['peak_rss'])} (difference {(m['peak_rss'] - m['peak_tenth']) / 2**20:+,.0f} MiB). The plain "
               f"forward's peak in the same process, settled over {PLAIN_FORWARDS} forwards: {mib(m['plain_peak'])} "

@@ -128,7 +128,7 @@ def appends(directory: str, *, chunk_bytes: int, compressor, shard_bytes: int | 
         kwargs["shards"] = (tok * max(1, shard_bytes // chunk_bytes), width)
     cap = (batch_tokens + 64) * batches
     cap = -(-cap // kwargs.get("shards", kwargs["chunks"])[0]) * kwargs.get("shards", kwargs["chunks"])[0]
-    from streamtap.store import DirectLocalStore
+    from streamtap.io.direct import DirectLocalStore
 
     arr = zarr.create_array(DirectLocalStore(path) if direct else path, shape=(cap, width), dtype="float32",
                             compressors=compressor, fill_value=0, **kwargs)
@@ -145,6 +145,9 @@ def appends(directory: str, *, chunk_bytes: int, compressor, shard_bytes: int | 
 
 
 # -- writer modes ----------------------------------------------------------------------------------
+# The pipelines below stand in for streamtap.io.pipeline's in writer_modes(): each takes a job, writes
+# (or drops) its arrays, and calls its ``release`` once they are no longer read, since the tap's buffer
+# pool holds only queue_depth + 2 sets and waits for a set to come back before the next forward.
 class AsyncPipeline:
     """Batches written through zarr's async API on zarr's own event loop, ``depth`` in flight."""
 
@@ -164,7 +167,7 @@ class AsyncPipeline:
             self.pending.popleft().result()
 
     def submit(self, job) -> None:
-        from streamtap.store import COMMITTED_SEQUENCES, COMMITTED_TOKENS
+        from streamtap.io.schema import COMMITTED_SEQUENCES, COMMITTED_TOKENS
 
         self.raise_pending()
         while len(self.pending) >= self.depth:
@@ -183,10 +186,14 @@ class AsyncPipeline:
         counts = {COMMITTED_TOKENS: end, COMMITTED_SEQUENCES: self.sequences}
 
         async def write():
-            if prev is not None:
-                await asyncio.wrap_future(prev)
-            await asyncio.gather(*[arr._async_array.setitem((slice(start, end),), arrays[name])
-                                   for name, arr in w._arrays.items() if name in arrays])
+            try:
+                if prev is not None:
+                    await asyncio.wrap_future(prev)
+                await asyncio.gather(*[arr.async_array.setitem((slice(start, end),), arrays[name])
+                                       for name, arr in w._arrays.items() if name in arrays])
+            finally:
+                if job.release is not None:
+                    job.release()  # the arrays are the tap's buffers: back to its pool
             await w.group._async_group.update_attributes(counts)  # the commit, after every chunk
             w.tokens, w.sequences = end, counts[COMMITTED_SEQUENCES]
 
@@ -200,12 +207,15 @@ class AsyncPipeline:
             self.pending.popleft().result()
 
 
-def _writer_process(target, inbox, outbox):
-    from streamtap.store import COMMITTED_SEQUENCES, COMMITTED_TOKENS, StoreWriter, open_group, writable_store
+def _writer_process(target, direct_io, inbox, outbox):
+    from streamtap.io.location import open_group
+    from streamtap.io.schema import COMMITTED_SEQUENCES, COMMITTED_TOKENS
+    from streamtap.io.writer import StoreWriter
 
     try:
-        w = StoreWriter(target, append=True)  # the parent holds the store's lock; this writes under it
-        w.group = open_group(writable_store(target), mode="r+")
+        # the parent holds the store's lock; this writes under it, into the arrays the parent created
+        w = StoreWriter(target, append=True, direct_io=direct_io)
+        w.group = open_group(w.store, mode="r+")
         w._arrays = {name: arr for name, arr in w.group.arrays()
                      if arr.metadata.dimension_names and arr.metadata.dimension_names[0] == "token"}
         w.tokens = w.found_tokens = int(w.group.attrs[COMMITTED_TOKENS])
@@ -239,7 +249,11 @@ class ProcessPipeline:
         ctx = mp.get_context("spawn")
         self.writer = writer
         self.inbox, self.outbox = ctx.Queue(maxsize=depth), ctx.Queue()
-        self.proc = ctx.Process(target=_writer_process, args=(str(writer.target), self.inbox, self.outbox), daemon=True)
+        from streamtap.io.direct import DirectLocalStore
+
+        direct_io = isinstance(writer.store, DirectLocalStore)
+        self.proc = ctx.Process(target=_writer_process, args=(str(writer.target), direct_io, self.inbox, self.outbox),
+                                daemon=True)
         self.proc.start()
         self.live: dict[str, shared_memory.SharedMemory] = {}
         self._expect("ready")
@@ -263,7 +277,22 @@ class ProcessPipeline:
 
     def submit(self, job) -> None:
         self.raise_pending()
-        arrays = job.numpy()
+        try:
+            arrays = job.numpy()
+            shm = self._share(arrays)
+        finally:
+            if job.release is not None:
+                job.release()  # copied into shared memory: the tap's buffers go back to its pool
+        while True:  # blocks when depth batches are queued, and fails if the writer process died
+            try:
+                self.inbox.put((shm.name, self._layout, job.n_sequences), timeout=1.0)
+                break
+            except queue.Full:
+                if not self.proc.is_alive():
+                    self.raise_pending()
+                    raise RuntimeError("the writer process died") from None
+
+    def _share(self, arrays: dict[str, np.ndarray]) -> shared_memory.SharedMemory:
         layout, off = {}, 0
         for name, a in arrays.items():
             layout[name] = (off, a.shape, a.dtype.str)
@@ -273,14 +302,8 @@ class ProcessPipeline:
             o, shape, dtype = layout[name]
             np.ndarray(shape, dtype=dtype, buffer=shm.buf, offset=o)[...] = a
         self.live[shm.name] = shm
-        while True:  # blocks when depth batches are queued, and fails if the writer process died
-            try:
-                self.inbox.put((shm.name, layout, job.n_sequences), timeout=1.0)
-                break
-            except queue.Full:
-                if not self.proc.is_alive():
-                    self.raise_pending()
-                    raise RuntimeError("the writer process died") from None
+        self._layout = layout
+        return shm
 
     def busy(self):  # close() waits for everything, so nothing is left writing after it
         return False
@@ -305,7 +328,11 @@ class NullPipeline:
         pass
 
     def submit(self, job):
-        job.numpy()
+        try:
+            job.numpy()
+        finally:
+            if job.release is not None:
+                job.release()
 
     def busy(self):  # close() waits for everything, so nothing is left writing after it
         return False
@@ -316,8 +343,9 @@ class NullPipeline:
 
 def writer_modes(directory: str, batches: int, shape=(8, 256), quick: bool = False) -> list[dict]:
     import streamtap as st
-    import streamtap.tapping as tapping
-    from streamtap import writer as writer_mod
+    import streamtap.io.pipeline as pipeline_mod
+    import streamtap.io.writer as writer_mod
+    import streamtap.tapping.batch as batch_mod
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -341,17 +369,18 @@ def writer_modes(directory: str, batches: int, shape=(8, 256), quick: bool = Fal
         total = time.perf_counter() - start
         return statistics.median(times), total / batches
 
-    import streamtap.store as store_mod
     from zarr.codecs import BloscCodec
 
     rows = []
     med, mean = timed(forward, lambda: None)
     rows.append({"mode": "plain forward", "median": med, "mean": mean})
-    original, original_codec = tapping.make_pipeline, store_mod.COMPRESSOR
+    # the tap's Recorder makes its pipeline with streamtap.tapping.batch.make_pipeline, and the writer
+    # compresses with streamtap.io.writer.COMPRESSOR (when compress=True): both are swapped per variant
+    original, original_codec = batch_mod.make_pipeline, writer_mod.COMPRESSOR
     kinds = {
         "no write (capture only)": lambda w, mode, dev, depth: NullPipeline(w),
-        "inline": lambda w, mode, dev, depth: writer_mod.Pipeline(w),
-        "thread": lambda w, mode, dev, depth: writer_mod.ThreadPipeline(w, depth),
+        "inline": lambda w, mode, dev, depth: pipeline_mod.Pipeline(w),
+        "thread": lambda w, mode, dev, depth: pipeline_mod.ThreadPipeline(w, depth),
         "zarr async API": lambda w, mode, dev, depth: AsyncPipeline(w, depth),
         "process": lambda w, mode, dev, depth: ProcessPipeline(w, depth),
     }
@@ -366,23 +395,19 @@ def writer_modes(directory: str, batches: int, shape=(8, 256), quick: bool = Fal
     for kind, direct, codec in variants:
         factory = kinds[kind]
         label = kind if kind.startswith("no write") else f"{kind}, {'O_DIRECT' if direct else 'page cache'}, {codec}"
-        tapping.make_pipeline = factory
-        store_mod.COMPRESSOR = codecs_[codec]
-        os.environ["STREAMTAP_DIRECT_IO"] = "1" if direct else "0"
+        batch_mod.make_pipeline = factory
+        writer_mod.COMPRESSOR = codecs_[codec] or original_codec
         path = os.path.join(directory, f"w-{len(rows)}.zarr")
         try:
-            the_tap = st.tap(model, path, check=False)
+            the_tap = st.tap(model, path, check=False, compress=codec != "none", direct_io=direct)
             the_tap.__enter__()
-            exc = None
             try:
                 med, mean = timed(forward, lambda: the_tap.__exit__(None, None, None))
-            except BaseException as e:  # noqa: BLE001
-                exc = e
+            except BaseException as e:
                 the_tap.__exit__(type(e), e, None)
                 raise
         finally:
-            tapping.make_pipeline, store_mod.COMPRESSOR = original, original_codec
-            os.environ.pop("STREAMTAP_DIRECT_IO", None)
+            batch_mod.make_pipeline, writer_mod.COMPRESSOR = original, original_codec
         row = {"mode": label, "median": med, "mean": mean}
         if label != "no write (capture only)":
             ds = st.open(path)

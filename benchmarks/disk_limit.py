@@ -1,8 +1,8 @@
 """Make the disk the bottleneck on purpose: a block-I/O write limit for this process and its children.
 
-On the development machines the disk writes 1-2 GB/s and no capture ever waits on it, so "the
-materialized capture writes at N% of the disk's bandwidth when the disk is the bottleneck" cannot be
-seen without slowing the disk down. The kernel's block-I/O throttle does that for one group of
+On the development machines the disk writes 1-2 GB/s and no capture ever waits on it, so "a capture
+writes at N% of the disk's bandwidth when the disk is the bottleneck" cannot be seen without slowing
+the disk down. The kernel's block-I/O throttle does that for one group of
 processes, for direct I/O (which is what streamtap's local store writes with): cgroup v2's
 ``io.max`` (``wbps``) or cgroup v1's ``blkio.throttle.write_bps_device``. It needs root and a
 mounted io/blkio controller; anything else is an error that says so, never a silent full-speed run.

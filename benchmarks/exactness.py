@@ -1,6 +1,6 @@
 """The README's architectures table: measured decomposition error per layout and dtype.
 
-    python benchmarks/exactness.py [--with-smollm2]
+    python benchmarks/exactness.py [--archs gpt2,llama] [--with-smollm2]
 
 For every tiny architecture, on a padded batch (lengths 11, 6, 3), eager and SDPA attention,
 seeds 0-2: the max over tokens of max|sum of terms - resid_final| / max|resid_final|, and the
@@ -34,9 +34,9 @@ def _error(model, ids, mask):
     return st.verify(ds, raise_on_error=False).attrs["max_rel_error"], ds
 
 
-def tiny_rows():
-    for arch in TINY_ARCHS:
-        cells, terms = [], ""
+def tiny_rows(archs=TINY_ARCHS):
+    for arch in archs:
+        cells = []
         for dtype in DTYPES:
             worst, ds = 0.0, None
             for attn in attention_implementations(arch):
@@ -76,11 +76,17 @@ def smollm2_row():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default=",".join(TINY_ARCHS),
+                        help=f"comma-separated tiny architectures (default: all of {', '.join(TINY_ARCHS)})")
     parser.add_argument("--with-smollm2", action="store_true")
     args = parser.parse_args()
+    archs = args.archs.split(",") if args.archs else []
+    unknown = sorted(set(archs) - set(TINY_ARCHS))
+    if unknown:
+        parser.error(f"--archs: unknown {', '.join(unknown)}; choose from {', '.join(TINY_ARCHS)}")
     print("| architecture | layout | terms per layer | attention | float32 | bfloat16 | float16 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for row in tiny_rows():
+    for row in tiny_rows(archs):
         print(row, flush=True)
     if args.with_smollm2:
         print(smollm2_row())

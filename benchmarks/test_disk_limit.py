@@ -1,4 +1,4 @@
-"""The benchmark's disk throttle (benchmarks/disk_limit.py) writes the rule the kernel expects and
+"""The benchmark's disk throttle (disk_limit.py, beside this file) writes the rule the kernel expects and
 refuses loudly where it cannot throttle, so a "disk-bound" run never silently runs at full speed.
 The cgroup trees here are directories of plain files standing in for /sys/fs/cgroup: what is
 checked is what gets written where, not the kernel's throttling (the benchmark measures that)."""
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import disk_limit  # noqa: E402
 
 
