@@ -345,7 +345,6 @@ def writer_modes(directory: str, batches: int, shape=(8, 256), quick: bool = Fal
     import streamtap as st
     import streamtap.io.pipeline as pipeline_mod
     import streamtap.io.writer as writer_mod
-    import streamtap.tapping.batch as batch_mod
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -374,9 +373,9 @@ def writer_modes(directory: str, batches: int, shape=(8, 256), quick: bool = Fal
     rows = []
     med, mean = timed(forward, lambda: None)
     rows.append({"mode": "plain forward", "median": med, "mean": mean})
-    # the tap's Recorder makes its pipeline with streamtap.tapping.batch.make_pipeline, and the writer
+    # the tap's Recorder makes its pipeline with streamtap.io.pipeline.make_pipeline, and the writer
     # compresses with streamtap.io.writer.COMPRESSOR (when compress=True): both are swapped per variant
-    original, original_codec = batch_mod.make_pipeline, writer_mod.COMPRESSOR
+    original, original_codec = pipeline_mod.make_pipeline, writer_mod.COMPRESSOR
     kinds = {
         "no write (capture only)": lambda w, mode, dev, depth: NullPipeline(w),
         "inline": lambda w, mode, dev, depth: pipeline_mod.Pipeline(w),
@@ -395,7 +394,7 @@ def writer_modes(directory: str, batches: int, shape=(8, 256), quick: bool = Fal
     for kind, direct, codec in variants:
         factory = kinds[kind]
         label = kind if kind.startswith("no write") else f"{kind}, {'O_DIRECT' if direct else 'page cache'}, {codec}"
-        batch_mod.make_pipeline = factory
+        pipeline_mod.make_pipeline = factory
         writer_mod.COMPRESSOR = codecs_[codec] or original_codec
         path = os.path.join(directory, f"w-{len(rows)}.zarr")
         try:
@@ -407,7 +406,7 @@ def writer_modes(directory: str, batches: int, shape=(8, 256), quick: bool = Fal
                 the_tap.__exit__(type(e), e, None)
                 raise
         finally:
-            batch_mod.make_pipeline, writer_mod.COMPRESSOR = original, original_codec
+            pipeline_mod.make_pipeline, writer_mod.COMPRESSOR = original, original_codec
         row = {"mode": label, "median": med, "mean": mean}
         if label != "no write (capture only)":
             ds = st.open(path)
