@@ -40,7 +40,7 @@ def _decode(var: xr.DataArray) -> xr.DataArray:
 
 
 def open(store, *, chunks: dict | None = None, storage_options: dict | None = None) -> xr.Dataset:  # noqa: A001
-    """Open a store as a dask-backed Dataset, with ``messages`` (and ``neuron_out``) derived lazily.
+    """Open a store as a dask-backed Dataset, with ``head_output`` (and ``neuron_out``) derived lazily.
 
     Parameters
     ----------
@@ -182,13 +182,13 @@ def _open_ranks(paths: list[str], chunks, storage_options: dict | None = None) -
     return combined
 
 
-def _head_messages(z: np.ndarray, W_O: np.ndarray) -> np.ndarray:
+def _head_outputs(z: np.ndarray, W_O: np.ndarray) -> np.ndarray:
     # one block in, one block out: (token chunk, layer, head, d_head) -> (token chunk, layer, head, d_model)
     return np.einsum("...lhd,lhdm->...lhm", z, W_O, optimize=True)
 
 
 def with_derived_terms(ds: xr.Dataset) -> xr.Dataset:
-    """Add ``messages`` = z @ W_O per head and ``neuron_out`` = act * W_out per neuron, lazily.
+    """Add ``head_output`` = z @ W_O per head and ``neuron_out`` = act * W_out per neuron, lazily.
 
     A store that lacks what a derived term is made of (a damaged store) opens without it;
     ``streamtap.verify`` names what is missing.
@@ -200,8 +200,8 @@ def with_derived_terms(ds: xr.Dataset) -> xr.Dataset:
     W_O = ds["W_O"].astype(np.float32)
     if W_O.chunks:  # static weights may be stored in several chunks; each block needs all of W_O
         W_O = W_O.chunk(-1)
-    derived["messages"] = xr.apply_ufunc(
-        _head_messages, z, W_O,
+    derived["head_output"] = xr.apply_ufunc(
+        _head_outputs, z, W_O,
         input_core_dims=[["layer", "head", "d_head"], ["layer", "head", "d_head", "d_model"]],
         output_core_dims=[["layer", "head", "d_model"]],
         dask="parallelized", output_dtypes=[np.float32],

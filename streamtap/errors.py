@@ -42,6 +42,10 @@ class DecompositionError(StreamtapError):
         self.errors = errors
 
 
+class PatternsMissingError(StreamtapError):
+    """Attention patterns were asked of a store captured without ``patterns=True`` (``--patterns``)."""
+
+
 class StoreAccessError(StreamtapError):
     """A store's location cannot be reached or read (credentials, endpoint, permissions, damaged
     metadata); the message names the location and the settings to check."""

@@ -105,7 +105,7 @@ def _source(ds: xr.Dataset, dtype, *, per_component: bool, neurons: bool = False
         return _as_dask(data, dtype).rechunk((chunks, d_model))
 
     if per_component:
-        messages = ds["messages"].data.astype(dtype)
+        outputs = ds["head_output"].data.astype(dtype)
     else:
         z = _as_dask(ds["z"].data, dtype)
         W_O = np.asarray(ds["W_O"].values, dtype=dtype)
@@ -124,7 +124,7 @@ def _source(ds: xr.Dataset, dtype, *, per_component: bool, neurons: bool = False
             return [Piece([e.site], term[None])]
         if e.site == "attn":
             heads = [component_label(e, head=h) for h in range(ds.sizes["head"])]
-            return [Piece(heads, da.moveaxis(messages[:, layer], 1, 0)),
+            return [Piece(heads, da.moveaxis(outputs[:, layer], 1, 0)),
                     Piece([component_label(e, part="attn_bias")], attn_bias[layer][None], constant=True)]
         if e.experts:
             pieces = [Piece([component_label(e, expert=x) for x in range(e.experts)],
@@ -352,7 +352,35 @@ def verify(ds, *, tol: float | None = None, dtype=np.float32, raise_on_error: bo
             errors=err, problems=problems)
     if raise_on_error and bool((~(err <= tol)).any()):
         raise DecompositionError(misses(err), errors=err)
+    if ds.attrs.get("patterns") and n_tok and not problems:
+        outputs = output_check(ds)
+        err.attrs["max_output_error"] = float(outputs.max()) if outputs.size else 0.0
+        if raise_on_error and bool((~(outputs <= tol)).any()):
+            raise DecompositionError(output_misses(outputs, tol), errors=err)
     return err
+
+
+def output_check(ds: xr.Dataset) -> xr.DataArray:
+    """The second invariant on every stored sequence: each head's output at each token against the
+    sum over sources of its attention times their values, recomputed (``streamtap.attention``).
+    Returns (token, layer, head) relative errors, sequence by sequence."""
+    from .attention import output_errors
+
+    seqs = np.unique(np.asarray(ds["seq"].values))
+    parts = [output_errors(ds, int(s)) for s in seqs]
+    return xr.concat(parts, dim="token")
+
+
+def output_misses(outputs: xr.DataArray, tol: float) -> str:
+    """What ``verify`` says of head outputs that miss the second invariant."""
+    bad = ~(outputs <= tol)
+    flat = outputs.stack(at=("token", "layer", "head"))
+    worst = flat.isel(at=np.argsort(-np.nan_to_num(flat.values, nan=np.inf))[:5])
+    spots = ", ".join(f"seq {int(s)} pos {int(p)} L{int(l)}H{int(h)}: {float(e):.3g}"
+                      for s, p, l, h, e in zip(worst.seq.values, worst.pos.values, worst.layer.values,
+                                               worst.head.values, worst.values))
+    return (f"{int(bad.sum())} head outputs (of {outputs.size}) differ from the sum over sources of attention "
+            f"times value beyond {tol:g}; worst: {spots}. The patterns the store implies are not the model's")
 
 
 def misses(err: xr.DataArray) -> str:

@@ -57,6 +57,8 @@ class CaptureOptions:
     """The options of a capture (``st.tap``; ``st.capture`` adds :class:`CorpusOptions`' four)."""
 
     neurons: bool = _opt(False, "Also store each MLP neuron's activation and W_out (much larger).")
+    patterns: bool = _opt(False, "Also store what every head's attention pattern is recomputed from offline (the "
+                                 "rotary or ALiBi tables the model used; a few hundred bytes per token).")
     append: bool = _opt(False, "Add to an existing store (same model, dtype and options).")
     overwrite: bool = _opt(False, "Replace an existing store (only a streamtap store is ever removed).")
     model_name: str | None = _opt(None, "The name recorded in the store (default: the model's own).", flag="")

@@ -317,6 +317,29 @@ def carry(events: Sequence[Event], norms: FrozenNorms, index: int, x):
     return x
 
 
+# -- a block of a store's arrays as the stream's pieces ---------------------------------------------------------
+def block_norms(b: dict, center):
+    """The stream's norms frozen at one block's scales (``center``: the store's ``norm_center``)."""
+    if "norm_weight" not in b:
+        return FrozenNorms.none()
+    return FrozenNorms(b["norm_weight"], b["norm_bias"], center, b["norm_scale"])
+
+
+def block_source(b: dict, dt):
+    """What each event writes within one block, one summed term per event (for a running sum)."""
+    def source(e):
+        if isinstance(e, Embed):
+            return [Piece([e.var], b[e.var].astype(dt, copy=False)[None])]
+        if e.site == "attn":
+            term = np.einsum("the,hem->tm", b["z"][:, e.layer].astype(dt, copy=False), b["W_O"][e.layer],
+                             optimize=True) + b["attn_bias"][e.layer]
+        else:
+            term = b["mlp_out"][:, e.layer].astype(dt, copy=False)
+        return [Piece([e.site], term[None])]
+
+    return source
+
+
 def component_label(event: Event, *, head: int | None = None, neuron: int | None = None,
                     expert: int | None = None, part: str | None = None) -> tuple:
     """(label, kind, layer, head, neuron): the labels ``decompose`` gives its components."""
@@ -336,4 +359,4 @@ def component_label(event: Event, *, head: int | None = None, neuron: int | None
 
 __all__ = ["Embed", "Write", "StreamNorm", "Event", "FrozenNorms", "Piece", "Sum", "Parts", "Labels", "replay",
            "directions", "carry", "entries", "stop_index", "is_plain", "to_json", "from_json", "norm_scale",
-           "apply_norm", "fold_direction", "component_label"]
+           "apply_norm", "fold_direction", "component_label", "block_source", "block_norms"]

@@ -40,10 +40,11 @@ from .empty import empty_message_summary, empty_messages, frequency_extremes, to
 from .head_vocab import head_vocab
 from .lens import logit_lens
 from .neurons import neuron_memories
+from .patterns import attention, source_messages
 from .rank import effective_rank, singular_values
 
 __all__ = [
-    "MissingWeightsError", "accumulation_pca", "direct_logit_attribution", "effective_rank",
+    "MissingWeightsError", "accumulation_pca", "attention", "source_messages", "direct_logit_attribution", "effective_rank",
     "empty_message_summary", "empty_messages", "final_norm_scale", "frequency_extremes", "head_vocab",
     "logit_lens", "neuron_memories", "ov_matrix", "promotion", "qk_matrix", "relevance", "residual",
     "residual_stream", "residual_terms", "singular_values", "token_frequencies", "token_ids", "vocab_text",

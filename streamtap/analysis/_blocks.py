@@ -132,32 +132,6 @@ def stream_inputs(ds: xr.Dataset, dtype, *, mlp: str = "mlp_out") -> tuple[dict,
     return inputs, statics
 
 
-def block_norms(b: dict, center):
-    """The stream's norms frozen at one block's scales (``center``: the store's ``norm_center``)."""
-    from ..stream import FrozenNorms
-
-    if "norm_weight" not in b:
-        return FrozenNorms.none()
-    return FrozenNorms(b["norm_weight"], b["norm_bias"], center, b["norm_scale"])
-
-
-def block_source(b: dict, dt):
-    """What each event writes within one block, one summed term per event (for a running sum)."""
-    from ..stream import Embed, Piece
-
-    def source(e):
-        if isinstance(e, Embed):
-            return [Piece([e.var], b[e.var].astype(dt, copy=False)[None])]
-        if e.site == "attn":
-            term = np.einsum("the,hem->tm", b["z"][:, e.layer].astype(dt, copy=False), b["W_O"][e.layer],
-                             optimize=True) + b["attn_bias"][e.layer]
-        else:
-            term = b["mlp_out"][:, e.layer].astype(dt, copy=False)
-        return [Piece([e.site], term[None])]
-
-    return source
-
-
 def norm_center(ds: xr.Dataset) -> np.ndarray:
     """For each norm inside the stream, whether it subtracts the mean (a LayerNorm); empty without such norms."""
     return np.asarray(ds["norm_center"].values, dtype=bool) if "norm_center" in ds else np.zeros(0, bool)

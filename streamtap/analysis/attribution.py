@@ -23,8 +23,8 @@ import xarray as xr
 
 from ..errors import StreamtapError
 from ..invariant import component_coords, stream_events, store_norms
-from ..stream import Embed, Labels, Piece, StreamNorm, component_label, directions, replay
-from ._blocks import (as_static_dask, block_norms, float_dtype, norm_center, per_token, single_token, static_dask,
+from ..stream import Embed, Labels, Piece, StreamNorm, block_norms, component_label, directions, replay
+from ._blocks import (as_static_dask, float_dtype, norm_center, per_token, single_token, static_dask,
                       stream_inputs, token_coords, tokens_map)
 from ._store import final_norm, local, logit_softcap, require, static
 from ._vocab import token_ids

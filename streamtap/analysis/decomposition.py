@@ -15,8 +15,8 @@ import numpy as np
 import xarray as xr
 
 from ..invariant import decompose, stream_events
-from ..stream import Sum, entries, replay
-from ._blocks import (block_norms, block_source, float_dtype, norm_center, single_token, stream_inputs, token_coords,
+from ..stream import Sum, block_norms, block_source, entries, replay
+from ._blocks import (float_dtype, norm_center, single_token, stream_inputs, token_coords,
                       tokens_map)
 
 SITES = ("attn", "mlp")

@@ -14,8 +14,8 @@ import numpy as np
 import xarray as xr
 
 from ..invariant import stream_events
-from ..stream import Write, carry
-from ._blocks import block_norms, float_dtype, norm_center, pack, per_token, single_token, static_dask, tokens_map, unpack
+from ..stream import Write, block_norms, carry
+from ._blocks import float_dtype, norm_center, pack, per_token, single_token, static_dask, tokens_map, unpack
 from ._store import final_norm, require
 from ._vocab import vocab_scan
 

@@ -23,36 +23,13 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from ..attention import Attention, require_patterns, rotary_tables, sequence_residuals, sequence_tokens
 from ..errors import StreamtapError
 from ._blocks import float_dtype, token_coords, tokens_map
-from ._store import MissingWeightsError, kv_heads, local, require, static
+from ._store import local, require
 from ._vocab import as_text
 
 MAX_TOKENS = 4096   # the longest sequence a pattern is recomputed for unless asked otherwise
-
-
-class PatternsMissingError(MissingWeightsError):
-    """The store was captured without ``patterns=True``."""
-
-
-def require_patterns(ds: xr.Dataset) -> None:
-    if not ds.attrs.get("patterns"):
-        raise PatternsMissingError("this store was captured without patterns: attention patterns and source "
-                                   "messages need the positional tables the model used. Capture again with "
-                                   "patterns=True (--patterns)")
-    require(ds, "W_Q", "W_K", "W_V")
-
-
-def sequence_tokens(ds: xr.Dataset, seq: int) -> np.ndarray:
-    """The store rows of sequence ``seq``, in position order."""
-    seqs = np.asarray(local(ds["seq"]).values)
-    rows = np.flatnonzero(seqs == int(seq))
-    if rows.size == 0:
-        have = np.unique(seqs)
-        span = f"{int(have.min())}..{int(have.max())} ({have.size} sequences)" if have.size else "none"
-        raise StreamtapError(f"sequence {seq} is not in the store; its sequences are {span}")
-    pos = np.asarray(local(ds["pos"].isel(token=rows)).values)
-    return rows[np.argsort(pos, kind="stable")]
 
 
 def _check_index(name: str, values, size: int) -> np.ndarray:
@@ -64,137 +41,6 @@ def _check_index(name: str, values, size: int) -> np.ndarray:
 
 
 # -- the attention of one layer, recomputed ------------------------------------------------------------
-class Attention:
-    """A store's attention parameters, read once: what q, k, v and the scores are made of."""
-
-    def __init__(self, ds: xr.Dataset, dtype=np.float64):
-        self.dtype = dt = float_dtype(dtype)
-        a = ds.attrs
-        self.n_heads, self.d_head = int(a["n_heads"]), int(a["d_head"])
-        self.kv = kv_heads(ds)
-        self.W_Q, self.W_K, self.W_V = static(ds, "W_Q", dt), static(ds, "W_K", dt), static(ds, "W_V", dt)
-        self.b = {n: static(ds, f"b_{n}", dt) if f"b_{n}" in ds else None for n in "QKV"}
-        self.W_O = static(ds, "W_O", dt)
-        self.norm = None
-        if "attn_norm_weight" in ds:
-            self.norm = (static(ds, "attn_norm_weight", dt),
-                         static(ds, "attn_norm_bias", dt) if "attn_norm_bias" in ds else None,
-                         a["attn_norm_kind"] == "layernorm", float(a["attn_norm_eps"]))
-        n_layers = int(a["n_layers"])
-        self.scale = static(ds, "attn_scale", dt) if "attn_scale" in ds else np.full(n_layers, self.d_head ** -0.5)
-        self.qk_norm = None
-        if "q_norm_weight" in ds:
-            self.qk_norm = {s: (static(ds, f"{s}_norm_weight", dt),
-                                static(ds, f"{s}_norm_bias", dt) if f"{s}_norm_bias" in ds else None) for s in "qk"}
-            self.qk_scope, self.qk_center = a["qk_norm_scope"], a["qk_norm_kind"] == "layernorm"
-            self.qk_eps = float(a["qk_norm_eps"])
-        self.clip = a.get("qkv_clip")
-        self.softcap = a.get("attn_softcap")
-        self.windows = list(a.get("attn_window") or [None] * n_layers)
-        self.causal = bool(a.get("causal", True))
-        self.positional = a.get("positional", "none")
-        self.rotary = a.get("rotary_style", "half")
-        self.groups = list(a.get("rotary_groups") or [0] * n_layers)
-
-    # -- q, k, v ------------------------------------------------------------------------------------
-    def _attn_input(self, x: np.ndarray, layer: int) -> np.ndarray:
-        if self.norm is None:
-            return x
-        gamma, beta, center, eps = self.norm
-        y = x - x.mean(-1, keepdims=True) if center else x
-        y = y / np.sqrt((y * y).mean(-1, keepdims=True) + eps) * gamma[layer]
-        return y + beta[layer] if beta is not None else y
-
-    def _qk_norm(self, t: np.ndarray, side: str, layer: int) -> np.ndarray:
-        gamma, beta = self.qk_norm[side]
-        g, bta = gamma[layer], None if beta is None else beta[layer]
-        n, heads, dh = t.shape
-        if self.qk_scope == "all":
-            flat = t.reshape(n, heads * dh)
-            flat = flat - flat.mean(-1, keepdims=True) if self.qk_center else flat
-            flat = flat / np.sqrt((flat * flat).mean(-1, keepdims=True) + self.qk_eps) * g
-            return (flat + bta if bta is not None else flat).reshape(n, heads, dh)
-        y = t - t.mean(-1, keepdims=True) if self.qk_center else t
-        y = y / np.sqrt((y * y).mean(-1, keepdims=True) + self.qk_eps)
-        y = y * (g.reshape(-1, dh) if g.size > dh else g)            # one gamma per head, or one shared
-        if bta is not None:
-            y = y + (bta.reshape(-1, dh) if bta.size > dh else bta)
-        return y
-
-    def _rotate(self, t: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """Queries or keys (n, heads, d_head) turned by the token's own cos and sin (n, width)."""
-        if self.rotary == "interleaved":   # GPT-J: pairs of neighbouring dims, tables of half the width
-            cos, sin = np.repeat(cos, 2, axis=-1), np.repeat(sin, 2, axis=-1)
-        r = cos.shape[-1]
-        part = t[..., :r]
-        if self.rotary == "interleaved":
-            turned = np.stack([-part[..., 1::2], part[..., ::2]], axis=-1).reshape(part.shape)
-        else:
-            turned = np.concatenate([-part[..., r // 2:], part[..., :r // 2]], axis=-1)
-        rotated = part * cos[:, None, :] + turned * sin[:, None, :]
-        return np.concatenate([rotated, t[..., r:]], axis=-1)
-
-    def qkv(self, layer: int, x: np.ndarray, cos=None, sin=None):
-        """(q (n, head, d_head), k and v (n, kv_head, d_head)) of the tokens whose residual entering
-        ``layer`` is ``x`` (n, d_model); ``cos``/``sin``: their rotary tables for this layer."""
-        a = self._attn_input(x.astype(self.dtype, copy=False), layer)
-        out = []
-        for name, W in (("Q", self.W_Q), ("K", self.W_K), ("V", self.W_V)):
-            t = np.einsum("nd,hde->nhe", a, W[layer], optimize=True)
-            if self.b[name] is not None:
-                t = t + self.b[name][layer]
-            out.append(t)
-        q, k, v = out
-        if self.qk_norm is not None:
-            q, k = self._qk_norm(q, "q", layer), self._qk_norm(k, "k", layer)
-        if self.clip:
-            q, k, v = (np.clip(t, -self.clip, self.clip) for t in (q, k, v))
-        if cos is not None:
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-        return q, k, v
-
-    def visible(self, layer: int, pos_q: np.ndarray, pos_k: np.ndarray) -> np.ndarray:
-        """(queries, keys) bool: which keys each query sees (same sequence assumed)."""
-        seen = np.ones((pos_q.size, pos_k.size), bool)
-        diff = pos_q[:, None] - pos_k[None, :]
-        if self.causal:
-            seen &= diff >= 0
-        window = self.windows[layer]
-        if window:
-            seen &= diff < window if self.causal else np.abs(diff) < window
-        return seen
-
-    def pattern(self, layer: int, heads, q, k, pos_q, pos_k, alibi_k=None) -> np.ndarray:
-        """(head, queries, keys) probabilities for the chosen heads."""
-        kq = k[:, self.kv[heads]]                                        # (keys, head, d_head)
-        scores = np.einsum("qhe,khe->hqk", q[:, heads], kq, optimize=True) * self.scale[layer]
-        if alibi_k is not None:
-            scores = scores + alibi_k[:, heads].T[:, None, :]
-        if self.softcap:
-            scores = self.softcap * np.tanh(scores / self.softcap)
-        seen = self.visible(layer, pos_q, pos_k)
-        scores = np.where(seen[None], scores, -np.inf)
-        scores = scores - scores.max(-1, keepdims=True)
-        weights = np.exp(scores)
-        return weights / weights.sum(-1, keepdims=True)
-
-
-def _rotary_tables(ds_seq: xr.Dataset, group: int):
-    if "rotary_cos" not in ds_seq:
-        return None, None
-    cos = np.asarray(ds_seq["rotary_cos"].isel(rope=group).values, np.float64)
-    sin = np.asarray(ds_seq["rotary_sin"].isel(rope=group).values, np.float64)
-    return cos, sin
-
-
-def _residuals(ds_seq: xr.Dataset, layers, dtype) -> np.ndarray:
-    """(n, layer, d_model): the residual entering each chosen layer, for a sequence's tokens."""
-    from .decomposition import residual_stream
-
-    return np.asarray(residual_stream(ds_seq, depths=[(int(layer), "attn") for layer in layers], dtype=dtype)
-                      .values, dtype)
-
-
 def _sequence(ds: xr.Dataset, seq: int, max_tokens: int | None) -> xr.Dataset:
     rows = sequence_tokens(ds, seq)
     if max_tokens is not None and rows.size > max_tokens:
@@ -246,12 +92,12 @@ def attention(ds: xr.Dataset, seq: int, *, layers=None, heads=None, max_tokens: 
     n = sub.sizes["token"]
     att = Attention(ds, dtype)
     pos = np.asarray(local(sub["pos"]).values)
-    resid = dask.delayed(_residuals)(sub, layers, dtype)
+    resid = dask.delayed(sequence_residuals)(sub, layers, dtype)
     alibi = np.asarray(local(sub["alibi"]).values, dtype) if "alibi" in sub else None
 
     def one(i, layer, head):
         def compute(resid):
-            cos, sin = _rotary_tables(sub, att.groups[layer])
+            cos, sin = rotary_tables(sub, att.groups[layer])
             q, k, _ = att.qkv(layer, resid[:, i], cos, sin)
             return att.pattern(layer, [head], q, k, pos, pos, alibi)[0][None, None]
         return da.from_delayed(dask.delayed(compute)(resid), shape=(1, 1, n, n), dtype=dtype)
@@ -318,34 +164,4 @@ def _messages_block(b: dict, *, att: Attention, layers, heads) -> np.ndarray:
 
 
 # -- the second invariant ----------------------------------------------------------------------------------
-def output_errors(ds: xr.Dataset, seq: int, *, dtype=np.float64) -> xr.DataArray:
-    """How far each head's stored output is from sum_j A[i, j] v_j recomputed: (token, layer, head).
-
-    Compared in the head's value space (z, the input of the output projection), per token and layer
-    relative to the largest |z| of that token and layer; the store's tolerance applies
-    (``streamtap.tolerance``). Where the model's value bias is part of v it is part of both sides.
-    """
-    require_patterns(ds)
-    sub = _sequence(ds, seq, None)
-    att = Attention(ds, dtype)
-    n, L, H = sub.sizes["token"], ds.sizes["layer"], ds.sizes["head"]
-    layers = np.arange(L)
-    resid = _residuals(sub, layers, dtype)
-    z = np.asarray(sub["z"].values, dtype)
-    pos = np.asarray(sub["pos"].values)
-    alibi = np.asarray(sub["alibi"].values, dtype) if "alibi" in sub else None
-    errors = np.empty((n, L, H), dtype)
-    heads = np.arange(H)
-    for layer in layers:
-        cos, sin = _rotary_tables(sub, att.groups[layer])
-        q, k, v = att.qkv(layer, resid[:, layer], cos, sin)
-        A = att.pattern(layer, heads, q, k, pos, pos, alibi)             # (head, query, key)
-        out = np.einsum("hqk,khe->qhe", A, v[:, att.kv], optimize=True)
-        scale = np.maximum(np.abs(z[:, layer]).max(axis=(1, 2)), 1e-30)   # per token
-        errors[:, layer] = np.abs(out - z[:, layer]).max(-1) / scale[:, None]
-    coords = {name: ("token", np.asarray(sub[name].values)) for name in ("seq", "pos", "token_id")}
-    return xr.DataArray(errors, dims=("token", "layer", "head"), coords=coords, name="output_error")
-
-
-__all__ = ["attention", "source_messages", "output_errors", "sequence_tokens", "Attention", "PatternsMissingError",
-           "require_patterns", "MAX_TOKENS"]
+__all__ = ["attention", "source_messages", "MAX_TOKENS"]

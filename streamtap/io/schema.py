@@ -22,7 +22,8 @@ INCOMPLETE = "streamtap_incomplete"      # the only attribute of a store whose c
 STORED_DTYPE = "streamtap_dtype"          # per array: the logical dtype (bfloat16 is kept as its uint16 bits)
 
 # what makes two captures belong in one store: an append must match every one of them
-IDENTITY = ("schema_version", "layout", "model_type", "dtype", "neurons", "weights_fingerprint", "store_dtype")
+IDENTITY = ("schema_version", "layout", "model_type", "dtype", "neurons", "patterns", "weights_fingerprint",
+            "store_dtype")
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,12 @@ VARIABLES: dict[str, Variable] = {
     "expert_index": _tok(("layer", "slot"), "which expert each routing slot went to", lossy=False),
     "shared_expert_out": _tok(("layer", "d_model"), "a gated shared expert's output"),
     "resid_final": _tok(("d_model",), "the residual entering the final norm (the reference)", lossy=False),
+    "rotary_cos": _tok(("rope", "rotary_dim"), "the rotary cosines each token's queries and keys were turned by",
+                       lossy=False),
+    "rotary_sin": _tok(("rope", "rotary_dim"), "the rotary sines", lossy=False),
+    "alibi": _tok(("head",), "the ALiBi bias each head adds to a score with this token as the key", lossy=False),
     # derived lazily by streamtap.open
-    "messages": _tok(("layer", "head", "d_model"), "each head's output at the query, z @ W_O", derived=True),
+    "head_output": _tok(("layer", "head", "d_model"), "each head's output at the query, z @ W_O", derived=True),
     "neuron_out": _tok(("layer", "neuron", "d_model"), "each neuron's output, act * W_out", derived=True),
     # static weights, stored once
     "W_O": _static(("layer", "head", "d_head", "d_model"), "each head's rows of the output projection"),
@@ -81,6 +86,10 @@ VARIABLES: dict[str, Variable] = {
     "attn_norm_weight": _static(("layer", "d_model"), "gamma of the attention's input norm"),
     "attn_norm_bias": _static(("layer", "d_model"), "beta of the attention's input norm"),
     "attn_scale": _static(("layer",), "what the model multiplies q . k by"),
+    "q_norm_weight": _static(("layer", "q_norm_dim"), "gamma of the query norm (one head's or all heads' width)"),
+    "q_norm_bias": _static(("layer", "q_norm_dim"), "beta of the query norm"),
+    "k_norm_weight": _static(("layer", "k_norm_dim"), "gamma of the key norm"),
+    "k_norm_bias": _static(("layer", "k_norm_dim"), "beta of the key norm"),
     "W_E": _static(("vocab", "d_model"), "each token's embedding term (kept once as W_U where identical)"),
 }
 

@@ -44,6 +44,17 @@ def register(layout: Layout) -> Layout:
     return layout
 
 
+def pattern_support(bound: BoundLayout) -> str | None:
+    """Why a bound layout's attention patterns cannot be recomputed from a store, or None."""
+    step = bound.attn
+    if step is None or not (step.q or step.qkv):
+        return f"layout {bound.name!r} does not locate the attention's queries and keys"
+    if bound.positions() == "alibi" and not step.alibi:
+        return ("its ALiBi biases are folded into the attention mask, which a capture does not keep, instead of "
+                "reaching each block as an input")
+    return None
+
+
 def layout_for(model) -> Layout:
     """The layout of a live model, by its config's ``model_type`` (and the layout's ``when``).
 
@@ -75,4 +86,4 @@ def layout_for(model) -> Layout:
 
 
 __all__ = ["INPUT", "OUTPUT", "POSITIONS", "SPLITS", "Attn", "BoundLayout", "Layout", "LAYOUTS", "Mlp", "Moe", "Norm",
-           "Weights", "bind", "in_out_weight", "layout_for", "projections", "register", "supported_model_types"]
+           "Weights", "bind", "in_out_weight", "layout_for", "pattern_support", "projections", "register", "supported_model_types"]

@@ -10,7 +10,8 @@ from .spec import INPUT, Attn, Layout, Mlp, Norm
 
 # queries, keys and values fused per head, [head, (q, k, v), d_head]; positions enter as ALiBi biases
 ATTN = Attn("self_attention.dense", qkv="self_attention.query_key_value", split="per_group", norm="input_layernorm",
-            scale="inv_norm_factor", notes=("ALiBi biases are added to the scores by query-key distance",))
+            scale="inv_norm_factor", notes=("ALiBi biases are added to the scores by query-key distance",),
+            alibi="alibi")
 
 _COMMON = dict(
     model_types=("bloom",),

@@ -6,7 +6,7 @@ embedding module, so its output is already the term); none of that changes where
 live. Parallel StableLM blocks only change what the MLP reads.
 """
 
-from .spec import INPUT, Attn, Layout, Mlp, projections
+from .spec import INPUT, Attn, Layout, Mlp, projections, sliding_window
 
 LAYOUTS = [
     Layout(
@@ -16,7 +16,8 @@ LAYOUTS = [
         layers="layers",
         block=(Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"),
                     qk_norm=(("self_attn.q_norm", "self_attn.q_layernorm"), ("self_attn.k_norm", "self_attn.k_layernorm")),
-                    notes=(("clip_qkv", "queries, keys and values are clipped to [-{0}, {0}] after the projection"),)),
+                    notes=(("clip_qkv", "queries, keys and values are clipped to [-{0}, {0}] after the projection"),),
+                    window=sliding_window, clip="clip_qkv"),
                Mlp("mlp", down="mlp.down_proj")),
         resid_final=("norm", INPUT),
         final_norm="norm",

@@ -4,9 +4,9 @@ The MLP term of a layer splits into one term per expert actually routed to, weig
 router weight (and the shared expert's term), so a researcher can ask which expert wrote what.
 """
 
-from .spec import INPUT, Attn, Layout, Moe, projections
+from .spec import INPUT, Attn, Layout, Moe, projections, sliding_window
 
-ATTN = Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"))
+ATTN = Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), window=sliding_window)
 
 LAYOUTS = [
     Layout(

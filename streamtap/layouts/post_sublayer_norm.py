@@ -4,7 +4,7 @@ Each attention and MLP term passes through its own RMSNorm (frozen per token), s
 message in the stream is post_norm(message) and not the raw message.
 """
 
-from .spec import INPUT, Attn, Layout, Mlp, projections
+from .spec import INPUT, Attn, Layout, Mlp, projections, sliding_window
 
 _QK_NORM = ("self_attn.q_norm", "self_attn.k_norm")
 
@@ -16,7 +16,8 @@ LAYOUTS = [
         layers="layers",
         block=(Attn("self_attn.o_proj", through="post_attention_layernorm", norm="input_layernorm",
                     **projections("self_attn"), qk_norm=_QK_NORM,
-                    notes=(("attn_logit_softcapping", "attention scores are soft-capped: cap * tanh(score / cap), cap = {}"),)),
+                    notes=(("attn_logit_softcapping", "attention scores are soft-capped: cap * tanh(score / cap), cap = {}"),),
+                    window=sliding_window, softcap="attn_logit_softcapping"),
                Mlp("mlp", down="mlp.down_proj", through="post_feedforward_layernorm")),
         resid_final=("norm", INPUT),
         final_norm="norm",
@@ -29,7 +30,7 @@ LAYOUTS = [
         embeds={"embed": "embed_tokens"},
         layers="layers",
         block=(Attn("self_attn.o_proj", through="post_attention_layernorm", **projections("self_attn"),
-                    qk_norm=_QK_NORM),  # no input norm: OLMo-2's attention reads the stream itself
+                    qk_norm=_QK_NORM, window=sliding_window),  # no input norm: OLMo-2's attention reads the stream itself
                Mlp("mlp", down="mlp.down_proj", through="post_feedforward_layernorm")),
         resid_final=("norm", INPUT),
         final_norm="norm",

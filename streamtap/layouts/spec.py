@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 POSITIONS = ("rotary", "learned", "alibi", "none")
+ROTARY_STYLES = ("half", "interleaved")
 
 INPUT, OUTPUT = "input", "output"
 Paths = str | tuple[str, ...]   # alternatives: the first that names a module in this model is used
@@ -39,9 +40,22 @@ class Attn:
       attention reads the stream itself (post-LN blocks, OLMo-2).
     - ``scale``: what the model multiplies q.k by: a number, the name of an attribute of the attention
       module (the parent of ``q``/``qkv``), or a function of that module.
-    - ``qk_norm``: norms applied to queries and keys after the projection (noted in the store).
+    - ``qk_norm``: norms applied to queries and keys after the projection.
     - ``notes``: anything else the attention does to q, k or v: a string is always noted; a pair
       (config field, text) is noted where the config sets the field, ``{}`` standing for its value.
+
+    What the attention pattern is made of (``patterns=True`` captures recompute it offline):
+
+    - ``module``: the attention module (default: the parent of ``q``/``qkv``).
+    - ``rotary``: how queries and keys are rotated where the layout's positions are rotary:
+      ``"half"`` (the two halves of the rotated dims, Llama's ``rotate_half``) or ``"interleaved"``
+      (pairs of neighbouring dims, GPT-J); ``rotary_order``: ``"cos_sin"`` or ``"sin_cos"``, the
+      order of the ``position_embeddings`` pair the attention module receives.
+    - ``window``: ``(config, attention module) -> int | None``, the sliding window of a layer (a
+      key is seen while the query is fewer than that many positions after it).
+    - ``softcap``: the config field of a soft-cap on the scores, cap * tanh(score / cap).
+    - ``clip``: the config field of a clamp of q, k and v to [-c, c] (OLMo's ``clip_qkv``).
+    - ``alibi``: the keyword of the block's input that carries the ALiBi biases (BLOOM, Falcon).
     """
 
     proj: str
@@ -55,12 +69,35 @@ class Attn:
     scale: float | str | Callable | None = "scaling"
     qk_norm: tuple[Paths, Paths] | None = None
     notes: tuple[str | tuple[str, str], ...] = ()
+    module: str | None = None
+    rotary: str = "half"
+    rotary_order: str = "cos_sin"
+    window: Callable | None = None
+    softcap: str | None = None
+    clip: str | None = None
+    alibi: str | None = None
 
     def __post_init__(self):
         if self.split not in SPLITS:
             raise ValueError(f"Attn(split={self.split!r}): expected one of {SPLITS}")
         if self.qkv and self.q:
             raise ValueError("Attn: give either qkv= or q=/k=/v=, not both")
+        if self.rotary not in ROTARY_STYLES:
+            raise ValueError(f"Attn(rotary={self.rotary!r}): expected one of {ROTARY_STYLES}")
+        if self.rotary_order not in ("cos_sin", "sin_cos"):
+            raise ValueError(f"Attn(rotary_order={self.rotary_order!r}): expected 'cos_sin' or 'sin_cos'")
+
+    @property
+    def module_path(self) -> str:
+        return self.module or (self.qkv or self.q).rsplit(".", 1)[0]
+
+
+def sliding_window(config, attention) -> int | None:
+    """The attention module's own ``sliding_window`` where it keeps one (per layer: Qwen2, Gemma-2),
+    else the config's (Mistral applies it to every layer)."""
+    if hasattr(attention, "sliding_window"):
+        return attention.sliding_window
+    return getattr(config, "sliding_window", None)
 
 
 def projections(prefix: str, q: str = "q_proj", k: str = "k_proj", v: str = "v_proj") -> dict[str, str]:
@@ -142,4 +179,5 @@ class Layout:
         return f"{self.name} ({', '.join(self.model_types)})"
 
 
-__all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "Paths", "Attn", "Mlp", "Moe", "Norm", "Layout", "projections"]
+__all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "ROTARY_STYLES", "Paths", "Attn", "Mlp", "Moe", "Norm", "Layout",
+           "projections", "sliding_window"]

@@ -55,6 +55,18 @@ def _split_qkv(aug: torch.Tensor, split: str, n_heads: int, d_head: int, name: s
     return g[:, :, :group].reshape(rows, n_heads, d_head), g[:, :, group], g[:, :, group + 1]
 
 
+def _probe_qk_norm(norm: torch.nn.Module, d_head: int) -> tuple[str, list[dict]]:
+    """(scope, probes) of a query or key norm: one norm over each head's values, a list of norms one
+    per head, or one norm over the heads' concatenated values."""
+    per_head = getattr(norm, "norms", None)
+    if isinstance(per_head, torch.nn.ModuleList):
+        return "head", [probe_norm(m, d_head) for m in per_head]
+    weight = getattr(norm, "weight", None)
+    width = weight.numel() if weight is not None else d_head
+    probe = probe_norm(norm, width)
+    return ("head", [probe]) if width == d_head else ("all", [probe])
+
+
 class Weights:
     """The weights of one bound layout (probes and the tied-embedding test are computed once)."""
 
@@ -108,6 +120,7 @@ class Weights:
                 if unembed_bias is not None:
                     out["unembed_bias"] = unembed_bias
         out.update(self.attention_weights())
+        out.update(self.qk_norms()[0])
         if not self.embedding_is_unembedding():
             W_E = self.token_embedding()
             if W_E is not None:
@@ -260,10 +273,70 @@ class Weights:
             info["attn_notes"] = notes
         return info
 
+    # -- what the attention pattern is made of -----------------------------------------------------
+    def attention_module(self, layer: int) -> torch.nn.Module:
+        b = self.bound
+        return b.module(b.in_block(layer, b.attn.module_path, "attention module"))
+
+    def qk_norms(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The query and key norms (``qk_norm``) as static weights and their attributes.
+
+        Each is probed like every norm: gamma and beta as (layer, width) with width the queries' (or
+        keys') full width, heads concatenated; ``qk_norm_scope`` says whether the statistics are
+        taken over each head's d_head values (``"head"``; a norm shared by the heads has its gamma
+        repeated, one of its own per head has its own) or over the whole width (``"all"``, OLMo-2).
+        """
+        b = self.bound
+        if not self._has_qkv() or not b.attn.qk_norm:
+            return {}, {}
+        out, info = {}, {}
+        for side, rel in zip("qk", b.attn.qk_norm):
+            rels = (rel,) if isinstance(rel, str) else rel
+            gammas, betas = [], []
+            for layer in range(b.n_layers):
+                path = b.find(tuple(b.block_path(layer, p) for p in rels))
+                if path is None:
+                    return {}, {}  # the config switched them off (StableLM's qk_layernorm=False)
+                scope, probes = _probe_qk_norm(b.module(path), b.d_head)
+                gammas.append(torch.cat([p["gamma"] for p in probes]))
+                betas.append(torch.cat([p["beta"] for p in probes]))
+                info = {"qk_norm_scope": scope, "qk_norm_kind": "layernorm" if probes[0]["center"] else "rmsnorm",
+                        "qk_norm_eps": probes[0]["eps"]}
+            out[f"{side}_norm_weight"] = torch.stack(gammas)
+            if any(bool(x.abs().max() > 0) for x in betas):
+                out[f"{side}_norm_bias"] = torch.stack(betas)
+        return out, info
+
+    def pattern_attrs(self) -> dict:
+        """The attention's facts a pattern is recomputed from, as store attributes."""
+        b = self.bound
+        if not self._has_qkv():
+            return {}
+        config, step = b.model.config, b.attn
+        windows = [step.window(config, self.attention_module(layer)) if step.window else None
+                   for layer in range(b.n_layers)]
+        info = {"attn_window": [int(w) if w else None for w in windows], "rotary_groups": self.rotary_groups()}
+        for key, field_name in (("attn_softcap", step.softcap), ("qkv_clip", step.clip)):
+            value = getattr(config, field_name, None) if field_name else None
+            if value:
+                info[key] = float(value)
+        if b.positions() == "rotary":
+            info.update(rotary_style=step.rotary, rotary_order=step.rotary_order)
+        return info
+
+    def rotary_groups(self) -> list[int]:
+        """Per layer, which of the rotary tables it uses: one per ``config.layer_types`` kind (Gemma-3
+        rotates local and global layers differently), else one for every layer."""
+        types = getattr(self.bound.model.config, "layer_types", None)
+        if not types or self.bound.positions() != "rotary":
+            return [0] * self.bound.n_layers
+        kinds = sorted(set(types))
+        return [kinds.index(t) for t in types[:self.bound.n_layers]]
+
     def attrs(self) -> dict:
         """The store attributes the weights contribute: the final norm's kind and eps, and
         :meth:`attention_info`."""
-        info = self.attention_info()
+        info = {**self.attention_info(), **self.pattern_attrs(), **self.qk_norms()[1]}
         probe = self.final_norm()
         if probe is None:
             return info

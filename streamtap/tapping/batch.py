@@ -25,7 +25,8 @@ from ..io.writer import StoreWriter
 from ..layouts import BoundLayout, Weights
 from ..options import CaptureOptions
 from ..stream import to_json
-from .sinks import KeptValues, Route, TermSlots, Where, location
+from ..layouts import INPUT
+from .sinks import KeptValues, Route, TermSlots, Where, argument, location
 
 EXPERT_KEYS = ("experts", "shared", "shared_gate")   # taps a mixture's terms are made from after the forward
 
@@ -95,7 +96,36 @@ class Recorder:
         for k in range(len(b.norms)):
             add(f"norm.{k}", Route("norm_scale", k, len(b.norms), transform=lambda x, k=k: self._frozen_scale(x, k)))
         add("resid_final", Route("resid_final"))
+        if self.options.patterns:
+            for where, route in self._pattern_routes():
+                routes.setdefault(where, []).append(route)
         return routes
+
+    def _pattern_routes(self) -> list[tuple[Where, Route]]:
+        """What a pattern needs besides the stream: the rotary tables each group of layers received
+        (the attention module's ``position_embeddings``), or the ALiBi biases the blocks received."""
+        b = self.bound
+        out = []
+        if b.positions() == "rotary":
+            groups = Weights(b).rotary_groups()
+            first = {g: groups.index(g) for g in sorted(set(groups))}
+            cos_at = 0 if b.attn.rotary_order == "cos_sin" else 1
+            for g, layer in first.items():
+                path = b.in_block(layer, b.attn.module_path, "attention module")
+                module = b.module(path)
+                for var, at in (("rotary_cos", cos_at), ("rotary_sin", 1 - cos_at)):
+                    pick = (lambda value, module=module, at=at:
+                            argument(module, value, "position_embeddings")[at])
+                    out.append((location(path, INPUT), Route(var, g, len(first), pick=pick)))
+        elif b.positions() == "alibi":
+            path = b.block_full_path(0)
+            module, heads = b.module(path), b.n_heads
+
+            def pick(value, module=module, name=b.attn.alibi):
+                alibi = argument(module, value, name)          # (batch x heads, 1, keys)
+                return alibi.reshape(-1, heads, alibi.shape[-1]).transpose(1, 2)
+            out.append((location(path, INPUT), Route("alibi", pick=pick)))
+        return out
 
     def _frozen_scale(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """s = 1/sqrt(var(x) + eps) of norm k, in float32 as the norms compute it."""
@@ -135,8 +165,9 @@ class Recorder:
                 out[var] = sunk[var]
         if b.moe:
             out.update(self._expert_terms(kept, mask))
-        if "norm_scale" in sunk:
-            out["norm_scale"] = sunk["norm_scale"]
+        for var in ("norm_scale", "rotary_cos", "rotary_sin", "alibi"):
+            if var in sunk:
+                out[var] = sunk[var]
         out["resid_final"] = sunk["resid_final"]
         return out
 
@@ -307,6 +338,7 @@ class Recorder:
             "model_type": self.module.config.model_type,
             "dtype": dtype,
             "neurons": self.options.neurons,
+            "patterns": self.options.patterns,
             "weights_fingerprint": fingerprint(static),
             "store_dtype": None if self.store_dtype is None else str(self.store_dtype).removeprefix("torch."),
         }

@@ -67,6 +67,7 @@ class Route:
     tail: tuple[int, ...] | None = None
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     flat: bool = False
+    pick: Callable[[Any], torch.Tensor] | None = None   # the tensor of the value, where not its first
 
 
 def first_tensor(value: Any, slot: str) -> torch.Tensor:
@@ -77,6 +78,17 @@ def first_tensor(value: Any, slot: str) -> torch.Tensor:
     if isinstance(value, (tuple, list)):
         value = value[0]
     return value
+
+
+def argument(module: torch.nn.Module, value: Any, name: str):
+    """A module input's argument ``name`` (keyword or positional), from nnsight's (args, kwargs)."""
+    import inspect
+
+    args, kwargs = value
+    if name in kwargs:
+        return kwargs[name]
+    params = [p for p in inspect.signature(type(module).forward).parameters if p != "self"]
+    return args[params.index(name)]
 
 
 def token_rows(value: torch.Tensor, mask: torch.Tensor, flat: bool = False) -> torch.Tensor:
@@ -103,8 +115,13 @@ class TermSlots:
         self._filled: dict[str, set[int | None]] = {}
 
     def put(self, where: Where, value: Any) -> None:
-        tensor = first_tensor(value, where[1]).detach()
+        first = None
         for route in self.routes[where]:
+            if route.pick is not None:
+                tensor = route.pick(value).detach()
+            else:
+                first = first_tensor(value, where[1]).detach() if first is None else first
+                tensor = first
             self._write(route, token_rows(tensor, self.mask, route.flat), where)
 
     def _real(self, rows: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:

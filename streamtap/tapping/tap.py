@@ -72,6 +72,13 @@ class Tap:
                 "call model.eval() before tapping it"
             )
         self.bound: BoundLayout = bind(layout_for(self.module), self.module)
+        if options.patterns:
+            from ..layouts import pattern_support
+
+            problem = pattern_support(self.bound)
+            if problem:
+                raise StreamtapError(f"patterns=True (--patterns) is not available for this {type(self.module).__name__}: "
+                                     f"{problem}. Capture without it; the terms and their decomposition are unaffected")
         if options.neurons and self.bound.moe:
             raise StreamtapError(
                 "per-neuron capture is not available for mixture-of-experts layers (their experts are "

@@ -18,7 +18,7 @@ def llama():
 def test_message_norms_and_cosines(llama):
     t, ds = llama, llama.ds     # an untied model: the store carries W_E (tied ones say it is W_U)
     em = st.analysis.empty_messages(ds, n_tokens=3).compute()
-    msgs = ds.messages.values.astype(np.float64)                            # (token, layer, head, d_model)
+    msgs = ds.head_output.values.astype(np.float64)                            # (token, layer, head, d_model)
     norms = np.linalg.norm(msgs, axis=-1)
     np.testing.assert_allclose(em.norm.values, norms, rtol=1e-4, atol=1e-5)
     resid_in = np.stack([np.linalg.norm(h, axis=-1) for h in t.hidden[:ds.sizes["layer"]]], axis=1)

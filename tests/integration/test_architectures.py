@@ -97,7 +97,7 @@ def test_post_sublayer_norm_heads_arrive_through_the_norm(arch):
     attn = terms.where((terms.layer == 1) & terms.kind.isin(["head", "attn_bias", "norm_beta"]), drop=True)
     arrived = attn.sum("component").values
     np.testing.assert_allclose(arrived, captured["post"][0].double().numpy(), rtol=1e-5, atol=1e-6)
-    raw = st.open(store).messages.sel(layer=1).sum("head").values
+    raw = st.open(store).head_output.sel(layer=1).sum("head").values
     assert np.abs(raw - captured["post"][0].numpy()).max() > 0.1  # raw messages are not what arrives
 
 

@@ -190,7 +190,7 @@ def test_sorting_by_seq_and_pos_is_lazy_and_keeps_the_invariant(tmp_path):
     ids, mask = padded_batch(model.config.vocab_size, [3, 5], seed=1, side="left")
     out, _ = generate_in_tap(model, tmp_path / "gen.zarr", ids, mask, max_new_tokens=4)
     ds = st.open(tmp_path / "gen.zarr").sortby(["seq", "pos"])
-    assert ds["z"].chunks is not None and ds["messages"].chunks is not None  # still dask
+    assert ds["z"].chunks is not None and ds["head_output"].chunks is not None  # still dask
     assert list(ds.seq.values) == [0] * 6 + [1] * 8
     assert list(ds.token_id.values) == sum(expected(ids, mask, out), [])
     st.verify(ds)

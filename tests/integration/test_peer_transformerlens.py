@@ -241,7 +241,7 @@ def attn_components(c, layer: int, norm: str | None = None) -> np.ndarray:
 # -- 1. per-head parity where TransformerLens has per-head results ---------------------------------
 @pytest.mark.parametrize("arch", PARITY)
 def test_messages_equal_transformerlens(arch, captured, tl_heads, record_property):
-    """``ds.messages`` == TransformerLens's per-head results, real tokens of a right-padded batch.
+    """``ds.head_output`` == TransformerLens's per-head results, real tokens of a right-padded batch.
 
     ``hook_result`` where TransformerLens 4.3 fires it; where ``set_use_attn_result`` refuses
     (``NotImplementedError``: GPT-Neo, GPT-J, OPT, BERT, RoBERTa) its own fallback,
@@ -253,7 +253,7 @@ def test_messages_equal_transformerlens(arch, captured, tl_heads, record_propert
     if refused is not None:  # a later TransformerLens may support hook_result on the others
         assert isinstance(refused, NotImplementedError), refused
     c = captured(arch)
-    ours = c.ds.messages.values
+    ours = c.ds.head_output.values
     assert ours.shape == theirs.shape
     err = rel(ours, theirs)
     dec_err = assert_decomposition_exact(c)  # and the terms sum to the residual they were taken from
@@ -266,7 +266,7 @@ def test_messages_equal_transformerlens(arch, captured, tl_heads, record_propert
 @pytest.mark.parametrize("arch", sorted(BOOT_CRASH))
 def test_boot_crash_streamtap_exact(arch, captured, record_property):
     c = captured(arch)
-    msg_err = rel(c.ds.messages.values, hf_messages(c.model, arch, c.ids, c.mask))
+    msg_err = rel(c.ds.head_output.values, hf_messages(c.model, arch, c.ids, c.mask))
     final = RESID_FINAL_INPUT_OF[arch]
     hf_in, _ = hf_io(c.model, c.ids, c.mask, inputs=[final])
     resid_err = rel(c.ds.resid_final.values, hf_in[final][c.real])
@@ -276,7 +276,7 @@ def test_boot_crash_streamtap_exact(arch, captured, record_property):
     if crash is None:  # fixed upstream: then it must agree like any other architecture
         names = [f"blocks.{l}.attn.hook_result" for l in range(c.n_layers)]
         _, cache = tl_run_with_cache(c.model, c.ids, c.mask, names_filter=names, bridge=bridge)
-        assert rel(c.ds.messages.values, tl_stack_head_results(cache)[c.real]) <= TOL
+        assert rel(c.ds.head_output.values, tl_stack_head_results(cache)[c.real]) <= TOL
     else:
         assert isinstance(crash, BOOT_CRASH[arch]), crash
     note(record_property, arch=arch, tl_boot=type(crash).__name__ if crash else "ok",
@@ -345,7 +345,7 @@ def test_bloom_decompose_resid(arch, captured, record_property):
 
     dec_err = assert_decomposition_exact(c)
     resid_err = rel(c.ds.resid_final.values, resid_final)
-    msg_err = rel(c.ds.messages.values, hf_messages(c.model, arch, c.ids, c.mask))
+    msg_err = rel(c.ds.head_output.values, hf_messages(c.model, arch, c.ids, c.mask))
     # no norm on the stream in plain BLOOM: a layer's attention components sum to its dense output
     layer_err = (max(rel(attn_components(c, l), hf_out[d][c.real]) for l, d in enumerate(dense))
                  if arch == "bloom" else float("nan"))
@@ -374,10 +374,10 @@ def test_opt_project_in(captured, tl_heads, record_property):
     embed_err = rel(c.ds.embed.values, hf_out["model.decoder.project_in"][c.real])
     pos_err = rel(c.ds.pos_embed.values, hf_out["model.decoder.embed_positions"][c.real])
     resid_err = rel(c.ds.resid_final.values, hf_in[final][c.real])
-    msg_err = rel(c.ds.messages.values, hf_messages(c.model, arch, c.ids, c.mask))
+    msg_err = rel(c.ds.head_output.values, hf_messages(c.model, arch, c.ids, c.mask))
     dec_err = assert_decomposition_exact(c)
     _, _, tl_results = tl_heads(arch)
-    tl_heads_err = rel(c.ds.messages.values, tl_results)
+    tl_heads_err = rel(c.ds.head_output.values, tl_results)
 
     _, cache = tl_run_with_cache(c.model, c.ids, c.mask)
     embed_width = int(cache["hook_embed"].shape[-1])
@@ -401,12 +401,12 @@ def test_opt_project_in(captured, tl_heads, record_property):
 def test_post_ln(arch, captured, tl_heads, record_property):
     """On post-LN models the stream passes through every later norm, so what a head adds to the final
     residual (streamtap's ``L{l}H{h}`` in ``st.decompose``, through the frozen norms) is not its raw
-    result. The raw results are comparable and equal (``ds.messages``); TransformerLens's
+    result. The raw results are comparable and equal (``ds.head_output``); TransformerLens's
     ``decompose_resid`` (raw sublayer outputs) does not sum to the final residual. On opt-post-ln,
     ``run_with_cache`` with every hook crashes in TransformerLens 4.3 (``ValueError``)."""
     c = captured(arch)
     _, _, raw = tl_heads(arch)
-    raw_err = rel(c.ds.messages.values, raw)
+    raw_err = rel(c.ds.head_output.values, raw)
     arrival = np.stack([np.stack([c.terms.sel(component=f"L{l}H{h}").values for h in range(raw.shape[2])],
                                  axis=1) for l in range(c.n_layers)], axis=1)
     raw_vs_arrival = float(np.abs(raw - arrival).max())

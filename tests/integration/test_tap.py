@@ -88,7 +88,7 @@ def test_messages_are_per_head_z_times_W_O(tmp_path):
     with st.tap(model, tmp_path / "s.zarr"):
         run(model, ids, mask)
     ds = st.open(tmp_path / "s.zarr")
-    assert ds.messages.dims == ("token", "layer", "head", "d_model")
+    assert ds.head_output.dims == ("token", "layer", "head", "d_model")
     attn = model.transformer.h[1].attn
     captured = {}
 
@@ -98,7 +98,7 @@ def test_messages_are_per_head_z_times_W_O(tmp_path):
     h = attn.register_forward_hook(keep)
     run(model, ids, mask)
     h.remove()
-    total = ds.messages.sel(layer=1).sum("head") + ds.attn_bias.sel(layer=1)
+    total = ds.head_output.sel(layer=1).sum("head") + ds.attn_bias.sel(layer=1)
     np.testing.assert_allclose(total.values, captured["out"][0].numpy(), rtol=1e-5, atol=1e-6)
 
 

@@ -32,7 +32,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert combined.attrs["committed_sequences"] == single.attrs["committed_sequences"] == len(CORPUS)
     for name in ("seq", "pos", "token_id"):
         np.testing.assert_array_equal(combined[name].values, single[name].values)
-    for name in ("embed", "z", "mlp_out", "resid_final", "messages"):
+    for name in ("embed", "z", "mlp_out", "resid_final", "head_output"):
         ours, theirs = combined[name].values, single[name].values
         assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max(), name
     st.verify(combined)

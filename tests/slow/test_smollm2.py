@@ -72,7 +72,7 @@ def test_heads_plus_bias_equal_the_attention_output(smollm2, tmp_path):
         model(**enc)
     hook.remove()
     ds = st.open(tmp_path / "s.zarr")
-    summed = (ds.messages.sel(layer=17).sum("head") + ds.attn_bias.sel(layer=17)).values
+    summed = (ds.head_output.sel(layer=17).sum("head") + ds.attn_bias.sel(layer=17)).values
     expected = captured["attn"][0].numpy()
     assert np.abs(summed - expected).max() <= 1e-5 * np.abs(expected).max()
 

@@ -31,7 +31,7 @@ def test_an_unknown_option_suggests_the_close_name(cls, typo, meant):
 
 
 def test_an_unknown_option_with_nothing_close_lists_the_options():
-    message = _refused(CaptureOptions, r"unknown option 'xyzzy' Options: neurons, append", xyzzy=1)
+    message = _refused(CaptureOptions, r"unknown option 'xyzzy' Options: neurons, patterns, append", xyzzy=1)
     assert "did you mean" not in message
 
 

@@ -12,13 +12,14 @@ from streamtap.io.schema import (CHUNK_TARGET_BYTES, VARIABLES, StoreSpec, Varia
 
 # what a capture writes per token (docs/design.md, "The store"); derived ones are st.open's
 WRITTEN_PER_TOKEN = ("embed", "pos_embed", "token_type_embed", "z", "mlp_out", "neuron_act", "norm_scale",
-                     "expert_out", "expert_index", "shared_expert_out", "resid_final")
+                     "expert_out", "expert_index", "shared_expert_out", "resid_final", "rotary_cos", "rotary_sin",
+                     "alibi")
 
 
 def test_every_per_token_variable_a_capture_writes_has_dims():
     written = {n for n, v in VARIABLES.items() if v.per_token and not v.derived}
     assert written == set(WRITTEN_PER_TOKEN)
-    assert set(per_token_names()) == written | {"messages", "neuron_out"}
+    assert set(per_token_names()) == written | {"head_output", "neuron_out"}
     for name in WRITTEN_PER_TOKEN:
         dims = dims_of(name)
         assert dims and all(isinstance(d, str) and d for d in dims), name
@@ -27,7 +28,8 @@ def test_every_per_token_variable_a_capture_writes_has_dims():
     assert dims_of("norm_scale") == ("norm",)
     assert dims_of("some_new_embedding") == ("d_model",)  # a layout may name an embedding of its own
     # the reference, the frozen scales and integer indices are never stored lossy
-    assert {n for n in VARIABLES if schema.is_exact_always(n)} == {"norm_scale", "expert_index", "resid_final"}
+    assert {n for n in VARIABLES if schema.is_exact_always(n)} == {"norm_scale", "expert_index", "resid_final",
+                                                                 "rotary_cos", "rotary_sin", "alibi"}
 
 
 def test_every_static_variable_has_dims_and_is_not_per_token():
