@@ -16,7 +16,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "tap": "tapping", "capture": "tapping", "Tap": "tapping",
+    "tap": "tapping", "capture": "tapping", "Tap": "tapping", "induction_probe": "tapping",
     "open": "dataset",
     "decompose": "invariant", "verify": "invariant", "tolerance": "invariant",
     "CaptureOptions": "options", "CorpusOptions": "options",

@@ -123,17 +123,16 @@ class Attention:
         rotated = part * cos[:, None, :] + turned * sin[:, None, :]
         return np.concatenate([rotated, t[..., r:]], axis=-1)
 
+    def _project(self, a: np.ndarray, layer: int, name: str) -> np.ndarray:
+        W = {"Q": self.W_Q, "K": self.W_K, "V": self.W_V}[name]
+        t = np.einsum("nd,hde->nhe", a, W[layer], optimize=True)
+        return t + self.b[name][layer] if self.b[name] is not None else t
+
     def qkv(self, layer: int, x: np.ndarray, cos=None, sin=None):
         """(q (n, head, d_head), k and v (n, kv_head, d_head)) of the tokens whose residual entering
         ``layer`` is ``x`` (n, d_model); ``cos``/``sin``: their rotary tables for this layer."""
         a = self._attn_input(x.astype(self.dtype, copy=False), layer)
-        out = []
-        for name, W in (("Q", self.W_Q), ("K", self.W_K), ("V", self.W_V)):
-            t = np.einsum("nd,hde->nhe", a, W[layer], optimize=True)
-            if self.b[name] is not None:
-                t = t + self.b[name][layer]
-            out.append(t)
-        q, k, v = out
+        q, k, v = (self._project(a, layer, name) for name in "QKV")
         if self.qk_norm is not None:
             q, k = self._qk_norm(q, "q", layer), self._qk_norm(k, "k", layer)
         if self.clip:
@@ -141,6 +140,12 @@ class Attention:
         if cos is not None:
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         return q, k, v
+
+    def values(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """v (n, kv_head, d_head) of the tokens whose residual entering ``layer`` is ``x``: the third
+        part of ``qkv``, without computing q and k."""
+        v = self._project(self._attn_input(x.astype(self.dtype, copy=False), layer), layer, "V")
+        return np.clip(v, -self.clip, self.clip) if self.clip else v
 
     def visible(self, layer: int, pos_q: np.ndarray, pos_k: np.ndarray) -> np.ndarray:
         """(queries, keys) bool: which keys each query sees (same sequence assumed)."""
@@ -153,8 +158,8 @@ class Attention:
             seen &= diff < window if self.causal else np.abs(diff) < window
         return seen
 
-    def pattern(self, layer: int, heads, q, k, pos_q, pos_k, alibi_k=None) -> np.ndarray:
-        """(head, queries, keys) probabilities for the chosen heads."""
+    def scores(self, layer: int, heads, q, k, pos_q, pos_k, alibi_k=None) -> np.ndarray:
+        """(head, queries, keys) pre-softmax scores of the chosen heads, -inf where a key is not seen."""
         kq = k[:, self.kv[heads]]                                        # (keys, head, d_head)
         scores = np.einsum("qhe,khe->hqk", q[:, heads], kq, optimize=True) * self.scale[layer]
         if alibi_k is not None:
@@ -162,10 +167,17 @@ class Attention:
         if self.softcap:
             scores = self.softcap * np.tanh(scores / self.softcap)
         seen = self.visible(layer, pos_q, pos_k)
-        scores = np.where(seen[None], scores, -np.inf)
+        return np.where(seen[None], scores, -np.inf)
+
+    @staticmethod
+    def softmax(scores: np.ndarray) -> np.ndarray:
         scores = scores - scores.max(-1, keepdims=True)
         weights = np.exp(scores)
         return weights / weights.sum(-1, keepdims=True)
+
+    def pattern(self, layer: int, heads, q, k, pos_q, pos_k, alibi_k=None) -> np.ndarray:
+        """(head, queries, keys) probabilities for the chosen heads."""
+        return self.softmax(self.scores(layer, heads, q, k, pos_q, pos_k, alibi_k))
 
 
 def rotary_tables(ds_seq: xr.Dataset, group: int):
@@ -199,6 +211,35 @@ def sequence_residuals(ds_seq: xr.Dataset, layers, dtype=np.float64) -> np.ndarr
     return out
 
 
+class SequenceAttention:
+    """One stored sequence's attention at one layer: its tokens' ids and positions, and every head's
+    pattern (head, query, key) with the values (token, kv_head, d_head) and scores it was made of."""
+
+    def __init__(self, ids, pos, pattern, scores, v):
+        self.ids, self.pos, self.pattern, self.scores, self.v = ids, pos, pattern, scores, v
+
+
+def sequence_attention(ds: xr.Dataset, seqs=None, layers=None, *, dtype=np.float64, att: Attention | None = None):
+    """Yield ``(seq, layer, SequenceAttention)`` for each stored sequence (``seqs``, default all) and
+    layer (default all): the residual of a sequence is replayed once for all its layers."""
+    require_patterns(ds)
+    att = att or Attention(ds, dtype)
+    layers = np.arange(ds.sizes["layer"]) if layers is None else np.atleast_1d(np.asarray(layers, int))
+    seqs = np.unique(np.asarray(ds["seq"].values)) if seqs is None else np.atleast_1d(np.asarray(seqs, int))
+    heads = np.arange(ds.sizes["head"])
+    for seq in seqs:
+        sub = ds.isel(token=sequence_tokens(ds, int(seq)))
+        resid = sequence_residuals(sub, layers, dtype)
+        pos = np.asarray(sub["pos"].values)
+        ids = np.asarray(sub["token_id"].values)
+        alibi = np.asarray(sub["alibi"].values, dtype) if "alibi" in sub else None
+        for i, layer in enumerate(layers):
+            cos, sin = rotary_tables(sub, att.groups[layer])
+            q, k, v = att.qkv(int(layer), resid[:, i], cos, sin)
+            scores = att.scores(int(layer), heads, q, k, pos, pos, alibi)
+            yield int(seq), int(layer), SequenceAttention(ids, pos, att.softmax(scores), scores, v)
+
+
 def output_errors(ds: xr.Dataset, seq: int, *, dtype=np.float64) -> xr.DataArray:
     """How far each head's stored output is from sum_j A[i, j] v_j recomputed: (token, layer, head).
 
@@ -206,22 +247,13 @@ def output_errors(ds: xr.Dataset, seq: int, *, dtype=np.float64) -> xr.DataArray
     relative to the largest |z| of that token and layer; the store's tolerance applies
     (``streamtap.tolerance``). Where the model's value bias is part of v it is part of both sides.
     """
-    require_patterns(ds)
-    sub = ds.isel(token=sequence_tokens(ds, seq))
     att = Attention(ds, dtype)
+    sub = ds.isel(token=sequence_tokens(ds, seq))
     n, L, H = sub.sizes["token"], ds.sizes["layer"], ds.sizes["head"]
-    layers = np.arange(L)
-    resid = sequence_residuals(sub, layers, dtype)
     z = np.asarray(sub["z"].values, dtype)
-    pos = np.asarray(sub["pos"].values)
-    alibi = np.asarray(sub["alibi"].values, dtype) if "alibi" in sub else None
     errors = np.empty((n, L, H), dtype)
-    heads = np.arange(H)
-    for layer in layers:
-        cos, sin = rotary_tables(sub, att.groups[layer])
-        q, k, v = att.qkv(layer, resid[:, layer], cos, sin)
-        A = att.pattern(layer, heads, q, k, pos, pos, alibi)             # (head, query, key)
-        out = np.einsum("hqk,khe->qhe", A, v[:, att.kv], optimize=True)
+    for _, layer, one in sequence_attention(ds, [seq], dtype=dtype, att=att):
+        out = np.einsum("hqk,khe->qhe", one.pattern, one.v[:, att.kv], optimize=True)
         scale = np.maximum(np.abs(z[:, layer]).max(axis=(1, 2)), 1e-30)   # per token
         errors[:, layer] = np.abs(out - z[:, layer]).max(-1) / scale[:, None]
     coords = {name: ("token", np.asarray(sub[name].values)) for name in ("seq", "pos", "token_id")}
@@ -229,7 +261,6 @@ def output_errors(ds: xr.Dataset, seq: int, *, dtype=np.float64) -> xr.DataArray
     return xr.DataArray(errors, dims=("token", "layer", "head"), coords=coords, name="output_error")
 
 
-
-
-__all__ = ["Attention", "require_patterns", "sequence_tokens", "sequence_residuals", "rotary_tables", "output_errors",
+__all__ = ["Attention", "SequenceAttention", "sequence_attention", "require_patterns", "sequence_tokens",
+           "sequence_residuals", "rotary_tables", "output_errors",
            "kv_map"]

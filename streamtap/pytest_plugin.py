@@ -6,7 +6,8 @@ nothing in the process (no environment variable, allocator setting or warning fi
 
 ``pytest --streamtap-verify run.zarr`` (repeatable) turns every stored sequence into its own test
 item, ``run.zarr::seq[3]``, that checks the invariant on that sequence's tokens with the store's
-tolerance. A damaged or incomplete capture then fails exactly where it is damaged, in the form CI
+tolerance, and on a store captured with patterns the second invariant (each head's output is its
+pattern times its values) too. A damaged or incomplete capture then fails exactly where it is damaged, in the form CI
 and editors already understand (``-k``, ``-x``, ``--lf``, ``--collect-only``, ``--junitxml``).
 
 How the items get into the run, and why this way
@@ -242,8 +243,17 @@ class SequenceMismatch(Exception):
         self.rows, self.n_bad, self.n_tokens, self.tol, self.dtype = rows, n_bad, n_tokens, tol, dtype
 
 
+class OutputMismatch(Exception):
+    """A sequence's head outputs miss the second invariant; carries what the report shows."""
+
+    def __init__(self, rows: list[tuple], n_bad: int, n_total: int, tol: float):
+        super().__init__(f"{n_bad} of {n_total} head outputs exceed tolerance {tol:g}")
+        self.rows, self.n_bad, self.n_total, self.tol = rows, n_bad, n_total, tol
+
+
 class SequenceItem(pytest.Item):
-    """The invariant on one stored sequence: every token's terms sum to its resid_final."""
+    """The invariant on one stored sequence: every token's terms sum to its resid_final; on a store
+    with patterns, also every head's output equals its pattern times its values (the second invariant)."""
 
     def __init__(self, *, seq: int, tokens, **kw: Any) -> None:
         super().__init__(**kw)
@@ -259,9 +269,11 @@ class SequenceItem(pytest.Item):
         tol = store.tolerance
         rel, abs_err = store.errors_at(self.tokens)
         bad = misses(rel, tol)
-        if not bad.any():
-            return
         ds = store.dataset
+        if not bad.any():
+            if ds.attrs.get("patterns"):
+                self._check_outputs(ds, tol)
+            return
         picked = [i for i in worst_first(rel) if bad[i]][:SHOWN]
         index = self.tokens[picked]
         pos = np.asarray(ds["pos"].isel(token=index).values)
@@ -271,7 +283,35 @@ class SequenceItem(pytest.Item):
                 for k, i in enumerate(picked)]
         raise SequenceMismatch(rows, int(bad.sum()), len(rel), tol, str(ds.attrs.get("dtype", "?")))
 
+    def _check_outputs(self, ds, tol: float) -> None:
+        """The second invariant on this sequence: each head's output is its pattern times its values."""
+        import numpy as np
+
+        from .attention import output_errors
+
+        err = output_errors(ds, self.seq)
+        values = np.asarray(err.values)
+        bad = ~(values <= tol)
+        if bad.any():
+            order = np.argsort(-np.nan_to_num(values, nan=np.inf).reshape(-1), kind="stable")[:SHOWN]
+            t, layer, head = np.unravel_index(order, values.shape)
+            pos = np.asarray(err["pos"].values)
+            rows = [(int(pos[a]), int(b), int(c), float(values[a, b, c])) for a, b, c in zip(t, layer, head)
+                    if bad[a, b, c]]
+            raise OutputMismatch(rows, int(bad.sum()), int(values.size), tol)
+
     def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, OutputMismatch):
+            e = excinfo.value
+            lines = [f"streamtap store {self.parent.label}, seq {self.seq}: {e.n_bad} of {e.n_total} head outputs "
+                     "miss the second invariant",
+                     "  head output at i = sum_j A[i, j] * v_j (its pattern times the values, in the head's value "
+                     "space)", f"  tolerance {e.tol:g} (relative to the largest |z| of the token and layer)",
+                     "    {:>6}  {:>5}  {:>4}  {:>11}".format("pos", "layer", "head", "rel_error")]
+            lines += [f"    {pos:>6}  {layer:>5}  {head:>4}  {err:>11.3e}" for pos, layer, head, err in e.rows]
+            lines.append("The pattern recomputed from the store differs from what the head wrote: a positional "
+                         "table, a mask or a q/k transform the layout does not record, or a damaged store.")
+            return "\n".join(lines)
         if not isinstance(excinfo.value, SequenceMismatch):
             return super().repr_failure(excinfo, style=style)
         e = excinfo.value

@@ -50,18 +50,42 @@ def tap_forward(arch: str, *, store=None, neurons: bool = False, lengths=LENGTHS
 def sublayer_inputs(model, ids, mask, module_name: str) -> list[np.ndarray]:
     """What a named submodule of every block receives, for the real tokens (a plain forward with hooks)."""
     blocks = model.base_model.layers if hasattr(model.base_model, "layers") else model.base_model.h
+    seen = _recorded(model, ids, mask, [getattr(b, module_name) for b in blocks], inputs=True)
+    return [x[mask.bool()].double().numpy() for x in seen]
+
+
+def _recorded(model, ids, mask, modules, *, inputs: bool) -> list[torch.Tensor]:
+    """The first input (or the output) of each of ``modules`` in one plain forward, by hooks of the tests."""
     seen: list[torch.Tensor] = []
-    hooks = [getattr(b, module_name).register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
-             for b in blocks]
+    if inputs:
+        hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach())) for m in modules]
+    else:
+        hooks = [m.register_forward_hook(lambda m, a, out: seen.append(out.detach())) for m in modules]
     try:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
     finally:
         for h in hooks:
             h.remove()
-    return [x[mask.bool()].double().numpy() for x in seen]
+    return seen
 
 
 def close(a, b, rel: float = 1e-5) -> bool:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return bool(np.abs(a - b).max() <= rel * max(np.abs(b).max(), 1.0))
+
+
+def model_source_messages(model, ids, mask) -> np.ndarray:
+    """(token, layer, head, d_model) for the real tokens of a Llama-style model: what each token sends
+    through each head, from the model's own v_proj outputs (hooks of the test) and o_proj weights."""
+    cfg = model.config
+    seen = _recorded(model, ids, mask, [b.self_attn.v_proj for b in model.model.layers], inputs=False)
+    H, d_head = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    group = H // cfg.num_key_value_heads
+    out = []
+    for layer, v in enumerate(seen):
+        v = v[mask.bool()].double().numpy().reshape(-1, cfg.num_key_value_heads, d_head)
+        v = np.repeat(v, group, axis=1)                                                 # (token, head, d_head)
+        W = model.model.layers[layer].self_attn.o_proj.weight.detach().double().numpy()  # (d_model, H*d_head)
+        out.append(np.einsum("the,mhe->thm", v, W.reshape(-1, H, d_head)))
+    return np.stack(out, axis=1)

@@ -19,8 +19,20 @@ analysis                               returns                                  
 ``promotion(ds, tokens)``              E W_OV W_U^T: (layer, head, source, target)              circuits
 ``effective_rank(ds)``                 effective ranks (layer, head, matrix), truncation        rank
                                        errors (layer, head, matrix, rank)
-``empty_messages(ds)``                 head-output norms and cosines: (token, layer, head)      empty
-``empty_message_summary(em)``          near-empty heads: (layer, head)                          empty
+``empty_messages(ds)``                 source-message norms relative to the head's typical one,  empty
+                                       cosines with frequent/rare tokens and random controls:
+                                       (token, layer, head)
+``empty_message_summary(em)``          near-empty shares per head, first token apart; the       empty
+                                       distribution of relative norms: (layer, head), (group, bin)
+``attention(ds, seq)``                 attention probabilities: (layer, head, query, key)       patterns
+``source_messages(ds)``                what each token sends through each head:                 patterns
+                                       (token, layer, head, d_model)
+``head_scores(ds)``                    sink mass, off share, previous-token, duplicate-token,   heads
+                                       induction scores: (layer, head)
+``qk_agreement(ds)``                   W_QK map vs the real scores: (layer, head)               heads
+``head_views(ds)``                     what each head looks for (W_QK query/key sides) and      views
+                                       says (W_OV source/target sides), top singular
+                                       directions named by tokens: (layer, head, direction, k)
 ``accumulation_pca(ds)``               PCA over depth per token: (token, pc) and (token, k)     accumulation
 ``neuron_memories(ds, neurons)``       keys (top stored tokens) and values (promoted tokens)    neurons
                                        of chosen neurons: (sel, rank)
@@ -36,7 +48,9 @@ from .accumulation import accumulation_pca
 from .attribution import direct_logit_attribution, final_norm_scale
 from .circuits import ov_matrix, promotion, qk_matrix, relevance
 from .decomposition import residual, residual_stream, residual_terms
-from .empty import empty_message_summary, empty_messages, frequency_extremes, token_frequencies
+from .empty import empty_message_summary, empty_messages, frequency_extremes, merge_ranks, token_frequencies
+from .heads import head_scores, qk_agreement
+from .views import head_views
 from .head_vocab import head_vocab
 from .lens import logit_lens
 from .neurons import neuron_memories
@@ -45,7 +59,8 @@ from .rank import effective_rank, singular_values
 
 __all__ = [
     "MissingWeightsError", "accumulation_pca", "attention", "source_messages", "direct_logit_attribution", "effective_rank",
-    "empty_message_summary", "empty_messages", "final_norm_scale", "frequency_extremes", "head_vocab",
+    "empty_message_summary", "empty_messages", "final_norm_scale", "frequency_extremes", "head_scores", "head_views", "head_vocab",
+    "merge_ranks", "qk_agreement",
     "logit_lens", "neuron_memories", "ov_matrix", "promotion", "qk_matrix", "relevance", "residual",
     "residual_stream", "residual_terms", "singular_values", "token_frequencies", "token_ids", "vocab_text",
 ]

@@ -1,41 +1,45 @@
-"""Empty messages: heads that, at a token, write almost nothing into the residual stream.
+"""Empty messages as first described: a source token whose message through a head carries nothing.
 
-Attention must put its weight somewhere; a head with nothing to say at a token attends where the
-values it mixes are small or cancel, and its message is near-empty. Per head and token this measures
-the message norm, the norm relative to the residual the head reads (the residual entering its
-layer), and the message's cosine with the mean embedding direction of the corpus's most and least
-frequent tokens (near-empty messages tend to align with frequent-token directions, which the final
-norm and unembedding largely ignore). Everything comes from the stored z through small per-head
-matrices (W_O W_O^T and W_O u), without materialising a single message.
+Every token j sends each head a **source message** m[j] = v_j W_O (``source_messages``), read by any
+later query that attends to it. Some tokens send almost nothing through some heads; the seed found such
+messages resembling the most or the least frequent tokens of the vocabulary and asked whether they are
+no-ops a KV cache could drop (docs/analysis.md, "Empty messages"). Per (token, layer, head) this gives:
+
+- ``relative_norm``: |m[j]| over the head's typical message, the geometric mean of |m| over the
+  stored tokens that are not first in their sequence. The first token's residual is orders of magnitude
+  larger than the others' (the attention sink), so it is measured but kept out of the typical norm and
+  apart in ``empty_message_summary``;
+- ``cos_frequent`` / ``cos_rare``: the cosine of m[j] with the mean unit embedding of the ``n_tokens``
+  most / least frequent tokens;
+- the **controls**: ``cos_random``, the same with ``n_tokens`` vocabulary tokens drawn at random (a mean
+  of unit embeddings leans toward the embedding's common direction whatever the tokens, so this is what
+  "resembles frequent tokens" must beat), and ``cos_isotropic``, with a random direction of model space.
+
+Everything comes from v (d_head) through small per-head matrices (W_O W_O^T, W_O u): no message of
+d_model is materialised. The query-side norm |head output| / |residual| that earlier versions called an
+"empty message" measured something else (how much a head writes at a query, whichever sources it read);
+it is ``head_output`` and is not repeated here.
 """
 
 from __future__ import annotations
+
+import json
 
 import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ._blocks import as_static_dask, float_dtype, pack, per_token, single_token, token_coords, tokens_map, unpack
-from ._store import embedding_matrix, local, static
-from .decomposition import residual_stream
+from ._blocks import as_static_dask, float_dtype, pack, single_token, token_coords, tokens_map, unpack
+from ._store import embedding_matrix, local, require
 
-FIELDS = ["norm", "relative_norm", "cos_frequent", "cos_rare"]
+FIELDS = ["norm", "cos_frequent", "cos_rare", "cos_random", "cos_isotropic"]
+DIRECTIONS = ["frequent", "rare", "random", "isotropic"]
+NEAR_EMPTY = 0.1   # near-empty: |message| below a tenth of the head's typical message
 
 
 def token_frequencies(ds: xr.Dataset) -> xr.DataArray:
-    """How often each vocabulary id occurs among the stored tokens, computed.
-
-    Parameters
-    ----------
-    ds : xarray.Dataset
-        An opened store or a selection of its tokens.
-
-    Returns
-    -------
-    xarray.DataArray
-        ``count`` over ``vocab``: the store's vocabulary size where it has a ``vocab`` dim, else
-        the largest stored id + 1.
-    """
+    """How often each vocabulary id occurs among the stored tokens, computed: ``count`` over ``vocab``
+    (the store's vocabulary size where it has a ``vocab`` dim, else the largest stored id + 1)."""
     ids = ds["token_id"].data
     ids = ids if isinstance(ids, da.Array) else da.from_array(np.asarray(ids))
     n_vocab = ds.sizes["vocab"] if "vocab" in ds.dims else int(ids.max().compute()) + 1
@@ -43,139 +47,196 @@ def token_frequencies(ds: xr.Dataset) -> xr.DataArray:
     return xr.DataArray(counts, dims=("vocab",), name="count")
 
 
-def frequency_extremes(ds: xr.Dataset, n: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """The most and the least frequent vocabulary ids among the stored tokens.
+def merge_ranks(tokenizer, n_vocab: int | None = None) -> xr.DataArray:
+    """Each vocabulary id's BPE merge rank from a Hugging Face fast tokenizer: ``merge_rank`` over
+    ``vocab``, NaN for tokens no merge makes (the byte alphabet, special tokens).
 
-    Parameters
-    ----------
-    ds : xarray.Dataset
-        An opened store or a selection of its tokens.
-    n : int
-        How many ids of each kind.
-
-    Returns
-    -------
-    most, rare : numpy.ndarray
-        Ids of the ``n`` most frequent stored tokens (count descending), and of the ``n`` least
-        frequent among those that occur (count ascending); ties go to the smaller id.
+    BPE learns merges most frequent pair first, so a low rank is a frequent token of the tokenizer's
+    training corpus; ``empty_messages(ds, frequency=merge_ranks(tok))`` uses it instead of counting.
     """
-    counts = token_frequencies(ds).values
-    seen = np.flatnonzero(counts)
-    order = np.lexsort((seen, -counts[seen]))          # count descending, then id
-    most = seen[order[:n]]
-    order = np.lexsort((seen, counts[seen]))           # count ascending, then id
-    rare = seen[order[:n]]
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    if model.get("type") != "BPE" or "merges" not in model:
+        raise ValueError(f"merge ranks need a BPE tokenizer; this one is {model.get('type')!r}: count a corpus "
+                         "instead (frequency='corpus' or token_frequencies(a store of that corpus))")
+    vocab = model["vocab"]
+    n_vocab = n_vocab or max(max(vocab.values()) + 1, len(tokenizer))
+    ranks = np.full(n_vocab, np.nan)
+    for rank, merge in enumerate(model["merges"]):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        i = vocab.get(left + right)
+        if i is not None and i < n_vocab and np.isnan(ranks[i]):
+            ranks[i] = rank
+    return xr.DataArray(ranks, dims=("vocab",), name="merge_rank")
+
+
+def frequency_extremes(ds: xr.Dataset, n: int = 10, frequency="corpus") -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` most and the ``n`` least frequent vocabulary ids.
+
+    ``frequency`` is ``"corpus"`` (count the store's own tokens), counts over ``vocab`` (an array or
+    ``token_frequencies`` of another store), or ``merge_ranks(tokenizer)`` (low rank = frequent). With
+    counts, only ids that occur are candidates; with ranks, only ranked ids. Ties go to the smaller id.
+    Where fewer than ``2 n`` ids are candidates, each set has half of them, so the two never overlap.
+    """
+    if isinstance(frequency, str):
+        if frequency != "corpus":
+            raise ValueError(f"frequency must be 'corpus', counts over the vocabulary or merge_ranks(tokenizer), "
+                             f"got {frequency!r}")
+        frequency = token_frequencies(ds)
+    ranked = getattr(frequency, "name", None) == "merge_rank"
+    values = np.asarray(getattr(frequency, "values", frequency), np.float64)
+    key = values if ranked else -values                       # ascending key = most frequent first
+    seen = np.flatnonzero(np.isfinite(values) if ranked else values > 0)
+    if seen.size < 2:
+        raise ValueError(f"only {seen.size} token has a frequency; frequent and rare tokens need at least two: "
+                         "count a larger corpus")
+    n = min(n, seen.size // 2)          # the two sets never overlap
+    most = seen[np.lexsort((seen, key[seen]))[:n]]
+    rare = seen[np.lexsort((seen, -key[seen]))[:n]]
     return most, rare
 
 
-@single_token
-def empty_messages(ds: xr.Dataset, *, n_tokens: int = 10, frequency_from: xr.Dataset | None = None,
-                   dtype=np.float32) -> xr.Dataset:
-    """Norm and direction of every head's message at every token, lazily.
+def _unit_mean(E: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    unit = E[ids] / np.maximum(np.linalg.norm(E[ids], axis=-1, keepdims=True), 1e-30)
+    v = unit.mean(0)
+    return v / max(np.linalg.norm(v), 1e-30)
 
-    Computed from the stored ``z`` through small per-head matrices (W_O W_O^T and W_O u), so no
-    message is materialised. The token frequencies behind the two directions are counted at once
-    (one pass over ``token_id``); the rest is one lazy pass over the store's token chunks.
+
+@single_token
+def empty_messages(ds: xr.Dataset, *, layers=None, n_tokens: int = 10, frequency="corpus", seed: int = 0,
+                   dtype=np.float32) -> xr.Dataset:
+    """Every source message's size and resemblance to frequent and rare tokens, with controls: lazy
+    Dataset (token, layer, head).
 
     Parameters
     ----------
     ds : xarray.Dataset
-        An opened store or a selection of its tokens; a single token gives results without the
-        ``token`` dim.
+        An opened store (any: patterns are not needed) or a selection of its tokens.
+    layers : int or sequence of int, optional
+        Which (default: all).
     n_tokens : int
-        How many of the most and least frequent tokens define the two directions.
-    frequency_from : xarray.Dataset, optional
-        Where to count token frequencies (default: ``ds`` itself).
+        How many of the most and least frequent tokens (and of the random control tokens) make each
+        direction.
+    frequency : "corpus", counts or merge ranks over vocab
+        Where token frequency comes from (``frequency_extremes``); default: the store's own tokens.
+    seed : int
+        The random control's seed.
     dtype : numpy dtype
-        A float dtype the norms are computed in.
 
     Returns
     -------
     xarray.Dataset
-        Over (token, layer, head): ``norm`` (|message|), ``relative_norm`` (|message| / |residual
-        entering the layer|), ``cos_frequent`` and ``cos_rare`` (cosine with the mean unit
-        embedding of the ``n_tokens`` most, resp. least, frequent tokens; 0 for a zero message).
-        Attributes ``frequent_ids``, ``rare_ids`` and ``note``.
+        Over (token, layer, head): ``norm``, ``relative_norm``, ``cos_frequent``, ``cos_rare``,
+        ``cos_random``, ``cos_isotropic`` (0 for a zero message) and a ``first`` coordinate (the token
+        is first in its sequence). ``typical_norm`` over (layer, head). Attributes list the ids behind
+        each direction.
 
     Raises
     ------
     MissingWeightsError
-        The store has no token embedding (``W_E``, or ``W_U`` standing for it).
+        The store has no W_V or no token embedding.
     """
+    from ..attention import Attention
+    from .decomposition import residual_stream
+    from .patterns import _check_index
+
+    require(ds, "W_V")
     dtype = float_dtype(dtype)
-    most, rare = frequency_extremes(frequency_from if frequency_from is not None else ds, n_tokens)
+    layers = _check_index("layer", layers, ds.sizes["layer"])
+    most, rare = frequency_extremes(ds, n_tokens, frequency)
     E = np.asarray(local(embedding_matrix(ds)).values, np.float64)
-    unit = E / np.maximum(np.linalg.norm(E, axis=-1, keepdims=True), 1e-30)
-    directions = []
-    for ids in (most, rare):
-        v = unit[ids].mean(0)
-        directions.append(v / max(np.linalg.norm(v), 1e-30))
-    W_O = static(ds, "W_O", np.float64)
+    rng = np.random.default_rng(seed)
+    random_ids = np.sort(rng.choice(E.shape[0], size=len(most), replace=False))
+    iso = rng.standard_normal(E.shape[1])
+    directions = np.stack([_unit_mean(E, most), _unit_mean(E, rare), _unit_mean(E, random_ids),
+                           iso / np.linalg.norm(iso)])                                  # (4, d_model)
+    att = Attention(ds, np.float64)
+    W_O = att.W_O[layers]                                                               # (sel, H, e, m)
     gram = np.einsum("lhem,lhfm->lhef", W_O, W_O)
-    proj = np.stack([np.einsum("lhem,m->lhe", W_O, v) for v in directions], axis=-1)   # (L, H, e, 2)
-    stream = residual_stream(ds, final=False, dtype=dtype)
-    inputs = {"z": per_token(ds, "z"), "x": stream}
-    statics = {"gram": as_static_dask(gram.astype(dtype), ("layer", "head", "d_head", "d_head2")),
-               "proj": as_static_dask(proj.astype(dtype), ("layer", "head", "d_head", "two"))}
-    data = tokens_map(_block, ("token", "layer", "head", "field"),
-                      {"layer": ds.sizes["layer"], "head": ds.sizes["head"], "field": len(FIELDS)},
-                      inputs, statics, dtype=np.float64, dt=dtype)
+    proj = np.einsum("lhem,dm->lhed", W_O, directions)
+    stream = residual_stream(ds, depths=[(int(layer), "attn") for layer in layers], dtype=dtype)
+    statics = {"gram": as_static_dask(gram.astype(dtype), ("sel", "head", "d_head", "d_head2")),
+               "proj": as_static_dask(proj.astype(dtype), ("sel", "head", "d_head", "two"))}
+    data = tokens_map(_block, ("token", "sel", "head", "field"),
+                      {"sel": len(layers), "head": ds.sizes["head"], "field": len(FIELDS)},
+                      {"x": stream.rename(depth="sel")}, statics, dtype=np.float64,
+                      att=Attention(ds, dtype), layers=[int(l) for l in layers], dt=dtype)
     fields = unpack(data, FIELDS)
+    coords = {**token_coords(ds), "layer": layers, "head": np.arange(ds.sizes["head"])}
     dims = ("token", "layer", "head")
-    coords = {**token_coords(ds), "layer": np.arange(ds.sizes["layer"]), "head": np.arange(ds.sizes["head"])}
-    return xr.Dataset({n: xr.DataArray(v.astype(dtype), dims=dims) for n, v in fields.items()}, coords=coords,
-                      attrs={"frequent_ids": most.tolist(), "rare_ids": rare.tolist(),
-                             "note": "relative_norm = |message| / |residual entering the layer|"})
+    out = xr.Dataset({n: xr.DataArray(v.astype(dtype), dims=dims) for n, v in fields.items()}, coords=coords)
+    out = out.assign_coords(first=("token", (ds["pos"].data == 0)))
+    logs = np.log(np.maximum(out["norm"].where(~out["first"]), np.finfo(dtype).tiny))
+    typical = np.exp(logs.mean("token"))
+    typical = typical.drop_vars([c for c in typical.coords if c not in ("layer", "head")])
+    out["typical_norm"] = typical
+    out["relative_norm"] = out["norm"] / typical.where(typical > 0, 1)
+    return out.assign_attrs(
+        frequent_ids=most.tolist(), rare_ids=rare.tolist(), random_ids=random_ids.tolist(), seed=seed,
+        frequency="merge ranks" if getattr(frequency, "name", None) == "merge_rank" else
+        ("the store's tokens" if isinstance(frequency, str) else "given counts"),
+        note="source messages m = (attn_norm(x) W_V + b_V) W_O of each token; relative_norm = |m| / the head's "
+             "geometric-mean |m| over tokens not first in their sequence")
 
 
-def _block(b: dict, *, dt) -> np.ndarray:
-    """One token chunk: the packed fields (token, layer, head, field) of ``empty_messages``."""
-    z = b["z"].astype(dt, copy=False)
-    sq = np.einsum("tlhe,lhef,tlhf->tlh", z, b["gram"], z, optimize=True)
-    norm = np.sqrt(np.clip(sq, 0, None))
-    resid = np.linalg.norm(b["x"].astype(dt, copy=False), axis=-1)                 # (T, L)
-    dots = np.einsum("tlhe,lhef->tlhf", z, b["proj"])                  # (T, L, H, 2); directions are unit
-    safe = np.where(norm > 0, norm, 1)[..., None]
-    cos = np.where(norm[..., None] > 0, dots / safe, 0)
-    rel = norm / np.where(resid > 0, resid, 1)[:, :, None]
-    return pack({"norm": norm, "relative_norm": rel, "cos_frequent": cos[..., 0], "cos_rare": cos[..., 1]}, FIELDS)
+def _block(b: dict, *, att, layers, dt) -> np.ndarray:
+    """One token chunk: the packed fields (token, sel, head, field) of ``empty_messages``."""
+    x = b["x"]
+    out = np.empty(x.shape[:1] + b["gram"].shape[:2] + (len(FIELDS),), np.float64)
+    for i, layer in enumerate(layers):
+        v = att.values(layer, x[:, i])[:, att.kv].astype(dt, copy=False)               # (T, H, e)
+        sq = np.einsum("the,hef,thf->th", v, b["gram"][i], v, optimize=True)
+        norm = np.sqrt(np.clip(sq, 0, None))
+        dots = np.einsum("the,hed->thd", v, b["proj"][i])
+        cos = np.where(norm[..., None] > 0, dots / np.where(norm > 0, norm, 1)[..., None], 0)
+        out[:, i] = pack({"norm": norm, **{f"cos_{d}": cos[..., j] for j, d in enumerate(DIRECTIONS)}}, FIELDS)
+    return out
 
 
-NEAR_EMPTY = 0.02   # near-empty: |message| below 2% of the residual entering its layer
+def empty_message_summary(em: xr.Dataset, *, threshold: float = NEAR_EMPTY,
+                          bins=np.linspace(-4, 2, 25)) -> xr.Dataset:
+    """Per head, and as a distribution: how many source messages are near-empty, and whether those
+    resemble frequent or rare tokens more than the random controls do. Computed.
 
-
-def empty_message_summary(em: xr.Dataset, *, threshold: float = NEAR_EMPTY, mostly: float = 0.5) -> xr.Dataset:
-    """Per head: how often its message is near-empty (relative_norm < threshold), computed.
-
-    Reduces an ``empty_messages`` result over its tokens in one pass.
+    The first token of each sequence is reported apart (``first_*``); every other figure is over the
+    rest.
 
     Parameters
     ----------
     em : xarray.Dataset
-        An ``empty_messages`` result (lazy or computed).
+        An ``empty_messages`` result.
     threshold : float
         A message is near-empty when its ``relative_norm`` is below this.
-    mostly : float
-        The share of near-empty tokens from which a head counts as ``mostly_empty``.
+    bins : array
+        Edges over log10(relative_norm) for the distribution.
 
     Returns
     -------
     xarray.Dataset
-        Over (layer, head): ``fraction_empty``, ``mean_norm``, ``mean_relative_norm``,
-        ``cos_frequent_empty``/``cos_rare_empty`` (mean cosines over the near-empty messages; NaN
-        for a head with none), ``cos_frequent_all`` (mean over all tokens) and ``mostly_empty``
-        (fraction_empty >= ``mostly``). Attributes ``threshold``, ``mostly``, ``n_tokens`` and
-        those of ``em``.
+        Over (layer, head): ``fraction_empty``, ``first_relative_norm`` (mean over sequences),
+        ``cos_frequent_empty``, ``cos_rare_empty``, ``cos_random_empty``, ``cos_isotropic_empty``
+        (mean cosines over the near-empty messages; NaN for a head with none) and ``cos_*_all`` (over
+        all but first tokens). Over (group: first/rest, bin): ``histogram`` of log10 relative_norm,
+        every head pooled. Attributes ``threshold``, ``n_tokens``, ``n_first`` and those of ``em``.
     """
-    empty = em["relative_norm"] < threshold
-    out = xr.Dataset({
-        "fraction_empty": empty.mean("token"),
-        "mean_norm": em["norm"].mean("token"),
-        "mean_relative_norm": em["relative_norm"].mean("token"),
-        "cos_frequent_empty": em["cos_frequent"].where(empty).mean("token"),
-        "cos_rare_empty": em["cos_rare"].where(empty).mean("token"),
-        "cos_frequent_all": em["cos_frequent"].mean("token"),
-    })
-    out = out.drop_vars([c for c in out.coords if c not in ("layer", "head")]).compute()
-    out["mostly_empty"] = out["fraction_empty"] >= mostly
-    return out.assign_attrs(threshold=threshold, mostly=mostly, n_tokens=int(em.sizes["token"]), **em.attrs)
+    rest = em.where(~em["first"])
+    empty = rest["relative_norm"] < threshold
+    counted = rest["relative_norm"].notnull()
+    out = {"fraction_empty": empty.sum("token") / counted.sum("token").clip(min=1),
+           "first_relative_norm": em["relative_norm"].where(em["first"]).mean("token")}
+    for d in DIRECTIONS:
+        out[f"cos_{d}_empty"] = rest[f"cos_{d}"].where(empty).mean("token")
+        out[f"cos_{d}_all"] = rest[f"cos_{d}"].mean("token")
+    summary = xr.Dataset(out)
+    summary = summary.drop_vars([c for c in summary.coords if c not in ("layer", "head")]).compute()
+    logs = np.log10(np.maximum(np.asarray(em["relative_norm"].values, np.float64), 1e-30))
+    first = np.asarray(em["first"].values)
+    hist = np.stack([np.histogram(np.clip(logs[first], bins[0], bins[-1]), bins)[0],
+                     np.histogram(np.clip(logs[~first], bins[0], bins[-1]), bins)[0]])
+    summary["histogram"] = xr.DataArray(hist, dims=("group", "bin"),
+                                        coords={"group": ["first", "rest"], "bin": (bins[:-1] + bins[1:]) / 2})
+    return summary.assign_attrs(threshold=threshold, n_tokens=int((~first).sum()), n_first=int(first.sum()),
+                                **em.attrs)
+
+
+__all__ = ["empty_messages", "empty_message_summary", "frequency_extremes", "merge_ranks", "token_frequencies",
+           "NEAR_EMPTY"]

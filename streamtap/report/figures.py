@@ -370,12 +370,14 @@ def overflowing_text(fig: Figure) -> list[str]:
 
 
 # -- 5. message norms --------------------------------------------------------------------------------
-def message_norm_distribution(em: xr.Dataset, *, threshold: float | None = 0.02,
+def message_norm_distribution(em: xr.Dataset, *, threshold: float | None = 0.1,
                               title: str | None = None) -> Figure:
-    """Distribution of relative message norms per layer, and per head the share of near-empty messages.
+    """Distribution of relative source-message norms per layer, first tokens apart, and per head the
+    share of near-empty messages.
 
-    Left: violins of log10 ``relative_norm`` per layer, over tokens and heads. Right: a layer x
-    head map of the share of tokens below ``threshold``.
+    Left: violins of log10 ``relative_norm`` per layer over the tokens that are not first in their
+    sequence, with the first tokens' values as dots. Right: a layer x head map of the share of those
+    tokens below ``threshold``.
 
     Parameters
     ----------
@@ -393,34 +395,42 @@ def message_norm_distribution(em: xr.Dataset, *, threshold: float | None = 0.02,
     """
     em = em.compute()
     rel = np.asarray(em.relative_norm.values, np.float64)            # (token, layer, head)
+    first = np.asarray(em["first"].values, bool) if "first" in em.coords else np.zeros(rel.shape[0], bool)
     logs = np.log10(np.clip(rel, 1e-6, None))
+    rest = logs[~first] if (~first).any() else logs
     n_layers, n_heads = rel.shape[1], rel.shape[2]
     fig = Figure(figsize=(11, max(3.6, 0.2 * n_layers + 1.6)), layout="constrained")
     gs = fig.add_gridspec(1, 2, width_ratios=[1.5, 1], wspace=0.25)
     ax = fig.add_subplot(gs[0])
-    parts = ax.violinplot([logs[:, l].reshape(-1) for l in range(n_layers)], positions=range(n_layers),
+    parts = ax.violinplot([rest[:, l].reshape(-1) for l in range(n_layers)], positions=range(n_layers),
                           showmedians=True, widths=0.8)
     for body in parts["bodies"]:
         body.set_alpha(0.5)
+    if first.any():
+        xs = np.repeat(np.arange(n_layers), first.sum() * n_heads)
+        ys = np.transpose(logs[first], (1, 0, 2)).reshape(-1)
+        ax.scatter(xs, ys, s=4, color="black", alpha=0.4, label="first token of a sequence")
     if threshold:
         ax.axhline(np.log10(threshold), color="crimson", lw=0.8, ls="--", label=f"near-empty < {threshold:g}")
+    if threshold or first.any():
         ax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel("layer")
-    ax.set_ylabel("log10 |message| / |residual entering the layer|", fontsize=8)
+    ax.set_ylabel("log10 |source message| / head's typical", fontsize=8)
     step = max(1, -(-n_layers // 15))
     ax.set_xticks(range(0, n_layers, step))
     ax2 = fig.add_subplot(gs[1])
     if threshold:
-        frac = (rel < threshold).mean(0)
+        frac = (rest < np.log10(threshold)).mean(0)
         im = ax2.imshow(frac, cmap="magma_r", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
         label = "share of near-empty messages"
     else:
-        im = ax2.imshow(np.median(logs, 0), cmap="viridis", aspect="auto", interpolation="nearest")
+        im = ax2.imshow(np.median(rest, 0), cmap="viridis", aspect="auto", interpolation="nearest")
         label = "median log10 relative norm"
     ax2.set_xlabel("head")
     ax2.set_ylabel("layer")
-    ax2.set_xticks(range(n_heads))
+    ax2.set_xticks(range(0, n_heads, max(1, -(-n_heads // 16))))
     ax2.set_yticks(range(0, n_layers, step))
     fig.colorbar(im, ax=ax2, shrink=0.8, label=label)
-    fig.suptitle(title or f"message norms over {rel.shape[0]:,} tokens", fontsize=10)
+    fig.suptitle(title or f"source-message norms over {rel.shape[0]:,} tokens ({int(first.sum())} first tokens "
+                 "shown apart)", fontsize=10)
     return fig

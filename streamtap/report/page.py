@@ -418,30 +418,32 @@ def _ranks(page: _Page, ds) -> None:
 
 
 def _empty(page: _Page, sub) -> None:
-    """Message norms over the sample and the heads most often near-empty."""
+    """Source-message norms over the sample, first tokens apart, and the heads most often near-empty."""
     page.h2("Empty messages", "empty")
     threshold = NEAR_EMPTY
     try:
         em = empty_messages(sub).compute()
-    except MissingWeightsError as exc:
+    except (MissingWeightsError, ValueError) as exc:
         page.missing(str(exc))
         return
     summary = empty_message_summary(em, threshold=threshold)
     freq = _q_list(sub, em.attrs["frequent_ids"][:5])
-    page.p(f"Per head and token over {em.sizes['token']:,} tokens: the message norm relative to the residual "
-           f"entering the layer, near-empty below {threshold:g}; cosines are with the mean embedding "
-           f"direction of the corpus's most frequent tokens ({freq}, ...) and of its rarest.")
+    page.p(f"What each token sends through each head if read (its source message), over {em.sizes['token']:,} "
+           f"tokens: the norm relative to the head's typical message (the geometric mean over tokens not first "
+           f"in their sequence), near-empty below {threshold:g}; cosines are with the mean embedding direction "
+           f"of the sample's most frequent tokens ({freq}, ...), of its rarest, and of random tokens (the "
+           f"control). First tokens are shown apart.")
     page.figure(F.message_norm_distribution(em, threshold=threshold), "message norm distribution")
     flat = summary.stack(h=("layer", "head"))
     order = np.argsort(-flat.fraction_empty.values, kind="stable")[:15]
     rows = [{"head": f"L{int(flat.layer.values[i])}H{int(flat['head'].values[i])}",
              "share near-empty": float(flat.fraction_empty.values[i]),
-             "mean relative norm": float(flat.mean_relative_norm.values[i]),
+             "first token relative norm": float(flat.first_relative_norm.values[i]),
              "cos frequent (empty)": float(flat.cos_frequent_empty.values[i]),
-             "cos rare (empty)": float(flat.cos_rare_empty.values[i])} for i in order]
-    mostly = int(summary.mostly_empty.sum())
-    page.p(f"{mostly} of {summary.layer.size * summary.sizes['head']} heads are near-empty on at least half the tokens.")
-    page.table(rows, "empty_heads", caption="the 15 heads most often near-empty", left=("head",))
+             "cos rare (empty)": float(flat.cos_rare_empty.values[i]),
+             "cos random (empty)": float(flat.cos_random_empty.values[i])} for i in order]
+    page.table(rows, "empty_heads", caption="the 15 heads most often near-empty (first tokens left out)",
+               left=("head",))
 
 
 def _q_list(ds, ids) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..options import CaptureOptions, CorpusOptions, describe
 from .corpus import capture_corpus
+from .probes import InductionProbe, induction_probe
 from .tap import Tap
 
 
@@ -84,4 +85,4 @@ tap.__doc__ = tap.__doc__.format(options=_indent(describe(CaptureOptions)))
 capture.__doc__ = capture.__doc__.format(
     corpus_options=_indent(describe(CorpusOptions, skip={n for n in CaptureOptions.__dataclass_fields__})))
 
-__all__ = ["tap", "capture", "Tap"]
+__all__ = ["tap", "capture", "Tap", "induction_probe", "InductionProbe"]

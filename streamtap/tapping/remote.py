@@ -193,6 +193,10 @@ def write_store(model, saved: dict[str, Any], store, *, input_ids, attention_mas
         The closed tap (``tokens``, ``sequences``).
     """
     opts = CaptureOptions.from_kwargs({**options, "check": False})
+    if opts.patterns:
+        raise InputError("patterns=True is not available for remote forwards: save_terms does not bring back the "
+                         "positional tables each attention received. Capture patterns with st.tap or st.capture "
+                         "on a machine that runs the model, or write this store without patterns")
     forward = SavedForward(saved)
     the_tap = Tap(model, store, opts, tokenizer=tokenizer, created_by="streamtap.remote.write_store", forward=forward)
     forward.bound = the_tap.bound

@@ -1,6 +1,5 @@
 """Decomposition at any depth: the residual entering each layer's attention and MLP, against the model."""
 
-import numpy as np
 import pytest
 
 import streamtap as st

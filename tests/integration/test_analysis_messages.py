@@ -7,7 +7,7 @@ import torch
 import streamtap as st
 from streamtap.analysis import MissingWeightsError
 
-from _analysis_util import tap_forward
+from _analysis_util import model_source_messages, tap_forward
 
 
 @pytest.fixture(scope="module")
@@ -15,27 +15,50 @@ def llama():
     return tap_forward("llama", neurons=True)
 
 
-def test_message_norms_and_cosines(llama):
+def test_empty_source_messages(llama):
     t, ds = llama, llama.ds     # an untied model: the store carries W_E (tied ones say it is W_U)
     em = st.analysis.empty_messages(ds, n_tokens=3).compute()
-    msgs = ds.head_output.values.astype(np.float64)                            # (token, layer, head, d_model)
+    msgs = model_source_messages(t.model, t.ids, t.mask)
+    np.testing.assert_allclose(st.analysis.source_messages(ds).values, msgs, rtol=1e-4, atol=1e-5)
     norms = np.linalg.norm(msgs, axis=-1)
     np.testing.assert_allclose(em.norm.values, norms, rtol=1e-4, atol=1e-5)
-    resid_in = np.stack([np.linalg.norm(h, axis=-1) for h in t.hidden[:ds.sizes["layer"]]], axis=1)
-    np.testing.assert_allclose(em.relative_norm.values, norms / resid_in[:, :, None], rtol=1e-4)
+    first = np.asarray(ds.pos.values) == 0
+    np.testing.assert_array_equal(em.first.values, first)
+    typical = np.exp(np.log(norms[~first]).mean(0))                           # geometric mean, first tokens out
+    np.testing.assert_allclose(em.typical_norm.values, typical, rtol=1e-4)
+    np.testing.assert_allclose(em.relative_norm.values, norms / typical, rtol=1e-4)
     ids = np.asarray(ds.token_id.values)
     counts = np.bincount(ids, minlength=ds.sizes["vocab"])
     most, rare = st.analysis.frequency_extremes(ds, 3)
     assert list(counts[most]) == sorted(counts[counts > 0], reverse=True)[:3]
-    assert (counts[rare] == counts[counts > 0].min()).all() or counts[rare].max() <= np.sort(counts[counts > 0])[2]
+    assert list(counts[rare]) == sorted(counts[counts > 0])[:3]
     E = t.model.get_input_embeddings().weight.detach().double().numpy()
     unit = E / np.maximum(np.linalg.norm(E, axis=-1, keepdims=True), 1e-30)   # the pad row is zero
-    f = unit[em.attrs["frequent_ids"]].mean(0)
-    f /= np.linalg.norm(f)
-    np.testing.assert_allclose(em.cos_frequent.values, msgs @ f / norms, atol=1e-4)
+    for name in ("frequent", "rare", "random"):
+        f = unit[em.attrs[f"{name}_ids"]].mean(0)
+        f /= np.linalg.norm(f)
+        np.testing.assert_allclose(em[f"cos_{name}"].values, msgs @ f / norms, atol=1e-4)
+    assert np.abs(em.cos_isotropic.values).max() <= 1 + 1e-6
     summary = st.analysis.empty_message_summary(em, threshold=0.3)
-    np.testing.assert_allclose(summary.fraction_empty.values, (em.relative_norm.values < 0.3).mean(0))
-    assert summary.mostly_empty.dtype == bool and summary.fraction_empty.dims == ("layer", "head")
+    rel = norms / typical
+    np.testing.assert_allclose(summary.fraction_empty.values, (rel[~first] < 0.3).mean(0), atol=1e-6)
+    np.testing.assert_allclose(summary.first_relative_norm.values, rel[first].mean(0), rtol=1e-4)
+    hist = summary.histogram.sel(group="rest").values
+    assert hist.sum() == (~first).sum() * ds.sizes["layer"] * ds.sizes["head"]
+    assert summary.histogram.sel(group="first").values.sum() == first.sum() * ds.sizes["layer"] * ds.sizes["head"]
+
+
+def test_frequency_from_merge_ranks():
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"a": 0, "b": 1, "c": 2, "ab": 3, "abc": 4, "bc": 5}
+    model = tokenizers.models.BPE(vocab=vocab, merges=[("a", "b"), ("b", "c"), ("ab", "c")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer(model))
+    ranks = st.analysis.merge_ranks(tok)
+    np.testing.assert_array_equal(ranks.values, [np.nan, np.nan, np.nan, 0, 2, 1])
+    most, rare = st.analysis.frequency_extremes(None, 1, ranks)
+    assert (most[0], rare[0]) == (3, 4)
 
 
 def test_accumulation_pca(llama):

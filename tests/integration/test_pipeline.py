@@ -378,7 +378,7 @@ def test_host_buffers_come_back_only_when_the_disk_has_their_chunks(tmp_path, mo
         assert tap.recorder.pool.free.empty()  # its chunks are still being written from it
         threading.Timer(0.2, gate.set).start()
         acquire, sets_at_acquire = tap.recorder.pool.acquire, []
-        tap.recorder.pool.acquire = lambda: (taken := acquire(), sets_at_acquire.append(tap.recorder.pool.created))[0]
+        tap.recorder.pool.acquire = lambda: (_taken := acquire(), sets_at_acquire.append(tap.recorder.pool.created))[0]
         run(model, *batches[1])  # stacked into a second set meanwhile
         assert sets_at_acquire == [2]
         tap.writer.wait()

@@ -99,6 +99,23 @@ def test_store_is_checked_alongside_tests_even_in_a_norecursedirs_folder(pyteste
     result.assert_outcomes(passed=1 + 2 * (1 + len(LENGTHS)))
 
 
+def test_with_patterns_each_sequence_checks_the_second_invariant_too(pytester, captured):
+    """A store with patterns whose rotary table is wrong for seq 1: the residual still sums (positions
+    do not enter it), but seq 1's head outputs no longer equal its patterns times its values."""
+    model = streamtap.models.tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    lists = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in LENGTHS]
+    path = pytester.path / "run.zarr"
+    st.capture(model, lists, path, patterns=True, batch_size=2)
+    pytester.runpytest_inprocess("--streamtap-verify", "run.zarr").assert_outcomes(passed=1 + len(LENGTHS))
+    group = zarr.open_group(path, mode="r+")
+    group["rotary_sin"][5:8] = -group["rotary_sin"][5:8]          # seq 1 turned the other way
+    result = pytester.runpytest_inprocess("--streamtap-verify", "run.zarr", "-rf")
+    result.assert_outcomes(failed=1, passed=len(LENGTHS))
+    result.stdout.fnmatch_lines(["*seq 1: * head outputs miss the second invariant*",
+                                 "*head output at i = sum_j A?i, j? ? v_j*", "FAILED run.zarr::seq?1?*"])
+
+
 def test_a_lost_coordinate_chunk_fails_the_store_item_and_names_it(pytester, captured):
     # a deleted chunk reads back as fill values (token_id -1, seq -1): no error from zarr, so without
     # the store item the run would collect fewer sequences and pass

@@ -61,6 +61,9 @@ def test_the_plan_follows_the_forward_and_missing_values_are_named(tmp_path):
     ids = torch.tensor([[1, 2, 3]])
     with model.trace(ids):
         saved = st.remote.save_terms(model, plan)
+    with pytest.raises(st.InputError, match="patterns=True is not available for remote forwards"):
+        st.remote.write_store(model, saved, tmp_path / "p.zarr", input_ids=ids, patterns=True)
+    assert not (tmp_path / "p.zarr").exists()
     del saved["z.1"]
     with pytest.raises(st.InputError, match=r"saved values lack \['z.1'\]"):
         st.remote.write_store(model, saved, tmp_path / "s.zarr", input_ids=ids)

@@ -139,7 +139,7 @@ def test_verify_fails_on_damaged_or_nan_data(tmp_path):
     group = zarr.open_group(tmp_path / "s.zarr", mode="r+")
     group["mlp_out"][1:2] = 0.0
     group["mlp_out"][5:6] = np.nan
-    with pytest.raises(st.DecompositionError, match="2 of 7 tokens") as info:
+    with pytest.raises(st.DecompositionError, match="2 of 7 tokens"):
         st.verify(st.open(tmp_path / "s.zarr"))
     err = st.verify(st.open(tmp_path / "s.zarr"), raise_on_error=False)
     assert np.isnan(err.attrs["max_rel_error"])

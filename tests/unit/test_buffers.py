@@ -50,7 +50,7 @@ def test_a_shed_sets_memory_is_gone_before_a_waiting_acquire_makes_a_new_one():
     # woken first, the producer would make its next set while the shed one still existed: one set
     # over the bound, for as long as the free takes (the back-pressure test saw four batches alive)
     pool = BufferPool(sets=2, shed=True)
-    a, b = pool.acquire(), pool.acquire()
+    a, _b = pool.acquire(), pool.acquire()
     freed = threading.Event()
 
     class SlowToFree:
