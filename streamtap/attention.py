@@ -211,22 +211,36 @@ def sequence_residuals(ds_seq: xr.Dataset, layers, dtype=np.float64) -> np.ndarr
     return out
 
 
+PATTERN_BYTES = 512 << 20   # patterns and scores held at once per sequence and layer: heads go in blocks
+
+
 class SequenceAttention:
-    """One stored sequence's attention at one layer: its tokens' ids and positions, and every head's
-    pattern (head, query, key) with the values (token, kv_head, d_head) and scores it was made of."""
+    """One stored sequence's attention at one layer for a block of heads: its tokens' ids and positions,
+    the heads (``heads``), their patterns and scores (head, query, key), and the layer's values
+    (token, kv_head, d_head)."""
 
-    def __init__(self, ids, pos, pattern, scores, v):
-        self.ids, self.pos, self.pattern, self.scores, self.v = ids, pos, pattern, scores, v
+    def __init__(self, ids, pos, heads, pattern, scores, v):
+        self.ids, self.pos, self.heads, self.pattern, self.scores, self.v = ids, pos, heads, pattern, scores, v
 
 
-def sequence_attention(ds: xr.Dataset, seqs=None, layers=None, *, dtype=np.float64, att: Attention | None = None):
-    """Yield ``(seq, layer, SequenceAttention)`` for each stored sequence (``seqs``, default all) and
-    layer (default all): the residual of a sequence is replayed once for all its layers."""
+def head_blocks(n_heads: int, n_tokens: int, dtype, max_bytes: int | None = None) -> list[np.ndarray]:
+    """Heads in blocks whose patterns and scores (2 x heads x tokens^2) fit in ``max_bytes``: a long
+    sequence is computed a head or a few at a time, a short one all heads at once."""
+    per_head = 2 * n_tokens * n_tokens * np.dtype(dtype).itemsize
+    max_bytes = PATTERN_BYTES if max_bytes is None else max_bytes
+    size = int(max(1, min(n_heads, max_bytes // max(per_head, 1))))
+    return [np.arange(i, min(i + size, n_heads)) for i in range(0, n_heads, size)]
+
+
+def sequence_attention(ds: xr.Dataset, seqs=None, layers=None, *, dtype=np.float64, att: Attention | None = None,
+                       max_bytes: int | None = None):
+    """Yield ``(seq, layer, SequenceAttention)`` for each stored sequence (``seqs``, default all), layer
+    (default all) and block of heads (``head_blocks``): the residual of a sequence is replayed once for
+    all its layers, and no more than ``max_bytes`` of patterns is held at once."""
     require_patterns(ds)
     att = att or Attention(ds, dtype)
     layers = np.arange(ds.sizes["layer"]) if layers is None else np.atleast_1d(np.asarray(layers, int))
     seqs = np.unique(np.asarray(ds["seq"].values)) if seqs is None else np.atleast_1d(np.asarray(seqs, int))
-    heads = np.arange(ds.sizes["head"])
     for seq in seqs:
         sub = ds.isel(token=sequence_tokens(ds, int(seq)))
         resid = sequence_residuals(sub, layers, dtype)
@@ -236,8 +250,9 @@ def sequence_attention(ds: xr.Dataset, seqs=None, layers=None, *, dtype=np.float
         for i, layer in enumerate(layers):
             cos, sin = rotary_tables(sub, att.groups[layer])
             q, k, v = att.qkv(int(layer), resid[:, i], cos, sin)
-            scores = att.scores(int(layer), heads, q, k, pos, pos, alibi)
-            yield int(seq), int(layer), SequenceAttention(ids, pos, att.softmax(scores), scores, v)
+            for heads in head_blocks(ds.sizes["head"], pos.size, dtype, max_bytes):
+                scores = att.scores(int(layer), heads, q, k, pos, pos, alibi)
+                yield int(seq), int(layer), SequenceAttention(ids, pos, heads, att.softmax(scores), scores, v)
 
 
 def output_errors(ds: xr.Dataset, seq: int, *, dtype=np.float64) -> xr.DataArray:
@@ -253,14 +268,14 @@ def output_errors(ds: xr.Dataset, seq: int, *, dtype=np.float64) -> xr.DataArray
     z = np.asarray(sub["z"].values, dtype)
     errors = np.empty((n, L, H), dtype)
     for _, layer, one in sequence_attention(ds, [seq], dtype=dtype, att=att):
-        out = np.einsum("hqk,khe->qhe", one.pattern, one.v[:, att.kv], optimize=True)
-        scale = np.maximum(np.abs(z[:, layer]).max(axis=(1, 2)), 1e-30)   # per token
-        errors[:, layer] = np.abs(out - z[:, layer]).max(-1) / scale[:, None]
+        out = np.einsum("hqk,khe->qhe", one.pattern, one.v[:, att.kv[one.heads]], optimize=True)
+        scale = np.maximum(np.abs(z[:, layer]).max(axis=(1, 2)), 1e-30)   # per token, over all heads
+        errors[:, layer, one.heads] = np.abs(out - z[:, layer, one.heads]).max(-1) / scale[:, None]
     coords = {name: ("token", np.asarray(sub[name].values)) for name in ("seq", "pos", "token_id")}
     coords.update(layer=np.arange(L), head=np.arange(H))
     return xr.DataArray(errors, dims=("token", "layer", "head"), coords=coords, name="output_error")
 
 
-__all__ = ["Attention", "SequenceAttention", "sequence_attention", "require_patterns", "sequence_tokens",
+__all__ = ["Attention", "SequenceAttention", "sequence_attention", "head_blocks", "PATTERN_BYTES", "require_patterns", "sequence_tokens",
            "sequence_residuals", "rotary_tables", "output_errors",
            "kv_map"]

@@ -76,29 +76,32 @@ def head_scores(ds: xr.Dataset, *, seqs=None, layers=None, sink: int = 0, off_ma
     counts = {n: np.zeros(L) for n in names}
     W_O = att.W_O
     for _, layer, one in sequence_attention(ds, seqs, layer_ids, dtype=dtype, att=att):
-        i = where[layer]
-        A = one.pattern                                                   # (head, query, key)
+        i, hs = where[layer], one.heads
+        first_block = hs[0] == 0                                          # counts are per layer: once
+        A = one.pattern                                                   # (heads of the block, query, key)
         previous, duplicate, induction = _masks(one.ids, one.pos)
         for name, mask in (("previous_token", previous), ("duplicate_token", duplicate), ("induction", induction)):
             rows = mask.any(-1)
-            sums[name][i] += (A[:, rows] * mask[rows]).sum((-1, -2))
-            counts[name][i] += rows.sum()
+            sums[name][i, hs] += (A[:, rows] * mask[rows]).sum((-1, -2))
+            counts[name][i] += rows.sum() if first_block else 0
         at_sink = np.flatnonzero(one.pos == sink)
         if at_sink.size == 0:
             continue
         j = int(at_sink[0])
         later = one.pos > sink
         mass = A[:, later, j]                                             # (head, queries after the sink)
-        norms = np.linalg.norm(np.einsum("khe,hem->khm", one.v[:, att.kv], W_O[layer], optimize=True), axis=-1)
+        norms = np.linalg.norm(np.einsum("khe,hem->khm", one.v[:, att.kv[hs]], W_O[layer][hs], optimize=True),
+                               axis=-1)
         rest = np.delete(norms, j, axis=0)
-        typical = np.median(rest, axis=0) if rest.size else np.ones(H)
+        typical = np.median(rest, axis=0) if rest.size else np.ones(len(hs))
         relative = norms[j] / np.where(typical > 0, typical, 1)           # (head,)
-        sums["sink_mass"][i] += mass.sum(-1)
-        sums["off"][i] += ((mass >= off_mass) & (relative < off_norm)[:, None]).sum(-1)
-        counts["sink_mass"][i] += later.sum()
-        counts["off"][i] += later.sum()
-        sums["sink_message"][i] += relative
-        counts["sink_message"][i] += 1
+        sums["sink_mass"][i, hs] += mass.sum(-1)
+        sums["off"][i, hs] += ((mass >= off_mass) & (relative < off_norm)[:, None]).sum(-1)
+        sums["sink_message"][i, hs] += relative
+        if first_block:
+            counts["sink_mass"][i] += later.sum()
+            counts["off"][i] += later.sum()
+            counts["sink_message"][i] += 1
     data = {n: (("layer", "head"), sums[n] / np.maximum(counts[n], 1)[:, None]) for n in names}
     data.update({f"{n}_queries": (("layer",), counts[n].astype(np.int64)) for n in names})
     return xr.Dataset(data, coords={"layer": layer_ids, "head": np.arange(H)}, attrs={
@@ -143,10 +146,11 @@ def qk_agreement(ds: xr.Dataset, *, seqs=None, layers=None, dtype=np.float64) ->
     for _, layer, one in sequence_attention(ds, seqs, layer_ids, dtype=dtype, att=att):
         rows = np.asarray(local(E.isel(vocab=one.ids)).values, dtype)  # this sequence's tokens' embeddings
         q, k, _ = att.qkv(layer, rows)
-        free = np.einsum("qhe,khe->hqk", q, k[:, att.kv], optimize=True) * att.scale[layer]
+        hs = one.heads
+        free = np.einsum("qhe,khe->hqk", q[:, hs], k[:, att.kv[hs]], optimize=True) * att.scale[layer]
         seen = np.isfinite(one.scores) & (one.pos[None, None, :] > 0) & (one.pos[None, :, None] != one.pos[None, None, :])
-        for h in range(H):
-            x, y = free[h][seen[h]], one.scores[h][seen[h]]
+        for b, h in enumerate(hs):
+            x, y = free[b][seen[b]], one.scores[b][seen[b]]
             stats[where[layer], h] += (x.size, x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum())
     n, sx, sy, sxx, syy, sxy = np.moveaxis(stats, -1, 0)
     cov = sxy / np.maximum(n, 1) - (sx / np.maximum(n, 1)) * (sy / np.maximum(n, 1))

@@ -202,3 +202,21 @@ def test_head_views_against_full_svd_of_model_weights():
                         flipped = [bot_l.tolist(), top_l.tolist(), bot_r.tolist(), top_r.tolist()]
                         assert got in (ref, flipped), (layer, h, name, r)
     assert views.query_text.shape == views.query_id.shape
+
+
+def test_long_sequences_go_a_head_at_a_time_with_the_same_results(probe, monkeypatch):
+    """Patterns of a long sequence do not fit at once: with a budget below one head's pattern, every
+    score and the second invariant come out the same, a head at a time."""
+    import streamtap.attention as attention
+
+    _, _, ds, _, _ = probe
+    whole = st.analysis.head_scores(ds)
+    errors = attention.output_errors(ds, 1)
+    agreement = st.analysis.qk_agreement(ds)
+    assert len(attention.head_blocks(ds.sizes["head"], 25, np.float64)) == 1
+    monkeypatch.setattr(attention, "PATTERN_BYTES", 1)
+    assert [list(b) for b in attention.head_blocks(4, 25, np.float64)] == [[0], [1], [2], [3]]
+    xr_testing = pytest.importorskip("xarray.testing")
+    xr_testing.assert_allclose(st.analysis.head_scores(ds), whole)
+    xr_testing.assert_allclose(attention.output_errors(ds, 1), errors)
+    xr_testing.assert_allclose(st.analysis.qk_agreement(ds), agreement)
