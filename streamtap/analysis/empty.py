@@ -164,7 +164,9 @@ def empty_messages(ds: xr.Dataset, *, layers=None, n_tokens: int = 10, frequency
     coords = {**token_coords(ds), "layer": layers, "head": np.arange(ds.sizes["head"])}
     dims = ("token", "layer", "head")
     out = xr.Dataset({n: xr.DataArray(v.astype(dtype), dims=dims) for n, v in fields.items()}, coords=coords)
-    out = out.assign_coords(first=("token", (ds["pos"].data == 0)))
+    # eager: one flag per token, and a lazy coordinate derived from the lazy ``pos`` coordinate beside it
+    # breaks ``dask.compute`` of the result (dask 2026.8 culls the shared source chunks)
+    out = out.assign_coords(first=("token", np.asarray(ds["pos"].values) == 0))
     logs = np.log(np.maximum(out["norm"].where(~out["first"]), np.finfo(dtype).tiny))
     typical = np.exp(logs.mean("token"))
     typical = typical.drop_vars([c for c in typical.coords if c not in ("layer", "head")])
