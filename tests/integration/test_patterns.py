@@ -248,6 +248,28 @@ def test_float16_patterns_within_the_invariants_bound_without_derived_terms(arch
     assert outputs <= bound
 
 
+HALF_BOUND_BUG = ("library bug: st.verify rejects genuine half-precision patterns captures. The second "
+                  "invariant borrows the residual invariant's (3L+1)u, but the model's own half-precision "
+                  "attention (scores, softmax and A v rounded) misses the float64 recomputation by more on "
+                  "some architectures and seeds: measured max output_errors, float16 (bound 3.4e-3): gemma 1.3e-2, "
+                  "gpt_neo 5.2e-3, gemma2 3.8e-3, mixtral 3.8e-3, qwen2_moe 4.4e-3; bfloat16 (bound 2.7e-2): "
+                  "gemma 5.4e-2 (benchmarks/pattern_exactness.py)")
+
+
+@pytest.mark.xfail(strict=True, reason=HALF_BOUND_BUG)
+@pytest.mark.parametrize("arch, dtype, seed", [
+    pytest.param(arch, dtype, seed, id=f"{arch}-{DTYPE_NAMES[dtype]}-seed{seed}") for arch, dtype, seed in
+    (("gemma", torch.bfloat16, 0), ("gemma", torch.float16, 0), ("gpt_neo", torch.float16, 0), ("gemma2", torch.float16, 2))
+])
+def test_verify_accepts_a_genuine_half_precision_patterns_capture(arch, dtype, seed):
+    model = tiny_model(arch, dtype=dtype, seed=seed)
+    ids, mask = padded_batch(model.config.vocab_size, LENGTHS, seed=seed + 1)
+    ds, _ = tapped(model, ids, mask)
+    err = st.verify(ds, raise_on_error=False)
+    assert err.attrs["max_rel_error"] <= st.tolerance(ds)   # the residual invariant holds
+    st.verify(ds)                                            # the second invariant's bound does not
+
+
 # -- 4. generation -----------------------------------------------------------------------------------------
 GENERATION = {
     "llama": {}, "gpt2": {}, "gemma2": {},
