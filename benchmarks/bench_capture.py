@@ -11,7 +11,8 @@ case runs in a fresh process (so that its peak RSS is its own) on the same rando
 - nnsight 0.8 saving every layer's z (the output projection's input) and MLP output;
 - TransformerLens 4.x ``TransformerBridge.run_with_cache`` filtered to ``hook_z`` and
   ``hook_mlp_out``, and with per-head results on (``hook_result`` and ``hook_mlp_out``);
-- streamtap into Zarr (the default store).
+- streamtap into Zarr (the default store), and with ``patterns=True`` (``streamtap-patterns``: the
+  positional tables a pattern is recomputed from are stored too).
 
 Every case runs under the same host settings: glibc's allocator and torch as they come, unless
 ``--malloc-mmap-threshold`` (``MALLOC_MMAP_THRESHOLD_``) or ``--torch-huge-pages``
@@ -44,13 +45,15 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CASES = ("plain", "nnsight", "tl", "tl-result", "streamtap")
+CASES = ("plain", "nnsight", "tl", "tl-result", "streamtap", "streamtap-patterns")
+TAPS = ("streamtap", "streamtap-patterns")  # the cases that write a store
 LABELS = {
     "plain": "plain HF forward",
     "nnsight": "nnsight: save z + MLP out (memory)",
     "tl": "TransformerLens run_with_cache: z + MLP out",
     "tl-result": "TransformerLens run_with_cache: per-head results + MLP out",
     "streamtap": "streamtap → Zarr",
+    "streamtap-patterns": "streamtap → Zarr, patterns=True",
 }
 PLAIN_FORWARDS = 5  # before the memory probe's capture
 # the host settings the flags control; unless a flag sets one, it is removed from the children's
@@ -153,7 +156,7 @@ def run_case(args) -> dict:
     else:
         import streamtap as st
 
-        the_tap = st.tap(model, path, check=False)
+        the_tap = st.tap(model, path, check=False, patterns=args.case == "streamtap-patterns")
         the_tap.__enter__()
 
         def step():
@@ -178,7 +181,7 @@ def run_case(args) -> dict:
     out["wall_all"] = time.perf_counter() - first  # every batch, warm-up and final drain included
     out.update(median=statistics.median(times), mean=total / args.batches, times=times,
                peak_rss=_peak(), base_rss=base_rss, tokens=int(mask.sum()))
-    if args.case == "streamtap":
+    if args.case in TAPS:
         import zarr
 
         group = zarr.open_group(path, mode="r")
@@ -354,7 +357,7 @@ def main() -> None:
                     print(f"  {model:8s} {case:24s} round {i + 1}: median {r['median']:.3f} s  mean {r['mean']:.3f} s  "
                           f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
             for case, runs in rounds.items():  # the round with the median time stands for the case
-                runs.sort(key=lambda r: r["mean"] if case == "streamtap" else r["median"])
+                runs.sort(key=lambda r: r["mean"] if case in TAPS else r["median"])
                 results.append(runs[(len(runs) - 1) // 2])
         memory = None
         if not args.skip_memory:
@@ -386,7 +389,7 @@ def main() -> None:
         plain = next((r for r in rows if r["case"] == "plain"), rows[0])
         for r in rows:
             # streamtap's time includes draining the writer at the end (mean over the batches)
-            t = r["mean"] if r["case"] == "streamtap" else r["median"]
+            t = r["mean"] if r["case"] in TAPS else r["median"]
             disk_col = f"{r['disk_per_token']:,.0f}" if "disk_per_token" in r else ""
             ratio_col = f"{r['raw_per_token'] / r['disk_per_token']:.2f}x" if "disk_per_token" in r else ""
             writer = ""
