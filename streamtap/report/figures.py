@@ -77,8 +77,12 @@ def _ids_text(text, ids) -> np.ndarray:
 
 
 def _show(s: str, width: int = 14) -> str:
-    """Token text made visible: leading spaces as a dot, newlines escaped, long text cut."""
-    s = str(s).replace("\n", "\\n").replace("\t", "\\t")
+    """Token text made visible: a token of spaces alone as open boxes, a leading space as a dot, newlines
+    escaped, long text cut."""
+    s = str(s)
+    if s and not s.strip(" "):
+        s = "␣" * len(s)
+    s = s.replace("\n", "\\n").replace("\t", "\\t")
     s = ("·" + s[1:]) if s.startswith(" ") else s
     return s if len(s) <= width else s[:width - 1] + "…"
 
@@ -332,7 +336,10 @@ def effective_rank_bars(er: xr.Dataset, *, definition: str = "entropy", title: s
         ax.tick_params(labelsize=9)
         ax.set_ylabel(f"effective rank\n({definition})", fontsize=10)
         ax.axhline(er.sizes["index"], color="grey", lw=0.8, ls=":")
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, er.sizes["index"] * 1.04)
+        # whole-number ticks: their labels keep one width between constrained layout's passes (with
+        # 12.5-style labels it made room for narrower ones, and the axis label left the figure)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=9, ncols=3, loc="lower right")
     fig.axes[-1].set_xlabel("layer", fontsize=10)
     fig.suptitle(title or "effective rank of factors and fused matrices (mean over heads; band: min to max; "
@@ -672,12 +679,12 @@ def logit_lens_grid(lens: xr.Dataset, text=None, *, targets=None, color: str = "
     probs = (lens.target_prob if color == "target" else lens.top_prob.isel(k=0)).values.T
     hit = (lens.target_rank.values.T == 0) if "target_rank" in lens else np.zeros(ids.shape, bool)
     n_depth, n_pos = ids.shape
-    fig = Figure(figsize=(0.68 * n_pos + 2.2, 0.2 * n_depth + 2.0), layout="constrained")
+    fig = Figure(figsize=(0.72 * n_pos + 2.2, 0.21 * n_depth + 2.0), layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(probs, cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest", origin="lower")
     for r in range(n_depth):
         for c in range(n_pos):
-            ax.text(c, r, _show(words[r, c], 8), ha="center", va="center", fontsize=5.5,
+            ax.text(c, r, _show(words[r, c], 8), ha="center", va="center", fontsize=6.5,
                     fontweight="bold" if hit[r, c] else "normal", color="white" if probs[r, c] > 0.55 else "black")
     inputs = lens["text"].values if "text" in lens.coords else lens["token_id"].values
     ax.set_xticks(range(n_pos), [_show(t, 10) for t in inputs], rotation=60, ha="right", fontsize=7)
@@ -814,7 +821,7 @@ def residual_pca_scree(pca, *, title: str | None = None) -> Figure:
     depths = [str(d) for d in pca.depth.values]
     ncols = min(5, len(depths))
     nrows = -(-len(depths) // ncols)
-    fig = Figure(figsize=(3.3 * ncols + 0.6, 3.2 * nrows + 0.7), layout="constrained")
+    fig = Figure(figsize=(3.1 * ncols + 0.6, 3.2 * nrows + 0.7), layout="constrained")
     pcs = pca.pc.values
     styles = {"all": dict(color="#7f7f7f", ls="--", marker="o", label="all tokens"),
               "rest": dict(color="#1f77b4", ls="-", marker="o", label="first tokens left out"),
@@ -841,7 +848,7 @@ def residual_pca_scree(pca, *, title: str | None = None) -> Figure:
                                 f"largest later token: {float(one.rest_max_norm_ratio):.1f}× median"
                                 + (f"\n({int(one.massive_tokens)} massive, left out of the dotted line)"
                                    if int(one.massive_tokens) else ""),
-                    transform=ax.transAxes, ha="right", va="top", fontsize=6.5,
+                    transform=ax.transAxes, ha="right", va="top", fontsize=7,
                     bbox=dict(boxstyle="round,pad=0.25", fc="white", ec="#cccccc", alpha=0.9))
     from matplotlib.lines import Line2D
 
