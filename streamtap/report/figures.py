@@ -517,9 +517,9 @@ def attention_heatmap(att: xr.DataArray, heads=None, *, notes: dict | None = Non
         step = _tick_step(size, max_labels)
         labels[side] = (list(range(0, size, step)), texts[::step])
     fs = 7 if max(nq, nk) <= 24 else 6
-    ncols = min(3, len(heads))
+    ncols = min(3 if max(nq, nk) <= 24 else 2, len(heads))     # long sequences: fewer, larger panels
     nrows = -(-len(heads) // ncols)
-    size = min(6.0, max(2.8, 0.13 * max(nq, nk) + 1.5))
+    size = min(5.0, max(2.8, 0.13 * max(nq, nk) + 1.5))
     fig = Figure(figsize=(ncols * size + 1.0, nrows * (size + 0.35) + 0.5), layout="constrained")
     norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
     cmap = _cmap_with_bad("viridis", "#d9d9d9")
@@ -539,7 +539,7 @@ def attention_heatmap(att: xr.DataArray, heads=None, *, notes: dict | None = Non
             ax.axhline(g + 0.5, color="white", lw=1.5)
         if i % ncols == 0:
             ax.set_ylabel("query (reads)", fontsize=8)
-        if i // ncols == nrows - 1:
+        if i + ncols >= len(heads):                                # no panel below this one
             ax.set_xlabel("key (is read)", fontsize=8)
     fig.colorbar(im, ax=fig.axes, shrink=0.6, label="probability (√ scale)")
     seq = att.attrs.get("seq")

@@ -477,6 +477,9 @@ def _default_words(ds, sub, row, target_id, text, n: int = 6) -> tuple[list[int]
             if len(chosen) == n:
                 break
         why += ", completed by the sample's most frequent content words"
+        if len(chosen) < 2:  # no token text to tell content words by (a store captured without a tokenizer)
+            chosen = common[:n]
+            why = "the sample's most frequent tokens: without token text, content words cannot be told apart"
     return chosen, why
 
 

@@ -110,3 +110,22 @@ def test_report_with_patterns_shows_the_analyses_numbers_and_informative_default
     assert len(final) == min(14, int(ds.pos.values[row]) + 1)
     for r in final[:-1]:
         assert np.isclose(float(r["next prob"]), float(lens.target_prob.isel(token=int(r["pos"]), depth=-1)), rtol=1e-5)
+
+
+def test_report_on_a_long_sequence_without_token_text(tmp_path):
+    """A store captured without a tokenizer (no token text) and a sequence longer than the heatmaps show: the
+    heatmaps crop to the last queries up to the attributed token and keep the first token as a key; the maps'
+    words fall back to the most frequent tokens, and the page says so."""
+    from _analysis_util import tap_forward
+
+    ds = tap_forward("llama", patterns=True, lengths=[50, 12]).ds
+    out = tmp_path / "long"
+    page = write_report(ds, out, token=45).read_text()
+    assert page.count("<img ") == 10
+    assert re.findall(r'data-overflow="([^"]*)"', page) == [""] * 10
+    assert "the last 40 queries up to the attributed token, with the first token kept as a key" in page
+    assert "the sample&#x27;s most frequent tokens: without token text" in page
+    shown = _csv(out, "attention_patterns")
+    assert {int(r["query pos"]) for r in shown} == set(range(6, 46))
+    assert {int(r["key pos"]) for r in shown} <= {0, *range(6, 46)} and any(r["key pos"] == "0" for r in shown)
+    assert len({r["pos"] for r in _csv(out, "logit_lens_grid")}) == 14          # the passage's last 14 tokens
