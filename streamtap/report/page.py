@@ -572,9 +572,13 @@ def _heatmaps(page: _Page, ds, row, contrib, target_id, text, scores, ranked) ->
     att = att.isel(query=queries, key=keys).compute()    # every chosen layer x head: one replay of the sequence
     cropped = (f"; the last {len(queries)} queries up to the attributed token, with the first token kept as a key "
                f"(a white line marks the gap)" if queries[0] > 0 else "")
-    page.p(f"Attention patterns over sequence {seq} up to the attributed token{cropped}: the three heads with the "
-           f"largest direct contribution to the prediction (DLA) and the strongest previous-token, induction and "
-           f"sink heads by the scores above. Row i is what query i reads; each row sums to 1.")
+    why = (["the three heads with the largest direct contribution to the prediction (DLA)"] if contrib is not None else [])
+    why += [f"the strongest {label} head by the scores above" for name, label in
+            (("previous_token", "previous-token"), ("induction", "induction"), ("sink_mass", "sink"))
+            if int(scores[f"{name}_queries"].max()) > 0]
+    page.p(f"Attention patterns over sequence {seq} up to the attributed token{cropped}: {', '.join(why)} (each "
+           f"panel's title says why its head is shown). Row i is what query i reads; each row sums to 1. The "
+           f"probabilities are in data/attention_patterns.csv.")
     page.figure(F.attention_heatmap(att, heads, notes={k: "; ".join(v) for k, v in notes.items()},
                                     title=f"attention patterns, sequence {seq} (grey: keys the query cannot see)"),
                 "attention heatmaps")
