@@ -502,9 +502,13 @@ def _top_table(contrib, wanted: dict[str, int]) -> None:
 @cli.command()
 @click.argument("store")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for index.html and data/.")
-@click.option("--token", type=int, default=None, help="Store row to attribute (negative counts from the end).  [default: last]")
+@click.option("--token", type=int, default=None,
+              help="Store row to attribute (negative counts from the end).  [default: in the last sequence, the last "
+                   "token whose predicted next token is a word]")
 @click.option("--target", default=None, help="Token id or token text to attribute.  [default: the model's top-1 there]")
-@click.option("--words", default=None, help='Comma-separated tokens for the relevance maps, e.g. " France, Paris".')
+@click.option("--words", default=None,
+              help='Comma-separated tokens for the relevance maps, e.g. " France, Paris".  [default: the attributed '
+                   "prediction and the content words of its passage]")
 @click.option("--sample", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Tokens (from the first) the per-token statistics use.")
 @click.option("--tokenizer", "tokenizer_id", default=None, metavar="ID_OR_DIR",
@@ -513,8 +517,9 @@ def _top_table(contrib, wanted: dict[str, int]) -> None:
 def report(store, out, token, target, words, sample, tokenizer_id, storage_options):
     """Write a self-contained HTML report of a store: figures and the numbers behind them.
 
-    Attribution of one prediction to heads and MLPs, the logit lens, relevance and promotion maps,
-    effective ranks, near-empty messages and the accumulating prediction, from the store alone.
+    Attribution of one prediction to heads and MLPs, the logit lens at it and over its passage, attention
+    patterns and head scores (stores captured with --patterns), relevance and promotion maps, effective
+    ranks, source-message norms, the residual-PCA scree and the accumulating prediction, from the store alone.
     """
     from .report import write_report
 

@@ -30,12 +30,12 @@ class Tapped:
     store: object
 
 
-def tap_forward(arch: str, *, store=None, neurons: bool = False, lengths=LENGTHS, seed: int = 0,
-                chunks=None, **overrides) -> Tapped:
+def tap_forward(arch: str, *, store=None, neurons: bool = False, patterns: bool = False, lengths=LENGTHS,
+                seed: int = 0, chunks=None, **overrides) -> Tapped:
     model = tiny_model(arch, **overrides)
     ids, mask = padded_batch(min(model.config.vocab_size, 128), lengths, seed=seed)
     store = zarr.storage.MemoryStore() if store is None else store
-    with st.tap(model, store, neurons=neurons), torch.no_grad():
+    with st.tap(model, store, neurons=neurons, patterns=patterns), torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     real = mask.bool()
     logits = out.logits[real].double().numpy()

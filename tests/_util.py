@@ -68,14 +68,14 @@ REPORT_TEXTS = ["the king and the queen of england", "paris is the capital of fr
                 "london is in england and the king"]
 
 
-def report_store(path):
+def report_store(path, *, patterns: bool = False):
     """A store of REPORT_TEXTS from a tiny Llama with tied embeddings and a word-level tokenizer (what the
-    report tests render); returns (path, model)."""
+    report tests render), with attention patterns or without; returns (path, model)."""
     import streamtap as st
     from streamtap.models import tiny_model
     from streamtap.models.tokenizer import word_level_tokenizer
 
     model = tiny_model("llama", tie_word_embeddings=True)
     tok = word_level_tokenizer(REPORT_TEXTS, model.config.vocab_size)
-    st.capture(model, REPORT_TEXTS, path, tokenizer=tok)
+    st.capture(model, REPORT_TEXTS, path, tokenizer=tok, patterns=patterns)
     return path, model

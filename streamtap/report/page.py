@@ -4,11 +4,17 @@
     write_report("run.zarr", "report/", token=-1, words=[" France", " Paris"])
 
 Sections: the store and its exactness; direct logit attribution of one token's prediction to heads
-and MLPs; the logit lens at that token; token-to-token relevance and promotion maps of the heads
-whose maps vary most; effective ranks of fused and factored attention matrices; message norms and
-near-empty heads; the residual as an accumulating prediction. Per-token statistics are computed over
-the first ``sample`` tokens, so the cost of a report is bounded by ``sample``, not by the size of the
-store. A section whose inputs the store lacks (attention weights, say) says so.
+and MLPs; the logit lens at that token and over its passage; attention patterns (each head's sink,
+previous-token and induction scores, and heatmaps of the heads that matter for the prediction and
+the strongest of each kind; stores captured with patterns only); token-to-token relevance and
+promotion maps of the heads that contribute most to the prediction; effective ranks of fused and
+factored attention matrices; source-message norms and near-empty heads; the residual-PCA scree with
+the first tokens apart; the residual as an accumulating prediction. Defaults are picked to be
+informative, and the page says why: the attributed token is the last one of the store whose
+predicted next token is a word, the maps' words are that prediction and the content words of its
+passage. Per-token statistics are computed over the first ``sample`` tokens, patterns over a few
+sequences, so the cost of a report is bounded by ``sample``, not by the size of the store. A section
+whose inputs the store lacks (attention weights, patterns) says so.
 The page needs nothing outside itself: no scripts or styles are fetched; the CSV files next to it
 repeat the tables for other tools.
 """
@@ -27,14 +33,16 @@ import numpy as np
 import xarray as xr
 
 from .. import __version__
-from ..analysis import (accumulation_pca, direct_logit_attribution, effective_rank, empty_message_summary,
-                        empty_messages, logit_lens, promotion, relevance, vocab_text)
+from ..analysis import (accumulation_pca, attention, direct_logit_attribution, effective_rank,
+                        empty_message_summary, empty_messages, head_scores, logit_lens, promotion, relevance,
+                        residual_stream, vocab_text)
 from ..analysis._store import MissingWeightsError, is_rotary
 from ..analysis._vocab import corpus_vocab, token_ids
 from ..analysis.circuits import ROTARY_NOTE
 from ..analysis.empty import NEAR_EMPTY, token_frequencies
+from ..attention import sequence_tokens
 from ..dataset import open as open_store
-from ..errors import InputError
+from ..errors import InputError, PatternsMissingError
 from ..invariant import verify
 from . import figures as F
 
@@ -55,6 +63,9 @@ window.addEventListener("load", function () {
   var broken = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
   document.body.setAttribute("data-images", String(imgs.length));
   document.body.setAttribute("data-broken", broken.map(function (i) { return i.alt; }).join("|"));
+  // figures with text outside their canvas (measured when the page was written: data-overflow)
+  var over = imgs.filter(function (i) { return i.getAttribute("data-overflow"); });
+  document.body.setAttribute("data-overflowing", over.map(function (i) { return i.alt; }).join("|"));
   document.body.setAttribute("data-errors", window.__errors.join("|"));
   document.body.setAttribute("data-rendered", broken.length || window.__errors.length ? "error" : "ok");
 });
@@ -99,9 +110,16 @@ class _Page:
                                          for c in cols) + "</tr>" for r in rows)
         cap = f"<caption class='note'>{html.escape(caption)}</caption>" if caption else ""
         self.add(f"<table>{cap}<tr>{head}</tr>{body}</table>")
-        self.tables.append(name)
+        self.csv(rows, name)
+
+    def csv(self, rows: list[dict], name: str) -> None:
+        """The rows as data/<name>.csv only (numbers too many for the page)."""
+        if not rows:
+            return
         import csv
 
+        cols = list(rows[0])
+        self.tables.append(name)
         (self.out / "data").mkdir(exist_ok=True)
         with open(self.out / "data" / f"{name}.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=cols)
@@ -122,7 +140,8 @@ def _q(s: str) -> str:
 
 
 def write_report(store, out_dir, *, token: int | None = None, target=None, words=None, k: int = 10,
-                 sample: int = 4096, tokenizer=None, heads: int = 6, storage_options: dict | None = None) -> Path:
+                 sample: int = 4096, tokenizer=None, heads: int = 6, pattern_sequences: int = 4,
+                 storage_options: dict | None = None) -> Path:
     """Write the HTML report of a store: ``out_dir/index.html`` and ``out_dir/data/*.csv``.
 
     The page is self-contained (figures embedded as PNG, nothing fetched). It is built beside
@@ -136,14 +155,17 @@ def write_report(store, out_dir, *, token: int | None = None, target=None, words
     out_dir : str or os.PathLike
         The directory to write to (created if needed).
     token : int, optional
-        The store row to attribute and read the logit lens at (default: the last; negative
-        values count from the end).
+        The store row to attribute and read the logit lens at (negative values count from the
+        end). Default: in the store's last sequence, the last token whose predicted next token is
+        a word (not punctuation, whitespace, a special token or a common function word), else the
+        last token.
     target : int or str, optional
         A vocabulary id, or one token's text (resolved with the tokenizer, else among the stored
         tokens); default: the model's top-1 prediction at that token.
     words : sequence of int or str, optional
-        The tokens of the relevance and promotion maps (default: the six most frequent tokens of
-        the sample).
+        The tokens of the relevance and promotion maps (default: the attributed prediction and the
+        content words of its passage nearest the attributed token, up to six; punctuation,
+        whitespace, common function words and the passage's first token are left out).
     k : int
         How many top tokens the logit lens keeps.
     sample : int
@@ -153,7 +175,11 @@ def write_report(store, out_dir, *, token: int | None = None, target=None, words
         Gives token texts and resolves ``words``; by default the store's model's tokenizer where it
         can be loaded offline (:func:`store_tokenizer`), else the text of the stored tokens.
     heads : int
-        How many heads the relevance and promotion maps show.
+        How many heads the relevance and promotion maps show (those with the largest direct
+        contribution to the attributed prediction).
+    pattern_sequences : int
+        Over how many stored sequences (of at most 1,024 tokens; the attributed token's first)
+        the head scores are computed, on a store captured with patterns.
     storage_options : dict, optional
         For a URL (``s3://...``): options of its fsspec filesystem.
 
@@ -186,14 +212,18 @@ def write_report(store, out_dir, *, token: int | None = None, target=None, words
         tokenizer = store_tokenizer(ds)
     text = (lambda ids: vocab_text(ds, ids, tokenizer))  # noqa: E731
     sub = ds.isel(token=slice(0, min(sample, n_tok)))
-    row = (n_tok - 1) if token is None else (token % n_tok)
+    if token is None:
+        row, why_token = _default_token(ds, text)
+    else:
+        row, why_token = token % n_tok, "the token asked for"
     one = ds.isel(token=[row])
     # everything is written into a folder beside the target and moved into place at the end: a
     # failed report leaves nothing behind, a finished one replaces the previous one whole
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        path = _build(ds, building, store, sub, one, row, target, words, tokenizer, heads, k, text, started)
+        path = _build(ds, building, store, sub, one, row, why_token, target, words, tokenizer, heads, k, text,
+                      pattern_sequences, started)
         _replace(building, out)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
@@ -232,22 +262,26 @@ def _replace(built: Path, out: Path) -> None:
         os.replace(built, out)
 
 
-def _build(ds, out: Path, store, sub, one, row, target, words, tokenizer, heads, k, text, started) -> Path:
+def _build(ds, out: Path, store, sub, one, row, why_token, target, words, tokenizer, heads, k, text,
+           pattern_sequences, started) -> Path:
     page = _Page(out)
+    first_1024 = sub.isel(token=slice(0, min(1024, sub.sizes["token"])))
 
     _summary(page, ds, sub, store)
-    target_id = _attribution(page, ds, one, row, target, text, k, tokenizer)
-    _lens(page, one, row, target_id, text, k)
-    _maps(page, ds, sub, words, tokenizer, heads)
+    target_id, contrib = _attribution(page, ds, one, row, why_token, target, text, k, tokenizer)
+    _lens(page, ds, one, row, target_id, text, k)
+    _patterns(page, ds, sub, row, contrib, target_id, text, pattern_sequences)
+    _maps(page, ds, sub, row, words, tokenizer, heads, contrib, target_id, text)
     _ranks(page, ds)
     _empty(page, sub)
-    _accumulation(page, sub.isel(token=slice(0, min(1024, sub.sizes["token"]))), text)
+    _scree(page, first_1024)
+    _accumulation(page, first_1024, text)
 
     title = f"streamtap report: {ds.attrs.get('model_name', '?')}"
     toc = "".join(f'<li><a href="#{a}">{t}</a></li>' for a, t in (
         ("store", "Store"), ("attribution", "Direct logit attribution"), ("lens", "Logit lens"),
-        ("maps", "Relevance and promotion"), ("ranks", "Effective ranks"), ("empty", "Empty messages"),
-        ("accumulation", "Accumulating prediction")))
+        ("patterns", "Attention patterns"), ("maps", "Relevance and promotion"), ("ranks", "Effective ranks"),
+        ("empty", "Empty messages"), ("scree", "Residual PCA"), ("accumulation", "Accumulating prediction")))
     doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<meta name='viewport' content='width=device-width,initial-scale=1'><style>{STYLE}</style>"
            f"<script>{CHECK}</script></head><body><h1>{html.escape(title)}</h1>"
@@ -279,12 +313,15 @@ def _summary(page: _Page, ds, sub, store) -> None:
     page.table(rows, "store", left=("property", "value"))
 
 
-def _attribution(page: _Page, ds, one, row, target, text, k, tokenizer=None) -> int | None:
-    """Direct logit attribution at one token; returns the target id it used (None without W_U)."""
+def _attribution(page: _Page, ds, one, row, why_token, target, text, k, tokenizer=None):
+    """Direct logit attribution at one token; returns the target id it used and the contributions
+    (both None without W_U)."""
     page.h2("Direct logit attribution", "attribution")
+    page.p(f"The attributed token, read by the logit lens and the attention heatmaps below too: store row "
+           f"{row:,}, {_where(one)}, {why_token}.", "note")
     if "W_U" not in ds:
         page.missing("the store has no unembedding (W_U)")
-        return None
+        return None, None
     final = logit_lens(one, k=1, sites=()).isel(token=0, depth=-1).compute()
     if target is None:
         target_id = int(final.top_id.values[0])
@@ -310,7 +347,7 @@ def _attribution(page: _Page, ds, one, row, target, text, k, tokenizer=None) -> 
     by_kind = contrib.groupby("kind").sum()
     page.table([{"kind": str(kd), "total": float(v)} for kd, v in zip(by_kind.kind.values, by_kind.values)],
                "attribution_by_kind", caption="totals by kind", left=("kind",))
-    return target_id
+    return target_id, contrib
 
 
 def _where(one) -> str:
@@ -322,8 +359,8 @@ def _where(one) -> str:
     return s
 
 
-def _lens(page: _Page, one, row, target_id, text, k) -> None:
-    """The logit lens at one token, following the attribution's target."""
+def _lens(page: _Page, ds, one, row, target_id, text, k) -> None:
+    """The logit lens at one token, following the attribution's target, then over its passage."""
     page.h2("Logit lens", "lens")
     if "W_U" not in one:
         page.missing("the store has no unembedding (W_U)")
@@ -344,35 +381,258 @@ def _lens(page: _Page, one, row, target_id, text, k) -> None:
             r["target rank"] = int(lens.target_rank.values[d])
         rows.append(r)
     page.table(rows, "logit_lens", left=tuple(rows[0]) if rows else ())
+    _lens_grid(page, ds, row, target_id, text)
 
 
-def _default_words(ds, sub, n=6) -> list[int]:
-    """The ``n`` most frequent token ids of the sample."""
-    counts = token_frequencies(sub).values
-    return [int(i) for i in np.argsort(-counts, kind="stable")[:n] if counts[i] > 0]
+LENS_POSITIONS = 14   # the passage the logit-lens grid shows: this many tokens up to the attributed one
 
 
-def _maps(page: _Page, ds, sub, words, tokenizer, heads) -> None:
-    """Relevance and promotion maps of the heads whose maps vary most, with their raw values."""
-    page.h2("Relevance and promotion", "maps")
+def _lens_grid(page: _Page, ds, row, target_id, text) -> None:
+    """The logit lens over the passage that ends at the attributed token: positions x depths."""
+    rows = sequence_tokens(ds, int(ds["seq"].values[row]))
+    ids = np.asarray(ds["token_id"].values[rows])
+    at = int(np.flatnonzero(rows == row)[0])
+    # each position is scored against the token that follows it in the passage; the attributed token,
+    # where it is the last of its sequence, against the attribution's target
+    targets = np.append(ids[1:], target_id if target_id is not None else ids[-1])
+    lo = max(0, at + 1 - LENS_POSITIONS)
+    shown, targets = rows[lo:at + 1], targets[lo:at + 1]
+    lens = logit_lens(ds.isel(token=shown), k=1, target=targets).compute()
+    page.p(f"The same read-out over the passage that ends at the attributed token ({len(shown)} tokens): each "
+           f"column a position, each row a depth (the final residual at the top), each cell the top token there. "
+           f"The colour is the probability of the token that really comes next in the passage (at the attributed "
+           f"token, where nothing follows, the attributed target), written above the columns; bold cells already "
+           f"rank it first. The numbers are in data/logit_lens_grid.csv.")
+    page.figure(F.logit_lens_grid(lens, text, targets=targets, color="target", max_positions=LENS_POSITIONS,
+                                  title="logit lens over the passage (colour: probability of the next token; "
+                                        "bold: it is already the top token)"), "logit lens grid")
+    tops, nexts = text(lens.top_id.values[:, :, 0]), text(targets)
+    inputs = lens["text"].values if "text" in lens.coords else lens["token_id"].values
+    page.csv([{"pos": int(lens.pos.values[t]), "token": str(inputs[t]), "next": str(nexts[t]),
+               "depth": str(lens.depth.values[d]), "top": str(tops[t, d]),
+               "top prob": float(lens.top_prob.values[t, d, 0]), "next prob": float(lens.target_prob.values[t, d]),
+               "next rank": int(lens.target_rank.values[t, d])}
+              for t in range(lens.sizes["token"]) for d in range(lens.sizes["depth"])], "logit_lens_grid")
+
+
+# common English function words: never a default word of the maps, nor a prediction worth attributing
+FUNCTION_WORDS = frozenset("""a an the of and or but nor to in on at by for with from into onto as is are was were be
+been being am it its it's this that these those there here he she they we you i me him her them us my his their our
+your not no so than then if do does did has have had will would can could shall should may might must""".split())
+
+
+def _is_content(text: str) -> bool:
+    """A token worth showing by default: two letters or digits at least, not a special token, not a function
+    word."""
+    t = str(text).strip()
+    if sum(c.isalnum() for c in t) < 2:                 # punctuation, whitespace, byte pieces, single digits
+        return False
+    if (t[0], t[-1]) in (("<", ">"), ("[", "]")):      # <|im_end|>, <s>, [CLS], <123> (an unknown id)
+        return False
+    return t.lower() not in FUNCTION_WORDS
+
+
+def _default_token(ds, text) -> tuple[int, str]:
+    """The store row attributed by default, and why: in the last sequence, the last token whose predicted
+    next token is a word (the model's top-1 at the last token of a text is often a full stop or a new line,
+    the least telling prediction there is)."""
+    last = ds.sizes["token"] - 1
+    fallback = (last, "the last stored token")
+    if "W_U" not in ds:
+        return fallback
+    rows = sequence_tokens(ds, int(ds["seq"].values[last]))[-64:]
+    top = logit_lens(ds.isel(token=rows), k=1, sites=()).top_id.isel(depth=-1, k=0).values
+    pos = np.asarray(ds["pos"].values[rows])
+    for r, word, p in reversed(list(zip(rows, text(top), pos))):
+        if p > 0 and _is_content(word):
+            return int(r), (f"chosen as the last token of the store's last sequence whose predicted next token is a word "
+                            f"({_q(word)}; not punctuation, whitespace, a special token or a function word)")
+    return last, "the last stored token (no token of the last sequence predicts a word)"
+
+
+def _default_words(ds, sub, row, target_id, text, n: int = 6) -> tuple[list[int], str]:
+    """The maps' default tokens, and why: the attributed prediction, then the content words of its passage
+    nearest the attributed token (backwards, then forwards), first token of the passage left out."""
+    rows = sequence_tokens(ds, int(ds["seq"].values[row]))
+    at = int(np.flatnonzero(rows == row)[0])
+    order = list(rows[at::-1]) + list(rows[at + 1:])
+    ids = np.asarray(ds["token_id"].values[order])
+    pos = np.asarray(ds["pos"].values[order])
+    candidates = ([target_id] if target_id is not None else []) + [int(i) for i, p in zip(ids, pos) if p > 0]
+    words = text(np.asarray(candidates, np.int64)) if candidates else []
+    chosen: list[int] = []
+    for i, w in zip(candidates, words):
+        if i not in chosen and _is_content(w):
+            chosen.append(int(i))
+        if len(chosen) == n:
+            break
+    why = ("the attributed prediction and the content words of its passage nearest the attributed token "
+           "(punctuation, whitespace, function words and the passage's first token left out)")
+    if len(chosen) < 3:  # a passage of punctuation and function words: the sample's commonest content words
+        counts = token_frequencies(sub).values
+        common = [int(i) for i in np.argsort(-counts, kind="stable")[:200] if counts[i] > 0]
+        for i, w in zip(common, text(np.asarray(common, np.int64)) if common else []):
+            if i not in chosen and _is_content(w):
+                chosen.append(i)
+            if len(chosen) == n:
+                break
+        why += ", completed by the sample's most frequent content words"
+        if len(chosen) < 2:  # no token text to tell content words by (a store captured without a tokenizer)
+            chosen = common[:n]
+            why = "the sample's most frequent tokens: without token text, content words cannot be told apart"
+    return chosen, why
+
+
+SCORE_TOKENS = 1024     # the longest sequence head scores are computed over in a report
+HEATMAP_QUERIES = 40    # the heatmaps show at most this many queries, up to the attributed token
+
+
+def _score_sequences(ds, sub, row, n: int) -> list[int]:
+    """Up to ``n`` sequences for the head scores: the attributed token's first, then the sample's in order,
+    each at most SCORE_TOKENS long (a pattern is tokens x tokens per head)."""
+    seqs, counts = np.unique(np.asarray(ds["seq"].values), return_counts=True)
+    length = dict(zip(seqs.tolist(), counts.tolist()))
+    order = [int(ds["seq"].values[row])] + [int(q) for q in dict.fromkeys(np.asarray(sub["seq"].values).tolist())]
+    out: list[int] = []
+    for q in order:
+        if q not in out and length[q] <= SCORE_TOKENS:
+            out.append(q)
+        if len(out) == n:
+            break
+    return out
+
+
+def _patterns(page: _Page, ds, sub, row, contrib, target_id, text, n_seqs: int) -> None:
+    """Head scores (sinks, off heads, previous-token, induction) as layer x head grids, and the attention
+    heatmaps of the heads that matter for the prediction and of the strongest head of each kind."""
+    page.h2("Attention patterns", "patterns")
+    if not ds.attrs.get("patterns"):
+        page.missing("this store was captured without patterns: capture with --patterns (patterns=True) to see "
+                     "attention heatmaps and each head's sink, previous-token and induction scores")
+        return
+    seqs = _score_sequences(ds, sub, row, n_seqs)
+    if not seqs:
+        page.missing(f"every stored sequence is longer than {SCORE_TOKENS:,} tokens, too long to score in a report; "
+                     "use streamtap.analysis.head_scores(ds, seqs=...) directly")
+        return
     try:
-        ids = token_ids(ds, words, tokenizer) if words else _default_words(ds, sub)
-        rel = relevance(ds, ids, tokenizer=tokenizer)
-        pro = promotion(ds, ids, tokenizer=tokenizer)
+        scores = head_scores(ds, seqs=seqs)
+    except PatternsMissingError as exc:
+        page.missing(str(exc))
+        return
+    n_tokens = int(np.isin(np.asarray(ds["seq"].values), seqs).sum())
+    page.p(f"Every head's attention, recomputed from the store over {len(seqs)} sequence{'s' if len(seqs) > 1 else ''} "
+           f"({', '.join(map(str, seqs))}; {n_tokens:,} tokens; the attributed token's first), scored as the mean "
+           f"share of attention a query puts on the first token (sink mass), on the token just before it "
+           f"(previous token) and on the tokens that followed earlier copies of itself (induction: A B ... A reads "
+           f"B). A cross marks heads that are off: at half their queries or more they park at least "
+           f"{scores.attrs['off_mass']:.0%} of their attention on the sink while its source message is below "
+           f"{scores.attrs['off_norm']:g} times the head's typical one, so they add almost nothing there.")
+    if int(scores.induction_queries.max()) == 0:
+        page.p("No token repeats in these sequences, so there is nothing to score induction on: "
+               "streamtap.induction_probe(model, store) captures a repeated random sequence for it.", "note")
+    page.figure(F.head_score_grid(scores), "head score grid")
+    ranked = {}
+    for name in ("sink_mass", "off", "previous_token", "induction", "duplicate_token"):
+        flat = scores[name].stack(h=("layer", "head"))
+        order = np.argsort(-flat.values, kind="stable")[:5]
+        ranked[name] = [(int(flat.layer.values[i]), int(flat["head"].values[i]), float(flat.values[i])) for i in order]
+    page.table([{"rank": r + 1, **{F.SCORE_NAMES[name]: f"L{layer}H{h} {v:.2f}"
+                                   for name, ((layer, h, v)) in ((nm, ranked[nm][r]) for nm in ranked)}}
+                for r in range(min(5, len(ranked["sink_mass"])))], "head_scores_top",
+               caption="the five strongest heads of each score", left=tuple(F.SCORE_NAMES[n] for n in ranked))
+    page.csv([{"layer": int(layer), "head": int(h), **{name: float(scores[name].sel(layer=layer, head=h))
+                                                       for name in F.SCORE_NAMES}}
+              for layer in scores.layer.values for h in scores["head"].values], "head_scores")
+    _heatmaps(page, ds, row, contrib, target_id, text, scores, ranked)
+
+
+def _heatmaps(page: _Page, ds, row, contrib, target_id, text, scores, ranked) -> None:
+    """Query x key heatmaps over the attributed token's passage of the heads worth seeing, each with why."""
+    notes: dict[tuple[int, int], list[str]] = {}
+    if contrib is not None:
+        tgt = _q(text([target_id])[0])
+        for layer, h, v in _top_heads(contrib, 3):
+            notes.setdefault((layer, h), []).append(f"DLA {v:+.2f} to {tgt}")
+    for name, label in (("previous_token", "previous token"), ("induction", "induction"), ("sink_mass", "sink")):
+        if int(scores[f"{name}_queries"].max()) == 0:
+            continue
+        layer, h, v = ranked[name][0]
+        extra = f", off {float(scores.off.sel(layer=layer, head=h)):.0%}" if name == "sink_mass" else ""
+        notes.setdefault((layer, h), []).append(f"top {label} {v:.2f}{extra}")
+    if not notes:
+        return
+    seq = int(ds["seq"].values[row])
+    rows = sequence_tokens(ds, seq)
+    at = int(np.flatnonzero(rows == row)[0])
+    queries = np.arange(max(0, at + 1 - HEATMAP_QUERIES), at + 1)
+    keys = queries if queries[0] == 0 else np.concatenate([[0], queries])
+    heads = list(notes)
+    att = attention(ds, seq, layers=sorted({layer for layer, _ in heads}), heads=sorted({h for _, h in heads}))
+    att = att.isel(query=queries, key=keys).compute()    # every chosen layer x head: one replay of the sequence
+    cropped = (f"; the last {len(queries)} queries up to the attributed token, with the first token kept as a key "
+               f"(a white line marks the gap)" if queries[0] > 0 else "")
+    why = (["the three heads with the largest direct contribution to the prediction (DLA)"] if contrib is not None else [])
+    why += [f"the strongest {label} head by the scores above" for name, label in
+            (("previous_token", "previous-token"), ("induction", "induction"), ("sink_mass", "sink"))
+            if int(scores[f"{name}_queries"].max()) > 0]
+    page.p(f"Attention patterns over sequence {seq} up to the attributed token{cropped}: {', '.join(why)} (each "
+           f"panel's title says why its head is shown). Row i is what query i reads; each row sums to 1. The "
+           f"probabilities are in data/attention_patterns.csv.")
+    page.figure(F.attention_heatmap(att, heads, notes={k: "; ".join(v) for k, v in notes.items()},
+                                    title=f"attention patterns, sequence {seq} (grey: keys the query cannot see)"),
+                "attention heatmaps")
+    values = {(layer, h): att.sel(layer=layer, head=h).values for layer, h in heads}
+    qt = att["query_text"].values if "query_text" in att.coords else att["query_token_id"].values
+    kt = att["key_text"].values if "key_text" in att.coords else att["key_token_id"].values
+    page.csv([{"head": f"L{layer}H{h}", "why": "; ".join(notes[(layer, h)]), "query pos": int(att.query_pos.values[i]),
+               "query": str(qt[i]), "key pos": int(att.key_pos.values[j]), "key": str(kt[j]),
+               "probability": float(values[(layer, h)][i, j])}
+              for layer, h in heads for i in range(att.sizes["query"]) for j in range(att.sizes["key"])
+              if values[(layer, h)][i, j] > 0], "attention_patterns")
+
+
+def _top_heads(contrib, n: int) -> list[tuple[int, int, float]]:
+    """The ``n`` heads with the largest direct contribution in absolute value: (layer, head, value)."""
+    is_head = np.asarray(contrib.kind.values) == "head"
+    vals = np.asarray(contrib.values, np.float64)
+    order = [i for i in np.argsort(-np.abs(vals), kind="stable") if is_head[i]][:n]
+    return [(int(contrib.layer.values[i]), int(contrib["head"].values[i]), float(vals[i])) for i in order]
+
+
+def _maps(page: _Page, ds, sub, row, words, tokenizer, heads, contrib, target_id, text) -> None:
+    """Relevance and promotion maps of the heads that contribute most to the prediction, with their raw values."""
+    page.h2("Relevance and promotion", "maps")
+    if words:
+        ids, why_words = token_ids(ds, words, tokenizer), "the tokens asked for"
+    else:
+        ids, why_words = _default_words(ds, sub, row, target_id, text)
+    top = _top_heads(contrib, heads) if contrib is not None else []
+    layers = sorted({layer for layer, _, _ in top}) or None
+    try:
+        rel = relevance(ds, ids, tokenizer=tokenizer, layers=layers)
+        pro = promotion(ds, ids, tokenizer=tokenizer, layers=layers)
     except MissingWeightsError as exc:
         page.missing(str(exc))
         return
     names = ", ".join(_q(t) for t in rel.query_text.values)
-    page.p(f"For the tokens {names}: relevance E W_QK E^T (how much a query token attends to a key token, "
-           f"shown as the softmax over these keys of the scaled score) and promotion E W_OV W_U^T (how far "
+    if top:
+        tgt = _q(text([target_id])[0])
+        which = (f"for the {len(top)} heads with the largest direct contribution (in absolute value) to the logit of "
+                 f"{tgt} at the attributed token, the heads that matter for this prediction: "
+                 + ", ".join(f"L{layer}H{h} ({v:+.2f})" for layer, h, v in top))
+    else:
+        which = f"for the {heads} heads whose maps vary most (no attribution without W_U)"
+    page.p(f"For the tokens {names} ({why_words}): relevance E W_QK E^T (how much a query token attends to a key "
+           f"token, shown as the softmax over these keys of the scaled score) and promotion E W_OV W_U^T (how far "
            f"above a typical token a source token's message raises each target, in standard deviations "
-           f"over the vocabulary), for the {heads} heads whose maps vary most.")
+           f"over the vocabulary), {which}.")
     if is_rotary(ds):
         page.p(ROTARY_NOTE[0].upper() + ROTARY_NOTE[1:] + ".", "note")
-    chosen = F.pick_heads(rel, heads)
+    chosen = [(layer, h) for layer, h, _ in top] or F.pick_heads(rel, heads)
     page.figure(F.token_maps(rel, chosen, which="normalized", title="relevance: query x key (softmax over keys)"),
                 "relevance maps")
-    chosen_p = F.pick_heads(pro, heads, which="normalized")
+    chosen_p = chosen if top else F.pick_heads(pro, heads, which="normalized")
     page.figure(F.token_maps(pro, chosen_p, which="normalized",
                              title="promotion: source x target (z-score over the vocabulary)"), "promotion maps")
     for name, maps, hs in (("relevance", rel, chosen), ("promotion", pro, chosen_p)):
@@ -444,6 +704,36 @@ def _empty(page: _Page, sub) -> None:
              "cos random (empty)": float(flat.cos_random_empty.values[i])} for i in order]
     page.table(rows, "empty_heads", caption="the 15 heads most often near-empty (first tokens left out)",
                left=("head",))
+
+
+def _scree(page: _Page, part) -> None:
+    """The residual-PCA scree at a few depths, the first tokens (and any other massive residual) apart."""
+    page.h2("Residual PCA", "scree")
+    L = part.sizes["layer"]
+    depths = sorted({(max(1, L // 4), "attn"), (max(1, L // 2), "attn"), (max(1, 3 * L // 4), "attn"), (L, "final")})
+    pca = F.residual_pca(residual_stream(part, depths=depths))
+    page.p(f"PCA of the residual over {pca.attrs['tokens']:,} tokens pooled across sequences, at four depths (the "
+           f"residual entering layers a quarter, half and three quarters of the way, and the final residual), each "
+           f"centred on its mean: once with every token, once with the first token of each sequence left out "
+           f"({pca.attrs['first_tokens']} of them; their residual is far larger than the rest's and a pooled PCA "
+           f"spends its first component on them), and once also without later tokens whose residual norm exceeds "
+           f"{pca.attrs['massive']:g} times the median (the dotted line, where there are any).")
+    page.figure(F.residual_pca_scree(pca), "residual pca scree")
+    texts = part["text"].values if "text" in part.coords else part["token_id"].values
+    rows = []
+    for d in pca.depth.values:
+        one = pca.sel(depth=d)
+        evr = one.explained_variance_ratio
+        top = int(one.rest_max_token) if np.isfinite(float(one.rest_max_token)) else -1
+        rows.append({"depth": str(d), "first tokens' share of variance": float(one.first_share),
+                     "first-token norm / median": float(one.first_norm_ratio),
+                     "PC1 (all)": float(evr.sel(group="all", pc=1)), "PC1 (first left out)": float(evr.sel(group="rest", pc=1)),
+                     "PC1 (massive left out)": float(evr.sel(group="typical", pc=1)),
+                     "largest later token": (f"{_q(texts[top])} (seq {int(part.seq.values[top])}, pos "
+                                             f"{int(part.pos.values[top])}) {float(one.rest_max_norm_ratio):.1f}x median"
+                                             if top >= 0 else "none")})
+    page.table(rows, "residual_pca", caption="explained variance ratio of the first component, and the tokens apart",
+               left=("depth", "largest later token"))
 
 
 def _q_list(ds, ids) -> str:

@@ -1,5 +1,6 @@
 """The HTML report rendered by a real headless Chromium (a child process): nothing fetched from outside,
-every image loads, no script error, a page is painted."""
+every image loads (the pattern sections' too), no figure has text outside it, no script error, a page is
+painted."""
 
 import re
 import shutil
@@ -17,7 +18,7 @@ CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if sh
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return report_store(tmp_path_factory.mktemp("report") / "run.zarr")
+    return report_store(tmp_path_factory.mktemp("report") / "run.zarr", patterns=True)
 
 
 def _render(html_path, tmp_path):
@@ -44,15 +45,18 @@ def test_report_renders_in_headless_chromium(store, tmp_path):
     assert "Not available" not in page
     assert not re.search(r"""(src|href)=["']https?://""", page)        # nothing fetched from outside
     n_images = page.count("<img ")
-    assert n_images == 6
+    assert n_images == 10
     dom, stderr, shot = _render(html_path, tmp_path)
     body = re.search(r"<body[^>]*>", dom).group(0)
     assert 'data-rendered="ok"' in body, body
     assert f'data-images="{n_images}"' in body and 'data-broken=""' in body and 'data-errors=""' in body
+    assert 'data-overflowing=""' in body                                  # no text outside any figure
     assert "Uncaught" not in stderr
-    for heading in ("Direct logit attribution", "Logit lens", "Relevance and promotion", "Effective ranks",
-                    "Empty messages", "accumulating prediction"):
+    for heading in ("Direct logit attribution", "Logit lens", "Attention patterns", "Relevance and promotion",
+                    "Effective ranks", "Empty messages", "Residual PCA", "accumulating prediction"):
         assert heading in dom
+    for alt in ("logit lens grid", "head score grid", "attention heatmaps", "residual pca scree"):
+        assert f'alt="{alt}"' in dom                                      # the new figures are on the page
     import matplotlib.image
 
     pixels = matplotlib.image.imread(shot)
