@@ -1,5 +1,6 @@
 """The analysis examples run as a user would run them, on the real SmolLM2, at small size."""
 
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -42,6 +43,19 @@ def test_empty_messages(tmp_path, monkeypatch, capsys):
     assert "heads near-empty on at least half the tokens:" in out
     assert "mean cosine with the frequent-token direction" in out
     assert (tmp_path / "message_norms.png").exists()
+
+
+def test_induction_heads(tmp_path, monkeypatch, capsys):
+    out = _run("induction_heads.py", ["--out", str(tmp_path), "--length", "30", "--batch", "2", "--top", "3"],
+               monkeypatch, capsys)
+    loss = next(line for line in out.splitlines() if line.startswith("loss: first copy"))
+    first, second = (float(x) for x in re.findall(r"copy (\d+\.\d+)", loss))
+    assert first > 12 and first - second > 5                  # random tokens, then predicted by induction
+    assert "top induction heads:      L18H6 0." in out
+    assert "top previous-token heads: L16H0 0." in out
+    assert "  induction       L18H6 0." in out and "  previous-token  L16H0 0." in out
+    assert "max |streamtap - own| over all 270 heads" in out
+    assert "same tokens without the BOS prefix" in out
 
 
 @pytest.fixture(autouse=True)
