@@ -58,6 +58,17 @@ def test_induction_heads(tmp_path, monkeypatch, capsys):
     assert "same tokens without the BOS prefix" in out
 
 
+def test_attention_sinks(tmp_path, monkeypatch, capsys):
+    out = _run("attention_sinks.py", ["--out", str(tmp_path), "--texts", "4", "--show", "3"], monkeypatch, capsys)
+    ours = int(re.search(r"on the first token > 0.8\): (\d+) of 270", out).group(1))
+    own = int(re.search(r"output_attentions=True\): (\d+) sink heads", out).group(1))
+    assert ours == own and 20 < ours < 80
+    off = out.split("off on more than half their queries")[1].split("sink heads whose")[0]
+    assert "  L18H8  sink mass 1.000, sink message 0.0" in off        # parked on a sink that sends ~nothing
+    assert float(re.search(r"max \|streamtap - own\| sink mass (\S+)", out).group(1)) < 1e-5
+    assert "per text: " in out
+
+
 @pytest.fixture(autouse=True)
 def _quiet_progress(monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")
