@@ -39,9 +39,15 @@ def test_effective_ranks(tmp_path, monkeypatch, capsys):
 
 
 def test_empty_messages(tmp_path, monkeypatch, capsys):
-    out = _run("empty_messages.py", ["--out", str(tmp_path), "--texts", "4"], monkeypatch, capsys)
-    assert "heads near-empty on at least half the tokens:" in out
-    assert "mean cosine with the frequent-token direction" in out
+    out = _run("empty_messages.py", ["--out", str(tmp_path), "--texts", "8"], monkeypatch, capsys)
+    assert "245 tokens (8 first in their sequence) x 270 heads = 66,150 source messages" in out
+    others, firsts = (float(x) for x in re.search(r"median (\S+) for the others, (\S+) for first", out).groups())
+    assert 0.8 < others < 1.2 and firsts < 0.5                  # the first token sends small messages
+    assert re.search(r"  0.1   others   0.0\d%   first tokens", out)
+    assert "  sent by: ' the' " in out                          # the most frequent tokens send the near-empty ones
+    assert out.count("than to the controls: ") == 4              # frequent and rare, corpus and merge ranks
+    assert "frequency from the tokenizer's BPE merge ranks" in out
+    assert "  isotropic control  n=" in out
     assert (tmp_path / "message_norms.png").exists()
 
 
