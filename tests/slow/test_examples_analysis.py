@@ -1,5 +1,6 @@
 """The analysis examples run as a user would run them, on the real SmolLM2, at small size."""
 
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -38,10 +39,40 @@ def test_effective_ranks(tmp_path, monkeypatch, capsys):
 
 
 def test_empty_messages(tmp_path, monkeypatch, capsys):
-    out = _run("empty_messages.py", ["--out", str(tmp_path), "--texts", "4"], monkeypatch, capsys)
-    assert "heads near-empty on at least half the tokens:" in out
-    assert "mean cosine with the frequent-token direction" in out
+    out = _run("empty_messages.py", ["--out", str(tmp_path), "--texts", "8"], monkeypatch, capsys)
+    assert "245 tokens (8 first in their sequence) x 270 heads = 66,150 source messages" in out
+    others, firsts = (float(x) for x in re.search(r"median (\S+) for the others, (\S+) for first", out).groups())
+    assert 0.8 < others < 1.2 and firsts < 0.5                  # the first token sends small messages
+    assert re.search(r"  0.1   others   0.0\d%   first tokens", out)
+    assert "  sent by: ' the' " in out                          # the most frequent tokens send the near-empty ones
+    assert out.count("than to the controls: ") == 4              # frequent and rare, corpus and merge ranks
+    assert "frequency from the tokenizer's BPE merge ranks" in out
+    assert "  isotropic control  n=" in out
     assert (tmp_path / "message_norms.png").exists()
+
+
+def test_induction_heads(tmp_path, monkeypatch, capsys):
+    out = _run("induction_heads.py", ["--out", str(tmp_path), "--length", "30", "--batch", "2", "--top", "3"],
+               monkeypatch, capsys)
+    loss = next(line for line in out.splitlines() if line.startswith("loss: first copy"))
+    first, second = (float(x) for x in re.findall(r"copy (\d+\.\d+)", loss))
+    assert first > 12 and first - second > 5                  # random tokens, then predicted by induction
+    assert "top induction heads:      L18H6 0." in out
+    assert "top previous-token heads: L16H0 0." in out
+    assert "  induction       L18H6 0." in out and "  previous-token  L16H0 0." in out
+    assert "max |streamtap - own| over all 270 heads" in out
+    assert "same tokens without the BOS prefix" in out
+
+
+def test_attention_sinks(tmp_path, monkeypatch, capsys):
+    out = _run("attention_sinks.py", ["--out", str(tmp_path), "--texts", "4", "--show", "3"], monkeypatch, capsys)
+    ours = int(re.search(r"on the first token > 0.8\): (\d+) of 270", out).group(1))
+    own = int(re.search(r"output_attentions=True\): (\d+) sink heads", out).group(1))
+    assert ours == own and 20 < ours < 80
+    off = out.split("off on more than half their queries")[1].split("sink heads whose")[0]
+    assert "  L18H8  sink mass 1.000, sink message 0.0" in off        # parked on a sink that sends ~nothing
+    assert float(re.search(r"max \|streamtap - own\| sink mass (\S+)", out).group(1)) < 1e-5
+    assert "per text: " in out
 
 
 @pytest.fixture(autouse=True)
