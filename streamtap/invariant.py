@@ -355,8 +355,10 @@ def verify(ds, *, tol: float | None = None, dtype=np.float32, raise_on_error: bo
     if ds.attrs.get("patterns") and n_tok and not problems:
         outputs = output_check(ds)
         err.attrs["max_output_error"] = float(outputs.max()) if outputs.size else 0.0
-        if raise_on_error and bool((~(outputs <= tol)).any()):
-            raise DecompositionError(output_misses(outputs, tol), errors=err)
+        if bool((~(outputs <= tol)).any()):
+            err.attrs["output_misses"] = output_misses(outputs, tol)
+            if raise_on_error:
+                raise DecompositionError(err.attrs["output_misses"], errors=err)
     return err
 
 
@@ -378,7 +380,7 @@ def output_misses(outputs: xr.DataArray, tol: float) -> str:
     worst = flat.isel(at=np.argsort(-np.nan_to_num(flat.values, nan=np.inf))[:5])
     spots = ", ".join(f"seq {int(s)} pos {int(p)} L{int(l)}H{int(h)}: {float(e):.3g}"
                       for s, p, l, h, e in zip(worst.seq.values, worst.pos.values, worst.layer.values,
-                                               worst.head.values, worst.values))
+                                               worst["head"].values, worst.values))
     return (f"{int(bad.sum())} head outputs (of {outputs.size}) differ from the sum over sources of attention "
             f"times value beyond {tol:g}; worst: {spots}. The patterns the store implies are not the model's")
 

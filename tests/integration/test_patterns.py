@@ -337,11 +337,6 @@ def test_a_changed_value_map_misses_the_second_invariant_only(tmp_path):
     assert errors.dims == ("token", "layer", "head") and float(errors.min()) > 0.1  # every head, every token
 
 
-@pytest.mark.xfail(raises=AttributeError, strict=True,
-                   reason="library bug: invariant.output_misses reads worst.head.values, but DataArray.head is "
-                          "xarray's method, not the 'head' coordinate (worst['head']): st.verify raises "
-                          "AttributeError \"'function' object has no attribute 'values'\" instead of the "
-                          "DecompositionError naming the head")
 def test_verify_names_the_heads_that_miss_the_second_invariant(tmp_path):
     path, _ = changed_value_map(tmp_path)
     with pytest.raises(st.DecompositionError) as caught:
@@ -351,14 +346,12 @@ def test_verify_names_the_heads_that_miss_the_second_invariant(tmp_path):
     assert re.search(r"L[01]H[0-3]", message), message
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: `streamtap verify` judges only the residual invariant "
-                                       "(cli._verdict reads max_rel_error) and exits 0 on a store whose head "
-                                       "outputs miss the second invariant, which st.verify(ds) rejects")
 def test_cli_verify_fails_a_store_that_misses_the_second_invariant(tmp_path):
     path, _ = changed_value_map(tmp_path)
     assert st.verify(st.open(path), raise_on_error=False).attrs["max_output_error"] > 0.1
     result = invoke("verify", path)
     assert result.exit_code == 1, result.output
+    assert "max output error" in result.output and "differ from the sum over sources" in result.output
 
 
 # -- 6. bad input ----------------------------------------------------------------------------------------
