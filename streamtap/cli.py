@@ -241,7 +241,8 @@ def _options_from(cls, skip=()):
         elif flag and "/" in flag:
             decorators.append(click.option(flag, f.name, default=None, help=help_text))
         elif flag and flag.startswith("--no-"):
-            decorators.append(click.option(flag, f.name, flag_value=False, default=True, help=help_text))
+            decorators.append(click.option(flag, f.name, flag_value=False, default=True,
+                                           help=f.metadata.get("flag_help") or help_text))
         elif f.type == "bool":
             decorators.append(click.option(flag or "--" + f.name.replace("_", "-"), f.name, is_flag=True,
                                            help=help_text))

@@ -45,8 +45,9 @@ class Settings:
         return cls(cache_dir=cache, direct_io=env.get("STREAMTAP_DIRECT_IO", "1").lower() not in _OFF)
 
 
-def _opt(default, help: str, *, flag: str | None = None, choices=None, factory=None):
-    meta = {"help": help, "flag": flag, "choices": choices}
+def _opt(default, help: str, *, flag: str | None = None, choices=None, factory=None, flag_help: str | None = None):
+    """A field with its CLI flag; ``flag_help`` is the flag's own help where the flag negates the option."""
+    meta = {"help": help, "flag": flag, "choices": choices, "flag_help": flag_help}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -63,7 +64,7 @@ class CaptureOptions:
     overwrite: bool = _opt(False, "Replace an existing store (only a streamtap store is ever removed).")
     model_name: str | None = _opt(None, "The name recorded in the store (default: the model's own).", flag="")
     check: bool = _opt(True, "Run the attach-time self-check of the layout (an 8-token probe).",
-                       flag="--no-check")
+                       flag="--no-check", flag_help="Skip the attach-time self-check of the layout (an 8-token probe).")
     store_dtype: str | None = _opt(None, "Store a float32 model's terms in float16 or bfloat16 (lossy; the final "
                                          "residual stays exact and the error is measured).",
                                    choices=("float16", "bfloat16"))

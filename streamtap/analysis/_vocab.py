@@ -110,6 +110,25 @@ def token_ids(ds: xr.Dataset, words, tokenizer=None) -> list[int]:
     return ids
 
 
+def target_ids(ds: xr.Dataset, which, n_tok: int, what: str):
+    """A target given as an id, a token string, or one id per stored token -> (int | ndarray, per_token).
+
+    Raises ``StreamtapError`` naming ``what`` when an array is not one id per stored token.
+    """
+    if which is None:
+        return None, False
+    if isinstance(which, str):
+        return token_ids(ds, [which])[0], False
+    if isinstance(which, xr.DataArray):
+        which = which.values
+    arr = np.asarray(which)
+    if arr.ndim == 0:
+        return int(arr), False
+    if arr.shape != (n_tok,):
+        raise StreamtapError(f"{what} must be one id or one id per stored token ({n_tok}), got shape {arr.shape}")
+    return arr.astype(np.int64), True
+
+
 def vocab_scan(rows: np.ndarray, W_U: np.ndarray, b_U, k: int, *, targets=None, bottom: bool = False,
                probs: bool = True, softcap: float | None = None) -> dict:
     """Logits of each row against the whole vocabulary, reduced to what the analyses keep.

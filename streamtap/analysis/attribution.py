@@ -27,7 +27,7 @@ from ..stream import Embed, Labels, Piece, StreamNorm, block_norms, component_la
 from ._blocks import (as_static_dask, float_dtype, norm_center, per_token, single_token, static_dask,
                       stream_inputs, token_coords, tokens_map)
 from ._store import final_norm, local, logit_softcap, require, static
-from ._vocab import token_ids
+from ._vocab import target_ids
 
 
 def final_norm_scale(ds: xr.Dataset, dtype=np.float32) -> xr.DataArray:
@@ -55,25 +55,6 @@ def final_norm_scale(ds: xr.Dataset, dtype=np.float32) -> xr.DataArray:
     else:
         var = (resid ** 2).mean("d_model")
     return (1 / np.sqrt(var + eps)).rename("final_norm_scale")
-
-
-def _ids(ds: xr.Dataset, which, n_tok: int, what: str):
-    """A target given as an id, a token string, or one id per stored token -> (int | ndarray, per_token).
-
-    Raises ``StreamtapError`` naming ``what`` when an array is not one id per stored token.
-    """
-    if which is None:
-        return None, False
-    if isinstance(which, str):
-        return token_ids(ds, [which])[0], False
-    if isinstance(which, xr.DataArray):
-        which = which.values
-    arr = np.asarray(which)
-    if arr.ndim == 0:
-        return int(arr), False
-    if arr.shape != (n_tok,):
-        raise StreamtapError(f"{what} must be one id or one id per stored token ({n_tok}), got shape {arr.shape}")
-    return arr.astype(np.int64), True
 
 
 @single_token
@@ -122,8 +103,8 @@ def direct_logit_attribution(ds: xr.Dataset, token_id, *, foil=None, neurons: bo
     require(ds, "W_U")
     dtype = float_dtype(dtype)
     n_tok = ds.sizes["token"]
-    target, per_tok_t = _ids(ds, token_id, n_tok, "token_id")
-    foil_id, per_tok_f = _ids(ds, foil, n_tok, "foil")
+    target, per_tok_t = target_ids(ds, token_id, n_tok, "token_id")
+    foil_id, per_tok_f = target_ids(ds, foil, n_tok, "foil")
     if neurons:
         require(ds, "neuron_act", "W_out")
     per_tok = per_tok_t or per_tok_f

@@ -13,7 +13,7 @@ import xarray as xr
 from ._blocks import float_dtype, pack, single_token, static_dask, tokens_map, unpack
 from ._store import final_norm, logit_softcap, require
 from ._vocab import vocab_scan
-from .attribution import _ids
+from ._vocab import target_ids
 from .decomposition import residual_stream
 
 FIELDS = ["top_id", "top_logit", "top_prob"]
@@ -67,7 +67,7 @@ def logit_lens(ds: xr.Dataset, *, k: int = 10, sites=("attn",), final: bool = Tr
     stack = residual_stream(ds, sites=sites, final=final, dtype=dtype)
     n_tok, n_depth = ds.sizes["token"], stack.sizes["depth"]
     k = min(int(k), ds.sizes["vocab"])
-    tgt, per_tok = _ids(ds, target, n_tok, "target")
+    tgt, per_tok = target_ids(ds, target, n_tok, "target")
     inputs = {"x": stack}
     if per_tok:
         inputs["target"] = xr.DataArray(_chunked(tgt, stack), dims=("token",))
