@@ -27,11 +27,15 @@ class Settings:
 
     ``STREAMTAP_CACHE``: where the embedded default model is converted to (default
     ``$XDG_CACHE_HOME/streamtap``, i.e. ``~/.cache/streamtap``). ``STREAMTAP_DIRECT_IO=0``: write chunk
-    files through the page cache instead of with O_DIRECT (the default of ``direct_io``).
+    files through the page cache instead of with O_DIRECT (the default of ``direct_io``). Hugging Face's own
+    ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` are read here too, so that a model id not on disk fails at once
+    when the hub cannot be reached.
     """
 
     cache_dir: Path
     direct_io: bool
+    hub_offline: bool = False
+    hub_endpoint: str = "https://huggingface.co"
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -42,7 +46,9 @@ class Settings:
         else:
             xdg = env.get("XDG_CACHE_HOME")
             cache = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "streamtap"
-        return cls(cache_dir=cache, direct_io=env.get("STREAMTAP_DIRECT_IO", "1").lower() not in _OFF)
+        return cls(cache_dir=cache, direct_io=env.get("STREAMTAP_DIRECT_IO", "1").lower() not in _OFF,
+                   hub_offline=env.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"),
+                   hub_endpoint=env.get("HF_ENDPOINT") or "https://huggingface.co")
 
 
 def _opt(default, help: str, *, flag: str | None = None, choices=None, factory=None, flag_help: str | None = None):

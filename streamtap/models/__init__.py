@@ -121,9 +121,12 @@ def hub_reachable(timeout: float = 2.0) -> bool:
     import socket
     from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    from ..options import Settings
+
+    settings = Settings.from_environ()
+    if settings.hub_offline:
         return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    endpoint = urlparse(settings.hub_endpoint)
     try:
         with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
             return True
