@@ -192,7 +192,8 @@ def sequence_residuals(ds_seq: xr.Dataset, layers, dtype=np.float64) -> np.ndarr
     """(n, layer, d_model): the residual entering each of ``layers`` for the tokens of ``ds_seq`` (a
     sequence), replayed through the store's stream in numpy."""
     events = from_json(ds_seq.attrs["stream"])
-    names = [n for n in ("embed", "pos_embed", "token_type_embed", "z", "mlp_out", "norm_scale") if n in ds_seq]
+    names = [n for n in ("embed", "pos_embed", "token_type_embed", "z", "mlp_out", "mixer_out", "norm_scale")
+             if n in ds_seq]
     b = {n: np.asarray(ds_seq[n].values, dtype) for n in names}
     for n in ("W_O", "attn_bias", "norm_weight", "norm_bias"):
         if n in ds_seq:

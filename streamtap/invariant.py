@@ -16,7 +16,7 @@ import xarray as xr
 
 from .dataset import with_token_dim
 from .errors import DecompositionError, StoreDamagedError, StreamtapError
-from .stream import Embed, FrozenNorms, Parts, Piece, Sum, component_label, from_json, replay, stop_index
+from .stream import BLOCK_TERMS, Embed, FrozenNorms, Parts, Piece, Sum, component_label, from_json, replay, stop_index
 
 # Tolerances on max |sum of terms - resid_final| / max |resid_final|, per token.
 # float32 (and float64): 1e-5. In half precision the model itself rounds: each layer rounds its
@@ -120,12 +120,14 @@ def _source(ds: xr.Dataset, dtype, *, per_component: bool, neurons: bool = False
             return [Piece([component_label(e)], per_token(ds[e.var].data)[None])]
         layer = e.layer
         if not per_component:
-            term = attn[:, layer] if e.site == "attn" else _as_dask(ds["mlp_out"].data[:, layer], dtype)
+            term = attn[:, layer] if e.site == "attn" else _as_dask(ds[BLOCK_TERMS[e.site]].data[:, layer], dtype)
             return [Piece([e.site], term[None])]
         if e.site == "attn":
             heads = [component_label(e, head=h) for h in range(ds.sizes["head"])]
             return [Piece(heads, da.moveaxis(outputs[:, layer], 1, 0)),
                     Piece([component_label(e, part="attn_bias")], attn_bias[layer][None], constant=True)]
+        if e.site == "mixer":
+            return [Piece([component_label(e, part="mixer")], per_token(ds["mixer_out"].data[:, layer])[None])]
         if e.experts:
             pieces = [Piece([component_label(e, expert=x) for x in range(e.experts)],
                             _dense_experts(ds, layer, e.experts, dtype))]
@@ -241,6 +243,7 @@ def summed_arrays(ds: xr.Dataset) -> list[str]:
 
     events = stream_events(ds)
     names = [e.var for e in events if isinstance(e, Embed)] + ["z", "mlp_out", "resid_final"]
+    names += ["mixer_out"] if "mixer_out" in ds else []
     return names + (["norm_scale"] if "norm_weight" in ds else [])
 
 

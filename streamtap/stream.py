@@ -35,7 +35,8 @@ class Embed:
 
 @dataclass(frozen=True)
 class Write:
-    """A sublayer writes: ``site`` is ``"attn"`` (every head plus the output bias) or ``"mlp"``.
+    """A sublayer writes: ``site`` is ``"attn"`` (every head plus the output bias), ``"mlp"``, or
+    ``"mixer"`` (a hybrid model's state-space, convolution or linear-attention layer: one term).
 
     ``norm``: the norm the term passes through before it joins the stream (post-sublayer norms),
     or None. ``experts``: the number of experts of a mixture (0 for a dense MLP); ``shared``: a
@@ -58,6 +59,9 @@ class StreamNorm:
 
 
 Event = Union[Embed, Write, StreamNorm]
+
+BLOCK_TERMS = {"mlp": "mlp_out", "mixer": "mixer_out"}
+"""The stored variable (token, layer, d_model) of each site that writes one term per layer."""
 
 
 def to_json(events: Sequence[Event]) -> str:
@@ -334,7 +338,7 @@ def block_source(b: dict, dt):
             term = np.einsum("the,hem->tm", b["z"][:, e.layer].astype(dt, copy=False), b["W_O"][e.layer],
                              optimize=True) + b["attn_bias"][e.layer]
         else:
-            term = b["mlp_out"][:, e.layer].astype(dt, copy=False)
+            term = b[BLOCK_TERMS[e.site]][:, e.layer].astype(dt, copy=False)
         return [Piece([e.site], term[None])]
 
     return source
@@ -352,11 +356,11 @@ def component_label(event: Event, *, head: int | None = None, neuron: int | None
         return f"L{layer}N{neuron}", "neuron", layer, -1, neuron
     if expert is not None:
         return f"L{layer}E{expert}", "expert", layer, -1, -1
-    if part not in ("attn_bias", "mlp", "mlp_bias", "shared_expert"):
+    if part not in ("attn_bias", "mlp", "mlp_bias", "shared_expert", "mixer"):
         raise ValueError(f"no component {part!r} of a {event.site} write")
     return f"L{layer}_{part}", part, layer, -1, -1
 
 
-__all__ = ["Embed", "Write", "StreamNorm", "Event", "FrozenNorms", "Piece", "Sum", "Parts", "Labels", "replay",
+__all__ = ["BLOCK_TERMS", "Embed", "Write", "StreamNorm", "Event", "FrozenNorms", "Piece", "Sum", "Parts", "Labels", "replay",
            "directions", "carry", "entries", "stop_index", "is_plain", "to_json", "from_json", "norm_scale",
            "apply_norm", "fold_direction", "component_label", "block_source", "block_norms"]

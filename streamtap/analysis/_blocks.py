@@ -126,6 +126,7 @@ def stream_inputs(ds: xr.Dataset, dtype, *, mlp: str = "mlp_out") -> tuple[dict,
 
     names = [e.var for e in stream_events(ds) if isinstance(e, Embed)]
     names += ["z", mlp, "resid_final"] + (["norm_scale"] if "norm_weight" in ds else [])
+    names += ["mixer_out"] if "mixer_out" in ds else []   # hybrid models: their mixers' terms
     inputs = {n: per_token(ds, n) for n in names}
     statics = {n: static_dask(ds, n, dtype) for n in ("W_O", "attn_bias", "mlp_bias", "norm_weight", "norm_bias")
                if n in ds}

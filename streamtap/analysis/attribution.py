@@ -157,6 +157,8 @@ def _pieces(ds: xr.Dataset, e, neurons: bool):
     if e.site == "attn":
         return [Piece([component_label(e, head=h) for h in range(ds.sizes["head"])]),
                 Piece([component_label(e, part="attn_bias")])]
+    if e.site == "mixer":
+        return [Piece([component_label(e, part="mixer")])]
     if e.experts:
         pieces = [Piece([component_label(e, expert=x) for x in range(e.experts)])]
         return pieces + ([Piece([component_label(e, part="shared_expert")])] if e.shared else [])
@@ -215,6 +217,8 @@ def _dla_block(b: dict, *, events, center, p, b_U, t_idx, f_idx, has_foil, dt) -
             else:
                 cols.append(np.einsum("the,hem,tm->th", z, W_O, w_in, optimize=True))
             cols.append(_dot(np.broadcast_to(b["attn_bias"][e.layer], (T, resid.shape[1])), w_in)[:, None])
+        elif e.site == "mixer":
+            cols.append(_dot(b["mixer_out"][:, e.layer].astype(dt, copy=False), w_in)[:, None])
         elif e.experts:
             out, index = b["expert_out"][:, e.layer].astype(dt, copy=False), b["expert_index"][:, e.layer]
             per_expert = np.zeros((T, e.experts), dt)

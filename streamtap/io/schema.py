@@ -52,6 +52,8 @@ VARIABLES: dict[str, Variable] = {
     "token_type_embed": _tok(("d_model",), "the token-type embedding term (BERT-style encoders)"),
     "z": _tok(("layer", "head", "d_head"), "each head's value-weighted mixture, the input of the output projection"),
     "mlp_out": _tok(("layer", "d_model"), "each MLP's output term"),
+    "mixer_out": _tok(("layer", "d_model"), "each state-space / convolution / linear-attention mixer's output term "
+                      "(hybrid models only; zeros at attention layers)"),
     "neuron_act": _tok(("layer", "neuron"), "each MLP neuron's activation (the down projection's input)"),
     "norm_scale": _tok(("norm",), "each stream or sublayer norm's frozen per-token scale", lossy=False),
     "expert_out": _tok(("layer", "slot", "d_model"), "each routed expert's weighted output, per routing slot"),

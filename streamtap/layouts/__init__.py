@@ -11,10 +11,10 @@ from importlib import import_module
 
 from ..errors import UnsupportedArchitectureError
 from .bind import BoundLayout, bind
-from .spec import INPUT, OUTPUT, POSITIONS, SPLITS, Attn, Layout, Mlp, Moe, Norm, projections
+from .spec import INPUT, OUTPUT, POSITIONS, SPLITS, Attn, Layout, Mixer, Mlp, Moe, Norm, projections
 from .weights import Weights, in_out_weight
 
-_FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert", "moe")
+_FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert", "moe", "hybrid")
 
 GUIDE = "docs/layouts.md"
 
@@ -47,6 +47,10 @@ def register(layout: Layout) -> Layout:
 def pattern_support(bound: BoundLayout) -> str | None:
     """Why a bound layout's attention patterns cannot be recomputed from a store, or None."""
     step = bound.attn
+    if bound.mixer_layers:
+        return (f"it is a hybrid model: layers {bound.mixer_layers} are state-space, convolution or linear-attention "
+                "mixers, which have no attention pattern, and a store keeps its mixers' outputs only (one term per "
+                "layer), not the query/key weights a pattern is recomputed from")
     if step is None or not (step.q or step.qkv):
         return f"layout {bound.name!r} does not locate the attention's queries and keys"
     if bound.positions() == "alibi" and not step.alibi:
@@ -85,5 +89,5 @@ def layout_for(model) -> Layout:
     )
 
 
-__all__ = ["INPUT", "OUTPUT", "POSITIONS", "SPLITS", "Attn", "BoundLayout", "Layout", "LAYOUTS", "Mlp", "Moe", "Norm",
+__all__ = ["INPUT", "OUTPUT", "POSITIONS", "SPLITS", "Attn", "BoundLayout", "Layout", "LAYOUTS", "Mixer", "Mlp", "Moe", "Norm",
            "Weights", "bind", "in_out_weight", "layout_for", "pattern_support", "projections", "register", "supported_model_types"]

@@ -15,7 +15,7 @@ import torch
 from ..errors import LayoutError
 from ..stream import Embed, Event, StreamNorm, Write
 from .norms import probe_norm
-from .spec import INPUT, OUTPUT, Attn, Layout, Moe, Norm, Paths
+from .spec import INPUT, OUTPUT, Attn, Layout, Mixer, Moe, Norm, Paths
 
 
 def resolve_path(root: torch.nn.Module, path: str):
@@ -55,6 +55,16 @@ class BoundLayout:
     def moe(self) -> bool:
         """Whether MLP terms are split per routed expert (no per-neuron terms then)."""
         return any(isinstance(e, Write) and e.experts for e in self.events)
+
+    @property
+    def mixer_layers(self) -> list[int]:
+        """The layers a non-attention mixer writes at (hybrid models; empty otherwise)."""
+        return [e.layer for e in self.events if isinstance(e, Write) and e.site == "mixer"]
+
+    @property
+    def attn_layers(self) -> list[int]:
+        """The layers whose attention writes per-head terms."""
+        return [e.layer for e in self.events if isinstance(e, Write) and e.site == "attn"]
 
     @property
     def d_mlp(self) -> int:
@@ -185,7 +195,12 @@ def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
         taps[f"norm.{k}"] = (bound.norms[k], INPUT)
         events.append(StreamNorm(k, -1))
     for layer in range(bound.n_layers):
-        for step in layout.block:
+        steps = layout.steps(config, layer, layers[layer])
+        if steps is None:
+            raise LayoutError(f"layout {layout.name!r}: block {layer} of {type(model).__name__} is of kind "
+                              f"{layout.block_kind(config, layer, layers[layer])!r}, which the layout's blocks do "
+                              f"not declare (it declares {sorted(layout.blocks)}); see docs/layouts.md")
+        for step in steps:
             if isinstance(step, Norm):
                 k = norm_index(require(bound.block_path(layer, step.path), "stream norm"))
                 taps[f"norm.{k}"] = (bound.norms[k], INPUT)
@@ -195,8 +210,11 @@ def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
             if step.through:
                 through = norm_index(require(bound.block_path(layer, step.through), "sublayer norm"))
                 taps[f"norm.{through}"] = (bound.norms[through], INPUT)
-            if isinstance(step, Attn):
-                bound.attn = step
+            if isinstance(step, Mixer):
+                taps[f"mixer_out.{layer}"] = (require(bound.block_path(layer, step.term), "mixer term"), OUTPUT)
+                events.append(Write("mixer", layer, through))
+            elif isinstance(step, Attn):
+                bound.attn = bound.attn or step
                 taps[f"z.{layer}"] = (require(bound.block_path(layer, step.proj), "attention output projection"), INPUT)
                 events.append(Write("attn", layer, through))
             elif isinstance(step, Moe):

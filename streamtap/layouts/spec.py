@@ -139,6 +139,21 @@ class Moe:
 
 
 @dataclass(frozen=True)
+class Mixer:
+    """A sequence mixer that is not attention (a state-space, convolution or linear-attention layer)
+    writes ``term``'s output as one term: it has no heads a store could split it into.
+
+    ``norm``: the norm the mixer reads the stream through (recorded for readers of the layout; the
+    term is the mixer's output either way). ``through``: a norm of its own the term passes before it
+    joins the stream.
+    """
+
+    term: str
+    norm: Paths | None = None
+    through: str | None = None
+
+
+@dataclass(frozen=True)
 class Norm:
     """The whole residual stream passes through this norm (post-LN blocks, embedding norms)."""
 
@@ -151,13 +166,17 @@ class Layout:
 
     Paths are relative to ``model.base_model``; block steps are relative to one block of
     ``layers``; ``{last}`` in a path stands for the last block's index.
+
+    Hybrid models (attention at some depths, a ``Mixer`` at others) declare ``blocks``, the steps of
+    each kind of block, and ``block_kind(config, layer, block module) -> key of blocks``, read from
+    the config's per-layer list or the module tree; ``block`` is then the attention kind's steps.
     """
 
     name: str
     model_types: tuple[str, ...]
     embeds: dict[str, Paths]             # stored variable name -> module whose output enters the stream
     layers: str
-    block: tuple[Attn | Mlp | Moe | Norm, ...]
+    block: tuple[Attn | Mlp | Moe | Mixer | Norm, ...]
     resid_final: tuple[Paths, str]       # where the final residual is read, and from which side
     final_norm: Paths | None = None      # the norm before the unembedding (offline attribution)
     after_embeds: tuple[Norm, ...] = ()
@@ -170,14 +189,25 @@ class Layout:
     final_softcap: str | None = None     # the config field of a soft-cap on the final logits, if any
     max_positions: tuple[str, ...] = ("max_position_embeddings", "n_positions")   # config fields, first set wins
     causal: bool = True                  # False for bidirectional encoders
+    blocks: dict[str, tuple[Attn | Mlp | Moe | Mixer | Norm, ...]] | None = None   # hybrid models: steps per kind
+    block_kind: Callable[[object, int, object], str] | None = None   # (config, layer, block) -> key of blocks
 
     def __post_init__(self):
+        if (self.blocks is None) != (self.block_kind is None):
+            raise ValueError(f"Layout {self.name!r}: blocks and block_kind are declared together")
         if isinstance(self.positions, str) and self.positions not in POSITIONS:
             raise ValueError(f"Layout(positions={self.positions!r}): expected one of {POSITIONS} or a config predicate")
+
+    def steps(self, config, layer: int, block) -> tuple | None:
+        """The steps of block ``layer``: ``block``, or in a hybrid model those of its kind (None: a
+        kind ``blocks`` does not declare)."""
+        if self.block_kind is None:
+            return self.block
+        return self.blocks.get(self.block_kind(config, layer, block))
 
     def describe(self) -> str:
         return f"{self.name} ({', '.join(self.model_types)})"
 
 
-__all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "ROTARY_STYLES", "Paths", "Attn", "Mlp", "Moe", "Norm", "Layout",
+__all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "ROTARY_STYLES", "Paths", "Attn", "Mlp", "Mixer", "Moe", "Norm", "Layout",
            "projections", "sliding_window"]

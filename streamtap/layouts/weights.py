@@ -79,11 +79,17 @@ class Weights:
         b = self.bound
         W_O, b_O = [], []
         for layer in range(b.n_layers):
-            o = b.module(b.taps[f"z.{layer}"][0])
+            tap = b.taps.get(f"z.{layer}")
+            if tap is None:  # a hybrid model's mixer layer: its z is stored as zeros, so zeros here
+                continue
+            o = b.module(tap[0])
             w = in_out_weight(o)
-            W_O.append(w.reshape(b.n_heads, b.d_head, b.d_model))
-            b_O.append(_bias(o, b.d_model, w))
-        return torch.stack(W_O), torch.stack(b_O)
+            W_O.append((layer, w.reshape(b.n_heads, b.d_head, b.d_model)))
+            b_O.append((layer, _bias(o, b.d_model, w)))
+        like_w, like_b = W_O[0][1], b_O[0][1]
+        full_w, full_b = dict(W_O), dict(b_O)
+        return (torch.stack([full_w.get(i, torch.zeros_like(like_w)) for i in range(b.n_layers)]),
+                torch.stack([full_b.get(i, torch.zeros_like(like_b)) for i in range(b.n_layers)]))
 
     def static(self, neurons: bool) -> dict[str, torch.Tensor]:
         """Every weight the store keeps once, by schema name."""
@@ -184,8 +190,10 @@ class Weights:
         return self._cache["tied"]
 
     def _has_qkv(self) -> bool:
+        """Whether the store keeps the attention's query/key/value side: not for hybrid models, whose
+        mixer layers have none (their patterns are refused: ``layouts.pattern_support``)."""
         attn = self.bound.attn
-        return attn is not None and bool(attn.q or attn.qkv)
+        return attn is not None and bool(attn.q or attn.qkv) and not self.bound.mixer_layers
 
     def attn_norm_probes(self) -> list[dict]:
         """gamma, beta, centring and eps of each layer's attention input norm (empty where none)."""

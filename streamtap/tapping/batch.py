@@ -88,8 +88,11 @@ class Recorder:
         for var in b.layout.embeds:
             if var in b.taps:
                 add(var, Route(var))
-        for layer in range(L):
-            add(f"z.{layer}", Route("z", layer, L, tail=(b.n_heads, b.d_head)))
+        for layer in range(L):  # a hybrid model's mixer layers have no z, its attention layers no mixer_out
+            if f"z.{layer}" in b.taps:
+                add(f"z.{layer}", Route("z", layer, L, tail=(b.n_heads, b.d_head)))
+            if f"mixer_out.{layer}" in b.taps:
+                add(f"mixer_out.{layer}", Route("mixer_out", layer, L))
             add(f"mlp_out.{layer}", Route("mlp_out", layer, L, flat=f"mlp_out.{layer}" in b.flat))
             if self.options.neurons:
                 add(f"neuron_act.{layer}", Route("neuron_act", layer, L, flat=f"neuron_act.{layer}" in b.flat))
@@ -160,7 +163,7 @@ class Recorder:
         sunk = slots.terms()
         b = self.bound
         out = {var: sunk[var] for var in b.layout.embeds if var in sunk}
-        for var in ("z", "mlp_out", "neuron_act"):
+        for var in ("z", "mlp_out", "mixer_out", "neuron_act"):
             if var in sunk:
                 out[var] = sunk[var]
         if b.moe:

@@ -63,6 +63,8 @@ def self_check(tap, n_tokens: int = 8) -> float:
             return [Piece([event.var], terms[event.var][None])]
         if event.site == "attn":
             term = np.einsum("thd,hdm->tm", terms["z"][:, event.layer], W_O[event.layer]) + b_O[event.layer]
+        elif event.site == "mixer":
+            term = terms["mixer_out"][:, event.layer]
         elif event.experts:
             term = terms["expert_out"][:, event.layer].sum(axis=1)
             if event.shared:

@@ -113,6 +113,12 @@ class TermSlots:
         self._index_on: dict[torch.device, torch.Tensor] = {}
         self._terms: dict[str, torch.Tensor] = {}
         self._filled: dict[str, set[int | None]] = {}
+        # variables only some layers write (a hybrid model's z and mixer_out): the rest are zero terms
+        covered: dict[str, set[int | None]] = {}
+        for route in (r for rs in routes.values() for r in rs if r.layer is not None):
+            covered.setdefault(route.var, set()).add(route.layer)
+        self._partial = {r.var for rs in routes.values() for r in rs
+                         if r.layer is not None and len(covered[r.var]) < r.layers}
 
     def put(self, where: Where, value: Any) -> None:
         first = None
@@ -146,6 +152,8 @@ class TermSlots:
         dst = self._terms.get(route.var)
         if dst is None:
             dst = self._terms[route.var] = self.make(route.var, shape, rows.dtype, rows.device)
+            if route.var in self._partial:
+                dst.zero_()
         into = dst if route.layer is None else dst[:, route.layer]
         if route.tail is not None:
             into = into.view(self.n, *rows.shape[1:])

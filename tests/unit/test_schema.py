@@ -13,7 +13,7 @@ from streamtap.io.schema import (CHUNK_TARGET_BYTES, VARIABLES, StoreSpec, Varia
 # what a capture writes per token (docs/design.md, "The store"); derived ones are st.open's
 WRITTEN_PER_TOKEN = ("embed", "pos_embed", "token_type_embed", "z", "mlp_out", "neuron_act", "norm_scale",
                      "expert_out", "expert_index", "shared_expert_out", "resid_final", "rotary_cos", "rotary_sin",
-                     "alibi")
+                     "alibi", "mixer_out")
 
 
 def test_every_per_token_variable_a_capture_writes_has_dims():

@@ -1,0 +1,56 @@
+"""Hybrid models: attention at some depths, a state-space, convolution or linear-attention mixer at
+the others (LFM2, Bamba, Qwen3-Next).
+
+A mixer layer writes one term (``Mixer``): its recurrence has no heads whose outputs add up to it
+the way attention heads' do, so the store keeps its output whole (``mixer_out``) and a
+decomposition names it ``L{layer}_mixer``. Attention layers keep their per-head terms. Which kind a
+layer is comes from the module tree: a block with ``self_attn`` is an attention block.
+"""
+
+from .spec import INPUT, Attn, Layout, Mixer, Mlp, Moe, projections
+
+
+def _attention_or_mixer(config, layer, block) -> str:
+    """A block with a ``self_attn`` module is an attention block; any other, a mixer block. Read off the
+    module tree because that is what the model built (config spellings differ by version: Bamba's
+    ``layers_block_type`` said ``"attention"``, now ``"full_attention"``)."""
+    return "attn" if hasattr(block, "self_attn") else "mixer"
+
+
+def _hybrid(name, model_type, *, attn: Attn, mixer: Mixer, ffn, final: str) -> Layout:
+    return Layout(
+        name=name,
+        model_types=(model_type,),
+        embeds={"embed": "embed_tokens"},
+        layers="layers",
+        block=(attn, ffn),
+        blocks={"attn": (attn, ffn), "mixer": (mixer, ffn)},
+        block_kind=_attention_or_mixer,
+        resid_final=(final, INPUT),
+        final_norm=final,
+    )
+
+
+LAYOUTS = [
+    # LFM2: short gated convolutions; the norm after the last block is called embedding_norm
+    _hybrid("lfm2", "lfm2",
+            attn=Attn("self_attn.out_proj", norm="operator_norm", **projections("self_attn"),
+                      qk_norm=("self_attn.q_layernorm", "self_attn.k_layernorm")),
+            mixer=Mixer("conv", norm="operator_norm"),
+            ffn=Mlp("feed_forward", down="feed_forward.w2"),
+            final="embedding_norm"),
+    # Bamba: Mamba-2 mixers
+    _hybrid("bamba", "bamba",
+            attn=Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn")),
+            mixer=Mixer("mamba", norm="input_layernorm"),
+            ffn=Mlp("feed_forward", down="feed_forward.down_proj"),
+            final="final_layernorm"),
+    # Qwen3-Next: gated DeltaNet linear attention; gated full attention (the gate acts before o_proj,
+    # so z is the gated mixture); a mixture of experts with a gated shared expert in every layer
+    _hybrid("qwen3_next", "qwen3_next",
+            attn=Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"),
+                      qk_norm=("self_attn.q_norm", "self_attn.k_norm")),
+            mixer=Mixer("linear_attn", norm="input_layernorm"),
+            ffn=Moe("mlp", experts="mlp.experts", shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate"),
+            final="norm"),
+]
