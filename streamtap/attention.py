@@ -180,27 +180,39 @@ class Attention:
         return self.softmax(self.scores(layer, heads, q, k, pos_q, pos_k, alibi_k))
 
 
-def rotary_tables(ds_seq: xr.Dataset, group: int):
+def rotary_arrays(ds_seq: xr.Dataset, group: int):
+    """(cos, sin) of one rope group for the tokens of ``ds_seq``, as stored (lazy where the store is),
+    or (None, None) without rotary tables."""
     if "rotary_cos" not in ds_seq:
         return None, None
-    cos = np.asarray(ds_seq["rotary_cos"].isel(rope=group).values, np.float64)
-    sin = np.asarray(ds_seq["rotary_sin"].isel(rope=group).values, np.float64)
-    return cos, sin
+    return ds_seq["rotary_cos"].isel(rope=group).data, ds_seq["rotary_sin"].isel(rope=group).data
 
 
-def sequence_residuals(ds_seq: xr.Dataset, layers, dtype=np.float64) -> np.ndarray:
-    """(n, layer, d_model): the residual entering each of ``layers`` for the tokens of ``ds_seq`` (a
-    sequence), replayed through the store's stream in numpy."""
-    events = from_json(ds_seq.attrs["stream"])
-    names = [n for n in ("embed", "pos_embed", "token_type_embed", "z", "mlp_out", "mixer_out", "norm_scale")
-             if n in ds_seq]
-    b = {n: np.asarray(ds_seq[n].values, dtype) for n in names}
-    for n in ("W_O", "attn_bias", "norm_weight", "norm_bias"):
-        if n in ds_seq:
-            b[n] = _static(ds_seq, n, dtype)
-    center = np.asarray(ds_seq["norm_center"].values, bool) if "norm_center" in ds_seq else np.zeros(0, bool)
-    n = ds_seq.sizes["token"]
-    out = np.empty((n, len(layers), ds_seq.sizes["d_model"]), dtype)
+def rotary_tables(ds_seq: xr.Dataset, group: int):
+    """(cos, sin) of one rope group for the tokens of ``ds_seq`` in float64, or (None, None)."""
+    return tuple(None if t is None else np.asarray(t, np.float64) for t in rotary_arrays(ds_seq, group))
+
+
+RESIDUAL_TOKENS = ("embed", "pos_embed", "token_type_embed", "z", "mlp_out", "mixer_out", "norm_scale")
+RESIDUAL_STATICS = ("W_O", "attn_bias", "norm_weight", "norm_bias")
+
+
+def residual_arrays(ds_seq: xr.Dataset) -> dict:
+    """The arrays the replay of a sequence's residual reads (per-token terms and frozen scales, W_O,
+    the biases, the norms), as stored: lazy where the store is. A graph built from these alone (not
+    from the whole Dataset, whose derived variables share source chunks with them) is what
+    ``dask.delayed`` may be given: dask's optimisation of a Dataset collection can cull a source
+    chunk that another of its variables still needs ("Missing dependency")."""
+    names = [n for n in RESIDUAL_TOKENS + RESIDUAL_STATICS if n in ds_seq]
+    return {n: ds_seq[n].data for n in names}
+
+
+def replay_residuals(events: list, arrays: dict, center: np.ndarray, layers, dtype=np.float64) -> np.ndarray:
+    """(n, layer, d_model): the residual entering each of ``layers``, replayed in numpy from
+    ``arrays`` (``residual_arrays``, computed) through the stream ``events``."""
+    b = {n: np.asarray(a, dtype) for n, a in arrays.items()}
+    n, d_model = b["z"].shape[0], b["W_O"].shape[-1]
+    out = np.empty((n, len(layers), d_model), dtype)
     where = {(int(layer), "attn"): i for i, layer in enumerate(layers)}
 
     def on_enter(layer, site, acc):
@@ -210,6 +222,18 @@ def sequence_residuals(ds_seq: xr.Dataset, layers, dtype=np.float64) -> np.ndarr
     stop = max(entries(events)[key] for key in where) + 1
     replay(events, block_norms(b, center), block_source(b, dtype), Sum(), on_enter=on_enter, stop=stop)
     return out
+
+
+def norm_centers(ds: xr.Dataset) -> np.ndarray:
+    """For each norm inside the stream, whether it subtracts the mean; empty without such norms."""
+    return np.asarray(ds["norm_center"].values, bool) if "norm_center" in ds else np.zeros(0, bool)
+
+
+def sequence_residuals(ds_seq: xr.Dataset, layers, dtype=np.float64) -> np.ndarray:
+    """(n, layer, d_model): the residual entering each of ``layers`` for the tokens of ``ds_seq`` (a
+    sequence), replayed through the store's stream in numpy (its inputs read here, synchronously)."""
+    arrays = {n: _static(ds_seq, n, dtype) for n in residual_arrays(ds_seq)}
+    return replay_residuals(from_json(ds_seq.attrs["stream"]), arrays, norm_centers(ds_seq), layers, dtype)
 
 
 PATTERN_BYTES = 512 << 20   # patterns and scores held at once per sequence and layer: heads go in blocks

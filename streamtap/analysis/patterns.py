@@ -23,7 +23,9 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ..attention import Attention, require_patterns, rotary_tables, sequence_residuals, sequence_tokens
+from ..attention import (Attention, norm_centers, replay_residuals, require_patterns, residual_arrays, rotary_arrays,
+                         sequence_tokens)
+from ..stream import from_json
 from ..errors import StreamtapError
 from ._blocks import float_dtype, token_coords, tokens_map
 from ._store import local, require
@@ -92,15 +94,19 @@ def attention(ds: xr.Dataset, seq: int, *, layers=None, heads=None, max_tokens: 
     n = sub.sizes["token"]
     att = Attention(ds, dtype)
     pos = np.asarray(local(sub["pos"]).values)
-    resid = dask.delayed(sequence_residuals)(sub, layers, dtype)
     alibi = np.asarray(local(sub["alibi"]).values, dtype) if "alibi" in sub else None
+    # the graph is made of the arrays the recomputation reads, never of the Dataset (residual_arrays)
+    resid = dask.delayed(replay_residuals, pure=True)(from_json(sub.attrs["stream"]), residual_arrays(sub),
+                                                      norm_centers(sub), layers, dtype)
+
+    def compute(resid, cos, sin, i, layer, head):
+        cos, sin = (None, None) if cos is None else (np.asarray(cos, np.float64), np.asarray(sin, np.float64))
+        q, k, _ = att.qkv(layer, resid[:, i], cos, sin)
+        return att.pattern(layer, [head], q, k, pos, pos, alibi)[0][None, None]
 
     def one(i, layer, head):
-        def compute(resid):
-            cos, sin = rotary_tables(sub, att.groups[layer])
-            q, k, _ = att.qkv(layer, resid[:, i], cos, sin)
-            return att.pattern(layer, [head], q, k, pos, pos, alibi)[0][None, None]
-        return da.from_delayed(dask.delayed(compute)(resid), shape=(1, 1, n, n), dtype=dtype)
+        cos, sin = rotary_arrays(sub, att.groups[layer])
+        return da.from_delayed(dask.delayed(compute)(resid, cos, sin, i, layer, head), shape=(1, 1, n, n), dtype=dtype)
 
     data = da.concatenate([da.concatenate([one(i, int(layer), int(head)) for head in heads], axis=1)
                            for i, layer in enumerate(layers)], axis=0)
