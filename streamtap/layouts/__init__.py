@@ -47,6 +47,8 @@ def register(layout: Layout) -> Layout:
 def pattern_support(bound: BoundLayout) -> str | None:
     """Why a bound layout's attention patterns cannot be recomputed from a store, or None."""
     step = bound.attn
+    if step is not None and step.no_patterns:
+        return step.no_patterns
     if step is None or not (step.q or step.qkv):
         return f"layout {bound.name!r} does not locate the attention's queries and keys"
     if bound.positions() == "alibi" and not step.alibi:
