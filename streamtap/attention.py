@@ -3,7 +3,7 @@
 q, k and v are recomputed from the residual entering a layer (the store's own replay, exact), the
 attention's input norm at each token's own scale, its static weights, and what the layout recorded
 in the store's attributes (q/k norms, a clip, rotary style and the rotary or ALiBi tables each token
-received, sliding windows, a soft-cap, causality). ``streamtap.verify`` checks a head's stored output
+received, sliding windows, a soft-cap, learned sinks, causality). ``streamtap.verify`` checks a head's stored output
 against them (the second invariant); ``streamtap.analysis.attention`` and ``source_messages`` give
 them to researchers. Nothing here imports torch.
 """
@@ -79,6 +79,7 @@ class Attention:
             self.qk_eps = float(a["qk_norm_eps"])
         self.clip = a.get("qkv_clip")
         self.softcap = a.get("attn_softcap")
+        self.sinks = _static(ds, "attn_sinks", dt) if "attn_sinks" in ds else None
         self.windows = list(a.get("attn_window") or [None] * n_layers)
         self.causal = bool(a.get("causal", True))
         self.positional = a.get("positional", "none")
@@ -114,6 +115,8 @@ class Attention:
         """Queries or keys (n, heads, d_head) turned by the token's own cos and sin (n, width)."""
         if self.rotary == "interleaved":   # GPT-J: pairs of neighbouring dims, tables of half the width
             cos, sin = np.repeat(cos, 2, axis=-1), np.repeat(sin, 2, axis=-1)
+        elif self.rotary == "halves":      # GPT-OSS: one table of half the width turns both halves
+            cos, sin = np.concatenate([cos, cos], axis=-1), np.concatenate([sin, sin], axis=-1)
         r = cos.shape[-1]
         part = t[..., :r]
         if self.rotary == "interleaved":
@@ -169,15 +172,25 @@ class Attention:
         seen = self.visible(layer, pos_q, pos_k)
         return np.where(seen[None], scores, -np.inf)
 
+    def sink_logits(self, layer: int, heads) -> np.ndarray | None:
+        """(head,) the chosen heads' learned sink logits at ``layer``, or None where the model has none."""
+        return None if self.sinks is None else self.sinks[layer][heads]
+
     @staticmethod
-    def softmax(scores: np.ndarray) -> np.ndarray:
-        scores = scores - scores.max(-1, keepdims=True)
-        weights = np.exp(scores)
-        return weights / weights.sum(-1, keepdims=True)
+    def softmax(scores: np.ndarray, sinks: np.ndarray | None = None) -> np.ndarray:
+        """Softmax over keys; ``sinks`` (head,) are logits of one more column that takes probability
+        but is no key (GPT-OSS), so a row then sums to less than one, as in the model."""
+        top = scores.max(-1, keepdims=True)
+        extra = None if sinks is None else np.broadcast_to(np.asarray(sinks)[:, None, None], top.shape)
+        if extra is not None:
+            top = np.maximum(top, extra)
+        weights = np.exp(scores - top)
+        total = weights.sum(-1, keepdims=True)
+        return weights / (total if extra is None else total + np.exp(extra - top))
 
     def pattern(self, layer: int, heads, q, k, pos_q, pos_k, alibi_k=None) -> np.ndarray:
         """(head, queries, keys) probabilities for the chosen heads."""
-        return self.softmax(self.scores(layer, heads, q, k, pos_q, pos_k, alibi_k))
+        return self.softmax(self.scores(layer, heads, q, k, pos_q, pos_k, alibi_k), self.sink_logits(layer, heads))
 
 
 def rotary_arrays(ds_seq: xr.Dataset, group: int):
@@ -277,7 +290,8 @@ def sequence_attention(ds: xr.Dataset, seqs=None, layers=None, *, dtype=np.float
             q, k, v = att.qkv(int(layer), resid[:, i], cos, sin)
             for heads in head_blocks(ds.sizes["head"], pos.size, dtype, max_bytes):
                 scores = att.scores(int(layer), heads, q, k, pos, pos, alibi)
-                yield int(seq), int(layer), SequenceAttention(ids, pos, heads, att.softmax(scores), scores, v)
+                yield int(seq), int(layer), SequenceAttention(ids, pos, heads, att.softmax(scores, att.sink_logits(layer, heads)),
+                                                                    scores, v)
 
 
 def output_errors(ds: xr.Dataset, seq: int, *, dtype=np.float64) -> xr.DataArray:

@@ -88,6 +88,7 @@ VARIABLES: dict[str, Variable] = {
     "attn_norm_weight": _static(("layer", "d_model"), "gamma of the attention's input norm"),
     "attn_norm_bias": _static(("layer", "d_model"), "beta of the attention's input norm"),
     "attn_scale": _static(("layer",), "what the model multiplies q . k by"),
+    "attn_sinks": _static(("layer", "head"), "learned sink logits: one more softmax column, no value read"),
     "q_norm_weight": _static(("layer", "q_norm_dim"), "gamma of the query norm (one head's or all heads' width)"),
     "q_norm_bias": _static(("layer", "q_norm_dim"), "beta of the query norm"),
     "k_norm_weight": _static(("layer", "k_norm_dim"), "gamma of the key norm"),

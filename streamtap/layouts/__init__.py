@@ -47,6 +47,8 @@ def register(layout: Layout) -> Layout:
 def pattern_support(bound: BoundLayout) -> str | None:
     """Why a bound layout's attention patterns cannot be recomputed from a store, or None."""
     step = bound.attn
+    if step is not None and step.no_patterns:
+        return step.no_patterns
     if bound.mixer_layers:
         return (f"it is a hybrid model: layers {bound.mixer_layers} are state-space, convolution or linear-attention "
                 "mixers, which have no attention pattern, and a store keeps its mixers' outputs only (one term per "

@@ -169,7 +169,9 @@ def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
                           f"{full!r} (the blocks); see docs/layouts.md")
     n_heads = config.num_attention_heads
     d_model = config.hidden_size
-    d_head = getattr(config, "head_dim", None) or d_model // n_heads
+    attn = next((step for step in layout.block if isinstance(step, Attn)), None)
+    d_head = ((getattr(config, attn.d_head) if attn is not None and attn.d_head else None)
+              or getattr(config, "head_dim", None) or d_model // n_heads)
     bound = BoundLayout(layout, model, base_path, len(layers), n_heads, d_head, d_model)
 
     def norm_index(full_path: str) -> int:
@@ -217,22 +219,24 @@ def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
                 bound.attn = bound.attn or step
                 taps[f"z.{layer}"] = (require(bound.block_path(layer, step.proj), "attention output projection"), INPUT)
                 events.append(Write("attn", layer, through))
-            elif isinstance(step, Moe):
+            elif isinstance(step, Moe) and (step.dense is None or bound.find(bound.block_path(layer, step.experts))):
                 taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, step.term), "MoE term"), OUTPUT)
                 taps[f"experts.{layer}"] = (require(bound.block_path(layer, step.experts), "experts"), INPUT)
                 n_experts = int(bound.module(taps[f"experts.{layer}"][0]).num_experts)
                 if step.shared:
                     taps[f"shared.{layer}"] = (require(bound.block_path(layer, step.shared), "shared expert"), OUTPUT)
+                if step.shared_gate:
                     taps[f"shared_gate.{layer}"] = (require(bound.block_path(layer, step.shared_gate),
                                                             "shared expert gate"), OUTPUT)
                 events.append(Write("mlp", layer, through, experts=n_experts, shared=bool(step.shared)))
             else:
-                taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, step.term), "MLP term"), OUTPUT)
-                taps[f"neuron_act.{layer}"] = (require(bound.block_path(layer, step.down or step.term),
+                mlp = step.dense if isinstance(step, Moe) else step
+                taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, mlp.term), "MLP term"), OUTPUT)
+                taps[f"neuron_act.{layer}"] = (require(bound.block_path(layer, mlp.down or mlp.term),
                                                        "MLP down projection"), INPUT)
-                if step.clone:
+                if mlp.clone:
                     bound.clones.add(f"mlp_out.{layer}")
-                if step.flat:
+                if mlp.flat:
                     bound.flat.update({f"mlp_out.{layer}", f"neuron_act.{layer}"})
                 events.append(Write("mlp", layer, through))
     paths, side = layout.resid_final

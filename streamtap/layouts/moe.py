@@ -1,30 +1,39 @@
-"""Mixtures of experts: Mixtral, and Qwen2-MoE with its gated shared expert.
+"""Mixtures of experts: Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS, DeepSeek-V2/V3.
 
 The MLP term of a layer splits into one term per expert actually routed to, weighted by its
-router weight (and the shared expert's term), so a researcher can ask which expert wrote what.
+router weight (and the shared expert's term, gated or not), so a researcher can ask which expert
+wrote what. Layers without experts (DeepSeek's first dense layers, Qwen3-MoE's ``mlp_only_layers``)
+write one dense MLP term. GPT-OSS adds learned attention sinks to the softmax; DeepSeek's
+multi-head latent attention keeps per-head z and W_O, but its queries and keys pass through
+low-rank projections with a norm between them, so its patterns are not recomputed.
 """
 
-from .spec import INPUT, Attn, Layout, Moe, projections, sliding_window
+from .spec import INPUT, Attn, Layout, Mlp, Moe, projections, sliding_window
 
 ATTN = Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), window=sliding_window)
+QK_NORM_ATTN = Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), window=sliding_window,
+                    qk_norm=("self_attn.q_norm", "self_attn.k_norm"), clip="clip_qkv",
+                    notes=(("clip_qkv", "queries, keys and values are clipped to [-{0}, {0}] after the projection"),))
+DENSE = Mlp("mlp", down="mlp.down_proj")
+MLA = ("multi-head latent attention: queries and keys come through low-rank projections with a norm between "
+       "them and a rotary part shared by the heads, which no per-head W_Q/W_K reproduces")
+
+
+def _layout(name: str, model_types: tuple[str, ...], attn: Attn, moe: Moe) -> Layout:
+    return Layout(name=name, model_types=model_types, embeds={"embed": "embed_tokens"}, layers="layers",
+                  block=(attn, moe), resid_final=("norm", INPUT), final_norm="norm")
+
 
 LAYOUTS = [
-    Layout(
-        name="mixtral",
-        model_types=("mixtral",),
-        embeds={"embed": "embed_tokens"},
-        layers="layers",
-        block=(ATTN, Moe("mlp", experts="mlp.experts")),
-        resid_final=("norm", INPUT),
-        final_norm="norm",
-    ),
-    Layout(
-        name="qwen2_moe",
-        model_types=("qwen2_moe",),
-        embeds={"embed": "embed_tokens"},
-        layers="layers",
-        block=(ATTN, Moe("mlp", experts="mlp.experts", shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate")),
-        resid_final=("norm", INPUT),
-        final_norm="norm",
-    ),
+    _layout("mixtral", ("mixtral",), ATTN, Moe("mlp", experts="mlp.experts")),
+    _layout("qwen2_moe", ("qwen2_moe",), ATTN, Moe("mlp", experts="mlp.experts", shared="mlp.shared_expert",
+                                                    shared_gate="mlp.shared_expert_gate", dense=DENSE)),
+    _layout("qwen3_moe", ("qwen3_moe", "olmoe"), QK_NORM_ATTN, Moe("mlp", experts="mlp.experts", dense=DENSE)),
+    _layout("gpt_oss", ("gpt_oss",),
+            Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), window=sliding_window,
+                 sinks="sinks", rotary="halves"),
+            Moe("mlp", experts="mlp.experts")),
+    _layout("deepseek", ("deepseek_v2", "deepseek_v3"),
+            Attn("self_attn.o_proj", norm="input_layernorm", d_head="v_head_dim", no_patterns=MLA),
+            Moe("mlp", experts="mlp.experts", shared="mlp.shared_experts", dense=DENSE)),
 ]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 POSITIONS = ("rotary", "learned", "alibi", "none")
-ROTARY_STYLES = ("half", "interleaved")
+ROTARY_STYLES = ("half", "interleaved", "halves")
 
 INPUT, OUTPUT = "input", "output"
 Paths = str | tuple[str, ...]   # alternatives: the first that names a module in this model is used
@@ -49,13 +49,20 @@ class Attn:
     - ``module``: the attention module (default: the parent of ``q``/``qkv``).
     - ``rotary``: how queries and keys are rotated where the layout's positions are rotary:
       ``"half"`` (the two halves of the rotated dims, Llama's ``rotate_half``) or ``"interleaved"``
-      (pairs of neighbouring dims, GPT-J); ``rotary_order``: ``"cos_sin"`` or ``"sin_cos"``, the
+      (pairs of neighbouring dims, GPT-J) or ``"halves"`` (the two halves turned by one table of half
+      the width, GPT-OSS's ``_apply_rotary_emb``); ``rotary_order``: ``"cos_sin"`` or ``"sin_cos"``, the
       order of the ``position_embeddings`` pair the attention module receives.
     - ``window``: ``(config, attention module) -> int | None``, the sliding window of a layer (a
       key is seen while the query is fewer than that many positions after it).
     - ``softcap``: the config field of a soft-cap on the scores, cap * tanh(score / cap).
     - ``clip``: the config field of a clamp of q, k and v to [-c, c] (OLMo's ``clip_qkv``).
     - ``alibi``: the keyword of the block's input that carries the ALiBi biases (BLOOM, Falcon).
+    - ``sinks``: the attention module's attribute of learned per-head sink logits (GPT-OSS): one more
+      column in the softmax's denominator that no value is read from; the store keeps them.
+    - ``d_head``: the config field of each head's value width where it is not the query/key width
+      (multi-head latent attention: ``v_head_dim``); z and W_O are per head of that width.
+    - ``no_patterns``: why this attention's pattern cannot be recomputed from a store (a capture with
+      ``patterns=True`` is refused up front with this reason).
     """
 
     proj: str
@@ -76,6 +83,9 @@ class Attn:
     softcap: str | None = None
     clip: str | None = None
     alibi: str | None = None
+    sinks: str | None = None
+    d_head: str | None = None
+    no_patterns: str | None = None
 
     def __post_init__(self):
         if self.split not in SPLITS:
@@ -89,7 +99,7 @@ class Attn:
 
     @property
     def module_path(self) -> str:
-        return self.module or (self.qkv or self.q).rsplit(".", 1)[0]
+        return self.module or (self.qkv or self.q or self.proj).rsplit(".", 1)[0]
 
 
 def sliding_window(config, attention) -> int | None:
@@ -128,7 +138,10 @@ class Moe:
     ``experts`` is called as ``experts(x, top_k_index, top_k_weights)`` (the transformers 5 fused
     experts); calling it again once per routing slot, with that slot's index and weight alone, gives
     each routed expert's weighted output from the model's own code. ``shared`` is an always-on
-    expert whose output is scaled by sigmoid(``shared_gate``(x)) (Qwen2-MoE).
+    expert (DeepSeek's ``shared_experts``), its output scaled by sigmoid(``shared_gate``(x)) where a
+    gate is named (Qwen2-MoE). ``dense``: the MLP of the layers that have no ``experts`` module
+    (DeepSeek's ``first_k_dense_replace``, Qwen3-MoE's ``mlp_only_layers``); each layer resolves to
+    whichever of the two it has, and its term is the dense MLP's output.
     """
 
     term: str
@@ -136,6 +149,7 @@ class Moe:
     shared: str | None = None
     shared_gate: str | None = None
     through: str | None = None
+    dense: Mlp | None = None
 
 
 @dataclass(frozen=True)

@@ -253,6 +253,9 @@ class Weights:
         scales = [self._score_scale(layer) for layer in range(self.bound.n_layers)]
         if all(s is not None for s in scales):
             out["attn_scale"] = torch.tensor(scales, dtype=torch.float32)
+        if self.bound.attn.sinks:   # learned sink logits: part of every pattern's denominator
+            out["attn_sinks"] = torch.stack([getattr(self.attention_module(layer), self.bound.attn.sinks).detach().cpu()
+                                             for layer in range(self.bound.n_layers)])
         return out
 
     def attention_info(self) -> dict:

@@ -12,7 +12,8 @@ TINY_ARCHS = (
     "gpt2", "gpt_neo", "gpt_bigcode", "llama", "llama-bias", "mistral", "qwen2", "qwen3", "gemma",
     "stablelm", "stablelm-parallel", "olmo", "opt", "bloom", "bloom-post-ln-residual", "gptj",
     "gpt_neox", "gpt_neox-sequential", "phi", "falcon", "falcon-new", "gemma2", "gemma3", "olmo2",
-    "opt-post-ln", "bert", "roberta", "mixtral", "qwen2_moe",
+    "opt-post-ln", "bert", "roberta", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2",
+    "deepseek_v3",
 )
 """Architectures :func:`tiny_model` builds; each maps to one layout streamtap supports."""
 
@@ -177,6 +178,21 @@ _TINY_CONFIGS = {
     "mixtral": _named("MixtralConfig", **_GQA, num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": _named("Qwen2MoeConfig", **_GQA, num_experts=4, num_experts_per_tok=2,
                         moe_intermediate_size=32, shared_expert_intermediate_size=64),
+    # layer 0 dense (mlp_only_layers): a mixture whose block differs by layer
+    "qwen3_moe": _named("Qwen3MoeConfig", **_GQA, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=32, mlp_only_layers=[0]),
+    "olmoe": _named("OlmoeConfig", **_GQA, num_experts=4, num_experts_per_tok=2),
+    # one sliding and one full layer, learned sinks, biased experts
+    "gpt_oss": _named("GptOssConfig", **_GQA, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                      sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    # multi-head latent attention; layer 0 dense (first_k_dense_replace), shared + routed experts after
+    "deepseek_v2": _named("DeepseekV2Config", **_MHA, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                          qk_nope_head_dim=8, v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2,
+                          n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1),
+    "deepseek_v3": _named("DeepseekV3Config", **_MHA, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                          qk_nope_head_dim=8, v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2,
+                          n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1,
+                          n_group=2, topk_group=1),
 }
 assert set(_TINY_CONFIGS) == set(TINY_ARCHS)
 

@@ -181,25 +181,34 @@ class Recorder:
         weight, which is the model's own expert code producing exactly that slot's share.
         """
         b = self.bound
-        per_slot, index, shared = [], [], []
+        per_slot, index, shared = {}, {}, {}
+        real = mask.reshape(-1)
         for layer in range(b.n_layers):
+            if f"experts.{layer}" not in b.taps:
+                continue   # a dense layer of a mixture (its term is mlp_out): zeros below, never read
             path = b.taps[f"experts.{layer}"][0]
             (x, top_index, top_weights), _ = kept[location(path, "input")[0]].inputs
-            real = mask.reshape(-1).to(x.device)
+            real = real.to(x.device)
             x, top_index, top_weights = x[real], top_index[real], top_weights[real]
             experts = b.module(path)
             with torch.no_grad():
-                per_slot.append(torch.stack([experts(x, top_index[:, j:j + 1], top_weights[:, j:j + 1])
-                                             for j in range(top_index.shape[1])], dim=1))
-            index.append(top_index.to(torch.int32))
+                per_slot[layer] = torch.stack([experts(x, top_index[:, j:j + 1], top_weights[:, j:j + 1])
+                                               for j in range(top_index.shape[1])], dim=1)
+            index[layer] = top_index.to(torch.int32)
             if f"shared.{layer}" in b.taps:
                 out = kept[location(b.taps[f"shared.{layer}"][0], "output")[0]].output
-                gate = kept[location(b.taps[f"shared_gate.{layer}"][0], "output")[0]].output
-                out, gate = out.reshape(-1, out.shape[-1])[real], gate.reshape(-1, gate.shape[-1])[real]
-                shared.append(torch.sigmoid(gate) * out)
-        terms = {"expert_out": torch.stack(per_slot, dim=1), "expert_index": torch.stack(index, dim=1)}
+                shared[layer] = out = out.reshape(-1, out.shape[-1])[real]
+                if f"shared_gate.{layer}" in b.taps:
+                    gate = kept[location(b.taps[f"shared_gate.{layer}"][0], "output")[0]].output
+                    shared[layer] = torch.sigmoid(gate.reshape(-1, gate.shape[-1])[real]) * out
+
+        def stacked(values: dict) -> torch.Tensor:
+            like = next(iter(values.values()))
+            return torch.stack([values.get(layer, torch.zeros_like(like)) for layer in range(b.n_layers)], dim=1)
+
+        terms = {"expert_out": stacked(per_slot), "expert_index": stacked(index)}
         if shared:
-            terms["shared_expert_out"] = torch.stack(shared, dim=1)
+            terms["shared_expert_out"] = stacked(shared)
         return terms
 
     # -- the hand-over ---------------------------------------------------------------------------------

@@ -1,0 +1,140 @@
+"""Mixtures of experts and attention variants of the long tail, against the model's own numbers.
+
+Each routed expert's term is the model's expert output times its router weight (the router's own
+choice and weight, read with a hook), the routed terms and the shared expert's add up to the MoE
+block's output, layers without experts write one dense MLP term, GPT-OSS's learned sinks and
+half-width rotary tables are what make its recomputed patterns match eager attention, and DeepSeek's
+multi-head latent attention keeps per-head z (of the value width) whose W_O sum is the output
+projection's own output.
+"""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import streamtap as st
+import streamtap.attention
+from streamtap.models import tiny_model
+
+from _util import padded_batch, run
+
+ROUTER = {"qwen3_moe": "gate", "olmoe": "gate", "gpt_oss": "router", "deepseek_v2": "gate", "deepseek_v3": "gate",
+          "mixtral": "gate", "qwen2_moe": "gate"}
+SHARED = {"deepseek_v2": "shared_experts", "deepseek_v3": "shared_experts", "qwen2_moe": "shared_expert"}
+DENSE_FIRST = {"qwen3_moe", "deepseek_v2", "deepseek_v3"}   # their tiny configs make layer 0 dense
+
+
+def _captured(arch, layer=1):
+    model = tiny_model(arch)
+    ids, mask = padded_batch(model.config.vocab_size, [7, 4], seed=7)
+    mlp = model.model.layers[layer].mlp
+    seen, n = {}, mask.numel()
+
+    def experts_input(module, args):   # the model's own call, not the tap's re-runs on real tokens
+        if args[0].shape[0] == n:
+            seen["x"] = args[0].detach()
+    hooks = [mlp.register_forward_hook(lambda m, a, out: seen.update(out=out[0] if isinstance(out, tuple) else out))]
+    if hasattr(mlp, "experts"):
+        hooks += [getattr(mlp, ROUTER[arch]).register_forward_hook(lambda m, a, out: seen.update(router=out)),
+                  mlp.experts.register_forward_pre_hook(experts_input)]
+    if arch in SHARED and hasattr(mlp, "experts"):
+        hooks.append(getattr(mlp, SHARED[arch]).register_forward_hook(lambda m, a, out: seen.update(shared=out)))
+    store = zarr.storage.MemoryStore()
+    try:
+        with st.tap(model, store):
+            run(model, ids, mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    return model, mask.reshape(-1).bool(), seen, st.open(store)
+
+
+@pytest.mark.parametrize("arch", sorted(ROUTER))
+def test_each_routed_expert_writes_its_output_times_its_router_weight(arch):
+    model, real, seen, ds = _captured(arch)
+    experts = model.model.layers[1].mlp.experts
+    _, weights, index = seen["router"]
+    x, weights, index = seen["x"][real], weights.detach()[real], index.detach()[real]
+    terms = st.decompose(ds, dtype=np.float64)
+    at = terms.where(terms.layer == 1, drop=True)
+    for token in range(ds.sizes["token"]):
+        for slot in range(index.shape[1]):
+            e = int(index[token, slot])
+            with torch.no_grad():   # expert e alone at weight 1, times the router's weight for it
+                unit = experts(x[token:token + 1], index[token:token + 1, slot:slot + 1], torch.ones(1, 1))
+            want = (unit[0] * weights[token, slot]).double().numpy()
+            got = at.sel(component=f"L1E{e}").isel(token=token).values
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (arch, token, e)
+        unrouted = set(range(experts.num_experts)) - set(index[token].tolist())
+        for e in unrouted:
+            assert not at.sel(component=f"L1E{e}").isel(token=token).values.any()
+    block_out = seen["out"].detach().reshape(-1, ds.sizes["d_model"])[real].double().numpy()
+    ours = at.where(at.kind.isin(["expert", "shared_expert"]), drop=True).sum("component").values
+    assert np.abs(ours - block_out).max() <= 1e-5 * np.abs(block_out).max()
+    assert ("L1_shared_expert" in at.component.values) == (arch in SHARED)
+    if arch in SHARED and arch != "qwen2_moe":   # an ungated shared expert is its output itself
+        shared = seen["shared"].detach().reshape(-1, ds.sizes["d_model"])[real].double().numpy()
+        np.testing.assert_allclose(at.sel(component="L1_shared_expert").values, shared, rtol=0,
+                                   atol=1e-6 * np.abs(shared).max())
+
+
+@pytest.mark.parametrize("arch", sorted(DENSE_FIRST))
+def test_layers_without_experts_write_one_dense_mlp_term(arch):
+    model, real, seen, ds = _captured(arch, layer=0)
+    assert not hasattr(model.model.layers[0].mlp, "experts") and hasattr(model.model.layers[1].mlp, "experts")
+    labels = set(st.decompose(ds).component.values.tolist())
+    assert "L0_mlp" in labels and not any(label.startswith("L0E") for label in labels)
+    assert "L1_mlp" not in labels and {"L1E0", "L1E1", "L1E2", "L1E3"} <= labels
+    dense = seen["out"].detach().reshape(-1, ds.sizes["d_model"])[real].numpy()
+    np.testing.assert_array_equal(ds.mlp_out.sel(layer=0).values, dense)
+    st.verify(ds)
+
+
+def _gpt_oss_patterns():
+    model = tiny_model("gpt_oss")
+    ids, mask = padded_batch(model.config.vocab_size, [11, 6], seed=1)
+    store = zarr.storage.MemoryStore()
+    with st.tap(model, store, patterns=True), torch.no_grad():
+        attentions = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    real = mask[0].bool()
+    ref = torch.stack([a[0] for a in attentions])[:, :, real][:, :, :, real].double().numpy()
+    return st.open(store), ref
+
+
+def test_gpt_oss_sinks_and_half_tables_make_the_pattern():
+    ds, ref = _gpt_oss_patterns()
+    assert ds.attn_sinks.dims == ("layer", "head") and ds.attrs["rotary_style"] == "halves"
+    assert ds.attrs["attn_window"] == [4, None]
+
+    def error(store):
+        return float(np.abs(st.analysis.attention(store, 0).values - ref).max())
+
+    assert error(ds) <= 1e-5
+    assert max(float(streamtap.attention.output_errors(ds, s).max()) for s in (0, 1)) <= st.tolerance(ds)
+    # each mechanism matters: without it the recomputed pattern misses the model's
+    assert error(ds.assign(attn_sinks=ds.attn_sinks * 0 - 1e9)) > 1e-2
+    assert error(ds.assign_attrs(rotary_style="half")) > 1e-2
+    assert error(ds.assign_attrs(attn_window=[None, None])) > 1e-2
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+def test_latent_attention_keeps_per_head_z_and_refuses_patterns(arch, tmp_path):
+    model = tiny_model(arch)
+    ids, mask = padded_batch(model.config.vocab_size, [7, 4], seed=2)
+    seen = {}
+    o_proj = model.model.layers[1].self_attn.o_proj
+    hook = o_proj.register_forward_hook(lambda m, a, out: seen.update(out=out.detach()))
+    store = zarr.storage.MemoryStore()
+    with st.tap(model, store):
+        run(model, ids, mask)
+    hook.remove()
+    ds = st.open(store)
+    assert (ds.sizes["head"], ds.sizes["d_head"]) == (4, model.config.v_head_dim)
+    heads = np.einsum("thd,hdm->tm", ds.z.sel(layer=1).values.astype(np.float64),
+                      ds.W_O.sel(layer=1).values.astype(np.float64)) + ds.attn_bias.sel(layer=1).values
+    want = seen["out"].reshape(-1, ds.sizes["d_model"])[mask.reshape(-1).bool()].double().numpy()
+    assert np.abs(heads - want).max() <= 1e-5 * np.abs(want).max()
+    with pytest.raises(st.StreamtapError, match="multi-head latent attention.*Capture without it"):
+        st.tap(model, tmp_path / "p.zarr", patterns=True)
+    assert not (tmp_path / "p.zarr").exists()
