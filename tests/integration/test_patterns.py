@@ -281,15 +281,7 @@ GENERATION = {
 }
 
 
-BLOOM_GENERATE_BUG = ("library bug: patterns=True inside model.generate on BLOOM fails at the first decoding "
-                      "step: the block's alibi input spans every key, cached ones included ((batch x heads, 1, "
-                      "past + new)), while the step stores only its new tokens; the ALiBi route "
-                      "(tapping/batch.py _pattern_routes) keeps all the keys and tapping/sinks.token_rows raises "
-                      "RuntimeError \"shape '[3, 4]' is invalid for input of size 84\"")
-
-
-@pytest.mark.parametrize("name", [*GENERATION, pytest.param(
-    "bloom", marks=pytest.mark.xfail(raises=RuntimeError, strict=True, reason=BLOOM_GENERATE_BUG))])
+@pytest.mark.parametrize("name", [*GENERATION, "bloom"])
 def test_generated_sequences_have_the_patterns_of_one_plain_forward(name, tmp_path):
     model = tiny_model(name.split("-")[0], **GENERATION.get(name, {}))
     ids, mask = padded_batch(model.config.vocab_size, [3, 6, 4], seed=1, side="left")
@@ -303,7 +295,7 @@ def test_generated_sequences_have_the_patterns_of_one_plain_forward(name, tmp_pa
     full = out[:, :-1]
     full_mask = torch.cat([mask, torch.ones(mask.shape[0], full.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
     with st.tap(model, tmp_path / "plain.zarr", patterns=True), torch.no_grad():
-        model(input_ids=full, attention_mask=full_mask)
+        attentions = model(input_ids=full, attention_mask=full_mask, output_attentions=True).attentions
     plain = st.open(tmp_path / "plain.zarr")
     for seq, tokens in enumerate(want):
         a, b = st.analysis.attention(gen, seq), st.analysis.attention(plain, seq)
@@ -311,6 +303,8 @@ def test_generated_sequences_have_the_patterns_of_one_plain_forward(name, tmp_pa
         assert a.query_token_id.values.tolist() == b.query_token_id.values.tolist() == tokens
         error = float(np.abs(a.values - b.values).max())
         assert error <= BOUND, f"seq {seq}: generated vs plain forward pattern {error:.3g}"
+        error = float(np.abs(a.values - eager(attentions, full_mask, seq)).max())
+        assert error <= BOUND, f"seq {seq}: generated pattern vs the model's own attention {error:.3g}"
 
 
 # -- 5. the second invariant can fail ------------------------------------------------------------------------
