@@ -403,13 +403,6 @@ def test_a_sequence_longer_than_max_tokens_is_refused(patterns_store):
     assert st.analysis.attention(ds, 0, max_tokens=None).sizes["query"] == 11
 
 
-FALCON_ALIBI_BUG = ("library bug: the falcon layout declares Attn(alibi='alibi'), but transformers 5's "
-                    "FalconDecoderLayer has no alibi input (FalconModel folds the biases into the attention "
-                    "mask), so layouts.pattern_support lets patterns=True through; the tap then fails in its "
-                    "self-check with ValueError \"'alibi' is not in list\" (tapping/sinks.argument)")
-
-
-@pytest.mark.xfail(strict=True, reason=FALCON_ALIBI_BUG)
 def test_falcon_with_alibi_is_refused_up_front(tmp_path):
     model = tiny_model("falcon", alibi=True)
     path = tmp_path / "run.zarr"
@@ -424,7 +417,7 @@ def test_falcon_with_alibi_is_refused_up_front(tmp_path):
 def test_falcon_with_alibi_writes_nothing_with_patterns_and_captures_without(tmp_path):
     model = tiny_model("falcon", alibi=True)
     path = tmp_path / "run.zarr"
-    with pytest.raises(Exception):  # noqa: B017 - which exception: test_falcon_with_alibi_is_refused_up_front
+    with pytest.raises(st.StreamtapError, match="ALiBi"):
         st.capture(model, [[5, 6, 7]], path, patterns=True)
     assert not path.exists()
     ids, mask = padded_batch(model.config.vocab_size, LENGTHS, seed=1)
