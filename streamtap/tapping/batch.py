@@ -26,7 +26,7 @@ from ..layouts import BoundLayout, Weights
 from ..options import CaptureOptions
 from ..stream import to_json
 from ..layouts import INPUT
-from .sinks import KeptValues, Route, TermSlots, Where, argument, location
+from .sinks import KeptValues, Route, TermSlots, Where, argument, first_tensor, location
 
 EXPERT_KEYS = ("experts", "shared", "shared_gate")   # taps a mixture's terms are made from after the forward
 
@@ -122,12 +122,16 @@ class Recorder:
                     out.append((location(path, INPUT), Route(var, g, len(first), pick=pick)))
         elif b.positions() == "alibi":
             path = b.block_full_path(0)
-            module, heads = b.module(path), b.n_heads
+            module, heads, where = b.module(path), b.n_heads, location(path, INPUT)
 
             def pick(value, module=module, name=b.attn.alibi):
-                alibi = argument(module, value, name)          # (batch x heads, 1, keys)
-                return alibi.reshape(-1, heads, alibi.shape[-1]).transpose(1, 2)
-            out.append((location(path, INPUT), Route("alibi", pick=pick)))
+                # (batch x heads, 1, keys): a decoding step's keys are the cached tokens, then its own. A
+                # key's bias is its head's slope times the key's position among the sequence's real tokens,
+                # the same in a step as in one forward over the whole sequence: each token stores its own
+                alibi = argument(module, value, name)
+                new = first_tensor(value, where[1]).shape[1]   # this forward's tokens: the last keys
+                return alibi[..., alibi.shape[-1] - new:].reshape(-1, heads, new).transpose(1, 2)
+            out.append((where, Route("alibi", pick=pick)))
         return out
 
     def _frozen_scale(self, x: torch.Tensor, k: int) -> torch.Tensor:

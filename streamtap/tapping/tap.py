@@ -28,19 +28,30 @@ from .sinks import TermSlots, Where, envoy_for, location, trace, unwrap
 LOSSY_ERROR_TOKENS = 2048   # tokens of each end of a lossy store the capture measures its error on
 
 
+# The instance attributes a tap puts on modules: nnsight's controller and its state on every module it
+# traces, and the tap's own routing of the root's forward and generate. Nothing else is the tap's.
+TAP_ATTRIBUTES = ("forward", "__nnsight__", "generate", "_get_stopping_criteria")
+
+
 class _ModuleTreeSnapshot:
-    """Instance attributes of every module, so the tap can leave the tree exactly as it found it."""
+    """The tap's attributes on every module as they were, so the tap can take back exactly what it put on.
+
+    Only those are restored (or removed): state the model creates itself inside the block stays, as it
+    would have without the tap. Transformers, for one, installs forward hooks lazily on the first
+    forward that asks for attentions or hidden states and marks that in an attribute; removing the
+    mark but not the hooks would make every later forward record each layer twice.
+    """
 
     def __init__(self, root: torch.nn.Module):
-        self.saved = [(m, dict(m.__dict__)) for m in root.modules()]
+        self.saved = [(m, {k: m.__dict__[k] for k in TAP_ATTRIBUTES if k in m.__dict__}) for m in root.modules()]
 
     def restore(self) -> None:
         for module, before in self.saved:
-            for key in [k for k in module.__dict__ if k not in before]:
-                del module.__dict__[key]
-            for key in ("forward", "__nnsight__", "generate", "_get_stopping_criteria"):
+            for key in TAP_ATTRIBUTES:
                 if key in before:
                     module.__dict__[key] = before[key]
+                else:
+                    module.__dict__.pop(key, None)
 
 
 class NnsightForward:
