@@ -85,6 +85,9 @@ _KEEP = {"vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "sep_toke
          "patch_size", "conv_kernel", "kernel_size", "num_channels", "image_size"}
 
 
+_SPECIAL = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
 def _per_layer(defaults: dict, depth: int) -> dict:
     """Fields that list something per layer (a list or string exactly ``depth`` long)."""
     return {k: v for k, v in defaults.items()
@@ -110,7 +113,13 @@ def tiny_overrides(defaults: dict, depth: int | None = None) -> dict:
     heads = next((defaults[k] for k in _HEAD_NAMES if isinstance(defaults.get(k), int)), None)
     width = next((defaults[k] for k in _WIDTH_NAMES if isinstance(defaults.get(k), int)), None)
     for key, value in defaults.items():
-        if not isinstance(value, int) or isinstance(value, bool) or key in _KEEP or key.endswith("_token_id"):
+        if key.endswith("_token_id") or key.endswith("_token_ids"):
+            ids = value if isinstance(value, list) else [value]
+            if any(isinstance(i, int) and i >= VOCAB for i in ids):
+                small = [_SPECIAL.get(key, 3) if isinstance(i, int) and i >= VOCAB else i for i in ids]
+                out[key] = small if isinstance(value, list) else small[0]
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or key in _KEEP:
             continue
         if key in _WIDTH_NAMES or key.endswith("hidden_size") and value > WIDTH:
             out[key] = WIDTH
@@ -145,7 +154,7 @@ def tiny_overrides(defaults: dict, depth: int | None = None) -> dict:
     depth_key = next((k for k in _LAYER_NAMES if isinstance(defaults.get(k), int)), None)
     if depth_key:
         per_layer = _per_layer(defaults, defaults[depth_key])
-        n = _kept_depth(per_layer, depth) if depth is None else min(depth, defaults[depth_key])
+        n = _kept_depth(per_layer, defaults[depth_key]) if depth is None else min(depth, defaults[depth_key])
         out[depth_key] = n
         out.update({k: v[:n] for k, v in per_layer.items()})
     if "vocab_size" in defaults:
@@ -172,9 +181,6 @@ def tiny_config(model_type: str, depth: int | None = None):
             sub_kwargs = tiny_overrides(sub.to_dict(), depth)
             kwargs[key] = {**sub.to_dict(), **sub_kwargs}
             changed[key] = sub_kwargs
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        if key in base.to_dict() and isinstance(base.to_dict()[key], int) and base.to_dict()[key] >= VOCAB:
-            kwargs[key] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key]
     changed.update({k: v for k, v in kwargs.items() if k not in changed})
     config = AutoConfig.for_model(model_type, **kwargs)
     return config, changed
@@ -527,6 +533,7 @@ def table(results: dict) -> str:
         "python benchmarks/coverage_sweep.py --jobs 2                 # everything",
         "python benchmarks/coverage_sweep.py --resume                  # what the JSON lacks",
         "python benchmarks/coverage_sweep.py --types llama,masked:bert # re-check some, keep the rest",
+        "python benchmarks/coverage_sweep.py --classes not-tiny,crashed # re-check those classes",
         "python benchmarks/coverage_sweep.py --table                   # rewrite this page from the JSON",
         "```",
         "",
@@ -560,6 +567,8 @@ def main(argv=None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per type before it counts as hung")
     parser.add_argument("--resume", action="store_true", help="skip the types the JSON already holds")
+    parser.add_argument("--classes", default="", help="re-check only the types the JSON puts in these "
+                        "classes (comma-separated, e.g. not-tiny,crashed)")
     parser.add_argument("--table", action="store_true", help="only rewrite docs/coverage.md from the JSON")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--doc", default=str(DOC))
@@ -579,6 +588,9 @@ def main(argv=None) -> None:
         keys = picked
     if args.resume:
         keys = [k for k in keys if k not in results]
+    if args.classes:
+        wanted_classes = set(args.classes.split(","))
+        keys = [k for k in keys if k in results and results[k]["class"] in wanted_classes]
     known = set(all_keys())
     results = {k: v for k, v in results.items() if k in known}
 
