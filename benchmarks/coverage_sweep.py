@@ -13,7 +13,7 @@ sub-config, e.g. ``text_config``, the same way), by field name:
 
 - widths: ``hidden_size``/``d_model``/``n_embd``/``embed_dim``/``dim`` and every other ``*hidden_size``
   64; ``intermediate_size``/``ffn_dim``/``n_inner``/``d_ff`` and every other ``*intermediate_size`` 128
-  (expert widths 32); ``head_dim`` 16 (where the config has one); ``embedding_size`` 64 where it
+  (expert widths 32); ``head_dim`` 16 (where the config has one); ``rotary_dim`` 8; ``embedding_size`` 64 where it
   differed from the hidden size (keeps a projection), else the hidden size;
 - heads: ``num_attention_heads``/``n_head``/``num_heads`` 4; key/value heads 2 where the model groups
   queries (fewer kv heads than heads), 1 where it had 1, else 4;
@@ -118,6 +118,12 @@ def tiny_overrides(defaults: dict, depth: int | None = None) -> dict:
             if any(isinstance(i, int) and i >= VOCAB for i in ids):
                 small = [_SPECIAL.get(key, 3) if isinstance(i, int) and i >= VOCAB else i for i in ids]
                 out[key] = small if isinstance(value, list) else small[0]
+            continue
+        if key == "head_dim" and value is None and heads:
+            out[key] = HEAD_DIM   # derived from the width elsewhere; some configs need it set
+            continue
+        if key in ("rotary_dim", "rotary_emb_dim") and isinstance(value, int):
+            out[key] = HEAD_DIM // 2   # rotates part of each (now 16-wide) head
             continue
         if not isinstance(value, int) or isinstance(value, bool) or key in _KEEP:
             continue
