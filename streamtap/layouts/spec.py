@@ -100,6 +100,17 @@ def sliding_window(config, attention) -> int | None:
     return getattr(config, "sliding_window", None)
 
 
+@dataclass(frozen=True)
+class Reciprocal:
+    """A multiplier that is one over a config field (Granite divides its logits by ``logits_scaling``)."""
+
+    field: str
+
+    def __call__(self, config) -> float | None:
+        value = getattr(config, self.field, None)
+        return None if value is None else 1.0 / float(value)
+
+
 def projections(prefix: str, q: str = "q_proj", k: str = "k_proj", v: str = "v_proj") -> dict[str, str]:
     """``Attn`` fields for separate query, key and value projections under one attention module."""
     return {"q": f"{prefix}.{q}", "k": f"{prefix}.{k}", "v": f"{prefix}.{v}"}
@@ -170,6 +181,14 @@ class Layout:
     final_softcap: str | None = None     # the config field of a soft-cap on the final logits, if any
     max_positions: tuple[str, ...] = ("max_position_embeddings", "n_positions")   # config fields, first set wins
     causal: bool = True                  # False for bidirectional encoders
+    # multipliers the model applies outside every module a layout taps (Granite, Cohere, muP): a config
+    # field or a function of the config. The store keeps terms as they are added to the stream: the
+    # embedding and MLP terms are multiplied at capture, W_O, b_O, W_out, b_out and W_E carry the factor,
+    # and W_U (with its bias) carries the logit scale, so decompose, verify and DLA stay exact as they are.
+    embed_scale: str | Callable[[object], float] | None = None      # on the token embedding term
+    residual_scale: str | Callable[[object], float] | None = None   # on every attention and MLP write
+    logit_scale: str | Callable[[object], float] | None = None      # on the logits
+    inferred: bool = False               # read off the module tree (layouts/infer.py), not a family file
 
     def __post_init__(self):
         if isinstance(self.positions, str) and self.positions not in POSITIONS:
@@ -178,6 +197,14 @@ class Layout:
     def describe(self) -> str:
         return f"{self.name} ({', '.join(self.model_types)})"
 
+    def multiplier(self, which: str, config) -> float:
+        """The ``embed``, ``residual`` or ``logit`` multiplier this layout declares, on ``config`` (1 if none)."""
+        spec = getattr(self, f"{which}_scale")
+        if spec is None:
+            return 1.0
+        value = spec(config) if callable(spec) else getattr(config, spec, None)
+        return 1.0 if value is None else float(value)
+
 
 __all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "ROTARY_STYLES", "Paths", "Attn", "Mlp", "Moe", "Norm", "Layout",
-           "projections", "sliding_window"]
+           "Reciprocal", "projections", "sliding_window"]
