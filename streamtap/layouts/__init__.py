@@ -14,7 +14,7 @@ from .bind import BoundLayout, bind
 from .spec import INPUT, OUTPUT, POSITIONS, SPLITS, Attn, Layout, Mlp, Moe, Norm, projections
 from .weights import Weights, in_out_weight
 
-_FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert", "moe")
+_FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert", "moe", "scaled", "fused")
 
 GUIDE = "docs/layouts.md"
 
@@ -53,6 +53,9 @@ def pattern_support(bound: BoundLayout) -> str | None:
     step = bound.attn
     if step is None or not (step.q or step.qkv):
         return f"layout {bound.name!r} does not locate the attention's queries and keys"
+    why = step.unsupported(bound.model.config) if step.unsupported else None
+    if why:
+        return why
     if bound.positions() == "alibi" and not step.alibi:
         return ("its ALiBi biases are folded into the attention mask, which a capture does not keep, instead of "
                 "reaching each block as an input")

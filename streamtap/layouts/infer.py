@@ -147,9 +147,10 @@ def _block_variants(block: torch.nn.Module, attn: dict, mlp) -> Iterator[tuple]:
     inputs = [n for n in norms if n not in post_attn + post_mlp]
     attn_norm = inputs[0] if inputs else None
     yield (Attn(**attn, norm=attn_norm, window=sliding_window), mlp)
-    if post_attn and post_mlp:
-        yield (Attn(**attn, norm=attn_norm, through=post_attn[0], window=sliding_window),
-               dataclasses.replace(mlp, through=post_mlp[0]))
+    for through_attn in post_attn:   # Gemma-2's post_attention_layernorm, GLM-4's post_self_attn_layernorm
+        for through_mlp in post_mlp:
+            yield (Attn(**attn, norm=attn_norm, through=through_attn, window=sliding_window),
+                   dataclasses.replace(mlp, through=through_mlp))
     if len(norms) == 2:
         yield (Attn(**attn, window=sliding_window), Norm(norms[0]), mlp, Norm(norms[1]))
 

@@ -56,6 +56,8 @@ class Attn:
     - ``softcap``: the config field of a soft-cap on the scores, cap * tanh(score / cap).
     - ``clip``: the config field of a clamp of q, k and v to [-c, c] (OLMo's ``clip_qkv``).
     - ``alibi``: the keyword of the block's input that carries the ALiBi biases (BLOOM, Falcon).
+    - ``unsupported``: ``config -> reason or None``, what the offline attention cannot recompute for
+      this model (``pattern_support`` refuses ``patterns=True`` with that reason).
     """
 
     proj: str
@@ -76,6 +78,7 @@ class Attn:
     softcap: str | None = None
     clip: str | None = None
     alibi: str | None = None
+    unsupported: Callable[[object], str | None] | None = None   # config -> why patterns cannot be recomputed
 
     def __post_init__(self):
         if self.split not in SPLITS:

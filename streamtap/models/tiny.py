@@ -12,7 +12,7 @@ TINY_ARCHS = (
     "gpt2", "gpt_neo", "gpt_bigcode", "llama", "llama-bias", "mistral", "qwen2", "qwen3", "gemma",
     "stablelm", "stablelm-parallel", "olmo", "opt", "bloom", "bloom-post-ln-residual", "gptj",
     "gpt_neox", "gpt_neox-sequential", "phi", "falcon", "falcon-new", "gemma2", "gemma3", "olmo2",
-    "opt-post-ln", "bert", "roberta", "mixtral", "qwen2_moe",
+    "opt-post-ln", "bert", "roberta", "mixtral", "qwen2_moe", "granite", "cohere", "cohere2", "phi3", "starcoder2",
 )
 """Architectures :func:`tiny_model` builds; each maps to one layout streamtap supports."""
 
@@ -177,6 +177,13 @@ _TINY_CONFIGS = {
     "mixtral": _named("MixtralConfig", **_GQA, num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": _named("Qwen2MoeConfig", **_GQA, num_experts=4, num_experts_per_tok=2,
                         moe_intermediate_size=32, shared_expert_intermediate_size=64),
+    "granite": _named("GraniteConfig", **_GQA, embedding_multiplier=3.0, residual_multiplier=0.5,
+                      attention_multiplier=0.1, logits_scaling=4.0),
+    "cohere": _named("CohereConfig", **_GQA, logit_scale=0.25),
+    "cohere2": _named("Cohere2Config", **_GQA, logit_scale=0.25, sliding_window=4,
+                      layer_types=["sliding_attention", "sliding_attention"]),
+    "phi3": _named("Phi3Config", **_GQA),
+    "starcoder2": _named("Starcoder2Config", **_GQA, sliding_window=None),
 }
 assert set(_TINY_CONFIGS) == set(TINY_ARCHS)
 

@@ -1,0 +1,31 @@
+"""Llama-shaped families with other module names: Phi-3 (fused query/key/value and gate/up
+projections) and StarCoder2 (LayerNorm with biases, ``c_fc``/``c_proj`` MLP, sliding windows).
+
+Phi-3's ``qkv_proj`` concatenates all query heads, then all key heads, then all value heads.
+"""
+
+from .spec import INPUT, Attn, Layout, Mlp, projections, sliding_window
+
+LAYOUTS = [
+    Layout(
+        name="phi3",
+        model_types=("phi3",),
+        embeds={"embed": "embed_tokens"},
+        layers="layers",
+        block=(Attn("self_attn.o_proj", qkv="self_attn.qkv_proj", split="concat", norm="input_layernorm",
+                    window=sliding_window),
+               Mlp("mlp", down="mlp.down_proj")),
+        resid_final=("norm", INPUT),
+        final_norm="norm",
+    ),
+    Layout(
+        name="starcoder2",
+        model_types=("starcoder2",),
+        embeds={"embed": "embed_tokens"},
+        layers="layers",
+        block=(Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), window=sliding_window),
+               Mlp("mlp", down="mlp.c_proj")),
+        resid_final=("norm", INPUT),
+        final_norm="norm",
+    ),
+]
