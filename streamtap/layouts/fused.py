@@ -6,26 +6,22 @@ Phi-3's ``qkv_proj`` concatenates all query heads, then all key heads, then all 
 
 from .spec import INPUT, Attn, Layout, Mlp, projections, sliding_window
 
+_NAMES = dict(embeds={"embed": "embed_tokens"}, layers="layers", resid_final=("norm", INPUT), final_norm="norm")
+
 LAYOUTS = [
     Layout(
         name="phi3",
         model_types=("phi3",),
-        embeds={"embed": "embed_tokens"},
-        layers="layers",
+        **_NAMES,
         block=(Attn("self_attn.o_proj", qkv="self_attn.qkv_proj", split="concat", norm="input_layernorm",
                     window=sliding_window),
                Mlp("mlp", down="mlp.down_proj")),
-        resid_final=("norm", INPUT),
-        final_norm="norm",
     ),
     Layout(
         name="starcoder2",
         model_types=("starcoder2",),
-        embeds={"embed": "embed_tokens"},
-        layers="layers",
+        **_NAMES,
         block=(Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), window=sliding_window),
                Mlp("mlp", down="mlp.c_proj")),
-        resid_final=("norm", INPUT),
-        final_norm="norm",
     ),
 ]

@@ -12,6 +12,11 @@ from .spec import INPUT, Attn, Layout, Mlp, Reciprocal, projections, sliding_win
 
 _COHERE_NOTES = (("use_qk_norm", "queries and keys pass through per-head LayerNorms (not recomputed offline)"),)
 
+
+def _qk_norms(config) -> str | None:
+    return "its per-head query and key norms are not recomputed offline" if getattr(config, "use_qk_norm", False) else None
+
+
 def _global_layers_without_rope(config) -> str | None:
     if "full_attention" in (getattr(config, "layer_types", None) or ()):
         return ("its full-attention layers skip the rotary embedding that its sliding layers apply, which the "
@@ -19,45 +24,26 @@ def _global_layers_without_rope(config) -> str | None:
     return None
 
 
+_NAMES = dict(embeds={"embed": "embed_tokens"}, layers="layers", resid_final=("norm", INPUT), final_norm="norm")
+
 LAYOUTS = [
     Layout(
         name="granite",
         model_types=("granite",),
-        embeds={"embed": "embed_tokens"},
-        layers="layers",
+        **_NAMES,
         block=(Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn")),
                Mlp("mlp", down="mlp.down_proj")),
-        resid_final=("norm", INPUT),
-        final_norm="norm",
         embed_scale="embedding_multiplier",
         residual_scale="residual_multiplier",
         logit_scale=Reciprocal("logits_scaling"),
     ),
-    Layout(
-        name="cohere",
-        model_types=("cohere",),
-        embeds={"embed": "embed_tokens"},
-        layers="layers",
+    *(Layout(
+        name=name,
+        model_types=(name,),
+        **_NAMES,
         block=(Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), rotary="interleaved",
-                    notes=_COHERE_NOTES,
-                    unsupported=lambda config: ("its per-head query and key norms are not recomputed offline"
-                                                if getattr(config, "use_qk_norm", False) else None)),
+                    window=sliding_window, notes=_COHERE_NOTES, unsupported=unsupported),
                Mlp("mlp", down="mlp.down_proj")),   # parallel: the MLP reads the same input_layernorm
-        resid_final=("norm", INPUT),
-        final_norm="norm",
         logit_scale="logit_scale",
-    ),
-    Layout(
-        name="cohere2",
-        model_types=("cohere2",),
-        embeds={"embed": "embed_tokens"},
-        layers="layers",
-        block=(Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), rotary="interleaved",
-                    window=sliding_window,
-                    unsupported=_global_layers_without_rope),
-               Mlp("mlp", down="mlp.down_proj")),
-        resid_final=("norm", INPUT),
-        final_norm="norm",
-        logit_scale="logit_scale",
-    ),
+    ) for name, unsupported in (("cohere", _qk_norms), ("cohere2", _global_layers_without_rope))),
 ]

@@ -122,6 +122,7 @@ class Tap:
         self._signature = inspect.signature(type(self.module).forward)
         self._inside = False
         self._snapshot = None
+        self._tapped: dict[str, torch.nn.Module] = {}
         self.envoy = None
         self._bar = None
         self._generation = None  # the state of the model.generate call running in the block, if any
@@ -211,6 +212,7 @@ class Tap:
                 self._snapshot.restore()
                 self.writer.unlock()
                 raise
+        self._tapped = self._tapped_modules()
         if self.options.progress:
             from tqdm.auto import tqdm
 
@@ -243,6 +245,21 @@ class Tap:
                 self._snapshot.restore()
                 self.envoy = None
                 self.recorder.close()
+
+    def _tapped_modules(self) -> dict[str, torch.nn.Module]:
+        """Every module the layout taps, by path, as the self-check saw them."""
+        return {path: self.bound.module(path) for path, _ in self.bound.taps.values()}
+
+    def _check_tree(self) -> None:
+        """Refuse a forward after a module the tap reads was replaced inside the block: the terms
+        would come from modules the self-check never proved (a hook that changes an output instead
+        is caught by ``verify``, which finds the terms no longer add up)."""
+        for path, module in self._tapped.items():
+            if self.bound.module(path) is not module:
+                raise LayoutError(
+                    f"{path} was replaced after the tap opened (it is a {type(self.bound.module(path)).__name__} now); "
+                    "the tap reads the modules its attach-time self-check proved. Modify the model before opening "
+                    "the tap, then open a new one")
 
     def _follow_generate(self) -> None:
         """Route the model's ``generate`` (and the stopping criteria it builds) through the tap.
@@ -325,6 +342,7 @@ class Tap:
             self.recorder.pipeline.raise_pending()  # a writer error surfaces here, before more compute is spent
         if self._generation is not None:
             return self._generation_step(args, kwargs)
+        self._check_tree()
         input_ids, mask = self._inputs(args, kwargs)
         output, _ = self.capture_forward(args, kwargs, input_ids, mask)
         self._advance(int(mask.sum()))
@@ -333,6 +351,7 @@ class Tap:
     def _generation_step(self, args, kwargs):
         """One forward of ``model.generate``: the prompt opens sequences, later steps extend them."""
         gen = self._generation
+        self._check_tree()
         bound = self._signature.bind_partial(self.module, *args, **kwargs).arguments
         gen.check_forward(bound.get("attention_mask"))
         if not gen.started:
