@@ -17,6 +17,7 @@ come from, so an inferred layout does not offer attention patterns (``pattern_su
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Iterator
 
 import torch
@@ -37,12 +38,13 @@ _POST_MLP = ("post_feedforward", "post_mlp", "post_ffn", "ffn_post", "post_ff")
 _POST_ATTN = ("post_attention", "post_attn", "post_self_attn")
 _EMBED_NORMS = ("embed", "emb")
 
-# multipliers models apply outside their modules: (which, config field, Layout value)
+# multipliers models apply outside their modules: (which, config field, the ways models apply it)
 MULTIPLIERS = (
-    ("embed", "embedding_multiplier", "embedding_multiplier"),      # Granite
-    ("residual", "residual_multiplier", "residual_multiplier"),     # Granite
-    ("logit", "logits_scaling", Reciprocal("logits_scaling")),      # Granite: logits / logits_scaling
-    ("logit", "logit_scale", "logit_scale"),                        # Cohere: logits * logit_scale
+    ("embed", "embedding_multiplier", ("embedding_multiplier",)),   # Granite, HyperCLOVA X
+    ("residual", "residual_multiplier", ("residual_multiplier",)),  # Granite, HyperCLOVA X
+    # Granite divides its logits by logits_scaling, HyperCLOVA X multiplies them: the self-check decides
+    ("logit", "logits_scaling", (Reciprocal("logits_scaling"), "logits_scaling")),
+    ("logit", "logit_scale", ("logit_scale",)),                     # Cohere: logits * logit_scale
 )
 
 
@@ -147,10 +149,14 @@ def _block_variants(block: torch.nn.Module, attn: dict, mlp) -> Iterator[tuple]:
     inputs = [n for n in norms if n not in post_attn + post_mlp]
     attn_norm = inputs[0] if inputs else None
     yield (Attn(**attn, norm=attn_norm, window=sliding_window), mlp)
-    for through_attn in post_attn:   # Gemma-2's post_attention_layernorm, GLM-4's post_self_attn_layernorm
-        for through_mlp in post_mlp:
-            yield (Attn(**attn, norm=attn_norm, through=through_attn, window=sliding_window),
-                   dataclasses.replace(mlp, through=through_mlp))
+    # sandwich pairs named as such first (Gemma-2's post_attention_layernorm, GLM-4's post_self_attn_layernorm),
+    # then any other pair of the block's later norms (HyperCLOVA X's post_norm1, post_norm2)
+    named = [(a, m) for a in post_attn for m in post_mlp]
+    others = [(a, m) for a in norms for m in norms
+              if a != m and attn_norm not in (a, m) and (a, m) not in named] if len(norms) >= 3 else []
+    for through_attn, through_mlp in named + others:
+        yield (Attn(**attn, norm=attn_norm, through=through_attn, window=sliding_window),
+               dataclasses.replace(mlp, through=through_mlp))
     if len(norms) == 2:
         yield (Attn(**attn, window=sliding_window), Norm(norms[0]), mlp, Norm(norms[1]))
 
@@ -207,11 +213,10 @@ def candidates(model) -> list[Layout]:
     embeds, learned, embed_norms = found
     positions = "learned" if learned else (
         "rotary" if any("rotary" in type(m).__name__.lower() for m in model.modules()) else "none")
-    multipliers = {}
-    for which, field, value in MULTIPLIERS:
-        if getattr(config, field, None) not in (None, 1, 1.0):
-            multipliers[f"{which}_scale"] = value
-    scalings = [multipliers, {}] if multipliers else [{}]
+    options = [[(f"{which}_scale", way) for way in ways] for which, field, ways in MULTIPLIERS
+               if getattr(config, field, None) not in (None, 1, 1.0)]
+    scalings = [dict(choice) for choice in itertools.product(*options) if len({k for k, _ in choice}) == len(choice)]
+    scalings = [s for s in scalings if s] + [{}]
     after = [(Norm(embed_norms[0]),), ()] if embed_norms else [()]
     model_type = getattr(config, "model_type", None) or type(model).__name__
     out = []

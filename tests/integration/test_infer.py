@@ -129,6 +129,17 @@ def test_inferred_multipliers_are_proven_and_stored_in_the_terms(monkeypatch):
     assert ds.attrs["multipliers"] == {"embed": 3.0, "residual": 0.5, "logit": 0.25}
 
 
+def test_the_self_check_decides_how_a_multiplier_is_applied():
+    """HyperCLOVA X multiplies its logits by ``logits_scaling`` where Granite divides by it, and puts
+    its sublayer norms under names of its own (post_norm1, post_norm2): inference proposes both
+    readings and every pairing of norms, and only the exact one is used."""
+    model = tiny("hyperclovax", embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0,
+                 attention_multiplier=0.2)
+    ds, said = capture_exact(model, [8, 5], seed=7)
+    assert len(said) == 1 and "logit x4" in said[0] and "through='post_norm1'" in said[0]
+    assert ds.attrs["multipliers"] == {"embed": 2.0, "residual": 0.5, "logit": 4.0}
+
+
 @pytest.mark.parametrize("arch", ["granite", "cohere", "cohere2", "phi3", "starcoder2"])
 def test_family_files_win_over_inference_and_their_logits_come_from_the_stored_weights(arch):
     ds, said = capture_exact(tiny_model(arch), [6, 3], seed=2)
