@@ -137,6 +137,13 @@ def _mlp(block: torch.nn.Module, s: dict, attn_prefix: str) -> Mlp | Moe | None:
         downs = [n for n, sub in m.named_modules() if (_in_out(sub) or (0, 0))[1] == s["d_model"] and n]
         if downs:
             return Mlp(name, down=f"{name}.{min(downs, key=lambda n: (_rank(n, _DOWN_NAMES), n.count('.')))}")
+    # no MLP module: the block holds its linear maps itself (OPT, BioGPT, XGLM's fc1/fc2), and the one
+    # that maps to d_model writes the MLP term
+    downs = [name for name, m in block.named_children()
+             if name != attn_prefix.split(".")[0] and (_in_out(m) or (0, 0))[1] == s["d_model"]]
+    if downs:
+        down = min(downs, key=lambda n: _rank(n, _DOWN_NAMES))
+        return Mlp(down, down=down)
     return None
 
 
@@ -170,7 +177,10 @@ def _embeddings(model, base: torch.nn.Module, d_model: int) -> tuple[dict, bool,
     embeds = {"embed": names[id(emb)]}
     learned = False
     for name, m in base.named_children():
-        if isinstance(m, torch.nn.Embedding) and m is not emb and m.embedding_dim == d_model:
+        kind = type(m).__name__.lower()
+        # an additive position term: a learned table, or a sinusoidal module (XGLM); rotary ones act inside attention
+        if m is not emb and ((isinstance(m, torch.nn.Embedding) and m.embedding_dim == d_model)
+                             or ("positional" in kind and "rotary" not in kind)):
             embeds["pos_embed"], learned = name, True
             break
     children = list(base.named_children())

@@ -26,8 +26,10 @@ from _util import padded_batch, run
 
 BOUND = 1e-5   # float32, relative to max |resid| per token
 # no family file names these; each is a different shape of block (plain pre-norm, sandwich norms with
-# GLM-4's names, post-sublayer norms without input norms, attention biases, no-rope layers)
-INFERRED = ("helium", "glm4", "olmo3", "seed_oss", "smollm3", "exaone4")
+# GLM-4's names, post-sublayer norms without input norms, attention biases, no-rope layers, MLP maps
+# held by the block itself with learned (BioGPT) or sinusoidal (XGLM) positions)
+INFERRED = ("helium", "glm4", "olmo3", "seed_oss", "smollm3", "exaone4", "biogpt", "xglm")
+FINAL_NORM = {"biogpt": "biogpt.layer_norm", "xglm": "model.layer_norm"}   # the rest: model.norm
 
 
 def tiny(model_type: str, seed: int = 0, **overrides):
@@ -56,7 +58,7 @@ def tiny(model_type: str, seed: int = 0, **overrides):
 def final_norm_input(model, ids, mask):
     """(model output with hidden states, the final norm's input) from a hook of the test's own."""
     seen = {}
-    norm = model.get_submodule("model.norm")
+    norm = model.get_submodule(FINAL_NORM.get(model.config.model_type, "model.norm"))
     handle = norm.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0].detach().clone()))
     try:
         with torch.no_grad():
@@ -82,7 +84,7 @@ def assert_logits(ds, model, out, final, mask):
     scale), gives the model's logits: direct logit attribution from the store is exact."""
     real = mask.bool()
     with torch.no_grad():
-        normed = model.get_submodule("model.norm")(final[real]).double().numpy()
+        normed = model.get_submodule(FINAL_NORM.get(model.config.model_type, "model.norm"))(final[real]).double().numpy()
     ours = normed @ ds["W_U"].values.astype(np.float64).T
     theirs = out.logits[real].double().numpy()
     assert np.abs(ours - theirs).max() <= BOUND * np.abs(theirs).max()
