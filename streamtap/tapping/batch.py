@@ -53,6 +53,11 @@ def describe_config(config) -> str:
         return json.dumps({k: repr(v) for k, v in vars(config).items()})
 
 
+def _multiply(factor: float):
+    """A route transform storing a term as the stream receives it (a layout multiplier), or None for 1."""
+    return None if factor == 1.0 else (lambda x: x * factor)
+
+
 class Recorder:
     """Per tap: the routes of the terms, the buffer pools, the store spec, and each batch's hand-over."""
 
@@ -85,15 +90,17 @@ class Recorder:
             routes.setdefault(location(*b.taps[key]), []).append(route)
 
         L = b.n_layers
+        embed_scale, residual_scale = _multiply(b.multiplier("embed")), _multiply(b.multiplier("residual"))
         for var in b.layout.embeds:
             if var in b.taps:
-                add(var, Route(var))
+                add(var, Route(var, transform=embed_scale if var == "embed" else None))
         for layer in range(L):  # a hybrid model's mixer layers have no z, its attention layers no mixer_out
             if f"z.{layer}" in b.taps:
                 add(f"z.{layer}", Route("z", layer, L, tail=(b.n_heads, b.d_head)))
             if f"mixer_out.{layer}" in b.taps:
-                add(f"mixer_out.{layer}", Route("mixer_out", layer, L))
-            add(f"mlp_out.{layer}", Route("mlp_out", layer, L, flat=f"mlp_out.{layer}" in b.flat))
+                add(f"mixer_out.{layer}", Route("mixer_out", layer, L, transform=residual_scale))
+            add(f"mlp_out.{layer}", Route("mlp_out", layer, L, flat=f"mlp_out.{layer}" in b.flat,
+                                          transform=residual_scale))
             if self.options.neurons:
                 add(f"neuron_act.{layer}", Route("neuron_act", layer, L, flat=f"neuron_act.{layer}" in b.flat))
         for k in range(len(b.norms)):
