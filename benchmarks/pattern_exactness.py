@@ -9,7 +9,8 @@ a padded batch (lengths 11, 6, 3; right padding, and left padding for decoders),
 - pattern: max |st.analysis.attention(ds, row) - output_attentions| over every row, layer, head,
   query and key (absolute, on probabilities), the model's probabilities in the capture's dtype;
 - second invariant: max over tokens, layers and heads of streamtap.attention.output_errors (each
-  head's stored output against sum_j A[i,j] v_j, relative to the token's largest |z|).
+  head's stored output against sum_j A[i,j] v_j, relative to the magnitude rounding acts on:
+  streamtap.attention.output_scale, docs/design.md "The second invariant's tolerance").
 
 The bound in parentheses is the invariant's, st.tolerance (1e-5 in float32, (3L+1)u in half
 precision). With --with-smollm2 the real model's patterns on the bundled sample (captured with SDPA,

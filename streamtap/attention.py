@@ -181,6 +181,16 @@ class Attention:
         seen = self.visible(layer, pos_q, pos_k)
         return np.where(seen[None], scores, -np.inf)
 
+    def score_magnitudes(self, layer: int, heads, q, k, pos_q, pos_k, alibi_k=None) -> np.ndarray:
+        """(head, queries, keys) the magnitude each score is summed from, scale * sum_e |q_e k_e| (+ |ALiBi|),
+        zero where a key is not seen: rounding q, k or the score moves it by at most this times the
+        number of roundings in units of u, whatever the score itself cancels to (a soft-cap only shrinks it)."""
+        kq = np.abs(k[:, self.kv[heads]])
+        mags = np.einsum("qhe,khe->hqk", np.abs(q[:, heads]), kq, optimize=True) * abs(self.scale[layer])
+        if alibi_k is not None:
+            mags = mags + np.abs(alibi_k[:, heads]).T[:, None, :]
+        return np.where(self.visible(layer, pos_q, pos_k)[None], mags, 0.0)
+
     def sink_logits(self, layer: int, heads) -> np.ndarray | None:
         """(head,) the chosen heads' learned sink logits at ``layer``, or None where the model has none."""
         return None if self.sinks is None else self.sinks[layer][heads]
@@ -263,11 +273,12 @@ PATTERN_BYTES = 512 << 20   # patterns and scores held at once per sequence and 
 
 class SequenceAttention:
     """One stored sequence's attention at one layer for a block of heads: its tokens' ids and positions,
-    the heads (``heads``), their patterns and scores (head, query, key), and the layer's values
-    (token, kv_head, d_head)."""
+    the heads (``heads``), their patterns and scores (head, query, key), the layer's queries
+    (token, head, d_head), keys and values (token, kv_head, d_head), and its ALiBi rows (or None)."""
 
-    def __init__(self, ids, pos, heads, pattern, scores, v):
+    def __init__(self, ids, pos, heads, pattern, scores, v, q=None, k=None, alibi=None):
         self.ids, self.pos, self.heads, self.pattern, self.scores, self.v = ids, pos, heads, pattern, scores, v
+        self.q, self.k, self.alibi = q, k, alibi
 
 
 def head_blocks(n_heads: int, n_tokens: int, dtype, max_bytes: int | None = None) -> list[np.ndarray]:
@@ -300,15 +311,49 @@ def sequence_attention(ds: xr.Dataset, seqs=None, layers=None, *, dtype=np.float
             for heads in head_blocks(ds.sizes["head"], pos.size, dtype, max_bytes):
                 scores = att.scores(int(layer), heads, q, k, pos, pos, alibi)
                 yield int(seq), int(layer), SequenceAttention(ids, pos, heads, att.softmax(scores, att.sink_logits(layer, heads)),
-                                                                    scores, v)
+                                                                    scores, v, q, k, alibi)
+
+
+def output_scale(att: Attention, layer: int, one: SequenceAttention, out: np.ndarray) -> np.ndarray:
+    """(query, head) the magnitude M the second invariant's error is measured against: the largest
+    component of
+
+        M_i = sum_j A_ij |v_j|  +  sum_j A_ij (S_ij + S_i) |v_j - o_i|,   S_i = sum_j A_ij S_ij
+
+    with o_i = sum_j A_ij v_j (``out``), S_ij the magnitude the score s_ij is summed from
+    (``Attention.score_magnitudes``) and the sums over the keys the query sees plus, where the model has
+    learned sinks, the sink as one more key with value zero and S = |its logit|. Why: a relative rounding
+    u in v or A moves o_i by at most u sum_j A_ij |v_j| (the summands' magnitude, as the residual
+    invariant measures a sum against its partial sums, not its cancelled result); a rounding that moves
+    score s_ij by d_ij <= u S_ij moves A_ij by A_ij (d_ij - sum_k A_ik d_ik) and o_i by
+    sum_j A_ij (d_ij - d_i)(v_j - o_i), at most u sum_j A_ij (S_ij + S_i) |v_j - o_i|: zero for a query
+    that sees one key, large where q and k are (the model's own softmax is then only that accurate)."""
+    A = one.pattern                                                     # (head, query, key)
+    S = att.score_magnitudes(layer, one.heads, one.q, one.k, one.pos, one.pos, one.alibi)
+    sink = np.clip(1.0 - A.sum(-1), 0.0, None)                          # the sinks' share; 0 without
+    logits = att.sink_logits(layer, one.heads)
+    S_sink = np.zeros(len(one.heads)) if logits is None else np.abs(logits)
+    S_mean = (A * S).sum(-1) + sink * S_sink[:, None]                   # (head, query)
+    v = one.v[:, att.kv[one.heads]]                                     # (key, head, e)
+    summands = np.einsum("hqk,khe->qhe", A, np.abs(v), optimize=True)
+    weights = A * (S + S_mean[..., None])                               # (head, query, key)
+    moved = np.empty_like(summands)
+    rows = max(1, PATTERN_BYTES // max(v.size * v.itemsize, 1))          # queries whose spread fits at once
+    for i in range(0, out.shape[0], rows):
+        spread = np.abs(v[None] - out[i:i + rows, None])                # (query, key, head, e)
+        moved[i:i + rows] = np.einsum("hqk,qkhe->qhe", weights[:, i:i + rows], spread, optimize=True)
+    moved += ((sink * (S_sink[:, None] + S_mean)).T)[..., None] * np.abs(out)
+    return np.maximum((summands + moved).max(-1), 1e-300)
 
 
 def output_errors(ds: xr.Dataset, seq: int, *, dtype=np.float64) -> xr.DataArray:
     """How far each head's stored output is from sum_j A[i, j] v_j recomputed: (token, layer, head).
 
-    Compared in the head's value space (z, the input of the output projection), per token and layer
-    relative to the largest |z| of that token and layer; the store's tolerance applies
-    (``streamtap.tolerance``). Where the model's value bias is part of v it is part of both sides.
+    Compared in the head's value space (z, the input of the output projection): max_e |z_i - o_i| over
+    the magnitude the model's own rounding acts on (``output_scale``: the values' magnitudes, and the
+    spread of the values weighted by how large the scores are summed from), so that the store's
+    tolerance (``streamtap.tolerance``) bounds it as it bounds the residual invariant. Where the model's
+    value bias is part of v it is part of both sides.
     """
     att = Attention(ds, dtype)
     sub = ds.isel(token=sequence_tokens(ds, seq))
@@ -317,13 +362,13 @@ def output_errors(ds: xr.Dataset, seq: int, *, dtype=np.float64) -> xr.DataArray
     errors = np.empty((n, L, H), dtype)
     for _, layer, one in sequence_attention(ds, [seq], dtype=dtype, att=att):
         out = np.einsum("hqk,khe->qhe", one.pattern, one.v[:, att.kv[one.heads]], optimize=True)
-        scale = np.maximum(np.abs(z[:, layer]).max(axis=(1, 2)), 1e-30)   # per token, over all heads
-        errors[:, layer, one.heads] = np.abs(out - z[:, layer, one.heads]).max(-1) / scale[:, None]
+        scale = output_scale(att, layer, one, out)
+        errors[:, layer, one.heads] = np.abs(out - z[:, layer, one.heads]).max(-1) / scale
     coords = {name: ("token", np.asarray(sub[name].values)) for name in ("seq", "pos", "token_id")}
     coords.update(layer=np.arange(L), head=np.arange(H))
     return xr.DataArray(errors, dims=("token", "layer", "head"), coords=coords, name="output_error")
 
 
 __all__ = ["Attention", "SequenceAttention", "sequence_attention", "head_blocks", "PATTERN_BYTES", "require_patterns", "sequence_tokens",
-           "sequence_residuals", "rotary_tables", "output_errors",
+           "sequence_residuals", "rotary_tables", "output_errors", "output_scale",
            "kv_map"]

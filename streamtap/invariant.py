@@ -368,7 +368,9 @@ def verify(ds, *, tol: float | None = None, dtype=np.float32, raise_on_error: bo
 def output_check(ds: xr.Dataset) -> xr.DataArray:
     """The second invariant on every stored sequence: each head's output at each token against the
     sum over sources of its attention times their values, recomputed (``streamtap.attention``).
-    Returns (token, layer, head) relative errors, sequence by sequence."""
+    Returns (token, layer, head) errors relative to the magnitude the model's rounding acts on
+    (``streamtap.attention.output_scale``), sequence by sequence: the residual invariant's tolerance
+    bounds them (docs/design.md, "The second invariant's tolerance")."""
     from .attention import output_errors
 
     seqs = np.unique(np.asarray(ds["seq"].values))

@@ -306,7 +306,8 @@ class SequenceItem(pytest.Item):
             lines = [f"streamtap store {self.parent.label}, seq {self.seq}: {e.n_bad} of {e.n_total} head outputs "
                      "miss the second invariant",
                      "  head output at i = sum_j A[i, j] * v_j (its pattern times the values, in the head's value "
-                     "space)", f"  tolerance {e.tol:g} (relative to the largest |z| of the token and layer)",
+                     "space)", f"  tolerance {e.tol:g} (relative to the magnitude rounding acts on, sum_j A[i, j] |v_j| plus the "
+                     "values' spread weighted by the scores' magnitudes: docs/design.md)",
                      "    {:>6}  {:>5}  {:>4}  {:>11}".format("pos", "layer", "head", "rel_error")]
             lines += [f"    {pos:>6}  {layer:>5}  {head:>4}  {err:>11.3e}" for pos, layer, head, err in e.rows]
             lines.append("The pattern recomputed from the store differs from what the head wrote: a positional "
