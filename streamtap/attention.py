@@ -360,7 +360,8 @@ def output_errors(ds: xr.Dataset, seq: int, *, dtype=np.float64) -> xr.DataArray
     n, L, H = sub.sizes["token"], ds.sizes["layer"], ds.sizes["head"]
     z = np.asarray(sub["z"].values, dtype)
     errors = np.empty((n, L, H), dtype)
-    for _, layer, one in sequence_attention(ds, [seq], dtype=dtype, att=att):
+    # output_scale holds two more (head, query, key) arrays beside the pattern and scores: half the blocks
+    for _, layer, one in sequence_attention(ds, [seq], dtype=dtype, att=att, max_bytes=PATTERN_BYTES // 2):
         out = np.einsum("hqk,khe->qhe", one.pattern, one.v[:, att.kv[one.heads]], optimize=True)
         scale = output_scale(att, layer, one, out)
         errors[:, layer, one.heads] = np.abs(out - z[:, layer, one.heads]).max(-1) / scale
