@@ -3,7 +3,7 @@
 q, k and v are recomputed from the residual entering a layer (the store's own replay, exact), the
 attention's input norm at each token's own scale, its static weights, and what the layout recorded
 in the store's attributes (q/k norms, a clip, rotary style and the rotary or ALiBi tables each token
-received, sliding windows, a soft-cap, learned sinks, causality). ``streamtap.verify`` checks a head's stored output
+received and which layers rotate, sliding windows, a soft-cap, learned sinks, causality). ``streamtap.verify`` checks a head's stored output
 against them (the second invariant); ``streamtap.analysis.attention`` and ``source_messages`` give
 them to researchers. Nothing here imports torch.
 """
@@ -85,6 +85,7 @@ class Attention:
         self.positional = a.get("positional", "none")
         self.rotary = a.get("rotary_style", "half")
         self.groups = list(a.get("rotary_groups") or [0] * n_layers)
+        self.rotates = [bool(r) for r in a.get("rotary_layers") or [True] * n_layers]
 
     # -- q, k, v ------------------------------------------------------------------------------------
     def _attn_input(self, x: np.ndarray, layer: int) -> np.ndarray:
@@ -140,7 +141,7 @@ class Attention:
             q, k = self._qk_norm(q, "q", layer), self._qk_norm(k, "k", layer)
         if self.clip:
             q, k, v = (np.clip(t, -self.clip, self.clip) for t in (q, k, v))
-        if cos is not None:
+        if cos is not None and self.rotates[layer]:   # a no-rope layer is given the tables but turns nothing
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         return q, k, v
 

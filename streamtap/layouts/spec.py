@@ -54,6 +54,8 @@ class Attn:
       order of the ``position_embeddings`` pair the attention module receives.
     - ``window``: ``(config, attention module) -> int | None``, the sliding window of a layer (a
       key is seen while the query is fewer than that many positions after it).
+    - ``rotates``: ``(config, attention module) -> bool``, whether a layer rotates its queries and
+      keys (no-rope layers: SmolLM3's ``no_rope_layers``); default: every layer of a rotary model.
     - ``softcap``: the config field of a soft-cap on the scores, cap * tanh(score / cap).
     - ``clip``: the config field of a clamp of q, k and v to [-c, c] (OLMo's ``clip_qkv``).
     - ``alibi``: the keyword of the block's input that carries the ALiBi biases (BLOOM, Falcon).
@@ -80,6 +82,7 @@ class Attn:
     rotary: str = "half"
     rotary_order: str = "cos_sin"
     window: Callable | None = None
+    rotates: Callable | None = None
     softcap: str | None = None
     clip: str | None = None
     alibi: str | None = None
@@ -108,6 +111,12 @@ def sliding_window(config, attention) -> int | None:
     if hasattr(attention, "sliding_window"):
         return attention.sliding_window
     return getattr(config, "sliding_window", None)
+
+
+def uses_rope(config, attention) -> bool:
+    """The attention module's own ``use_rope`` flag where it keeps one (no-rope layers: SmolLM3,
+    Llama-4), else True."""
+    return bool(getattr(attention, "use_rope", True))
 
 
 def projections(prefix: str, q: str = "q_proj", k: str = "k_proj", v: str = "v_proj") -> dict[str, str]:
@@ -224,4 +233,4 @@ class Layout:
 
 
 __all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "ROTARY_STYLES", "Paths", "Attn", "Mlp", "Mixer", "Moe", "Norm", "Layout",
-           "projections", "sliding_window"]
+           "projections", "sliding_window", "uses_rope"]

@@ -13,7 +13,7 @@ TINY_ARCHS = (
     "stablelm", "stablelm-parallel", "olmo", "opt", "bloom", "bloom-post-ln-residual", "gptj",
     "gpt_neox", "gpt_neox-sequential", "phi", "falcon", "falcon-new", "gemma2", "gemma3", "olmo2",
     "opt-post-ln", "bert", "roberta", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2",
-    "deepseek_v3",
+    "deepseek_v3", "smollm3",
 )
 """Architectures :func:`tiny_model` builds; each maps to one layout streamtap supports."""
 
@@ -193,6 +193,8 @@ _TINY_CONFIGS = {
                           qk_nope_head_dim=8, v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2,
                           n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1,
                           n_group=2, topk_group=1),
+    # layer 1 is a no-rope layer (no_rope_layers: 1 rotates, 0 does not)
+    "smollm3": _named("SmolLM3Config", **_GQA, head_dim=16, no_rope_layers=[1, 0]),
 }
 assert set(_TINY_CONFIGS) == set(TINY_ARCHS)
 

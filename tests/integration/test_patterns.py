@@ -147,6 +147,7 @@ VARIANTS = {
     "gpt_neo-window": ("gpt_neo", dict(window_size=2), dict(attn_window=[None, 2]), _attrs(attn_window=[None, None])),
     "gemma3-two-ropes": ("gemma3", dict(layer_types=["sliding_attention", "full_attention"], sliding_window=3),
                          dict(attn_window=[3, None]), _attrs(attn_window=[None, None])),  # its ropes: below
+    "smollm3-no-rope": ("smollm3", {}, dict(rotary_layers=[True, False]), _attrs(rotary_layers=[True, True])),
     "olmo-clip": ("olmo", dict(clip_qkv=0.5), dict(qkv_clip=0.5), _attrs(qkv_clip=None)),
     "stablelm-qk-norm": ("stablelm", dict(qk_layernorm=True), dict(qk_norm_scope="head", qk_norm_kind="layernorm"),
                          _without("q_norm_weight", "k_norm_weight", "q_norm_bias", "k_norm_bias")),
