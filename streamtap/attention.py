@@ -114,13 +114,15 @@ class Attention:
 
     def _rotate(self, t: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """Queries or keys (n, heads, d_head) turned by the token's own cos and sin (n, width)."""
-        if self.rotary == "interleaved":   # GPT-J: pairs of neighbouring dims, tables of half the width
+        if self.rotary == "interleaved_from_half":   # Ernie-4.5: the first half of full-width tables, each twice
+            cos, sin = cos[..., :cos.shape[-1] // 2], sin[..., :sin.shape[-1] // 2]
+        if self.rotary.startswith("interleaved"):   # GPT-J: pairs of neighbouring dims, tables of half the width
             cos, sin = np.repeat(cos, 2, axis=-1), np.repeat(sin, 2, axis=-1)
         elif self.rotary == "halves":      # GPT-OSS: one table of half the width turns both halves
             cos, sin = np.concatenate([cos, cos], axis=-1), np.concatenate([sin, sin], axis=-1)
         r = cos.shape[-1]
         part = t[..., :r]
-        if self.rotary == "interleaved":
+        if self.rotary.startswith("interleaved"):
             turned = np.stack([-part[..., 1::2], part[..., ::2]], axis=-1).reshape(part.shape)
         else:
             turned = np.concatenate([-part[..., r // 2:], part[..., :r // 2]], axis=-1)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 POSITIONS = ("rotary", "learned", "alibi", "none")
-ROTARY_STYLES = ("half", "interleaved", "halves")
+ROTARY_STYLES = ("half", "interleaved", "halves", "interleaved_from_half")
 
 INPUT, OUTPUT = "input", "output"
 Paths = str | tuple[str, ...]   # alternatives: the first that names a module in this model is used
@@ -50,7 +50,8 @@ class Attn:
     - ``rotary``: how queries and keys are rotated where the layout's positions are rotary:
       ``"half"`` (the two halves of the rotated dims, Llama's ``rotate_half``) or ``"interleaved"``
       (pairs of neighbouring dims, GPT-J) or ``"halves"`` (the two halves turned by one table of half
-      the width, GPT-OSS's ``_apply_rotary_emb``); ``rotary_order``: ``"cos_sin"`` or ``"sin_cos"``, the
+      the width, GPT-OSS's ``_apply_rotary_emb``) or ``"interleaved_from_half"`` (neighbouring pairs
+      turned by the first half of full-width tables, each entry repeated twice: Ernie-4.5); ``rotary_order``: ``"cos_sin"`` or ``"sin_cos"``, the
       order of the ``position_embeddings`` pair the attention module receives.
     - ``window``: ``(config, attention module) -> int | None``, the sliding window of a layer (a
       key is seen while the query is fewer than that many positions after it).

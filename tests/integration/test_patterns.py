@@ -33,7 +33,8 @@ from _util import padded_batch
 LENGTHS = [11, 6, 3]
 BOUND = 1e-5            # absolute, on probabilities, float32
 ENCODERS = {"bert", "roberta"}
-REFUSED = {"deepseek_v2": "multi-head latent attention", "deepseek_v3": "multi-head latent attention"}
+REFUSED = {"deepseek_v2": "multi-head latent attention", "deepseek_v3": "multi-head latent attention",
+           "hunyuan_v1_moe": "norms act after the rotary rotation"}
 SINKS = {"gpt_oss"}     # learned sinks take a share of each row: it sums to less than one, as the model's
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
