@@ -3,7 +3,7 @@
 q, k and v are recomputed from the residual entering a layer (the store's own replay, exact), the
 attention's input norm at each token's own scale, its static weights, and what the layout recorded
 in the store's attributes (q/k norms, a clip, rotary style and the rotary or ALiBi tables each token
-received, sliding windows, a soft-cap, learned sinks, causality). ``streamtap.verify`` checks a head's stored output
+received and which layers rotate, sliding windows, a soft-cap, learned sinks, causality). ``streamtap.verify`` checks a head's stored output
 against them (the second invariant); ``streamtap.analysis.attention`` and ``source_messages`` give
 them to researchers. Nothing here imports torch.
 """
@@ -93,6 +93,7 @@ class Attention:
         self.positional = a.get("positional", "none")
         self.rotary = a.get("rotary_style", "half")
         self.groups = list(a.get("rotary_groups") or [0] * n_layers)
+        self.rotates = [bool(r) for r in a.get("rotary_layers") or [True] * n_layers]
 
     # -- q, k, v ------------------------------------------------------------------------------------
     def _attn_input(self, x: np.ndarray, layer: int) -> np.ndarray:
@@ -121,14 +122,16 @@ class Attention:
 
     def _rotate(self, t: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """Queries or keys (n, heads, d_head) turned by the token's own cos and sin (n, width)."""
-        if self.rotary == "interleaved" and not _paired(cos, sin):
+        if self.rotary == "interleaved_from_half":   # Ernie-4.5: the first half of full-width tables, each twice
+            cos, sin = cos[..., :cos.shape[-1] // 2], sin[..., :sin.shape[-1] // 2]
+        if self.rotary.startswith("interleaved") and not _paired(cos, sin):
             # GPT-J: pairs of neighbouring dims, tables of half the width (Cohere's come repeated already)
             cos, sin = np.repeat(cos, 2, axis=-1), np.repeat(sin, 2, axis=-1)
         elif self.rotary == "halves":      # GPT-OSS: one table of half the width turns both halves
             cos, sin = np.concatenate([cos, cos], axis=-1), np.concatenate([sin, sin], axis=-1)
         r = cos.shape[-1]
         part = t[..., :r]
-        if self.rotary == "interleaved":
+        if self.rotary.startswith("interleaved"):
             turned = np.stack([-part[..., 1::2], part[..., ::2]], axis=-1).reshape(part.shape)
         else:
             turned = np.concatenate([-part[..., r // 2:], part[..., :r // 2]], axis=-1)
@@ -149,7 +152,7 @@ class Attention:
             q, k = self._qk_norm(q, "q", layer), self._qk_norm(k, "k", layer)
         if self.clip:
             q, k, v = (np.clip(t, -self.clip, self.clip) for t in (q, k, v))
-        if cos is not None:
+        if cos is not None and self.rotates[layer]:   # a no-rope layer is given the tables but turns nothing
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         return q, k, v
 

@@ -182,7 +182,8 @@ def relevance(ds: xr.Dataset, tokens, *, tokenizer=None, layers=None, input_norm
         Over (layer, head, query, key): ``raw``, the unscaled bilinear score, and ``normalized``,
         the softmax over the chosen keys of raw times the model's score scale (``attn_scale``:
         1/sqrt(d_head) in most models, 1 in GPT-Neo, Gemma-2's query_pre_attn_scalar): the
-        attention a query token would pay among these keys alone (rows sum to 1). Coordinates
+        attention a query token would pay among these keys alone (rows sum to 1; to less where the
+        store has learned sinks, ``attn_sinks``, which take their share as in the model). Coordinates
         ``query_id``, ``query_text``, ``key_id``, ``key_text``; attributes ``note``,
         ``normalized``, ``input_norm`` and, where they apply, ``rotary_note`` and ``attn_notes``.
 
@@ -204,13 +205,19 @@ def relevance(ds: xr.Dataset, tokens, *, tokenizer=None, layers=None, input_norm
     raw = np.einsum("lhqe,lhke->lhqk", q, k)
     scale = static(ds, "attn_scale", dtype)[layer_ids] if "attn_scale" in ds else np.full(len(layer_ids), W_Q.shape[-1] ** -0.5)
     scaled = raw * scale[:, None, None, None]
-    scaled = scaled - scaled.max(-1, keepdims=True)
-    norm = np.exp(scaled) / np.exp(scaled).sum(-1, keepdims=True)
+    sinks = static(ds, "attn_sinks", dtype)[layer_ids][:, :, None, None] if "attn_sinks" in ds else None
+    top = scaled.max(-1, keepdims=True) if sinks is None else np.maximum(scaled.max(-1, keepdims=True), sinks)
+    weights = np.exp(scaled - top)
+    total = weights.sum(-1, keepdims=True) + (0 if sinks is None else np.exp(sinks - top))
+    norm = weights / total
     coords = {"layer": layer_ids, "head": np.arange(ds.sizes["head"]),
               **_token_axis(ds, ids, tokenizer, "query"), **_token_axis(ds, ids, tokenizer, "key")}
     dims = ("layer", "head", "query", "key")
     attrs = _notes(ds, "relevance of key tokens to query tokens, E W_QK E^T")
     attrs["normalized"] = "softmax over the chosen keys of raw * attn_scale (the model's score scale, 1/sqrt(d_head) in most)"
+    if sinks is not None:
+        attrs["normalized"] += ("; the head's learned sink logit (attn_sinks) is one more column of the softmax, as in "
+                                "the model, so a row sums to less than 1")
     attrs["input_norm"] = int(bool(("attn_norm_weight" in ds) if input_norm is None else input_norm))
     return xr.Dataset({"raw": (dims, raw), "normalized": (dims, norm)}, coords=coords, attrs=attrs)
 

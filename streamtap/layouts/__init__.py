@@ -14,8 +14,8 @@ from .bind import BoundLayout, bind
 from .spec import INPUT, OUTPUT, POSITIONS, SPLITS, Attn, Layout, Mixer, Mlp, Moe, Norm, projections
 from .weights import Weights, in_out_weight
 
-_FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert", "moe", "hybrid",
-             "scaled", "fused")
+_FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert", "moe", "no_rope",
+             "hybrid", "scaled", "fused")
 
 GUIDE = "docs/layouts.md"
 

@@ -1,11 +1,13 @@
-"""Mixtures of experts: Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS, DeepSeek-V2/V3.
+"""Mixtures of experts: Mixtral, PhiMoE, Qwen2/3-MoE, OLMoE, FlexOlmo, GPT-OSS, DeepSeek-V2/V3, Ernie-4.5-MoE,
+GLM-4-MoE, dots1, HunYuan-MoE-V1.
 
 The MLP term of a layer splits into one term per expert actually routed to, weighted by its
 router weight (and the shared expert's term, gated or not), so a researcher can ask which expert
 wrote what. Layers without experts (DeepSeek's first dense layers, Qwen3-MoE's ``mlp_only_layers``)
 write one dense MLP term. GPT-OSS adds learned attention sinks to the softmax; DeepSeek's
 multi-head latent attention keeps per-head z and W_O, but its queries and keys pass through
-low-rank projections with a norm between them, so its patterns are not recomputed.
+low-rank projections with a norm between them, so its patterns are not recomputed. HunYuan normalises queries and keys after rotating them, which
+the offline recomputation (norm, then rotation) does not reproduce: its patterns are refused too.
 """
 
 from .spec import INPUT, Attn, Layout, Mlp, Moe, projections, sliding_window
@@ -15,6 +17,9 @@ QK_NORM_ATTN = Attn("self_attn.o_proj", norm="input_layernorm", **projections("s
                     qk_norm=("self_attn.q_norm", "self_attn.k_norm"), clip="clip_qkv",
                     notes=(("clip_qkv", "queries, keys and values are clipped to [-{0}, {0}] after the projection"),))
 DENSE = Mlp("mlp", down="mlp.down_proj")
+SHARED = Moe("mlp", experts="mlp.experts", shared="mlp.shared_experts", dense=DENSE)
+QK_AFTER_ROPE = ("its query and key norms act after the rotary rotation, and a norm's per-dimension weights do not "
+                 "commute with the rotation, so the offline order (norm, then rotation) is not the model's")
 MLA = ("multi-head latent attention: queries and keys come through low-rank projections with a norm between "
        "them and a rotary part shared by the heads, which no per-head W_Q/W_K reproduces")
 
@@ -25,7 +30,7 @@ def _layout(name: str, model_types: tuple[str, ...], attn: Attn, moe: Moe) -> La
 
 
 LAYOUTS = [
-    _layout("mixtral", ("mixtral",), ATTN, Moe("mlp", experts="mlp.experts")),
+    _layout("mixtral", ("mixtral", "phimoe"), ATTN, Moe("mlp", experts="mlp.experts")),
     _layout("qwen2_moe", ("qwen2_moe",), ATTN, Moe("mlp", experts="mlp.experts", shared="mlp.shared_expert",
                                                     shared_gate="mlp.shared_expert_gate", dense=DENSE)),
     _layout("qwen3_moe", ("qwen3_moe", "olmoe"), QK_NORM_ATTN, Moe("mlp", experts="mlp.experts", dense=DENSE)),
@@ -34,6 +39,16 @@ LAYOUTS = [
                  sinks="sinks", rotary="halves"),
             Moe("mlp", experts="mlp.experts")),
     _layout("deepseek", ("deepseek_v2", "deepseek_v3"),
-            Attn("self_attn.o_proj", norm="input_layernorm", d_head="v_head_dim", no_patterns=MLA),
-            Moe("mlp", experts="mlp.experts", shared="mlp.shared_experts", dense=DENSE)),
+            Attn("self_attn.o_proj", norm="input_layernorm", d_head="v_head_dim", no_patterns=MLA), SHARED),
+    _layout("shared_experts", ("glm4_moe", "dots1"), QK_NORM_ATTN, SHARED),
+    _layout("ernie4_5_moe", ("ernie4_5_moe",),
+            Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), window=sliding_window,
+                 rotary="interleaved_from_half"), SHARED),
+    _layout("hunyuan_v1_moe", ("hunyuan_v1_moe",),
+            Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), no_patterns=QK_AFTER_ROPE),
+            Moe("mlp", experts="mlp.experts", shared="mlp.shared_mlp", dense=DENSE)),
+    _layout("flex_olmo", ("flex_olmo",),   # OLMo-2's norms on each sublayer's output, experts in the MLP
+            Attn("self_attn.o_proj", through="post_attention_layernorm", **projections("self_attn"),
+                 qk_norm=("self_attn.q_norm", "self_attn.k_norm"), window=sliding_window),
+            Moe("mlp", experts="mlp.experts", through="post_feedforward_layernorm")),
 ]

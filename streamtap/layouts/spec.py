@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 POSITIONS = ("rotary", "learned", "alibi", "none")
-ROTARY_STYLES = ("half", "interleaved", "halves")
+ROTARY_STYLES = ("half", "interleaved", "halves", "interleaved_from_half")
 
 INPUT, OUTPUT = "input", "output"
 Paths = str | tuple[str, ...]   # alternatives: the first that names a module in this model is used
@@ -50,10 +50,13 @@ class Attn:
     - ``rotary``: how queries and keys are rotated where the layout's positions are rotary:
       ``"half"`` (the two halves of the rotated dims, Llama's ``rotate_half``) or ``"interleaved"``
       (pairs of neighbouring dims, GPT-J) or ``"halves"`` (the two halves turned by one table of half
-      the width, GPT-OSS's ``_apply_rotary_emb``); ``rotary_order``: ``"cos_sin"`` or ``"sin_cos"``, the
+      the width, GPT-OSS's ``_apply_rotary_emb``) or ``"interleaved_from_half"`` (neighbouring pairs
+      turned by the first half of full-width tables, each entry repeated twice: Ernie-4.5); ``rotary_order``: ``"cos_sin"`` or ``"sin_cos"``, the
       order of the ``position_embeddings`` pair the attention module receives.
     - ``window``: ``(config, attention module) -> int | None``, the sliding window of a layer (a
       key is seen while the query is fewer than that many positions after it).
+    - ``rotates``: ``(config, attention module) -> bool``, whether a layer rotates its queries and
+      keys (no-rope layers: SmolLM3's ``no_rope_layers``); default: every layer of a rotary model.
     - ``softcap``: the config field of a soft-cap on the scores, cap * tanh(score / cap).
     - ``clip``: the config field of a clamp of q, k and v to [-c, c] (OLMo's ``clip_qkv``).
     - ``alibi``: the keyword of the block's input that carries the ALiBi biases (BLOOM, Falcon).
@@ -82,6 +85,7 @@ class Attn:
     rotary: str = "half"
     rotary_order: str = "cos_sin"
     window: Callable | None = None
+    rotates: Callable | None = None
     softcap: str | None = None
     clip: str | None = None
     alibi: str | None = None
@@ -122,6 +126,12 @@ class Reciprocal:
     def __call__(self, config) -> float | None:
         value = getattr(config, self.field, None)
         return None if value is None else 1.0 / float(value)
+
+
+def uses_rope(config, attention) -> bool:
+    """The attention module's own ``use_rope`` flag where it keeps one (no-rope layers: SmolLM3,
+    Llama-4), else True."""
+    return bool(getattr(attention, "use_rope", True))
 
 
 def projections(prefix: str, q: str = "q_proj", k: str = "k_proj", v: str = "v_proj") -> dict[str, str]:
@@ -254,4 +264,4 @@ class Layout:
 
 
 __all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "ROTARY_STYLES", "Paths", "Attn", "Mlp", "Mixer", "Moe", "Norm", "Layout",
-           "Reciprocal", "projections", "sliding_window"]
+           "Reciprocal", "projections", "sliding_window", "uses_rope"]

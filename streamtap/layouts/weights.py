@@ -340,6 +340,9 @@ class Weights:
                 info[key] = float(value)
         if b.positions() == "rotary":
             info.update(rotary_style=step.rotary, rotary_order=step.rotary_order)
+            if step.rotates:   # no-rope layers read the same tables but do not turn q and k
+                info["rotary_layers"] = [bool(step.rotates(config, self.attention_module(layer)))
+                                         for layer in range(b.n_layers)]
         return info
 
     def rotary_groups(self) -> list[int]:

@@ -13,7 +13,8 @@ TINY_ARCHS = (
     "stablelm", "stablelm-parallel", "olmo", "opt", "bloom", "bloom-post-ln-residual", "gptj",
     "gpt_neox", "gpt_neox-sequential", "phi", "falcon", "falcon-new", "gemma2", "gemma3", "olmo2",
     "opt-post-ln", "bert", "roberta", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2",
-    "deepseek_v3", "granite", "cohere", "cohere2", "phi3", "starcoder2",
+    "deepseek_v3", "granite", "cohere", "cohere2", "phi3", "starcoder2", "smollm3", "phimoe", "ernie4_5_moe",
+    "glm4_moe", "dots1", "hunyuan_v1_moe", "flex_olmo",
 )
 """Architectures :func:`tiny_model` builds; each maps to one layout streamtap supports."""
 
@@ -200,6 +201,19 @@ _TINY_CONFIGS = {
                       layer_types=["sliding_attention", "sliding_attention"]),
     "phi3": _named("Phi3Config", **_GQA),
     "starcoder2": _named("Starcoder2Config", **_GQA, sliding_window=None),
+    # layer 1 is a no-rope layer (no_rope_layers: 1 rotates, 0 does not)
+    "smollm3": _named("SmolLM3Config", **_GQA, head_dim=16, no_rope_layers=[1, 0]),
+    "phimoe": _named("PhimoeConfig", **_GQA, num_local_experts=4, num_experts_per_tok=2),
+    # layer 0 dense, shared + routed experts after; interleaved rotary from full-width tables
+    "ernie4_5_moe": _named("Ernie4_5_MoeConfig", **_GQA, moe_num_experts=4, moe_k=2, moe_intermediate_size=32,
+                           moe_num_shared_experts=1, moe_layer_start_index=1),
+    # partial rotary (half the head), q/k norms, layer 0 dense
+    "glm4_moe": _named("Glm4MoeConfig", **_GQA, head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                       n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1, use_qk_norm=True),
+    "dots1": _named("Dots1Config", **_GQA, head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                    n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1),
+    "hunyuan_v1_moe": _named("HunYuanMoEV1Config", **_GQA, head_dim=16, num_experts=4, moe_topk=2),
+    "flex_olmo": _named("FlexOlmoConfig", **_GQA, num_experts=4, num_experts_per_tok=2),
 }
 assert set(_TINY_CONFIGS) == set(TINY_ARCHS)
 

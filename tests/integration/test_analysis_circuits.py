@@ -118,3 +118,19 @@ def test_missing_attention_weights_are_named():
         st.analysis.relevance(old, WORDS)
     with pytest.raises(MissingWeightsError, match="W_Q"):
         st.analysis.effective_rank(old)
+
+
+def test_relevance_gives_learned_sinks_their_share_as_the_model_does():
+    """GPT-OSS: each head's sink logit is one more softmax column, so the normalised row is the model's
+    own scores over the chosen keys and its sink, and sums to less than one."""
+    t = tap_forward("gpt_oss")
+    rel = st.analysis.relevance(t.ds, WORDS, input_norm=False)
+    E = t.model.get_input_embeddings().weight.detach()[WORDS]
+    for layer in range(t.ds.sizes["layer"]):
+        a = t.model.model.layers[layer].self_attn
+        q, k, _, _ = _projections(t.model, layer, E)
+        scores = torch.einsum("qhe,khe->hqk", q, k).double() * a.scaling
+        sinks = a.sinks.detach().double()[:, None, None].expand(-1, len(WORDS), 1)
+        want = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1].numpy()
+        np.testing.assert_allclose(rel.normalized.sel(layer=layer).values, want, rtol=0, atol=1e-6)
+    assert (rel.normalized.sum("key").values < 1).all() and "sink" in rel.attrs["normalized"]

@@ -20,9 +20,13 @@ from streamtap.models import tiny_model
 from _util import padded_batch, run
 
 ROUTER = {"qwen3_moe": "gate", "olmoe": "gate", "gpt_oss": "router", "deepseek_v2": "gate", "deepseek_v3": "gate",
-          "mixtral": "gate", "qwen2_moe": "gate"}
-SHARED = {"deepseek_v2": "shared_experts", "deepseek_v3": "shared_experts", "qwen2_moe": "shared_expert"}
-DENSE_FIRST = {"qwen3_moe", "deepseek_v2", "deepseek_v3"}   # their tiny configs make layer 0 dense
+          "mixtral": "gate", "qwen2_moe": "gate", "phimoe": "router", "ernie4_5_moe": "gate", "glm4_moe": "gate",
+          "dots1": "gate", "hunyuan_v1_moe": "gate", "flex_olmo": "gate"}
+SHARED = {"deepseek_v2": "shared_experts", "deepseek_v3": "shared_experts", "qwen2_moe": "shared_expert",
+          "ernie4_5_moe": "shared_experts", "glm4_moe": "shared_experts", "dots1": "shared_experts",
+          "hunyuan_v1_moe": "shared_mlp"}
+POST_NORM = {"flex_olmo": "post_feedforward_layernorm"}   # the MoE output passes this norm before the stream
+DENSE_FIRST = {"qwen3_moe", "deepseek_v2", "deepseek_v3", "ernie4_5_moe", "glm4_moe", "dots1"}   # layer 0 dense
 
 
 def _captured(arch, layer=1):
@@ -58,18 +62,26 @@ def test_each_routed_expert_writes_its_output_times_its_router_weight(arch):
     x, weights, index = seen["x"][real], weights.detach()[real], index.detach()[real]
     terms = st.decompose(ds, dtype=np.float64)
     at = terms.where(terms.layer == 1, drop=True)
+    block_out = seen["out"].detach().reshape(-1, ds.sizes["d_model"])[real].double()
+    to_stream = np.ones((ds.sizes["token"], ds.sizes["d_model"]))   # a post-sublayer norm's frozen factor
+    if arch in POST_NORM:   # the model's own norm of the whole MoE output, over that output
+        norm = getattr(model.model.layers[1], POST_NORM[arch])
+        rms = block_out.pow(2).mean(-1, keepdim=True).add(norm.variance_epsilon).sqrt()
+        to_stream = (norm.weight.detach().double() / rms).numpy()
+        with torch.no_grad():
+            np.testing.assert_allclose(block_out.numpy() * to_stream, norm(block_out.float()).double().numpy(), atol=1e-5)
     for token in range(ds.sizes["token"]):
         for slot in range(index.shape[1]):
             e = int(index[token, slot])
             with torch.no_grad():   # expert e alone at weight 1, times the router's weight for it
                 unit = experts(x[token:token + 1], index[token:token + 1, slot:slot + 1], torch.ones(1, 1))
-            want = (unit[0] * weights[token, slot]).double().numpy()
+            want = (unit[0] * weights[token, slot]).double().numpy() * to_stream[token]
             got = at.sel(component=f"L1E{e}").isel(token=token).values
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (arch, token, e)
         unrouted = set(range(experts.num_experts)) - set(index[token].tolist())
         for e in unrouted:
             assert not at.sel(component=f"L1E{e}").isel(token=token).values.any()
-    block_out = seen["out"].detach().reshape(-1, ds.sizes["d_model"])[real].double().numpy()
+    block_out = block_out.numpy() * to_stream
     ours = at.where(at.kind.isin(["expert", "shared_expert"]), drop=True).sum("component").values
     assert np.abs(ours - block_out).max() <= 1e-5 * np.abs(block_out).max()
     assert ("L1_shared_expert" in at.component.values) == (arch in SHARED)

@@ -33,7 +33,8 @@ from _util import padded_batch
 LENGTHS = [11, 6, 3]
 BOUND = 1e-5            # absolute, on probabilities, float32
 ENCODERS = {"bert", "roberta"}
-REFUSED = {"deepseek_v2": "multi-head latent attention", "deepseek_v3": "multi-head latent attention"}
+REFUSED = {"deepseek_v2": "multi-head latent attention", "deepseek_v3": "multi-head latent attention",
+           "hunyuan_v1_moe": "norms act after the rotary rotation"}
 SINKS = {"gpt_oss"}     # learned sinks take a share of each row: it sums to less than one, as the model's
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -150,6 +151,7 @@ VARIANTS = {
     "gpt_neo-window": ("gpt_neo", dict(window_size=2), dict(attn_window=[None, 2]), _attrs(attn_window=[None, None])),
     "gemma3-two-ropes": ("gemma3", dict(layer_types=["sliding_attention", "full_attention"], sliding_window=3),
                          dict(attn_window=[3, None]), _attrs(attn_window=[None, None])),  # its ropes: below
+    "smollm3-no-rope": ("smollm3", {}, dict(rotary_layers=[True, False]), _attrs(rotary_layers=[True, True])),
     "olmo-clip": ("olmo", dict(clip_qkv=0.5), dict(qkv_clip=0.5), _attrs(qkv_clip=None)),
     "stablelm-qk-norm": ("stablelm", dict(qk_layernorm=True), dict(qk_norm_scope="head", qk_norm_kind="layernorm"),
                          _without("q_norm_weight", "k_norm_weight", "q_norm_bias", "k_norm_bias")),

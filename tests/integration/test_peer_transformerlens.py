@@ -21,6 +21,8 @@ What TransformerLens 4.3.0 does with each entry of ``TINY_ARCHS`` (found by tryi
   On opt-post-ln, ``run_with_cache`` with every hook cached crashes (``ValueError`` inside
   ``OPTAttention``: an OPT hook conversion leaves layer 1's input flattened to 2-D); caching only
   ``hook_z`` works.
+- ``boot_transformers`` raises ``ValueError`` (no TransformerLens architecture for the model type):
+  phimoe, dots1, hunyuan_v1_moe.
 - ``boot_transformers`` crashes: falcon-new (Falcon ``new_decoder_architecture`` with 2 key/value
   heads: ``RuntimeError`` from ``torch.split`` of the fused QKV weight, which TransformerLens splits
   as if there were one key/value head).
@@ -67,7 +69,9 @@ HOOK_RESULT = (
 # set_use_attn_result(True) raises NotImplementedError; per-head results come from hook_z @ W_O.
 HOOK_Z_ONLY = ("gpt_neo", "gptj", "opt", "opt-post-ln", "bert", "roberta")
 # TransformerBridge.boot_transformers raises (documented exception type).
-BOOT_CRASH = {"falcon-new": RuntimeError}
+BOOT_CRASH = {"falcon-new": RuntimeError,
+              # no TransformerLens architecture for these model types ("Could not determine supported architecture")
+              "phimoe": ValueError, "dots1": ValueError, "hunyuan_v1_moe": ValueError}
 # Sublayer outputs pass through a norm before they enter the stream.
 POST_SUBLAYER_NORM = ("gemma2", "gemma3", "olmo2")
 # The stream itself passes through later norms (post-LN).
@@ -89,12 +93,14 @@ O_PROJ = {  # output projection of attention (an nn.Linear): its input is z, its
     "bert": "bert.encoder.layer.{l}.attention.output.dense",
     "roberta": "roberta.encoder.layer.{l}.attention.output.dense",
     "falcon-new": "transformer.h.{l}.self_attention.dense",
+    **{arch: "model.layers.{l}.self_attn.o_proj" for arch in ("phimoe", "dots1", "hunyuan_v1_moe")},
 }
 RESID_FINAL_INPUT_OF = {  # the module whose input is the final residual
     "bloom": "transformer.ln_f",
     "bloom-post-ln-residual": "transformer.ln_f",
     "opt": "model.decoder.final_layer_norm",
     "falcon-new": "transformer.ln_f",
+    "phimoe": "model.norm", "dots1": "model.norm", "hunyuan_v1_moe": "model.norm",
 }
 POST_ATTN_NORM = "model.layers.{l}.post_attention_layernorm"  # gemma2, gemma3, olmo2
 
