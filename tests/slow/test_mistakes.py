@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -234,28 +235,67 @@ def test_report_refuses_a_token_out_of_range_and_a_failed_report_leaves_nothing(
 
 
 # -- verify means the store is whole ------------------------------------------------------------------
+def _first_chunk(path, array, how):
+    victim = chunk_files(path, array)[0]
+    if how == "delete":
+        os.remove(victim)
+    else:
+        with open(victim, "r+b") as f:
+            f.truncate(16)
+
+
+def _write_non_finite(path, array):
+    weight = zarr.open_group(path, mode="r+")[array]
+    weight[(0,) * weight.ndim] = np.nan
+    weight[(1,) * weight.ndim] = np.inf
+
+
+def _relabel_sequence_1(path):
+    seq = zarr.open_group(path, mode="r+")["seq"]
+    values = seq[:]
+    seq[:] = np.where(values == 1, 0, values)  # seq 1's tokens now read as seq 0's: one sequence short
+
+
+DAMAGE = {
+    "delete": lambda path, array: _first_chunk(path, array, "delete"),
+    "truncate": lambda path, array: _first_chunk(path, array, "truncate"),
+    "remove its directory": lambda path, array: shutil.rmtree(path / array),
+    "remove its zarr.json": lambda path, array: os.remove(path / array / "zarr.json"),
+    "write nan and inf": _write_non_finite,
+    "relabel sequence 1": lambda path, array: _relabel_sequence_1(path),
+}
+MISSING = "neuron_act: missing: the store lists it but it cannot be opened (its metadata or directory is gone)"
+
+
 @pytest.mark.parametrize("array, damage, said", [
     ("token_id", "delete", "token_id: no value (the fill value"),
     ("seq", "truncate", "seq: cannot be read"),
     ("z", "truncate", "z: cannot be read"),
     ("W_U", "delete", "W_U: "),
     ("neuron_act", "truncate", "neuron_act: cannot be read"),
+    ("neuron_act", "remove its directory", MISSING),
+    ("neuron_act", "remove its zarr.json", MISSING),
+    ("W_U", "write nan and inf", "W_U: 2 non-finite values in a static weight"),
+    ("W_O", "write nan and inf", "W_O: 2 non-finite values in a static weight"),
+    ("seq", "relabel sequence 1", "seq: 119 sequences have tokens, 120 are committed"),
 ])
 def test_verify_names_each_damaged_array_and_info_describes_it(store, tmp_path, array, damage, said):
     bad = damaged_copy(store, tmp_path)
-    victim = chunk_files(bad, array)[0]
-    if damage == "delete":
-        os.remove(victim)
-    else:
-        with open(victim, "r+b") as f:
-            f.truncate(16)
+    DAMAGE[damage](bad, array)
     code, out, err, _ = cli("verify", bad)
     assert code == 1 and "Traceback" not in err and f"damaged: {said}" in out, (out, err)
+    assert "error: the store is damaged (1 problem, listed above)" in err, err
     code, out, err, _ = cli("info", bad)
-    assert code == 0 and "integrity    DAMAGED" in out and f"damaged: {said}" in out
-    with pytest.raises(st.StoreDamagedError, match=said.replace("(", r"\(")):
+    assert code == 0 and "integrity    DAMAGED, 1 problem:" in out and f"damaged: {said}" in out, (out, err)
+    with pytest.raises(st.StoreDamagedError, match=re.escape(said)):
         st.verify(bad)
-    assert cli("verify", store)[0] == 0
+
+
+def test_the_undamaged_store_verifies(store):
+    code, out, err, _ = cli("verify", store)
+    assert code == 0 and re.search(r"^store +whole$", out, re.M) and "damaged" not in out + err, (out, err)
+    code, out, _, _ = cli("info", store)
+    assert code == 0 and re.search(r"^integrity +whole$", out, re.M), out
 
 
 def test_a_writer_that_died_after_its_last_commit_is_tidied_by_resume(store, tmp_path):
