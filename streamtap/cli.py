@@ -22,7 +22,7 @@ import click
 import numpy as np
 
 import streamtap as st
-from .errors import StreamtapError
+from .errors import StreamtapError, command_line_wording
 from .io.location import access_error, fs_options, is_url, open_group
 from .io.writer import check_target
 from .io.ranks import rank_stores
@@ -48,7 +48,7 @@ class _Cli(click.Group):
         try:
             return super().invoke(ctx)
         except StreamtapError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {command_line_wording(str(exc))}", err=True)  # the flag to type, not the keyword
             ctx.exit(2)
         except KeyboardInterrupt:
             ctx.exit(130)

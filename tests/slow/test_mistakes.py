@@ -142,6 +142,7 @@ def test_a_second_writer_learns_of_the_lock_before_the_model_loads(text, tmp_pat
     code, _, err, _ = cli("capture", "--model", no_model, "--text", text, "--out", out, "--append")
     line = one_error_line(err)
     assert code == 2 and f"pid {os.getpid()}" in line and "is being written by another streamtap writer" in line
+    assert "then resume with --resume." in line and "resume=True" not in line
 
 
 @pytest.mark.parametrize("kind", ["file", "directory"])
@@ -161,7 +162,9 @@ def test_a_target_that_is_no_store_is_said_to_be_none(text, tmp_path, kind, mode
 def test_resume_of_nothing_is_refused_and_creates_nothing(text, tmp_path):
     code, _, err, _ = cli("capture", "--model", "tiny:llama", "--text", text, "--out", tmp_path / "typo.zarr",
                           "--resume")
-    assert code == 2 and "nothing to resume at" in one_error_line(err)
+    line = one_error_line(err)
+    assert code == 2 and "nothing to resume at" in line
+    assert "to start a new capture, leave out --resume" in line and "resume=True" not in line  # the flag, as typed
     assert not (tmp_path / "typo.zarr").exists()
 
 
@@ -180,8 +183,13 @@ def test_a_document_too_long_is_named_by_its_line_before_anything_is_written(tmp
     out = tmp_path / "run.zarr"
     code, _, err, _ = cli("capture", "--model", "tiny:llama", "--text", path, "--out", out, "--batch-size", "2")
     line = one_error_line(err)
-    assert code == 2 and f"line 24 of {path} has 80 tokens, more than the limit of 64" in line and "--truncate" in line
+    assert code == 2 and f"line 24 of {path} has 80 tokens, more than the limit of 64" in line
+    assert "; pass --truncate to cut it" in line and "truncate=True" not in line  # the flag, as typed
     assert not out.exists()  # checked before the first batch: nothing committed
+    # from Python the same advice names the keyword first
+    with pytest.raises(st.InputError, match=r"text 1 has 80 tokens, .*; pass truncate=True \(--truncate\) to cut it"):
+        st.capture(tiny_model("llama"), [[5, 6], list(range(2, 82))], out)
+    assert not out.exists()
 
 
 def test_token_ids_outside_the_vocabulary_are_named(tmp_path):
