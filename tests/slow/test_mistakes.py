@@ -242,6 +242,32 @@ def test_report_refuses_a_token_out_of_range_and_a_failed_report_leaves_nothing(
     assert not [p for p in os.listdir(tmp_path) if p.startswith((".r2", "r2"))]
 
 
+def test_report_uses_the_stores_tokenizer_offline_and_else_the_stored_text(store, tmp_path):
+    # a model directory with its tokenizer saved beside it: the report finds it by the store's model name
+    from streamtap.models.tokenizer import word_level_tokenizer
+
+    docs = DOCS * 30
+    model_dir = tmp_path / "llama_dir"
+    tiny_model("llama").save_pretrained(model_dir)
+    word_level_tokenizer(docs, 128).save_pretrained(model_dir)
+    (tmp_path / "docs.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
+    code, _, err, _ = cli("capture", "--model", model_dir, "--text", tmp_path / "docs.txt", "--out",
+                          tmp_path / "ld.zarr", "--batch-size", "4")
+    assert code == 0, err
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    as_id = re.compile(r"(?:&lt;|<)\d+(?:&gt;|>)")  # a token the report could only name by its id: "<105>"
+    code, _, err, _ = cli("report", tmp_path / "ld.zarr", "--out", tmp_path / "with", env=offline)
+    assert code == 0, err
+    page = (tmp_path / "with" / "index.html").read_text()
+    assert not as_id.findall(page)  # the random model predicts ids the corpus never holds: the tokenizer names them
+    # a tiny:llama store has no tokenizer on disk: the words come from the stored token text, other ids stay ids
+    code, _, err, _ = cli("report", store, "--out", tmp_path / "without", env=offline)
+    assert code == 0, err
+    page = (tmp_path / "without" / "index.html").read_text()
+    quoted = [w for w in ("cat", "dog", "mat") if re.search(rf"&(?:quot|#x27);{w}&(?:quot|#x27);", page)]
+    assert as_id.findall(page) and quoted == ["cat", "dog", "mat"]
+
+
 # -- verify means the store is whole ------------------------------------------------------------------
 def _first_chunk(path, array, how):
     victim = chunk_files(path, array)[0]
