@@ -22,7 +22,7 @@ import click
 import numpy as np
 
 import streamtap as st
-from .errors import StreamtapError
+from .errors import StreamtapError, command_line_wording
 from .io.location import access_error, fs_options, is_url, open_group
 from .io.writer import check_target
 from .io.ranks import rank_stores
@@ -48,7 +48,7 @@ class _Cli(click.Group):
         try:
             return super().invoke(ctx)
         except StreamtapError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {command_line_wording(str(exc))}", err=True)  # the flag to type, not the keyword
             ctx.exit(2)
         except KeyboardInterrupt:
             ctx.exit(130)
@@ -152,13 +152,24 @@ def _stored_bytes(store, options: dict | None = None) -> int:
         return sum(_stored_bytes(rank, options) for rank in ranks)
     group = open_group(store, mode="r", storage_options=options)
     committed = int(group.attrs.get(COMMITTED_TOKENS, 0))
-    total = 0
-    for _, arr in group.arrays():
-        dims = arr.metadata.dimension_names or ()
-        rows = min(committed, arr.shape[0]) if dims and dims[0] == "token" else (arr.shape[0] if arr.shape else 1)
-        per_row = arr.nbytes // arr.shape[0] if arr.shape and arr.shape[0] else arr.nbytes
-        total += rows * per_row
-    return total
+    return sum(_data_bytes(arr, committed) for _, arr in group.arrays())
+
+
+def _data_bytes(arr, committed: int) -> int:
+    """Uncompressed bytes of what an array holds: the committed tokens' rows of a per-token array (never
+    capacity beyond them, nor the unused rows of a partly filled chunk), all of a static one."""
+    dims = arr.metadata.dimension_names or ()
+    if not (dims and dims[0] == "token"):
+        return arr.nbytes
+    return min(committed, arr.shape[0]) * (arr.nbytes // arr.shape[0] if arr.shape[0] else 0)
+
+
+def _chunk_bytes(arr) -> int:
+    """Bytes the array's chunks take in the store (its metadata document left out)."""
+    from zarr.core.sync import sync
+
+    metadata = sync(arr.store_path.store.getsize(f"{arr.path}/zarr.json"))
+    return arr.nbytes_stored() - metadata
 
 
 def _size(n: float) -> str:
@@ -379,9 +390,12 @@ def info(store, storage_options):
 
 def _compression(store, options: dict | None = None) -> str:
     """What the codecs do, per kind of array: ``raw`` where none is applied, else the ratio of the
-    chunks' decoded to stored bytes (what the codec saves, not what a partly filled chunk costs)."""
+    uncompressed bytes of the committed tokens (all of a static weight) to the bytes their chunks take
+    in the store. A chunk's unused rows are counted on neither side: they would make a small store
+    look hundreds of times compressed."""
     ranks = rank_stores(store, options)
     group = open_group(ranks[0] if ranks else store, mode="r", storage_options=options)
+    committed = int(group.attrs.get(COMMITTED_TOKENS, 0))
     kinds: dict[str, list[int]] = {"per-token arrays": [0, 0], "static weights": [0, 0]}
     raw_kinds = set()
     for name, arr in group.arrays():
@@ -393,10 +407,8 @@ def _compression(store, options: dict | None = None) -> str:
         if not arr.compressors:
             raw_kinds.add(kind)
             continue
-        stored = arr.nbytes_stored()
-        chunks = arr.nchunks_initialized
-        kinds[kind][0] += chunks * int(np.prod(arr.chunks)) * arr.dtype.itemsize
-        kinds[kind][1] += stored
+        kinds[kind][0] += _data_bytes(arr, committed)
+        kinds[kind][1] += _chunk_bytes(arr)
     parts = []
     for kind, (decoded, stored) in kinds.items():
         if kind in raw_kinds and not stored:

@@ -1,5 +1,22 @@
 """Errors a researcher can act on: each message names the problem and the fix."""
 
+import re
+
+# an option's advice, as ``option_advice`` writes it: ``truncate=True (--truncate)``
+_ADVICE = re.compile(r"\b([a-z_]+)=True \((--[a-z-]+)\)")
+
+
+def option_advice(name: str, flag: str | None = None) -> str:
+    """How to turn option ``name`` on, for Python and the command line at once: ``truncate=True
+    (--truncate)``. The command line prints it as the flag alone (:func:`command_line_wording`)."""
+    return f"{name}=True ({flag or '--' + name.replace('_', '-')})"
+
+
+def command_line_wording(message: str) -> str:
+    """``message`` as the command line says it: each ``name=True (--flag)`` becomes ``--flag``, so
+    the person at the terminal reads the flag to type rather than the Python keyword."""
+    return _ADVICE.sub(r"\2", message)
+
 
 class StreamtapError(Exception):
     """Base class of every error streamtap raises on purpose."""

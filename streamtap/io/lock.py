@@ -30,7 +30,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .. import __version__
-from ..errors import StoreLockedError
+from ..errors import StoreLockedError, option_advice
 from .location import LOCK_NAME
 
 LOCK_KEY = f"{LOCK_NAME}/zarr.json"   # the lock group's metadata document, created exclusively
@@ -149,10 +149,10 @@ class StoreLock:
         same_host = holder.get("host") == socket.gethostname()
         if same_host:
             fix = ("wait for it to finish or stop it (Ctrl-C leaves the store consistent), then resume with "
-                   "resume=True (--resume)")
+                   f"{option_advice('resume')}")
         else:
             fix = ("streamtap cannot check a process on another host: if that writer is gone, pass "
-                   "break_lock=True (--break-lock) to take the lock over")
+                   f"{option_advice('break_lock')} to take the lock over")
         return (f"{self.where} is being written by another streamtap writer ({_describe(holder)}); a second "
                 f"writer would interleave its batches with it. {fix[0].upper() + fix[1:]}. The lock is the "
                 f"node {LOCK_NAME!r} in the store")

@@ -26,7 +26,7 @@ from zarr.codecs import BloscCodec
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from ..errors import StoreAccessError, StoreExistsError, StoreFullError, StoreMismatchError
+from ..errors import StoreAccessError, StoreExistsError, StoreFullError, StoreMismatchError, option_advice
 from .direct import DirectLocalStore, direct_io_supported
 from .location import (LOCK_NAME, describe, entries, is_local_path, is_streamtap_store, open_group, reaching,
                        register_writer, resolve, store_exists)
@@ -58,7 +58,7 @@ def check_target(target, *, append: bool = False, overwrite: bool = False, resum
         if resume and not exists:
             raise StoreExistsError(
                 f"nothing to resume at {describe(target)}: there is no store there. Check the location "
-                "(--out); to start a new capture, leave out resume=True (--resume)")
+                f"(--out); to start a new capture, leave out {option_advice('resume')}")
         if exists and not (append or overwrite or resume):
             raise StoreExistsError(f"a store already exists at {describe(target)}; pass --resume to continue it, "
                                    "--append to add to it or --overwrite to replace it")
@@ -153,8 +153,8 @@ class StoreWriter:
             )
         if exists and not (append or overwrite):
             raise StoreExistsError(
-                f"a store already exists at {self.where!r}; pass append=True to add to it or "
-                "overwrite=True to replace it (--append / --overwrite on the command line)"
+                f"a store already exists at {self.where!r}; pass {option_advice('append')} to add to it or "
+                f"{option_advice('overwrite')} to replace it"
             )
         self._exists = exists
 
@@ -277,7 +277,7 @@ class StoreWriter:
         if differ:
             raise StoreMismatchError(
                 f"cannot append to {self.where!r}: {'; '.join(differ)}. Append only the same model, layout, "
-                "dtype and options; write to a new store or pass overwrite=True (--overwrite) to replace it"
+                f"dtype and options; write to a new store or pass {option_advice('overwrite')} to replace it"
             )
         self.group = group
         # token text is kept where the store has it: an append with a tokenizer onto a store made

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, option_advice
 from ..io.ranks import process_rank, rank_store, shard, shard_start
 from ..io.writer import committed_sequences
 from ..options import CorpusOptions
@@ -46,8 +46,8 @@ def token_rows(texts: Sequence, tokenizer, limit: int | None, truncate: bool, vo
             if row.size == 0:
                 problem = f"text {i} has no tokens after tokenization; remove it"
             elif limit is not None and row.size > limit and not truncate:
-                problem = (f"text {i} has {row.size} tokens, more than the limit of {limit}; pass truncate=True "
-                           "(--truncate) to cut it, or a larger max_length if the model allows")
+                problem = (f"text {i} has {row.size} tokens, more than the limit of {limit}; pass "
+                           f"{option_advice('truncate')} to cut it, or a larger max_length if the model allows")
             elif vocab is not None and (row.min() < 0 or row.max() >= vocab):
                 bad = int(row[(row < 0) | (row >= vocab)][0])
                 problem = (f"text {i} holds token id {bad}, outside the model's vocabulary of {vocab} ids "

@@ -102,6 +102,7 @@ def test_append_of_another_model_is_refused_in_one_line(text_file, tmp_path):
     assert capture(text_file, out, arch="llama").exit_code == 0
     result = capture(text_file, out, "--append", arch="gpt2")
     assert result.exit_code == 2 and error_line(result).startswith("error: cannot append")
+    assert "pass --overwrite to replace it" in result.stderr and "overwrite=True" not in result.stderr
     assert "Traceback" not in result.output
 
 
@@ -240,7 +241,9 @@ def test_break_lock_takes_over_a_lock_from_another_host(text_file, tmp_path):
     zarr.open_group(out, mode="r+").attrs.update(committed_tokens=0, committed_sequences=0)
     plant_lock(out, {"host": "gpu-node-3", "pid": 77, "started": 0, "token": "a" * 32})
     result = capture(text_file, out, "--resume")
-    assert result.exit_code == 2 and "pid 77 on host 'gpu-node-3'" in result.stderr and "--break-lock" in result.stderr
+    assert result.exit_code == 2 and "pid 77 on host 'gpu-node-3'" in result.stderr
+    assert "if that writer is gone, pass --break-lock to take the lock over" in result.stderr
+    assert "break_lock=True" not in result.stderr  # the command line names the flag, not the keyword
     result = capture(text_file, out, "--resume", "--break-lock")
     assert result.exit_code == 0, result.output
     assert number(fields(result.stdout)["sequences"]) == len(DOCS) and not lock_exists(out)

@@ -119,3 +119,16 @@ def test_settings_read_the_cache_directory_from_the_environment_given():
 def test_settings_read_direct_io_from_the_environment_given(value, direct):
     env = {} if value is None else {"STREAMTAP_DIRECT_IO": value}
     assert Settings.from_environ(env).direct_io is direct
+
+
+def test_option_advice_reads_as_python_and_as_the_flag_on_the_command_line():
+    from streamtap.errors import command_line_wording, option_advice
+
+    message = (f"pass {option_advice('truncate')} to cut it; then resume with {option_advice('resume')}, or pass "
+               f"{option_advice('break_lock')}")
+    assert message == ("pass truncate=True (--truncate) to cut it; then resume with resume=True (--resume), or pass "
+                       "break_lock=True (--break-lock)")
+    assert command_line_wording(message) == "pass --truncate to cut it; then resume with --resume, or pass --break-lock"
+    # other mentions of a keyword are left as they are
+    assert command_line_wording("options append=True and overwrite=True exclude each other") == \
+        "options append=True and overwrite=True exclude each other"
