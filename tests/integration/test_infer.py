@@ -26,9 +26,9 @@ from _util import padded_batch, run
 
 BOUND = 1e-5   # float32, relative to max |resid| per token
 # no family file names these; each is a different shape of block (plain pre-norm, sandwich norms with
-# GLM-4's names, post-sublayer norms without input norms, attention biases, no-rope layers, MLP maps
+# GLM-4's names, post-sublayer norms without input norms, attention biases, a non-gated MLP (Arcee), MLP maps
 # held by the block itself with learned (BioGPT) or sinusoidal (XGLM) positions)
-INFERRED = ("helium", "glm4", "olmo3", "seed_oss", "smollm3", "exaone4", "biogpt", "xglm")
+INFERRED = ("helium", "glm4", "olmo3", "seed_oss", "arcee", "exaone4", "biogpt", "xglm")
 FINAL_NORM = {"biogpt": "biogpt.layer_norm", "xglm": "model.layer_norm"}   # the rest: model.norm
 
 
