@@ -18,6 +18,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "tap": "tapping", "capture": "tapping", "Tap": "tapping", "induction_probe": "tapping",
     "open": "dataset",
+    "effects": "tapping.effects", "Ablate": "tapping.effects", "DropSources": "tapping.effects",
+    "RankReduce": "tapping.effects",
     "decompose": "invariant", "verify": "invariant", "tolerance": "invariant",
     "CaptureOptions": "options", "CorpusOptions": "options",
     "StreamtapError": "errors", "DecompositionError": "errors", "InputError": "errors", "OptionError": "errors",

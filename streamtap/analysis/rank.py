@@ -128,3 +128,17 @@ def effective_rank(ds: xr.Dataset, *, energy: float = 0.99, dtype=np.float64) ->
          "singular_value": s, "truncation_error": (dims + ("rank",), trunc)},
         coords={**s.coords, "rank": np.arange(1, v.shape[-1] + 1)},
         attrs={"energy": energy, "note": "fused W_QK = W_Q W_K^T, W_OV = W_V W_O (d_model x d_model, rank <= d_head)"})
+
+
+def truncation_map(W_a: np.ndarray, W_b: np.ndarray, rank: int) -> np.ndarray:
+    """The d_head x d_head map X with W_a X W_b the best rank-``rank`` approximation of W_a W_b.
+
+    A head's fused W_OV = W_V W_O (or W_QK = W_Q W_K^T) has rank <= d_head, so its Eckart-Young
+    truncation lies in the column space of W_a and the row space of W_b: X = W_a^+ (W_a W_b)_r W_b^+
+    reproduces it exactly, and replacing z by z X (or q by q X) in a live forward replaces the fused
+    matrix by its truncation. Float64; X = I (to rounding) at rank = d_head with full-rank factors.
+    """
+    W_a, W_b = np.asarray(W_a, np.float64), np.asarray(W_b, np.float64)
+    u, s, vt = np.linalg.svd(W_a @ W_b, full_matrices=False)
+    fused_r = (u[:, :rank] * s[:rank]) @ vt[:rank]
+    return np.linalg.pinv(W_a) @ fused_r @ np.linalg.pinv(W_b)

@@ -364,4 +364,27 @@ class Weights:
         return {"final_norm_kind": "layernorm" if probe["center"] else "rmsnorm", "final_norm_eps": probe["eps"], **info}
 
 
-__all__ = ["Weights", "in_out_weight"]
+
+
+def projection_columns(bound: BoundLayout, layer: int, which: str, index: int) -> tuple[str, slice]:
+    """Where one head's queries (``which="q"``, query head ``index``) or values (``"v"``, kv head
+    ``index``) sit in a live forward: (the projection's full module path, the column slice of its
+    output). Fused projections follow the layout's ``split`` exactly as ``_split_qkv`` reads their
+    weights, so an intervention on these columns is an intervention on those weights' outputs."""
+    step, d = bound.attn, bound.d_head
+    if step is None or not (step.q or step.qkv):
+        raise LayoutError(f"layout {bound.name!r} does not locate the attention's queries and values")
+    if not step.qkv:
+        return bound.in_block(layer, step.q if which == "q" else step.v, f"{which} projection"), slice(index * d, (index + 1) * d)
+    path = bound.in_block(layer, step.qkv, "query/key/value projection")
+    width = in_out_weight(bound.module(path)).shape[1]
+    n_kv = (width // d - bound.n_heads) // 2
+    if step.split == "concat":
+        start = index if which == "q" else bound.n_heads + n_kv + index
+    else:
+        group = bound.n_heads // n_kv
+        start = (index // group) * (group + 2) + index % group if which == "q" else index * (group + 2) + group + 1
+    return path, slice(start * d, (start + 1) * d)
+
+
+__all__ = ["Weights", "in_out_weight", "projection_columns"]
