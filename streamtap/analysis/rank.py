@@ -138,7 +138,10 @@ def truncation_map(W_a: np.ndarray, W_b: np.ndarray, rank: int) -> np.ndarray:
     reproduces it exactly, and replacing z by z X (or q by q X) in a live forward replaces the fused
     matrix by its truncation. Float64; X = I (to rounding) at rank = d_head with full-rank factors.
     """
-    W_a, W_b = np.asarray(W_a, np.float64), np.asarray(W_b, np.float64)
-    u, s, vt = np.linalg.svd(W_a @ W_b, full_matrices=False)
-    fused_r = (u[:, :rank] * s[:rank]) @ vt[:rank]
-    return np.linalg.pinv(W_a) @ fused_r @ np.linalg.pinv(W_b)
+    # W_a = Q_a R_a, W_b^T = Q_b R_b: W_a W_b = Q_a (R_a R_b^T) Q_b^T, so the SVD is of a d_head x d_head
+    # matrix M, and X = R_a^+ M_r (R_b^T)^+ (W_a^+ = R_a^+ Q_a^T for orthonormal Q_a)
+    q_a, r_a = np.linalg.qr(np.asarray(W_a, np.float64))
+    q_b, r_b = np.linalg.qr(np.asarray(W_b, np.float64).T)
+    u, s, vt = np.linalg.svd(r_a @ r_b.T)
+    m_r = (u[:, :rank] * s[:rank]) @ vt[:rank]
+    return np.linalg.pinv(r_a) @ m_r @ np.linalg.pinv(r_b.T)

@@ -860,3 +860,43 @@ def residual_pca_scree(pca, *, title: str | None = None) -> Figure:
     fig.suptitle(title or f"residual PCA over {pca.attrs.get('tokens', '?'):,} tokens "
                           f"({pca.attrs.get('first_tokens', 0)} first tokens)", fontsize=10)
     return fig
+
+
+def total_vs_direct(eff: xr.Dataset, *, which: str = "delta_loss", title: str | None = None) -> Figure:
+    """Per intervention, the total effect measured on the live model (``streamtap.effects``) against
+    the direct effect the store predicts: points on the diagonal act only directly, points above it
+    are amplified downstream, below it compensated (the model repairs them).
+
+    Parameters
+    ----------
+    eff : xarray.Dataset
+        An ``effects`` result made with ``store=`` (it has ``direct_<which>``).
+    which : str
+        ``"delta_loss"``, ``"kl"`` or ``"delta_logit"``.
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if f"direct_{which}" not in eff:
+        raise ValueError(f"this effects result has no direct_{which}: call streamtap.effects(..., store=ds)")
+    fig = Figure(figsize=(6.4, 5.6), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    total, direct = eff[which].values, eff[f"direct_{which}"].values
+    kinds = eff["kind"].values
+    for kind in dict.fromkeys(kinds):
+        sel = (kinds == kind) & np.isfinite(direct)
+        ax.scatter(direct[sel], total[sel], s=18, alpha=0.75, label=str(kind))
+    finite = np.concatenate([total[np.isfinite(total)], direct[np.isfinite(direct)]])
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls=":")
+    top = np.argsort(-np.abs(np.nan_to_num(total)))[:6]
+    for i in top:
+        if np.isfinite(direct[i]):
+            ax.annotate(str(eff["intervention"].values[i]), (direct[i], total[i]), fontsize=7)
+    ax.set_xlabel(f"direct ({which}, store, patterns and norms frozen)")
+    ax.set_ylabel(f"total ({which}, live model)")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "total against direct effect per intervention", fontsize=10)
+    return fig

@@ -203,6 +203,7 @@ class _Builder:
         self.bound, self.means = bound, means
         self.weights = Weights(bound)
         self._attn = None
+        self._maps: dict = {}
         n_kv = self.attention()["W_V"].shape[1] if "W_V" in self.attention() else bound.n_heads
         self.kv = np.arange(bound.n_heads) // (bound.n_heads // n_kv)
 
@@ -221,6 +222,12 @@ class _Builder:
             raise StreamtapError(f"{what} is exact only where q, k and v are linear in the attention's input; "
                                  f"this model also does: {'; '.join(notes)}")
         return attn
+
+    def _map(self, iv, make) -> torch.Tensor:
+        """A rank-reduction map, computed once per intervention (every batch reuses it)."""
+        if iv not in self._maps:
+            self._maps[iv] = torch.from_numpy(make())
+        return self._maps[iv]
 
     def o_proj(self, layer: int):
         return self.bound.module(self.bound.taps[f"z.{layer}"][0])
@@ -242,7 +249,7 @@ class _Builder:
             from ..analysis.rank import truncation_map
 
             W_O = self.weights.output_projections()[0][l, h].double().numpy()
-            X = torch.from_numpy(truncation_map(attn["W_V"][l, self.kv[h]], W_O, iv.rank))
+            X = self._map(iv, lambda: truncation_map(attn["W_V"][l, self.kv[h]], W_O, iv.rank))
             b_V = torch.from_numpy(attn["b_V"][l, self.kv[h]]) if "b_V" in attn else torch.zeros(e, dtype=torch.float64)
 
             def reduce_ov(z, X=X, b_V=b_V):
@@ -256,7 +263,7 @@ class _Builder:
             from ..analysis.rank import truncation_map
             from ..layouts.weights import projection_columns
 
-            X = torch.from_numpy(truncation_map(attn["W_Q"][l, h], attn["W_K"][l, self.kv[h]].T, iv.rank))
+            X = self._map(iv, lambda: truncation_map(attn["W_Q"][l, h], attn["W_K"][l, self.kv[h]].T, iv.rank))
             b_Q = torch.from_numpy(attn["b_Q"][l, h]) if "b_Q" in attn else torch.zeros(e, dtype=torch.float64)
             qpath, cols = projection_columns(b, l, "q", h)
 

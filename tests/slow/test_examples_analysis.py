@@ -78,3 +78,11 @@ def test_attention_sinks(tmp_path, monkeypatch, capsys):
 @pytest.fixture(autouse=True)
 def _quiet_progress(monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")
+
+
+def test_effects(tmp_path, monkeypatch, capsys):
+    out = _run("effects.py", ["--out", str(tmp_path), "--texts", "2", "--layers", "18"], monkeypatch, capsys)
+    assert "1. head ablations, layers [18] (18 interventions)" in out
+    assert "2. near-empty source messages" in out and "drop near-empty, renormalised" in out
+    assert "all heads OV at 99%-energy rank" in out and "all heads QK rank 16" in out
+    assert (tmp_path / "total_vs_direct.png").stat().st_size > 10_000
