@@ -248,7 +248,9 @@ class _Builder:
             attn = self._require_qkv("RankReduce OV")
             from ..analysis.rank import truncation_map
 
-            W_O = self.weights.output_projections()[0][l, h].double().numpy()
+            if "W_O" not in self._maps:
+                self._maps["W_O"] = self.weights.output_projections()[0].double().numpy()
+            W_O = self._maps["W_O"][l, h]
             X = self._map(iv, lambda: truncation_map(attn["W_V"][l, self.kv[h]], W_O, iv.rank))
             b_V = torch.from_numpy(attn["b_V"][l, self.kv[h]]) if "b_V" in attn else torch.zeros(e, dtype=torch.float64)
 
@@ -497,13 +499,12 @@ def direct_effects(ds: xr.Dataset, texts_or_ids, interventions, *, tokenizer=Non
     means = {(l, h): np.asarray(z_all.isel(layer=l, head=h).astype(np.float64).mean("token").values)
              for l, h in heads}
     maps = {}
-    for g in groups:
-        for iv in g:
-            if isinstance(iv, RankReduce) and iv.matrix == "OV":
-                W_V = per_query_head(ds, "W_V", np.float64)[iv.layer, iv.head]
-                b_V = (per_query_head(ds, "b_V", np.float64)[iv.layer, iv.head] if "b_V" in ds
-                       else np.zeros(W_V.shape[1]))
-                maps[iv] = (truncation_map(W_V, W_O[iv.layer, iv.head], iv.rank), b_V)
+    ov = [iv for g in groups for iv in g if isinstance(iv, RankReduce) and iv.matrix == "OV"]
+    if ov:
+        W_V = per_query_head(ds, "W_V", np.float64)
+        b_V = per_query_head(ds, "b_V", np.float64) if "b_V" in ds else np.zeros(W_V.shape[:2] + W_V.shape[-1:])
+        for iv in ov:
+            maps[iv] = (truncation_map(W_V[iv.layer, iv.head], W_O[iv.layer, iv.head], iv.rank), b_V[iv.layer, iv.head])
 
     def logits_of(x, s):
         centred = x - x.mean(-1, keepdims=True) if norm.center else x

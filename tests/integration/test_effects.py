@@ -116,3 +116,15 @@ def test_bad_input_is_refused_with_the_fix(setup):
         st.effects(model, ["a text"], [Ablate(0, 0)])
     with pytest.raises(st.StreamtapError, match="same texts"):
         st.effects(model, texts[:2], [Ablate(0, 0)], store=ds)
+
+
+def test_total_vs_direct_figure(setup):
+    from streamtap.report import figures
+
+    model, texts, ds = setup
+    r = st.effects(model, texts, [Ablate(0, 0), Ablate(1, 1, "mean"), RankReduce(1, 2, 3)], store=ds)
+    fig = figures.total_vs_direct(r)
+    points = sum(len(c.get_offsets()) for c in fig.axes[0].collections)
+    assert points == 3
+    with pytest.raises(ValueError, match="store="):
+        figures.total_vs_direct(st.effects(model, texts, [Ablate(0, 0)]))
