@@ -1,5 +1,5 @@
 """Hybrid models: attention at some depths, a state-space, convolution or linear-attention mixer at
-the others (LFM2, Bamba, Qwen3-Next).
+the others (LFM2, Bamba, Qwen3-Next, Jamba).
 
 A mixer layer writes one term (``Mixer``): its recurrence has no heads whose outputs add up to it
 the way attention heads' do, so the store keeps its output whole (``mixer_out``) and a
@@ -8,6 +8,8 @@ layer is comes from the module tree: a block with ``self_attn`` is an attention 
 """
 
 from .spec import INPUT, Attn, Layout, Mixer, Mlp, Moe, projections
+
+ATTN = Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"))
 
 
 def _attention_or_mixer(config, layer, block) -> str:
@@ -41,9 +43,14 @@ LAYOUTS = [
             final="embedding_norm"),
     # Bamba: Mamba-2 mixers
     _hybrid("bamba", "bamba",
-            attn=Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn")),
-            mixer=Mixer("mamba", norm="input_layernorm"),
+            attn=ATTN, mixer=Mixer("mamba", norm="input_layernorm"),
             ffn=Mlp("feed_forward", down="feed_forward.down_proj"),
+            final="final_layernorm"),
+    # Jamba: Mamba mixers; a mixture of experts every expert_layer_period layers, a dense MLP between
+    _hybrid("jamba", "jamba",
+            attn=ATTN, mixer=Mixer("mamba", norm="input_layernorm"),
+            ffn=Moe("feed_forward", experts="feed_forward.experts",
+                    dense=Mlp("feed_forward", down="feed_forward.down_proj")),
             final="final_layernorm"),
     # Qwen3-Next: gated DeltaNet linear attention; gated full attention (the gate acts before o_proj,
     # so z is the gated mixture); a mixture of experts with a gated shared expert in every layer
@@ -54,3 +61,11 @@ LAYOUTS = [
             ffn=Moe("mlp", experts="mlp.experts", shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate"),
             final="norm"),
 ]
+
+_ZAMBA = ("its shared attention block (reused at several depths) reads the residual stream concatenated with the "
+          "token embeddings, 2 x d_model wide, and its output, through a linear map, is added to the input of the "
+          "next Mamba mixer, never to the residual stream itself: no attention head writes a term of the stream, so "
+          "its heads cannot be decomposed per head")
+
+REFUSED = {"zamba": _ZAMBA, "zamba2": _ZAMBA}
+"""Model types refused up front, with the structure that rules out an exact per-head decomposition."""

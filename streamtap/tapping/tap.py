@@ -84,6 +84,11 @@ class Tap:
                 "per-neuron capture is not available for mixture-of-experts layers (their experts are "
                 "fused); per-expert terms are stored instead. Capture without neurons=True (--neurons)"
             )
+        if options.neurons and not self.bound.mlp_layers:
+            raise StreamtapError(
+                f"per-neuron capture is not available for this {type(self.module).__name__}: none of its layers "
+                "has an MLP (every layer is a state-space mixer). Capture without neurons=True (--neurons)"
+            )
         self.tokenizer = tokenizer
         self.rank, self.world = process_rank()
         self.writer = StoreWriter(rank_store(store, self.rank, self.world), append=options.append,
