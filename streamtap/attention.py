@@ -53,6 +53,14 @@ def sequence_tokens(ds: xr.Dataset, seq: int) -> np.ndarray:
     return rows[np.argsort(pos, kind="stable")]
 
 
+def _paired(cos: np.ndarray, sin: np.ndarray) -> bool:
+    """Whether interleaved rotary tables already hold each pair's angle twice (Cohere's
+    ``repeat_interleave``) rather than once per pair (GPT-J). At position 0 alone both readings are
+    the identity, so the test cannot go wrong where it cannot tell."""
+    return cos.shape[-1] % 2 == 0 and bool(np.array_equal(cos[..., ::2], cos[..., 1::2])
+                                           and np.array_equal(sin[..., ::2], sin[..., 1::2]))
+
+
 class Attention:
     """A store's attention parameters, read once: what q, k, v and the scores are made of."""
 
@@ -113,7 +121,8 @@ class Attention:
 
     def _rotate(self, t: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """Queries or keys (n, heads, d_head) turned by the token's own cos and sin (n, width)."""
-        if self.rotary == "interleaved":   # GPT-J: pairs of neighbouring dims, tables of half the width
+        if self.rotary == "interleaved" and not _paired(cos, sin):
+            # GPT-J: pairs of neighbouring dims, tables of half the width (Cohere's come repeated already)
             cos, sin = np.repeat(cos, 2, axis=-1), np.repeat(sin, 2, axis=-1)
         elif self.rotary == "halves":      # GPT-OSS: one table of half the width turns both halves
             cos, sin = np.concatenate([cos, cos], axis=-1), np.concatenate([sin, sin], axis=-1)

@@ -350,7 +350,10 @@ def info(store, storage_options):
     _rows([
         ("store", store),
         ("model", a.get("model_name", "?")),
-        ("layout", f"{a.get('layout')}  (model_type {a.get('model_type')})"),
+        ("layout", f"{a.get('layout')}  (model_type {a.get('model_type')}"
+                   + (", inferred from the module tree and verified exact at attach time)" if a.get("layout_inferred")
+                      else ")")),
+        *([("declaration", a["layout_declaration"])] if a.get("layout_inferred") else []),
         ("dtype", a.get("dtype")),
         ("layers", a.get("n_layers")),
         ("heads", a.get("n_heads")),

@@ -69,3 +69,8 @@ class StoreFullError(StreamtapError, OSError):
 
     An ``OSError`` too (errno ENOSPC), because that is what callers of a full disk already catch.
     """
+
+
+class InferredLayoutWarning(UserWarning):
+    """streamtap inferred the layout of a model type it has no family file for, and the attach-time
+    self-check proved it exact on the live model; the warning says which layout was used."""

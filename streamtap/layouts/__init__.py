@@ -14,7 +14,8 @@ from .bind import BoundLayout, bind
 from .spec import INPUT, OUTPUT, POSITIONS, SPLITS, Attn, Layout, Mixer, Mlp, Moe, Norm, projections
 from .weights import Weights, in_out_weight
 
-_FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert", "moe", "hybrid", "ssm")
+_FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert", "moe", "hybrid",
+             "ssm", "scaled", "fused")
 
 GUIDE = "docs/layouts.md"
 
@@ -50,6 +51,10 @@ def register(layout: Layout) -> Layout:
 
 def pattern_support(bound: BoundLayout) -> str | None:
     """Why a bound layout's attention patterns cannot be recomputed from a store, or None."""
+    if bound.layout.inferred:
+        return ("its layout was inferred (no family file names this model type), and the attach-time self-check "
+                "proves the terms but not where the queries and keys come from; a family file declares them "
+                f"(see {GUIDE})")
     step = bound.attn
     if step is not None and step.no_patterns:
         return step.no_patterns
@@ -62,6 +67,9 @@ def pattern_support(bound: BoundLayout) -> str | None:
                 "layer), not the query/key weights a pattern is recomputed from")
     if step is None or not (step.q or step.qkv):
         return f"layout {bound.name!r} does not locate the attention's queries and keys"
+    why = step.unsupported(bound.model.config) if step.unsupported else None
+    if why:
+        return why
     if bound.positions() == "alibi" and not step.alibi:
         return ("its ALiBi biases are folded into the attention mask, which a capture does not keep, instead of "
                 "reaching each block as an input")
@@ -90,19 +98,49 @@ def layout_for(model) -> Layout:
     for layout in LAYOUTS:
         if model_type in layout.model_types and (layout.when is None or layout.when(config)):
             return layout
+    raise _unsupported(model)
+
+
+def layout_candidates(model) -> list[Layout]:
+    """The layouts a tap may use for ``model``: its family layout alone where one matches (a family
+    file always wins), else the layouts inferred from its module tree (``layouts/infer.py``), which
+    the tap accepts only when the self-check proves one exact.
+
+    Raises
+    ------
+    UnsupportedArchitectureError
+        No family layout matches and the module tree is not one inference can read.
+    """
+    try:
+        return [layout_for(model)]
+    except UnsupportedArchitectureError:
+        if getattr(getattr(model, "config", None), "model_type", None) in REFUSED:
+            raise   # a structure no layout makes exact is not guessed at either
+    from .infer import candidates
+
+    found = candidates(model)
+    if not found:
+        raise _unsupported(model, " Its module tree is not a stack of attention and MLP blocks that streamtap could "
+                                  "infer a layout from.")
+    return found
+
+
+def _unsupported(model, why: str = "") -> UnsupportedArchitectureError:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
     if model_type in REFUSED:
-        raise UnsupportedArchitectureError(
+        return UnsupportedArchitectureError(
             f"streamtap cannot decompose {type(model).__name__} (model_type {model_type!r}) exactly: "
             f"{REFUSED[model_type]}. Capture another architecture, or register a layout of your own "
             f"(streamtap.layouts.register, see {GUIDE}) if you accept another split of its terms."
         )
-    raise UnsupportedArchitectureError(
+    return UnsupportedArchitectureError(
         f"streamtap has no layout for model_type {model_type!r} ({type(model).__name__}). "
         f"Supported model types: {', '.join(supported_model_types())}. "
         f"To add one, write a few-line Layout declaring where its terms live (see {GUIDE}) "
-        "and register it with streamtap.layouts.register(...)."
+        "and register it with streamtap.layouts.register(...)." + why
     )
 
 
 __all__ = ["INPUT", "OUTPUT", "POSITIONS", "SPLITS", "Attn", "BoundLayout", "Layout", "LAYOUTS", "Mixer", "Mlp", "Moe", "Norm",
-           "Weights", "bind", "in_out_weight", "layout_for", "pattern_support", "projections", "register", "supported_model_types"]
+           "Weights", "bind", "in_out_weight", "layout_candidates", "layout_for", "pattern_support", "projections", "register", "supported_model_types"]

@@ -135,9 +135,20 @@ class BoundLayout:
         value = getattr(self.model.config, field_name, None) if field_name else None
         return float(value) if value else None
 
+    def multiplier(self, which: str) -> float:
+        """The layout's ``embed``, ``residual`` or ``logit`` multiplier on this model (1 where none)."""
+        return self.layout.multiplier(which, self.model.config)
+
     def facts(self) -> dict:
         """The architecture's facts as store attributes; analyses read these, never the config."""
         out = {"positional": self.positions(), "causal": self.layout.causal}
+        scales = {k: self.multiplier(k) for k in ("embed", "residual", "logit") if self.multiplier(k) != 1.0}
+        if scales:  # informative: the stored terms and weights already include them
+            out["multipliers"] = scales
+        if self.layout.inferred:
+            from .infer import declaration
+
+            out.update(layout_inferred=True, layout_declaration=declaration(self.layout, self.model.config))
         cap = self.final_softcap()
         if cap:
             out["final_logit_softcap"] = cap

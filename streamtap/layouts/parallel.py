@@ -55,7 +55,9 @@ LAYOUTS = [
         layers="h",
         block=(Attn("self_attention.dense", qkv="self_attention.query_key_value", split="per_group",
                     norm=("ln_attn", "input_layernorm"), scale="inv_norm_factor",
-                    notes=(("alibi", "ALiBi biases are added to the scores by query-key distance"),), alibi="alibi"),
+                    notes=(("alibi", "ALiBi biases are added to the scores by query-key distance"),)),
+               # no alibi= input: FalconModel folds the biases (scaled by 1/sqrt(d_head)) into the attention
+               # mask, and its blocks take none, so pattern_support refuses patterns=True with config.alibi
                Mlp("mlp", down="mlp.dense_4h_to_h", clone=True)),
         resid_final=("ln_f", INPUT),
         final_norm="ln_f",

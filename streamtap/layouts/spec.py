@@ -63,6 +63,8 @@ class Attn:
       (multi-head latent attention: ``v_head_dim``); z and W_O are per head of that width.
     - ``no_patterns``: why this attention's pattern cannot be recomputed from a store (a capture with
       ``patterns=True`` is refused up front with this reason).
+    - ``unsupported``: ``config -> reason or None``, what the offline attention cannot recompute for
+      this model (``pattern_support`` refuses ``patterns=True`` with that reason).
     """
 
     proj: str
@@ -86,6 +88,7 @@ class Attn:
     sinks: str | None = None
     d_head: str | None = None
     no_patterns: str | None = None
+    unsupported: Callable[[object], str | None] | None = None   # config -> why patterns cannot be recomputed
 
     def __post_init__(self):
         if self.split not in SPLITS:
@@ -108,6 +111,17 @@ def sliding_window(config, attention) -> int | None:
     if hasattr(attention, "sliding_window"):
         return attention.sliding_window
     return getattr(config, "sliding_window", None)
+
+
+@dataclass(frozen=True)
+class Reciprocal:
+    """A multiplier that is one over a config field (Granite divides its logits by ``logits_scaling``)."""
+
+    field: str
+
+    def __call__(self, config) -> float | None:
+        value = getattr(config, self.field, None)
+        return None if value is None else 1.0 / float(value)
 
 
 def projections(prefix: str, q: str = "q_proj", k: str = "k_proj", v: str = "v_proj") -> dict[str, str]:
@@ -205,6 +219,14 @@ class Layout:
     causal: bool = True                  # False for bidirectional encoders
     blocks: dict[str, tuple[Attn | Mlp | Moe | Mixer | Norm, ...]] | None = None   # hybrid models: steps per kind
     block_kind: Callable[[object, int, object], str] | None = None   # (config, layer, block) -> key of blocks
+    # multipliers the model applies outside every module a layout taps (Granite, Cohere, muP): a config
+    # field or a function of the config. The store keeps terms as they are added to the stream: the
+    # embedding and MLP terms are multiplied at capture, W_O, b_O, W_out, b_out and W_E carry the factor,
+    # and W_U (with its bias) carries the logit scale, so decompose, verify and DLA stay exact as they are.
+    embed_scale: str | Callable[[object], float] | None = None      # on the token embedding term
+    residual_scale: str | Callable[[object], float] | None = None   # on every attention and MLP write
+    logit_scale: str | Callable[[object], float] | None = None      # on the logits
+    inferred: bool = False               # read off the module tree (layouts/infer.py), not a family file
 
     def __post_init__(self):
         if (self.blocks is None) != (self.block_kind is None):
@@ -222,6 +244,14 @@ class Layout:
     def describe(self) -> str:
         return f"{self.name} ({', '.join(self.model_types)})"
 
+    def multiplier(self, which: str, config) -> float:
+        """The ``embed``, ``residual`` or ``logit`` multiplier this layout declares, on ``config`` (1 if none)."""
+        spec = getattr(self, f"{which}_scale")
+        if spec is None:
+            return 1.0
+        value = spec(config) if callable(spec) else getattr(config, spec, None)
+        return 1.0 if value is None else float(value)
+
 
 __all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "ROTARY_STYLES", "Paths", "Attn", "Mlp", "Mixer", "Moe", "Norm", "Layout",
-           "projections", "sliding_window"]
+           "Reciprocal", "projections", "sliding_window"]

@@ -34,6 +34,11 @@ def _bias(module: torch.nn.Module, width: int, like: torch.Tensor) -> torch.Tens
     return bias.detach()
 
 
+def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """``t`` times a layout multiplier (itself where the factor is 1): the weight as its term enters the stream."""
+    return t if factor == 1.0 else t * factor
+
+
 def _augmented(module: torch.nn.Module) -> tuple[torch.Tensor, bool]:
     """(in + 1, out): the (in, out) weight with the bias (zeros where none) as a last row; has it a bias."""
     w = in_out_weight(module)
@@ -92,8 +97,9 @@ class Weights:
                     like.new_zeros(b.n_layers, b.d_model).detach())
         like_w, like_b = W_O[0][1], b_O[0][1]
         full_w, full_b = dict(W_O), dict(b_O)
-        return (torch.stack([full_w.get(i, torch.zeros_like(like_w)) for i in range(b.n_layers)]),
-                torch.stack([full_b.get(i, torch.zeros_like(like_b)) for i in range(b.n_layers)]))
+        scale = b.multiplier("residual")
+        return (_scaled(torch.stack([full_w.get(i, torch.zeros_like(like_w)) for i in range(b.n_layers)]), scale),
+                _scaled(torch.stack([full_b.get(i, torch.zeros_like(like_b)) for i in range(b.n_layers)]), scale))
 
     def static(self, neurons: bool) -> dict[str, torch.Tensor]:
         """Every weight the store keeps once, by schema name."""
@@ -110,8 +116,8 @@ class Weights:
                 W_out.append(None)
                 continue
             down = b.module(b.taps[f"neuron_act.{layer}"][0])
-            wd = in_out_weight(down)
-            b_out.append(_bias(down, d, wd))
+            wd = _scaled(in_out_weight(down), b.multiplier("residual"))
+            b_out.append(_scaled(_bias(down, d, wd), b.multiplier("residual")))
             W_out.append(wd)
         out["mlp_bias"] = torch.stack(b_out)
         if neurons and b.d_mlp:
@@ -160,7 +166,8 @@ class Weights:
         if through is not None:  # fold a linear map after the final norm into the unembedding
             W_U = (W_U.float() @ in_out_weight(b.module(through)).float().T).to(W_U.dtype)
         bias = getattr(unembed, "bias", None)
-        return W_U, None if bias is None else bias.detach()
+        scale = b.multiplier("logit")
+        return _scaled(W_U, scale), None if bias is None else _scaled(bias.detach(), scale)
 
     # -- what the analyses of patterns and messages need -------------------------------------------
     def token_embedding(self, rows: int = 8192) -> torch.Tensor | None:
@@ -177,13 +184,13 @@ class Weights:
             return None
         entry = b.module(entry_path)
         if entry is emb and type(emb) is torch.nn.Embedding:
-            return emb.weight.detach()
+            return _scaled(emb.weight.detach(), b.multiplier("embed"))
         blocks = []
         with torch.no_grad():
             for start in range(0, emb.num_embeddings, rows):
                 x = bare_forward(emb, torch.arange(start, min(start + rows, emb.num_embeddings), device=emb.weight.device))
                 blocks.append(x if entry is emb else bare_forward(entry, x))
-        return torch.cat(blocks)
+        return _scaled(torch.cat(blocks), b.multiplier("embed"))
 
     def embedding_is_unembedding(self) -> bool:
         """Whether W_E equals the stored W_U bit for bit (tied, unscaled): then W_E is not stored twice."""

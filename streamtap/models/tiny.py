@@ -13,7 +13,7 @@ TINY_ARCHS = (
     "stablelm", "stablelm-parallel", "olmo", "opt", "bloom", "bloom-post-ln-residual", "gptj",
     "gpt_neox", "gpt_neox-sequential", "phi", "falcon", "falcon-new", "gemma2", "gemma3", "olmo2",
     "opt-post-ln", "bert", "roberta", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2",
-    "deepseek_v3",
+    "deepseek_v3", "granite", "cohere", "cohere2", "phi3", "starcoder2",
 )
 """Architectures :func:`tiny_model` builds; each maps to one layout streamtap supports."""
 
@@ -193,6 +193,13 @@ _TINY_CONFIGS = {
                           qk_nope_head_dim=8, v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2,
                           n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1,
                           n_group=2, topk_group=1),
+    "granite": _named("GraniteConfig", **_GQA, embedding_multiplier=3.0, residual_multiplier=0.5,
+                      attention_multiplier=0.1, logits_scaling=4.0),
+    "cohere": _named("CohereConfig", **_GQA, logit_scale=0.25),
+    "cohere2": _named("Cohere2Config", **_GQA, logit_scale=0.25, sliding_window=4,
+                      layer_types=["sliding_attention", "sliding_attention"]),
+    "phi3": _named("Phi3Config", **_GQA),
+    "starcoder2": _named("Starcoder2Config", **_GQA, sliding_window=None),
 }
 assert set(_TINY_CONFIGS) == set(TINY_ARCHS)
 

@@ -26,7 +26,7 @@ from ..layouts import BoundLayout, Weights
 from ..options import CaptureOptions
 from ..stream import to_json
 from ..layouts import INPUT
-from .sinks import KeptValues, Route, TermSlots, Where, argument, location
+from .sinks import KeptValues, Route, TermSlots, Where, argument, first_tensor, location
 
 EXPERT_KEYS = ("experts", "shared", "shared_gate")   # taps a mixture's terms are made from after the forward
 
@@ -51,6 +51,11 @@ def describe_config(config) -> str:
         return config.to_json_string(use_diff=False)
     except Exception:  # configs with non-JSON members still get a readable record
         return json.dumps({k: repr(v) for k, v in vars(config).items()})
+
+
+def _multiply(factor: float):
+    """A route transform storing a term as the stream receives it (a layout multiplier), or None for 1."""
+    return None if factor == 1.0 else (lambda x: x * factor)
 
 
 class Recorder:
@@ -85,16 +90,18 @@ class Recorder:
             routes.setdefault(location(*b.taps[key]), []).append(route)
 
         L = b.n_layers
+        embed_scale, residual_scale = _multiply(b.multiplier("embed")), _multiply(b.multiplier("residual"))
         for var in b.layout.embeds:
             if var in b.taps:
-                add(var, Route(var))
+                add(var, Route(var, transform=embed_scale if var == "embed" else None))
         for layer in range(L):  # a hybrid model's mixer layers have no z, its attention layers no mixer_out,
             if f"z.{layer}" in b.taps:  # and where a block holds one sublayer (Nemotron-H) some have no MLP
                 add(f"z.{layer}", Route("z", layer, L, tail=(b.n_heads, b.d_head)))
             if f"mixer_out.{layer}" in b.taps:
-                add(f"mixer_out.{layer}", Route("mixer_out", layer, L))
+                add(f"mixer_out.{layer}", Route("mixer_out", layer, L, transform=residual_scale))
             if f"mlp_out.{layer}" in b.taps:
-                add(f"mlp_out.{layer}", Route("mlp_out", layer, L, flat=f"mlp_out.{layer}" in b.flat))
+                add(f"mlp_out.{layer}", Route("mlp_out", layer, L, flat=f"mlp_out.{layer}" in b.flat,
+                                              transform=residual_scale))
             if self.options.neurons and f"neuron_act.{layer}" in b.taps:
                 add(f"neuron_act.{layer}", Route("neuron_act", layer, L, flat=f"neuron_act.{layer}" in b.flat))
         for k in range(len(b.norms)):
@@ -123,12 +130,16 @@ class Recorder:
                     out.append((location(path, INPUT), Route(var, g, len(first), pick=pick)))
         elif b.positions() == "alibi":
             path = b.block_full_path(0)
-            module, heads = b.module(path), b.n_heads
+            module, heads, where = b.module(path), b.n_heads, location(path, INPUT)
 
             def pick(value, module=module, name=b.attn.alibi):
-                alibi = argument(module, value, name)          # (batch x heads, 1, keys)
-                return alibi.reshape(-1, heads, alibi.shape[-1]).transpose(1, 2)
-            out.append((location(path, INPUT), Route("alibi", pick=pick)))
+                # (batch x heads, 1, keys): a decoding step's keys are the cached tokens, then its own. A
+                # key's bias is its head's slope times the key's position among the sequence's real tokens,
+                # the same in a step as in one forward over the whole sequence: each token stores its own
+                alibi = argument(module, value, name)
+                new = first_tensor(value, where[1]).shape[1]   # this forward's tokens: the last keys
+                return alibi[..., alibi.shape[-1] - new:].reshape(-1, heads, new).transpose(1, 2)
+            out.append((where, Route("alibi", pick=pick)))
         return out
 
     def _frozen_scale(self, x: torch.Tensor, k: int) -> torch.Tensor:

@@ -81,11 +81,11 @@ def self_check(tap, n_tokens: int = 8) -> float:
         err, state["scale"] = relative_error(total, reference, state["scale"])
         bound = tolerance(model_dtype, n_layers=max(layer, 1))
         if not err <= bound:
-            raise DecompositionError(
+            raise _misfit(DecompositionError(
                 f"layout {b.name!r} does not fit this {type(module).__name__}: {where} "
                 f"(relative error {err:.3g}, bound {bound:.1g}). A module the layout names may have moved "
                 "or a term may be missing; see docs/layouts.md. check=False skips this probe."
-            )
+            ), where, layer, err, bound)
         state["worst"] = max(state["worst"], err)
 
     def on_enter(layer: int, site: str, acc: Sum) -> None:
@@ -119,14 +119,23 @@ def _check_logits(b, resid_final: np.ndarray, logits: torch.Tensor, model_dtype:
     err = float(np.abs(ours - theirs).max() / max(float(np.abs(theirs).max()), 1e-30))
     bound = tolerance(model_dtype, n_layers=b.n_layers)
     if not err <= bound:
-        raise DecompositionError(
+        raise _misfit(DecompositionError(
             f"layout {b.name!r} does not fit this {type(b.model).__name__}: the logits its final norm and "
             f"unembedding give from the final residual differ from the model's (relative error {err:.3g}, "
             f"bound {bound:.1g}); the model does something to the final residual or the logits that the "
             "layout does not declare (a logit scale, another final norm). Attributions would be wrong; "
             "see docs/layouts.md. check=False skips this probe."
-        )
+        ), "the logits its final norm and unembedding give from the final residual differ from the model's",
+            b.n_layers + 1, err, bound)
     return err
+
+
+def _misfit(exc: DecompositionError, where: str, layer: int, err: float, bound: float) -> DecompositionError:
+    """``exc`` with where the stream stopped adding up (``where``: the sentence; ``layer``: how far
+    it got, the logits counting as past the last layer; the relative error and its bound), so that
+    layout inference can name the closest of its candidates."""
+    exc.where, exc.layer, exc.rel_error, exc.bound = where, layer, err, bound
+    return exc
 
 
 __all__ = ["self_check", "probe_norms"]

@@ -12,14 +12,15 @@ warning filter.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 import torch
 
-from ..errors import InputError, StreamtapError
+from ..errors import InferredLayoutWarning, InputError, LayoutError, StreamtapError, UnsupportedArchitectureError
 from ..io.ranks import process_rank, rank_store
 from ..io.writer import StoreWriter
-from ..layouts import BoundLayout, bind, layout_for
+from ..layouts import GUIDE, BoundLayout, bind, layout_candidates
 from ..options import CaptureOptions
 from .batch import Recorder
 from .generation import Generation, given_cache, refuse_cached_forward
@@ -28,19 +29,53 @@ from .sinks import TermSlots, Where, envoy_for, location, trace, unwrap
 LOSSY_ERROR_TOKENS = 2048   # tokens of each end of a lossy store the capture measures its error on
 
 
+# The instance attributes a tap puts on modules: nnsight's controller and its state on every module it
+# traces, and the tap's own routing of the root's forward and generate. Nothing else is the tap's.
+TAP_ATTRIBUTES = ("forward", "__nnsight__", "generate", "_get_stopping_criteria")
+
+
 class _ModuleTreeSnapshot:
-    """Instance attributes of every module, so the tap can leave the tree exactly as it found it."""
+    """The tap's attributes on every module as they were, so the tap can take back exactly what it put on.
+
+    Only those are restored (or removed): state the model creates itself inside the block stays, as it
+    would have without the tap. Transformers, for one, installs forward hooks lazily on the first
+    forward that asks for attentions or hidden states and marks that in an attribute; removing the
+    mark but not the hooks would make every later forward record each layer twice.
+    """
 
     def __init__(self, root: torch.nn.Module):
-        self.saved = [(m, dict(m.__dict__)) for m in root.modules()]
+        self.saved = [(m, {k: m.__dict__[k] for k in TAP_ATTRIBUTES if k in m.__dict__}) for m in root.modules()]
 
     def restore(self) -> None:
         for module, before in self.saved:
-            for key in [k for k in module.__dict__ if k not in before]:
-                del module.__dict__[key]
-            for key in ("forward", "__nnsight__", "generate", "_get_stopping_criteria"):
+            for key in TAP_ATTRIBUTES:
                 if key in before:
                     module.__dict__[key] = before[key]
+                else:
+                    module.__dict__.pop(key, None)
+
+
+def _closest(module, failures: list) -> str:
+    """Why no inferred layout was accepted: the candidate that added up furthest, where it stopped
+    adding up and by how much (the relative error), and where to go from there."""
+    model_type = module.config.model_type
+    measured = [(b, e) for b, e in failures if getattr(e, "layer", None) is not None]
+    head = (f"streamtap has no layout file for model_type {model_type!r} ({type(module).__name__}) and none of the "
+            f"{len(failures)} layouts inferred from its module tree adds up exactly on the live model")
+    tail = (f". Write a family layout declaring what this model adds to the stream (see {GUIDE}, "
+            "\"Inferred layouts\") and register it with streamtap.layouts.register(...)")
+    if not measured:
+        reasons = "; ".join(f"{type(e).__name__}: {e}" if e is not None else "the probe was not finite"
+                            for _, e in failures[:2])
+        return f"{head} ({reasons}){tail}"
+    bound, exc = max(measured, key=lambda be: (be[1].layer, -be[1].rel_error))
+    from ..layouts.infer import declaration
+
+    block = ("the logits (the final norm and unembedding)" if exc.layer > bound.n_layers else
+             "the embeddings" if exc.layer == 0 else f"block {exc.layer - 1} (its attention and MLP writes)")
+    return (f"{head}. The closest, {declaration(bound.layout)}, first fails at {block}: {exc.where} "
+            f"(relative error {exc.rel_error:.3g}, bound {exc.bound:.1g}), so something there adds to the stream "
+            f"that the layout does not declare (a scale, a norm, a term){tail}")
 
 
 class NnsightForward:
@@ -71,24 +106,16 @@ class Tap:
                 "the model is in training mode (dropout would make the captured terms random); "
                 "call model.eval() before tapping it"
             )
-        self.bound: BoundLayout = bind(layout_for(self.module), self.module)
-        if options.patterns:
-            from ..layouts import pattern_support
-
-            problem = pattern_support(self.bound)
-            if problem:
-                raise StreamtapError(f"patterns=True (--patterns) is not available for this {type(self.module).__name__}: "
-                                     f"{problem}. Capture without it; the terms and their decomposition are unaffected")
-        if options.neurons and self.bound.moe:
-            raise StreamtapError(
-                "per-neuron capture is not available for mixture-of-experts layers (their experts are "
-                "fused); per-expert terms are stored instead. Capture without neurons=True (--neurons)"
+        self._candidates = self._bind_candidates(layout_candidates(self.module))
+        self.bound: BoundLayout = self._candidates[0]
+        self.inferred = self.bound.layout.inferred
+        if self.inferred and not options.check:
+            raise UnsupportedArchitectureError(
+                f"check=False (--no-check) is refused for this {type(self.module).__name__}: streamtap has no layout "
+                f"file for model_type {self.module.config.model_type!r}, and an inferred layout is used only once the "
+                "attach-time self-check proves it exact. Drop check=False, or write a family layout (docs/layouts.md)"
             )
-        if options.neurons and not self.bound.mlp_layers:
-            raise StreamtapError(
-                f"per-neuron capture is not available for this {type(self.module).__name__}: none of its layers "
-                "has an MLP (every layer is a state-space mixer). Capture without neurons=True (--neurons)"
-            )
+        self._check_options(self.bound)
         self.tokenizer = tokenizer
         self.rank, self.world = process_rank()
         self.writer = StoreWriter(rank_store(store, self.rank, self.world), append=options.append,
@@ -97,18 +124,91 @@ class Tap:
         self._forward_impl = forward if forward is not None else NnsightForward(self)
         model_name = (options.model_name or getattr(self.module.config, "_name_or_path", "")
                       or type(self.module).__name__)
-        self.recorder = Recorder(self.bound, options, module=self.module, writer=self.writer, tokenizer=tokenizer,
-                                 model_name=model_name, created_by=created_by,
-                                 scales_reduced=self._forward_impl.reduces_norms)
-        self.max_positions = self.bound.max_positions()
+        self._recorder_args = dict(module=self.module, writer=self.writer, tokenizer=tokenizer,
+                                   model_name=model_name, created_by=created_by,
+                                   scales_reduced=self._forward_impl.reduces_norms)
+        self._use(self.bound)
         embedding = self.module.get_input_embeddings() if hasattr(self.module, "get_input_embeddings") else None
         self.vocab_size = getattr(embedding, "num_embeddings", None)
         self._signature = inspect.signature(type(self.module).forward)
         self._inside = False
         self._snapshot = None
+        self._tapped: dict[str, torch.nn.Module] = {}
         self.envoy = None
         self._bar = None
         self._generation = None  # the state of the model.generate call running in the block, if any
+
+    # -- the layout ------------------------------------------------------------------------------
+    def _bind_candidates(self, layouts: list) -> list[BoundLayout]:
+        """The candidate layouts bound to the model; a family layout's bind error is raised as it is,
+        inferred candidates that do not bind are dropped (inference proposes, binding and the
+        self-check dispose)."""
+        if not layouts[0].inferred:
+            return [bind(layouts[0], self.module)]
+        bound, errors = [], []
+        for layout in layouts:
+            try:
+                bound.append(bind(layout, self.module))
+            except (LayoutError, AttributeError, TypeError, ValueError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+        if not bound:
+            raise UnsupportedArchitectureError(
+                f"streamtap has no layout for model_type {self.module.config.model_type!r}, and none of the "
+                f"{len(layouts)} layouts inferred from its module tree binds to it ({errors[0]}). Write a family "
+                "layout (see docs/layouts.md) and register it with streamtap.layouts.register(...)")
+        return bound
+
+    def _check_options(self, bound: BoundLayout) -> None:
+        """Refuse the options this layout cannot serve, before anything is written."""
+        if self.options.patterns:
+            from ..layouts import pattern_support
+
+            problem = pattern_support(bound)
+            if problem:
+                raise StreamtapError(f"patterns=True (--patterns) is not available for this {type(self.module).__name__}: "
+                                     f"{problem}. Capture without it; the terms and their decomposition are unaffected")
+        if self.options.neurons and bound.moe:
+            raise StreamtapError(
+                "per-neuron capture is not available for mixture-of-experts layers (their experts are "
+                "fused); per-expert terms are stored instead. Capture without neurons=True (--neurons)"
+            )
+        if self.options.neurons and not bound.mlp_layers:
+            raise StreamtapError(
+                f"per-neuron capture is not available for this {type(self.module).__name__}: none of its layers "
+                "has an MLP (every layer is a state-space mixer). Capture without neurons=True (--neurons)"
+            )
+
+    def _use(self, bound: BoundLayout) -> None:
+        """Capture with ``bound`` from now on (the recorder's routes follow the layout)."""
+        self.bound = bound
+        self.recorder = Recorder(bound, self.options, **self._recorder_args)
+        self.max_positions = bound.max_positions()
+
+    def _prove(self) -> None:
+        """Use the first inferred layout the self-check proves exact on the live model and say so once;
+        refuse the model, naming the closest candidate and where it failed, when none is proven."""
+        from .self_check import self_check
+
+        failures = []
+        for bound in self._candidates:
+            self._use(bound)
+            try:
+                worst = self_check(self)
+            except (StreamtapError, RuntimeError, ValueError, KeyError, IndexError, TypeError) as exc:
+                failures.append((bound, exc))
+                continue
+            if worst != worst:  # nan: the probe was not finite, so nothing was proven
+                failures.append((bound, None))
+                continue
+            self._check_options(bound)
+            from ..layouts.infer import declaration
+
+            warnings.warn(InferredLayoutWarning(
+                f"streamtap has no layout file for model_type {self.module.config.model_type!r}; it inferred this "
+                f"layout from the module tree and the self-check verified it exact on the live model (largest "
+                f"relative error {worst:.2g}): {declaration(bound.layout, self.module.config)}"), stacklevel=3)
+            return
+        raise UnsupportedArchitectureError(_closest(self.module, failures))
 
     # -- context -------------------------------------------------------------------------------
     def __enter__(self) -> "Tap":
@@ -123,11 +223,12 @@ class Tap:
             from .self_check import self_check
 
             try:
-                self_check(self)
+                self._prove() if self.inferred else self_check(self)
             except BaseException:
                 self._snapshot.restore()
                 self.writer.unlock()
                 raise
+        self._tapped = self._tapped_modules()
         if self.options.progress:
             from tqdm.auto import tqdm
 
@@ -160,6 +261,21 @@ class Tap:
                 self._snapshot.restore()
                 self.envoy = None
                 self.recorder.close()
+
+    def _tapped_modules(self) -> dict[str, torch.nn.Module]:
+        """Every module the layout taps, by path, as the self-check saw them."""
+        return {path: self.bound.module(path) for path, _ in self.bound.taps.values()}
+
+    def _check_tree(self) -> None:
+        """Refuse a forward after a module the tap reads was replaced inside the block: the terms
+        would come from modules the self-check never proved (a hook that changes an output instead
+        is caught by ``verify``, which finds the terms no longer add up)."""
+        for path, module in self._tapped.items():
+            if self.bound.module(path) is not module:
+                raise LayoutError(
+                    f"{path} was replaced after the tap opened (it is a {type(self.bound.module(path)).__name__} now); "
+                    "the tap reads the modules its attach-time self-check proved. Modify the model before opening "
+                    "the tap, then open a new one")
 
     def _follow_generate(self) -> None:
         """Route the model's ``generate`` (and the stopping criteria it builds) through the tap.
@@ -242,6 +358,7 @@ class Tap:
             self.recorder.pipeline.raise_pending()  # a writer error surfaces here, before more compute is spent
         if self._generation is not None:
             return self._generation_step(args, kwargs)
+        self._check_tree()
         input_ids, mask = self._inputs(args, kwargs)
         output, _ = self.capture_forward(args, kwargs, input_ids, mask)
         self._advance(int(mask.sum()))
@@ -250,6 +367,7 @@ class Tap:
     def _generation_step(self, args, kwargs):
         """One forward of ``model.generate``: the prompt opens sequences, later steps extend them."""
         gen = self._generation
+        self._check_tree()
         bound = self._signature.bind_partial(self.module, *args, **kwargs).arguments
         gen.check_forward(bound.get("attention_mask"))
         if not gen.started:

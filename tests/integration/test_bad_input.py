@@ -61,11 +61,12 @@ def test_architecture_without_layout_lists_supported_ones_and_the_guide(tmp_path
 
     model = LlamaForCausalLM(OtherConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, vocab_size=64)).eval()
+    model.model.layers[0].mlp = torch.nn.Identity()  # a block inference cannot read (a Llama would be inferred)
     with pytest.raises(st.UnsupportedArchitectureError) as info:
         st.tap(model, tmp_path / "a.zarr")
     message = str(info.value)
     assert "my-new-arch" in message and "gpt2" in message and "llama" in message
-    assert "docs/layouts.md" in message
+    assert "docs/layouts.md" in message and "could infer a layout from" in message
     assert not os.path.exists(tmp_path / "a.zarr")
 
 
