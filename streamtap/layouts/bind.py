@@ -15,7 +15,7 @@ import torch
 from ..errors import LayoutError
 from ..stream import Embed, Event, StreamNorm, Write
 from .norms import probe_norm
-from .spec import INPUT, OUTPUT, Attn, Layout, Mixer, Moe, Norm, Paths
+from .spec import INPUT, OUTPUT, Attn, Layout, Mixer, Moe, Norm, Paths, config_multiplier
 
 
 def resolve_path(root: torch.nn.Module, path: str):
@@ -46,6 +46,7 @@ class BoundLayout:
     flat: set[str] = field(default_factory=set)                      # tap keys whose tokens come flattened
     norm_probes: list[dict] = field(default_factory=list)            # gamma, beta, centring, eps per norm
     attn: Attn | None = None                                         # the block's attention step
+    out_scales: dict[str, float] = field(default_factory=dict)      # tap key -> a step's own output multiplier
 
     @property
     def name(self) -> str:
@@ -236,10 +237,12 @@ def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
                 taps[f"norm.{through}"] = (bound.norms[through], INPUT)
             if isinstance(step, Mixer):
                 taps[f"mixer_out.{layer}"] = (require(bound.block_path(layer, step.term), "mixer term"), OUTPUT)
+                bound.out_scales[f"mixer_out.{layer}"] = config_multiplier(step.out_scale, config)
                 events.append(Write("mixer", layer, through))
             elif isinstance(step, Attn):
                 bound.attn = bound.attn or step
                 taps[f"z.{layer}"] = (require(bound.block_path(layer, step.proj), "attention output projection"), INPUT)
+                bound.out_scales[f"z.{layer}"] = config_multiplier(step.out_scale, config)
                 events.append(Write("attn", layer, through))
             elif isinstance(step, Moe) and (step.dense is None or bound.find(bound.block_path(layer, step.experts))):
                 taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, step.term), "MoE term"), OUTPUT)
@@ -256,6 +259,7 @@ def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
                 taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, mlp.term), "MLP term"), OUTPUT)
                 taps[f"neuron_act.{layer}"] = (require(bound.block_path(layer, mlp.down or mlp.term),
                                                        "MLP down projection"), INPUT)
+                bound.out_scales[f"neuron_act.{layer}"] = config_multiplier(mlp.down_scale, config)
                 if mlp.clone:
                     bound.clones.add(f"mlp_out.{layer}")
                 if mlp.flat:

@@ -89,8 +89,9 @@ class Weights:
                 continue
             o = b.module(tap[0])
             w = in_out_weight(o)
-            W_O.append((layer, w.reshape(b.n_heads, b.d_head, b.d_model)))
-            b_O.append((layer, _bias(o, b.d_model, w)))
+            own = b.out_scales.get(f"z.{layer}", 1.0)   # the block's own multiplier on this attention (Falcon-H1)
+            W_O.append((layer, _scaled(w.reshape(b.n_heads, b.d_head, b.d_model), own)))
+            b_O.append((layer, _scaled(_bias(o, b.d_model, w), own)))
         if not W_O:  # a pure state-space model: no heads
             like = next(b.model.parameters())
             return (like.new_zeros(b.n_layers, 0, 0, b.d_model).detach(),
@@ -116,8 +117,9 @@ class Weights:
                 W_out.append(None)
                 continue
             down = b.module(b.taps[f"neuron_act.{layer}"][0])
-            wd = _scaled(in_out_weight(down), b.multiplier("residual"))
-            b_out.append(_scaled(_bias(down, d, wd), b.multiplier("residual")))
+            scale = b.multiplier("residual") * b.out_scales.get(f"neuron_act.{layer}", 1.0)
+            wd = _scaled(in_out_weight(down), scale)
+            b_out.append(_scaled(_bias(down, d, wd), scale))
             W_out.append(wd)
         out["mlp_bias"] = torch.stack(b_out)
         if neurons and b.d_mlp:

@@ -98,7 +98,8 @@ class Recorder:
             if f"z.{layer}" in b.taps:  # and where a block holds one sublayer (Nemotron-H) some have no MLP
                 add(f"z.{layer}", Route("z", layer, L, tail=(b.n_heads, b.d_head)))
             if f"mixer_out.{layer}" in b.taps:
-                add(f"mixer_out.{layer}", Route("mixer_out", layer, L, transform=residual_scale))
+                add(f"mixer_out.{layer}", Route("mixer_out", layer, L, transform=_multiply(
+                    b.multiplier("residual") * b.out_scales.get(f"mixer_out.{layer}", 1.0))))
             if f"mlp_out.{layer}" in b.taps:
                 add(f"mlp_out.{layer}", Route("mlp_out", layer, L, flat=f"mlp_out.{layer}" in b.flat,
                                               transform=residual_scale))

@@ -33,6 +33,12 @@ ONE_SUBLAYER = {   # blocks of one sublayer each: pure state-space models, and N
     "nemotron_h": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, mamba_num_heads=8,
                        moe_shared_expert_intermediate_size=32, mamba_head_dim=16, ssm_state_size=16, **MAMBA2),
 }
+FALCON_H1 = dict(   # every muP multiplier away from 1, so a multiplier left out of a term shows
+    mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16, mamba_chunk_size=8,
+    embedding_multiplier=3.0, lm_head_multiplier=0.5, attention_out_multiplier=0.7, ssm_out_multiplier=1.7,
+    attention_in_multiplier=1.3, key_multiplier=0.8, ssm_in_multiplier=1.2, mlp_multipliers=[0.9, 1.4],
+    ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.05])
+HOOKED = {**ONE_SUBLAYER, "falcon_h1": FALCON_H1}   # checked against each block's input, by the test's own hooks
 LENGTHS = [11, 6, 3]
 
 
@@ -40,7 +46,7 @@ def hybrid_model(model_type: str):
     """A tiny random model of ``model_type`` whose norms are not all ones (a dropped norm would show)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, **SMALL, **{**HYBRIDS, **ONE_SUBLAYER}[model_type])
+    config = AutoConfig.for_model(model_type, **SMALL, **{**HYBRIDS, **HOOKED}[model_type])
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
@@ -104,20 +110,21 @@ def test_dla_sums_to_the_logit(captured):
     assert np.abs(total - truth).max() <= 1e-5 * np.abs(truth).max()
 
 
-@pytest.mark.parametrize("model_type", sorted(HYBRIDS) + sorted(ONE_SUBLAYER))
+@pytest.mark.parametrize("model_type", sorted(HYBRIDS) + sorted(HOOKED))
 def test_patterns_are_refused_with_the_reason(model_type, tmp_path):
     model = hybrid_model(model_type)
-    reason = "every layer is a state-space mixer" if "mamba" in model_type else "hybrid model"
+    reason = ("every layer is a state-space mixer" if "mamba" in model_type else
+              "attention_in_multiplier" if model_type == "falcon_h1" else "hybrid model")
     with pytest.raises(StreamtapError, match=reason):
         with st.tap(model, tmp_path / "s.zarr", patterns=True):
             run(model, *padded_batch(128, [4]))
     assert not (tmp_path / "s.zarr").exists()
 
 
-@pytest.fixture(scope="module", params=sorted(ONE_SUBLAYER))
+@pytest.fixture(scope="module", params=sorted(HOOKED))
 def one_sublayer(request, tmp_path_factory):
     """A capture with the input of every block recorded by the test's own hooks (Mamba's hidden_states
-    leave out the embeddings, so the hooks are the ground truth all four share)."""
+    leave out the embeddings, so the hooks are the ground truth all of them share)."""
     model = hybrid_model(request.param)
     ids, mask = padded_batch(model.config.vocab_size, LENGTHS, seed=1)
     store = tmp_path_factory.mktemp(request.param) / "s.zarr"
@@ -156,6 +163,10 @@ def test_one_sublayer_blocks_match_each_blocks_input(one_sublayer):
 def test_each_layer_writes_its_own_kind_only(one_sublayer):
     model, ds, _, _, _ = one_sublayer
     labels = set(st.decompose(ds, dtype=np.float64).component.values.tolist())
+    if model.config.model_type == "falcon_h1":   # mixer and attention side by side, then the MLP, in every layer
+        assert labels == {"embed"} | {f"L{layer}{part}" for layer in range(4)
+                                      for part in ("_mixer", "_mlp", "_attn_bias", "H0", "H1", "H2", "H3")}
+        return
     if model.config.model_type != "nemotron_h":   # pure state-space: every layer one mixer term, no heads
         assert labels == {"embed"} | {f"L{layer}_mixer" for layer in range(4)}
         assert ds.sizes["head"] == 0 and "mlp_out" not in ds
@@ -194,3 +205,19 @@ def test_zamba_shared_attention_is_refused_up_front(model_type, tmp_path):
         with st.tap(model, tmp_path / "s.zarr"):
             run(model, *padded_batch(128, [4]))
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_falcon_h1_neurons_carry_the_mlp_down_multiplier(tmp_path):
+    """Falcon-H1's MLP multiplies its down projection's output inside the module: per-neuron terms
+    (act x W_out) add up to the stream only because W_out and b_out carry that multiplier."""
+    model = hybrid_model("falcon_h1")
+    ids, mask = padded_batch(model.config.vocab_size, LENGTHS, seed=1)
+    with st.tap(model, tmp_path / "s.zarr", neurons=True), torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    ds = st.open(tmp_path / "s.zarr")
+    terms = st.decompose(ds, neurons=True, dtype=np.float64)
+    resid = ds.resid_final.values.astype(np.float64)
+    assert np.abs(terms.sum("component").values - resid).max() <= 1e-5 * np.abs(resid).max()
+    dla = direct_logit_attribution(ds, 7, dtype=np.float64)
+    truth = out.logits[mask.bool()][:, 7].double().numpy()
+    assert np.abs(dla.sum("component").values - truth).max() <= 1e-5 * np.abs(truth).max()
