@@ -7,16 +7,16 @@ decomposition names it ``L{layer}_mixer``. Attention layers keep their per-head 
 layer is comes from the module tree: a block with ``self_attn`` is an attention block.
 """
 
-from .spec import INPUT, Attn, Layout, Mixer, Mlp, Moe, projections
+from .spec import INPUT, Attn, Layout, Mixer, Mlp, Moe, Reciprocal, projections
 
 ATTN = Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"))
 
 
 def _attention_or_mixer(config, layer, block) -> str:
-    """A block with a ``self_attn`` module is an attention block; any other, a mixer block. Read off the
+    """A block with a ``self_attn`` module (not None: Granite-4 sets it so) is an attention block; any other, a mixer block. Read off the
     module tree because that is what the model built (config spellings differ by version: Bamba's
     ``layers_block_type`` said ``"attention"``, now ``"full_attention"``)."""
-    return "attn" if hasattr(block, "self_attn") else "mixer"
+    return "attn" if getattr(block, "self_attn", None) is not None else "mixer"
 
 
 def _hybrid(name, model_type, *, attn: Attn, mixer: Mixer, ffn, final: str) -> Layout:
@@ -61,6 +61,16 @@ LAYOUTS = [
             ffn=Moe("mlp", experts="mlp.experts", shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate"),
             final="norm"),
 ]
+
+# Granite-4 hybrids without experts (num_local_experts 0): Mamba-2 or attention, then the shared MLP,
+# with Granite's multipliers. With experts, the routed experts (not transformers' fused (x, index,
+# weight) experts) and the shared MLP are sibling modules summed in the block, which no Moe step reads.
+LAYOUTS.append(Layout(
+    **{**_hybrid("granitemoehybrid", "granitemoehybrid", attn=ATTN, mixer=Mixer("mamba", norm="input_layernorm"),
+                 ffn=Mlp("shared_mlp", down="shared_mlp.output_linear"), final="norm").__dict__,
+       "when": lambda config: not getattr(config, "num_local_experts", 0),
+       "embed_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
+       "logit_scale": Reciprocal("logits_scaling")}))
 
 _ZAMBA = ("its shared attention block (reused at several depths) reads the residual stream concatenated with the "
           "token embeddings, 2 x d_model wide, and its output, through a linear map, is added to the input of the "

@@ -24,6 +24,11 @@ HYBRIDS = {   # per type: its config's sizes, layers 1 and 3 attention, 0 and 2 
     # dense MLPs at layers 0 and 2, experts at 1 and 3
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, num_experts=4,
                   num_experts_per_tok=2, mamba_d_state=8),
+    # Granite-4 without experts, its multipliers away from 1 (a multiplier left out of a term would show)
+    "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "attention"], num_local_experts=0,
+                             mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16, mamba_chunk_size=8,
+                             shared_intermediate_size=32, embedding_multiplier=3.0, residual_multiplier=0.6,
+                             logits_scaling=2.0, attention_multiplier=0.3),
 }
 MAMBA2 = dict(n_groups=1, chunk_size=8)
 ONE_SUBLAYER = {   # blocks of one sublayer each: pure state-space models, and Nemotron-H (mamba, moe, attention, mlp)
@@ -77,7 +82,7 @@ def test_residual_at_every_depth_matches_the_models_hidden_states(captured):
     final = ds.resid_final.values.astype(np.float64)
     norm = model.base_model.get_submodule(
         {"lfm2": "embedding_norm", "bamba": "final_layernorm", "qwen3_next": "norm",
-         "jamba": "final_layernorm"}[model.config.model_type])
+         "jamba": "final_layernorm", "granitemoehybrid": "norm"}[model.config.model_type])
     with torch.no_grad():
         normed = norm(torch.from_numpy(final).float()).double().numpy()
     truth = out.hidden_states[-1][real].double().numpy()
