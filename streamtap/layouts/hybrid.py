@@ -62,6 +62,35 @@ LAYOUTS = [
             final="norm"),
 ]
 
+# LFM2-MoE: LFM2 with a mixture of experts after its first num_dense_layers dense MLPs
+LAYOUTS.append(_hybrid("lfm2_moe", "lfm2_moe", attn=LAYOUTS[0].blocks["attn"][0], mixer=Mixer("conv", norm="operator_norm"),
+                       ffn=Moe("feed_forward", experts="feed_forward.experts",
+                               dense=Mlp("feed_forward", down="feed_forward.w2")),
+                       final="embedding_norm"))
+
+
+def _temporal_kind(config, layer, block) -> str:
+    """RecurrentGemma's temporal block is an attention where it has an output projection (o_proj),
+    else a recurrent (RG-LRU) block."""
+    return "attn" if hasattr(block.temporal_block, "o_proj") else "mixer"
+
+
+def _gemma_normalizer(config) -> float:
+    """sqrt(d_model) as RecurrentGemma keeps it, a bfloat16 buffer, by which it multiplies the embeddings."""
+    import torch
+
+    return float(torch.tensor(config.hidden_size ** 0.5, dtype=torch.bfloat16))
+
+
+_RG_MLP = Mlp("mlp_block", down="mlp_block.down_proj")
+_RG_ATTN = Attn("temporal_block.o_proj", norm="temporal_pre_norm", **projections("temporal_block"))
+# RecurrentGemma (Griffin): RG-LRU recurrent blocks and local attention in a fixed pattern
+LAYOUTS.append(Layout(
+    name="recurrent_gemma", model_types=("recurrent_gemma",), embeds={"embed": "embed_tokens"}, layers="layers",
+    block=(_RG_ATTN, _RG_MLP),
+    blocks={"attn": (_RG_ATTN, _RG_MLP), "mixer": (Mixer("temporal_block", norm="temporal_pre_norm"), _RG_MLP)},
+    block_kind=_temporal_kind, resid_final=("final_norm", INPUT), final_norm="final_norm",
+    embed_scale=_gemma_normalizer, final_softcap="logits_soft_cap"))
 # Granite-4 hybrids without experts (num_local_experts 0): Mamba-2 or attention, then the shared MLP,
 # with Granite's multipliers. With experts, the routed experts (not transformers' fused (x, index,
 # weight) experts) and the shared MLP are sibling modules summed in the block, which no Moe step reads.

@@ -29,6 +29,9 @@ HYBRIDS = {   # per type: its config's sizes, layers 1 and 3 attention, 0 and 2 
                              mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16, mamba_chunk_size=8,
                              shared_intermediate_size=32, embedding_multiplier=3.0, residual_multiplier=0.6,
                              logits_scaling=2.0, attention_multiplier=0.3),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=32, num_dense_layers=1),
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"], lru_width=64, attention_window_size=8),
 }
 MAMBA2 = dict(n_groups=1, chunk_size=8)
 ONE_SUBLAYER = {   # blocks of one sublayer each: pure state-space models, and Nemotron-H (mamba, moe, attention, mlp)
@@ -82,7 +85,8 @@ def test_residual_at_every_depth_matches_the_models_hidden_states(captured):
     final = ds.resid_final.values.astype(np.float64)
     norm = model.base_model.get_submodule(
         {"lfm2": "embedding_norm", "bamba": "final_layernorm", "qwen3_next": "norm",
-         "jamba": "final_layernorm", "granitemoehybrid": "norm"}[model.config.model_type])
+         "jamba": "final_layernorm", "granitemoehybrid": "norm", "lfm2_moe": "embedding_norm",
+         "recurrent_gemma": "final_norm"}[model.config.model_type])
     with torch.no_grad():
         normed = norm(torch.from_numpy(final).float()).double().numpy()
     truth = out.hidden_states[-1][real].double().numpy()
@@ -111,6 +115,8 @@ def test_dla_sums_to_the_logit(captured):
     dla = direct_logit_attribution(ds, target, dtype=np.float64)
     assert "L0_mixer" in dla.component.values
     truth = out.logits[mask.bool()][:, target].double().numpy()
+    cap = ds.attrs.get("final_logit_softcap")   # RecurrentGemma: DLA is of the logit before its soft-cap
+    truth = cap * np.arctanh(truth / cap) if cap else truth
     total = dla.sum("component").values
     assert np.abs(total - truth).max() <= 1e-5 * np.abs(truth).max()
 
