@@ -232,3 +232,22 @@ def test_falcon_h1_neurons_carry_the_mlp_down_multiplier(tmp_path):
     dla = direct_logit_attribution(ds, 7, dtype=np.float64)
     truth = out.logits[mask.bool()][:, 7].double().numpy()
     assert np.abs(dla.sum("component").values - truth).max() <= 1e-5 * np.abs(truth).max()
+
+
+def test_nemotron_h_neurons_where_only_some_layers_have_an_mlp(tmp_path):
+    """Without experts, per-neuron capture works: layers without an MLP store zero activations and W_out."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("nemotron_h", **SMALL, **{**ONE_SUBLAYER["nemotron_h"],
+                                                           "layers_block_type": ["mamba", "mlp", "attention", "mlp"]})
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    ids, mask = padded_batch(128, LENGTHS, seed=1)
+    with st.tap(model, tmp_path / "s.zarr", neurons=True), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    ds = st.open(tmp_path / "s.zarr")
+    assert ds.neuron_act.isel(layer=[1, 3]).values.any() and not ds.W_out.isel(layer=[0, 2]).values.any()
+    terms = st.decompose(ds, neurons=True, dtype=np.float64)
+    resid = ds.resid_final.values.astype(np.float64)
+    assert np.abs(terms.sum("component").values - resid).max() <= 1e-5 * np.abs(resid).max()
