@@ -28,8 +28,9 @@ sub-config, e.g. ``text_config``, the same way), by field name:
   scales) perturbed by 0.2 noise, so that a dropped or doubled term is as large as the others;
 - float32, eval mode, eager attention.
 
-Ground truth, independent of the tap: the model's own ``output_hidden_states`` (the residual entering
-each layer after the first) and a forward pre-hook of the sweep's own on the final norm (the last norm
+Ground truth, independent of the tap: forward pre-hooks of the sweep's own on every layer (the
+residual entering each layer after the first; a model's ``output_hidden_states`` is not that everywhere:
+Mamba's hold each layer's output) and on the final norm (the last norm
 module the base model runs outside its layer list, found by running it); where the base model runs
 no such norm (post-LN encoders), the last layer's output.
 
@@ -252,7 +253,15 @@ def ground_truth(model, ids, mask):
                     order.append(name)
                     captured[name] = x.detach().clone()
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+    entering = {}
     if layers is not None:
+        for i, layer in enumerate(layers):
+            def enter(mod, args, kwargs, i=i):
+                x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+                if isinstance(x, torch.Tensor):
+                    entering[i] = x.detach().clone()
+            handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True))
+
         def last(mod, args, output):
             out = output[0] if isinstance(output, (tuple, list)) else output
             order.append("<last layer>")
@@ -270,8 +279,8 @@ def ground_truth(model, ids, mask):
     norms = [n for n in after if n != "<last layer>"]
     key = norms[-1] if norms else "<last layer>"
     how = f"input of {key}" if norms else "output of the last layer (no final norm)"
-    hidden = getattr(out, "hidden_states", None)
-    return captured[key], hidden, out.logits, how
+    hidden = [entering.get(i) for i in range(len(layers))] + [captured[key]]
+    return captured[key], (hidden if all(h is not None for h in hidden) else None), out.logits, how
 
 
 # -- one check -------------------------------------------------------------------------------------------
@@ -527,8 +536,8 @@ def table(results: dict) -> str:
         "per-layer pattern holding every kind of layer; other `*_size`/`*_dim` fields above 64 become 64 and "
         "`num_*` fields above 4 become 4. Random weights (biases and constant parameters perturbed), "
         "float32, eval, eager attention.",
-        "- Ground truth is the model's own: `output_hidden_states` for the residual entering each layer, "
-        "and a forward pre-hook of the sweep's own on the final norm (found by running the model: the last "
+        "- Ground truth is the model's own, read by forward pre-hooks of the sweep's own: the input of every "
+        "layer for the residual entering it, and the input of the final norm (found by running the model: the last "
         "norm the base model runs after its last layer), or the last layer's output where there is none.",
         "- float32 error: max over tokens of max|sum of terms - ground truth| / max|ground truth| (bound "
         "1e-5). bfloat16 error: the same in bfloat16, against `st.tolerance` for the store.",

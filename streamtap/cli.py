@@ -453,7 +453,7 @@ def demo(model_id, out, overwrite, dtype, device):
     loaded = time.perf_counter() - start
     cfg = model.config
     click.echo(f"streamtap demo: {model_id}  ({cfg.model_type}, {dtype}, {cfg.num_hidden_layers} layers x "
-               f"{cfg.num_attention_heads} heads, d_model {cfg.hidden_size}; on {model.device.type}, "
+               f"{getattr(cfg, 'num_attention_heads', 0)} heads, d_model {cfg.hidden_size}; on {model.device.type}, "
                f"loaded in {loaded:.1f} s)")
 
     start = time.perf_counter()

@@ -104,9 +104,10 @@ def _source(ds: xr.Dataset, dtype, *, per_component: bool, neurons: bool = False
     def per_token(data) -> da.Array:
         return _as_dask(data, dtype).rechunk((chunks, d_model))
 
-    if per_component:
+    outputs = attn = None   # a pure state-space store has no heads (no event reads them)
+    if per_component and "head_output" in ds:
         outputs = ds["head_output"].data.astype(dtype)
-    else:
+    elif not per_component and "z" in ds:
         z = _as_dask(ds["z"].data, dtype)
         W_O = np.asarray(ds["W_O"].values, dtype=dtype)
         attn = z.map_blocks(lambda b: np.einsum("tlhd,lhdm->tlm", b, W_O, optimize=True),
@@ -242,8 +243,8 @@ def summed_arrays(ds: xr.Dataset) -> list[str]:
     from .stream import Embed
 
     events = stream_events(ds)
-    names = [e.var for e in events if isinstance(e, Embed)] + ["z", "mlp_out", "resid_final"]
-    names += ["mixer_out"] if "mixer_out" in ds else []
+    names = [e.var for e in events if isinstance(e, Embed)] + [n for n in ("z", "mlp_out") if n in ds]
+    names += ["resid_final"] + (["mixer_out"] if "mixer_out" in ds else [])
     return names + (["norm_scale"] if "norm_weight" in ds else [])
 
 

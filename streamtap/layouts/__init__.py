@@ -15,12 +15,16 @@ from .spec import INPUT, OUTPUT, POSITIONS, SPLITS, Attn, Layout, Mixer, Mlp, Mo
 from .weights import Weights, in_out_weight
 
 _FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert", "moe", "no_rope",
-             "hybrid", "scaled", "fused")
+             "hybrid", "falcon_h1", "ssm", "scaled", "fused")
 
 GUIDE = "docs/layouts.md"
 
 LAYOUTS: list[Layout] = [layout for family in _FAMILIES
                          for layout in import_module(f"{__name__}.{family}").LAYOUTS]
+
+REFUSED: dict[str, str] = {t: why for family in _FAMILIES
+                           for t, why in getattr(import_module(f"{__name__}.{family}"), "REFUSED", {}).items()}
+"""model_type -> why no layout can make it exact (a family file's ``REFUSED``); a registered layout still wins."""
 
 
 def supported_model_types() -> list[str]:
@@ -54,6 +58,9 @@ def pattern_support(bound: BoundLayout) -> str | None:
     step = bound.attn
     if step is not None and step.no_patterns:
         return step.no_patterns
+    if bound.mixer_layers and not bound.attn_layers:
+        return ("it has no attention: every layer is a state-space mixer, which has no attention pattern "
+                "(a store keeps each mixer's output as one term)")
     if bound.mixer_layers:
         return (f"it is a hybrid model: layers {bound.mixer_layers} are state-space, convolution or linear-attention "
                 "mixers, which have no attention pattern, and a store keeps its mixers' outputs only (one term per "
@@ -107,7 +114,8 @@ def layout_candidates(model) -> list[Layout]:
     try:
         return [layout_for(model)]
     except UnsupportedArchitectureError:
-        pass
+        if getattr(getattr(model, "config", None), "model_type", None) in REFUSED:
+            raise   # a structure no layout makes exact is not guessed at either
     from .infer import candidates
 
     found = candidates(model)
@@ -120,6 +128,12 @@ def layout_candidates(model) -> list[Layout]:
 def _unsupported(model, why: str = "") -> UnsupportedArchitectureError:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        return UnsupportedArchitectureError(
+            f"streamtap cannot decompose {type(model).__name__} (model_type {model_type!r}) exactly: "
+            f"{REFUSED[model_type]}. Capture another architecture, or register a layout of your own "
+            f"(streamtap.layouts.register, see {GUIDE}) if you accept another split of its terms."
+        )
     return UnsupportedArchitectureError(
         f"streamtap has no layout for model_type {model_type!r} ({type(model).__name__}). "
         f"Supported model types: {', '.join(supported_model_types())}. "

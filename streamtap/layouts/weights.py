@@ -89,8 +89,13 @@ class Weights:
                 continue
             o = b.module(tap[0])
             w = in_out_weight(o)
-            W_O.append((layer, w.reshape(b.n_heads, b.d_head, b.d_model)))
-            b_O.append((layer, _bias(o, b.d_model, w)))
+            own = b.out_scales.get(f"z.{layer}", 1.0)   # the block's own multiplier on this attention (Falcon-H1)
+            W_O.append((layer, _scaled(w.reshape(b.n_heads, b.d_head, b.d_model), own)))
+            b_O.append((layer, _scaled(_bias(o, b.d_model, w), own)))
+        if not W_O:  # a pure state-space model: no heads
+            like = next(b.model.parameters())
+            return (like.new_zeros(b.n_layers, 0, 0, b.d_model).detach(),
+                    like.new_zeros(b.n_layers, b.d_model).detach())
         like_w, like_b = W_O[0][1], b_O[0][1]
         full_w, full_b = dict(W_O), dict(b_O)
         scale = b.multiplier("residual")
@@ -105,17 +110,21 @@ class Weights:
         out = {"W_O": W_O, "attn_bias": b_O}
         W_out, b_out = [], []
         for layer in range(b.n_layers):
-            if b.moe:  # fused experts have no single down projection; their bias is part of each term
+            # fused experts have no single down projection (their bias is part of each term); a layer
+            # without an MLP (Nemotron-H, pure state-space models) writes a zero MLP term
+            if b.moe or f"neuron_act.{layer}" not in b.taps:
                 b_out.append(torch.zeros(d, dtype=W_O.dtype, device=W_O.device))
+                W_out.append(None)
                 continue
             down = b.module(b.taps[f"neuron_act.{layer}"][0])
-            wd = _scaled(in_out_weight(down), b.multiplier("residual"))
-            b_out.append(_scaled(_bias(down, d, wd), b.multiplier("residual")))
-            if neurons:
-                W_out.append(wd)
+            scale = b.multiplier("residual") * b.out_scales.get(f"neuron_act.{layer}", 1.0)
+            wd = _scaled(in_out_weight(down), scale)
+            b_out.append(_scaled(_bias(down, d, wd), scale))
+            W_out.append(wd)
         out["mlp_bias"] = torch.stack(b_out)
-        if neurons:
-            out["W_out"] = torch.stack(W_out)
+        if neurons and b.d_mlp:
+            like = next(w for w in W_out if w is not None)
+            out["W_out"] = torch.stack([torch.zeros_like(like) if w is None else w for w in W_out])
         if b.norms:
             probes = b.norm_probes
             out["norm_weight"] = torch.stack([p["gamma"] for p in probes])

@@ -94,14 +94,16 @@ class Recorder:
         for var in b.layout.embeds:
             if var in b.taps:
                 add(var, Route(var, transform=embed_scale if var == "embed" else None))
-        for layer in range(L):  # a hybrid model's mixer layers have no z, its attention layers no mixer_out
-            if f"z.{layer}" in b.taps:
+        for layer in range(L):  # a hybrid model's mixer layers have no z, its attention layers no mixer_out,
+            if f"z.{layer}" in b.taps:  # and where a block holds one sublayer (Nemotron-H) some have no MLP
                 add(f"z.{layer}", Route("z", layer, L, tail=(b.n_heads, b.d_head)))
             if f"mixer_out.{layer}" in b.taps:
-                add(f"mixer_out.{layer}", Route("mixer_out", layer, L, transform=residual_scale))
-            add(f"mlp_out.{layer}", Route("mlp_out", layer, L, flat=f"mlp_out.{layer}" in b.flat,
-                                          transform=residual_scale))
-            if self.options.neurons:
+                add(f"mixer_out.{layer}", Route("mixer_out", layer, L, transform=_multiply(
+                    b.multiplier("residual") * b.out_scales.get(f"mixer_out.{layer}", 1.0))))
+            if f"mlp_out.{layer}" in b.taps:
+                add(f"mlp_out.{layer}", Route("mlp_out", layer, L, flat=f"mlp_out.{layer}" in b.flat,
+                                              transform=residual_scale))
+            if self.options.neurons and f"neuron_act.{layer}" in b.taps:
                 add(f"neuron_act.{layer}", Route("neuron_act", layer, L, flat=f"neuron_act.{layer}" in b.flat))
         for k in range(len(b.norms)):
             add(f"norm.{k}", Route("norm_scale", k, len(b.norms), transform=lambda x, k=k: self._frozen_scale(x, k)))

@@ -172,6 +172,11 @@ class Tap:
                 "per-neuron capture is not available for mixture-of-experts layers (their experts are "
                 "fused); per-expert terms are stored instead. Capture without neurons=True (--neurons)"
             )
+        if self.options.neurons and not bound.mlp_layers:
+            raise StreamtapError(
+                f"per-neuron capture is not available for this {type(self.module).__name__}: none of its layers "
+                "has an MLP (every layer is a state-space mixer). Capture without neurons=True (--neurons)"
+            )
 
     def _use(self, bound: BoundLayout) -> None:
         """Capture with ``bound`` from now on (the recorder's routes follow the layout)."""
