@@ -122,6 +122,13 @@ class Mlp:
     ``clone`` copies the output at capture, for models that add into it in place afterwards
     (Falcon's ``mlp_output += attention_output``). ``flat``: the MLP sees the batch's tokens
     flattened into one axis, (batch x position, d) (OPT).
+
+    What the MLP's neurons read (stored with ``neurons=True`` for the exact MLP input edges of
+    attribution graphs): ``up`` and ``gate`` are its input projections (``gate`` only for gated
+    MLPs, act(gate) * up), ``norm`` the norm it reads the stream through, after the layer's
+    attention has written; where the config field ``parallel`` is set, the MLP reads the layer's
+    input through the attention's norm instead (StableLM's parallel residual). ``act``: the config
+    field naming the activation (recorded, for the docs of a neuron node).
     """
 
     term: str
@@ -129,6 +136,11 @@ class Mlp:
     through: str | None = None
     clone: bool = False
     flat: bool = False
+    up: str | None = None
+    gate: str | None = None
+    norm: Paths | None = None
+    parallel: str | None = None
+    act: str | None = None
 
 
 @dataclass(frozen=True)
