@@ -68,6 +68,7 @@ class SequenceEdges:
         self._terms: dict = {}
         self._qkv: dict = {}
         self._statics: dict = {}
+        self._inputs: dict = {}
         self._cache = cache
 
     # -- positions ------------------------------------------------------------------------------------
@@ -92,7 +93,8 @@ class SequenceEdges:
         ``layer``'s ``site``, as they arrive there (through any norm inside the stream)."""
         key = (int(layer), site)
         if key not in self._terms:
-            t = decompose(self.sub, upto=key, dtype=self.dtype)
+            final = site == "final" or int(layer) >= self.ds.sizes["layer"]
+            t = decompose(self.sub, upto=None if final else key, dtype=self.dtype)
             values = np.asarray(local(t.data) if hasattr(t.data, "compute") else t.values, self.dtype)
             if len(self._terms) >= self._cache:
                 self._terms.pop(next(iter(self._terms)))
@@ -103,12 +105,22 @@ class SequenceEdges:
         """(labels, kinds, terms (C', n, d_model), s (n,)): what the attention at ``layer`` reads, as a sum of
         terms: each residual term through the attention's input norm at its token's frozen scale, then
         the norm's beta (``L3_attn_norm_beta``) where it has one. s is the frozen scale (ones without a norm)."""
+        if ("attn", layer) in self._inputs:
+            return self._inputs[("attn", layer)]
         labels, kinds, t = self.terms(layer, "attn")
         if self.att.norm is None:
-            return labels, kinds, t, np.ones(self.n, self.dtype)
+            return self._keep(("attn", layer), (labels, kinds, t, np.ones(self.n, self.dtype)))
         gamma, beta, center, eps = self.att.norm
         out, b, s = _frozen(t, t.sum(0), gamma[layer], None if beta is None else beta[layer], center, eps)
-        return _with_constant(labels, kinds, out, b, f"L{layer}_attn_norm_beta", "norm_beta") + (s,)
+        return self._keep(("attn", layer),
+                          _with_constant(labels, kinds, out, b, f"L{layer}_attn_norm_beta", "norm_beta") + (s,))
+
+    def _keep(self, key, value):
+        """Remember one sublayer's input terms (the last ``cache`` of them): a graph visits layers in order."""
+        if len(self._inputs) >= self._cache:
+            self._inputs.pop(next(iter(self._inputs)))
+        self._inputs[key] = value
+        return value
 
     def qkv(self, layer: int):
         """The model's own (q, k, v) at ``layer`` for every token, recomputed (cached per layer)."""
@@ -223,15 +235,17 @@ class SequenceEdges:
         """(labels, kinds, terms (C', n, d_model)): what the MLP at ``layer`` reads, through its input norm
         frozen at each token's scale, with the norm's beta (``L3_mlp_norm_beta``)."""
         require(self.ds, "W_in")
+        if ("mlp", layer) in self._inputs:
+            return self._inputs[("mlp", layer)]
         site = self.ds.attrs.get("mlp_reads", "mlp")
         labels, kinds, t = self.terms(layer, site)
         if "mlp_norm_weight" not in self.ds:
-            return labels, kinds, t, np.ones(self.n, self.dtype)
+            return self._keep(("mlp", layer), (labels, kinds, t, np.ones(self.n, self.dtype)))
         gamma = self._static("mlp_norm_weight")[layer]
         beta = self._static("mlp_norm_bias")[layer] if "mlp_norm_bias" in self.ds else None
         center, eps = self.ds.attrs["mlp_norm_kind"] == "layernorm", float(self.ds.attrs["mlp_norm_eps"])
         out, b, s = _frozen(t, t.sum(0), gamma, beta, center, eps)
-        return _with_constant(labels, kinds, out, b, f"L{layer}_mlp_norm_beta", "norm_beta") + (s,)
+        return self._keep(("mlp", layer), _with_constant(labels, kinds, out, b, f"L{layer}_mlp_norm_beta", "norm_beta") + (s,))
 
     def _static(self, name: str) -> np.ndarray:
         if name not in self._statics:
