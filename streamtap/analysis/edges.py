@@ -222,6 +222,9 @@ class SequenceEdges:
         == score."""
         self.refuse_nonlinear("QK edges")
         att = self.att
+        if not att.visible(layer, self.pos[[query]], self.pos[[key]])[0, 0]:
+            raise StreamtapError(f"query {query} does not see key {key} at layer {layer} (causal mask or sliding "
+                                 "window): its score is masked, so there is nothing to explain; pick a visible key")
         ql, qkind, qt = self._side(layer, head, query, "q")
         kl, kkind, kt = self._side(layer, head, key, "k")
         matrix = att.scale[layer] * (qt @ kt.T)

@@ -87,7 +87,7 @@ class AttributionGraph:
     def to_xarray(self) -> xr.Dataset:
         """The tables as one labelled Dataset: (node) variables and (edge) variables."""
         nodes = self.nodes.set_index("node_id").to_xarray().rename(node_id="node")
-        edges = self.edges.rename_axis("edge").to_xarray()
+        edges = self.edges.rename(columns={"kind": "edge_kind"}).rename_axis("edge").to_xarray()
         return xr.merge([nodes, edges]).assign_attrs(**{k: v for k, v in self.attrs.items()
                                                         if isinstance(v, (int, float, str))})
 
