@@ -393,11 +393,11 @@ class _Builder:
             node.expanded = True          # a leaf: without neurons=True the MLP is one term
             return
         act = self._act(l, i)
-        W_out = self.ctx._static("W_out")[l]                                     # (neuron, d_model)
+        W_out = self.ctx._static("W_out", l)                                     # (neuron, d_model)
         g = W_out @ node.w
         contrib = act * g
         weights = contrib
-        bias = self.ctx._static("mlp_bias")[l] @ node.w if "mlp_bias" in self.ds else 0.0
+        bias = self.ctx._static("mlp_bias", l) @ node.w if "mlp_bias" in self.ds else 0.0
         if bias:
             weights = np.append(weights, bias)
 
@@ -409,15 +409,14 @@ class _Builder:
         self.connect(node, weights, make)
 
     def _act(self, l: int, i: int) -> np.ndarray:
-        key = ("act", l, i)
-        if key not in self.ctx._statics:
-            self.ctx._statics[key] = np.asarray(local(self.ctx.sub["neuron_act"].isel(token=i, layer=l)).values, self.dtype)
-        return self.ctx._statics[key]
+        if "act" not in self.ctx._statics:   # the sequence's activations, read once (token, layer, neuron)
+            self.ctx._statics["act"] = np.asarray(local(self.ctx.sub["neuron_act"]).values, self.dtype)
+        return self.ctx._statics["act"][i, l]
 
     def expand_neuron(self, node: _Node) -> None:
         ctx = self.ctx
         l, n, i = node.layer, node.neuron, node.position
-        g = float(ctx._static("W_out")[l, n] @ node.w)                           # the neuron's output along w, per unit act
+        g = float(ctx._static("W_out", l)[n] @ node.w)                           # the neuron's output along w, per unit act
         out = ctx.mlp(l, i, [n])
         up = out["in"][:, 0]
         pre = up.sum()
@@ -425,9 +424,9 @@ class _Builder:
         gain = act / pre if pre != 0 else 0.0                                    # act(gate) for a gated MLP, act/pre else
         contrib = up * gain * g
         labels, kinds, _, s = ctx.mlp_input(l)
-        W_in = ctx._static("W_in")[l, :, n]
+        W_in = ctx._static("W_in", l)[:, n]
         if "mlp_norm_weight" in self.ds:
-            gamma = ctx._static("mlp_norm_weight")[l]
+            gamma = ctx._static("mlp_norm_weight", l)
             child = self._fold(W_in, gamma, self.ds.attrs["mlp_norm_kind"] == "layernorm")
         else:
             child = W_in

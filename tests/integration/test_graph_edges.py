@@ -191,16 +191,22 @@ def test_mlp_edges_sum_to_the_models_pre_activations(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_half_precision_edges_within_the_published_tolerance(arch):
-    model, ids, mask, ds = capture(arch, dtype="bfloat16")
+    """bfloat16: the OV edges (recomputed in float64 from the stored bfloat16 terms) sum to the stored head
+    output within st.tolerance, the bound the store's own invariants are held to."""
+    _, _, _, ds = capture(arch, dtype="bfloat16")
     W_O = ds["W_O"].values.astype(np.float64)
     z = ds["z"].values.astype(np.float64)
-    rows = np.flatnonzero(ds.seq.values == 0)
-    ctx = SequenceEdges(ds, 0)
-    for layer in range(ds.sizes["layer"]):
-        for head in range(ds.sizes["head"]):
-            edges = st.analysis.ov_edges(ctx, 0, layer, head, -1)
-            ref = z[rows[-1], layer, head] @ W_O[layer, head]
-            assert rel_err(edges.sum(("component", "source")).values, ref) <= st.tolerance(ds) * 8
+    worst = 0.0
+    for row in range(len(LENGTHS)):
+        rows = np.flatnonzero(ds.seq.values == row)
+        ctx = SequenceEdges(ds, row)
+        for layer in range(ds.sizes["layer"]):
+            for head in range(ds.sizes["head"]):
+                for query in range(ctx.n):
+                    edges = st.analysis.ov_edges(ctx, row, layer, head, query)
+                    ref = z[rows[query], layer, head] @ W_O[layer, head]
+                    worst = max(worst, rel_err(edges.sum(("component", "source")).values, ref))
+    assert worst <= st.tolerance(ds), f"{arch}: {worst:.3g} > {st.tolerance(ds):.3g}"
 
 
 def test_refused_where_exactness_is_impossible():
