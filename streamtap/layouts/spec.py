@@ -152,6 +152,13 @@ class Mlp:
     flattened into one axis, (batch x position, d) (OPT). ``down_scale``: a multiplier the MLP applies
     after ``down`` inside ``term`` (Falcon-H1's ``mlp_multipliers[1]``): the term already holds it, so
     only W_out and b_out, which per-neuron terms are made of, carry it.
+
+    What the MLP's neurons read (stored with ``neurons=True`` for the exact MLP input edges of
+    attribution graphs): ``up`` and ``gate`` are its input projections (``gate`` only for gated
+    MLPs, act(gate) * up), ``norm`` the norm it reads the stream through, after the layer's
+    attention has written; where the config field ``parallel`` is set, the MLP reads the layer's
+    input through the attention's norm instead (StableLM's parallel residual). ``act``: the config
+    field naming the activation (recorded, for the docs of a neuron node).
     """
 
     term: str
@@ -160,6 +167,11 @@ class Mlp:
     clone: bool = False
     flat: bool = False
     down_scale: str | Callable | None = None
+    up: str | None = None
+    gate: str | None = None
+    norm: Paths | None = None
+    parallel: str | None = None
+    act: str | None = None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import torch
 from ..errors import LayoutError
 from .bind import BoundLayout
 from .norms import bare_forward, probe_norm
+from .spec import Mlp
 
 
 def in_out_weight(module: torch.nn.Module) -> torch.Tensor:
@@ -125,6 +126,7 @@ class Weights:
         if neurons and b.d_mlp:
             like = next(w for w in W_out if w is not None)
             out["W_out"] = torch.stack([torch.zeros_like(like) if w is None else w for w in W_out])
+            out.update(self.mlp_inputs()[0])
         if b.norms:
             probes = b.norm_probes
             out["norm_weight"] = torch.stack([p["gamma"] for p in probes])
@@ -363,10 +365,60 @@ class Weights:
         kinds = sorted(set(types))
         return [kinds.index(t) for t in types[:self.bound.n_layers]]
 
-    def attrs(self) -> dict:
+    # -- what each MLP neuron reads (attribution graphs' MLP input edges) ------------------------------
+    def mlp_step(self) -> Mlp | None:
+        """The block's dense MLP step where it declares its input projections (None: MoE, hybrid, undeclared)."""
+        b = self.bound
+        if b.moe or b.mixer_layers:
+            return None
+        step = next((s for s in b.layout.block if isinstance(s, Mlp)), None)
+        return step if step is not None and step.up else None
+
+    def mlp_inputs(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """W_in (layer, d_model, neuron) and b_in, W_gate and b_gate for gated MLPs, the norm the MLP reads
+        the stream through (``mlp_norm_weight``/``mlp_norm_bias``), and their attributes: what a neuron's
+        pre-activation is made of, pre = mlp_norm(x) @ W_in + b_in. Empty where the layout does not
+        declare them (``Mlp.up``)."""
+        if "mlp_inputs" in self._cache:
+            return self._cache["mlp_inputs"]
+        b, step = self.bound, self.mlp_step()
+        if step is None:
+            self._cache["mlp_inputs"] = ({}, {})
+            return self._cache["mlp_inputs"]
+        parallel = bool(step.parallel and getattr(b.model.config, step.parallel, False))
+        norm = (b.attn.norm if b.attn is not None else None) if parallel else step.norm
+        out, info = {}, {"mlp_reads": "attn" if parallel else "mlp"}
+        for name, rel in (("in", step.up), ("gate", step.gate)):
+            if rel is None:
+                continue
+            weights, biases, biased = [], [], False
+            for layer in range(b.n_layers):
+                aug, has = _augmented(b.module(b.in_block(layer, rel, f"MLP {name} projection")))
+                weights.append(aug[:-1].cpu())
+                biases.append(aug[-1].cpu())
+                biased |= has
+            out[f"W_{name}"] = torch.stack(weights)
+            if biased:
+                out[f"b_{name}"] = torch.stack(biases)
+        if norm:
+            probes = [probe_norm(b.module(b.in_block(layer, norm, "MLP input norm")), b.d_model)
+                      for layer in range(b.n_layers)]
+            out["mlp_norm_weight"] = torch.stack([p["gamma"] for p in probes])
+            if any(bool(p["beta"].abs().max() > 0) for p in probes):
+                out["mlp_norm_bias"] = torch.stack([p["beta"] for p in probes])
+            info.update(mlp_norm_kind="layernorm" if probes[0]["center"] else "rmsnorm", mlp_norm_eps=probes[0]["eps"])
+        act = getattr(b.model.config, step.act, None) if step.act else None
+        if act:
+            info["mlp_act"] = str(act)
+        self._cache["mlp_inputs"] = (out, info)
+        return out, info
+
+    def attrs(self, neurons: bool = False) -> dict:
         """The store attributes the weights contribute: the final norm's kind and eps, and
-        :meth:`attention_info`."""
+        :meth:`attention_info` (and, with ``neurons``, what the MLP's neurons read)."""
         info = {**self.attention_info(), **self.pattern_attrs(), **self.qk_norms()[1]}
+        if neurons:
+            info.update(self.mlp_inputs()[1])
         probe = self.final_norm()
         if probe is None:
             return info

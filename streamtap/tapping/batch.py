@@ -377,7 +377,7 @@ class Recorder:
             "tied_embeddings": bool(getattr(self.module.config, "tie_word_embeddings", False)),
             "created_by": self.created_by,
             **b.facts(),
-            **Weights(b).attrs(),
+            **Weights(b).attrs(self.options.neurons),
         }
         return StoreSpec(variables, static, attrs, with_text=self.tokenizer is not None, identity=identity)
 
