@@ -209,7 +209,7 @@ class SequenceEdges:
         if att.qk_norm is not None:
             t, labels, kinds = self._frozen_qk_norm(t, side, layer, labels, kinds)
         cos, sin = self.rotary(layer)
-        if cos is not None:
+        if cos is not None and att.rotates[layer]:   # a no-rope layer (SmolLM3) turns nothing
             C = t.shape[0]
             t = att._rotate(t, np.repeat(cos[token:token + 1], C, 0), np.repeat(sin[token:token + 1], C, 0))
         h = head if side == "q" else att.kv[head]
