@@ -28,12 +28,10 @@ FLOATS = ("float32", "float16", "bfloat16", "float64")
 
 # -- bytes from the schema ----------------------------------------------------------------------------
 def _rotary_dim(model) -> int:
-    """Twice the rotary embedding's frequencies (the module's own ``inv_freq``), found without its class."""
-    for module in model.modules():
-        inv = getattr(module, "inv_freq", None)
-        if inv is not None:
-            return 2 * int(inv.shape[-1])
-    return 0
+    """Twice the rotary embedding's frequencies (its ``inv_freq`` buffers, one per kind of layer where
+    there are several, of one width in every model streamtap knows), found without its class."""
+    widths = [2 * int(b.shape[-1]) for name, b in model.named_buffers() if name.endswith("inv_freq")]
+    return max(widths, default=0)
 
 
 def dim_sizes(bound, options: CaptureOptions) -> dict[str, int]:
