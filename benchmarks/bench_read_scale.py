@@ -120,7 +120,7 @@ def run_case(path: str, case: str, cluster: bool) -> dict:
     tokens = ds.sizes["token"]
     return {"case": case, "where": "LocalCluster (2 workers)" if cluster else "in-process (threads)",
             "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "client_mib": _rss_mib(),
-            "worker_mib": peak, "read_gb_s": read / seconds / 1e9, "value": float(np.asarray(value).max())}
+            "worker_mib": peak, "store_gb_s": read / seconds / 1e9, "value": float(np.asarray(value).max())}
 
 
 def main() -> None:
@@ -144,7 +144,7 @@ def main() -> None:
     bandwidth, size = read_bandwidth(path)
     print(f"store {path}: {size / 2**30:.2f} GiB on disk; sequential read {bandwidth / 1e9:.2f} GB/s "
           "(page cache dropped)")
-    print("| analysis | where | tokens | s | tokens/s | read GB/s | peak RSS client / worker (MiB) |")
+    print("| analysis | where | tokens | s | tokens/s | store GB/s | peak RSS client / worker (MiB) |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for case in args.cases.split(","):
         for cluster in (False,) if args.skip_cluster else (False, True):
@@ -153,7 +153,7 @@ def main() -> None:
             r = json.loads(out)
             worker = f"{r['worker_mib']:.0f}" if cluster else "-"
             print(f"| {r['case']} | {r['where']} | {r['tokens']:,} | {r['seconds']:.1f} | {r['tokens_per_s']:,.0f} | "
-                  f"{r['read_gb_s']:.2f} | {r['client_mib']:.0f} / {worker} |", flush=True)
+                  f"{r['store_gb_s']:.2f} | {r['client_mib']:.0f} / {worker} |", flush=True)
 
 
 if __name__ == "__main__":

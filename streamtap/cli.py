@@ -597,11 +597,15 @@ _NOT_PLANNED = ("append", "overwrite", "break_lock", "writer", "compress", "stor
               help="Time budget, e.g. 3600, 90m, 24h, 2d: what would bring the capture under it.")
 @click.option("--budget-size", default=None, callback=_amount(_UNITS, "bytes"),
               help="Size budget, e.g. 500G, 2T: what would bring the store under it.")
+@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Sequences per timed forward (with --model).")
+@click.option("--seq", "seq_len", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tokens per sequence of the timed forwards (with --model).")
 @dtype_option
 @device_option
 @_options_from(CaptureOptions, skip=_NOT_PLANNED)
-def plan(model_id, config, tokens, out, disk_bandwidth, device_flops, budget_time, budget_size, dtype, device,
-         **flags):
+def plan(model_id, config, tokens, out, disk_bandwidth, device_flops, budget_time, budget_size, batch_size, seq_len,
+         dtype, device, **flags):
     """Plan a capture: bytes per token and in total, disk and forward time, which bounds it.
 
     The bytes come from the store's schema for the model's layout and the options; the forward rate
@@ -614,7 +618,8 @@ def plan(model_id, config, tokens, out, disk_bandwidth, device_flops, budget_tim
     else:
         target, _ = _load(model_id or DEFAULT_MODEL, dtype, device, False, ["plan"])
     result = st.plan(target, tokens, target=out, disk_bandwidth=disk_bandwidth, device_flops=device_flops,
-                     budget_time=budget_time, budget_size=budget_size, **flags)
+                     budget_time=budget_time, budget_size=budget_size, batch_size=batch_size, seq_len=seq_len,
+                     **flags)
     _rows(result.rows())
 
 
