@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "tap": "tapping", "capture": "tapping", "Tap": "tapping", "induction_probe": "tapping",
-    "open": "dataset",
+    "open": "dataset", "plan": "planning",
     "decompose": "invariant", "verify": "invariant", "tolerance": "invariant",
     "CaptureOptions": "options", "CorpusOptions": "options",
     "StreamtapError": "errors", "DecompositionError": "errors", "InputError": "errors", "OptionError": "errors",

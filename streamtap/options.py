@@ -149,6 +149,8 @@ class CorpusOptions(CaptureOptions):
     truncate: bool = _opt(False, "Cut longer documents to max_length instead of refusing them.")
     resume: bool = _opt(False, "Continue an interrupted capture of the same corpus into the same store: the "
                                "sequences it committed are skipped, none is duplicated or missing.")
+    ignore_free_space: bool = _opt(False, "Start even when the free space under the store cannot hold the "
+                                          "planned store (its uncompressed size from streamtap.plan).")
 
     def __post_init__(self):
         super().__post_init__()

@@ -159,7 +159,7 @@ class BoundLayout:
         return out
 
 
-def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
+def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> BoundLayout:
     """Resolve ``layout`` against ``model``: the paths a capture taps and the stream's events.
 
     Parameters
@@ -167,6 +167,9 @@ def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
     layout : Layout
     model : torch.nn.Module
         The live transformers model.
+    probe : bool
+        Read each norm's gamma, beta and eps off the module (a capture needs them). ``False`` binds a
+        model without weights (built on the meta device) for planning: paths and sizes only.
 
     Returns
     -------
@@ -268,7 +271,7 @@ def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
     paths, side = layout.resid_final
     taps["resid_final"] = (require(paths, "final residual"), side)
     bound.taps, bound.events = taps, events
-    bound.norm_probes = [probe_norm(bound.module(p), d_model) for p in bound.norms]
+    bound.norm_probes = [probe_norm(bound.module(p), d_model) for p in bound.norms] if probe else []
     return bound
 
 
