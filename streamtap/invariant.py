@@ -388,6 +388,8 @@ def verify(ds, *, tol: float | None = None, dtype=np.float32, raise_on_error: bo
     summed = summed_arrays(ds)
     problems = check(ds, read=[n for n in ds.data_vars if n not in summed])
     n_tok = ds.sizes.get("token", 0)
+    if "resid_final" not in ds and "projection" in ds:   # projections only: they must sum to their totals
+        return _verify_projections(ds, tol, dtype, raise_on_error, problems)
     if n_tok == 0:  # an empty store holds no term to miss (dask refuses empty reductions)
         err = xr.DataArray(np.zeros(0, dtype), dims="token", name="rel_error").assign_coords(abs_error=("token", np.zeros(0, dtype)))
     elif any(n not in ds.data_vars for n in summed):
@@ -419,6 +421,23 @@ def verify(ds, *, tol: float | None = None, dtype=np.float32, raise_on_error: bo
             err.attrs["output_misses"] = output_misses(outputs, tol)
             if raise_on_error:
                 raise DecompositionError(err.attrs["output_misses"], errors=err)
+    return err
+
+
+def _verify_projections(ds: xr.Dataset, tol: float, dtype, raise_on_error: bool, problems) -> xr.DataArray:
+    """A projections-only store: per token, max over directions of |sum over components - total| relative
+    to max |total| (the total is computed at capture from the final residual itself)."""
+    total = ds["projection_total"].astype(dtype)
+    summed = ds["projection"].astype(dtype).sum("component")
+    diff = abs(summed - total).max("direction")
+    rel = (diff / xr.where(abs(total).max("direction") > 0, abs(total).max("direction"), 1)).compute()
+    err = _label(rel.rename("rel_error").assign_coords(abs_error=diff.compute()).reset_coords(
+        [c for c in rel.coords if c not in ("abs_error",)], drop=True), ds)
+    err.attrs.update(tolerance=tol, max_rel_error=float(err.max(skipna=False)) if err.size else 0.0,
+                     max_abs_error=float(err.abs_error.max(skipna=False)) if err.size else 0.0,
+                     problems=[str(p) for p in problems])
+    if raise_on_error and bool((~(err <= tol)).any()):
+        raise DecompositionError(misses(err), errors=err)
     return err
 
 

@@ -101,7 +101,7 @@ class CaptureOptions:
                                  "not stored.", flag="--positions", parse="positions")
     project: Mapping[str, Any] | None = _opt(None, "Store each term's contribution onto named directions instead of "
                                                    "(or besides) its vector: a token string (its logit, through the "
-                                                   "final norm), a d_model vector (a probe), or unembed_top=K.",
+                                                   "final norm), a token id, a d_model vector (a probe), or unembed_top=K.",
                                              flag="--project", parse="project")
     direct_io: bool = _opt(None, "Write chunk files of a local store with O_DIRECT (default: on, unless "
                                  "STREAMTAP_DIRECT_IO=0).", flag="",
@@ -282,6 +282,8 @@ def _project(value) -> dict:
         if name == "unembed_top":
             if isinstance(what, bool) or not isinstance(what, int) or what < 1:
                 raise OptionError(f"option project: unembed_top={what!r} must be a positive integer K")
+        elif isinstance(what, (int, np.integer)) and not isinstance(what, bool):
+            what = int(what)   # a token id
         elif not isinstance(what, str):
             vec = np.asarray(what.detach().cpu() if hasattr(what, "detach") else what, dtype=np.float64)
             if vec.ndim != 1:

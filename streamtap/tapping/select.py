@@ -85,6 +85,8 @@ class Selection:
         for name, what in project.items():
             if name == "unembed_top":
                 out[name] = ("top", int(what))
+            elif isinstance(what, int):
+                out[name] = ("token", what)
             elif isinstance(what, str):
                 if tokenizer is None:
                     raise OptionError(f"option project: direction {name!r} is the token string {what!r}; give the "
@@ -126,10 +128,10 @@ class Selection:
         rule = self.options.positions
         positions = (rule if isinstance(rule, str) else f"last:{rule[1]}" if isinstance(rule, tuple)
                      else f"callable {getattr(rule, '__name__', type(rule).__name__)}" if callable(rule) else "mask")
-        project = {name: (what if kind != "vector" else ["vector", None]) for name, (kind, what) in self.directions.items()}
+        project = {name: [kind, None if kind == "vector" else what] for name, (kind, what) in self.directions.items()}
         out = {"layers": list(self.layers) if self.layers else None, "heads": list(self.heads) if self.heads else None,
                "terms": list(self.kinds), "positions": positions, "rest": self.options.selects_terms and self.vectors,
-               "project": {n: list(v) for n, v in project.items()} or None}
+               "project": project or None}
         return {"selection": json.dumps(out)}
 
     def static(self, static: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,6 +141,11 @@ class Selection:
         if any(kind != "vector" for kind, _ in self.directions.values()) and "W_U" not in static:
             raise OptionError("option project: token directions need the model's unembedding, which this model lacks; "
                               "project onto vectors instead")
+        vocab = static["W_U"].shape[0] if "W_U" in static else 0
+        bad = [n for n, (kind, what) in self.directions.items() if kind == "token" and not 0 <= what < vocab]
+        if bad:
+            raise OptionError(f"option project: direction {bad[0]!r} is token id {self.directions[bad[0]][1]}, outside "
+                              f"the model's vocabulary (0..{vocab - 1})")
         self._weights = {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
                          for k, v in static.items()}
         out = {}
