@@ -178,3 +178,15 @@ def test_positions_callable_of_the_wrong_shape_fails_before_anything_is_written(
     with pytest.raises(InputError, match="must be a boolean"):
         _capture(model, tmp_path / "x.zarr", ids, mask, positions=lambda x: x[:, 0] > 0)
     assert not (tmp_path / "x.zarr" / "z").exists() and not (tmp_path / "x.zarr" / "zarr.json").exists()
+
+
+def test_analyses_that_need_left_out_terms_refuse_naming_the_option(tmp_path):
+    from streamtap.errors import StreamtapError
+
+    model = tiny_model("gpt2").eval()
+    ids, mask = _batch(model)
+    _capture(model, tmp_path / "s.zarr", ids, mask, heads=[0])
+    ds = st.open(tmp_path / "s.zarr")
+    for call in (lambda: direct_logit_attribution(ds, 3), lambda: st.decompose(ds, upto=1)):
+        with pytest.raises(StreamtapError, match="heads=\\[0\\]"):
+            call()
