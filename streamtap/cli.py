@@ -254,6 +254,9 @@ def _options_from(cls, skip=()):
         elif flag and flag.startswith("--no-"):
             decorators.append(click.option(flag, f.name, flag_value=False, default=True,
                                            help=f.metadata.get("flag_help") or help_text))
+        elif f.metadata.get("parse"):   # text the option reads itself (lists, position rules, name=text)
+            decorators.append(click.option(flag, f.name, type=str, default=None, multiple=f.name == "project",
+                                           help=help_text))
         elif f.type == "bool":
             decorators.append(click.option(flag or "--" + f.name.replace("_", "-"), f.name, is_flag=True,
                                            help=help_text))
@@ -288,6 +291,7 @@ def capture(model_id, text, out, dtype, device, trust_remote_code, **flags):
     The batch path for a corpus, with a progress bar; the tokens/s it prints is what to compare
     across models, dtypes, devices and batch sizes. --out may be a directory or an s3:// URL.
     """
+    flags = {k: v for k, v in flags.items() if v is not None and v != ()}  # unset: the option's default
     options = CorpusOptions(**flags, model_name=model_id, progress=True)  # every option checked before any work
     storage_options = options.storage_options
     # everything about --out and --text that would stop the capture, before the model loads

@@ -11,6 +11,7 @@ attributes and the identity an append must match.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import torch
@@ -68,6 +69,11 @@ class Recorder:
         self.scales_reduced = scales_reduced  # norm inputs arrive as their frozen scales (remote execution)
         self.store_dtype = lossy_dtype(options.store_dtype, next(module.parameters()).dtype)
         self.routes = self._term_routes()
+        self.selection = None
+        if options.selective:   # checked here, when the tap opens: before anything is written
+            from .select import Selection
+
+            self.selection = Selection(options, bound, tokenizer)
         self.keep: set[Where] = {location(*tap) for key, tap in bound.taps.items() if key.split(".")[0] in EXPERT_KEYS}
         self.pipeline: Pipeline | None = None
         self.spec: StoreSpec | None = None
@@ -227,7 +233,7 @@ class Recorder:
     # -- the hand-over ---------------------------------------------------------------------------------
     def record(self, kept: KeptValues, slots: TermSlots, buffers: BufferSet, input_ids: torch.Tensor,
                mask: torch.Tensor, *, seq: torch.Tensor | None = None, pos: torch.Tensor | None = None,
-               n_sequences: int | None = None) -> int:
+               n_sequences: int | None = None, logits: torch.Tensor | None = None) -> int:
         """Turn one forward's terms into a batch and hand it to the writer (``input_ids``, ``mask``: host).
 
         By default every row opens a new sequence (a plain forward). A ``generate`` step passes the
@@ -242,6 +248,13 @@ class Recorder:
         on_gpu = device.type == "cuda"
         if not on_gpu:  # a GPU batch is checked by the writer, once it is on the host: no sync here
             self._check_finite(out, mask)
+        keep = None
+        if self.selection is not None:
+            keep = self.selection.keep_tokens(input_ids, mask)
+            if self.spec is None:
+                self._static = self.selection.static(self._static)
+            out = self.selection.apply(out, keep, None if logits is None else logits.reshape(-1, logits.shape[-1])[
+                mask.reshape(-1).to(logits.device)])
         if self.store_dtype is not None:
             late = self._late_buffers(buffers) if device.type == "cpu" else None
             out = self._lossy(out, check=not on_gpu, buffers=late)
@@ -255,6 +268,8 @@ class Recorder:
             pos = (mask.cumsum(dim=1) - 1)[mask]
         coords = {"seq": seq.numpy().astype("int64"), "pos": pos.numpy().astype("int32"),
                   "token_id": input_ids[mask].numpy().astype("int64")}
+        if keep is not None:
+            coords = {name: c[keep.numpy()] for name, c in coords.items()}
         if self.spec.with_text:
             coords["text"] = self._texts(coords["token_id"])
         if on_gpu:
@@ -356,7 +371,8 @@ class Recorder:
         variables = {name: VariableSpec(tuple(t.shape[1:]), str(t.dtype).removeprefix("torch."))
                      for name, t in out.items()}
         static = {name: (to_numpy(t), str(t.dtype).removeprefix("torch.")) for name, t in self._static.items()}
-        dtype = str(out["resid_final"].dtype).removeprefix("torch.")  # the compute dtype, even in a lossy store
+        reference = out["resid_final"] if "resid_final" in out else next(self.module.parameters())
+        dtype = str(reference.dtype).removeprefix("torch.")  # the compute dtype, even in a lossy store
         identity = {
             "schema_version": SCHEMA_VERSION,
             "layout": b.name,
@@ -379,6 +395,11 @@ class Recorder:
             **b.facts(),
             **Weights(b).attrs(self.options.neurons),
         }
+        if self.selection is not None:
+            attrs.update(self.selection.attrs())
+            if "projection" in out:
+                attrs.update(projection_components=json.dumps(self.selection.projection_labels()),
+                             projection_directions=json.dumps(self.selection.direction_names))
         return StoreSpec(variables, static, attrs, with_text=self.tokenizer is not None, identity=identity)
 
     def close(self) -> None:

@@ -298,6 +298,9 @@ class Tap:
             bound = inspect.signature(self._original_generate).bind_partial(*args, **kwargs).arguments
         except TypeError:
             bound = kwargs
+        if self.options.positions != "all":
+            raise StreamtapError("positions= selects tokens of plain forwards; inside model.generate every step is one "
+                                 "token per sequence. Capture generate with positions='all' (the default)")
         self._generation = Generation(assistant_model=bound.get("assistant_model"))
         try:
             return self._original_generate(*args, **kwargs)
@@ -411,7 +414,8 @@ class Tap:
         try:
             slots = recorder.slots(mask, buffers)
             output, kept = self._forward_impl(args, kwargs, slots, recorder.keep)
-            return output, recorder.record(kept, slots, buffers, input_ids, mask, **where)
+            logits = getattr(output, "logits", None) if recorder.selection is not None else None
+            return output, recorder.record(kept, slots, buffers, input_ids, mask, logits=logits, **where)
         except BaseException:
             if not buffers.handed:
                 buffers.release()
