@@ -652,6 +652,7 @@ def plan(model_id, config, tokens, out, disk_bandwidth, device_flops, budget_tim
     """
     if model_id and config:
         raise click.UsageError("give --model (load and time it) or --config (plan it unloaded), not both")
+    flags = {k: v for k, v in flags.items() if v is not None and v != ()}  # unset: the option's default
     if config:
         target = config
     else:
