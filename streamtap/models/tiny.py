@@ -13,7 +13,7 @@ TINY_ARCHS = (
     "stablelm", "stablelm-parallel", "olmo", "opt", "bloom", "bloom-post-ln-residual", "gptj",
     "gpt_neox", "gpt_neox-sequential", "phi", "falcon", "falcon-new", "gemma2", "gemma3", "olmo2",
     "opt-post-ln", "bert", "roberta", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2",
-    "deepseek_v3", "granite", "cohere", "cohere2", "phi3", "starcoder2",
+    "deepseek_v3", "granite", "cohere", "cohere2", "phi3", "starcoder2", "granitemoe",
 )
 """Architectures :func:`tiny_model` builds; each maps to one layout streamtap supports."""
 
@@ -200,6 +200,9 @@ _TINY_CONFIGS = {
                       layer_types=["sliding_attention", "sliding_attention"]),
     "phi3": _named("Phi3Config", **_GQA),
     "starcoder2": _named("Starcoder2Config", **_GQA, sliding_window=None),
+    # Granite's multipliers on a mixture: every routed expert's share is scaled as it is written
+    "granitemoe": _named("GraniteMoeConfig", **_GQA, embedding_multiplier=3.0, residual_multiplier=0.5,
+                         attention_multiplier=0.1, logits_scaling=4.0, num_local_experts=4, num_experts_per_tok=2),
 }
 assert set(_TINY_CONFIGS) == set(TINY_ARCHS)
 

@@ -148,6 +148,59 @@ def test_family_files_win_over_inference_and_their_logits_come_from_the_stored_w
     assert said == [] and ds.attrs["layout"] == arch and "layout_inferred" not in ds.attrs
 
 
+GRANITE_MULTIPLIERS = dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.1,
+                          logits_scaling=4.0)
+
+
+@pytest.mark.parametrize("model_type", ["granitemoe", "granitemoeshared"])
+def test_multipliers_on_mixtures_scale_each_expert_and_the_shared_expert_at_capture(model_type):
+    """Granite-MoE multiplies the whole mixture write (routed experts plus the block's own shared MLP)
+    by residual_multiplier: each stored share is the model's expert output times its router weight
+    times the multiplier, the shared term is the model's shared MLP output times it, and together
+    they are what the block adds to the stream (the model's own hidden states)."""
+    model = tiny(model_type, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
+                 **GRANITE_MULTIPLIERS)
+    seen = {}
+    hooks = [model.get_submodule(f"model.layers.{i}.{name}").register_forward_hook(
+        lambda m, a, out, key=(i, name): seen.__setitem__(key, out.detach().clone()))
+        for i in range(2) for name in ("block_sparse_moe", "shared_mlp") if model_type == "granitemoeshared"
+        or name == "block_sparse_moe"]
+    try:
+        ds, said = capture_exact(model, [6, 3], seed=4)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert said == [] and ds.attrs["layout"] == model_type and ds.attrs["multipliers"]["residual"] == 0.5
+    ids, mask = padded_batch(128, [6, 3], seed=4)
+    real = mask.bool()
+    for layer in range(2):
+        experts = ds["expert_out"].values[:, layer].astype(np.float64).sum(axis=1)
+        moe = 0.5 * seen[(layer, "block_sparse_moe")][real].double().numpy()
+        assert np.abs(experts - moe).max() <= BOUND * np.abs(moe).max()
+        write = moe
+        if model_type == "granitemoeshared":
+            shared = 0.5 * seen[(layer, "shared_mlp")][real].double().numpy()
+            stored = ds["shared_expert_out"].values[:, layer].astype(np.float64)
+            assert np.abs(stored - shared).max() <= BOUND * np.abs(shared).max()
+            write = moe + shared
+        mlp = ds["mlp_out"].values[:, layer].astype(np.float64)   # the layer's whole MLP write
+        assert np.abs(mlp - write).max() <= BOUND * np.abs(write).max()
+    assert st.verify(ds).attrs["max_rel_error"] <= BOUND
+
+
+def test_minicpm3_mup_scales_are_declared_and_exact():
+    """MiniCPM3 scales its embedding by scale_emb (inside the embedding module), every write by
+    scale_depth / sqrt(num_hidden_layers) and its logits by dim_model_base / hidden_size; its latent
+    attention keeps per-head z and W_O, and refuses patterns as DeepSeek's does."""
+    model = tiny("minicpm3", num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                 qk_nope_head_dim=8, v_head_dim=12, scale_emb=12, scale_depth=1.4, dim_model_base=16)
+    ds, said = capture_exact(model, [7, 4], seed=6)
+    assert said == [] and ds.attrs["layout"] == "minicpm3"
+    assert ds.attrs["multipliers"] == pytest.approx({"residual": 1.4 / 2 ** 0.5, "logit": 16 / 64})
+    with pytest.raises(st.StreamtapError, match="multi-head latent attention"):
+        st.tap(model, zarr.storage.MemoryStore(), patterns=True)
+
+
 def _unseen_scale(model, layer: int, factor: float = 1.25):
     """A hand-made change inference cannot see: block ``layer`` scales what it adds by ``factor``."""
     block = model.get_submodule(f"model.layers.{layer}")
