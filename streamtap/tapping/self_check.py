@@ -1,6 +1,7 @@
 """The attach-time self-check: a short probe proves the layout right on the live model, or names where not.
 
-When a tap opens, an 8-token probe runs through the model; its terms are replayed through the
+When a tap opens, a probe of two sequences runs through the model (8 tokens, and a shorter one padded
+on the tokenizer's side, so that padding is proven too; only real tokens count); its terms are replayed through the
 stream (``streamtap.stream.replay``, the same replay ``decompose`` and ``verify`` use) in float64,
 and the running sum is compared with the real input of every block and with the final residual.
 Then the final residual is read out as the analyses read a store (the final norm with its frozen
@@ -33,20 +34,38 @@ def probe_norms(bound, scale: np.ndarray | None) -> FrozenNorms:
                        center=np.array([p["center"] for p in probes]), scale=scale)
 
 
+def probe_batch(tap, n_tokens: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of the probe: a full row of ``n_tokens`` and a shorter row padded
+    on the side the tap's tokenizer pads (right without one), so that the check also proves the
+    layout where padding is, as in every real batch (learned positions that follow the mask,
+    masks folded into biases); only real tokens are compared."""
+    module = tap.module
+    vocab = int(getattr(module.config, "vocab_size", 2) or 2)
+    n = min(n_tokens, tap.max_positions or n_tokens)
+    device = next(module.parameters()).device
+    ids = (torch.arange(n, device=device) % max(vocab - 1, 1) + 1)[None].repeat(2, 1)
+    mask = torch.ones_like(ids)
+    short = max(n - 3, 1) if n > 1 else n
+    pad = torch.arange(n, device=device) >= short
+    if getattr(tap.tokenizer, "padding_side", "right") == "left":
+        pad = pad.flip(0)
+    mask[1, pad] = 0
+    ids[1, pad] = int(getattr(module.config, "pad_token_id", None) or 0) % max(vocab, 1)
+    ids[1, ~pad] = ids[1, ~pad].flip(0)   # another sequence than row 0, not just a shorter copy
+    return ids, mask
+
+
 def self_check(tap, n_tokens: int = 8) -> float:
-    """Replay the layout's stream on a short probe and compare it with each block's real input.
+    """Replay the layout's stream on a short padded probe and compare it with each block's real input.
 
     Returns the largest relative error. Raises :class:`~streamtap.errors.DecompositionError` naming
     the first layer whose terms do not add up to the residual entering the next one (or to the final
     residual).
     """
     b, module = tap.bound, tap.module
-    vocab = int(getattr(module.config, "vocab_size", 2) or 2)
-    n = min(n_tokens, tap.max_positions or n_tokens)
-    device = next(module.parameters()).device
-    ids = (torch.arange(n, device=device) % max(vocab - 1, 1) + 1)[None]
+    ids, mask = probe_batch(tap, n_tokens)
     blocks = [b.block_full_path(layer) for layer in range(b.n_layers)]
-    terms, entering, logits = tap.probe(ids, blocks)
+    terms, entering, logits = tap.probe(ids, blocks, mask)
     terms = {k: v.detach().double().cpu().numpy() for k, v in terms.items()}
     entering = [x.detach().double().cpu().numpy().reshape(-1, b.d_model) for x in entering]
     if not np.isfinite(terms["resid_final"]).all():
@@ -138,4 +157,4 @@ def _misfit(exc: DecompositionError, where: str, layer: int, err: float, bound: 
     return exc
 
 
-__all__ = ["self_check", "probe_norms"]
+__all__ = ["self_check", "probe_norms", "probe_batch"]

@@ -78,6 +78,13 @@ def _closest(module, failures: list) -> str:
             f"that the layout does not declare (a scale, a norm, a term){tail}")
 
 
+def _real_rows(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """(real token, ...) of a (batch, position, ...) value, or of one that comes flattened (OPT)."""
+    if x.dim() >= 2 and tuple(x.shape[:2]) == tuple(real.shape):
+        return x[real.to(x.device)]
+    return x.reshape(-1, *x.shape[2:] if x.dim() > 2 else x.shape[1:])[real.reshape(-1).to(x.device)]
+
+
 class NnsightForward:
     """How a tap runs a forward: through an nnsight trace on the live model (the default)."""
 
@@ -412,20 +419,22 @@ class Tap:
                 buffers.release()
             raise
 
-    def probe(self, input_ids: torch.Tensor, entering: list[str]):
-        """One unpadded forward over ``input_ids`` (nothing is stored): its terms, the input of each
-        module in ``entering`` (full paths under the model) and the model's logits (None for a model
-        without them): what the self-check compares."""
-        mask = torch.ones_like(input_ids)
+    def probe(self, input_ids: torch.Tensor, entering: list[str], mask: torch.Tensor | None = None):
+        """One forward over ``input_ids`` with attention mask ``mask`` (default: no padding; nothing is
+        stored): its terms, the input of each module in ``entering`` (full paths under the model) and
+        the model's logits (None for a model without them), each for the real tokens only, in the
+        store's order: what the self-check compares."""
+        mask = torch.ones_like(input_ids) if mask is None else mask
+        real = mask.bool()
         recorder = self.recorder
         keep = recorder.keep | {location(p, "input") for p in entering}
         with torch.no_grad():
-            slots = recorder.slots(mask.bool(), None)
+            slots = recorder.slots(real, None)
             output, kept = self.traced((), {"input_ids": input_ids, "attention_mask": mask}, slots, keep)
-            terms = recorder.terms(kept, slots, mask.bool())
-            inputs = [kept[location(p, "input")[0]].input[0] for p in entering]
+            terms = recorder.terms(kept, slots, real)
+            inputs = [_real_rows(kept[location(p, "input")[0]].input, real) for p in entering]
         logits = getattr(output, "logits", None)
-        return terms, inputs, None if logits is None else logits.reshape(-1, logits.shape[-1])
+        return terms, inputs, None if logits is None else _real_rows(logits, real)
 
     def _inputs(self, args, kwargs, *, prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, real-token mask) on the host; refuses what cannot be placed in the store.

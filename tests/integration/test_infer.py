@@ -286,3 +286,41 @@ def test_a_module_swapped_after_the_tap_opened_is_refused_at_the_next_forward():
     ds = st.open(store)
     assert ds.sizes["token"] == int(mask.sum())  # the batch before the swap is stored, nothing after it
     st.verify(ds)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_the_self_check_probe_is_padded_on_the_tokenizers_side_and_compares_real_tokens(side, monkeypatch):
+    """The attach-time probe holds a full row and a shorter one padded where the tokenizer pads; the
+    check passes on the model's real tokens there (OPT's positions follow the mask) and fails on a
+    layout that misses a term only where a row is padded."""
+    from types import SimpleNamespace
+
+    from streamtap.tapping.tap import Tap
+
+    seen = []
+    probe = Tap.probe
+    monkeypatch.setattr(Tap, "probe", lambda self, ids, entering, mask=None: (
+        seen.append(mask.clone()), probe(self, ids, entering, mask))[1])
+    tokenizer = SimpleNamespace(padding_side=side)
+    with st.tap(tiny_model("opt"), zarr.storage.MemoryStore(), tokenizer=tokenizer):
+        pass
+    (mask,) = seen
+    assert mask.shape[0] == 2 and bool(mask[0].all()) and 0 < int(mask[1].sum()) < mask.shape[1]
+    assert bool(mask[1, -1] == 0) if side == "right" else bool(mask[1, 0] == 0)
+    # a hook that changes what block 1 adds for the padded row alone: an unpadded probe cannot see it
+    model = tiny_model("llama")
+    block = model.get_submodule("model.layers.1")
+
+    def padded_row_only(module, args, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = hidden.clone()
+        if hidden.shape[0] == 2:
+            hidden[1] = hidden[1] * 1.5
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+    handle = block.register_forward_hook(padded_row_only)
+    try:
+        with pytest.raises(st.DecompositionError, match="layer 1"):
+            with st.tap(model, zarr.storage.MemoryStore(), tokenizer=tokenizer):
+                pass
+    finally:
+        handle.remove()
