@@ -105,7 +105,7 @@ class Tap:
     """
 
     def __init__(self, model, store, options: CaptureOptions | None = None, *, tokenizer=None,
-                 created_by: str = "streamtap.tap", forward=None):
+                 created_by: str = "streamtap.tap", forward=None, proven=None):
         self.options = options = options if options is not None else CaptureOptions()
         self.module, self._given_envoy = unwrap(model)
         if self.module.training:
@@ -113,16 +113,18 @@ class Tap:
                 "the model is in training mode (dropout would make the captured terms random); "
                 "call model.eval() before tapping it"
             )
-        self._candidates = self._bind_candidates(layout_candidates(self.module))
+        # ``proven``: an inferred layout a self-check already proved on this very model (st.remote.plan)
+        self._candidates = self._bind_candidates([proven] if proven is not None else layout_candidates(self.module))
         self.bound: BoundLayout = self._candidates[0]
-        self.inferred = self.bound.layout.inferred
+        self.inferred = self.bound.layout.inferred and proven is None
         if self.inferred and not options.check:
             raise UnsupportedArchitectureError(
                 f"check=False (--no-check) is refused for this {type(self.module).__name__}: streamtap has no layout "
                 f"file for model_type {self.module.config.model_type!r}, and an inferred layout is used only once the "
                 "attach-time self-check proves it exact. Drop check=False, or write a family layout (docs/layouts.md)"
             )
-        self._check_options(self.bound)
+        # an inferred layout's patterns wait for the self-check, which proves its queries and keys or refuses
+        self._check_options(self.bound, patterns=not self.inferred)
         self.tokenizer = tokenizer
         self.rank, self.world = process_rank()
         self.writer = StoreWriter(rank_store(store, self.rank, self.world), append=options.append,
@@ -165,9 +167,9 @@ class Tap:
                 "layout (see docs/layouts.md) and register it with streamtap.layouts.register(...)")
         return bound
 
-    def _check_options(self, bound: BoundLayout) -> None:
+    def _check_options(self, bound: BoundLayout, patterns: bool = True) -> None:
         """Refuse the options this layout cannot serve, before anything is written."""
-        if self.options.patterns:
+        if self.options.patterns and patterns:
             from ..layouts import pattern_support
 
             problem = pattern_support(bound)
@@ -189,7 +191,7 @@ class Tap:
     def _prove(self) -> None:
         """Use the first inferred layout the self-check proves exact on the live model and say so once;
         refuse the model, naming the closest candidate and where it failed, when none is proven."""
-        from .self_check import self_check
+        from .self_check import prove_attention, self_check
 
         failures = []
         for bound in self._candidates:
@@ -202,13 +204,18 @@ class Tap:
             if worst != worst:  # nan: the probe was not finite, so nothing was proven
                 failures.append((bound, None))
                 continue
+            bound, proof = prove_attention(self)
+            self._use(bound)
             self._check_options(bound)
             from ..layouts.infer import declaration
 
+            attention = (f"queries and keys proven (patterns equal the model's within {proof:.2g})"
+                         if isinstance(proof, float) else f"W_Q, W_K and W_V not stored: {proof}")
             warnings.warn(InferredLayoutWarning(
                 f"streamtap has no layout file for model_type {self.module.config.model_type!r}; it inferred this "
                 f"layout from the module tree and the self-check verified it exact on the live model (largest "
-                f"relative error {worst:.2g}): {declaration(bound.layout, self.module.config)}"), stacklevel=3)
+                f"relative error {worst:.2g}; {attention}): {declaration(bound.layout, self.module.config)}"),
+                stacklevel=3)
             return
         raise UnsupportedArchitectureError(_closest(self.module, failures))
 

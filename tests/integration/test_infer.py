@@ -241,8 +241,12 @@ def test_check_false_is_refused_for_an_inferred_layout_and_writes_nothing(tmp_pa
 
 
 def test_patterns_are_refused_for_an_inferred_layout_and_where_a_family_cannot_recompute_them(tmp_path):
-    with pytest.raises(st.StreamtapError, match="inferred"):
-        st.tap(tiny("helium"), tmp_path / "a.zarr", patterns=True)
+    """Helium's inferred queries and keys do not give its patterns (the self-check measures how far),
+    so patterns are refused when the tap opens, naming the error, and nothing is written."""
+    with pytest.raises(st.StreamtapError, match=r"inferred.*do not equal the model's.*smallest error over \d+ "
+                                                r"readings [0-9.]+, bound 1e-05"):
+        with st.tap(tiny("helium"), tmp_path / "a.zarr", patterns=True):
+            pass
     with pytest.raises(st.StreamtapError, match="full-attention layers skip the rotary"):
         st.tap(tiny_model("cohere2", layer_types=["sliding_attention", "full_attention"]), tmp_path / "b.zarr",
                patterns=True)
@@ -324,3 +328,43 @@ def test_the_self_check_probe_is_padded_on_the_tokenizers_side_and_compares_real
                 pass
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("model_type", ["olmo3", "seed_oss", "biogpt", "xglm"])
+def test_proven_inferred_queries_and_keys_give_the_models_own_patterns(model_type):
+    """Where the self-check proves an inferred attention (rotary, learned and sinusoidal positions),
+    patterns=True is served, and the patterns recomputed from the store equal the model's own
+    attention probabilities (eager, output_attentions) on a padded batch."""
+    from streamtap.attention import sequence_attention
+
+    model = tiny(model_type)
+    ids, mask = padded_batch(128, [9, 5], seed=8)
+    store = zarr.storage.MemoryStore()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InferredLayoutWarning)
+        with st.tap(model, store, patterns=True):
+            run(model, ids, mask)
+    said = [str(w.message) for w in caught if issubclass(w.category, InferredLayoutWarning)]
+    assert len(said) == 1 and "queries and keys proven" in said[0]
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    ds = st.open(store)
+    assert {"W_Q", "W_K", "W_V"} <= set(ds.data_vars)
+    worst = 0.0
+    for seq, layer, one in sequence_attention(ds):
+        n = int(mask[seq].sum())
+        theirs = out.attentions[layer][seq, one.heads][:, :n, :n].double().numpy()
+        worst = max(worst, float(np.abs(one.pattern - theirs).max()))
+    assert worst <= BOUND
+
+
+def test_unproven_inferred_queries_and_keys_are_not_stored_and_analyses_say_so():
+    """Helium's inferred attention is not proven: the store has no W_Q/W_K/W_V for an analysis to read
+    silently, and one that needs them says what is missing."""
+    from streamtap.analysis._store import MissingWeightsError
+
+    ds, said = capture_exact(tiny("helium"), [6, 4], seed=9)
+    assert "W_Q, W_K and W_V not stored" in said[0]
+    assert not {"W_Q", "W_K", "W_V"} & set(ds.data_vars)
+    with pytest.raises(MissingWeightsError, match="W_Q"):
+        st.analysis.qk_matrix(ds)
