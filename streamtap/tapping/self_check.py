@@ -196,12 +196,12 @@ def _pattern_error(tap, bound, n_tokens: int) -> float:
 
     ids, _ = probe_batch(tap, n_tokens)
     ids = ids[:1]
-    real = torch.ones_like(ids, dtype=torch.bool)
+    real = torch.ones(ids.shape, dtype=torch.bool)   # on the host, as a capture's mask is
     writer = StoreWriter(zarr.storage.MemoryStore())
     options = CaptureOptions(patterns=True, writer="inline", compress=False)
     recorder = Recorder(bound, options, module=tap.module, writer=writer, model_name="self-check",
                         created_by="streamtap self-check")
-    kwargs = {"input_ids": ids, "attention_mask": real.long()}
+    kwargs = {"input_ids": ids, "attention_mask": real.long().to(ids.device)}
     eager = getattr(tap.module.config, "_attn_implementation", None) == "eager"
     if eager:
         kwargs["output_attentions"] = True
