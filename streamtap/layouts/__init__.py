@@ -52,9 +52,13 @@ def register(layout: Layout) -> Layout:
 def pattern_support(bound: BoundLayout) -> str | None:
     """Why a bound layout's attention patterns cannot be recomputed from a store, or None."""
     if bound.layout.inferred:
-        return ("its layout was inferred (no family file names this model type), and the attach-time self-check "
-                "proves the terms but not where the queries and keys come from; a family file declares them "
-                f"(see {GUIDE})")
+        # an inferred layout's queries and keys count once the self-check proved its patterns equal the
+        # model's (``tapping.self_check.prove_attention``): a float, the error it measured; else why not
+        proof = getattr(bound, "attention_proof", None)
+        if not isinstance(proof, float):
+            return ("its layout was inferred (no family file names this model type), and "
+                    + (proof or "the attach-time self-check has not proven where its queries and keys come from")
+                    + f" (see {GUIDE})")
     step = bound.attn
     if step is not None and step.no_patterns:
         return step.no_patterns

@@ -187,11 +187,21 @@ class Recorder:
                 out[var] = sunk[var]
         if b.moe:
             out.update(self._expert_terms(kept, mask))
+            self._add_outer_shared(out)
         for var in ("norm_scale", "rotary_cos", "rotary_sin", "alibi"):
             if var in sunk:
                 out[var] = sunk[var]
         out["resid_final"] = sunk["resid_final"]
         return out
+
+    def _add_outer_shared(self, out: dict[str, torch.Tensor]) -> None:
+        """A shared expert the block runs beside its mixture (Granite-MoE's ``shared_mlp``) writes with
+        it: ``mlp_out`` is the layer's whole MLP write, as it is where the mixture holds its shared expert."""
+        b = self.bound
+        for layer in range(b.n_layers):
+            shared, term = b.taps.get(f"shared.{layer}"), b.taps.get(f"mlp_out.{layer}")
+            if shared is not None and not shared[0].startswith(term[0] + "."):
+                out["mlp_out"][:, layer] += out["shared_expert_out"][:, layer].to(out["mlp_out"].dtype)
 
     def _expert_terms(self, kept: KeptValues, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each routed expert's weighted output (and the shared expert's), for the real tokens.
@@ -225,9 +235,11 @@ class Recorder:
             like = next(iter(values.values()))
             return torch.stack([values.get(layer, torch.zeros_like(like)) for layer in range(b.n_layers)], dim=1)
 
-        terms = {"expert_out": stacked(per_slot), "expert_index": stacked(index)}
+        # a residual multiplier (Granite-MoE) scales the whole write: each share as the stream receives it
+        scale = _multiply(b.multiplier("residual")) or (lambda x: x)
+        terms = {"expert_out": scale(stacked(per_slot)), "expert_index": stacked(index)}
         if shared:
-            terms["shared_expert_out"] = stacked(shared)
+            terms["shared_expert_out"] = scale(stacked(shared))
         return terms
 
     # -- the hand-over ---------------------------------------------------------------------------------
