@@ -79,7 +79,19 @@ _LAYER_NAMES = {"num_hidden_layers", "n_layer", "num_layers", "n_layers", "encod
 _POSITION_NAMES = {"max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx",
                    "max_sequence_length", "max_seq_length"}
 _EXPERT_NAMES = {"num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_total"}
-_TOPK_NAMES = {"num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts", "moe_topk", "num_experts_per_token"}
+_TOPK_NAMES = {"num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts", "moe_topk", "num_experts_per_token",
+               "moe_k"}
+_SHARED_NAMES = {"n_shared_experts", "num_shared_experts", "moe_num_shared_experts"}
+# (heads, head width, expansion) of a Mamba-2 mixer: heads * head width must equal expansion * width
+_MAMBA_HEADS = (("mamba_n_heads", "mamba_d_head", "mamba_expand"), ("n_mamba_heads", "mamba_headdim", "mamba_expand"),
+                ("num_heads", "head_dim", "expand"))
+# where a type's defaults describe no model a checkpoint has (a hybrid without attention layers, a
+# pattern left unset), the pattern of the real checkpoints, shortened
+_CHECKPOINT_PATTERN = {
+    "bamba": {"attn_layer_indices": [1]},
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+}
 _KEEP = {"vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
          "mask_token_id", "unk_token_id", "num_labels", "decoder_start_token_id", "type_vocab_size",
          "patch_size", "conv_kernel", "kernel_size", "num_channels", "image_size"}
@@ -125,10 +137,18 @@ def tiny_overrides(defaults: dict, depth: int | None = None) -> dict:
         if key in ("rotary_dim", "rotary_emb_dim") and isinstance(value, int):
             out[key] = HEAD_DIM // 2   # rotates part of each (now 16-wide) head
             continue
+        if value is None and heads:   # unset counts some models need (a MoE's experts, kv heads)
+            unset = {**dict.fromkeys(_EXPERT_NAMES, 4), **dict.fromkeys(_TOPK_NAMES, 2),
+                     **dict.fromkeys(_SHARED_NAMES, 1), **dict.fromkeys(_KV_NAMES, HEADS_N)}
+            if key in unset:
+                out[key] = unset[key]
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or key in _KEEP:
             continue
-        if key in _WIDTH_NAMES or key.endswith("hidden_size") and value > WIDTH:
+        if key in _WIDTH_NAMES:
             out[key] = WIDTH
+        elif key.endswith("hidden_size") and value > WIDTH:   # a whole multiple of the width keeps its ratio (Zamba)
+            out[key] = WIDTH * (value // width if width and value % width == 0 and value // width <= 4 else 1)
         elif key == "embedding_size":
             out[key] = WIDTH // 2 if width and value != width else WIDTH
         elif "expert" in key and ("intermediate" in key or "ffn" in key):
@@ -147,7 +167,7 @@ def tiny_overrides(defaults: dict, depth: int | None = None) -> dict:
             out[key] = min(value, 4)
         elif key in _TOPK_NAMES:
             out[key] = min(value, 2)
-        elif key in ("n_shared_experts", "num_shared_experts"):
+        elif key in _SHARED_NAMES:
             out[key] = min(value, 1)
         elif key in ("n_group", "topk_group", "num_expert_group"):
             out[key] = 1
@@ -163,6 +183,12 @@ def tiny_overrides(defaults: dict, depth: int | None = None) -> dict:
         n = _kept_depth(per_layer, defaults[depth_key]) if depth is None else min(depth, defaults[depth_key])
         out[depth_key] = n
         out.update({k: v[:n] for k, v in per_layer.items()})
+    if isinstance(defaults.get("attention_head_dim"), int) and "attention_hidden_size" in out and heads:
+        out["attention_head_dim"] = out["attention_hidden_size"] // HEADS_N   # Zamba: the heads span that width
+    for n_heads, d_head, expand in _MAMBA_HEADS:
+        if all(isinstance(defaults.get(k), int) for k in (n_heads, d_head, expand)) and width:
+            size = {**defaults, **out}
+            out[d_head] = max(1, size[expand] * WIDTH // size[n_heads])
     if "vocab_size" in defaults:
         out["vocab_size"] = VOCAB
     if "initializer_range" in defaults:
@@ -181,6 +207,12 @@ def tiny_config(model_type: str, depth: int | None = None):
     base = AutoConfig.for_model(model_type)
     changed: dict = {}
     kwargs = tiny_overrides(base.to_dict(), depth)
+    pattern = _CHECKPOINT_PATTERN.get(model_type, {})
+    if pattern and depth is None:
+        kwargs.update(pattern)
+        kinds = pattern.get("layer_types")
+        for key in _LAYER_NAMES & set(kwargs) if kinds else ():
+            kwargs[key] = len(kinds)
     for key in base.to_dict():
         sub = getattr(base, key, None)
         if isinstance(sub, PretrainedConfig):
@@ -325,7 +357,7 @@ def _compare(ds, resid, hidden) -> tuple[float, float, str]:
     return err, inter, note
 
 
-DEPTHS = (None, 4, 8)
+DEPTHS = (None, 4, 8, 12)
 
 
 def _run_tiny(model_type: str, head: str, depth):
