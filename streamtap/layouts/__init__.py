@@ -23,6 +23,20 @@ LAYOUTS: list[Layout] = [layout for family in _FAMILIES
                          for layout in import_module(f"{__name__}.{family}").LAYOUTS]
 
 
+REFUSALS: dict[str, str] = {model_type: why for family in _FAMILIES
+                            for model_type, why in getattr(import_module(f"{__name__}.{family}"), "REFUSALS", {}).items()}
+"""Model types a family file declares it cannot tap exactly, with why: refused by name, never inferred."""
+
+
+def _refused(model) -> UnsupportedArchitectureError | None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    why = REFUSALS.get(model_type)
+    if why is None:
+        return None
+    return UnsupportedArchitectureError(f"streamtap cannot tap model_type {model_type!r} ({type(model).__name__}) "
+                                        f"exactly: {why}")
+
+
 def supported_model_types() -> list[str]:
     """Every ``model_type`` a layout declares, sorted."""
     return sorted({t for layout in LAYOUTS for t in layout.model_types})
@@ -91,7 +105,7 @@ def layout_for(model) -> Layout:
     for layout in LAYOUTS:
         if model_type in layout.model_types and (layout.when is None or layout.when(config)):
             return layout
-    raise _unsupported(model)
+    raise _refused(model) or _unsupported(model)
 
 
 def layout_candidates(model) -> list[Layout]:
@@ -107,7 +121,9 @@ def layout_candidates(model) -> list[Layout]:
     try:
         return [layout_for(model)]
     except UnsupportedArchitectureError:
-        pass
+        refused = _refused(model)
+        if refused is not None:   # a family file said why no layout can be exact: nothing to infer
+            raise refused from None
     from .infer import candidates
 
     found = candidates(model)
@@ -128,5 +144,5 @@ def _unsupported(model, why: str = "") -> UnsupportedArchitectureError:
     )
 
 
-__all__ = ["INPUT", "OUTPUT", "POSITIONS", "SPLITS", "Attn", "BoundLayout", "Layout", "LAYOUTS", "Mixer", "Mlp", "Moe", "Norm",
+__all__ = ["INPUT", "OUTPUT", "POSITIONS", "REFUSALS", "SPLITS", "Attn", "BoundLayout", "Layout", "LAYOUTS", "Mixer", "Mlp", "Moe", "Norm",
            "Weights", "bind", "in_out_weight", "layout_candidates", "layout_for", "pattern_support", "projections", "register", "supported_model_types"]

@@ -65,3 +65,12 @@ LAYOUTS.append(Layout(
     unembed=False,
     causal=False,
 ))
+
+REFUSALS = {
+    # one AlbertLayer module is run num_hidden_layers times (encoder.albert_layer_groups[g].albert_layers):
+    # a tap reads each module's input and output once per forward, so the L layers' terms cannot be told apart
+    "albert": ("its encoder applies one shared layer (albert_layer_groups[0].albert_layers[0]) at every depth, "
+               "and streamtap binds one module per layer and reads it once per forward, so each depth's attention and MLP terms cannot be "
+               "separated; its stream would not add up layer by layer. Models with a module list of their own "
+               "blocks are supported"),
+}
