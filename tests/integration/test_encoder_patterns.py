@@ -78,3 +78,21 @@ def test_albert_is_refused_naming_its_shared_layer(tmp_path):
         with st.tap(model, zarr.storage.LocalStore(str(tmp_path / "s.zarr"))):
             pass
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_an_identity_norm_probes_as_scale_one_and_is_refused_in_the_stream():
+    from dataclasses import replace
+
+    from streamtap.layouts import Norm, bind, layout_for
+    from streamtap.layouts.norms import probe_norm
+
+    probe = probe_norm(torch.nn.Identity(), 8)   # was a ZeroDivisionError measuring its epsilon
+    assert probe["identity"] and not probe["center"]
+    assert torch.equal(probe["gamma"], torch.ones(8)) and torch.equal(probe["beta"], torch.zeros(8))
+    assert not probe_norm(torch.nn.LayerNorm(8), 8).get("identity")
+    model = encoder("modernbert")
+    layout = layout_for(model)
+    bind(layout, model)   # the identity as the first layer's attention norm is fine
+    wrong = replace(layout, after_embeds=(*layout.after_embeds, Norm("layers.0.attn_norm")))
+    with pytest.raises(st.LayoutError, match="layers.0.attn_norm .* is an identity"):
+        bind(wrong, model)
