@@ -96,7 +96,7 @@ _MAMBA_HEADS = (("mamba_n_heads", "mamba_d_head", "mamba_expand"), ("n_mamba_hea
 # pattern left unset), the pattern of the real checkpoints, shortened
 _CHECKPOINT_PATTERN = {
     "bamba": {"attn_layer_indices": [1]},
-    "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
 }
 _KEEP = {"vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
