@@ -129,8 +129,8 @@ def tiny_overrides(defaults: dict, depth: int | None = None) -> dict:
     """The fields to change in one (sub-)config's defaults, by name (module docstring); ``depth``
     overrides the number of layers the pattern rule picks."""
     out: dict = {}
-    heads = next((defaults[k] for k in _HEAD_NAMES if isinstance(defaults.get(k), int)), None)
-    width = next((defaults[k] for k in _WIDTH_NAMES if isinstance(defaults.get(k), int)), None)
+    heads = next((defaults[k] for k in sorted(_HEAD_NAMES) if isinstance(defaults.get(k), int)), None)
+    width = next((defaults[k] for k in sorted(_WIDTH_NAMES) if isinstance(defaults.get(k), int)), None)
     for key, value in defaults.items():
         if key.endswith("_token_id") or key.endswith("_token_ids"):
             ids = value if isinstance(value, list) else [value]
@@ -186,11 +186,14 @@ def tiny_overrides(defaults: dict, depth: int | None = None) -> dict:
             out[key] = 2 * WIDTH   # Falcon-H1's mixer width, in place of expansion x width
         elif (key.startswith("num_") or key.startswith("n_") or key.endswith("_n_heads")) and value > 4:
             out[key] = 4
-    depth_key = next((k for k in _LAYER_NAMES if isinstance(defaults.get(k), int)), None)
-    if depth_key:
+    # in a fixed order (a set's order changes with the process's hash seed), and every depth field the
+    # same (BART's decoder-only causal LM sizes its cache by num_hidden_layers, its blocks by decoder_layers)
+    depth_keys = [k for k in sorted(_LAYER_NAMES) if isinstance(defaults.get(k), int)]
+    if depth_keys:
+        depth_key = depth_keys[0]
         per_layer = _per_layer(defaults, defaults[depth_key])
         n = _kept_depth(per_layer, defaults[depth_key]) if depth is None else min(depth, defaults[depth_key])
-        out[depth_key] = n
+        out.update(dict.fromkeys(depth_keys, n))
         out.update({k: v[:n] for k, v in per_layer.items()})
     if isinstance(defaults.get("attention_head_dim"), int) and "attention_hidden_size" in out and heads:
         out["attention_head_dim"] = out["attention_hidden_size"] // HEADS_N   # Zamba: the heads span that width
