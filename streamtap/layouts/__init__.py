@@ -146,5 +146,5 @@ def _unsupported(model, why: str = "") -> UnsupportedArchitectureError:
     )
 
 
-__all__ = ["INPUT", "OUTPUT", "POSITIONS", "SPLITS", "Attn", "BoundLayout", "Layout", "LAYOUTS", "Mixer", "Mlp", "Moe", "Norm",
+__all__ = ["INPUT", "OUTPUT", "POSITIONS", "REFUSED", "SPLITS", "Attn", "BoundLayout", "Layout", "LAYOUTS", "Mixer", "Mlp", "Moe", "Norm",
            "Weights", "bind", "in_out_weight", "layout_candidates", "layout_for", "pattern_support", "projections", "register", "supported_model_types"]

@@ -272,6 +272,10 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
     taps["resid_final"] = (require(paths, "final residual"), side)
     bound.taps, bound.events = taps, events
     bound.norm_probes = [probe_norm(bound.module(p), d_model) for p in bound.norms] if probe else []
+    identity = [p for p, probe in zip(bound.norms, bound.norm_probes) if probe.get("identity")]
+    if identity:   # a stream norm's frozen scale would divide by the token's rms, which an identity does not
+        raise LayoutError(f"layout {layout.name!r}: the stream norm {identity[0]} of {type(model).__name__} is an "
+                          "identity (it returns its input); drop it from the layout's Norm steps")
     return bound
 
 

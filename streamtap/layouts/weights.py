@@ -282,9 +282,13 @@ class Weights:
         if not self._has_qkv():
             return info
         probes = self.attn_norm_probes()
-        if probes:
-            info["attn_norm_kind"] = "layernorm" if probes[0]["center"] else "rmsnorm"
-            info["attn_norm_eps"] = probes[0]["eps"]
+        if probes:   # identities (ModernBERT's first layer) are listed; the kind is the other layers'
+            real = [p for p in probes if not p.get("identity")] or probes
+            info["attn_norm_kind"] = "layernorm" if real[0]["center"] else "rmsnorm"
+            info["attn_norm_eps"] = real[0]["eps"]
+            identity = [layer for layer, p in enumerate(probes) if p.get("identity")]
+            if identity:
+                info["attn_norm_identity"] = identity
         b = self.bound
         notes, step = [], b.attn
         qk = [b.find(tuple(b.block_path(0, p) for p in ((r,) if isinstance(r, str) else r)))
