@@ -138,6 +138,11 @@ def _unsupported(model, why: str = "") -> UnsupportedArchitectureError:
             f"{REFUSED[model_type]}. Capture another architecture, or register a layout of your own "
             f"(streamtap.layouts.register, see {GUIDE}) if you accept another split of its terms."
         )
+    if model_type in supported_model_types():   # declared, but each of its layouts is for another configuration
+        return UnsupportedArchitectureError(
+            f"streamtap's layouts for model_type {model_type!r} do not cover this configuration of "
+            f"{type(model).__name__} (each declares the configurations it fits; see docs/architectures.md for what "
+            f"they cover). Register a layout of your own for it (streamtap.layouts.register, see {GUIDE})." + why)
     return UnsupportedArchitectureError(
         f"streamtap has no layout for model_type {model_type!r} ({type(model).__name__}). "
         f"Supported model types: {', '.join(supported_model_types())}. "
