@@ -45,8 +45,12 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CASES = ("plain", "nnsight", "tl", "tl-result", "streamtap", "streamtap-patterns")
-TAPS = ("streamtap", "streamtap-patterns")  # the cases that write a store
+CASES = ("plain", "nnsight", "tl", "tl-result", "streamtap", "streamtap-patterns", "streamtap-last", "streamtap-project")
+TAPS = ("streamtap", "streamtap-patterns", "streamtap-last", "streamtap-project")  # the cases that write a store
+# the selective cases (issue 24): only each sequence's last token; every component projected onto one
+# logit direction (token id 1: the cost does not depend on which) and no d_model term
+TAP_OPTIONS = {"streamtap-patterns": {"patterns": True}, "streamtap-last": {"positions": "last"},
+               "streamtap-project": {"project": {"logit_1": 1}}}
 LABELS = {
     "plain": "plain HF forward",
     "nnsight": "nnsight: save z + MLP out (memory)",
@@ -54,6 +58,8 @@ LABELS = {
     "tl-result": "TransformerLens run_with_cache: per-head results + MLP out",
     "streamtap": "streamtap → Zarr",
     "streamtap-patterns": "streamtap → Zarr, patterns=True",
+    "streamtap-last": "streamtap → Zarr, positions=\"last\"",
+    "streamtap-project": "streamtap → Zarr, projections only (one logit direction)",
 }
 PLAIN_FORWARDS = 5  # before the memory probe's capture
 # the host settings the flags control; unless a flag sets one, it is removed from the children's
@@ -156,7 +162,7 @@ def run_case(args) -> dict:
     else:
         import streamtap as st
 
-        the_tap = st.tap(model, path, check=False, patterns=args.case == "streamtap-patterns")
+        the_tap = st.tap(model, path, check=False, **TAP_OPTIONS.get(args.case, {}))
         the_tap.__enter__()
 
         def step():
@@ -189,6 +195,9 @@ def run_case(args) -> dict:
         tokens = int(group.attrs["committed_tokens"])
         out["disk_per_token"] = sum(_dir_bytes(os.path.join(path, n)) for n in per_token) / tokens
         out["raw_per_token"] = sum(group[n].nbytes for n in per_token) / tokens
+        # per token the model read (a positions= capture stores fewer than it reads)
+        out["disk_per_input_token"] = sum(_dir_bytes(os.path.join(path, n)) for n in per_token) / (
+            int(mask.sum()) * (args.batches + 1))
         p = the_tap.pipeline
         out["writer"] = p.mode
         out["write_seconds"] = p.write_seconds  # the writer's side of the queue: encoding, handing to the disk
@@ -382,7 +391,7 @@ def main() -> None:
     print(f"Disk write bandwidth (sequential, same run): {disk_probe['buffered + fsync'] / 1e9:.2f} GB/s buffered "
           f"with fsync, {disk_probe['O_DIRECT'] / 1e9:.2f} GB/s O_DIRECT before the cases; "
           f"{disk_after / 1e9:.2f} GB/s (the better of the two) after them." + (f" Throttled: {limit}." if limit else "") + "\n")
-    print("| model | case | s/batch | × plain | peak RSS | bytes/token on disk | compression | writer (encoding on the model's thread; disk writes overlapping the next forward) |")
+    print("| model | case | s/batch | × plain | peak RSS | bytes per token read, on disk | compression | writer (encoding on the model's thread; disk writes overlapping the next forward) |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for model in models:
         rows = [r for r in results if r["model"] == model]
@@ -390,7 +399,7 @@ def main() -> None:
         for r in rows:
             # streamtap's time includes draining the writer at the end (mean over the batches)
             t = r["mean"] if r["case"] in TAPS else r["median"]
-            disk_col = f"{r['disk_per_token']:,.0f}" if "disk_per_token" in r else ""
+            disk_col = f"{r['disk_per_input_token']:,.0f}" if "disk_per_input_token" in r else ""
             ratio_col = f"{r['raw_per_token'] / r['disk_per_token']:.2f}x" if "disk_per_token" in r else ""
             writer = ""
             if "writer" in r:

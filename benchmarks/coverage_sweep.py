@@ -20,7 +20,14 @@ sub-config, e.g. ``text_config``, the same way), by field name:
 - depth: 2 layers, or where the config lists a per-layer pattern (any list or string as long as the
   depth: ``layer_types``, ``hybrid_override_pattern``, ...) the shortest prefix (at least 2) that holds
   every kind of layer, and each such list cut to it;
-- vocabulary 256, max positions 128; experts 4, 2 per token, shared experts 1, routing groups 1;
+- vocabulary 256, max positions 128; experts 4, 2 per token, shared experts 1, routing groups 1 (also
+  where the defaults leave these counts, or the key/value heads, unset);
+- consistency: a Mamba-2 mixer's head width is (expansion x width) / heads; a ``*hidden_size`` that is a
+  whole multiple of the width keeps that multiple (Zamba's attention over [stream, embeddings]), and
+  ``attention_head_dim`` spans it; where a type's defaults describe no real checkpoint (a hybrid
+  without attention layers, an unset layer pattern: bamba, granitemoehybrid, lfm2_moe) the real
+  checkpoints' pattern, shortened (``_CHECKPOINT_PATTERN``); if the model still cannot be built, 4,
+  8 and 12 layers are tried (patterns set by period and offset, Zamba's shared block used twice);
 - every other integer field named ``*_size``/``*_dim`` above 64 becomes 64 (state sizes, lora ranks),
   every other ``num_*``/``n_*`` above 4 becomes 4 (except token ids and labels);
 - weights: the library's own initialisation with ``initializer_range`` 0.2, then biases drawn at
@@ -28,8 +35,9 @@ sub-config, e.g. ``text_config``, the same way), by field name:
   scales) perturbed by 0.2 noise, so that a dropped or doubled term is as large as the others;
 - float32, eval mode, eager attention.
 
-Ground truth, independent of the tap: the model's own ``output_hidden_states`` (the residual entering
-each layer after the first) and a forward pre-hook of the sweep's own on the final norm (the last norm
+Ground truth, independent of the tap: forward pre-hooks of the sweep's own on every layer (the
+residual entering each layer after the first; a model's ``output_hidden_states`` is not that everywhere:
+Mamba's hold each layer's output) and on the final norm (the last norm
 module the base model runs outside its layer list, found by running it); where the base model runs
 no such norm (post-LN encoders), the last layer's output.
 
@@ -79,7 +87,19 @@ _LAYER_NAMES = {"num_hidden_layers", "n_layer", "num_layers", "n_layers", "encod
 _POSITION_NAMES = {"max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx",
                    "max_sequence_length", "max_seq_length"}
 _EXPERT_NAMES = {"num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_total"}
-_TOPK_NAMES = {"num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts", "moe_topk", "num_experts_per_token"}
+_TOPK_NAMES = {"num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts", "moe_topk", "num_experts_per_token",
+               "moe_k"}
+_SHARED_NAMES = {"n_shared_experts", "num_shared_experts", "moe_num_shared_experts"}
+# (heads, head width, expansion) of a Mamba-2 mixer: heads * head width must equal expansion * width
+_MAMBA_HEADS = (("mamba_n_heads", "mamba_d_head", "mamba_expand"), ("n_mamba_heads", "mamba_headdim", "mamba_expand"),
+                ("num_heads", "head_dim", "expand"))
+# where a type's defaults describe no model a checkpoint has (a hybrid without attention layers, a
+# pattern left unset), the pattern of the real checkpoints, shortened
+_CHECKPOINT_PATTERN = {
+    "bamba": {"attn_layer_indices": [1]},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+}
 _KEEP = {"vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
          "mask_token_id", "unk_token_id", "num_labels", "decoder_start_token_id", "type_vocab_size",
          "patch_size", "conv_kernel", "kernel_size", "num_channels", "image_size"}
@@ -110,8 +130,8 @@ def tiny_overrides(defaults: dict, depth: int | None = None) -> dict:
     """The fields to change in one (sub-)config's defaults, by name (module docstring); ``depth``
     overrides the number of layers the pattern rule picks."""
     out: dict = {}
-    heads = next((defaults[k] for k in _HEAD_NAMES if isinstance(defaults.get(k), int)), None)
-    width = next((defaults[k] for k in _WIDTH_NAMES if isinstance(defaults.get(k), int)), None)
+    heads = next((defaults[k] for k in sorted(_HEAD_NAMES) if isinstance(defaults.get(k), int)), None)
+    width = next((defaults[k] for k in sorted(_WIDTH_NAMES) if isinstance(defaults.get(k), int)), None)
     for key, value in defaults.items():
         if key.endswith("_token_id") or key.endswith("_token_ids"):
             ids = value if isinstance(value, list) else [value]
@@ -125,10 +145,18 @@ def tiny_overrides(defaults: dict, depth: int | None = None) -> dict:
         if key in ("rotary_dim", "rotary_emb_dim") and isinstance(value, int):
             out[key] = HEAD_DIM // 2   # rotates part of each (now 16-wide) head
             continue
+        if value is None and heads:   # unset counts some models need (a MoE's experts, kv heads)
+            unset = {**dict.fromkeys(_EXPERT_NAMES, 4), **dict.fromkeys(_TOPK_NAMES, 2),
+                     **dict.fromkeys(_SHARED_NAMES, 1), **dict.fromkeys(_KV_NAMES, HEADS_N)}
+            if key in unset:
+                out[key] = unset[key]
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or key in _KEEP:
             continue
-        if key in _WIDTH_NAMES or key.endswith("hidden_size") and value > WIDTH:
+        if key in _WIDTH_NAMES:
             out[key] = WIDTH
+        elif key.endswith("hidden_size") and value > WIDTH:   # a whole multiple of the width keeps its ratio (Zamba)
+            out[key] = WIDTH * (value // width if width and value % width == 0 and value // width <= 4 else 1)
         elif key == "embedding_size":
             out[key] = WIDTH // 2 if width and value != width else WIDTH
         elif "expert" in key and ("intermediate" in key or "ffn" in key):
@@ -147,7 +175,7 @@ def tiny_overrides(defaults: dict, depth: int | None = None) -> dict:
             out[key] = min(value, 4)
         elif key in _TOPK_NAMES:
             out[key] = min(value, 2)
-        elif key in ("n_shared_experts", "num_shared_experts"):
+        elif key in _SHARED_NAMES:
             out[key] = min(value, 1)
         elif key in ("n_group", "topk_group", "num_expert_group"):
             out[key] = 1
@@ -155,14 +183,26 @@ def tiny_overrides(defaults: dict, depth: int | None = None) -> dict:
             continue
         elif (key.endswith("_size") or key.endswith("_dim") or key.endswith("_rank")) and value > WIDTH:
             out[key] = WIDTH
-        elif (key.startswith("num_") or key.startswith("n_")) and value > 4:
+        elif key == "mamba_d_ssm":
+            out[key] = 2 * WIDTH   # Falcon-H1's mixer width, in place of expansion x width
+        elif (key.startswith("num_") or key.startswith("n_") or key.endswith("_n_heads")) and value > 4:
             out[key] = 4
-    depth_key = next((k for k in _LAYER_NAMES if isinstance(defaults.get(k), int)), None)
-    if depth_key:
+    # in a fixed order (a set's order changes with the process's hash seed), and every depth field the
+    # same (BART's decoder-only causal LM sizes its cache by num_hidden_layers, its blocks by decoder_layers)
+    depth_keys = [k for k in sorted(_LAYER_NAMES) if isinstance(defaults.get(k), int)]
+    if depth_keys:
+        depth_key = depth_keys[0]
         per_layer = _per_layer(defaults, defaults[depth_key])
         n = _kept_depth(per_layer, defaults[depth_key]) if depth is None else min(depth, defaults[depth_key])
-        out[depth_key] = n
+        out.update(dict.fromkeys(depth_keys, n))
         out.update({k: v[:n] for k, v in per_layer.items()})
+    if isinstance(defaults.get("attention_head_dim"), int) and "attention_hidden_size" in out and heads:
+        out["attention_head_dim"] = out["attention_hidden_size"] // HEADS_N   # Zamba: the heads span that width
+    for n_heads, d_head, expand in _MAMBA_HEADS:
+        if all(isinstance(defaults.get(k), int) for k in (n_heads, d_head, expand)) and width:
+            size = {**defaults, **out}
+            inner = size.get("mamba_d_ssm") or size[expand] * WIDTH
+            out[d_head] = max(1, inner // size[n_heads])
     if "vocab_size" in defaults:
         out["vocab_size"] = VOCAB
     if "initializer_range" in defaults:
@@ -181,6 +221,12 @@ def tiny_config(model_type: str, depth: int | None = None):
     base = AutoConfig.for_model(model_type)
     changed: dict = {}
     kwargs = tiny_overrides(base.to_dict(), depth)
+    pattern = _CHECKPOINT_PATTERN.get(model_type, {})
+    if pattern and depth is None:
+        kwargs.update(pattern)
+        kinds = pattern.get("layer_types")
+        for key in _LAYER_NAMES & set(kwargs) if kinds else ():
+            kwargs[key] = len(kinds)
     for key in base.to_dict():
         sub = getattr(base, key, None)
         if isinstance(sub, PretrainedConfig):
@@ -252,7 +298,15 @@ def ground_truth(model, ids, mask):
                     order.append(name)
                     captured[name] = x.detach().clone()
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+    entering = {}
     if layers is not None:
+        for i, layer in enumerate(layers):
+            def enter(mod, args, kwargs, i=i):
+                x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+                if isinstance(x, torch.Tensor):
+                    entering[i] = x.detach().clone()
+            handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True))
+
         def last(mod, args, output):
             out = output[0] if isinstance(output, (tuple, list)) else output
             order.append("<last layer>")
@@ -270,8 +324,8 @@ def ground_truth(model, ids, mask):
     norms = [n for n in after if n != "<last layer>"]
     key = norms[-1] if norms else "<last layer>"
     how = f"input of {key}" if norms else "output of the last layer (no final norm)"
-    hidden = getattr(out, "hidden_states", None)
-    return captured[key], hidden, out.logits, how
+    hidden = [entering.get(i) for i in range(len(layers))] + [captured[key]]
+    return captured[key], (hidden if all(h is not None for h in hidden) else None), out.logits, how
 
 
 # -- one check -------------------------------------------------------------------------------------------
@@ -325,7 +379,7 @@ def _compare(ds, resid, hidden) -> tuple[float, float, str]:
     return err, inter, note
 
 
-DEPTHS = (None, 4, 8)
+DEPTHS = (None, 4, 8, 12)
 
 
 def _run_tiny(model_type: str, head: str, depth):
@@ -343,8 +397,8 @@ def _run_tiny(model_type: str, head: str, depth):
     return model, ids, mask, truth, changed
 
 
-def check(key: str) -> dict:
-    """Classify one ``head:model_type`` (module docstring). Never raises."""
+def check(key: str, half: bool = True) -> dict:
+    """Classify one ``head:model_type`` (module docstring); ``half`` also measures bfloat16. Never raises."""
     import torch
 
     import streamtap as st
@@ -395,9 +449,11 @@ def check(key: str) -> dict:
         per_layer.setdefault(int(layer), set()).add(str(kind))
     heads_everywhere = all("head" in k for layer, k in per_layer.items() if layer >= 0)
     result["class"] = "exact-heads" if heads_everywhere else "exact-block"
+    if not half:
+        result["seconds"] = round(time.time() - start, 1)
+        return result
     try:
-        half = torch.bfloat16
-        model = model.to(half)
+        model = model.to(torch.bfloat16)
         resid_h, _, _, _ = ground_truth(model, ids, mask)
         ds_h = _tap(model, ids, mask)
         seq, pos = ds_h.seq.values, ds_h.pos.values
@@ -409,6 +465,11 @@ def check(key: str) -> dict:
     return result
 
 
+def load(path: Path = RESULTS) -> dict:
+    """The recorded results (empty before the first run)."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 # -- the pool of workers -----------------------------------------------------------------------------------
 def all_keys() -> list[str]:
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -418,15 +479,25 @@ def all_keys() -> list[str]:
             + [f"masked:{t}" for t in MODEL_FOR_MASKED_LM_MAPPING_NAMES])
 
 
-def worker() -> None:
+READY, STARTUP = "ready", 600
+
+
+def worker(half: bool = True) -> None:
     """Read keys on stdin, one per line; answer each with one JSON line on stdout."""
     import warnings
 
     warnings.simplefilter("ignore")
+    import torch  # noqa: F401 - the imports every check needs, before the first key's clock starts
+    import transformers  # noqa: F401
+
+    import streamtap  # noqa: F401
+
     out = sys.stdout
     sys.stdout = sys.stderr   # model code that prints must not corrupt the answers
+    out.write(READY + "\n")
+    out.flush()
     for line in sys.stdin:
-        result = check(line.strip())
+        result = check(line.strip(), half)
         out.write(json.dumps(result) + "\n")
         out.flush()
 
@@ -434,12 +505,13 @@ def worker() -> None:
 class Worker:
     """One worker process; ``ask`` gives a key's result or a crashed/hung result, restarting as needed."""
 
-    def __init__(self):
-        self.proc = None
+    def __init__(self, half: bool = True):
+        self.proc, self.half = None, half
 
     def _start(self):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
+        flags = ["--worker"] if self.half else ["--worker", "--no-half"]
+        self.proc = subprocess.Popen([sys.executable, __file__, *flags], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         self.answers = queue.Queue()
         proc = self.proc
@@ -449,10 +521,17 @@ class Worker:
                 self.answers.put(line)
             self.answers.put(None)
         threading.Thread(target=read, daemon=True).start()
+        try:   # a loaded machine may take minutes to import torch: that is not the first type's time
+            self.started = self.answers.get(timeout=STARTUP) == READY + "\n"
+        except queue.Empty:
+            self.started = False
 
     def ask(self, key: str, timeout: float) -> dict:
         if self.proc is None or self.proc.poll() is not None:
             self._start()
+        if not self.started:
+            self.close()
+            return {"key": key, "class": "crashed", "reason": f"the worker did not start within {STARTUP} s"}
         self.proc.stdin.write(key + "\n")
         self.proc.stdin.flush()
         try:
@@ -473,14 +552,15 @@ class Worker:
             self.proc = None
 
 
-def sweep(keys: list[str], results: dict, *, jobs: int, timeout: float, save) -> None:
+def sweep(keys: list[str], results: dict, *, jobs: int, timeout: float, save, half: bool = True) -> None:
+    """Check ``keys`` on ``jobs`` worker processes (each checks many types in turn), into ``results``."""
     todo: queue.Queue = queue.Queue()
     for key in keys:
         todo.put(key)
     lock = threading.Lock()
 
     def run():
-        w = Worker()
+        w = Worker(half)
         try:
             while True:
                 try:
@@ -525,10 +605,11 @@ def table(results: dict) -> str:
         "MLP 128 (experts 32), 4 heads (2 key/value heads where the model groups queries), head_dim 16, "
         "vocabulary 256, 128 positions, 4 experts (2 per token), 2 layers or the shortest prefix of a "
         "per-layer pattern holding every kind of layer; other `*_size`/`*_dim` fields above 64 become 64 and "
-        "`num_*` fields above 4 become 4. Random weights (biases and constant parameters perturbed), "
+        "`num_*` fields above 4 become 4; unset expert/top-k/kv counts are filled, Mamba-2 head widths kept "
+        "consistent, and hybrids whose defaults have no attention layer get their checkpoints' pattern. Random weights (biases and constant parameters perturbed), "
         "float32, eval, eager attention.",
-        "- Ground truth is the model's own: `output_hidden_states` for the residual entering each layer, "
-        "and a forward pre-hook of the sweep's own on the final norm (found by running the model: the last "
+        "- Ground truth is the model's own, read by forward pre-hooks of the sweep's own: the input of every "
+        "layer for the residual entering it, and the input of the final norm (found by running the model: the last "
         "norm the base model runs after its last layer), or the last layer's output where there is none.",
         "- float32 error: max over tokens of max|sum of terms - ground truth| / max|ground truth| (bound "
         "1e-5). bfloat16 error: the same in bfloat16, against `st.tolerance` for the store.",
@@ -541,6 +622,7 @@ def table(results: dict) -> str:
         "python benchmarks/coverage_sweep.py --types llama,masked:bert # re-check some, keep the rest",
         "python benchmarks/coverage_sweep.py --classes not-tiny,crashed # re-check those classes",
         "python benchmarks/coverage_sweep.py --table                   # rewrite this page from the JSON",
+        "python benchmarks/coverage_sweep.py --no-half --jobs 2        # float32 only (about half the time)",
         "```",
         "",
         "| class | count | meaning |",
@@ -578,12 +660,13 @@ def main(argv=None) -> None:
     parser.add_argument("--table", action="store_true", help="only rewrite docs/coverage.md from the JSON")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--doc", default=str(DOC))
+    parser.add_argument("--no-half", action="store_true", help="skip the bfloat16 measurement (faster)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return worker()
+        return worker(not args.no_half)
     path = Path(args.results)
-    results = json.loads(path.read_text()) if path.exists() else {}
+    results = load(path)
     keys = all_keys()
     if args.types:
         wanted = [t.strip() for t in args.types.split(",") if t.strip()]
@@ -606,7 +689,7 @@ def main(argv=None) -> None:
         tmp.write_text(json.dumps(dict(sorted(results.items())), indent=1) + "\n")
         tmp.replace(path)
     if not args.table:
-        sweep(keys, results, jobs=max(1, args.jobs), timeout=args.timeout, save=save)
+        sweep(keys, results, jobs=max(1, args.jobs), timeout=args.timeout, save=save, half=not args.no_half)
     Path(args.doc).write_text(table(results))
     counts = {c: sum(r["class"] == c for r in results.values()) for c in CLASSES}
     print(" ".join(f"{c}={n}" for c, n in counts.items()), f"total={len(results)}")

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "tap": "tapping", "capture": "tapping", "Tap": "tapping", "induction_probe": "tapping",
-    "open": "dataset",
+    "open": "dataset", "plan": "planning",
     "effects": "tapping.effects", "Ablate": "tapping.effects", "DropSources": "tapping.effects",
     "RankReduce": "tapping.effects",
     "decompose": "invariant", "verify": "invariant", "tolerance": "invariant",

@@ -77,6 +77,7 @@ class Attention:
             self.norm = (_static(ds, "attn_norm_weight", dt),
                          _static(ds, "attn_norm_bias", dt) if "attn_norm_bias" in ds else None,
                          a["attn_norm_kind"] == "layernorm", float(a["attn_norm_eps"]))
+        self.identity_norms = set(a.get("attn_norm_identity") or ())   # layers whose attention reads x itself
         n_layers = int(a["n_layers"])
         self.scale = _static(ds, "attn_scale", dt) if "attn_scale" in ds else np.full(n_layers, self.d_head ** -0.5)
         self.qk_norm = None
@@ -97,7 +98,7 @@ class Attention:
 
     # -- q, k, v ------------------------------------------------------------------------------------
     def _attn_input(self, x: np.ndarray, layer: int) -> np.ndarray:
-        if self.norm is None:
+        if self.norm is None or layer in self.identity_norms:
             return x
         gamma, beta, center, eps = self.norm
         y = x - x.mean(-1, keepdims=True) if center else x

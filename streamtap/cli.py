@@ -28,7 +28,7 @@ from .io.writer import check_target
 from .io.ranks import rank_stores
 from .io.schema import COMMITTED_SEQUENCES, COMMITTED_TOKENS
 from .models.smollm2 import DEFAULT_MODEL
-from .options import CorpusOptions, option_fields
+from .options import CaptureOptions, CorpusOptions, option_fields
 
 DTYPES = ("float32", "bfloat16", "float16")
 TINY = "tiny:"
@@ -254,6 +254,9 @@ def _options_from(cls, skip=()):
         elif flag and flag.startswith("--no-"):
             decorators.append(click.option(flag, f.name, flag_value=False, default=True,
                                            help=f.metadata.get("flag_help") or help_text))
+        elif f.metadata.get("parse"):   # text the option reads itself (lists, position rules, name=text)
+            decorators.append(click.option(flag, f.name, type=str, default=None, multiple=f.name == "project",
+                                           help=help_text))
         elif f.type == "bool":
             decorators.append(click.option(flag or "--" + f.name.replace("_", "-"), f.name, is_flag=True,
                                            help=help_text))
@@ -288,6 +291,7 @@ def capture(model_id, text, out, dtype, device, trust_remote_code, **flags):
     The batch path for a corpus, with a progress bar; the tokens/s it prints is what to compare
     across models, dtypes, devices and batch sizes. --out may be a directory or an s3:// URL.
     """
+    flags = {k: v for k, v in flags.items() if v is not None and v != ()}  # unset: the option's default
     options = CorpusOptions(**flags, model_name=model_id, progress=True)  # every option checked before any work
     storage_options = options.storage_options
     # everything about --out and --text that would stop the capture, before the model loads
@@ -453,7 +457,7 @@ def demo(model_id, out, overwrite, dtype, device):
     loaded = time.perf_counter() - start
     cfg = model.config
     click.echo(f"streamtap demo: {model_id}  ({cfg.model_type}, {dtype}, {cfg.num_hidden_layers} layers x "
-               f"{cfg.num_attention_heads} heads, d_model {cfg.hidden_size}; on {model.device.type}, "
+               f"{getattr(cfg, 'num_attention_heads', 0)} heads, d_model {cfg.hidden_size}; on {model.device.type}, "
                f"loaded in {loaded:.1f} s)")
 
     start = time.perf_counter()
@@ -542,20 +546,121 @@ def report(store, out, token, target, words, sample, tokenizer_id, storage_optio
     """
     from .report import write_report
 
-    tok = None
-    if tokenizer_id:
-        from transformers import AutoTokenizer
-
-        from .models.smollm2 import smollm2_dir
-
-        tok = AutoTokenizer.from_pretrained(str(smollm2_dir()) if tokenizer_id == DEFAULT_MODEL else tokenizer_id,
-                                            trust_remote_code=False)
+    tok = _tokenizer(tokenizer_id)
     if target is not None and target.lstrip("-").isdigit():
         target = int(target)
     start = time.perf_counter()
     path = write_report(store, out, token=token, target=target, words=words.split(",") if words else None,
                         sample=sample, tokenizer=tok, storage_options=storage_options)
     _rows([("report", str(path)), ("seconds", f"{time.perf_counter() - start:.1f}")])
+
+
+def _tokenizer(tokenizer_id):
+    """A tokenizer by id or directory (``smollm2``: the bundled one), or None."""
+    if not tokenizer_id:
+        return None
+    from transformers import AutoTokenizer
+
+    from .models.smollm2 import smollm2_dir
+
+    return AutoTokenizer.from_pretrained(str(smollm2_dir()) if tokenizer_id == DEFAULT_MODEL else tokenizer_id,
+                                         trust_remote_code=False)
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--seq", type=int, required=True, help="The stored sequence.")
+@click.option("--target", required=True, help="Token text (exactly one token) or id whose logit is explained.")
+@click.option("--foil", default=None, help="Explain logit[target] - logit[foil].")
+@click.option("--position", type=int, default=-1, show_default=True, help="Position in the sequence (negative: from its end).")
+@click.option("--depth", type=click.IntRange(min=1), default=3, show_default=True, help="Edges from the root still expanded.")
+@click.option("--max-inputs", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Inputs kept per node; the others are summed into its rest input.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory for graph.html, graph.json (Neuronpedia format) and the CSV tables.")
+@click.option("--tokenizer", "tokenizer_id", default=None, metavar="ID_OR_DIR",
+              help="Tokenizer for the target (e.g. smollm2).  [default: text stored with the corpus]")
+@storage_option
+def graph(store, seq, target, foil, position, depth, max_inputs, out, tokenizer_id, storage_options):
+    """Write an exact attribution graph of one prediction: an interactive page (click a node for its inputs)
+    and its Neuronpedia-format JSON. Needs a store captured with --patterns (and --neurons for MLP neurons)."""
+    from .analysis import attribution_graph
+    from .report.graph_page import write_graph
+
+    tok = _tokenizer(tokenizer_id)
+    target, foil = (int(t) if t is not None and t.lstrip("-").isdigit() else t for t in (target, foil))
+    start = time.perf_counter()
+    g = attribution_graph(st.open(store, storage_options=storage_options), seq, target, foil=foil, position=position,
+                          depth=depth, max_inputs=max_inputs, tokenizer=tok)
+    path = write_graph(g, out)
+    _rows([("graph", str(path)), ("nodes", len(g.nodes)), ("edges", len(g.edges)), ("value", f"{g.attrs['value']:.6g}"),
+           ("seconds", f"{time.perf_counter() - start:.1f}")])
+
+
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
+_SECONDS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def _amount(table: dict, what: str):
+    """A click callback reading ``12``, ``1.5T``, ``24h``: a number and a unit from ``table``."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        text = value.strip().lower().removesuffix("b" if what == "bytes" else "\0")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        try:
+            return float(number) * table[text[len(number):]]
+        except (KeyError, ValueError):
+            raise click.BadParameter(f"{value!r}: expected {what}, a number with an optional unit "
+                                     f"({', '.join(u for u in table if u)})", ctx=ctx, param=param) from None
+    return parse
+
+
+# what a plan has no use for: how a capture writes, not what it stores
+_NOT_PLANNED = ("append", "overwrite", "break_lock", "writer", "compress", "storage_options", "check")
+
+
+@cli.command()
+@click.option("--model", "model_id", default=None, metavar="ID_OR_DIR",
+              help="A model to load and time on --device (as capture's --model).  [default: the embedded one]")
+@click.option("--config", "config", default=None, metavar="ID_OR_JSON",
+              help="Plan a model without loading it: a config.json, a directory with one, or a known id "
+                   "(llama-3-8b, meta-llama/Meta-Llama-3-8B, meta-llama/Llama-3.1-8B).")
+@click.option("--tokens", type=click.IntRange(min=1), required=True, help="Tokens to capture.")
+@click.option("--out", default=".", show_default=True, help="Where the store would go (the disk is measured there).")
+@click.option("--disk-bandwidth", default=None, callback=_amount(_UNITS, "bytes per second"),
+              help="The disk's write bandwidth, e.g. 2G (bytes/s).  [default: measured, 256 MiB under --out]")
+@click.option("--device-flops", default="400T", show_default=True, callback=_amount(_UNITS, "FLOP/s"),
+              help="With --config: the device's sustained FLOP/s the forward rate is assumed from.")
+@click.option("--budget-time", default=None, callback=_amount(_SECONDS, "a duration"),
+              help="Time budget, e.g. 3600, 90m, 24h, 2d: what would bring the capture under it.")
+@click.option("--budget-size", default=None, callback=_amount(_UNITS, "bytes"),
+              help="Size budget, e.g. 500G, 2T: what would bring the store under it.")
+@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Sequences per timed forward (with --model).")
+@click.option("--seq", "seq_len", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tokens per sequence of the timed forwards (with --model).")
+@dtype_option
+@device_option
+@_options_from(CaptureOptions, skip=_NOT_PLANNED)
+def plan(model_id, config, tokens, out, disk_bandwidth, device_flops, budget_time, budget_size, batch_size, seq_len,
+         dtype, device, **flags):
+    """Plan a capture: bytes per token and in total, disk and forward time, which bounds it.
+
+    The bytes come from the store's schema for the model's layout and the options; the forward rate
+    from a few timed batches on --device, or with --config from --device-flops (stated in the output).
+    """
+    if model_id and config:
+        raise click.UsageError("give --model (load and time it) or --config (plan it unloaded), not both")
+    flags = {k: v for k, v in flags.items() if v is not None and v != ()}  # unset: the option's default
+    if config:
+        target = config
+    else:
+        target, _ = _load(model_id or DEFAULT_MODEL, dtype, device, False, ["plan"])
+    result = st.plan(target, tokens, target=out, disk_bandwidth=disk_bandwidth, device_flops=device_flops,
+                     budget_time=budget_time, budget_size=budget_size, batch_size=batch_size, seq_len=seq_len,
+                     **flags)
+    _rows(result.rows())
 
 
 def main(argv=None):

@@ -102,7 +102,22 @@ def _open(store, chunks, storage_options) -> xr.Dataset:
     token_chunks = per_token[0].chunks[0] if per_token and isinstance(per_token[0], da.Array) else None
     if token_chunks:
         ds = ds.assign_coords({c: ds[c].chunk({"token": token_chunks}) for c in COORDS if c in ds.coords})
-    return with_derived_terms(ds)
+    return with_derived_terms(_projection_coords(ds))
+
+
+def _projection_coords(ds: xr.Dataset) -> xr.Dataset:
+    """A projecting store's ``component`` and ``direction`` labels (kept in its attributes) as coordinates."""
+    if "projection" not in ds or "projection_components" not in ds.attrs:
+        return ds
+    import json
+
+    from .invariant import component_coords
+
+    labels = [tuple(x) for x in json.loads(ds.attrs["projection_components"])]
+    coords = {("component_" + k if k in ("layer", "head", "neuron") else k): v
+              for k, v in component_coords(labels).items()}   # layer/head are dims of the store's terms
+    coords["direction"] = np.array(json.loads(ds.attrs["projection_directions"]))
+    return ds.assign_coords(coords)
 
 
 def _open_committed(store, group, committed: int, chunks: dict, attempts: int = 50) -> xr.Dataset:

@@ -141,6 +141,8 @@ def _counts(ds: xr.Dataset, problems: list[Problem]) -> list[Problem]:
     """Tokens and sequences against the committed counts (when ``seq`` could be read whole)."""
     out = []
     whole = ds.sizes.get("token", 0) == int(ds.attrs.get(COMMITTED_TOKENS, -1))  # not a selection of tokens
+    if '"positions": "all"' not in ds.attrs.get("selection", '"positions": "all"'):
+        whole = False   # a positions= capture may store no token of a sequence it read
     if whole and "seq" in ds.variables and not any(p.array == "seq" for p in problems) and COMMITTED_SEQUENCES in ds.attrs:
         found = int(np.unique(np.asarray(ds["seq"].values)).size)
         want = int(ds.attrs[COMMITTED_SEQUENCES])

@@ -97,16 +97,33 @@ def store_norms(ds: xr.Dataset, dtype=np.float32) -> FrozenNorms:
 
 
 def _source(ds: xr.Dataset, dtype, *, per_component: bool, neurons: bool = False):
-    """What each event of a store writes: every component apart, or one summed term per event."""
+    """What each event of a store writes: every component apart, or one summed term per event.
+
+    In a selective store only the components it kept write (``streamtap.selection.covered``);
+    the stored layers and heads are found by their coordinates, and the rest is added by the caller.
+    """
+    from .selection import covered, selection_of
+
     d_model = ds.sizes["d_model"]
     chunks = _token_chunks(ds)
+    sel = selection_of(ds.attrs)
+    layers = None if sel is None else sel["layers"]
+    heads = list(range(ds.sizes["head"])) if sel is None or sel["heads"] is None else sel["heads"]
+    kinds = None if sel is None else sel["terms"]
+
+    def kept(e, kind) -> bool:
+        return sel is None or covered(("", kind, e.layer, -1, -1), layers, None, kinds)
+
+    def at(layer: int) -> int:
+        return layer if layers is None else layers.index(layer)
 
     def per_token(data) -> da.Array:
         return _as_dask(data, dtype).rechunk((chunks, d_model))
 
-    if per_component:
+    outputs = attn = None   # a pure state-space store has no heads (no event reads them)
+    if per_component and "head_output" in ds:
         outputs = ds["head_output"].data.astype(dtype)
-    else:
+    elif not per_component and "z" in ds:
         z = _as_dask(ds["z"].data, dtype)
         W_O = np.asarray(ds["W_O"].values, dtype=dtype)
         attn = z.map_blocks(lambda b: np.einsum("tlhd,lhdm->tlm", b, W_O, optimize=True),
@@ -117,14 +134,18 @@ def _source(ds: xr.Dataset, dtype, *, per_component: bool, neurons: bool = False
 
     def source(e) -> list[Piece]:
         if isinstance(e, Embed):
+            if sel is not None and "embed" not in kinds:
+                return []
             return [Piece([component_label(e)], per_token(ds[e.var].data)[None])]
-        layer = e.layer
+        if not kept(e, "attn_bias" if e.site == "attn" else "mlp"):
+            return []
+        layer = at(e.layer)
         if not per_component:
             term = attn[:, layer] if e.site == "attn" else _as_dask(ds[BLOCK_TERMS[e.site]].data[:, layer], dtype)
             return [Piece([e.site], term[None])]
         if e.site == "attn":
-            heads = [component_label(e, head=h) for h in range(ds.sizes["head"])]
-            return [Piece(heads, da.moveaxis(outputs[:, layer], 1, 0)),
+            labels = [component_label(e, head=h) for h in heads]
+            return [Piece(labels, da.moveaxis(outputs[:, layer], 1, 0)),
                     Piece([component_label(e, part="attn_bias")], attn_bias[layer][None], constant=True)]
         if e.site == "mixer":
             return [Piece([component_label(e, part="mixer")], per_token(ds["mixer_out"].data[:, layer])[None])]
@@ -142,6 +163,27 @@ def _source(ds: xr.Dataset, dtype, *, per_component: bool, neurons: bool = False
         return [Piece([component_label(e, part="mlp")], per_token(ds["mlp_out"].data[:, layer])[None])]
 
     return source
+
+
+def _add_rest(ds: xr.Dataset, acc, norms: FrozenNorms, dtype):
+    """A selective store's ``rest`` joins last, right before the final norm (no norm acts on it here)."""
+    if "rest" in ds:
+        from .selection import REST
+
+        rest = _as_dask(ds["rest"].data, dtype).rechunk((_token_chunks(ds), ds.sizes["d_model"]))
+        acc.add(Piece([REST], rest[None]), None, norms)
+    return acc
+
+
+def _refuse_partial(ds: xr.Dataset, what: str, option: str) -> None:
+    """Refuse what a selective store cannot answer, naming the capture option that left it out."""
+    from .selection import selection_of
+
+    sel = selection_of(ds.attrs)
+    if sel is not None and sel.get("rest"):
+        raise StreamtapError(f"{what} needs terms this selective store left out (captured with layers={sel['layers']}, "
+                             f"heads={sel['heads']}, terms={sel['terms']}; they are summed in its rest term). "
+                             f"Capture again without {option}")
 
 
 def decompose(ds: xr.Dataset, *, neurons: bool = False, upto=None, dtype=np.float32) -> xr.DataArray:
@@ -174,6 +216,13 @@ def decompose(ds: xr.Dataset, *, neurons: bool = False, upto=None, dtype=np.floa
         return decompose(ds, neurons=neurons, upto=upto, dtype=dtype).isel(token=0)
     if neurons and "neuron_act" not in ds:
         raise StreamtapError("this store has no neuron activations; capture with neurons=True (--neurons)")
+    if upto is not None:
+        _refuse_partial(ds, f"decompose(upto={upto!r}) (the residual at a depth)", "layers/heads/terms")
+    if neurons:
+        _refuse_partial(ds, "decompose(neurons=True)", "layers/heads/terms")
+    if "resid_final" not in ds:
+        raise StreamtapError("this store holds projections only (project=...), no d_model terms; read "
+                             "ds.projection, or capture again with terms=... to store vectors")
     events = stream_events(ds)
     try:
         stop = stop_index(events, upto)
@@ -187,8 +236,10 @@ def decompose(ds: xr.Dataset, *, neurons: bool = False, upto=None, dtype=np.floa
         return da.broadcast_to(vec[:, None, :], (vec.shape[0], n_tok, d_model),
                                chunks=((vec.shape[0],), chunks, (d_model,)))
 
-    acc = replay(events, store_norms(ds, dtype), _source(ds, dtype, per_component=True, neurons=neurons),
+    norms = store_norms(ds, dtype)
+    acc = replay(events, norms, _source(ds, dtype, per_component=True, neurons=neurons),
                  Parts(broadcast), stop=stop, norm_labels=ds.attrs.get("norm_labels", ()))
+    acc = _add_rest(ds, acc, norms, dtype) if upto is None else acc
     data = da.concatenate([p.data.rechunk({1: chunks}) for p in acc.pieces], axis=0)
     labels = [label for p in acc.pieces for label in p.labels]
     coords = component_coords(labels)
@@ -227,7 +278,8 @@ def sum_of_terms(ds: xr.Dataset, dtype=np.float32) -> xr.DataArray:
     ds, squeezed = with_token_dim(ds)
     if squeezed:
         return sum_of_terms(ds, dtype).isel(token=0)
-    acc = replay(stream_events(ds), store_norms(ds, dtype), _source(ds, dtype, per_component=False), Sum())
+    norms = store_norms(ds, dtype)
+    acc = _add_rest(ds, replay(stream_events(ds), norms, _source(ds, dtype, per_component=False), Sum()), norms, dtype)
     return xr.DataArray(acc.total, dims=("token", "d_model"), coords=ds["resid_final"].coords)
 
 
@@ -242,7 +294,12 @@ def summed_arrays(ds: xr.Dataset) -> list[str]:
     from .stream import Embed
 
     events = stream_events(ds)
-    names = [e.var for e in events if isinstance(e, Embed)] + ["z", "mlp_out", "resid_final"]
+    from .selection import selection_of
+
+    sel = selection_of(ds.attrs)
+    kinds = ("embed", "z", "mlp_out") if sel is None else sel["terms"]
+    names = [e.var for e in events if isinstance(e, Embed) and "embed" in kinds]
+    names += [n for n in ("z", "mlp_out") if n in kinds and n in ds] + ["resid_final"] + (["rest"] if "rest" in ds else [])
     names += ["mixer_out"] if "mixer_out" in ds else []
     return names + (["norm_scale"] if "norm_weight" in ds else [])
 
@@ -331,6 +388,8 @@ def verify(ds, *, tol: float | None = None, dtype=np.float32, raise_on_error: bo
     summed = summed_arrays(ds)
     problems = check(ds, read=[n for n in ds.data_vars if n not in summed])
     n_tok = ds.sizes.get("token", 0)
+    if "resid_final" not in ds and "projection" in ds:   # projections only: they must sum to their totals
+        return _verify_projections(ds, tol, dtype, raise_on_error, problems)
     if n_tok == 0:  # an empty store holds no term to miss (dask refuses empty reductions)
         err = xr.DataArray(np.zeros(0, dtype), dims="token", name="rel_error").assign_coords(abs_error=("token", np.zeros(0, dtype)))
     elif any(n not in ds.data_vars for n in summed):
@@ -362,6 +421,23 @@ def verify(ds, *, tol: float | None = None, dtype=np.float32, raise_on_error: bo
             err.attrs["output_misses"] = output_misses(outputs, tol)
             if raise_on_error:
                 raise DecompositionError(err.attrs["output_misses"], errors=err)
+    return err
+
+
+def _verify_projections(ds: xr.Dataset, tol: float, dtype, raise_on_error: bool, problems) -> xr.DataArray:
+    """A projections-only store: per token, max over directions of |sum over components - total| relative
+    to max |total| (the total is computed at capture from the final residual itself)."""
+    total = ds["projection_total"].astype(dtype)
+    summed = ds["projection"].astype(dtype).sum("component")
+    diff = abs(summed - total).max("direction")
+    rel = (diff / xr.where(abs(total).max("direction") > 0, abs(total).max("direction"), 1)).compute()
+    err = _label(rel.rename("rel_error").assign_coords(abs_error=diff.compute()).reset_coords(
+        [c for c in rel.coords if c not in ("abs_error",)], drop=True), ds)
+    err.attrs.update(tolerance=tol, max_rel_error=float(err.max(skipna=False)) if err.size else 0.0,
+                     max_abs_error=float(err.abs_error.max(skipna=False)) if err.size else 0.0,
+                     problems=[str(p) for p in problems])
+    if raise_on_error and bool((~(err <= tol)).any()):
+        raise DecompositionError(misses(err), errors=err)
     return err
 
 

@@ -14,6 +14,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from .errors import OptionError
 
 WRITER_MODES = ("auto", "thread", "inline")
@@ -51,9 +53,11 @@ class Settings:
                    hub_endpoint=env.get("HF_ENDPOINT") or "https://huggingface.co")
 
 
-def _opt(default, help: str, *, flag: str | None = None, choices=None, factory=None, flag_help: str | None = None):
-    """A field with its CLI flag; ``flag_help`` is the flag's own help where the flag negates the option."""
-    meta = {"help": help, "flag": flag, "choices": choices, "flag_help": flag_help}
+def _opt(default, help: str, *, flag: str | None = None, choices=None, factory=None, flag_help: str | None = None,
+         parse: str | None = None):
+    """A field with its CLI flag; ``flag_help`` is the flag's own help where the flag negates the option;
+    ``parse``: the flag takes text that the option itself reads (a list, a position rule)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "flag_help": flag_help, "parse": parse}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -85,6 +89,20 @@ class CaptureOptions:
     storage_options: Mapping[str, Any] | None = _opt(None, "Options of the filesystem of an s3:// (fsspec) "
                                                            "store, e.g. {'endpoint_url': ...}.",
                                                      flag="--storage-option")
+    layers: tuple | None = _opt(None, "Store only these layers' terms (e.g. 0,5,11; default all); what is left out is "
+                                      "summed into the per-token rest term.", flag="--layers", parse="ints")
+    heads: tuple | None = _opt(None, "Store only these heads of the stored layers (e.g. 0,3; default all); the others "
+                                     "go into rest.", flag="--heads", parse="ints")
+    terms: tuple | None = _opt(None, "Which kinds of term to store as vectors, of embed, z, mlp_out, neurons "
+                                     "(default: all the other options ask for; none with project).",
+                               flag="--terms", parse="names")
+    positions: Any = _opt("all", "Which tokens to store: all, last, last:K (the last K of each sequence), a boolean "
+                                 "mask (batch, seq) or a callable on the token ids returning one; the others are "
+                                 "not stored.", flag="--positions", parse="positions")
+    project: Mapping[str, Any] | None = _opt(None, "Store each term's contribution onto named directions instead of "
+                                                   "(or besides) its vector: a token string (its logit, through the "
+                                                   "final norm), a token id, a d_model vector (a probe), or unembed_top=K.",
+                                             flag="--project", parse="project")
     direct_io: bool = _opt(None, "Write chunk files of a local store with O_DIRECT (default: on, unless "
                                  "STREAMTAP_DIRECT_IO=0).", flag="",
                            factory=lambda: Settings.from_environ().direct_io)
@@ -116,6 +134,56 @@ class CaptureOptions:
                               f"{type(self.storage_options).__name__}")
         if self.model_name is not None and not isinstance(self.model_name, str):
             raise OptionError(f"option model_name={self.model_name!r}: expected a string")
+        self._check_selection()
+
+    def _check_selection(self) -> None:
+        """The selection options in their normal form (what the model allows is checked by the tap)."""
+        for name in ("layers", "heads"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+                value = [value]
+            try:
+                value = tuple(sorted({int(v) for v in value}))
+            except (TypeError, ValueError):
+                raise OptionError(f"option {name}={getattr(self, name)!r}: expected indices, e.g. {name}=(0, 3) "
+                                  f"or --{name} 0,3") from None
+            if not value:
+                raise OptionError(f"option {name}=(): an empty selection stores nothing; leave {name} unset "
+                                  "to store all of them")
+            object.__setattr__(self, name, value)
+        if self.terms is not None:
+            terms = self.terms.replace(" ", "").split(",") if isinstance(self.terms, str) else self.terms
+            terms = tuple(t for t in terms if t)
+            unknown = [t for t in terms if t not in TERM_KINDS]
+            if unknown:
+                raise OptionError(f"option terms: unknown kind {unknown[0]!r}; expected some of "
+                                  f"{', '.join(TERM_KINDS)}")
+            if not terms and not self.project:
+                raise OptionError("option terms=() with no project: an empty selection stores nothing; name "
+                                  f"kinds of term ({', '.join(TERM_KINDS)}) or directions to project onto")
+            if "neurons" in terms and not self.neurons:
+                object.__setattr__(self, "neurons", True)
+            object.__setattr__(self, "terms", tuple(t for t in TERM_KINDS if t in terms))
+        object.__setattr__(self, "positions", _positions(self.positions))
+        if self.project is not None:
+            object.__setattr__(self, "project", _project(self.project))
+        if self.patterns and self.selects_terms:
+            raise OptionError("patterns=True (--patterns) needs every head's terms; it cannot be combined with "
+                              "layers, heads, terms or project")
+
+    @property
+    def selects_terms(self) -> bool:
+        """Whether some term is left out of the stored vectors (then a per-token ``rest`` is stored)."""
+        return self.layers is not None or self.heads is not None or self.terms is not None or self.project is not None
+
+    @property
+    def selective(self) -> bool:
+        """Whether this capture stores less than a default one (terms, tokens or only projections)."""
+        return self.selects_terms or self.positions != "all"
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> "CaptureOptions":
@@ -149,6 +217,8 @@ class CorpusOptions(CaptureOptions):
     truncate: bool = _opt(False, "Cut longer documents to max_length instead of refusing them.")
     resume: bool = _opt(False, "Continue an interrupted capture of the same corpus into the same store: the "
                                "sequences it committed are skipped, none is duplicated or missing.")
+    ignore_free_space: bool = _opt(False, "Start even when the free space under the store cannot hold the "
+                                          "planned store (its uncompressed size from streamtap.plan).")
 
     def __post_init__(self):
         super().__post_init__()
@@ -161,6 +231,69 @@ class CorpusOptions(CaptureOptions):
             if self.resume and getattr(self, other):
                 raise OptionError(f"options resume=True and {other}=True exclude each other (--resume / "
                                   f"--{other}): resume continues the store as it is; pick one")
+
+
+TERM_KINDS = ("embed", "z", "mlp_out", "neurons")
+"""What ``terms=`` picks from: the embedding terms, the heads' z, the MLP outputs, the neuron activations."""
+
+
+def _positions(value):
+    """``"all"``, ``("last", k)``, a boolean mask (kept as given) or a callable."""
+    if callable(value):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "all":
+            return "all"
+        if text == "last":
+            return ("last", 1)
+        head, _, k = text.partition(":")
+        if head == "last" and k.isdigit() and int(k) >= 1:
+            return ("last", int(k))
+        raise OptionError(f"option positions={value!r}: expected all, last, last:K (K >= 1), a boolean mask or a "
+                          "callable on the token ids")
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "last":
+        if isinstance(value[1], int) and not isinstance(value[1], bool) and value[1] >= 1:
+            return value
+        raise OptionError(f"option positions={value!r}: the last K tokens need K >= 1")
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        if str(value.dtype).removeprefix("torch.") != "bool" or len(value.shape) != 2:
+            raise OptionError(f"option positions: a mask must be boolean (batch, seq), got {value.dtype} of "
+                              f"shape {tuple(value.shape)}")
+        return value
+    raise OptionError(f"option positions={value!r}: expected all, last, last:K, a boolean mask or a callable")
+
+
+def _project(value) -> dict:
+    """Named directions: a token string, a d_model vector, or ``unembed_top`` with its K."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):   # the CLI's name=text
+        pairs = {}
+        for item in value:
+            name, eq, text = item.partition("=")
+            if not eq or not name:
+                raise OptionError(f"option project: {item!r} is not name=text (e.g. --project paris=' Paris')")
+            pairs[name] = int(text) if name == "unembed_top" and text.isdigit() else text
+        value = pairs
+    if not isinstance(value, Mapping) or not value:
+        raise OptionError(f"option project={value!r}: expected a non-empty dict of name -> token string, vector "
+                          "or (for unembed_top) K")
+    out = {}
+    for name, what in value.items():
+        if not isinstance(name, str) or not name:
+            raise OptionError(f"option project: direction names must be non-empty strings, got {name!r}")
+        if name == "unembed_top":
+            if isinstance(what, bool) or not isinstance(what, int) or what < 1:
+                raise OptionError(f"option project: unembed_top={what!r} must be a positive integer K")
+        elif isinstance(what, (int, np.integer)) and not isinstance(what, bool):
+            what = int(what)   # a token id
+        elif not isinstance(what, str):
+            vec = np.asarray(what.detach().cpu() if hasattr(what, "detach") else what, dtype=np.float64)
+            if vec.ndim != 1:
+                raise OptionError(f"option project: direction {name!r} must be one d_model vector, got shape "
+                                  f"{vec.shape}")
+            what = vec
+        out[name] = what
+    return out
 
 
 def option_fields(cls=CorpusOptions) -> list:

@@ -33,6 +33,11 @@ analysis                               returns                                  
 ``head_views(ds)``                     what each head looks for (W_QK query/key sides) and      views
                                        says (W_OV source/target sides), top singular
                                        directions named by tokens: (layer, head, direction, k)
+``ov_edges(ds, seq, l, h, i)``         what a head moved: its output as (term, source) parts     edges
+``qk_edges(ds, seq, l, h, i, j)``      why it attended: score as query x key term matrix         edges
+``mlp_edges(ds, seq, l, i)``           what drove each neuron: pre-activations by term           edges
+``attribution_graph(ds, seq, target)``  a logit explained through exact edges, pruned with    graph
+                                       a ``rest`` node per node: nodes, edges, QK tables; JSON
 ``accumulation_pca(ds)``               PCA over depth per token: (token, pc) and (token, k)     accumulation
 ``neuron_memories(ds, neurons)``       keys (top stored tokens) and values (promoted tokens)    neurons
                                        of chosen neurons: (sel, rank)
@@ -48,6 +53,8 @@ from .accumulation import accumulation_pca
 from .attribution import direct_logit_attribution, final_norm_scale
 from .circuits import ov_matrix, promotion, qk_matrix, relevance
 from .decomposition import residual, residual_stream, residual_terms
+from .edges import EdgeError, SequenceEdges, mlp_edges, ov_edges, qk_edges
+from .graph import AttributionGraph, attribution_graph
 from .empty import empty_message_summary, empty_messages, frequency_extremes, merge_ranks, token_frequencies
 from .heads import head_scores, qk_agreement
 from .views import head_views
@@ -58,7 +65,7 @@ from .patterns import attention, source_messages
 from .rank import effective_rank, singular_values
 
 __all__ = [
-    "MissingWeightsError", "accumulation_pca", "attention", "source_messages", "direct_logit_attribution", "effective_rank",
+    "AttributionGraph", "EdgeError", "MissingWeightsError", "attribution_graph", "SequenceEdges", "accumulation_pca", "mlp_edges", "ov_edges", "qk_edges", "attention", "source_messages", "direct_logit_attribution", "effective_rank",
     "empty_message_summary", "empty_messages", "final_norm_scale", "frequency_extremes", "head_scores", "head_views", "head_vocab",
     "merge_ranks", "qk_agreement",
     "logit_lens", "neuron_memories", "ov_matrix", "promotion", "qk_matrix", "relevance", "residual",

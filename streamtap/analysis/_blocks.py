@@ -125,8 +125,9 @@ def stream_inputs(ds: xr.Dataset, dtype, *, mlp: str = "mlp_out") -> tuple[dict,
     from ..stream import Embed
 
     names = [e.var for e in stream_events(ds) if isinstance(e, Embed)]
-    names += ["z", mlp, "resid_final"] + (["norm_scale"] if "norm_weight" in ds else [])
-    names += ["mixer_out"] if "mixer_out" in ds else []   # hybrid models: their mixers' terms
+    # a pure state-space store has neither heads nor MLPs (no event reads z or mlp_out), a hybrid's mixers write mixer_out
+    names += [n for n in ("z", mlp) if n in ds] + ["resid_final"] + (["norm_scale"] if "norm_weight" in ds else [])
+    names += ["mixer_out"] if "mixer_out" in ds else []
     inputs = {n: per_token(ds, n) for n in names}
     statics = {n: static_dask(ds, n, dtype) for n in ("W_O", "attn_bias", "mlp_bias", "norm_weight", "norm_bias")
                if n in ds}

@@ -99,7 +99,10 @@ def token_ids(ds: xr.Dataset, words, tokenizer=None) -> list[int]:
         if tokenizer is not None:
             enc = tokenizer(w, add_special_tokens=False)["input_ids"]
             if len(enc) != 1:
-                raise StreamtapError(f"{w!r} is {len(enc)} tokens for this tokenizer; give single tokens")
+                pieces = [tokenizer.decode([i]) for i in enc]
+                raise StreamtapError(f"{w!r} is {len(enc)} tokens for this tokenizer, not one: it tokenizes as "
+                                     f"{pieces} (ids {[int(i) for i in enc]}); give a single token (one of these, "
+                                     "or its id)")
             ids.append(int(enc[0]))
             continue
         if known is None:

@@ -100,6 +100,14 @@ def direct_logit_attribution(ds: xr.Dataset, token_id, *, foil=None, neurons: bo
         An id outside the vocabulary, a per-token array of the wrong length, or a token string
         that does not resolve to one token.
     """
+    from ..invariant import _refuse_partial
+
+    _refuse_partial(ds, "direct_logit_attribution over stored vectors (per head, per layer)",
+                    "layers/heads/terms, or capture with project={...}: its projections hold the same "
+                    "attribution with the left-out terms as one exact rest component")
+    if "resid_final" not in ds and "projection" in ds:
+        raise StreamtapError("this store holds projections only: its ds.projection is the attribution "
+                             "(component x direction per token); capture with terms=... to attribute offline")
     require(ds, "W_U")
     dtype = float_dtype(dtype)
     n_tok = ds.sizes["token"]

@@ -134,7 +134,9 @@ def _embed_rows(ds, ids, layer_ids, input_norm, dtype) -> np.ndarray:
         x = E - E.mean(-1, keepdims=True) if center else E
         var = (x ** 2).mean(-1, keepdims=True)
         rows = (x / np.sqrt(var + eps))[None] * gamma[:, None, :]
-        return rows + beta[:, None, :] if beta is not None else rows
+        rows = rows + beta[:, None, :] if beta is not None else rows
+        identity = np.isin(np.asarray(layer_ids), list(ds.attrs.get("attn_norm_identity") or ()))
+        return np.where(identity[:, None, None], E[None], rows)   # layers whose attention reads x itself
     return np.broadcast_to(E, (len(layer_ids), *E.shape))
 
 

@@ -37,7 +37,7 @@ def _thin_svd(A: np.ndarray, B: np.ndarray):
 
 def _read(ds: xr.Dataset, E: np.ndarray, layer: int) -> np.ndarray:
     """The vocabulary's embeddings as ``layer``'s attention reads them (through its input norm)."""
-    if "attn_norm_weight" not in ds:
+    if "attn_norm_weight" not in ds or layer in (ds.attrs.get("attn_norm_identity") or ()):
         return E
     gamma = static(ds, "attn_norm_weight", np.float64)[layer]
     beta = static(ds, "attn_norm_bias", np.float64)[layer] if "attn_norm_bias" in ds else None

@@ -64,6 +64,13 @@ VARIABLES: dict[str, Variable] = {
                        lossy=False),
     "rotary_sin": _tok(("rope", "rotary_dim"), "the rotary sines", lossy=False),
     "alibi": _tok(("head",), "the ALiBi bias each head adds to a score with this token as the key", lossy=False),
+    # selective captures only (docs/design.md, "Selective captures"); a default store has none of them
+    "rest": _tok(("d_model",), "everything a selective capture left out, as it reaches the final residual "
+                 "(enters the replay last, before the final norm)"),
+    "projection": _tok(("component", "direction"), "each component's contribution onto each projected direction"),
+    "projection_total": _tok(("direction",), "the final residual's projection onto each direction, computed "
+                             "from it (the reference the projections sum to)", lossy=False),
+    "projection_top_id": _tok(("top",), "the ids of each token's top-k logits (project unembed_top)", lossy=False),
     # derived lazily by streamtap.open
     "head_output": _tok(("layer", "head", "d_model"), "each head's output at the query, z @ W_O", derived=True),
     "neuron_out": _tok(("layer", "neuron", "d_model"), "each neuron's output, act * W_out", derived=True),
@@ -72,6 +79,12 @@ VARIABLES: dict[str, Variable] = {
     "attn_bias": _static(("layer", "d_model"), "the attention output bias"),
     "mlp_bias": _static(("layer", "d_model"), "the MLP's down projection bias"),
     "W_out": _static(("layer", "neuron", "d_model"), "each neuron's output weights"),
+    "W_in": _static(("layer", "d_model", "neuron"), "each neuron's input weights (the up projection; neurons=True)"),
+    "b_in": _static(("layer", "neuron"), "the up projection's bias"),
+    "W_gate": _static(("layer", "d_model", "neuron"), "a gated MLP's gate projection (neurons=True)"),
+    "b_gate": _static(("layer", "neuron"), "the gate projection's bias"),
+    "mlp_norm_weight": _static(("layer", "d_model"), "gamma of the norm the MLP reads the stream through"),
+    "mlp_norm_bias": _static(("layer", "d_model"), "beta of that norm"),
     "norm_weight": _static(("norm", "d_model"), "gamma of each norm inside the stream"),
     "norm_bias": _static(("norm", "d_model"), "beta of each norm inside the stream"),
     "norm_center": _static(("norm",), "whether each norm inside the stream centres"),
@@ -93,6 +106,8 @@ VARIABLES: dict[str, Variable] = {
     "q_norm_bias": _static(("layer", "q_norm_dim"), "beta of the query norm"),
     "k_norm_weight": _static(("layer", "k_norm_dim"), "gamma of the key norm"),
     "k_norm_bias": _static(("layer", "k_norm_dim"), "beta of the key norm"),
+    "layer": _static(("layer",), "which layers a selective store keeps (default stores: all, no coordinate)"),
+    "head": _static(("head",), "which heads a selective store keeps"),
     "W_E": _static(("vocab", "d_model"), "each token's embedding term (kept once as W_U where identical)"),
 }
 
@@ -194,4 +209,7 @@ def fingerprint(static: dict[str, tuple[np.ndarray, str]]) -> str:
 __all__ = ["SCHEMA_VERSION", "COMMITTED_TOKENS", "COMMITTED_SEQUENCES", "INCOMPLETE", "STORED_DTYPE", "IDENTITY",
            "VARIABLES", "Variable", "COORDS", "COORD_DTYPES", "dims_of", "per_token_names", "is_exact_always",
            "storage_dtype", "LOSSY_DTYPES", "COMPRESSED_BY_DEFAULT", "VariableSpec", "StoreSpec", "static_chunks",
-           "fill_value", "fingerprint", "CHUNK_TARGET_BYTES"]
+           "fill_value", "fingerprint", "CHUNK_TARGET_BYTES", "SELECTIVE_PER_TOKEN"]
+
+SELECTIVE_PER_TOKEN = ("rest", "projection", "projection_total", "projection_top_id")
+"""The per-token variables only a selective capture writes."""

@@ -15,12 +15,16 @@ from .spec import INPUT, OUTPUT, POSITIONS, SPLITS, Attn, Layout, Mixer, Mlp, Mo
 from .weights import Weights, in_out_weight
 
 _FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert", "moe", "no_rope",
-             "hybrid", "scaled", "fused")
+             "hybrid", "falcon_h1", "ssm", "scaled", "fused")
 
 GUIDE = "docs/layouts.md"
 
 LAYOUTS: list[Layout] = [layout for family in _FAMILIES
                          for layout in import_module(f"{__name__}.{family}").LAYOUTS]
+
+REFUSED: dict[str, str] = {t: why for family in _FAMILIES
+                           for t, why in getattr(import_module(f"{__name__}.{family}"), "REFUSED", {}).items()}
+"""model_type -> why no layout can make it exact (a family file's ``REFUSED``); a registered layout still wins."""
 
 
 def supported_model_types() -> list[str]:
@@ -48,12 +52,19 @@ def register(layout: Layout) -> Layout:
 def pattern_support(bound: BoundLayout) -> str | None:
     """Why a bound layout's attention patterns cannot be recomputed from a store, or None."""
     if bound.layout.inferred:
-        return ("its layout was inferred (no family file names this model type), and the attach-time self-check "
-                "proves the terms but not where the queries and keys come from; a family file declares them "
-                f"(see {GUIDE})")
+        # an inferred layout's queries and keys count once the self-check proved its patterns equal the
+        # model's (``tapping.self_check.prove_attention``): a float, the error it measured; else why not
+        proof = getattr(bound, "attention_proof", None)
+        if not isinstance(proof, float):
+            return ("its layout was inferred (no family file names this model type), and "
+                    + (proof or "the attach-time self-check has not proven where its queries and keys come from")
+                    + f" (see {GUIDE})")
     step = bound.attn
     if step is not None and step.no_patterns:
         return step.no_patterns
+    if bound.mixer_layers and not bound.attn_layers:
+        return ("it has no attention: every layer is a state-space mixer, which has no attention pattern "
+                "(a store keeps each mixer's output as one term)")
     if bound.mixer_layers:
         return (f"it is a hybrid model: layers {bound.mixer_layers} are state-space, convolution or linear-attention "
                 "mixers, which have no attention pattern, and a store keeps its mixers' outputs only (one term per "
@@ -107,7 +118,8 @@ def layout_candidates(model) -> list[Layout]:
     try:
         return [layout_for(model)]
     except UnsupportedArchitectureError:
-        pass
+        if getattr(getattr(model, "config", None), "model_type", None) in REFUSED:
+            raise   # a structure no layout makes exact is not guessed at either
     from .infer import candidates
 
     found = candidates(model)
@@ -120,6 +132,17 @@ def layout_candidates(model) -> list[Layout]:
 def _unsupported(model, why: str = "") -> UnsupportedArchitectureError:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        return UnsupportedArchitectureError(
+            f"streamtap cannot decompose {type(model).__name__} (model_type {model_type!r}) exactly: "
+            f"{REFUSED[model_type]}. Capture another architecture, or register a layout of your own "
+            f"(streamtap.layouts.register, see {GUIDE}) if you accept another split of its terms."
+        )
+    if model_type in supported_model_types():   # declared, but each of its layouts is for another configuration
+        return UnsupportedArchitectureError(
+            f"streamtap's layouts for model_type {model_type!r} do not cover this configuration of "
+            f"{type(model).__name__} (each declares the configurations it fits; see docs/architectures.md for what "
+            f"they cover). Register a layout of your own for it (streamtap.layouts.register, see {GUIDE})." + why)
     return UnsupportedArchitectureError(
         f"streamtap has no layout for model_type {model_type!r} ({type(model).__name__}). "
         f"Supported model types: {', '.join(supported_model_types())}. "
@@ -128,5 +151,5 @@ def _unsupported(model, why: str = "") -> UnsupportedArchitectureError:
     )
 
 
-__all__ = ["INPUT", "OUTPUT", "POSITIONS", "SPLITS", "Attn", "BoundLayout", "Layout", "LAYOUTS", "Mixer", "Mlp", "Moe", "Norm",
+__all__ = ["INPUT", "OUTPUT", "POSITIONS", "REFUSED", "SPLITS", "Attn", "BoundLayout", "Layout", "LAYOUTS", "Mixer", "Mlp", "Moe", "Norm",
            "Weights", "bind", "in_out_weight", "layout_candidates", "layout_for", "pattern_support", "projections", "register", "supported_model_types"]

@@ -50,15 +50,27 @@ LAYOUTS = [
 LAYOUTS.append(Layout(
     name="modernbert",
     model_types=("modernbert",),
-    notes=("pre-LN with a final norm and rotary positions; queries and keys are not located (the first "
-           "layer's input norm is an identity and local layers attend within a bidirectional sliding "
-           "window), so patterns are refused rather than recomputed"),
+    notes=("pre-LN with a final norm and rotary positions (one table per layer kind); the first layer's "
+           "attention norm is an identity, and local layers attend within a two-sided sliding window"),
     embeds={"embed": "embeddings.tok_embeddings"},
     after_embeds=(Norm("embeddings.norm"),),
     layers="layers",
-    block=(Attn("attn.Wo"), Mlp("mlp", down="mlp.Wo")),
+    # Wqkv is [all query heads | all key heads | all value heads]; a local layer's module holds its
+    # half-window + 1, and a key is seen while |query - key| is below it
+    block=(Attn("attn.Wo", qkv="attn.Wqkv", split="concat", norm="attn_norm",
+                window=lambda config, attn: attn.sliding_window),
+           Mlp("mlp", down="mlp.Wo")),
     resid_final=("final_norm", INPUT),
     final_norm="final_norm",
     unembed=False,
     causal=False,
 ))
+
+REFUSED = {
+    # one AlbertLayer module is run num_hidden_layers times (encoder.albert_layer_groups[g].albert_layers):
+    # a tap reads each module's input and output once per forward, so the L layers' terms cannot be told apart
+    "albert": ("its encoder applies one shared layer (albert_layer_groups[0].albert_layers[0]) at every depth, "
+               "and streamtap binds one module per layer and reads it once per forward, so each depth's attention and MLP terms cannot be "
+               "separated; its stream would not add up layer by layer. Models with a module list of their own "
+               "blocks are supported"),
+}

@@ -15,7 +15,7 @@ import torch
 from ..errors import LayoutError
 from ..stream import Embed, Event, StreamNorm, Write
 from .norms import probe_norm
-from .spec import INPUT, OUTPUT, Attn, Layout, Mixer, Moe, Norm, Paths
+from .spec import INPUT, OUTPUT, Attn, Layout, Mixer, Moe, Norm, Paths, config_multiplier
 
 
 def resolve_path(root: torch.nn.Module, path: str):
@@ -46,6 +46,7 @@ class BoundLayout:
     flat: set[str] = field(default_factory=set)                      # tap keys whose tokens come flattened
     norm_probes: list[dict] = field(default_factory=list)            # gamma, beta, centring, eps per norm
     attn: Attn | None = None                                         # the block's attention step
+    out_scales: dict[str, float] = field(default_factory=dict)      # tap key -> a step's own output multiplier
 
     @property
     def name(self) -> str:
@@ -67,12 +68,19 @@ class BoundLayout:
         return [e.layer for e in self.events if isinstance(e, Write) and e.site == "attn"]
 
     @property
+    def mlp_layers(self) -> list[int]:
+        """The layers an MLP (or mixture) writes at: every layer, except in models whose blocks hold
+        one sublayer each (Nemotron-H) or none (pure state-space models)."""
+        return [e.layer for e in self.events if isinstance(e, Write) and e.site == "mlp"]
+
+    @property
     def d_mlp(self) -> int:
-        if self.moe:
+        dense = [layer for layer in self.mlp_layers if f"neuron_act.{layer}" in self.taps]
+        if self.moe or not dense:
             return 0
         from .weights import in_out_weight
 
-        return in_out_weight(self.module(self.taps["neuron_act.0"][0])).shape[0]
+        return in_out_weight(self.module(self.taps[f"neuron_act.{dense[0]}"][0])).shape[0]
 
     def full(self, rel: str) -> str:
         rel = rel.replace("{last}", str(self.n_layers - 1))
@@ -151,7 +159,7 @@ class BoundLayout:
         return out
 
 
-def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
+def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> BoundLayout:
     """Resolve ``layout`` against ``model``: the paths a capture taps and the stream's events.
 
     Parameters
@@ -159,6 +167,9 @@ def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
     layout : Layout
     model : torch.nn.Module
         The live transformers model.
+    probe : bool
+        Read each norm's gamma, beta and eps off the module (a capture needs them). ``False`` binds a
+        model without weights (built on the meta device) for planning: paths and sizes only.
 
     Returns
     -------
@@ -178,11 +189,15 @@ def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
         full = f"{base_path}.{layout.layers}" if base_path else layout.layers
         raise LayoutError(f"layout {layout.name!r}: {type(model).__name__} has no module list at "
                           f"{full!r} (the blocks); see docs/layouts.md")
-    n_heads = config.num_attention_heads
     d_model = config.hidden_size
-    attn = next((step for step in layout.block if isinstance(step, Attn)), None)
-    d_head = ((getattr(config, attn.d_head) if attn is not None and attn.d_head else None)
-              or getattr(config, "head_dim", None) or d_model // n_heads)
+    kinds = (layout.block, *(layout.blocks or {}).values())
+    attn = next((step for steps in kinds for step in steps if isinstance(step, Attn)), None)
+    if attn is None:  # a pure state-space model: no heads, every layer one mixer term
+        n_heads = d_head = 0
+    else:
+        n_heads = config.num_attention_heads
+        d_head = ((getattr(config, attn.d_head) if attn.d_head else None)
+                  or getattr(config, "head_dim", None) or d_model // n_heads)
     bound = BoundLayout(layout, model, base_path, len(layers), n_heads, d_head, d_model)
 
     def norm_index(full_path: str) -> int:
@@ -225,10 +240,12 @@ def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
                 taps[f"norm.{through}"] = (bound.norms[through], INPUT)
             if isinstance(step, Mixer):
                 taps[f"mixer_out.{layer}"] = (require(bound.block_path(layer, step.term), "mixer term"), OUTPUT)
+                bound.out_scales[f"mixer_out.{layer}"] = config_multiplier(step.out_scale, config)
                 events.append(Write("mixer", layer, through))
             elif isinstance(step, Attn):
                 bound.attn = bound.attn or step
                 taps[f"z.{layer}"] = (require(bound.block_path(layer, step.proj), "attention output projection"), INPUT)
+                bound.out_scales[f"z.{layer}"] = config_multiplier(step.out_scale, config)
                 events.append(Write("attn", layer, through))
             elif isinstance(step, Moe) and (step.dense is None or bound.find(bound.block_path(layer, step.experts))):
                 taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, step.term), "MoE term"), OUTPUT)
@@ -245,6 +262,7 @@ def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
                 taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, mlp.term), "MLP term"), OUTPUT)
                 taps[f"neuron_act.{layer}"] = (require(bound.block_path(layer, mlp.down or mlp.term),
                                                        "MLP down projection"), INPUT)
+                bound.out_scales[f"neuron_act.{layer}"] = config_multiplier(mlp.down_scale, config)
                 if mlp.clone:
                     bound.clones.add(f"mlp_out.{layer}")
                 if mlp.flat:
@@ -253,7 +271,11 @@ def bind(layout: Layout, model: torch.nn.Module) -> BoundLayout:
     paths, side = layout.resid_final
     taps["resid_final"] = (require(paths, "final residual"), side)
     bound.taps, bound.events = taps, events
-    bound.norm_probes = [probe_norm(bound.module(p), d_model) for p in bound.norms]
+    bound.norm_probes = [probe_norm(bound.module(p), d_model) for p in bound.norms] if probe else []
+    identity = [p for p, probe in zip(bound.norms, bound.norm_probes) if probe.get("identity")]
+    if identity:   # a stream norm's frozen scale would divide by the token's rms, which an identity does not
+        raise LayoutError(f"layout {layout.name!r}: the stream norm {identity[0]} of {type(model).__name__} is an "
+                          "identity (it returns its input); drop it from the layout's Norm steps")
     return bound
 
 

@@ -19,13 +19,15 @@ LAYOUTS = [
     Layout(
         name="gpt2",
         model_types=("gpt2",),
-        block=(Attn("attn.c_proj", qkv="attn.c_attn", split="concat", norm="ln_1"), Mlp("mlp", down="mlp.c_proj")),
+        block=(Attn("attn.c_proj", qkv="attn.c_attn", split="concat", norm="ln_1"),
+               Mlp("mlp", down="mlp.c_proj", up="mlp.c_fc", norm="ln_2", act="activation_function")),
         **_COMMON,
     ),
     Layout(
         name="gpt_bigcode",
         model_types=("gpt_bigcode",),
-        block=(Attn("attn.c_proj", qkv="attn.c_attn", split="per_group", norm="ln_1"), Mlp("mlp", down="mlp.c_proj")),
+        block=(Attn("attn.c_proj", qkv="attn.c_attn", split="per_group", norm="ln_1"),
+               Mlp("mlp", down="mlp.c_proj", up="mlp.c_fc", norm="ln_2", act="activation_function")),
         **_COMMON,
     ),
 ]

@@ -41,8 +41,18 @@ def norm_eps(norm: torch.nn.Module, probe: torch.nn.Module | None = None, d_mode
     return c * c * (1 - r2) / (r2 * c * c - 1)
 
 
+def is_identity(probe: torch.nn.Module, d_model: int) -> bool:
+    """Whether a bare float64 norm returns its input unchanged (ModernBERT's first attention norm is
+    ``nn.Identity``): two inputs of different mean and size both come back as they went in. Such a
+    norm has gamma 1, beta 0, no centring and scale 1, which no epsilon can express."""
+    x = torch.linspace(-2.0, 3.0, d_model, dtype=torch.float64)[None]
+    with torch.no_grad():
+        return all(bool(torch.equal(probe(v).double(), v)) for v in (x, 5.0 * x + 1.0))
+
+
 def probe_norm(norm: torch.nn.Module, d_model: int) -> dict:
-    """gamma, beta, whether it centres and eps, read off the norm by probing a float64 copy.
+    """gamma, beta, whether it centres and eps, read off the norm by probing a float64 copy; an
+    identity comes back as ``identity: True`` (gamma 1, beta 0, no centring, scale 1, eps 0).
 
     N(0) = beta; a constant input vanishes under centring; an alternating +-1 input has mean 0 and
     variance 1 under either kind.
@@ -53,6 +63,9 @@ def probe_norm(norm: torch.nn.Module, d_model: int) -> dict:
         module._forward_pre_hooks.clear()
         module.__dict__.pop("forward", None)
         module.__dict__.pop("__nnsight__", None)
+    if is_identity(probe, d_model):
+        return {"gamma": torch.ones(d_model), "beta": torch.zeros(d_model), "center": False, "eps": 0.0,
+                "identity": True}
     eps = norm_eps(norm, probe, d_model)
     with torch.no_grad():
         beta = probe(torch.zeros(1, d_model, dtype=torch.float64))[0].double()
@@ -69,4 +82,4 @@ def probe_norm(norm: torch.nn.Module, d_model: int) -> dict:
     return {"gamma": gamma.float(), "beta": beta.float(), "center": center, "eps": eps}
 
 
-__all__ = ["probe_norm", "norm_eps", "bare_forward"]
+__all__ = ["probe_norm", "norm_eps", "bare_forward", "is_identity"]

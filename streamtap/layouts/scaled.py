@@ -1,4 +1,5 @@
-"""Llama-shaped families whose stream differs by a multiplier or a shared norm: Granite, Cohere, Cohere2.
+"""Llama-shaped families whose stream differs by a multiplier or a shared norm: Granite (and its mixtures
+of experts), Cohere, Cohere2, MiniCPM3.
 
 Granite multiplies the token embedding (``embedding_multiplier``) and every sublayer's write
 (``residual_multiplier``) outside the modules a capture taps, scales the attention scores by
@@ -6,9 +7,15 @@ Granite multiplies the token embedding (``embedding_multiplier``) and every subl
 Cohere runs attention and MLP in parallel on one shared norm (``input_layernorm`` read by both),
 rotates interleaved pairs of dimensions and multiplies the logits by ``logit_scale``. The stored
 terms include the multipliers (``Layout.embed_scale``...), so the stream adds up as the model adds it.
+Granite-MoE's routed and shared experts carry the residual multiplier in each stored share. MiniCPM3
+is muP-scaled: ``scale_emb`` inside its embedding module (the tapped output has it), ``scale_depth / sqrt(num_hidden_layers)`` on every
+write, logits divided by ``hidden_size / dim_model_base``; its latent attention is DeepSeek's.
 """
 
-from .spec import INPUT, Attn, Layout, Mlp, Reciprocal, projections, sliding_window
+import math
+
+from .moe import MLA
+from .spec import INPUT, Attn, Layout, Mlp, Moe, Reciprocal, projections, sliding_window
 
 _COHERE_NOTES = (("use_qk_norm", "queries and keys pass through per-head LayerNorms (not recomputed offline)"),)
 
@@ -24,6 +31,14 @@ def _global_layers_without_rope(config) -> str | None:
     return None
 
 
+def _depth_scale(config) -> float:
+    """MiniCPM's muP residual multiplier: ``scale_depth / sqrt(num_hidden_layers)``."""
+    return float(config.scale_depth) / math.sqrt(config.num_hidden_layers)
+
+
+_GRANITE_SCALES = dict(embed_scale="embedding_multiplier", residual_scale="residual_multiplier",
+                       logit_scale=Reciprocal("logits_scaling"))
+_GRANITE_ATTN = Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), window=sliding_window)
 _NAMES = dict(embeds={"embed": "embed_tokens"}, layers="layers", resid_final=("norm", INPUT), final_norm="norm")
 
 LAYOUTS = [
@@ -33,8 +48,23 @@ LAYOUTS = [
         **_NAMES,
         block=(Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn")),
                Mlp("mlp", down="mlp.down_proj")),
-        embed_scale="embedding_multiplier",
-        residual_scale="residual_multiplier",
+        **_GRANITE_SCALES,
+    ),
+    # the shared MLP is the block's own (beside block_sparse_moe), and both writes are scaled together
+    *(Layout(
+        name=name,
+        model_types=(name,),
+        **_NAMES,
+        block=(_GRANITE_ATTN, Moe("block_sparse_moe", experts="block_sparse_moe.experts", shared=shared)),
+        **_GRANITE_SCALES,
+    ) for name, shared in (("granitemoe", None), ("granitemoeshared", "shared_mlp"))),
+    Layout(
+        name="minicpm3",
+        model_types=("minicpm3",),
+        **_NAMES,
+        block=(Attn("self_attn.o_proj", norm="input_layernorm", d_head="v_head_dim", no_patterns=MLA),
+               Mlp("mlp", down="mlp.down_proj")),
+        residual_scale=_depth_scale,   # scale_emb is applied inside its embedding module, so the tap sees it
         logit_scale=Reciprocal("logits_scaling"),
     ),
     *(Layout(

@@ -64,6 +64,9 @@ class Attn:
       column in the softmax's denominator that no value is read from; the store keeps them.
     - ``d_head``: the config field of each head's value width where it is not the query/key width
       (multi-head latent attention: ``v_head_dim``); z and W_O are per head of that width.
+    - ``out_scale``: a multiplier the block applies to this attention's output outside the tapped
+      modules (Falcon-H1's ``attention_out_multiplier``): a config field or a function of the config;
+      W_O and b_O carry it (with the layout's ``residual_scale``).
     - ``no_patterns``: why this attention's pattern cannot be recomputed from a store (a capture with
       ``patterns=True`` is refused up front with this reason).
     - ``unsupported``: ``config -> reason or None``, what the offline attention cannot recompute for
@@ -92,6 +95,7 @@ class Attn:
     sinks: str | None = None
     d_head: str | None = None
     no_patterns: str | None = None
+    out_scale: str | Callable | None = None
     unsupported: Callable[[object], str | None] | None = None   # config -> why patterns cannot be recomputed
 
     def __post_init__(self):
@@ -145,7 +149,16 @@ class Mlp:
 
     ``clone`` copies the output at capture, for models that add into it in place afterwards
     (Falcon's ``mlp_output += attention_output``). ``flat``: the MLP sees the batch's tokens
-    flattened into one axis, (batch x position, d) (OPT).
+    flattened into one axis, (batch x position, d) (OPT). ``down_scale``: a multiplier the MLP applies
+    after ``down`` inside ``term`` (Falcon-H1's ``mlp_multipliers[1]``): the term already holds it, so
+    only W_out and b_out, which per-neuron terms are made of, carry it.
+
+    What the MLP's neurons read (stored with ``neurons=True`` for the exact MLP input edges of
+    attribution graphs): ``up`` and ``gate`` are its input projections (``gate`` only for gated
+    MLPs, act(gate) * up), ``norm`` the norm it reads the stream through, after the layer's
+    attention has written; where the config field ``parallel`` is set, the MLP reads the layer's
+    input through the attention's norm instead (StableLM's parallel residual). ``act``: the config
+    field naming the activation (recorded, for the docs of a neuron node).
     """
 
     term: str
@@ -153,6 +166,12 @@ class Mlp:
     through: str | None = None
     clone: bool = False
     flat: bool = False
+    down_scale: str | Callable | None = None
+    up: str | None = None
+    gate: str | None = None
+    norm: Paths | None = None
+    parallel: str | None = None
+    act: str | None = None
 
 
 @dataclass(frozen=True)
@@ -183,12 +202,15 @@ class Mixer:
 
     ``norm``: the norm the mixer reads the stream through (recorded for readers of the layout; the
     term is the mixer's output either way). ``through``: a norm of its own the term passes before it
-    joins the stream.
+    joins the stream. ``out_scale``: a multiplier the block applies to the term outside ``term``
+    (Falcon-H1's ``ssm_out_multiplier``): a config field or a function of the config; the stored term
+    carries it (with the layout's ``residual_scale``).
     """
 
     term: str
     norm: Paths | None = None
     through: str | None = None
+    out_scale: str | Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -256,12 +278,17 @@ class Layout:
 
     def multiplier(self, which: str, config) -> float:
         """The ``embed``, ``residual`` or ``logit`` multiplier this layout declares, on ``config`` (1 if none)."""
-        spec = getattr(self, f"{which}_scale")
-        if spec is None:
-            return 1.0
-        value = spec(config) if callable(spec) else getattr(config, spec, None)
-        return 1.0 if value is None else float(value)
+        return config_multiplier(getattr(self, f"{which}_scale"), config)
+
+
+def config_multiplier(spec: str | Callable | None, config) -> float:
+    """A declared multiplier's value on ``config``: a config field, a function of the config, or 1 where
+    none is declared or the field is unset."""
+    if spec is None:
+        return 1.0
+    value = spec(config) if callable(spec) else getattr(config, spec, None)
+    return 1.0 if value is None else float(value)
 
 
 __all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "ROTARY_STYLES", "Paths", "Attn", "Mlp", "Mixer", "Moe", "Norm", "Layout",
-           "Reciprocal", "projections", "sliding_window", "uses_rope"]
+           "Reciprocal", "config_multiplier", "projections", "sliding_window", "uses_rope"]

@@ -12,6 +12,7 @@ import torch
 from ..errors import LayoutError
 from .bind import BoundLayout
 from .norms import bare_forward, probe_norm
+from .spec import Mlp
 
 
 def in_out_weight(module: torch.nn.Module) -> torch.Tensor:
@@ -89,8 +90,13 @@ class Weights:
                 continue
             o = b.module(tap[0])
             w = in_out_weight(o)
-            W_O.append((layer, w.reshape(b.n_heads, b.d_head, b.d_model)))
-            b_O.append((layer, _bias(o, b.d_model, w)))
+            own = b.out_scales.get(f"z.{layer}", 1.0)   # the block's own multiplier on this attention (Falcon-H1)
+            W_O.append((layer, _scaled(w.reshape(b.n_heads, b.d_head, b.d_model), own)))
+            b_O.append((layer, _scaled(_bias(o, b.d_model, w), own)))
+        if not W_O:  # a pure state-space model: no heads
+            like = next(b.model.parameters())
+            return (like.new_zeros(b.n_layers, 0, 0, b.d_model).detach(),
+                    like.new_zeros(b.n_layers, b.d_model).detach())
         like_w, like_b = W_O[0][1], b_O[0][1]
         full_w, full_b = dict(W_O), dict(b_O)
         scale = b.multiplier("residual")
@@ -105,17 +111,22 @@ class Weights:
         out = {"W_O": W_O, "attn_bias": b_O}
         W_out, b_out = [], []
         for layer in range(b.n_layers):
-            if b.moe:  # fused experts have no single down projection; their bias is part of each term
+            # fused experts have no single down projection (their bias is part of each term); a layer
+            # without an MLP (Nemotron-H, pure state-space models) writes a zero MLP term
+            if b.moe or f"neuron_act.{layer}" not in b.taps:
                 b_out.append(torch.zeros(d, dtype=W_O.dtype, device=W_O.device))
+                W_out.append(None)
                 continue
             down = b.module(b.taps[f"neuron_act.{layer}"][0])
-            wd = _scaled(in_out_weight(down), b.multiplier("residual"))
-            b_out.append(_scaled(_bias(down, d, wd), b.multiplier("residual")))
-            if neurons:
-                W_out.append(wd)
+            scale = b.multiplier("residual") * b.out_scales.get(f"neuron_act.{layer}", 1.0)
+            wd = _scaled(in_out_weight(down), scale)
+            b_out.append(_scaled(_bias(down, d, wd), scale))
+            W_out.append(wd)
         out["mlp_bias"] = torch.stack(b_out)
-        if neurons:
-            out["W_out"] = torch.stack(W_out)
+        if neurons and b.d_mlp:
+            like = next(w for w in W_out if w is not None)
+            out["W_out"] = torch.stack([torch.zeros_like(like) if w is None else w for w in W_out])
+            out.update(self.mlp_inputs()[0])
         if b.norms:
             probes = b.norm_probes
             out["norm_weight"] = torch.stack([p["gamma"] for p in probes])
@@ -271,9 +282,13 @@ class Weights:
         if not self._has_qkv():
             return info
         probes = self.attn_norm_probes()
-        if probes:
-            info["attn_norm_kind"] = "layernorm" if probes[0]["center"] else "rmsnorm"
-            info["attn_norm_eps"] = probes[0]["eps"]
+        if probes:   # identities (ModernBERT's first layer) are listed; the kind is the other layers'
+            real = [p for p in probes if not p.get("identity")] or probes
+            info["attn_norm_kind"] = "layernorm" if real[0]["center"] else "rmsnorm"
+            info["attn_norm_eps"] = real[0]["eps"]
+            identity = [layer for layer, p in enumerate(probes) if p.get("identity")]
+            if identity:
+                info["attn_norm_identity"] = identity
         b = self.bound
         notes, step = [], b.attn
         qk = [b.find(tuple(b.block_path(0, p) for p in ((r,) if isinstance(r, str) else r)))
@@ -354,10 +369,60 @@ class Weights:
         kinds = sorted(set(types))
         return [kinds.index(t) for t in types[:self.bound.n_layers]]
 
-    def attrs(self) -> dict:
+    # -- what each MLP neuron reads (attribution graphs' MLP input edges) ------------------------------
+    def mlp_step(self) -> Mlp | None:
+        """The block's dense MLP step where it declares its input projections (None: MoE, hybrid, undeclared)."""
+        b = self.bound
+        if b.moe or b.mixer_layers:
+            return None
+        step = next((s for s in b.layout.block if isinstance(s, Mlp)), None)
+        return step if step is not None and step.up else None
+
+    def mlp_inputs(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """W_in (layer, d_model, neuron) and b_in, W_gate and b_gate for gated MLPs, the norm the MLP reads
+        the stream through (``mlp_norm_weight``/``mlp_norm_bias``), and their attributes: what a neuron's
+        pre-activation is made of, pre = mlp_norm(x) @ W_in + b_in. Empty where the layout does not
+        declare them (``Mlp.up``)."""
+        if "mlp_inputs" in self._cache:
+            return self._cache["mlp_inputs"]
+        b, step = self.bound, self.mlp_step()
+        if step is None:
+            self._cache["mlp_inputs"] = ({}, {})
+            return self._cache["mlp_inputs"]
+        parallel = bool(step.parallel and getattr(b.model.config, step.parallel, False))
+        norm = (b.attn.norm if b.attn is not None else None) if parallel else step.norm
+        out, info = {}, {"mlp_reads": "attn" if parallel else "mlp"}
+        for name, rel in (("in", step.up), ("gate", step.gate)):
+            if rel is None:
+                continue
+            weights, biases, biased = [], [], False
+            for layer in range(b.n_layers):
+                aug, has = _augmented(b.module(b.in_block(layer, rel, f"MLP {name} projection")))
+                weights.append(aug[:-1].cpu())
+                biases.append(aug[-1].cpu())
+                biased |= has
+            out[f"W_{name}"] = torch.stack(weights)
+            if biased:
+                out[f"b_{name}"] = torch.stack(biases)
+        if norm:
+            probes = [probe_norm(b.module(b.in_block(layer, norm, "MLP input norm")), b.d_model)
+                      for layer in range(b.n_layers)]
+            out["mlp_norm_weight"] = torch.stack([p["gamma"] for p in probes])
+            if any(bool(p["beta"].abs().max() > 0) for p in probes):
+                out["mlp_norm_bias"] = torch.stack([p["beta"] for p in probes])
+            info.update(mlp_norm_kind="layernorm" if probes[0]["center"] else "rmsnorm", mlp_norm_eps=probes[0]["eps"])
+        act = getattr(b.model.config, step.act, None) if step.act else None
+        if act:
+            info["mlp_act"] = str(act)
+        self._cache["mlp_inputs"] = (out, info)
+        return out, info
+
+    def attrs(self, neurons: bool = False) -> dict:
         """The store attributes the weights contribute: the final norm's kind and eps, and
-        :meth:`attention_info`."""
+        :meth:`attention_info` (and, with ``neurons``, what the MLP's neurons read)."""
         info = {**self.attention_info(), **self.pattern_attrs(), **self.qk_norms()[1]}
+        if neurons:
+            info.update(self.mlp_inputs()[1])
         probe = self.final_norm()
         if probe is None:
             return info

@@ -14,7 +14,7 @@ TINY_ARCHS = (
     "gpt_neox", "gpt_neox-sequential", "phi", "falcon", "falcon-new", "gemma2", "gemma3", "olmo2",
     "opt-post-ln", "bert", "roberta", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2",
     "deepseek_v3", "granite", "cohere", "cohere2", "phi3", "starcoder2", "smollm3", "phimoe", "ernie4_5_moe",
-    "glm4_moe", "dots1", "hunyuan_v1_moe", "flex_olmo",
+    "glm4_moe", "dots1", "hunyuan_v1_moe", "flex_olmo", "granitemoe",
 )
 """Architectures :func:`tiny_model` builds; each maps to one layout streamtap supports."""
 
@@ -214,6 +214,9 @@ _TINY_CONFIGS = {
                     n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1),
     "hunyuan_v1_moe": _named("HunYuanMoEV1Config", **_GQA, head_dim=16, num_experts=4, moe_topk=2),
     "flex_olmo": _named("FlexOlmoConfig", **_GQA, num_experts=4, num_experts_per_tok=2),
+    # Granite's multipliers on a mixture: every routed expert's share is scaled as it is written
+    "granitemoe": _named("GraniteMoeConfig", **_GQA, embedding_multiplier=3.0, residual_multiplier=0.5,
+                         attention_multiplier=0.1, logits_scaling=4.0, num_local_experts=4, num_experts_per_tok=2),
 }
 assert set(_TINY_CONFIGS) == set(TINY_ARCHS)
 

@@ -11,6 +11,7 @@ attributes and the identity an append must match.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import torch
@@ -68,6 +69,11 @@ class Recorder:
         self.scales_reduced = scales_reduced  # norm inputs arrive as their frozen scales (remote execution)
         self.store_dtype = lossy_dtype(options.store_dtype, next(module.parameters()).dtype)
         self.routes = self._term_routes()
+        self.selection = None
+        if options.selective:   # checked here, when the tap opens: before anything is written
+            from .select import Selection
+
+            self.selection = Selection(options, bound, tokenizer)
         self.keep: set[Where] = {location(*tap) for key, tap in bound.taps.items() if key.split(".")[0] in EXPERT_KEYS}
         self.pipeline: Pipeline | None = None
         self.spec: StoreSpec | None = None
@@ -94,14 +100,16 @@ class Recorder:
         for var in b.layout.embeds:
             if var in b.taps:
                 add(var, Route(var, transform=embed_scale if var == "embed" else None))
-        for layer in range(L):  # a hybrid model's mixer layers have no z, its attention layers no mixer_out
-            if f"z.{layer}" in b.taps:
+        for layer in range(L):  # a hybrid model's mixer layers have no z, its attention layers no mixer_out,
+            if f"z.{layer}" in b.taps:  # and where a block holds one sublayer (Nemotron-H) some have no MLP
                 add(f"z.{layer}", Route("z", layer, L, tail=(b.n_heads, b.d_head)))
             if f"mixer_out.{layer}" in b.taps:
-                add(f"mixer_out.{layer}", Route("mixer_out", layer, L, transform=residual_scale))
-            add(f"mlp_out.{layer}", Route("mlp_out", layer, L, flat=f"mlp_out.{layer}" in b.flat,
-                                          transform=residual_scale))
-            if self.options.neurons:
+                add(f"mixer_out.{layer}", Route("mixer_out", layer, L, transform=_multiply(
+                    b.multiplier("residual") * b.out_scales.get(f"mixer_out.{layer}", 1.0))))
+            if f"mlp_out.{layer}" in b.taps:
+                add(f"mlp_out.{layer}", Route("mlp_out", layer, L, flat=f"mlp_out.{layer}" in b.flat,
+                                              transform=residual_scale))
+            if self.options.neurons and f"neuron_act.{layer}" in b.taps:
                 add(f"neuron_act.{layer}", Route("neuron_act", layer, L, flat=f"neuron_act.{layer}" in b.flat))
         for k in range(len(b.norms)):
             add(f"norm.{k}", Route("norm_scale", k, len(b.norms), transform=lambda x, k=k: self._frozen_scale(x, k)))
@@ -179,11 +187,21 @@ class Recorder:
                 out[var] = sunk[var]
         if b.moe:
             out.update(self._expert_terms(kept, mask))
+            self._add_outer_shared(out)
         for var in ("norm_scale", "rotary_cos", "rotary_sin", "alibi"):
             if var in sunk:
                 out[var] = sunk[var]
         out["resid_final"] = sunk["resid_final"]
         return out
+
+    def _add_outer_shared(self, out: dict[str, torch.Tensor]) -> None:
+        """A shared expert the block runs beside its mixture (Granite-MoE's ``shared_mlp``) writes with
+        it: ``mlp_out`` is the layer's whole MLP write, as it is where the mixture holds its shared expert."""
+        b = self.bound
+        for layer in range(b.n_layers):
+            shared, term = b.taps.get(f"shared.{layer}"), b.taps.get(f"mlp_out.{layer}")
+            if shared is not None and not shared[0].startswith(term[0] + "."):
+                out["mlp_out"][:, layer] += out["shared_expert_out"][:, layer].to(out["mlp_out"].dtype)
 
     def _expert_terms(self, kept: KeptValues, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each routed expert's weighted output (and the shared expert's), for the real tokens.
@@ -217,15 +235,17 @@ class Recorder:
             like = next(iter(values.values()))
             return torch.stack([values.get(layer, torch.zeros_like(like)) for layer in range(b.n_layers)], dim=1)
 
-        terms = {"expert_out": stacked(per_slot), "expert_index": stacked(index)}
+        # a residual multiplier (Granite-MoE) scales the whole write: each share as the stream receives it
+        scale = _multiply(b.multiplier("residual")) or (lambda x: x)
+        terms = {"expert_out": scale(stacked(per_slot)), "expert_index": stacked(index)}
         if shared:
-            terms["shared_expert_out"] = stacked(shared)
+            terms["shared_expert_out"] = scale(stacked(shared))
         return terms
 
     # -- the hand-over ---------------------------------------------------------------------------------
     def record(self, kept: KeptValues, slots: TermSlots, buffers: BufferSet, input_ids: torch.Tensor,
                mask: torch.Tensor, *, seq: torch.Tensor | None = None, pos: torch.Tensor | None = None,
-               n_sequences: int | None = None) -> int:
+               n_sequences: int | None = None, logits: torch.Tensor | None = None) -> int:
         """Turn one forward's terms into a batch and hand it to the writer (``input_ids``, ``mask``: host).
 
         By default every row opens a new sequence (a plain forward). A ``generate`` step passes the
@@ -240,6 +260,13 @@ class Recorder:
         on_gpu = device.type == "cuda"
         if not on_gpu:  # a GPU batch is checked by the writer, once it is on the host: no sync here
             self._check_finite(out, mask)
+        keep = None
+        if self.selection is not None:
+            keep = self.selection.keep_tokens(input_ids, mask)
+            if self.spec is None:
+                self._static = self.selection.static(self._static)
+            out = self.selection.apply(out, keep, None if logits is None else logits.reshape(-1, logits.shape[-1])[
+                mask.reshape(-1).to(logits.device)])
         if self.store_dtype is not None:
             late = self._late_buffers(buffers) if device.type == "cpu" else None
             out = self._lossy(out, check=not on_gpu, buffers=late)
@@ -253,6 +280,8 @@ class Recorder:
             pos = (mask.cumsum(dim=1) - 1)[mask]
         coords = {"seq": seq.numpy().astype("int64"), "pos": pos.numpy().astype("int32"),
                   "token_id": input_ids[mask].numpy().astype("int64")}
+        if keep is not None:
+            coords = {name: c[keep.numpy()] for name, c in coords.items()}
         if self.spec.with_text:
             coords["text"] = self._texts(coords["token_id"])
         if on_gpu:
@@ -354,7 +383,8 @@ class Recorder:
         variables = {name: VariableSpec(tuple(t.shape[1:]), str(t.dtype).removeprefix("torch."))
                      for name, t in out.items()}
         static = {name: (to_numpy(t), str(t.dtype).removeprefix("torch.")) for name, t in self._static.items()}
-        dtype = str(out["resid_final"].dtype).removeprefix("torch.")  # the compute dtype, even in a lossy store
+        reference = out["resid_final"] if "resid_final" in out else next(self.module.parameters())
+        dtype = str(reference.dtype).removeprefix("torch.")  # the compute dtype, even in a lossy store
         identity = {
             "schema_version": SCHEMA_VERSION,
             "layout": b.name,
@@ -375,8 +405,13 @@ class Recorder:
             "tied_embeddings": bool(getattr(self.module.config, "tie_word_embeddings", False)),
             "created_by": self.created_by,
             **b.facts(),
-            **Weights(b).attrs(),
+            **Weights(b).attrs(self.options.neurons),
         }
+        if self.selection is not None:
+            attrs.update(self.selection.attrs())
+            if "projection" in out:
+                attrs.update(projection_components=json.dumps(self.selection.projection_labels()),
+                             projection_directions=json.dumps(self.selection.direction_names))
         return StoreSpec(variables, static, attrs, with_text=self.tokenizer is not None, identity=identity)
 
     def close(self) -> None:

@@ -110,6 +110,7 @@ def capture_corpus(model, texts, store, options: CorpusOptions, tokenizer=None) 
     # every document is checked before the first batch is committed
     rows = token_rows(texts, tokenizer, limit, options.truncate, the_tap.vocab_size,
                       first=offset + len(mine) - len(texts))
+    _check_space(the_tap, target, sum(len(r) for r in rows), options)
     device = next(module.parameters()).device
     bar = _progress(options.progress, len(texts))
     done_tokens = 0  # tokens of this call (the tap's count includes what an appended store already had)
@@ -141,6 +142,22 @@ def capture_corpus(model, texts, store, options: CorpusOptions, tokenizer=None) 
         if bar is not None:
             bar.close()
     return the_tap
+
+
+def _check_space(the_tap: Tap, target, tokens: int, options: CorpusOptions) -> None:
+    """The planned store's size (``streamtap.plan``'s bytes per token, the weights unless appending),
+    printed with the progress bar, and refused when a local target's free space cannot hold it."""
+    from ..io.location import is_local_path
+    from ..planning import bytes_per_token, check_free_space, compute_dtype, per_token_variables, size, weight_bytes
+
+    per_token = bytes_per_token(per_token_variables(the_tap.bound, options, compute_dtype(the_tap.module)))
+    weights = 0 if options.append or options.resume else weight_bytes(the_tap.module)
+    need = tokens * per_token + weights
+    if options.progress:
+        print(f"streamtap: plan: {tokens:,} tokens x {per_token:,} bytes/token + at most {size(weights)} of weights "
+              f"= {size(need)} (uncompressed)", file=sys.stderr, flush=True)
+    if is_local_path(target):
+        check_free_space(target, need, options)
 
 
 def _progress(enabled: bool, total: int):

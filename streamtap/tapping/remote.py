@@ -19,12 +19,13 @@ serialized trace here). See docs/remote.md.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 
-from ..errors import InputError, StreamtapError
-from ..layouts import bind, layout_for
+from ..errors import InputError, StreamtapError, UnsupportedArchitectureError
+from ..layouts import Layout, bind, layout_for
 from ..options import CaptureOptions
 from .sinks import location, unwrap
 from .tap import Tap
@@ -56,7 +57,7 @@ def plan(model, *, neurons: bool = False) -> list[dict]:
         For mixture-of-experts models, whose per-expert terms need the experts re-run locally.
     """
     module, _ = unwrap(model)
-    bound = bind(layout_for(module), module)
+    bound = bind(_layout(module, prove=True), module)
     if bound.moe:
         raise StreamtapError("mixture-of-experts layers are captured by re-running each expert here, which a "
                              "remote forward cannot do; capture MoE models with st.tap on a machine that holds them")
@@ -76,6 +77,42 @@ def plan(model, *, neurons: bool = False) -> list[dict]:
         rank = {event: i for i, event in reversed(list(enumerate(order)))}  # first occurrence
         entries.sort(key=lambda e: rank.get((e["path"], e["side"]), len(rank)))
     return entries
+
+
+_PROVEN: "weakref.WeakKeyDictionary[torch.nn.Module, Layout]" = weakref.WeakKeyDictionary()
+
+
+def _layout(module: torch.nn.Module, *, prove: bool) -> Layout:
+    """The model's family layout; for a model type without one, the inferred layout the attach-time
+    self-check proves here, on the loaded weights (``plan`` proves it once, ``write_store`` reuses it).
+
+    Inference is never trusted unproven: where the weights are not here (on the meta device) or
+    ``plan`` did not prove it first, this refuses, naming why and the fix.
+    """
+    try:
+        return layout_for(module)
+    except UnsupportedArchitectureError:
+        pass
+    if module in _PROVEN:
+        return _PROVEN[module]
+    model_type = getattr(module.config, "model_type", None)
+    if not prove:
+        raise UnsupportedArchitectureError(
+            f"streamtap has no layout file for model_type {model_type!r}; an inferred layout is written only after "
+            "st.remote.plan(model) proved it on this model here. Call st.remote.plan(model) first, with the "
+            "weights loaded")
+    if any(p.device.type == "meta" for p in module.parameters()):
+        raise UnsupportedArchitectureError(
+            f"streamtap has no layout file for model_type {model_type!r}, and an inferred layout is used only once "
+            "the attach-time self-check proves it exact on the live model, which needs the weights here (this "
+            "module tree is on the meta device). Load the weights here before st.remote.plan(model) (write_store "
+            "needs them anyway), or write a family layout (docs/layouts.md) and register it with "
+            "streamtap.layouts.register(...)")
+    import zarr
+
+    with Tap(module, zarr.storage.MemoryStore(), created_by="streamtap.remote.plan") as probe:   # proves it (or refuses, naming why)
+        _PROVEN[module] = probe.bound.layout
+    return _PROVEN[module]
 
 
 def _call_order(module: torch.nn.Module) -> list[tuple[str, str]] | None:
@@ -198,7 +235,10 @@ def write_store(model, saved: dict[str, Any], store, *, input_ids, attention_mas
                          "positional tables each attention received. Capture patterns with st.tap or st.capture "
                          "on a machine that runs the model, or write this store without patterns")
     forward = SavedForward(saved)
-    the_tap = Tap(model, store, opts, tokenizer=tokenizer, created_by="streamtap.remote.write_store", forward=forward)
+    module, _ = unwrap(model)
+    layout = _layout(module, prove=False)
+    the_tap = Tap(model, store, opts, tokenizer=tokenizer, created_by="streamtap.remote.write_store", forward=forward,
+                  proven=layout if layout.inferred else None)
     forward.bound = the_tap.bound
     input_ids = torch.as_tensor(input_ids).cpu()
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else torch.as_tensor(attention_mask).cpu().bool()

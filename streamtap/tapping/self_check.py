@@ -1,6 +1,7 @@
 """The attach-time self-check: a short probe proves the layout right on the live model, or names where not.
 
-When a tap opens, an 8-token probe runs through the model; its terms are replayed through the
+When a tap opens, a probe of two sequences runs through the model (8 tokens, and a shorter one padded
+on the tokenizer's side, so that padding is proven too; only real tokens count); its terms are replayed through the
 stream (``streamtap.stream.replay``, the same replay ``decompose`` and ``verify`` use) in float64,
 and the running sum is compared with the real input of every block and with the final residual.
 Then the final residual is read out as the analyses read a store (the final norm with its frozen
@@ -12,12 +13,13 @@ that does not add up, in milliseconds, instead of after hours of capture.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
 import torch
 
-from ..errors import DecompositionError
+from ..errors import DecompositionError, StreamtapError
 from ..invariant import relative_error, tolerance
 from ..layouts import Weights
 from ..stream import Embed, FrozenNorms, Piece, Sum, apply_norm, replay
@@ -33,20 +35,38 @@ def probe_norms(bound, scale: np.ndarray | None) -> FrozenNorms:
                        center=np.array([p["center"] for p in probes]), scale=scale)
 
 
+def probe_batch(tap, n_tokens: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of the probe: a full row of ``n_tokens`` and a shorter row padded
+    on the side the tap's tokenizer pads (right without one), so that the check also proves the
+    layout where padding is, as in every real batch (learned positions that follow the mask,
+    masks folded into biases); only real tokens are compared."""
+    module = tap.module
+    vocab = int(getattr(module.config, "vocab_size", 2) or 2)
+    n = min(n_tokens, tap.max_positions or n_tokens)
+    device = next(module.parameters()).device
+    ids = (torch.arange(n, device=device) % max(vocab - 1, 1) + 1)[None].repeat(2, 1)
+    mask = torch.ones_like(ids)
+    short = max(n - 3, 1) if n > 1 else n
+    pad = torch.arange(n, device=device) >= short
+    if getattr(tap.tokenizer, "padding_side", "right") == "left":
+        pad = pad.flip(0)
+    mask[1, pad] = 0
+    ids[1, pad] = int(getattr(module.config, "pad_token_id", None) or 0) % max(vocab, 1)
+    ids[1, ~pad] = ids[1, ~pad].flip(0)   # another sequence than row 0, not just a shorter copy
+    return ids, mask
+
+
 def self_check(tap, n_tokens: int = 8) -> float:
-    """Replay the layout's stream on a short probe and compare it with each block's real input.
+    """Replay the layout's stream on a short padded probe and compare it with each block's real input.
 
     Returns the largest relative error. Raises :class:`~streamtap.errors.DecompositionError` naming
     the first layer whose terms do not add up to the residual entering the next one (or to the final
     residual).
     """
     b, module = tap.bound, tap.module
-    vocab = int(getattr(module.config, "vocab_size", 2) or 2)
-    n = min(n_tokens, tap.max_positions or n_tokens)
-    device = next(module.parameters()).device
-    ids = (torch.arange(n, device=device) % max(vocab - 1, 1) + 1)[None]
+    ids, mask = probe_batch(tap, n_tokens)
     blocks = [b.block_full_path(layer) for layer in range(b.n_layers)]
-    terms, entering, logits = tap.probe(ids, blocks)
+    terms, entering, logits = tap.probe(ids, blocks, mask)
     terms = {k: v.detach().double().cpu().numpy() for k, v in terms.items()}
     entering = [x.detach().double().cpu().numpy().reshape(-1, b.d_model) for x in entering]
     if not np.isfinite(terms["resid_final"]).all():
@@ -102,6 +122,109 @@ def self_check(tap, n_tokens: int = 8) -> float:
     return state["worst"]
 
 
+def prove_attention(tap, n_tokens: int = 8) -> tuple[object, float | str]:
+    """Prove where an inferred layout's queries and keys come from, or say why not.
+
+    Each reading of the attention (``layouts.infer.attention_readings``: fused split, rotary style
+    and order) captures the probe with ``patterns=True`` into a store in memory; the patterns
+    ``streamtap.attention`` recomputes from that store's W_Q, W_K, W_V, norms, scales and rotary
+    tables must equal the model's own attention probabilities (where the model returns them: eager
+    attention) and give back every head's stored output z within the model dtype's tolerance (1e-5
+    in float32). Returns (the bound layout to use, its largest error) for the first reading proven;
+    else (the bound layout without queries, keys and values, so no unproven W_Q/W_K/W_V is stored,
+    why not, with the measured error).
+    """
+    from ..layouts import pattern_support
+    from ..layouts.infer import attention_readings
+
+    b = tap.bound
+    if b.attn is None or not (b.attn.q or b.attn.qkv):
+        return b, "inference located no query, key and value projections"
+    b.attention_proof = 0.0   # every other reason pattern_support knows still applies
+    why = pattern_support(b)
+    b.attention_proof = None
+    if why:
+        return _without_qkv(b, why), why
+    model_dtype = str(next(tap.module.parameters()).dtype).removeprefix("torch.")
+    bound_ = tolerance(model_dtype, n_layers=b.n_layers)
+    worst = []
+    for reading in attention_readings(b.attn, b.positions()):
+        trial = _with_attn(b, reading)
+        try:
+            err = _pattern_error(tap, trial, n_tokens)
+        except (StreamtapError, RuntimeError, ValueError, KeyError, IndexError, TypeError) as exc:
+            worst.append(f"{type(exc).__name__}: {exc}")
+            continue
+        if err <= bound_:
+            trial.attention_proof = err
+            return trial, err
+        worst.append(err)
+    measured = min((e for e in worst if isinstance(e, float)), default=None)
+    why = ("the patterns recomputed from its inferred queries and keys do not equal the model's on the self-check "
+           "probe (" + (f"smallest error over {len(worst)} readings {measured:.3g}, bound {bound_:.1g}" if measured
+                        is not None else str(worst[0])) + "), so W_Q, W_K and W_V are not stored; a family file declares "
+           "them (see docs/layouts.md)")
+    return _without_qkv(b, why), why
+
+
+def _with_attn(b, attn):
+    """``b`` with its attention step read as ``attn`` (the declaration shows the reading too)."""
+    block = tuple(attn if step is b.attn else step for step in b.layout.block)
+    out = dataclasses.replace(b, attn=attn, layout=dataclasses.replace(b.layout, block=block))
+    out.norm_probes = b.norm_probes
+    return out
+
+
+def _without_qkv(b, why: str):
+    """``b`` without queries, keys and values: nothing unproven is stored, patterns refused with ``why``."""
+    out = _with_attn(b, dataclasses.replace(b.attn, q=None, k=None, v=None, qkv=None, no_patterns=why))
+    out.attention_proof = why
+    return out
+
+
+def _pattern_error(tap, bound, n_tokens: int) -> float:
+    """Capture the unpadded probe with ``bound`` and patterns into a store in memory; the largest
+    difference between the patterns recomputed from it and the model's attention probabilities,
+    and between each head's recomputed and stored output (relative to the token's largest |z|)."""
+    import zarr
+
+    from ..attention import output_errors, sequence_attention
+    from ..dataset import open as open_store
+    from ..io.writer import StoreWriter
+    from ..options import CaptureOptions
+    from .batch import Recorder
+
+    ids, _ = probe_batch(tap, n_tokens)
+    ids = ids[:1]
+    real = torch.ones(ids.shape, dtype=torch.bool)   # on the host, as a capture's mask is
+    writer = StoreWriter(zarr.storage.MemoryStore())
+    options = CaptureOptions(patterns=True, writer="inline", compress=False)
+    recorder = Recorder(bound, options, module=tap.module, writer=writer, model_name="self-check",
+                        created_by="streamtap self-check")
+    kwargs = {"input_ids": ids, "attention_mask": real.long().to(ids.device)}
+    eager = getattr(tap.module.config, "_attn_implementation", None) == "eager"
+    if eager:
+        kwargs["output_attentions"] = True
+    try:
+        buffers = recorder.acquire()
+        with torch.no_grad():
+            slots = recorder.slots(real, buffers)
+            output, kept = tap.traced((), kwargs, slots, recorder.keep)
+            recorder.record(kept, slots, buffers, ids.cpu(), real.cpu())
+        recorder.pipeline.close(None)
+        writer.close()
+    finally:
+        recorder.close()
+    ds = open_store(writer.target)
+    err = float(output_errors(ds, 0).max())
+    attentions = getattr(output, "attentions", None) if eager else None
+    if attentions is not None and all(a is not None for a in attentions):
+        for _, layer, one in sequence_attention(ds, [0]):
+            theirs = attentions[layer][0, one.heads].detach().double().cpu().numpy()
+            err = max(err, float(np.abs(one.pattern - theirs).max()))
+    return err
+
+
 def _check_logits(b, resid_final: np.ndarray, logits: torch.Tensor, model_dtype: str) -> float:
     """The logits the store's weights give from the final residual, against the model's own."""
     weights = Weights(b)
@@ -138,4 +261,4 @@ def _misfit(exc: DecompositionError, where: str, layer: int, err: float, bound: 
     return exc
 
 
-__all__ = ["self_check", "probe_norms"]
+__all__ = ["self_check", "probe_norms", "probe_batch", "prove_attention"]

@@ -78,6 +78,13 @@ def _closest(module, failures: list) -> str:
             f"that the layout does not declare (a scale, a norm, a term){tail}")
 
 
+def _real_rows(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """(real token, ...) of a (batch, position, ...) value, or of one that comes flattened (OPT)."""
+    if x.dim() >= 2 and tuple(x.shape[:2]) == tuple(real.shape):
+        return x[real.to(x.device)]
+    return x.reshape(-1, *x.shape[2:] if x.dim() > 2 else x.shape[1:])[real.reshape(-1).to(x.device)]
+
+
 class NnsightForward:
     """How a tap runs a forward: through an nnsight trace on the live model (the default)."""
 
@@ -98,7 +105,7 @@ class Tap:
     """
 
     def __init__(self, model, store, options: CaptureOptions | None = None, *, tokenizer=None,
-                 created_by: str = "streamtap.tap", forward=None):
+                 created_by: str = "streamtap.tap", forward=None, proven=None):
         self.options = options = options if options is not None else CaptureOptions()
         self.module, self._given_envoy = unwrap(model)
         if self.module.training:
@@ -106,16 +113,18 @@ class Tap:
                 "the model is in training mode (dropout would make the captured terms random); "
                 "call model.eval() before tapping it"
             )
-        self._candidates = self._bind_candidates(layout_candidates(self.module))
+        # ``proven``: an inferred layout a self-check already proved on this very model (st.remote.plan)
+        self._candidates = self._bind_candidates([proven] if proven is not None else layout_candidates(self.module))
         self.bound: BoundLayout = self._candidates[0]
-        self.inferred = self.bound.layout.inferred
+        self.inferred = self.bound.layout.inferred and proven is None
         if self.inferred and not options.check:
             raise UnsupportedArchitectureError(
                 f"check=False (--no-check) is refused for this {type(self.module).__name__}: streamtap has no layout "
                 f"file for model_type {self.module.config.model_type!r}, and an inferred layout is used only once the "
                 "attach-time self-check proves it exact. Drop check=False, or write a family layout (docs/layouts.md)"
             )
-        self._check_options(self.bound)
+        # an inferred layout's patterns wait for the self-check, which proves its queries and keys or refuses
+        self._check_options(self.bound, patterns=not self.inferred)
         self.tokenizer = tokenizer
         self.rank, self.world = process_rank()
         self.writer = StoreWriter(rank_store(store, self.rank, self.world), append=options.append,
@@ -158,9 +167,9 @@ class Tap:
                 "layout (see docs/layouts.md) and register it with streamtap.layouts.register(...)")
         return bound
 
-    def _check_options(self, bound: BoundLayout) -> None:
+    def _check_options(self, bound: BoundLayout, patterns: bool = True) -> None:
         """Refuse the options this layout cannot serve, before anything is written."""
-        if self.options.patterns:
+        if self.options.patterns and patterns:
             from ..layouts import pattern_support
 
             problem = pattern_support(bound)
@@ -172,6 +181,11 @@ class Tap:
                 "per-neuron capture is not available for mixture-of-experts layers (their experts are "
                 "fused); per-expert terms are stored instead. Capture without neurons=True (--neurons)"
             )
+        if self.options.neurons and not bound.mlp_layers:
+            raise StreamtapError(
+                f"per-neuron capture is not available for this {type(self.module).__name__}: none of its layers "
+                "has an MLP (every layer is a state-space mixer). Capture without neurons=True (--neurons)"
+            )
 
     def _use(self, bound: BoundLayout) -> None:
         """Capture with ``bound`` from now on (the recorder's routes follow the layout)."""
@@ -182,7 +196,7 @@ class Tap:
     def _prove(self) -> None:
         """Use the first inferred layout the self-check proves exact on the live model and say so once;
         refuse the model, naming the closest candidate and where it failed, when none is proven."""
-        from .self_check import self_check
+        from .self_check import prove_attention, self_check
 
         failures = []
         for bound in self._candidates:
@@ -195,13 +209,18 @@ class Tap:
             if worst != worst:  # nan: the probe was not finite, so nothing was proven
                 failures.append((bound, None))
                 continue
+            bound, proof = prove_attention(self)
+            self._use(bound)
             self._check_options(bound)
             from ..layouts.infer import declaration
 
+            attention = (f"queries and keys proven (patterns equal the model's within {proof:.2g})"
+                         if isinstance(proof, float) else f"W_Q, W_K and W_V not stored: {proof}")
             warnings.warn(InferredLayoutWarning(
                 f"streamtap has no layout file for model_type {self.module.config.model_type!r}; it inferred this "
                 f"layout from the module tree and the self-check verified it exact on the live model (largest "
-                f"relative error {worst:.2g}): {declaration(bound.layout, self.module.config)}"), stacklevel=3)
+                f"relative error {worst:.2g}; {attention}): {declaration(bound.layout, self.module.config)}"),
+                stacklevel=3)
             return
         raise UnsupportedArchitectureError(_closest(self.module, failures))
 
@@ -293,6 +312,9 @@ class Tap:
             bound = inspect.signature(self._original_generate).bind_partial(*args, **kwargs).arguments
         except TypeError:
             bound = kwargs
+        if self.options.positions != "all":
+            raise StreamtapError("positions= selects tokens of plain forwards; inside model.generate every step is one "
+                                 "token per sequence. Capture generate with positions='all' (the default)")
         self._generation = Generation(assistant_model=bound.get("assistant_model"))
         try:
             return self._original_generate(*args, **kwargs)
@@ -406,26 +428,29 @@ class Tap:
         try:
             slots = recorder.slots(mask, buffers)
             output, kept = self._forward_impl(args, kwargs, slots, recorder.keep)
-            return output, recorder.record(kept, slots, buffers, input_ids, mask, **where)
+            logits = getattr(output, "logits", None) if recorder.selection is not None else None
+            return output, recorder.record(kept, slots, buffers, input_ids, mask, logits=logits, **where)
         except BaseException:
             if not buffers.handed:
                 buffers.release()
             raise
 
-    def probe(self, input_ids: torch.Tensor, entering: list[str]):
-        """One unpadded forward over ``input_ids`` (nothing is stored): its terms, the input of each
-        module in ``entering`` (full paths under the model) and the model's logits (None for a model
-        without them): what the self-check compares."""
-        mask = torch.ones_like(input_ids)
+    def probe(self, input_ids: torch.Tensor, entering: list[str], mask: torch.Tensor | None = None):
+        """One forward over ``input_ids`` with attention mask ``mask`` (default: no padding; nothing is
+        stored): its terms, the input of each module in ``entering`` (full paths under the model) and
+        the model's logits (None for a model without them), each for the real tokens only, in the
+        store's order: what the self-check compares."""
+        mask = torch.ones_like(input_ids) if mask is None else mask
+        real = mask.bool()
         recorder = self.recorder
         keep = recorder.keep | {location(p, "input") for p in entering}
         with torch.no_grad():
-            slots = recorder.slots(mask.bool(), None)
+            slots = recorder.slots(real, None)
             output, kept = self.traced((), {"input_ids": input_ids, "attention_mask": mask}, slots, keep)
-            terms = recorder.terms(kept, slots, mask.bool())
-            inputs = [kept[location(p, "input")[0]].input[0] for p in entering]
+            terms = recorder.terms(kept, slots, real)
+            inputs = [_real_rows(kept[location(p, "input")[0]].input, real) for p in entering]
         logits = getattr(output, "logits", None)
-        return terms, inputs, None if logits is None else logits.reshape(-1, logits.shape[-1])
+        return terms, inputs, None if logits is None else _real_rows(logits, real)
 
     def _inputs(self, args, kwargs, *, prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, real-token mask) on the host; refuses what cannot be placed in the store.

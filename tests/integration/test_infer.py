@@ -148,6 +148,59 @@ def test_family_files_win_over_inference_and_their_logits_come_from_the_stored_w
     assert said == [] and ds.attrs["layout"] == arch and "layout_inferred" not in ds.attrs
 
 
+GRANITE_MULTIPLIERS = dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.1,
+                          logits_scaling=4.0)
+
+
+@pytest.mark.parametrize("model_type", ["granitemoe", "granitemoeshared"])
+def test_multipliers_on_mixtures_scale_each_expert_and_the_shared_expert_at_capture(model_type):
+    """Granite-MoE multiplies the whole mixture write (routed experts plus the block's own shared MLP)
+    by residual_multiplier: each stored share is the model's expert output times its router weight
+    times the multiplier, the shared term is the model's shared MLP output times it, and together
+    they are what the block adds to the stream (the model's own hidden states)."""
+    model = tiny(model_type, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
+                 **GRANITE_MULTIPLIERS)
+    seen = {}
+    hooks = [model.get_submodule(f"model.layers.{i}.{name}").register_forward_hook(
+        lambda m, a, out, key=(i, name): seen.__setitem__(key, out.detach().clone()))
+        for i in range(2) for name in ("block_sparse_moe", "shared_mlp") if model_type == "granitemoeshared"
+        or name == "block_sparse_moe"]
+    try:
+        ds, said = capture_exact(model, [6, 3], seed=4)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert said == [] and ds.attrs["layout"] == model_type and ds.attrs["multipliers"]["residual"] == 0.5
+    ids, mask = padded_batch(128, [6, 3], seed=4)
+    real = mask.bool()
+    for layer in range(2):
+        experts = ds["expert_out"].values[:, layer].astype(np.float64).sum(axis=1)
+        moe = 0.5 * seen[(layer, "block_sparse_moe")][real].double().numpy()
+        assert np.abs(experts - moe).max() <= BOUND * np.abs(moe).max()
+        write = moe
+        if model_type == "granitemoeshared":
+            shared = 0.5 * seen[(layer, "shared_mlp")][real].double().numpy()
+            stored = ds["shared_expert_out"].values[:, layer].astype(np.float64)
+            assert np.abs(stored - shared).max() <= BOUND * np.abs(shared).max()
+            write = moe + shared
+        mlp = ds["mlp_out"].values[:, layer].astype(np.float64)   # the layer's whole MLP write
+        assert np.abs(mlp - write).max() <= BOUND * np.abs(write).max()
+    assert st.verify(ds).attrs["max_rel_error"] <= BOUND
+
+
+def test_minicpm3_mup_scales_are_declared_and_exact():
+    """MiniCPM3 scales its embedding by scale_emb (inside the embedding module), every write by
+    scale_depth / sqrt(num_hidden_layers) and its logits by dim_model_base / hidden_size; its latent
+    attention keeps per-head z and W_O, and refuses patterns as DeepSeek's does."""
+    model = tiny("minicpm3", num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                 qk_nope_head_dim=8, v_head_dim=12, scale_emb=12, scale_depth=1.4, dim_model_base=16)
+    ds, said = capture_exact(model, [7, 4], seed=6)
+    assert said == [] and ds.attrs["layout"] == "minicpm3"
+    assert ds.attrs["multipliers"] == pytest.approx({"residual": 1.4 / 2 ** 0.5, "logit": 16 / 64})
+    with pytest.raises(st.StreamtapError, match="multi-head latent attention"):
+        st.tap(model, zarr.storage.MemoryStore(), patterns=True)
+
+
 def _unseen_scale(model, layer: int, factor: float = 1.25):
     """A hand-made change inference cannot see: block ``layer`` scales what it adds by ``factor``."""
     block = model.get_submodule(f"model.layers.{layer}")
@@ -188,8 +241,12 @@ def test_check_false_is_refused_for_an_inferred_layout_and_writes_nothing(tmp_pa
 
 
 def test_patterns_are_refused_for_an_inferred_layout_and_where_a_family_cannot_recompute_them(tmp_path):
-    with pytest.raises(st.StreamtapError, match="inferred"):
-        st.tap(tiny("helium"), tmp_path / "a.zarr", patterns=True)
+    """Helium's inferred queries and keys do not give its patterns (the self-check measures how far),
+    so patterns are refused when the tap opens, naming the error, and nothing is written."""
+    with pytest.raises(st.StreamtapError, match=r"inferred.*do not equal the model's.*smallest error over \d+ "
+                                                r"readings [0-9.]+, bound 1e-05"):
+        with st.tap(tiny("helium"), tmp_path / "a.zarr", patterns=True):
+            pass
     with pytest.raises(st.StreamtapError, match="full-attention layers skip the rotary"):
         st.tap(tiny_model("cohere2", layer_types=["sliding_attention", "full_attention"]), tmp_path / "b.zarr",
                patterns=True)
@@ -233,3 +290,81 @@ def test_a_module_swapped_after_the_tap_opened_is_refused_at_the_next_forward():
     ds = st.open(store)
     assert ds.sizes["token"] == int(mask.sum())  # the batch before the swap is stored, nothing after it
     st.verify(ds)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_the_self_check_probe_is_padded_on_the_tokenizers_side_and_compares_real_tokens(side, monkeypatch):
+    """The attach-time probe holds a full row and a shorter one padded where the tokenizer pads; the
+    check passes on the model's real tokens there (OPT's positions follow the mask) and fails on a
+    layout that misses a term only where a row is padded."""
+    from types import SimpleNamespace
+
+    from streamtap.tapping.tap import Tap
+
+    seen = []
+    probe = Tap.probe
+    monkeypatch.setattr(Tap, "probe", lambda self, ids, entering, mask=None: (
+        seen.append(mask.clone()), probe(self, ids, entering, mask))[1])
+    tokenizer = SimpleNamespace(padding_side=side)
+    with st.tap(tiny_model("opt"), zarr.storage.MemoryStore(), tokenizer=tokenizer):
+        pass
+    (mask,) = seen
+    assert mask.shape[0] == 2 and bool(mask[0].all()) and 0 < int(mask[1].sum()) < mask.shape[1]
+    assert bool(mask[1, -1] == 0) if side == "right" else bool(mask[1, 0] == 0)
+    # a hook that changes what block 1 adds for the padded row alone: an unpadded probe cannot see it
+    model = tiny_model("llama")
+    block = model.get_submodule("model.layers.1")
+
+    def padded_row_only(module, args, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = hidden.clone()
+        if hidden.shape[0] == 2:
+            hidden[1] = hidden[1] * 1.5
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+    handle = block.register_forward_hook(padded_row_only)
+    try:
+        with pytest.raises(st.DecompositionError, match="layer 1"):
+            with st.tap(model, zarr.storage.MemoryStore(), tokenizer=tokenizer):
+                pass
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("model_type", ["olmo3", "seed_oss", "biogpt", "xglm"])
+def test_proven_inferred_queries_and_keys_give_the_models_own_patterns(model_type):
+    """Where the self-check proves an inferred attention (rotary, learned and sinusoidal positions),
+    patterns=True is served, and the patterns recomputed from the store equal the model's own
+    attention probabilities (eager, output_attentions) on a padded batch."""
+    from streamtap.attention import sequence_attention
+
+    model = tiny(model_type)
+    ids, mask = padded_batch(128, [9, 5], seed=8)
+    store = zarr.storage.MemoryStore()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InferredLayoutWarning)
+        with st.tap(model, store, patterns=True):
+            run(model, ids, mask)
+    said = [str(w.message) for w in caught if issubclass(w.category, InferredLayoutWarning)]
+    assert len(said) == 1 and "queries and keys proven" in said[0]
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    ds = st.open(store)
+    assert {"W_Q", "W_K", "W_V"} <= set(ds.data_vars)
+    worst = 0.0
+    for seq, layer, one in sequence_attention(ds):
+        n = int(mask[seq].sum())
+        theirs = out.attentions[layer][seq, one.heads][:, :n, :n].double().numpy()
+        worst = max(worst, float(np.abs(one.pattern - theirs).max()))
+    assert worst <= BOUND
+
+
+def test_unproven_inferred_queries_and_keys_are_not_stored_and_analyses_say_so():
+    """Helium's inferred attention is not proven: the store has no W_Q/W_K/W_V for an analysis to read
+    silently, and one that needs them says what is missing."""
+    from streamtap.analysis._store import MissingWeightsError
+
+    ds, said = capture_exact(tiny("helium"), [6, 4], seed=9)
+    assert "W_Q, W_K and W_V not stored" in said[0]
+    assert not {"W_Q", "W_K", "W_V"} & set(ds.data_vars)
+    with pytest.raises(MissingWeightsError, match="W_Q"):
+        st.analysis.qk_matrix(ds)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import streamtap as st
+from streamtap.errors import InferredLayoutWarning
 from streamtap.models import tiny_model
 
 
@@ -81,3 +82,49 @@ def test_the_docs_local_example_runs(tmp_path, monkeypatch):
     runpy.run_path(str(tmp_path / "example.py"), run_name="__main__")
     ds = st.open(tmp_path / "remote_demo.zarr")
     assert ds.sizes["token"] == 6 and ds.attrs["created_by"] == "streamtap.remote.write_store"
+
+
+def _unknown_type_model():
+    """A Llama-shaped model type no family file names (Helium): the remote path must infer and prove it."""
+    from nnsight import LanguageModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from streamtap.models.tokenizer import word_level_tokenizer
+
+    config = AutoConfig.for_model("helium", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return hf, LanguageModel(hf, tokenizer=word_level_tokenizer(["a b c"], 128))
+
+
+def test_an_inferred_layout_is_proven_here_by_plan_and_the_remote_store_equals_a_local_tap(tmp_path):
+    hf, model = _unknown_type_model()
+    with pytest.raises(st.UnsupportedArchitectureError, match=r"st.remote.plan\(model\) first"):
+        st.remote.write_store(model, {}, tmp_path / "early.zarr", input_ids=BATCHES[0][0])
+    with pytest.warns(InferredLayoutWarning, match="verified it exact"):
+        plan = st.remote.plan(model)
+    ids, mask = BATCHES[0]
+    with model.trace(ids, attention_mask=mask, remote="local"):
+        saved = st.remote.save_terms(model, plan)
+    st.remote.write_store(model, saved, tmp_path / "remote.zarr", input_ids=ids, attention_mask=mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with st.tap(hf, tmp_path / "local.zarr"), torch.no_grad():
+            hf(input_ids=ids, attention_mask=mask)
+    ours, theirs = st.open(tmp_path / "remote.zarr"), st.open(tmp_path / "local.zarr")
+    assert ours.attrs["layout_inferred"] is True and ours.attrs["layout"] == "inferred:helium"
+    assert set(ours.variables) == set(theirs.variables)
+    for name in theirs.variables:
+        np.testing.assert_array_equal(ours[name].values, theirs[name].values, err_msg=name)
+    st.verify(ours)
+
+
+def test_an_inferred_layout_is_refused_where_the_weights_are_not_here():
+    hf, _ = _unknown_type_model()
+    meta = hf.to("meta")
+    with pytest.raises(st.UnsupportedArchitectureError, match="meta device"):
+        st.remote.plan(meta)

@@ -138,8 +138,11 @@ def test_a_real_full_filesystem(small_tmpfs, reference):
     # spill into a second. 9 MiB holds the first (and a chunk's rewrite beside it), not the second.
     corpus = CORPUS * 16
     remount(9 << 10)
-    with pytest.raises(st.StoreFullError) as info:
+    with pytest.raises(st.StoreFullError, match="planned store needs"):   # the plan refuses it up front
         st.capture(tiny_model("llama"), corpus, path, batch_size=BATCH, compress=False)
+    assert not (mnt / "s.zarr").exists()
+    with pytest.raises(st.StoreFullError) as info:   # started anyway: the disk fills mid-capture
+        st.capture(tiny_model("llama"), corpus, path, batch_size=BATCH, compress=False, ignore_free_space=True)
     err = info.value
     assert 0 < err.sequences < len(corpus)
     ds = st.open(path)

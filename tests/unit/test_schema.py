@@ -17,9 +17,10 @@ WRITTEN_PER_TOKEN = ("embed", "pos_embed", "token_type_embed", "z", "mlp_out", "
 
 
 def test_every_per_token_variable_a_capture_writes_has_dims():
-    written = {n for n, v in VARIABLES.items() if v.per_token and not v.derived}
-    assert written == set(WRITTEN_PER_TOKEN)
-    assert set(per_token_names()) == written | {"head_output", "neuron_out"}
+    written = {n for n, v in VARIABLES.items() if v.per_token and not v.derived} - set(schema.SELECTIVE_PER_TOKEN)
+    assert written == set(WRITTEN_PER_TOKEN)   # a default capture's schema; selective ones add rest/projections
+    assert set(schema.SELECTIVE_PER_TOKEN) == {"rest", "projection", "projection_total", "projection_top_id"}
+    assert set(per_token_names()) == written | {"head_output", "neuron_out"} | set(schema.SELECTIVE_PER_TOKEN)
     for name in WRITTEN_PER_TOKEN:
         dims = dims_of(name)
         assert dims and all(isinstance(d, str) and d for d in dims), name
@@ -29,7 +30,8 @@ def test_every_per_token_variable_a_capture_writes_has_dims():
     assert dims_of("some_new_embedding") == ("d_model",)  # a layout may name an embedding of its own
     # the reference, the frozen scales and integer indices are never stored lossy
     assert {n for n in VARIABLES if schema.is_exact_always(n)} == {"norm_scale", "expert_index", "resid_final",
-                                                                 "rotary_cos", "rotary_sin", "alibi"}
+                                                                 "rotary_cos", "rotary_sin", "alibi",
+                                                                 "projection_total", "projection_top_id"}
 
 
 def test_every_static_variable_has_dims_and_is_not_per_token():

@@ -1,0 +1,192 @@
+"""Selective capture (issue 24 items 1-2): layers/heads/terms/positions keep part of the terms and sum the
+rest into one per-token ``rest`` term; ``project`` stores contributions onto directions. Ground truth is a
+full store of the same batch (itself checked against the model's hidden states elsewhere) and the model's
+own logits."""
+
+import numpy as np
+import pytest
+import torch
+
+import streamtap as st
+from streamtap.analysis import direct_logit_attribution
+from streamtap.errors import InputError, OptionError
+from streamtap.models import tiny_model
+
+ARCHS = ("gpt2", "llama", "opt-post-ln", "bert", "gemma2")   # pre-LN, post-LN, sandwich norms
+
+
+def _batch(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, model.config.vocab_size, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    return ids, mask
+
+
+def _capture(model, path, ids, mask, **options):
+    with st.tap(model, str(path), **options):
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask)
+
+
+def _key(ds):
+    return list(zip(ds.seq.values.tolist(), ds.pos.values.tolist()))
+
+
+def _at(full, part):
+    """The full store's tokens that the selective store kept."""
+    index = {k: i for i, k in enumerate(_key(full))}
+    return full.isel(token=[index[k] for k in _key(part)])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rest_is_exactly_what_was_left_out(arch, tmp_path):
+    model = tiny_model(arch).eval()
+    ids, mask = _batch(model)
+    _capture(model, tmp_path / "full.zarr", ids, mask)
+    _capture(model, tmp_path / "sel.zarr", ids, mask, layers=[1], heads=[0, 2], positions="last:4")
+    full, sel = st.open(tmp_path / "full.zarr"), st.open(tmp_path / "sel.zarr")
+    assert sel.sizes["token"] == 4 + 4 + 4 and sel.sizes["layer"] == 1 and sel.sizes["head"] == 2
+    assert list(sel.layer.values) == [1] and list(sel["head"].values) == [0, 2]
+    ref = _at(full, sel)
+    np.testing.assert_array_equal(sel.resid_final.values, ref.resid_final.values)
+    err = st.verify(sel)
+    assert err.attrs["max_rel_error"] <= 1e-5
+    terms, parts = st.decompose(ref).compute(), st.decompose(sel).compute()
+    kept = [c for c in parts.component.values if c != "rest"]
+    np.testing.assert_allclose(parts.sel(component=kept).values, terms.sel(component=kept).values, atol=1e-5, rtol=1e-5)
+    left = [c for c in terms.component.values if c not in set(kept)]
+    assert "L0H0" in left and "L1H1" in left and "L1H0" not in left and "embed" not in left
+    expected = terms.sel(component=left).sum("component").values
+    scale = np.abs(ref.resid_final.values).max()
+    assert np.abs(sel.rest.values - expected).max() <= 1e-5 * scale
+    assert "selection" in sel.attrs and "selection" not in full.attrs
+
+
+@pytest.mark.parametrize("arch", ("opt-post-ln", "bert"))
+def test_probe_projections_through_post_ln_norms_equal_the_full_decomposition(arch, tmp_path):
+    model = tiny_model(arch).eval()
+    ids, mask = _batch(model, seed=3)
+    _capture(model, tmp_path / "full.zarr", ids, mask)
+    probe = np.random.default_rng(1).standard_normal(model.config.hidden_size)
+    _capture(model, tmp_path / "p.zarr", ids, mask, project={"probe": probe}, heads=[1])
+    full, proj = st.open(tmp_path / "full.zarr"), st.open(tmp_path / "p.zarr")
+    terms = st.decompose(full).compute()
+    want = terms.values @ probe.astype(np.float32)                       # (component, token)
+    p = proj.projection.sel(direction="probe").compute()
+    kept = [c for c in p.component.values if c != "rest"]
+    index = {c: i for i, c in enumerate(terms.component.values)}
+    scale = np.abs(want).max()
+    assert np.abs(p.sel(component=kept).values.T - want[[index[c] for c in kept]]).max() <= 1e-5 * scale
+    rest = want[[i for c, i in index.items() if c not in set(kept)]].sum(0)
+    assert np.abs(p.sel(component="rest").values - rest).max() <= 1e-5 * scale
+    assert st.verify(proj).attrs["max_rel_error"] <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ("gpt2", "gemma2"))
+def test_projections_equal_offline_dla_of_a_full_store(arch, tmp_path):
+    model = tiny_model(arch).eval()
+    ids, mask = _batch(model, seed=1)
+    out = _capture(model, tmp_path / "full.zarr", ids, mask)
+    probe = np.random.default_rng(0).standard_normal(model.config.hidden_size)
+    _capture(model, tmp_path / "p.zarr", ids, mask, project={"t5": 5, "probe": probe, "unembed_top": 2})
+    full, proj = st.open(tmp_path / "full.zarr"), st.open(tmp_path / "p.zarr")
+    assert "resid_final" not in proj and "z" not in proj and "rest" not in proj   # no d_model terms at all
+    assert list(proj.direction.values) == ["t5", "probe", "top1", "top2"]
+    p = proj.projection.compute()
+
+    def close(got, want):
+        scale = np.abs(want).max()
+        assert np.abs(got - want).max() <= 1e-5 * scale, np.abs(got - want).max() / scale
+
+    dla = direct_logit_attribution(full, 5).compute()
+    close(p.sel(direction="t5").values.T, dla.values)
+    top = proj.projection_top_id.values
+    logits = out.logits[mask.bool()].numpy()
+    np.testing.assert_array_equal(top[:, 0], logits.argmax(-1))
+    per_token = direct_logit_attribution(full, top[:, 1]).compute()
+    close(p.sel(direction="top2").values.T, per_token.values)
+    if not full.attrs.get("final_logit_softcap"):
+        close(proj.projection_total.sel(direction="top1").values, logits.max(-1))
+    terms = st.decompose(full).compute()
+    close(p.sel(direction="probe").values.T[: terms.sizes["component"]], terms.values @ probe.astype(np.float32))
+    assert st.verify(proj).attrs["max_rel_error"] <= 1e-5
+
+
+def test_projections_with_a_selection_sum_the_rest(tmp_path):
+    model = tiny_model("llama").eval()
+    ids, mask = _batch(model, seed=2)
+    _capture(model, tmp_path / "full.zarr", ids, mask)
+    _capture(model, tmp_path / "s.zarr", ids, mask, layers=[0], terms=("z",), project={"t": 7}, positions="last")
+    full, s = st.open(tmp_path / "full.zarr"), st.open(tmp_path / "s.zarr")
+    assert s.sizes["token"] == 3 and "mlp_out" not in s and "embed" not in s and "z" in s
+    assert st.verify(s).attrs["max_rel_error"] <= 1e-5
+    dla = direct_logit_attribution(_at(full, s), 7).compute()
+    p = s.projection.sel(direction="t").compute()
+    kept = [c for c in p.component.values if c != "rest"]
+    np.testing.assert_allclose(p.sel(component=kept).values.T, dla.sel(component=kept).values, rtol=1e-5, atol=1e-5)
+    rest = dla.sel(component=[c for c in dla.component.values if c not in set(kept)]).sum("component")
+    np.testing.assert_allclose(p.sel(component="rest").values, rest.values, rtol=1e-5, atol=1e-5)
+
+
+def test_positions_mask_and_callable(tmp_path):
+    model = tiny_model("gpt2").eval()
+    ids, mask = _batch(model)
+    chosen = torch.zeros_like(ids, dtype=torch.bool)
+    chosen[0, 2] = chosen[2, 5] = True
+    _capture(model, tmp_path / "m.zarr", ids, mask, positions=chosen)
+    assert _key(st.open(tmp_path / "m.zarr")) == [(0, 2), (2, 5)]
+    target = int(ids[1, 3])
+    _capture(model, tmp_path / "c.zarr", ids, mask, positions=lambda x: x == target)
+    ds = st.open(tmp_path / "c.zarr")
+    assert (ds.token_id.values == target).all() and (1, 3) in _key(ds)
+    assert st.verify(ds).attrs["max_rel_error"] <= 1e-5
+
+
+def test_default_store_is_unchanged(tmp_path):
+    model = tiny_model("gpt2").eval()
+    ids, mask = _batch(model)
+    _capture(model, tmp_path / "d.zarr", ids, mask)
+    ds = st.open(tmp_path / "d.zarr")
+    assert "selection" not in ds.attrs and "rest" not in ds and "projection" not in ds and "layer" not in ds.coords
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(layers=[7]), "index 7 does not exist"),
+    (dict(heads=[0, 99]), "index 99 does not exist"),
+    (dict(layers=[]), "empty selection"),
+    (dict(terms=()), "empty selection"),
+    (dict(terms=("z", "attn")), "unknown kind 'attn'"),
+    (dict(project={"v": np.ones(3)}), "d_model"),
+    (dict(project={"w": "hello world again"}), "not one"),
+    (dict(positions="first"), "positions"),
+])
+def test_bad_selection_fails_before_anything_is_written(options, message, tmp_path):
+    from streamtap.models.tokenizer import word_level_tokenizer
+
+    model = tiny_model("gpt2").eval()
+    ids, mask = _batch(model)
+    tok = word_level_tokenizer(["hello world again"], model.config.vocab_size)
+    with pytest.raises(OptionError, match=message):
+        _capture(model, tmp_path / "x.zarr", ids, mask, tokenizer=tok, **options)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_positions_callable_of_the_wrong_shape_fails_before_anything_is_written(tmp_path):
+    model = tiny_model("gpt2").eval()
+    ids, mask = _batch(model)
+    with pytest.raises(InputError, match="must be a boolean"):
+        _capture(model, tmp_path / "x.zarr", ids, mask, positions=lambda x: x[:, 0] > 0)
+    assert not (tmp_path / "x.zarr" / "z").exists() and not (tmp_path / "x.zarr" / "zarr.json").exists()
+
+
+def test_analyses_that_need_left_out_terms_refuse_naming_the_option(tmp_path):
+    from streamtap.errors import StreamtapError
+
+    model = tiny_model("gpt2").eval()
+    ids, mask = _batch(model)
+    _capture(model, tmp_path / "s.zarr", ids, mask, heads=[0])
+    ds = st.open(tmp_path / "s.zarr")
+    for call in (lambda: direct_logit_attribution(ds, 3), lambda: st.decompose(ds, upto=1)):
+        with pytest.raises(StreamtapError, match="heads=\\[0\\]"):
+            call()
