@@ -86,3 +86,23 @@ def test_effects(tmp_path, monkeypatch, capsys):
     assert "2. near-empty source messages" in out and "drop near-empty, renormalised" in out
     assert "all heads OV at 99%-energy rank" in out and "all heads QK rank 16" in out
     assert (tmp_path / "total_vs_direct.png").stat().st_size > 10_000
+
+
+def test_paris_graph(tmp_path, monkeypatch, capsys):
+    out = _run("paris_graph.py", ["--out", str(tmp_path), "--depth", "2"], monkeypatch, capsys)
+    assert 'graph of the " Paris" logit at "The capital of France is"' in out and "model 17.3713" in out
+    worst = float(re.search(r"largest \|sum of inputs - value\| / \|value\|: (\S+)", out).group(1))
+    assert worst < 1e-4                                        # every expanded node's inputs sum to its value
+    assert "  L23H4 @ ' is'" in out and "what L23H4 moved" in out
+    assert "  L0_mlp @ ' France'" in out                         # what the head moved came from " France"
+    assert "why it attended to ' France' at 3" in out
+    assert (tmp_path / "graph.html").stat().st_size > 5_000 and (tmp_path / "graph.json").exists()
+
+
+def test_induction_circuit(tmp_path, monkeypatch, capsys):
+    out = _run("induction_circuit.py", ["--out", str(tmp_path), "--queries", "6"], monkeypatch, capsys)
+    assert "induction head L18H6" in out and "previous-token head L16H0" in out
+    hits, n = (int(x) for x in re.search(r"strongest key-side term in (\d+) of (\d+) queries", out).groups())
+    assert n == 6 and hits >= 5                               # K-composition: the key matches through L16H0
+    lead, of = (int(x) for x in re.search(r"the largest single one is L0_mlp at j in (\d+) of (\d+) queries", out).groups())
+    assert lead == of >= 4                                     # OV moves the attended token's extended embedding
