@@ -23,7 +23,7 @@ STORED_DTYPE = "streamtap_dtype"          # per array: the logical dtype (bfloat
 
 # what makes two captures belong in one store: an append must match every one of them
 IDENTITY = ("schema_version", "layout", "model_type", "dtype", "neurons", "patterns", "weights_fingerprint",
-            "store_dtype")
+            "store_dtype", "selection")
 
 
 @dataclass(frozen=True)

@@ -408,7 +408,7 @@ class Recorder:
             **Weights(b).attrs(self.options.neurons),
         }
         if self.selection is not None:
-            attrs.update(self.selection.attrs())
+            identity.update(self.selection.attrs())    # an append must select the same terms and tokens
             if "projection" in out:
                 attrs.update(projection_components=json.dumps(self.selection.projection_labels()),
                              projection_directions=json.dumps(self.selection.direction_names))

@@ -190,3 +190,19 @@ def test_analyses_that_need_left_out_terms_refuse_naming_the_option(tmp_path):
     for call in (lambda: direct_logit_attribution(ds, 3), lambda: st.decompose(ds, upto=1)):
         with pytest.raises(StreamtapError, match="heads=\\[0\\]"):
             call()
+
+
+def test_append_must_select_the_same(tmp_path):
+    """A store holds one selection: appending another (or a full capture) would mix stores whose ``rest``
+    means different things, so it is refused before anything is written; the same selection appends."""
+    from streamtap.errors import StoreMismatchError
+    model = tiny_model("gpt2").eval()
+    ids, mask = _batch(model)
+    path = tmp_path / "sel.zarr"
+    _capture(model, path, ids, mask, layers=[1], positions="last")
+    for other in ({"layers": [0], "positions": "last"}, {}):
+        with pytest.raises(StoreMismatchError, match="selection"):
+            _capture(model, path, ids, mask, append=True, **other)
+    assert st.open(path).sizes["token"] == 3
+    _capture(model, path, ids, mask, append=True, layers=[1], positions="last")
+    assert st.open(path).sizes["token"] == 6 and st.verify(st.open(path)).attrs["max_rel_error"] <= 1e-5
