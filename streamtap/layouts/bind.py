@@ -142,7 +142,8 @@ class BoundLayout:
 
     def facts(self) -> dict:
         """The architecture's facts as store attributes; analyses read these, never the config."""
-        out = {"positional": self.positions(), "causal": self.layout.causal}
+        causal = self.layout.causal
+        out = {"positional": self.positions(), "causal": bool(causal(self.model.config) if callable(causal) else causal)}
         scales = {k: self.multiplier(k) for k in ("embed", "residual", "logit") if self.multiplier(k) != 1.0}
         if scales:  # informative: the stored terms and weights already include them
             out["multipliers"] = scales

@@ -248,7 +248,7 @@ class Layout:
     positions: str | Callable[[object], str] = "rotary"   # "rotary", "learned", "alibi" or "none"
     final_softcap: str | None = None     # the config field of a soft-cap on the final logits, if any
     max_positions: tuple[str, ...] = ("max_position_embeddings", "n_positions")   # config fields, first set wins
-    causal: bool = True                  # False for bidirectional encoders
+    causal: bool | Callable[[object], bool] = True   # False for bidirectional encoders, or a config predicate
     blocks: dict[str, tuple[Attn | Mlp | Moe | Mixer | Norm, ...]] | None = None   # hybrid models: steps per kind
     block_kind: Callable[[object, int, object], str] | None = None   # (config, layer, block) -> key of blocks
     # multipliers the model applies outside every module a layout taps (Granite, Cohere, muP): a config

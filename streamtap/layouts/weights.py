@@ -187,6 +187,8 @@ class Weights:
         if emb is None or entry_path is None:
             return None
         entry = b.module(entry_path)
+        if entry is not emb and any(m is emb for m in entry.modules()):
+            return None   # the term is a whole embeddings module's output (RoC-BERT): positions and all, not per token
         if entry is emb and type(emb) is torch.nn.Embedding:
             return _scaled(emb.weight.detach(), b.multiplier("embed"))
         blocks = []
