@@ -14,7 +14,7 @@ from .bind import BoundLayout, bind
 from .spec import INPUT, OUTPUT, POSITIONS, SPLITS, Attn, Layout, Mixer, Mlp, Moe, Norm, projections
 from .weights import Weights, in_out_weight
 
-_FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert", "bart", "moe", "no_rope",
+_FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert", "bart", "classic", "moe", "no_rope",
              "hybrid", "falcon_h1", "ssm", "scaled", "fused")
 
 GUIDE = "docs/layouts.md"

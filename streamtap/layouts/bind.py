@@ -97,7 +97,11 @@ class BoundLayout:
         return resolve_path(self.model, full_path)
 
     def block_path(self, layer: int, rel: str) -> str:
-        """A path inside one block, relative to the base model (as layout paths are)."""
+        """A path inside one block, relative to the base model (as layout paths are); a step path holding
+        ``{layer}`` is relative to the base model itself, for models that keep each kind of sublayer in a
+        module list of its own (XLM's ``attentions``, ``layer_norm1``, ``ffns``, ``layer_norm2``)."""
+        if "{layer}" in rel:
+            return rel.replace("{layer}", str(layer))
         return f"{self.layout.layers}.{layer}.{rel}"
 
     def block_full_path(self, layer: int) -> str:
