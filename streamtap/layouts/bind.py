@@ -15,7 +15,7 @@ import torch
 from ..errors import LayoutError
 from ..stream import Embed, Event, StreamNorm, Write
 from .norms import probe_norm
-from .spec import INPUT, OUTPUT, Attn, Layout, Mixer, Moe, Norm, Paths, config_multiplier
+from .spec import INPUT, OUTPUT, Attn, InputOf, Layout, Mixer, Moe, Norm, Paths, config_multiplier
 
 
 def resolve_path(root: torch.nn.Module, path: str):
@@ -219,7 +219,10 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
 
     taps, events = {}, []
     for var, paths in layout.embeds.items():  # alternatives name what a config may switch off (OPT's project_in)
-        taps[var] = (require(paths, f"embedding term {var}"), OUTPUT)
+        if isinstance(paths, InputOf):
+            taps[var] = (require(paths.path, f"embedding term {var}"), INPUT)
+        else:
+            taps[var] = (require(paths, f"embedding term {var}"), OUTPUT)
         events.append(Embed(var))
     if layout.final_norm:
         require(layout.final_norm, "final norm")

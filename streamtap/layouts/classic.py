@@ -4,14 +4,18 @@ GPT-1 (``openai-gpt``) is GPT-2's block with the norms after each sublayer, on t
 and no final norm: the final residual is the last block's output, read by the tied unembedding.
 XLM (and FlauBERT, post-LN unless ``pre_norm``) is the same post-LN block kept in four parallel
 module lists (``attentions``, ``layer_norm1``, ``ffns``, ``layer_norm2``), so its steps name
-``{layer}`` from the base model; its embeddings (token,
-position) pass through ``layer_norm_emb``. XLM zeroes padded positions after every layer, which a
-real token's terms do not see.
+``{layer}`` from the base model; its embeddings (token, position) pass through
+``layer_norm_emb``. XLM zeroes padded positions after every layer, which a real token's terms do
+not see.
+
+CTRL is pre-LN with a final norm. It multiplies its token embedding by sqrt(d_model) in place and
+adds a sinusoidal table it indexes itself (``pos_encoding``, a buffer, no module), so its
+embeddings enter as one term, read at the first block's input.
 """
 
 import math
 
-from .spec import OUTPUT, Attn, Layout, Mlp, Norm, projections
+from .spec import INPUT, OUTPUT, Attn, InputOf, Layout, Mlp, Norm, projections
 
 
 def _gpt1_scale(attn) -> float:
@@ -47,3 +51,17 @@ LAYOUTS = [
         causal=lambda config: bool(config.causal),
     ),
 ]
+
+LAYOUTS.append(Layout(
+    name="ctrl",
+    model_types=("ctrl",),
+    embeds={"embed": InputOf("h.0")},
+    notes=("the scaled token embedding and the sinusoidal positions (an indexed buffer) enter as one term, embed, "
+           "read at the first block's input"),
+    layers="h",
+    block=(Attn("multi_head_attention.dense", **projections("multi_head_attention", "Wq", "Wk", "Wv"), norm="layernorm1"),
+           Mlp("ffn", down="ffn.2")),
+    resid_final=("layernorm", INPUT),
+    final_norm="layernorm",
+    positions="learned",
+))

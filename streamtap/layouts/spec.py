@@ -221,6 +221,14 @@ class Norm:
 
 
 @dataclass(frozen=True)
+class InputOf:
+    """An embedding term read at a module's **input** (``Layout.embeds``): the whole sum of embeddings where
+    part of it is no module's output (CTRL adds a sinusoidal buffer indexed in its forward)."""
+
+    path: str
+
+
+@dataclass(frozen=True)
 class Layout:
     """Where each additive term of the residual stream lives in one architecture family.
 
@@ -234,7 +242,7 @@ class Layout:
 
     name: str
     model_types: tuple[str, ...]
-    embeds: dict[str, Paths]             # stored variable name -> module whose output enters the stream
+    embeds: dict[str, Paths | InputOf]   # stored variable name -> module whose output enters the stream
     layers: str
     block: tuple[Attn | Mlp | Moe | Mixer | Norm, ...]
     resid_final: tuple[Paths, str]       # where the final residual is read, and from which side
@@ -290,5 +298,5 @@ def config_multiplier(spec: str | Callable | None, config) -> float:
     return 1.0 if value is None else float(value)
 
 
-__all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "ROTARY_STYLES", "Paths", "Attn", "Mlp", "Mixer", "Moe", "Norm", "Layout",
+__all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "ROTARY_STYLES", "Paths", "Attn", "InputOf", "Mlp", "Mixer", "Moe", "Norm", "Layout",
            "Reciprocal", "config_multiplier", "projections", "sliding_window", "uses_rope"]
