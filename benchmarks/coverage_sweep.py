@@ -276,6 +276,16 @@ def _layer_list(base):
     return max(lists, key=lambda x: x[0])[1:] if lists else (None, None)
 
 
+def _parallel_lists(base, list_name, layers) -> list:
+    """The module lists beside the layer list that hold one sublayer per layer each (XLM keeps
+    ``attentions``, ``layer_norm1``, ``ffns``, ``layer_norm2`` side by side): one layer is then an
+    element of each; the list itself where it has no such siblings."""
+    import torch
+
+    parent = base.get_submodule(list_name.rsplit(".", 1)[0]) if "." in list_name else base
+    return [m for m in parent.children() if isinstance(m, torch.nn.ModuleList) and len(m) == len(layers)] or [layers]
+
+
 def ground_truth(model, ids, mask):
     """Run the model once with the sweep's own hooks: (final residual, hidden_states, logits, how).
 
@@ -287,7 +297,8 @@ def ground_truth(model, ids, mask):
     base = model.base_model
     list_name, layers = _layer_list(base)
     order, captured, handles = [], {}, []
-    inside = {id(m) for m in layers.modules()} if layers is not None else set()
+    lists = _parallel_lists(base, list_name, layers) if layers is not None else []
+    inside = {id(m) for group in lists for m in group.modules()}
     for name, module in base.named_modules():
         if id(module) in inside or module is base:
             continue
@@ -299,19 +310,19 @@ def ground_truth(model, ids, mask):
                     captured[name] = x.detach().clone()
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
     entering = {}
-    if layers is not None:
-        for i, layer in enumerate(layers):
+    if layers is not None:   # a layer's input is what the first of its parallel sublayers to run reads
+        for i, layer in ((i, group[i]) for group in lists for i in range(len(layers))):
             def enter(mod, args, kwargs, i=i):
                 x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
-                if isinstance(x, torch.Tensor):
+                if isinstance(x, torch.Tensor) and i not in entering:
                     entering[i] = x.detach().clone()
             handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True))
 
-        def last(mod, args, output):
+        def last(mod, args, output):   # the last layer's output: what the last of its sublayers to run returns
             out = output[0] if isinstance(output, (tuple, list)) else output
             order.append("<last layer>")
             captured["<last layer>"] = out.detach().clone()
-        handles.append(layers[-1].register_forward_hook(last))
+        handles.extend(group[-1].register_forward_hook(last) for group in lists)
     try:
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)

@@ -15,7 +15,7 @@ import torch
 from ..errors import LayoutError
 from ..stream import Embed, Event, StreamNorm, Write
 from .norms import probe_norm
-from .spec import INPUT, OUTPUT, Attn, Layout, Mixer, Moe, Norm, Paths, config_multiplier
+from .spec import INPUT, OUTPUT, Attn, InputOf, Layout, Mixer, Moe, Norm, Paths, config_multiplier
 
 
 def resolve_path(root: torch.nn.Module, path: str):
@@ -97,7 +97,11 @@ class BoundLayout:
         return resolve_path(self.model, full_path)
 
     def block_path(self, layer: int, rel: str) -> str:
-        """A path inside one block, relative to the base model (as layout paths are)."""
+        """A path inside one block, relative to the base model (as layout paths are); a step path holding
+        ``{layer}`` is relative to the base model itself, for models that keep each kind of sublayer in a
+        module list of its own (XLM's ``attentions``, ``layer_norm1``, ``ffns``, ``layer_norm2``)."""
+        if "{layer}" in rel:
+            return rel.replace("{layer}", str(layer))
         return f"{self.layout.layers}.{layer}.{rel}"
 
     def block_full_path(self, layer: int) -> str:
@@ -142,7 +146,8 @@ class BoundLayout:
 
     def facts(self) -> dict:
         """The architecture's facts as store attributes; analyses read these, never the config."""
-        out = {"positional": self.positions(), "causal": self.layout.causal}
+        causal = self.layout.causal
+        out = {"positional": self.positions(), "causal": bool(causal(self.model.config) if callable(causal) else causal)}
         scales = {k: self.multiplier(k) for k in ("embed", "residual", "logit") if self.multiplier(k) != 1.0}
         if scales:  # informative: the stored terms and weights already include them
             out["multipliers"] = scales
@@ -214,7 +219,10 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
 
     taps, events = {}, []
     for var, paths in layout.embeds.items():  # alternatives name what a config may switch off (OPT's project_in)
-        taps[var] = (require(paths, f"embedding term {var}"), OUTPUT)
+        if isinstance(paths, InputOf):
+            taps[var] = (require(paths.path, f"embedding term {var}"), INPUT)
+        else:
+            taps[var] = (require(paths, f"embedding term {var}"), OUTPUT)
         events.append(Embed(var))
     if layout.final_norm:
         require(layout.final_norm, "final norm")

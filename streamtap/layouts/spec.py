@@ -221,6 +221,14 @@ class Norm:
 
 
 @dataclass(frozen=True)
+class InputOf:
+    """An embedding term read at a module's **input** (``Layout.embeds``): the whole sum of embeddings where
+    part of it is no module's output (CTRL adds a sinusoidal buffer indexed in its forward)."""
+
+    path: str
+
+
+@dataclass(frozen=True)
 class Layout:
     """Where each additive term of the residual stream lives in one architecture family.
 
@@ -234,7 +242,7 @@ class Layout:
 
     name: str
     model_types: tuple[str, ...]
-    embeds: dict[str, Paths]             # stored variable name -> module whose output enters the stream
+    embeds: dict[str, Paths | InputOf]   # stored variable name -> module whose output enters the stream
     layers: str
     block: tuple[Attn | Mlp | Moe | Mixer | Norm, ...]
     resid_final: tuple[Paths, str]       # where the final residual is read, and from which side
@@ -248,7 +256,7 @@ class Layout:
     positions: str | Callable[[object], str] = "rotary"   # "rotary", "learned", "alibi" or "none"
     final_softcap: str | None = None     # the config field of a soft-cap on the final logits, if any
     max_positions: tuple[str, ...] = ("max_position_embeddings", "n_positions")   # config fields, first set wins
-    causal: bool = True                  # False for bidirectional encoders
+    causal: bool | Callable[[object], bool] = True   # False for bidirectional encoders, or a config predicate
     blocks: dict[str, tuple[Attn | Mlp | Moe | Mixer | Norm, ...]] | None = None   # hybrid models: steps per kind
     block_kind: Callable[[object, int, object], str] | None = None   # (config, layer, block) -> key of blocks
     # multipliers the model applies outside every module a layout taps (Granite, Cohere, muP): a config
@@ -290,5 +298,5 @@ def config_multiplier(spec: str | Callable | None, config) -> float:
     return 1.0 if value is None else float(value)
 
 
-__all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "ROTARY_STYLES", "Paths", "Attn", "Mlp", "Mixer", "Moe", "Norm", "Layout",
+__all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "ROTARY_STYLES", "Paths", "Attn", "InputOf", "Mlp", "Mixer", "Moe", "Norm", "Layout",
            "Reciprocal", "config_multiplier", "projections", "sliding_window", "uses_rope"]

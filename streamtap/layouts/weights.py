@@ -12,7 +12,7 @@ import torch
 from ..errors import LayoutError
 from .bind import BoundLayout
 from .norms import bare_forward, probe_norm
-from .spec import Mlp
+from .spec import InputOf, Mlp
 
 
 def in_out_weight(module: torch.nn.Module) -> torch.Tensor:
@@ -183,10 +183,13 @@ class Weights:
         """
         b = self.bound
         emb = b.model.get_input_embeddings() if hasattr(b.model, "get_input_embeddings") else None
-        entry_path = b.find(b.layout.embeds["embed"]) if "embed" in b.layout.embeds else None
+        entry = b.layout.embeds.get("embed")
+        entry_path = b.find(entry) if entry is not None and not isinstance(entry, InputOf) else None
         if emb is None or entry_path is None:
             return None
         entry = b.module(entry_path)
+        if entry is not emb and any(m is emb for m in entry.modules()):
+            return None   # the term is a whole embeddings module's output (RoC-BERT): positions and all, not per token
         if entry is emb and type(emb) is torch.nn.Embedding:
             return _scaled(emb.weight.detach(), b.multiplier("embed"))
         blocks = []

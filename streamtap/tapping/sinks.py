@@ -95,6 +95,8 @@ def token_rows(value: torch.Tensor, mask: torch.Tensor, flat: bool = False) -> t
     """``value`` as (batch x position, ...) rows in the mask's order."""
     if flat:
         return value.reshape(mask.numel(), *value.shape[1:])
+    if value.dim() == mask.dim() and value.shape != mask.shape and value.shape[0] == mask.shape[1]:
+        value = value.unsqueeze(0)   # a (position, d) table of positions, without a batch axis (Pegasus, Marian)
     if value.shape[0] != mask.shape[0]:  # position embeddings broadcast over the batch
         value = value.expand(mask.shape[0], *value.shape[1:])
     return value.reshape(mask.numel(), *value.shape[2:])
