@@ -102,9 +102,9 @@ def summaries(source, q=(0.01, 0.1, 0.5, 0.9, 0.99), *, tokenizer=None, text: bo
     """
     meta, states, coverage = load(source, storage_options)
     ds = source if isinstance(source, xr.Dataset) else None
-    settings = S.Settings(**meta["settings"])
     q = np.atleast_1d(np.asarray(q, np.float64))
     out = {}
+    settings = S.Settings(**meta["settings"])
     w = settings.window
     for g in meta["groups"]:
         st, comp = states[g], meta["components"][g]
@@ -124,11 +124,19 @@ def summaries(source, q=(0.01, 0.1, 0.5, 0.9, 0.99), *, tokenizer=None, text: bo
                 "top_seq": (("component", "rank"), st["top_seq"]), "top_pos": (("component", "rank"), st["top_pos"]),
                 "top_token": (("component", "rank"), top_token),
                 "top_window": (("component", "rank", "offset"), st["top_window"])}
-        if text:
-            data["top_text"] = (("component", "rank"), _window_text(ds, st["top_window"], filled, w, tokenizer))
         out[g] = xr.Dataset(data, coords=coords, attrs={
             "group": g, "value": _VALUE[g], "sketch": json.dumps(meta["settings"]), **coverage})
+        if text:
+            out[g]["top_text"] = context_text(out[g], ds, tokenizer)
     return out
+
+
+def context_text(result: xr.Dataset, ds: xr.Dataset | None = None, tokenizer=None) -> xr.DataArray:
+    """(component, rank) text of each top context of a ``summaries`` result (or a selection of its
+    components): the window's tokens with the top token in brackets; ids decoded once each."""
+    windows, w = result.top_window.values, result.sizes["offset"] // 2
+    return xr.DataArray(_window_text(ds, windows, result.top_seq.values >= 0, w, tokenizer),
+                        dims=("component", "rank"), coords={"component": result.component})
 
 
 _VALUE = {"head": "the norm of the head's output (z @ W_O) at each token",
@@ -155,4 +163,4 @@ def _window_text(ds, windows: np.ndarray, filled: np.ndarray, w: int, tokenizer)
     return out
 
 
-__all__ = ["summaries", "load"]
+__all__ = ["summaries", "load", "context_text"]

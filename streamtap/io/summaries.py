@@ -29,13 +29,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import OptionError
+from .schema import SUMMARY_GROUP, SUMMARY_STATS
 
 GROUPS = ("head", "mlp", "mixer", "neuron", "projection")
 """The groups of components summarised, in the order they are stored."""
 
-STATS = ("count", "mean", "m2", "min", "max", "hist", "top_value", "top_seq", "top_pos", "top_window")
+STATS = tuple(SUMMARY_STATS)
 SUMMARY_ATTR = "summaries"
-GROUP_PREFIX = "summaries-"
+GROUP_PREFIX = SUMMARY_GROUP.format(n="")
 
 DEFAULTS = {"top_k": 16, "window": 8, "alpha": 0.02, "low": 1e-4, "high": 1e4}
 """``top_k`` contexts per component, ``window`` token ids either side, the sketch's relative accuracy
@@ -245,8 +246,7 @@ def write(root, states: dict[str, dict[str, np.ndarray]], meta: dict, *, sequenc
     for g, state in states.items():
         for stat in STATS:
             data = np.ascontiguousarray(state[stat])
-            dims = [f"summary_{g}", *(("bucket",) if stat == "hist" else ("top",) if stat.startswith("top")
-                                     else ()), *(("window",) if stat == "top_window" else ())]
+            dims = [f"summary_{g}", *SUMMARY_STATS[stat][0]]
             arr = sub.create_array(f"{g}_{stat}", shape=data.shape, dtype=data.dtype, chunks=data.shape or None,
                                    dimension_names=dims, compressors=codec)
             arr[...] = data

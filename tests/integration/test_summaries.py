@@ -179,3 +179,22 @@ def test_sketch_quantiles_keep_their_guarantee_on_heavy_tails():
         inside = (np.abs(exact) >= s.low) & (np.abs(exact) <= s.high)
         assert (np.abs(est - exact)[inside] <= alpha * np.abs(exact)[inside]).all()
         assert (np.abs(est - exact)[np.abs(exact) < s.low] <= s.low).all()
+
+
+def test_report_shows_each_heads_top_contexts(tmp_path):
+    import html
+
+    from streamtap.report import write_report
+
+    model = tiny_model("gpt2").eval()
+    st.capture(model, _corpus(model, n=6, seed=5), tmp_path / "s.zarr", neurons=True, summarise=SETTINGS)
+    ds = st.open(tmp_path / "s.zarr")
+    page = write_report(ds, tmp_path / "report").read_text(encoding="utf-8")
+    res = st.analysis.summaries(ds)
+    assert 'id="summaries"' in page and 'href="#summaries"' in page
+    for c in range(res["head"].sizes["component"]):   # every head, its best context
+        label, context = str(res["head"].component.values[c]), str(res["head"].top_text.values[c, 0])
+        assert f"<td class=\"l\">{label}</td>" in page and html.escape(context) in page, label
+    best = int(np.argmax(res["neuron"]["max"].values))
+    assert html.escape(str(res["neuron"].top_text.values[best, 0])) in page
+    assert (tmp_path / "report" / "data" / "summary_stats_neuron.csv").exists()
