@@ -90,7 +90,7 @@ def summaries(source, q=(0.01, 0.1, 0.5, 0.9, 0.99), *, tokenizer=None, text: bo
     source : xarray.Dataset or path
         A store opened with ``st.open`` from a path or URL, or the path itself.
     q : sequence of float
-        Quantiles to estimate; each is within ``alpha + 1e-6`` relative of the exact order statistic
+        Quantiles to estimate; each is within ``alpha + 4e-6`` relative of the exact order statistic
         ``floor(q (n - 1))`` (numpy ``method="lower"``) where its magnitude lies in the sketch's
         ``[low, high]`` (attribute ``sketch``), within ``low`` absolute below that.
     tokenizer : optional

@@ -26,6 +26,8 @@ class Summariser:
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.components: dict[str, dict[str, list]] = {}
         self._gram = None
+        g = settings.gamma   # bucket j of |x| = ceil(log(|x| / low) / log g), computed as ceil(log|x| * scale - shift)
+        self._buckets = (settings.n_side, settings.n_buckets, 1.0 / math.log(g), math.log(settings.low) / math.log(g))
         self.sequences = 0
         self.tokens = 0
 
@@ -57,14 +59,14 @@ class Summariser:
         L = self.bound.n_layers
         if "z" in out and self._gram is not None:
             z = out["z"]
-            H = z.shape[2]
+            H, dh = z.shape[2], z.shape[3]
             g = self._group("head", L * H, device, {"layer": [l for l in range(L) for _ in range(H)],
                                                    "index": [h for _ in range(L) for h in range(H)]})
-            gram = self._gram.to(device)
-            for layer in range(L):
-                zl = z[:, layer].float()
-                sq = torch.einsum("thd,hde,the->th", zl, gram[layer], zl)
-                self._fold(g, sq.clamp_min_(0).sqrt_(), layer * H, ctx)
+            if self._gram.device != device:
+                self._gram = self._gram.to(device)
+            zf = z.float().reshape(T, L * H, dh).transpose(0, 1)                       # (LH, T, dh)
+            sq = torch.bmm(zf, self._gram.reshape(L * H, dh, dh)).mul_(zf).sum(dim=-1)   # one matmul for all heads
+            self._fold(g, sq.t_().clamp_min_(0).sqrt_(), 0, ctx)
         for var, name in (("mlp_out", "mlp"), ("mixer_out", "mixer")):
             if var in out:
                 g = self._group(name, L, device, {"layer": list(range(L)), "index": [-1] * L})
@@ -92,10 +94,8 @@ class Summariser:
         T, C = x.shape
         cols = slice(at, at + C)
         # count, mean, m2 (Chan), min, max
-        x64 = x.double()
-        mean_b = x64.mean(dim=0)
-        m2_b = (x64 - mean_b).square_().sum(dim=0)
-        del x64
+        var_b, mean_b = torch.var_mean(x.double(), dim=0, correction=0)   # one fused float64 pass
+        m2_b = var_b.mul_(T)
         na = g["count"][cols].double()
         n = na + T
         delta = mean_b - g["mean"][cols]
@@ -105,12 +105,10 @@ class Summariser:
         g["min"][cols] = torch.minimum(g["min"][cols], x.amin(dim=0).double())
         g["max"][cols] = torch.maximum(g["max"][cols], x.amax(dim=0).double())
         # the sketch: one flat index per (component, bucket)
-        s = self.settings
-        j = torch.ceil(torch.log(x.abs() / s.low) * (1.0 / math.log(s.gamma)))
-        j = torch.nan_to_num(j, nan=0.0, neginf=0.0).clamp_(0, s.n_side)
-        bucket = (s.n_side + torch.sign(x) * j).long()
-        B = s.n_buckets
-        flat = (bucket + torch.arange(C, device=x.device) * B).reshape(-1)
+        n_side, B, scale, shift = self._buckets
+        j = torch.log(x.abs()).mul_(scale).sub_(shift).ceil_().clamp_(0, n_side)   # |x| <= low (and 0): bucket 0
+        bucket = torch.where(x < 0, -j, j).add_(n_side).long()
+        flat = bucket.add_(torch.arange(C, device=x.device) * B).reshape(-1)
         hist = g["hist"][cols].reshape(-1)   # a view: rows of a contiguous matrix
         if x.device.type == "cpu":
             hist += torch.bincount(flat, minlength=C * B)
@@ -118,7 +116,7 @@ class Summariser:
             hist.index_add_(0, flat, torch.ones_like(flat))
         # top-k: the batch's best, merged with those kept
         seq, pos, windows = ctx
-        k = s.top_k
+        k = self.settings.top_k
         kb = min(k, T)
         vals, idx = torch.topk(x, kb, dim=0)                                  # (kb, C)
         values = torch.cat([g["top_value"][cols], vals.t().double()], dim=1)  # (C, k + kb)
