@@ -9,6 +9,7 @@ Nothing here imports torch: a store is read with xarray, dask and zarr alone.
 from __future__ import annotations
 
 import builtins
+import os
 import time
 
 import dask.array as da
@@ -59,7 +60,10 @@ def open(store, *, chunks: dict | None = None, storage_options: dict | None = No
         with zarr's own codecs: nothing from a store is unpickled or executed.
     """
     with reaching(store):
-        return _open(store, chunks, storage_options)
+        ds = _open(store, chunks, storage_options)
+    if "summary_stores" not in ds.attrs and "summaries" in ds.attrs and isinstance(store, (str, os.PathLike)):
+        ds.attrs["summary_stores"] = [os.fspath(store)]   # where streamtap.analysis.summaries reads them
+    return ds
 
 
 def _open(store, chunks, storage_options) -> xr.Dataset:
@@ -194,6 +198,8 @@ def _open_ranks(paths: list[str], chunks, storage_options: dict | None = None) -
                          join="override", combine_attrs="override")
     combined.attrs.update({COMMITTED_TOKENS: sum(int(p.attrs[COMMITTED_TOKENS]) for p in parts),
                            COMMITTED_SEQUENCES: offset, "ranks": len(parts)})
+    if any("summaries" in p.attrs for p in parts):   # merged by streamtap.analysis.summaries, ranks in order
+        combined.attrs["summary_stores"] = [os.fspath(p) for p in paths]
     return combined
 
 

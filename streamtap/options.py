@@ -103,6 +103,11 @@ class CaptureOptions:
                                                    "(or besides) its vector: a token string (its logit, through the "
                                                    "final norm), a token id, a d_model vector (a probe), or unembed_top=K.",
                                              flag="--project", parse="project")
+    summarise: Any = _opt(None, "Keep running statistics (count, mean, variance, min, max, a quantile sketch) and the "
+                                "top-k contexts of every head's output norm, MLP output norm, neuron activation "
+                                "(neurons) and projected contribution (project) over every real token, stored or "
+                                "not: True, or settings such as top_k=16,window=8,alpha=0.02.",
+                          flag="--summarise", parse="summarise")
     direct_io: bool = _opt(None, "Write chunk files of a local store with O_DIRECT (default: on, unless "
                                  "STREAMTAP_DIRECT_IO=0).", flag="",
                            factory=lambda: Settings.from_environ().direct_io)
@@ -135,6 +140,9 @@ class CaptureOptions:
         if self.model_name is not None and not isinstance(self.model_name, str):
             raise OptionError(f"option model_name={self.model_name!r}: expected a string")
         self._check_selection()
+        from .io.summaries import Settings as SummarySettings
+
+        object.__setattr__(self, "summarise", SummarySettings.parse(self.summarise))
 
     def _check_selection(self) -> None:
         """The selection options in their normal form (what the model allows is checked by the tap)."""

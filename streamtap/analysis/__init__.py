@@ -41,6 +41,9 @@ analysis                               returns                                  
 ``accumulation_pca(ds)``               PCA over depth per token: (token, pc) and (token, k)     accumulation
 ``neuron_memories(ds, neurons)``       keys (top stored tokens) and values (promoted tokens)    neurons
                                        of chosen neurons: (sel, rank)
+``summaries(ds)``                      what a capture kept with summarise=: per group (head,    summaries
+                                       mlp, neuron, projection) statistics, quantiles and top
+                                       contexts: (component, q), (component, rank)
 =====================================  =======================================================  ===================================
 
 Analyses that need weights a store lacks raise :class:`MissingWeightsError` naming them.
@@ -63,11 +66,12 @@ from .lens import logit_lens
 from .neurons import neuron_memories
 from .patterns import attention, source_messages
 from .rank import effective_rank, singular_values
+from .summaries import summaries
 
 __all__ = [
     "AttributionGraph", "EdgeError", "MissingWeightsError", "attribution_graph", "SequenceEdges", "accumulation_pca", "mlp_edges", "ov_edges", "qk_edges", "attention", "source_messages", "direct_logit_attribution", "effective_rank",
     "empty_message_summary", "empty_messages", "final_norm_scale", "frequency_extremes", "head_scores", "head_views", "head_vocab",
     "merge_ranks", "qk_agreement",
     "logit_lens", "neuron_memories", "ov_matrix", "promotion", "qk_matrix", "relevance", "residual",
-    "residual_stream", "residual_terms", "singular_values", "token_frequencies", "token_ids", "vocab_text",
+    "residual_stream", "residual_terms", "singular_values", "summaries", "token_frequencies", "token_ids", "vocab_text",
 ]

@@ -209,7 +209,26 @@ def fingerprint(static: dict[str, tuple[np.ndarray, str]]) -> str:
 __all__ = ["SCHEMA_VERSION", "COMMITTED_TOKENS", "COMMITTED_SEQUENCES", "INCOMPLETE", "STORED_DTYPE", "IDENTITY",
            "VARIABLES", "Variable", "COORDS", "COORD_DTYPES", "dims_of", "per_token_names", "is_exact_always",
            "storage_dtype", "LOSSY_DTYPES", "COMPRESSED_BY_DEFAULT", "VariableSpec", "StoreSpec", "static_chunks",
-           "fill_value", "fingerprint", "CHUNK_TARGET_BYTES", "SELECTIVE_PER_TOKEN"]
+           "fill_value", "fingerprint", "CHUNK_TARGET_BYTES", "SELECTIVE_PER_TOKEN", "SUMMARY_GROUP", "SUMMARY_STATS"]
+
+SUMMARY_GROUP = "summaries-{n}"
+"""The sub-group holding a store's summaries (``summarise=``); the root attribute ``summaries`` (JSON)
+names the current one and says what it covers (docs/analysis.md, "Summaries")."""
+
+SUMMARY_STATS: dict[str, tuple[tuple[str, ...], str]] = {
+    # each as ``<group>_<stat>`` in the sub-group, group one of head, mlp, mixer, neuron, projection;
+    # dims after ``summary_<group>`` (one row per component)
+    "count": ((), "tokens summarised (int64)"),
+    "mean": ((), "the running mean (float64)"),
+    "m2": ((), "the sum of squared deviations from the mean (float64); var = m2 / count"),
+    "min": ((), "the smallest value"),
+    "max": ((), "the largest value"),
+    "hist": (("bucket",), "the quantile sketch: counts of log-spaced magnitude buckets, both signs and zero"),
+    "top_value": (("top",), "the top-k values, largest first (-inf where fewer tokens were seen)"),
+    "top_seq": (("top",), "each top value's sequence (-1: none)"),
+    "top_pos": (("top",), "each top value's position in its sequence"),
+    "top_window": (("top", "window"), "the token ids around each top value (-1 outside the sequence)"),
+}
 
 SELECTIVE_PER_TOKEN = ("rest", "projection", "projection_total", "projection_top_id")
 """The per-token variables only a selective capture writes."""

@@ -38,6 +38,7 @@ from ..analysis import (accumulation_pca, attention, direct_logit_attribution, e
                         residual_stream, vocab_text)
 from ..analysis._store import MissingWeightsError, is_rotary
 from ..analysis._vocab import corpus_vocab, token_ids
+from .summaries import ANCHOR as SUMMARY_ANCHOR, TITLE as SUMMARY_TITLE, section as summary_section
 from ..analysis.circuits import ROTARY_NOTE
 from ..analysis.empty import NEAR_EMPTY, token_frequencies
 from ..attention import sequence_tokens
@@ -276,12 +277,15 @@ def _build(ds, out: Path, store, sub, one, row, why_token, target, words, tokeni
     _empty(page, sub)
     _scree(page, first_1024)
     _accumulation(page, first_1024, text)
+    if "summaries" in ds.attrs:
+        summary_section(page, ds, tokenizer)
 
     title = f"streamtap report: {ds.attrs.get('model_name', '?')}"
     toc = "".join(f'<li><a href="#{a}">{t}</a></li>' for a, t in (
         ("store", "Store"), ("attribution", "Direct logit attribution"), ("lens", "Logit lens"),
         ("patterns", "Attention patterns"), ("maps", "Relevance and promotion"), ("ranks", "Effective ranks"),
-        ("empty", "Empty messages"), ("scree", "Residual PCA"), ("accumulation", "Accumulating prediction")))
+        ("empty", "Empty messages"), ("scree", "Residual PCA"), ("accumulation", "Accumulating prediction"))
+        + (((SUMMARY_ANCHOR, SUMMARY_TITLE),) if "summaries" in ds.attrs else ()))
     doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<meta name='viewport' content='width=device-width,initial-scale=1'><style>{STYLE}</style>"
            f"<script>{CHECK}</script></head><body><h1>{html.escape(title)}</h1>"

@@ -74,6 +74,11 @@ class Recorder:
             from .select import Selection
 
             self.selection = Selection(options, bound, tokenizer)
+        self.summariser = None
+        if options.summarise is not None:
+            from .summarise import Summariser
+
+            self.summariser = Summariser(options.summarise, bound)
         self.keep: set[Where] = {location(*tap) for key, tap in bound.taps.items() if key.split(".")[0] in EXPERT_KEYS}
         self.pipeline: Pipeline | None = None
         self.spec: StoreSpec | None = None
@@ -261,12 +266,15 @@ class Recorder:
         if not on_gpu:  # a GPU batch is checked by the writer, once it is on the host: no sync here
             self._check_finite(out, mask)
         keep = None
+        every = out   # every real token's terms: what a summary covers, whatever is stored
+        if self.summariser is not None and self.spec is None:
+            self.summariser.prepare(self._static)
         if self.selection is not None:
             keep = self.selection.keep_tokens(input_ids, mask)
             if self.spec is None:
                 self._static = self.selection.static(self._static)
             out = self.selection.apply(out, keep, None if logits is None else logits.reshape(-1, logits.shape[-1])[
-                mask.reshape(-1).to(logits.device)])
+                mask.reshape(-1).to(logits.device)], every_token=self.summariser is not None)
         if self.store_dtype is not None:
             late = self._late_buffers(buffers) if device.type == "cpu" else None
             out = self._lossy(out, check=not on_gpu, buffers=late)
@@ -278,6 +286,13 @@ class Recorder:
             seq = torch.arange(mask.shape[0]).unsqueeze(1).expand_as(mask)[mask] + first
         if pos is None:
             pos = (mask.cumsum(dim=1) - 1)[mask]
+        if self.summariser is not None:
+            projection = getattr(self.selection, "all_projections", None)
+            self.summariser.update(every, input_ids, mask, seq, pos, n_seq,
+                                   None if projection is None else projection["projection"],
+                                   None if projection is None else (self.selection.projection_labels(),
+                                                                    self.selection.direction_names))
+        del every
         coords = {"seq": seq.numpy().astype("int64"), "pos": pos.numpy().astype("int32"),
                   "token_id": input_ids[mask].numpy().astype("int64")}
         if keep is not None:
@@ -302,11 +317,24 @@ class Recorder:
         """The first batch: create (or open) the store and start the writer's pipeline."""
         spec = self._make_spec(out)
         self.writer.prepare(spec)
+        if self.summariser is not None:
+            self._check_summaries()
         # the weights are in the store now; kept, their per-head copies would sit in memory all along
         self.spec, self._static = dataclasses.replace(spec, static={}), None
         self._next_sequence = self.writer.sequences
         mode = io_pipeline.choose_mode(self.options.writer, device)
         self.pipeline = io_pipeline.make_pipeline(self.writer, mode, device, self.options.queue_depth)
+
+    def _check_summaries(self) -> None:
+        """Refuse, before the first batch is written, to append summaries kept with other settings."""
+        from ..errors import OptionError
+        from ..io.summaries import meta_of
+
+        meta = meta_of(self.writer.group.attrs)
+        mine = self.summariser.settings.as_dict()
+        if meta is not None and meta["settings"] != mine:
+            raise OptionError(f"the store's summaries were kept with summarise={meta['settings']}, this capture's are "
+                              f"{mine}; an append must summarise with the same settings (summarise=...)")
 
     def _late_buffers(self, buffers: BufferSet) -> BufferSet:
         """Buffers for what is made after the forward, from a pool of their own, taken only now, when
@@ -413,6 +441,31 @@ class Recorder:
                 attrs.update(projection_components=json.dumps(self.selection.projection_labels()),
                              projection_directions=json.dumps(self.selection.direction_names))
         return StoreSpec(variables, static, attrs, with_text=self.tokenizer is not None, identity=identity)
+
+    def write_summaries(self) -> None:
+        """Merge this tap's summaries into the store's (after its last commit, under its lock).
+
+        Written only when they describe exactly the sequences this tap committed; otherwise (a batch
+        was summarised but never committed: a writer error) they are dropped with a warning, and the
+        store's summaries keep covering what they covered (``summaries(ds)`` reports the coverage)."""
+        s = self.summariser
+        if s is None or s.tokens == 0:
+            return
+        committed = self.writer.sequences - self.writer.found_sequences
+        if committed != s.sequences:
+            import warnings
+
+            warnings.warn(f"streamtap: this tap's summaries cover {s.sequences} sequences but {committed} were "
+                          "committed; they were not written (the store's summaries cover fewer sequences than it "
+                          "holds)", RuntimeWarning, stacklevel=3)
+            return
+        import zarr
+
+        from ..io import summaries
+
+        meta, states = s.result()
+        root = zarr.open_group(self.writer.store, mode="r+", zarr_format=3)
+        summaries.write(root, states, meta, sequences=s.sequences, tokens=s.tokens)
 
     def close(self) -> None:
         """Let go of the free buffer sets: a finished tap the caller still holds must not keep them."""

@@ -137,8 +137,16 @@ class Selection:
         return out
 
     # -- a batch --------------------------------------------------------------------------------------------
-    def apply(self, out: dict[str, torch.Tensor], keep: torch.Tensor | None, logits=None) -> dict[str, torch.Tensor]:
-        """The batch as stored: the kept tokens, the kept terms, ``rest`` and the projections."""
+    def apply(self, out: dict[str, torch.Tensor], keep: torch.Tensor | None, logits=None,
+              every_token: bool = False) -> dict[str, torch.Tensor]:
+        """The batch as stored: the kept tokens, the kept terms, ``rest`` and the projections.
+
+        ``every_token``: project every token, stored or not, and keep the result in ``all_projections``
+        (a summarising capture's statistics cover every token the model saw)."""
+        self.all_projections = None
+        if self.directions and every_token:
+            whole = {name: t.detach().float().cpu().numpy() for name, t in out.items() if t.is_floating_point()}
+            self.all_projections = self._projections(whole, out, logits)
         if keep is not None:
             keep_at = keep.to(out["resid_final"].device)
             out = {name: t[keep_at] for name, t in out.items()}
@@ -160,7 +168,9 @@ class Selection:
                     stored[name] = t
             if self.options.selects_terms:
                 stored["rest"] = torch.from_numpy(self._rest(arrays))
-        if self.directions:
+        if self.all_projections is not None:
+            stored.update({name: t if keep is None else t[keep] for name, t in self.all_projections.items()})
+        elif self.directions:
             stored.update(self._projections(arrays, out, logits))
         return stored
 
@@ -235,6 +245,7 @@ class Selection:
 
         w, T = self._weights, a["resid_final"].shape[0]
         b = {**a, **{k: w[k] for k in ("W_O", "attn_bias", "norm_weight", "norm_bias") if k in w}}
+        b.pop("neuron_act", None)   # projected per MLP (the components are its labels), also with neurons=True
         center = w["norm_center"].astype(bool) if "norm_center" in w else np.zeros(0, bool)
         p = None
         if "final_norm_weight" in w:

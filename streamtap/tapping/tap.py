@@ -265,6 +265,8 @@ class Tap:
                 released = pipeline is None or not pipeline.busy()
                 if released:
                     self.writer.close()
+            if released:
+                self.recorder.write_summaries()
             if self.recorder.store_dtype is not None and exc is None and self.writer.tokens > self.writer.found_tokens:
                 self._measure_lossy_error()
         finally:
