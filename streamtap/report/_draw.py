@@ -36,5 +36,6 @@ def _symmetric(values) -> TwoSlopeNorm:
 
 
 def _tick_step(n: int, max_labels: int) -> int:
-    """Every how many tokens a label goes, so that at most ``max_labels`` are written."""
+    """Every how many of ``n`` ticks (tokens, layers, heads) a label goes, so that at most ``max_labels`` are
+    written: every figure thins its axis labels the same way."""
     return max(1, -(-n // max(1, max_labels)))

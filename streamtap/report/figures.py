@@ -25,7 +25,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ._draw import DIVERGING, _ids_text, _show, _symmetric
+from ._draw import DIVERGING, _ids_text, _show, _symmetric, _tick_step
 from .pattern_figures import SCORE_NAMES, attention_heatmap, head_score_grid
 from .pca_figures import residual_pca, residual_pca_scree
 
@@ -96,6 +96,7 @@ def contribution_heatmap(contrib: xr.DataArray, *, title: str | None = None, ann
     Returns
     -------
     matplotlib.figure.Figure
+        The layer x head grid with the bias and MLP columns beside it, and its colour bar.
 
     Raises
     ------
@@ -128,7 +129,7 @@ def contribution_heatmap(contrib: xr.DataArray, *, title: str | None = None, ann
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(n_heads))
-    step = max(1, -(-n_layers // 32))
+    step = _tick_step(n_layers, 32)
     ax.set_yticks(range(0, n_layers, step))
     ax2.set_xticks([0, 1], ["attn\nbias", "MLP"])
     ax2.set_yticks([])
@@ -169,6 +170,7 @@ def logit_lens_table(lens: xr.Dataset, text=None, *, k: int | None = None, title
     Returns
     -------
     matplotlib.figure.Figure
+        One row per depth, one column per rank.
 
     Raises
     ------
@@ -246,6 +248,7 @@ def token_maps(maps: xr.Dataset, heads=None, *, which: str = "normalized", n: in
     Returns
     -------
     matplotlib.figure.Figure
+        One panel per head, on a shared colour scale.
     """
     rows_dim, cols_dim = maps[which].dims[2:]
     heads = list(heads) if heads is not None else pick_heads(maps, n)
@@ -296,6 +299,7 @@ def effective_rank_bars(er: xr.Dataset, *, definition: str = "entropy", title: s
     Returns
     -------
     matplotlib.figure.Figure
+        Two panels over the layers: the query-key and the value-output matrices.
     """
     var = {"entropy": "erank_entropy", "energy": "erank_energy"}[definition]
     groups = (("W_Q", "W_K", "W_QK"), ("W_V", "W_O", "W_OV"))
@@ -304,7 +308,7 @@ def effective_rank_bars(er: xr.Dataset, *, definition: str = "entropy", title: s
     fig = Figure(figsize=(10, 5.6), layout="constrained")
     colors = {"W_Q": "#9ecae1", "W_K": "#4292c6", "W_QK": "#08306b", "W_V": "#fdae6b", "W_O": "#e6550d",
               "W_OV": "#7f2704"}
-    step = max(1, -(-len(layers) // 16))
+    step = _tick_step(len(layers), 16)
     for row, group in enumerate(groups):
         ax = fig.add_subplot(2, 1, row + 1)
         for m in group:
@@ -384,6 +388,7 @@ def message_norm_distribution(em: xr.Dataset, *, threshold: float | None = 0.1,
     Returns
     -------
     matplotlib.figure.Figure
+        The per-layer violins on the left, the layer x head share map on the right.
     """
     em = em.compute()
     rel = np.asarray(em.relative_norm.values, np.float64)            # (token, layer, head)
@@ -408,7 +413,7 @@ def message_norm_distribution(em: xr.Dataset, *, threshold: float | None = 0.1,
         ax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel("layer")
     ax.set_ylabel("log10 |source message| / head's typical", fontsize=8)
-    step = max(1, -(-n_layers // 15))
+    step = _tick_step(n_layers, 15)
     ax.set_xticks(range(0, n_layers, step))
     ax2 = fig.add_subplot(gs[1])
     if threshold:
@@ -420,7 +425,7 @@ def message_norm_distribution(em: xr.Dataset, *, threshold: float | None = 0.1,
         label = "median log10 relative norm"
     ax2.set_xlabel("head")
     ax2.set_ylabel("layer")
-    ax2.set_xticks(range(0, n_heads, max(1, -(-n_heads // 16))))
+    ax2.set_xticks(range(0, n_heads, _tick_step(n_heads, 16)))
     ax2.set_yticks(range(0, n_layers, step))
     fig.colorbar(im, ax=ax2, shrink=0.8, label=label)
     fig.suptitle(title or f"source-message norms over {rel.shape[0]:,} tokens ({int(first.sum())} first tokens "
@@ -460,6 +465,7 @@ def logit_lens_grid(lens: xr.Dataset, text=None, *, targets=None, color: str = "
     Returns
     -------
     matplotlib.figure.Figure
+        One column per position, one row per depth.
 
     Raises
     ------
@@ -488,7 +494,7 @@ def logit_lens_grid(lens: xr.Dataset, text=None, *, targets=None, color: str = "
                     fontweight="bold" if hit[r, c] else "normal", color="white" if probs[r, c] > 0.55 else "black")
     inputs = lens["text"].values if "text" in lens.coords else lens["token_id"].values
     ax.set_xticks(range(n_pos), [_show(t, 10) for t in inputs], rotation=60, ha="right", fontsize=7)
-    step = max(1, -(-n_depth // 40))
+    step = _tick_step(n_depth, 40)
     ax.set_yticks(range(0, n_depth, step), [str(d) for d in lens.depth.values[::step]], fontsize=6.5)
     ax.set_xlabel("input token (position in the passage)", fontsize=8)
     ax.set_ylabel("depth (residual read as a prediction)", fontsize=8)

@@ -47,6 +47,7 @@ def attention_heatmap(att: xr.DataArray, heads=None, *, notes: dict | None = Non
     Returns
     -------
     matplotlib.figure.Figure
+        One panel per head, on a shared colour scale.
 
     Raises
     ------
@@ -144,6 +145,7 @@ def head_score_grid(scores: xr.Dataset, which=("sink_mass", "previous_token", "i
     Returns
     -------
     matplotlib.figure.Figure
+        One layer x head panel per score, on a shared colour scale.
     """
     which = list(which)
     n_layers, n_heads = scores.sizes["layer"], scores.sizes["head"]
@@ -153,7 +155,7 @@ def head_score_grid(scores: xr.Dataset, which=("sink_mass", "previous_token", "i
     offs = None
     if off is not None and "off" in scores:
         offs = np.argwhere(np.asarray(scores["off"].values) >= off)
-    step = max(1, -(-n_layers // 32))
+    step = _tick_step(n_layers, 32)
     im = None
     for i, name in enumerate(which):
         ax = fig.add_subplot(1, len(which), i + 1)

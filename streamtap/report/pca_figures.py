@@ -120,6 +120,7 @@ def residual_pca_scree(pca, *, title: str | None = None) -> Figure:
     Returns
     -------
     matplotlib.figure.Figure
+        One panel per depth, with a shared legend.
     """
     if isinstance(pca, xr.DataArray):
         pca = residual_pca(pca)
