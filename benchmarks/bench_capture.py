@@ -116,6 +116,67 @@ def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
+def random_batch(model, args):
+    """(input ids, attention mask, device sync): the same random batch in every case and process."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    return ids, torch.ones_like(ids), sync
+
+
+def forward_step(model, ids, mask):
+    """The plain forward of the batch, without gradients: what every case's ratio is taken to."""
+    import torch
+
+    def step():
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    return step
+
+
+def tap_steps(model, path: str, ids, mask, **options):
+    """(tap, step, close): the plain forward under an open ``st.tap`` into ``path``; ``close`` drains its writer."""
+    import streamtap as st
+
+    the_tap = st.tap(model, path, check=False, **options)
+    the_tap.__enter__()
+    return the_tap, forward_step(model, ids, mask), lambda: the_tap.__exit__(None, None, None)
+
+
+def time_steps(step, close, sync, batches: int) -> dict:
+    """A warm-up step (for a tap, creating the store), then ``batches`` timed steps, then ``close``: the median
+    step, the mean including ``close`` (a tap's final drain), every step's time, and the whole wall time."""
+    first = time.perf_counter()
+    step()
+    sync()
+    times = []
+    start = time.perf_counter()
+    for _ in range(batches):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    close()
+    end = time.perf_counter()
+    return {"median": statistics.median(times), "mean": (end - start) / batches, "times": times,
+            "wall_all": end - first}  # every batch, warm-up and final drain included
+
+
+def store_bytes(path: str) -> dict:
+    """A store's per-token arrays, per committed token: on disk, raw, and raw by array."""
+    import zarr
+
+    group = zarr.open_group(path, mode="r")
+    per_token = {n: a for n, a in group.arrays() if a.metadata.dimension_names[0] == "token"}
+    tokens = int(group.attrs["committed_tokens"])
+    return {"stored_tokens": tokens,
+            "disk_per_token": sum(_dir_bytes(os.path.join(path, n)) for n in per_token) / tokens,
+            "raw_per_token": sum(a.nbytes for a in per_token.values()) / tokens,
+            "arrays": {n: a.nbytes / tokens for n, a in per_token.items()}}
+
+
 def run_case(args) -> dict:
     """One case in this process (the host settings came in its environment); prints a JSON line."""
     import torch
@@ -123,18 +184,13 @@ def run_case(args) -> dict:
     base_rss = _rss()
     model = _load(args.model, args.device)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
-    mask = torch.ones_like(ids)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    ids, mask, sync = random_batch(model, args)
     out: dict = {"case": args.case, "model": args.model, "model_bytes": model_bytes, "host": _host_seen()}
     close = lambda: None  # noqa: E731
     path = os.path.join(args.dir, f"{args.model}-{args.case}.zarr")
 
     if args.case == "plain":
-        def step():
-            with torch.no_grad():
-                model(input_ids=ids, attention_mask=mask)
+        step = forward_step(model, ids, mask)
     elif args.case == "nnsight":
         import nnsight
 
@@ -167,44 +223,14 @@ def run_case(args) -> dict:
                 _, cache = bridge.run_with_cache(ids, attention_mask=mask, names_filter=keep, return_type=None)
             return cache
     else:
-        import streamtap as st
+        the_tap, step, close = tap_steps(model, path, ids, mask, **TAP_OPTIONS.get(args.case, {}))
 
-        the_tap = st.tap(model, path, check=False, **TAP_OPTIONS.get(args.case, {}))
-        the_tap.__enter__()
-
-        def step():
-            with torch.no_grad():
-                model(input_ids=ids, attention_mask=mask)
-
-        def close():
-            the_tap.__exit__(None, None, None)
-
-    first = time.perf_counter()
-    step()  # warm-up (and, for streamtap, creating the store)
-    sync()
-    times = []
-    start = time.perf_counter()
-    for _ in range(args.batches):
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
-    close()
-    total = time.perf_counter() - start
-    out["wall_all"] = time.perf_counter() - first  # every batch, warm-up and final drain included
-    out.update(median=statistics.median(times), mean=total / args.batches, times=times,
-               peak_rss=_peak(), base_rss=base_rss, tokens=int(mask.sum()))
+    out.update(time_steps(step, close, sync, args.batches), peak_rss=_peak(), base_rss=base_rss,
+               tokens=int(mask.sum()))
     if args.case in TAPS:
-        import zarr
-
-        group = zarr.open_group(path, mode="r")
-        per_token = [n for n, a in group.arrays() if a.metadata.dimension_names[0] == "token"]
-        tokens = int(group.attrs["committed_tokens"])
-        out["disk_per_token"] = sum(_dir_bytes(os.path.join(path, n)) for n in per_token) / tokens
-        out["raw_per_token"] = sum(group[n].nbytes for n in per_token) / tokens
+        out.update(store_bytes(path))
         # per token the model read (a positions= capture stores fewer than it reads)
-        out["disk_per_input_token"] = sum(_dir_bytes(os.path.join(path, n)) for n in per_token) / (
-            int(mask.sum()) * (args.batches + 1))
+        out["disk_per_input_token"] = out["disk_per_token"] * out["stored_tokens"] / (int(mask.sum()) * (args.batches + 1))
         p = the_tap.pipeline
         out["writer"] = p.mode
         out["write_seconds"] = p.write_seconds  # the writer's side of the queue: encoding, handing to the disk
@@ -295,8 +321,9 @@ def _cpu_model() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def _child(argv: list[str], env: dict[str, str]) -> dict:
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True,
+def _child(argv: list[str], env: dict[str, str], script: str = __file__) -> dict:
+    """One case in a fresh process of ``script`` (so that its peak RSS is its own): its JSON result line."""
+    result = subprocess.run([sys.executable, os.path.abspath(script), *argv], capture_output=True, text=True,
                             env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed:\n{result.stderr[-4000:]}")
@@ -305,17 +332,58 @@ def _child(argv: list[str], env: dict[str, str]) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def seconds_per_batch(r: dict, taps=TAPS) -> float:
+    """A case's time per batch: for a tap the mean, which includes draining the writer at the end; else the median."""
+    return r["mean"] if r["case"] in taps else r["median"]
+
+
+def run_rounds(script: str, models: list[str], cases: list[str], rounds: int, common: list[str],
+               env: dict[str, str]) -> dict[str, dict[str, list[dict]]]:
+    """Every case of every model, each run in a fresh process of ``script``, ``rounds`` times with the cases
+    taking turns, so that a drift of the machine's speed hits them alike: {model: {case: runs in order}}."""
+    results: dict[str, dict[str, list[dict]]] = {}
+    for model in models:
+        runs = results.setdefault(model, {})
+        for i in range(rounds):
+            for case in cases:
+                r = _child(["--case", case, "--model", model, *common], env, script)
+                runs.setdefault(case, []).append(r)
+                print(f"  {model:8s} {case:24s} round {i + 1}: median {r['median']:.3f} s  mean {r['mean']:.3f} s  "
+                      f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    return results
+
+
+def median_run(runs: list[dict], taps=TAPS) -> dict:
+    """The round with the median time, which stands for the case."""
+    return sorted(runs, key=lambda r: seconds_per_batch(r, taps))[(len(runs) - 1) // 2]
+
+
+def machine_line(args, torch, load_start: float, load_end: float) -> str:
+    """The machine, library versions, batch shape and load averages a table was measured under."""
+    import nnsight
+    import transformers
+    import zarr
+
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else "no GPU, CPU only"
+    return (f"Machine: {_cpu_model()}, {platform.machine()}, {os.cpu_count()} cores, "
+            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, nnsight "
+            f"{getattr(nnsight, '__version__', '?')}, zarr {zarr.__version__}, {dev}; batch {args.batch} x {args.seq} "
+            f"tokens, median of {args.batches} batches after a warm-up; each case the median of {args.rounds} "
+            f"round(s), the cases taking turns; load average {load_start:.2f} at start, {load_end:.2f} at end.")
+
+
+def run_arguments(doc: str, cases) -> argparse.ArgumentParser:
+    """The options of a side-by-side run: batch shape, device, directory, models, cases, rounds, host settings,
+    and the hidden ones a child process gets its case by."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--skip-smollm2", action="store_true")
-    parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--memory-tokens", type=int, default=100_000)
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default=",".join(cases))
     parser.add_argument("--rounds", type=int, default=1, help="run the cases this many times, taking turns")
     parser.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
                         help="run every case with MALLOC_MMAP_THRESHOLD_=BYTES (default: unset, glibc's dynamic "
@@ -323,19 +391,32 @@ def main() -> None:
     parser.add_argument("--torch-huge-pages", action="store_true",
                         help="run every case with THP_MEM_ALLOC_ENABLE=1 (torch's CPU tensors of 2 MiB and more "
                              "on transparent huge pages; the kernel's THP mode must be madvise or always)")
-    parser.add_argument("--disk-limit", type=float, metavar="MB/s",
-                        help="throttle writes to the disk under --dir to this rate (root; see disk_limit.py), "
-                             "to measure the capture where the disk is the bottleneck")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_run_arguments(parser: argparse.ArgumentParser, cases) -> argparse.Namespace:
+    """The arguments, with a threshold glibc would ignore and an unknown case refused by name."""
     args = parser.parse_args()
     if args.malloc_mmap_threshold is not None and not 0 <= args.malloc_mmap_threshold <= MMAP_THRESHOLD_MAX:
         parser.error(f"--malloc-mmap-threshold must be between 0 and {MMAP_THRESHOLD_MAX} bytes "
                      "(glibc ignores a larger threshold)")
-    unknown = sorted(set(args.cases.split(",")) - set(CASES))
+    unknown = sorted(set(args.cases.split(",")) - set(cases))
     if unknown:
-        parser.error(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(CASES)}")
+        parser.error(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(cases)}")
+    return args
+
+
+def main() -> None:
+    parser = run_arguments(__doc__, CASES)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-tokens", type=int, default=100_000)
+    parser.add_argument("--disk-limit", type=float, metavar="MB/s",
+                        help="throttle writes to the disk under --dir to this rate (root; see disk_limit.py), "
+                             "to measure the capture where the disk is the bottleneck")
+    parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
+    args = parse_run_arguments(parser, CASES)
     if args.case:
         run_case(args)
         return
@@ -363,18 +444,8 @@ def main() -> None:
         # under a throttle only the O_DIRECT figure is limited (cgroup v1 does not throttle writeback)
         disk = disk_probe["O_DIRECT"] if limit else disk_probe["disk"]
         models = ["gpt2"] + ([] if args.skip_smollm2 else ["smollm2"])
-        results = []
-        for model in models:
-            rounds: dict[str, list[dict]] = {}
-            for i in range(args.rounds):  # the cases take turns, so a drift of the machine's speed hits them alike
-                for case in args.cases.split(","):
-                    r = _child(["--case", case, "--model", model, *common], env)
-                    rounds.setdefault(case, []).append(r)
-                    print(f"  {model:8s} {case:24s} round {i + 1}: median {r['median']:.3f} s  mean {r['mean']:.3f} s  "
-                          f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
-            for case, runs in rounds.items():  # the round with the median time stands for the case
-                runs.sort(key=lambda r: r["mean"] if case in TAPS else r["median"])
-                results.append(runs[(len(runs) - 1) // 2])
+        by_model = run_rounds(__file__, models, args.cases.split(","), args.rounds, common, env)
+        results = [median_run(runs) for model in models for runs in by_model[model].values()]
         memory = None
         if not args.skip_memory:
             memory = _child(["--tokens", str(args.memory_tokens), "--model", "gpt2", *common], env)
@@ -383,17 +454,7 @@ def main() -> None:
         shutil.rmtree(directory, ignore_errors=True)
     load_end = os.getloadavg()[0]
 
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else "no GPU, CPU only"
-    import nnsight  # noqa: F401
-    import transformers
-    import zarr
-
-    print(f"Machine: {_cpu_model()}, {platform.machine()}, {os.cpu_count()} cores, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, nnsight "
-          f"{getattr(nnsight, '__version__', '?')}, zarr {zarr.__version__}, {dev}; batch {args.batch} x {args.seq} tokens, median of "
-          f"{args.batches} batches after a warm-up; each case the median of {args.rounds} round(s), the cases taking "
-          f"turns; load average {load_start:.2f} at start, {load_end:.2f} at end.")
+    print(machine_line(args, torch, load_start, load_end))
     print(f"Host settings, the same for every case: {describe_host(env)}.")
     print(f"Disk write bandwidth (sequential, same run): {disk_probe['buffered + fsync'] / 1e9:.2f} GB/s buffered "
           f"with fsync, {disk_probe['O_DIRECT'] / 1e9:.2f} GB/s O_DIRECT before the cases; "
@@ -405,7 +466,7 @@ def main() -> None:
         plain = next((r for r in rows if r["case"] == "plain"), rows[0])
         for r in rows:
             # streamtap's time includes draining the writer at the end (mean over the batches)
-            t = r["mean"] if r["case"] in TAPS else r["median"]
+            t = seconds_per_batch(r)
             disk_col = f"{r['disk_per_input_token']:,.0f}" if "disk_per_input_token" in r else ""
             ratio_col = f"{r['raw_per_token'] / r['disk_per_token']:.2f}x" if "disk_per_token" in r else ""
             writer = ""

@@ -27,22 +27,18 @@ The host flags are bench_capture.py's (set in every case's environment, the plai
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_capture import (  # noqa: E402
-    HOST_VARIABLES, MMAP_THRESHOLD_MAX, MODELS, _cpu_model, _dir_bytes, _host_seen, _layer_paths, _load, _peak,
-    describe_host, host_environment)
+    MODELS, _host_seen, _layer_paths, _load, _peak, describe_host, forward_step, host_environment, machine_line,
+    median_run, parse_run_arguments, random_batch, run_arguments, run_rounds, seconds_per_batch, store_bytes,
+    tap_steps, time_steps)
 
 CASES = ("plain", "eager-attentions", "streamtap", "streamtap-patterns", "nnsight-qk")
 LABELS = {
@@ -92,18 +88,13 @@ def run_case(args) -> dict:
     import torch
 
     model = _load_eager(args.model, args.device) if args.case == "eager-attentions" else _load(args.model, args.device)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
-    mask = torch.ones_like(ids)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    ids, mask, sync = random_batch(model, args)
     out: dict = {"case": args.case, "model": args.model, "host": _host_seen(), "shape": shape(model)}
     close = lambda: None  # noqa: E731
     path = os.path.join(args.dir, f"{args.model}-{args.case}.zarr")
 
     if args.case == "plain":
-        def step():
-            with torch.no_grad():
-                model(input_ids=ids, attention_mask=mask)
+        step = forward_step(model, ids, mask)
     elif args.case == "eager-attentions":
         def step():
             with torch.no_grad():
@@ -125,52 +116,13 @@ def run_case(args) -> dict:
             assert len(saved) == len(paths) and saved[-1].shape[:2] == ids.shape
             return saved
     else:
-        import streamtap as st
+        _, step, close = tap_steps(model, path, ids, mask, patterns=args.case == "streamtap-patterns")
 
-        the_tap = st.tap(model, path, check=False, patterns=args.case == "streamtap-patterns")
-        the_tap.__enter__()
-
-        def step():
-            with torch.no_grad():
-                model(input_ids=ids, attention_mask=mask)
-
-        def close():
-            the_tap.__exit__(None, None, None)
-
-    step()  # warm-up (and, for streamtap, creating the store)
-    sync()
-    times = []
-    start = time.perf_counter()
-    for _ in range(args.batches):
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
-    close()
-    total = time.perf_counter() - start
-    out.update(median=statistics.median(times), mean=total / args.batches, times=times, peak_rss=_peak(),
-               tokens=int(mask.sum()))
+    out.update(time_steps(step, close, sync, args.batches), peak_rss=_peak(), tokens=int(mask.sum()))
     if args.case in TAPS:
-        import zarr
-
-        group = zarr.open_group(path, mode="r")
-        tokens = int(group.attrs["committed_tokens"])
-        per_token = {n: a for n, a in group.arrays() if a.metadata.dimension_names[0] == "token"}
-        out["disk_per_token"] = sum(_dir_bytes(os.path.join(path, n)) for n in per_token) / tokens
-        out["raw_per_token"] = sum(a.nbytes for a in per_token.values()) / tokens
-        out["arrays"] = {n: a.nbytes / tokens for n, a in per_token.items()}
+        out.update(store_bytes(path))
         shutil.rmtree(path, ignore_errors=True)
     print(json.dumps(out))
-    return out
-
-
-def _child(argv: list[str], env: dict[str, str]) -> dict:
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True,
-                            env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed:\n{result.stderr[-4000:]}")
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["host"] == {k: env.get(k) for k in HOST_VARIABLES}, (argv, out["host"])
     return out
 
 
@@ -196,27 +148,7 @@ def design_bytes(r: dict, rows: dict, seq: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dir", default=None)
-    parser.add_argument("--skip-smollm2", action="store_true")
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--rounds", type=int, default=1, help="run the cases this many times, taking turns")
-    parser.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
-                        help="run every case with MALLOC_MMAP_THRESHOLD_=BYTES (see bench_capture.py)")
-    parser.add_argument("--torch-huge-pages", action="store_true",
-                        help="run every case with THP_MEM_ALLOC_ENABLE=1 (see bench_capture.py)")
-    parser.add_argument("--case", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.malloc_mmap_threshold is not None and not 0 <= args.malloc_mmap_threshold <= MMAP_THRESHOLD_MAX:
-        parser.error(f"--malloc-mmap-threshold must be between 0 and {MMAP_THRESHOLD_MAX} bytes")
-    unknown = sorted(set(args.cases.split(",")) - set(CASES))
-    if unknown:
-        parser.error(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    args = parse_run_arguments(run_arguments(__doc__, CASES), CASES)
     if args.case:
         run_case(args)
         return
@@ -229,38 +161,14 @@ def main() -> None:
               "--device", args.device, "--dir", directory]
     load_start = os.getloadavg()[0]
     models = ["gpt2"] + ([] if args.skip_smollm2 else ["smollm2"])
-    results: dict[str, dict[str, dict]] = {}
-    all_rounds: dict[tuple[str, str], list[float]] = {}
     try:
-        for model in models:
-            rounds: dict[str, list[dict]] = {}
-            for i in range(args.rounds):  # the cases take turns, so a drift of the machine's speed hits them alike
-                for case in args.cases.split(","):
-                    r = _child(["--case", case, "--model", model, *common], env)
-                    rounds.setdefault(case, []).append(r)
-                    print(f"  {model:8s} {case:20s} round {i + 1}: median {r['median']:.3f} s  mean {r['mean']:.3f} s  "
-                          f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
-            results[model] = {}
-            for case, runs in rounds.items():  # the round with the median time stands for the case
-                key = (lambda r: r["mean"]) if case in TAPS else (lambda r: r["median"])
-                all_rounds[(model, case)] = [key(r) for r in runs]
-                runs.sort(key=key)
-                results[model][case] = runs[(len(runs) - 1) // 2]
+        by_model = run_rounds(__file__, models, args.cases.split(","), args.rounds, common, env)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     load_end = os.getloadavg()[0]
+    results = {model: {case: median_run(runs, TAPS) for case, runs in cases.items()} for model, cases in by_model.items()}
 
-    import nnsight
-    import transformers
-    import zarr
-
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else "no GPU, CPU only"
-    print(f"Machine: {_cpu_model()}, {platform.machine()}, {os.cpu_count()} cores, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, nnsight "
-          f"{getattr(nnsight, '__version__', '?')}, zarr {zarr.__version__}, {dev}; batch {args.batch} x {args.seq} "
-          f"tokens, median of {args.batches} batches after a warm-up; each case the median of {args.rounds} round(s), "
-          f"the cases taking turns; load average {load_start:.2f} at start, {load_end:.2f} at end.")
+    print(machine_line(args, torch, load_start, load_end))
     print(f"Host settings, the same for every case: {describe_host(env)}.\n")
     print("| model | case | s/batch | × plain | peak RSS | bytes per token of the design |")
     print("| --- | --- | ---: | ---: | ---: | --- |")
@@ -268,13 +176,14 @@ def main() -> None:
         rows = results[model]
         plain = rows.get("plain")
         for case, r in rows.items():
-            t = r["mean"] if case in TAPS else r["median"]
+            t = seconds_per_batch(r, TAPS)
             ratio = f"{t / plain['median']:.2f}" if plain else ""
             print(f"| {MODELS[model]} | {LABELS[case]} | {t:.3f} | {ratio} | {r['peak_rss'] / 2**30:.2f} GiB | "
                   f"{design_bytes(r, rows, args.seq)} |")
     if args.rounds > 1:
         print("\nRound by round (s/batch): " + "; ".join(
-            f"{MODELS[m]} {c} " + " / ".join(f"{t:.3f}" for t in ts) for (m, c), ts in all_rounds.items()))
+            f"{MODELS[m]} {c} " + " / ".join(f"{seconds_per_batch(r, TAPS):.3f}" for r in runs)
+            for m, cases in by_model.items() for c, runs in cases.items()))
 
 
 if __name__ == "__main__":

@@ -294,6 +294,9 @@ def ground_truth(model, ids, mask):
     """
     import torch
 
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _util import run_hooked
+
     base = model.base_model
     list_name, layers = _layer_list(base)
     order, captured, handles = [], {}, []
@@ -323,12 +326,7 @@ def ground_truth(model, ids, mask):
             order.append("<last layer>")
             captured["<last layer>"] = out.detach().clone()
         handles.extend(group[-1].register_forward_hook(last) for group in lists)
-    try:
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    finally:
-        for h in handles:
-            h.remove()
+    out = run_hooked(model, handles, input_ids=ids, attention_mask=mask, output_hidden_states=True)
     if "<last layer>" not in order:
         raise RuntimeError("could not find the model's layer list")
     after = order[len(order) - 1 - order[::-1].index("<last layer>") + 1:]

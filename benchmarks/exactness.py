@@ -74,16 +74,27 @@ def smollm2_row():
     return f"| SmolLM2-135M (real, {ds.sizes['token']} tokens) | llama | {terms_per_layer(ds)} | sdpa | " + " | ".join(cells) + " |"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arch_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options of an exactness table: which tiny architectures, and whether the real SmolLM2 too."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--archs", default=",".join(TINY_ARCHS),
                         help=f"comma-separated tiny architectures (default: all of {', '.join(TINY_ARCHS)})")
     parser.add_argument("--with-smollm2", action="store_true")
+    return parser
+
+
+def parse_archs(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, list[str]]:
+    """The arguments and the architectures asked for; an unknown one is refused by name."""
     args = parser.parse_args()
     archs = args.archs.split(",") if args.archs else []
     unknown = sorted(set(archs) - set(TINY_ARCHS))
     if unknown:
         parser.error(f"--archs: unknown {', '.join(unknown)}; choose from {', '.join(TINY_ARCHS)}")
+    return args, archs
+
+
+def main() -> None:
+    args, archs = parse_archs(arch_arguments(__doc__))
     print("| architecture | layout | terms per layer | attention | float32 | bfloat16 | float16 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in tiny_rows(archs):

@@ -23,7 +23,6 @@ strict xfail in tests/integration/test_patterns.py); the pattern does not read t
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -33,10 +32,13 @@ import zarr
 
 import streamtap as st
 import streamtap.attention
-from streamtap.models import TINY_ARCHS, load_model, tiny_model
+from streamtap.models import load_model, tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _util import padded_batch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from exactness import arch_arguments, parse_archs  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
 ENCODERS = {"bert", "roberta"}
@@ -148,17 +150,10 @@ def smollm2_row() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", default=",".join(TINY_ARCHS),
-                        help=f"comma-separated tiny architectures (default: all of {', '.join(TINY_ARCHS)})")
+    parser = arch_arguments(__doc__)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of the weights and the batch")
     parser.add_argument("--no-variants", action="store_true", help="leave out the variants (sliding windows, ...)")
-    parser.add_argument("--with-smollm2", action="store_true")
-    args = parser.parse_args()
-    archs = args.archs.split(",") if args.archs else []
-    unknown = sorted(set(archs) - set(TINY_ARCHS))
-    if unknown:
-        parser.error(f"--archs: unknown {', '.join(unknown)}; choose from {', '.join(TINY_ARCHS)}")
+    args, archs = parse_archs(parser)
     print("| architecture | pattern made of | pattern float32 | pattern bfloat16 | pattern float16 "
           "| second invariant float32 | second invariant bfloat16 | second invariant float16 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -53,14 +53,6 @@ def sequence_tokens(ds: xr.Dataset, seq: int) -> np.ndarray:
     return rows[np.argsort(pos, kind="stable")]
 
 
-def _paired(cos: np.ndarray, sin: np.ndarray) -> bool:
-    """Whether interleaved rotary tables already hold each pair's angle twice (Cohere's
-    ``repeat_interleave``) rather than once per pair (GPT-J). At position 0 alone both readings are
-    the identity, so the test cannot go wrong where it cannot tell."""
-    return cos.shape[-1] % 2 == 0 and bool(np.array_equal(cos[..., ::2], cos[..., 1::2])
-                                           and np.array_equal(sin[..., ::2], sin[..., 1::2]))
-
-
 class Attention:
     """A store's attention parameters, read once: what q, k, v and the scores are made of."""
 
@@ -125,12 +117,16 @@ class Attention:
         """Queries or keys (n, heads, d_head) turned by the token's own cos and sin (n, width)."""
         if self.rotary == "interleaved_from_half":   # Ernie-4.5: the first half of full-width tables, each twice
             cos, sin = cos[..., :cos.shape[-1] // 2], sin[..., :sin.shape[-1] // 2]
-        if self.rotary.startswith("interleaved") and not _paired(cos, sin):
-            # GPT-J: pairs of neighbouring dims, tables of half the width (Cohere's come repeated already)
+        if self.rotary in ("interleaved", "interleaved_from_half"):   # GPT-J: one angle per pair of dims
             cos, sin = np.repeat(cos, 2, axis=-1), np.repeat(sin, 2, axis=-1)
         elif self.rotary == "halves":      # GPT-OSS: one table of half the width turns both halves
             cos, sin = np.concatenate([cos, cos], axis=-1), np.concatenate([sin, sin], axis=-1)
+        # "interleaved_repeated" (Cohere): the tables hold each pair's angle twice already
         r = cos.shape[-1]
+        if r > t.shape[-1]:
+            raise StreamtapError(f"the store's rotary tables turn {r} dims under rotary_style {self.rotary!r}, more "
+                                 f"than a head's {t.shape[-1]}: its rotary_style does not describe its tables; "
+                                 "capture the store again with this streamtap, whose layouts declare the style")
         part = t[..., :r]
         if self.rotary.startswith("interleaved"):
             turned = np.stack([-part[..., 1::2], part[..., ::2]], axis=-1).reshape(part.shape)

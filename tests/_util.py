@@ -23,6 +23,17 @@ def run(model, ids, mask):
         return model(input_ids=ids, attention_mask=mask)
 
 
+def run_hooked(model, handles, **inputs):
+    """The model's forward on ``inputs`` without gradients; every hook in ``handles`` is removed afterwards,
+    also when the forward fails, so that no later forward runs a test's hooks."""
+    try:
+        with torch.no_grad():
+            return model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def attention_implementations(arch: str) -> tuple[str, ...]:
     """eager, plus sdpa where transformers implements it for the architecture."""
     from streamtap.models import tiny_model

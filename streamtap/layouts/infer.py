@@ -283,7 +283,7 @@ def attention_readings(attn: Attn, positions: str) -> list[Attn]:
     fused projection's two layouts and, where positions are rotary, the rotation styles and the
     order of the (cos, sin) pair. Each is used only once the patterns it gives equal the model's."""
     splits = (attn.split, *(s for s in ("concat", "per_group") if s != attn.split)) if attn.qkv else (attn.split,)
-    styles = ("half", "interleaved") if positions == "rotary" else (attn.rotary,)
+    styles = ("half", "interleaved", "interleaved_repeated") if positions == "rotary" else (attn.rotary,)
     orders = ("cos_sin", "sin_cos") if positions == "rotary" else (attn.rotary_order,)
     return [dataclasses.replace(attn, split=split, rotary=style, rotary_order=order)
             for split in splits for style in styles for order in orders]

@@ -5,7 +5,8 @@ Granite multiplies the token embedding (``embedding_multiplier``) and every subl
 (``residual_multiplier``) outside the modules a capture taps, scales the attention scores by
 ``attention_multiplier`` (the attention's ``scaling``) and divides the logits by ``logits_scaling``.
 Cohere runs attention and MLP in parallel on one shared norm (``input_layernorm`` read by both),
-rotates interleaved pairs of dimensions and multiplies the logits by ``logit_scale``. The stored
+rotates interleaved pairs of dimensions by tables that hold each pair's angle twice
+(``rotary="interleaved_repeated"``) and multiplies the logits by ``logit_scale``. The stored
 terms include the multipliers (``Layout.embed_scale``...), so the stream adds up as the model adds it.
 Granite-MoE's routed and shared experts carry the residual multiplier in each stored share. MiniCPM3
 is muP-scaled: ``scale_emb`` inside its embedding module (the tapped output has it), ``scale_depth / sqrt(num_hidden_layers)`` on every
@@ -71,8 +72,8 @@ LAYOUTS = [
         name=name,
         model_types=(name,),
         **_NAMES,
-        block=(Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), rotary="interleaved",
-                    window=sliding_window, notes=_COHERE_NOTES, unsupported=unsupported),
+        block=(Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"),
+                    rotary="interleaved_repeated", window=sliding_window, notes=_COHERE_NOTES, unsupported=unsupported),
                Mlp("mlp", down="mlp.down_proj")),   # parallel: the MLP reads the same input_layernorm
         logit_scale="logit_scale",
     ) for name, unsupported in (("cohere", _qk_norms), ("cohere2", _global_layers_without_rope))),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 POSITIONS = ("rotary", "learned", "alibi", "none")
-ROTARY_STYLES = ("half", "interleaved", "halves", "interleaved_from_half")
+ROTARY_STYLES = ("half", "interleaved", "halves", "interleaved_from_half", "interleaved_repeated")
 
 INPUT, OUTPUT = "input", "output"
 Paths = str | tuple[str, ...]   # alternatives: the first that names a module in this model is used
@@ -51,8 +51,10 @@ class Attn:
       ``"half"`` (the two halves of the rotated dims, Llama's ``rotate_half``) or ``"interleaved"``
       (pairs of neighbouring dims, GPT-J) or ``"halves"`` (the two halves turned by one table of half
       the width, GPT-OSS's ``_apply_rotary_emb``) or ``"interleaved_from_half"`` (neighbouring pairs
-      turned by the first half of full-width tables, each entry repeated twice: Ernie-4.5); ``rotary_order``: ``"cos_sin"`` or ``"sin_cos"``, the
-      order of the ``position_embeddings`` pair the attention module receives.
+      turned by the first half of full-width tables, each entry repeated twice: Ernie-4.5) or
+      ``"interleaved_repeated"`` (neighbouring pairs turned by full-width tables that already hold
+      each pair's angle twice: Cohere's ``repeat_interleave``); ``rotary_order``: ``"cos_sin"`` or
+      ``"sin_cos"``, the order of the ``position_embeddings`` pair the attention module receives.
     - ``window``: ``(config, attention module) -> int | None``, the sliding window of a layer (a
       key is seen while the query is fewer than that many positions after it).
     - ``rotates``: ``(config, attention module) -> bool``, whether a layer rotates its queries and

@@ -21,7 +21,6 @@ repeat the tables for other tools.
 
 from __future__ import annotations
 
-import base64
 import html
 import os
 import shutil
@@ -33,9 +32,8 @@ import numpy as np
 import xarray as xr
 
 from .. import __version__
-from ..analysis import (accumulation_pca, attention, direct_logit_attribution, effective_rank,
-                        empty_message_summary, empty_messages, head_scores, logit_lens, promotion, relevance,
-                        residual_stream, vocab_text)
+from ..analysis import (accumulation_pca, direct_logit_attribution, effective_rank, empty_message_summary,
+                        empty_messages, logit_lens, promotion, relevance, residual_stream, vocab_text)
 from ..analysis._store import MissingWeightsError, is_rotary
 from ..analysis._vocab import corpus_vocab, token_ids
 from .summaries import ANCHOR as SUMMARY_ANCHOR, TITLE as SUMMARY_TITLE, section as summary_section
@@ -43,101 +41,11 @@ from ..analysis.circuits import ROTARY_NOTE
 from ..analysis.empty import NEAR_EMPTY, token_frequencies
 from ..attention import sequence_tokens
 from ..dataset import open as open_store
-from ..errors import InputError, PatternsMissingError
+from ..errors import InputError
 from ..invariant import verify
 from . import figures as F
-
-STYLE = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1180px;color:#1b1b1b;padding:0 1rem}
-h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
-table{border-collapse:collapse;margin:.6rem 0;font-size:12.5px}td,th{border:1px solid #ddd;padding:2px 7px;text-align:right}
-th{background:#f4f4f4}td.l,th.l{text-align:left}img{max-width:100%;height:auto;display:block;margin:.6rem 0}
-.note{color:#555;font-size:12.5px}.missing{background:#fff6e5;border:1px solid #f0c36d;padding:.5rem .8rem}
-code{background:#f4f4f4;padding:0 3px}details{margin:.4rem 0}
-"""
-
-CHECK = """
-window.__errors = [];
-window.addEventListener("error", function (e) { window.__errors.push(String(e.message || e.type)); }, true);
-window.addEventListener("load", function () {
-  var imgs = Array.prototype.slice.call(document.images);
-  var broken = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
-  document.body.setAttribute("data-images", String(imgs.length));
-  document.body.setAttribute("data-broken", broken.map(function (i) { return i.alt; }).join("|"));
-  // figures with text outside their canvas (measured when the page was written: data-overflow)
-  var over = imgs.filter(function (i) { return i.getAttribute("data-overflow"); });
-  document.body.setAttribute("data-overflowing", over.map(function (i) { return i.alt; }).join("|"));
-  document.body.setAttribute("data-errors", window.__errors.join("|"));
-  document.body.setAttribute("data-rendered", broken.length || window.__errors.length ? "error" : "ok");
-});
-"""
-
-
-class _Page:
-    """The report being written: its HTML parts in order, and the CSV tables written beside it."""
-
-    def __init__(self, out: Path):
-        self.parts: list[str] = []
-        self.out = out
-        self.figures = 0
-        self.tables: list[str] = []
-
-    def add(self, s: str) -> None:
-        self.parts.append(s)
-
-    def h2(self, title: str, anchor: str) -> None:
-        self.add(f'<h2 id="{anchor}">{html.escape(title)}</h2>')
-
-    def p(self, text: str, cls: str = "") -> None:
-        self.add(f'<p class="{cls}">{html.escape(text)}</p>' if cls else f"<p>{html.escape(text)}</p>")
-
-    def missing(self, why: str) -> None:
-        self.add(f'<p class="missing">Not available for this store: {html.escape(why)}</p>')
-
-    def figure(self, fig, alt: str) -> None:
-        overflow = F.overflowing_text(fig)  # shown on the page (and checked by its browser test)
-        data = base64.b64encode(F.png_bytes(fig)).decode()
-        self.figures += 1
-        self.add(f'<img alt="{html.escape(alt)}" data-overflow="{html.escape("|".join(overflow))}" '
-                 f'src="data:image/png;base64,{data}">')
-
-    def table(self, rows: list[dict], name: str, caption: str = "", left=()) -> None:
-        """An HTML table, and the same rows as data/<name>.csv."""
-        if not rows:
-            return
-        cols = list(rows[0])
-        head = "".join(f'<th class="{"l" if c in left else ""}">{html.escape(str(c))}</th>' for c in cols)
-        body = "".join("<tr>" + "".join(f'<td class="{"l" if c in left else ""}">{html.escape(_fmt(r[c]))}</td>'
-                                         for c in cols) + "</tr>" for r in rows)
-        cap = f"<caption class='note'>{html.escape(caption)}</caption>" if caption else ""
-        self.add(f"<table>{cap}<tr>{head}</tr>{body}</table>")
-        self.csv(rows, name)
-
-    def csv(self, rows: list[dict], name: str) -> None:
-        """The rows as data/<name>.csv only (numbers too many for the page)."""
-        if not rows:
-            return
-        import csv
-
-        cols = list(rows[0])
-        self.tables.append(name)
-        (self.out / "data").mkdir(exist_ok=True)
-        with open(self.out / "data" / f"{name}.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
-
-
-def _fmt(v) -> str:
-    """A table cell: floats to four significant digits."""
-    if isinstance(v, (float, np.floating)):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def _q(s: str) -> str:
-    """Token text quoted, so that leading spaces and escapes show."""
-    return repr(str(s))
+from ._sections import CHECK, STYLE, _Page, _q, _top_heads
+from .page_patterns import _patterns
 
 
 def write_report(store, out_dir, *, token: int | None = None, target=None, words=None, k: int = 10,
@@ -485,123 +393,6 @@ def _default_words(ds, sub, row, target_id, text, n: int = 6) -> tuple[list[int]
             chosen = common[:n]
             why = "the sample's most frequent tokens: without token text, content words cannot be told apart"
     return chosen, why
-
-
-SCORE_TOKENS = 1024     # the longest sequence head scores are computed over in a report
-HEATMAP_QUERIES = 40    # the heatmaps show at most this many queries, up to the attributed token
-
-
-def _score_sequences(ds, sub, row, n: int) -> list[int]:
-    """Up to ``n`` sequences for the head scores: the attributed token's first, then the sample's in order,
-    each at most SCORE_TOKENS long (a pattern is tokens x tokens per head)."""
-    seqs, counts = np.unique(np.asarray(ds["seq"].values), return_counts=True)
-    length = dict(zip(seqs.tolist(), counts.tolist()))
-    order = [int(ds["seq"].values[row])] + [int(q) for q in dict.fromkeys(np.asarray(sub["seq"].values).tolist())]
-    out: list[int] = []
-    for q in order:
-        if q not in out and length[q] <= SCORE_TOKENS:
-            out.append(q)
-        if len(out) == n:
-            break
-    return out
-
-
-def _patterns(page: _Page, ds, sub, row, contrib, target_id, text, n_seqs: int) -> None:
-    """Head scores (sinks, off heads, previous-token, induction) as layer x head grids, and the attention
-    heatmaps of the heads that matter for the prediction and of the strongest head of each kind."""
-    page.h2("Attention patterns", "patterns")
-    if not ds.attrs.get("patterns"):
-        page.missing("this store was captured without patterns: capture with --patterns (patterns=True) to see "
-                     "attention heatmaps and each head's sink, previous-token and induction scores")
-        return
-    seqs = _score_sequences(ds, sub, row, n_seqs)
-    if not seqs:
-        page.missing(f"every stored sequence is longer than {SCORE_TOKENS:,} tokens, too long to score in a report; "
-                     "use streamtap.analysis.head_scores(ds, seqs=...) directly")
-        return
-    try:
-        scores = head_scores(ds, seqs=seqs)
-    except PatternsMissingError as exc:
-        page.missing(str(exc))
-        return
-    n_tokens = int(np.isin(np.asarray(ds["seq"].values), seqs).sum())
-    page.p(f"Every head's attention, recomputed from the store over {len(seqs)} sequence{'s' if len(seqs) > 1 else ''} "
-           f"({', '.join(map(str, seqs))}; {n_tokens:,} tokens; the attributed token's first), scored as the mean "
-           f"share of attention a query puts on the first token (sink mass), on the token just before it "
-           f"(previous token) and on the tokens that followed earlier copies of itself (induction: A B ... A reads "
-           f"B). A cross marks heads that are off: at half their queries or more they park at least "
-           f"{scores.attrs['off_mass']:.0%} of their attention on the sink while its source message is below "
-           f"{scores.attrs['off_norm']:g} times the head's typical one, so they add almost nothing there.")
-    if int(scores.induction_queries.max()) == 0:
-        page.p("No token repeats in these sequences, so there is nothing to score induction on: "
-               "streamtap.induction_probe(model, store) captures a repeated random sequence for it.", "note")
-    page.figure(F.head_score_grid(scores), "head score grid")
-    ranked = {}
-    for name in ("sink_mass", "off", "previous_token", "induction", "duplicate_token"):
-        flat = scores[name].stack(h=("layer", "head"))
-        order = np.argsort(-flat.values, kind="stable")[:5]
-        ranked[name] = [(int(flat.layer.values[i]), int(flat["head"].values[i]), float(flat.values[i])) for i in order]
-    page.table([{"rank": r + 1, **{F.SCORE_NAMES[name]: f"L{layer}H{h} {v:.2f}"
-                                   for name, ((layer, h, v)) in ((nm, ranked[nm][r]) for nm in ranked)}}
-                for r in range(min(5, len(ranked["sink_mass"])))], "head_scores_top",
-               caption="the five strongest heads of each score", left=tuple(F.SCORE_NAMES[n] for n in ranked))
-    page.csv([{"layer": int(layer), "head": int(h), **{name: float(scores[name].sel(layer=layer, head=h))
-                                                       for name in F.SCORE_NAMES}}
-              for layer in scores.layer.values for h in scores["head"].values], "head_scores")
-    _heatmaps(page, ds, row, contrib, target_id, text, scores, ranked)
-
-
-def _heatmaps(page: _Page, ds, row, contrib, target_id, text, scores, ranked) -> None:
-    """Query x key heatmaps over the attributed token's passage of the heads worth seeing, each with why."""
-    notes: dict[tuple[int, int], list[str]] = {}
-    if contrib is not None:
-        tgt = _q(text([target_id])[0])
-        for layer, h, v in _top_heads(contrib, 3):
-            notes.setdefault((layer, h), []).append(f"DLA {v:+.2f} to {tgt}")
-    for name, label in (("previous_token", "previous token"), ("induction", "induction"), ("sink_mass", "sink")):
-        if int(scores[f"{name}_queries"].max()) == 0:
-            continue
-        layer, h, v = ranked[name][0]
-        extra = f", off {float(scores.off.sel(layer=layer, head=h)):.0%}" if name == "sink_mass" else ""
-        notes.setdefault((layer, h), []).append(f"top {label} {v:.2f}{extra}")
-    if not notes:
-        return
-    seq = int(ds["seq"].values[row])
-    rows = sequence_tokens(ds, seq)
-    at = int(np.flatnonzero(rows == row)[0])
-    queries = np.arange(max(0, at + 1 - HEATMAP_QUERIES), at + 1)
-    keys = queries if queries[0] == 0 else np.concatenate([[0], queries])
-    heads = list(notes)
-    att = attention(ds, seq, layers=sorted({layer for layer, _ in heads}), heads=sorted({h for _, h in heads}))
-    att = att.isel(query=queries, key=keys).compute()    # every chosen layer x head: one replay of the sequence
-    cropped = (f"; the last {len(queries)} queries up to the attributed token, with the first token kept as a key "
-               f"(a white line marks the gap)" if queries[0] > 0 else "")
-    why = (["the three heads with the largest direct contribution to the prediction (DLA)"] if contrib is not None else [])
-    why += [f"the strongest {label} head by the scores above" for name, label in
-            (("previous_token", "previous-token"), ("induction", "induction"), ("sink_mass", "sink"))
-            if int(scores[f"{name}_queries"].max()) > 0]
-    page.p(f"Attention patterns over sequence {seq} up to the attributed token{cropped}: {', '.join(why)} (each "
-           f"panel's title says why its head is shown). Row i is what query i reads; each row sums to 1. The "
-           f"probabilities are in data/attention_patterns.csv.")
-    page.figure(F.attention_heatmap(att, heads, notes={k: "; ".join(v) for k, v in notes.items()},
-                                    title=f"attention patterns, sequence {seq} (grey: keys the query cannot see)"),
-                "attention heatmaps")
-    values = {(layer, h): att.sel(layer=layer, head=h).values for layer, h in heads}
-    qt = att["query_text"].values if "query_text" in att.coords else att["query_token_id"].values
-    kt = att["key_text"].values if "key_text" in att.coords else att["key_token_id"].values
-    page.csv([{"head": f"L{layer}H{h}", "why": "; ".join(notes[(layer, h)]), "query pos": int(att.query_pos.values[i]),
-               "query": str(qt[i]), "key pos": int(att.key_pos.values[j]), "key": str(kt[j]),
-               "probability": float(values[(layer, h)][i, j])}
-              for layer, h in heads for i in range(att.sizes["query"]) for j in range(att.sizes["key"])
-              if values[(layer, h)][i, j] > 0], "attention_patterns")
-
-
-def _top_heads(contrib, n: int) -> list[tuple[int, int, float]]:
-    """The ``n`` heads with the largest direct contribution in absolute value: (layer, head, value)."""
-    is_head = np.asarray(contrib.kind.values) == "head"
-    vals = np.asarray(contrib.values, np.float64)
-    order = [i for i in np.argsort(-np.abs(vals), kind="stable") if is_head[i]][:n]
-    return [(int(contrib.layer.values[i]), int(contrib["head"].values[i]), float(vals[i])) for i in order]
 
 
 def _maps(page: _Page, ds, sub, row, words, tokenizer, heads, contrib, target_id, text) -> None:

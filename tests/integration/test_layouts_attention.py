@@ -28,7 +28,7 @@ import streamtap as st
 from streamtap.layouts import bind, layout_for
 from streamtap.models import TINY_ARCHS, tiny_model
 
-from _util import padded_batch
+from _util import padded_batch, run_hooked
 
 LENGTHS = [11, 6, 3]
 ENCODERS = {"bert", "roberta"}   # bidirectional: position 0 attends to every token
@@ -105,12 +105,7 @@ def _forward_with_hooks(model, bound, ids, mask, monkeypatch):
                 r["interface"] = [_heads(t, real, True) for t in (query, key, value)]
             return eager(module, query, key, value, *args, **kwargs)
         monkeypatch.setattr(modeling, "eager_attention_forward", probe)
-    try:
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
-    finally:
-        for h in hooks:
-            h.remove()
+    out = run_hooked(model, hooks, input_ids=ids, attention_mask=mask, output_attentions=True)
     return rec, out.attentions
 
 

@@ -160,6 +160,7 @@ VARIANTS = {
     "gptj-partial-interleaved": ("gptj", {}, dict(rotary_style="interleaved", rotary_order="sin_cos"),
                                  _attrs(rotary_style="half")),
     "gpt_neox-partial": ("gpt_neox", {}, dict(rotary_style="half"), _without("rotary_cos", "rotary_sin")),
+    "cohere-repeated-pairs": ("cohere", {}, dict(rotary_style="interleaved_repeated"), _attrs(rotary_style="half")),
     "bloom-alibi": ("bloom", {}, {}, _without("alibi")),
     "bert-bidirectional": ("bert", {}, dict(causal=False), _attrs(causal=True)),
 }
@@ -187,6 +188,16 @@ def test_partial_rotary_tables_are_the_rotated_width():
         ds, _ = tapped(model, ids, mask)
         d_head = ds.attrs["d_head"]
         assert ds.rotary_cos.sizes == {"token": 5, "rope": 1, "rotary_dim": width} and width <= d_head, arch
+
+
+def test_a_rotary_style_that_does_not_fit_the_stored_tables_is_refused_naming_it():
+    """Cohere's tables hold each pair's angle twice; read as GPT-J's one-per-pair tables they would turn
+    twice a head's width. Nothing guesses the style from the tables: the mismatch is one clear error."""
+    model = tiny_model("cohere")
+    ids, mask = padded_batch(model.config.vocab_size, [5], seed=1)
+    ds, _ = tapped(model, ids, mask)
+    with pytest.raises(st.StreamtapError, match="rotary_style 'interleaved'.* does not describe its tables"):
+        st.analysis.attention(ds.assign_attrs(rotary_style="interleaved"), 0).compute()
 
 
 def test_gemma3_keeps_one_table_per_rope_group():

@@ -1,19 +1,8 @@
-"""The command line: capture a corpus, check a store, describe it, and the demo the README opens with.
-
-    streamtap demo                               # the embedded default model, end to end
-    streamtap capture --text docs.txt --out run.zarr     # --resume after a crash, Ctrl-C or full disk
-    streamtap verify run.zarr
-    streamtap info run.zarr
-    streamtap info s3://bucket/run.zarr --storage-option endpoint_url=http://127.0.0.1:9000
-
-Every streamtap error is printed as ``error: <message>`` with exit code 2 (the messages name the
-fix); a store that misses the invariant makes ``verify`` exit 1. ``--model tiny:ARCH`` loads a tiny
-random model with a word-level tokenizer over the input text, so the whole CLI runs offline in seconds.
-"""
+"""The commands that write and read stores: capture a corpus, verify and describe a store, the demo the README
+opens with, and the HTML report."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from importlib import resources
@@ -22,43 +11,26 @@ import click
 import numpy as np
 
 import streamtap as st
-from .errors import StreamtapError, command_line_wording
-from .io.location import access_error, fs_options, is_url, open_group
-from .io.writer import check_target
-from .io.ranks import rank_stores
-from .io.schema import COMMITTED_SEQUENCES, COMMITTED_TOKENS
-from .models.smollm2 import DEFAULT_MODEL
-from .options import CaptureOptions, CorpusOptions, option_fields
 
-DTYPES = ("float32", "bfloat16", "float16")
-TINY = "tiny:"
+from ..io.location import fs_options, is_url, open_group
+from ..io.ranks import rank_stores
+from ..io.schema import COMMITTED_SEQUENCES, COMMITTED_TOKENS
+from ..io.writer import check_target
+from ..options import CorpusOptions
+from ._common import (
+    _load,
+    _options_from,
+    _rows,
+    _tokenizer,
+    cli,
+    device_option,
+    dtype_option,
+    model_option,
+    storage_option,
+)
+
 PROMPT = "The capital of France is"
 TARGET = " Paris"
-
-
-# -- plumbing --------------------------------------------------------------------------------------
-class _Cli(click.Group):
-    """A group that turns any StreamtapError into one line on stderr and exit code 2, and Ctrl-C
-    into exit code 130 (as shells expect of an interrupted command).
-
-    streamtap's errors are written for the person at the terminal; a traceback would bury them.
-    """
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except StreamtapError as exc:
-            click.echo(f"error: {command_line_wording(str(exc))}", err=True)  # the flag to type, not the keyword
-            ctx.exit(2)
-        except KeyboardInterrupt:
-            ctx.exit(130)
-        except Exception as exc:  # a storage library's "cannot reach" (S3 credentials, endpoint): one line too
-            if access_error(exc) is None:
-                raise
-            click.echo(f"error: cannot reach the store ({type(access_error(exc)).__name__}: {access_error(exc)}). "
-                       "Check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the "
-                       "endpoint (--storage-option endpoint_url=... or AWS_ENDPOINT_URL)", err=True)
-            ctx.exit(2)
 
 
 def _sample_path() -> str:
@@ -90,27 +62,6 @@ def _read_texts(path: str) -> tuple[list[str], list[int]]:
     if not texts:
         raise st.InputError(f"{path} has no non-blank lines; give one document per line")
     return texts, lines
-
-
-def _load(model_id: str, dtype: str, device: str | None, trust_remote_code: bool, texts: list[str]):
-    """(model, tokenizer) on ``device``: a tiny random model for ``tiny:ARCH``, else models.load_model."""
-    import torch
-
-    from . import models
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if model_id.startswith(TINY):
-        from .models.tokenizer import word_level_tokenizer
-
-        model = models.tiny_model(model_id[len(TINY):], dtype=dtype)
-        tok = word_level_tokenizer(texts, model.config.vocab_size)
-    else:
-        model, tok = models.load_model(model_id, dtype=dtype, trust_remote_code=trust_remote_code)
-    try:
-        model = model.to(device)
-    except (RuntimeError, ValueError, AssertionError) as exc:  # torch without CUDA raises AssertionError
-        raise click.BadParameter(f"cannot run the model on {device!r}: {exc}", param_hint="--device") from None
-    return model, tok
 
 
 def _line_of(error: st.InputError, lines: list[int], path: str) -> st.InputError:
@@ -180,13 +131,6 @@ def _size(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-def _rows(pairs: list[tuple[str, object]], indent: str = "") -> None:
-    """Aligned ``key  value`` lines: easy to read, easy to grep."""
-    width = max(len(k) for k, _ in pairs)
-    for key, value in pairs:
-        click.echo(f"{indent}{key:<{width}}  {value}")
-
-
 def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
@@ -201,79 +145,6 @@ def _verdict(err) -> str:
     recomputed attention times values (the second invariant)."""
     ok = err.attrs["max_rel_error"] <= err.attrs["tolerance"] and "output_misses" not in err.attrs
     return "ok" if ok else "FAIL"
-
-
-model_option = click.option(
-    "--model", "model_id", default=DEFAULT_MODEL, show_default=True, metavar="ID_OR_DIR",
-    help="A name streamtap.models knows, a Hugging Face id already on disk, or a model directory.")
-dtype_option = click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
-                            help="Precision the model runs (and the store keeps) in.")
-device_option = click.option("--device", default=None,
-                             help="Where the model runs, e.g. cpu, cuda, cuda:1.  [default: cuda if available]")
-
-
-def _storage_options(ctx, param, values) -> dict:
-    """``KEY=VALUE`` pairs; a VALUE that is JSON (true, 3, {"a": 1}) is read as JSON, else as text."""
-    options = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx=ctx, param=param)
-        try:
-            options[key] = json.loads(value)
-        except ValueError:
-            options[key] = value
-    return options
-
-
-storage_option = click.option(
-    "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", callback=_storage_options,
-    help="For an s3://... (any fsspec URL) store: an option of its filesystem, e.g. "
-         "endpoint_url=http://127.0.0.1:9000; repeatable. s3fs also reads AWS_ENDPOINT_URL and the AWS_* "
-         "credentials.")
-
-
-# -- commands ----------------------------------------------------------------------------------------
-@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(st.__version__, prog_name="streamtap")
-def cli():
-    """Record every attention head's message and MLP output as residual-stream terms in Zarr."""
-
-
-def _options_from(cls, skip=()):
-    """The click options of an options class's fields (flags and help texts come from its metadata)."""
-    decorators = []
-    for f in option_fields(cls):
-        flag, help_text, choices = f.metadata["flag"], f.metadata["help"], f.metadata["choices"]
-        if flag == "" or f.name in skip:
-            continue  # not on the command line
-        if f.name == "storage_options":
-            decorators.append(storage_option)
-        elif flag and "/" in flag:
-            decorators.append(click.option(flag, f.name, default=None, help=help_text))
-        elif flag and flag.startswith("--no-"):
-            decorators.append(click.option(flag, f.name, flag_value=False, default=True,
-                                           help=f.metadata.get("flag_help") or help_text))
-        elif f.metadata.get("parse"):   # text the option reads itself (lists, position rules, name=text)
-            decorators.append(click.option(flag, f.name, type=str, default=None, multiple=f.name == "project",
-                                           help=help_text))
-        elif f.type == "bool":
-            decorators.append(click.option(flag or "--" + f.name.replace("_", "-"), f.name, is_flag=True,
-                                           help=help_text))
-        elif choices:
-            decorators.append(click.option(flag or "--" + f.name.replace("_", "-"), f.name, type=click.Choice(choices),
-                                           default=f.default, show_default=f.default is not None, help=help_text))
-        else:
-            decorators.append(click.option(flag or "--" + f.name.replace("_", "-"), f.name,
-                                           type=click.IntRange(min=1), default=f.default,
-                                           show_default=f.default is not None, help=help_text))
-
-    def apply(fn):
-        for decorator in reversed(decorators):
-            fn = decorator(fn)
-        return fn
-
-    return apply
 
 
 @cli.command()
@@ -341,7 +212,7 @@ def verify(ctx, store, tol, storage_options):
                    "concerned or restore the files from a copy", err=True)
         ctx.exit(1)
     if _verdict(err) != "ok":
-        from .invariant import misses
+        from ..invariant import misses
 
         click.echo(f"error: {err.attrs.get('output_misses') or misses(err)}", err=True)
         ctx.exit(1)
@@ -544,7 +415,7 @@ def report(store, out, token, target, words, sample, tokenizer_id, storage_optio
     patterns and head scores (stores captured with --patterns), relevance and promotion maps, effective
     ranks, source-message norms, the residual-PCA scree and the accumulating prediction, from the store alone.
     """
-    from .report import write_report
+    from ..report import write_report
 
     tok = _tokenizer(tokenizer_id)
     if target is not None and target.lstrip("-").isdigit():
@@ -553,120 +424,3 @@ def report(store, out, token, target, words, sample, tokenizer_id, storage_optio
     path = write_report(store, out, token=token, target=target, words=words.split(",") if words else None,
                         sample=sample, tokenizer=tok, storage_options=storage_options)
     _rows([("report", str(path)), ("seconds", f"{time.perf_counter() - start:.1f}")])
-
-
-def _tokenizer(tokenizer_id):
-    """A tokenizer by id or directory (``smollm2``: the bundled one), or None."""
-    if not tokenizer_id:
-        return None
-    from transformers import AutoTokenizer
-
-    from .models.smollm2 import smollm2_dir
-
-    return AutoTokenizer.from_pretrained(str(smollm2_dir()) if tokenizer_id == DEFAULT_MODEL else tokenizer_id,
-                                         trust_remote_code=False)
-
-
-@cli.command()
-@click.argument("store")
-@click.option("--seq", type=int, required=True, help="The stored sequence.")
-@click.option("--target", required=True, help="Token text (exactly one token) or id whose logit is explained.")
-@click.option("--foil", default=None, help="Explain logit[target] - logit[foil].")
-@click.option("--position", type=int, default=-1, show_default=True, help="Position in the sequence (negative: from its end).")
-@click.option("--depth", type=click.IntRange(min=1), default=3, show_default=True, help="Edges from the root still expanded.")
-@click.option("--max-inputs", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Inputs kept per node; the others are summed into its rest input.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Directory for graph.html, graph.json (Neuronpedia format) and the CSV tables.")
-@click.option("--tokenizer", "tokenizer_id", default=None, metavar="ID_OR_DIR",
-              help="Tokenizer for the target (e.g. smollm2).  [default: text stored with the corpus]")
-@storage_option
-def graph(store, seq, target, foil, position, depth, max_inputs, out, tokenizer_id, storage_options):
-    """Write an exact attribution graph of one prediction: an interactive page (click a node for its inputs)
-    and its Neuronpedia-format JSON. Needs a store captured with --patterns (and --neurons for MLP neurons)."""
-    from .analysis import attribution_graph
-    from .report.graph_page import write_graph
-
-    tok = _tokenizer(tokenizer_id)
-    target, foil = (int(t) if t is not None and t.lstrip("-").isdigit() else t for t in (target, foil))
-    start = time.perf_counter()
-    g = attribution_graph(st.open(store, storage_options=storage_options), seq, target, foil=foil, position=position,
-                          depth=depth, max_inputs=max_inputs, tokenizer=tok)
-    path = write_graph(g, out)
-    _rows([("graph", str(path)), ("nodes", len(g.nodes)), ("edges", len(g.edges)), ("value", f"{g.attrs['value']:.6g}"),
-           ("seconds", f"{time.perf_counter() - start:.1f}")])
-
-
-_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
-_SECONDS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
-
-
-def _amount(table: dict, what: str):
-    """A click callback reading ``12``, ``1.5T``, ``24h``: a number and a unit from ``table``."""
-    def parse(ctx, param, value):
-        if value is None:
-            return None
-        text = value.strip().lower().removesuffix("b" if what == "bytes" else "\0")
-        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-        try:
-            return float(number) * table[text[len(number):]]
-        except (KeyError, ValueError):
-            raise click.BadParameter(f"{value!r}: expected {what}, a number with an optional unit "
-                                     f"({', '.join(u for u in table if u)})", ctx=ctx, param=param) from None
-    return parse
-
-
-# what a plan has no use for: how a capture writes, not what it stores
-_NOT_PLANNED = ("append", "overwrite", "break_lock", "writer", "compress", "storage_options", "check")
-
-
-@cli.command()
-@click.option("--model", "model_id", default=None, metavar="ID_OR_DIR",
-              help="A model to load and time on --device (as capture's --model).  [default: the embedded one]")
-@click.option("--config", "config", default=None, metavar="ID_OR_JSON",
-              help="Plan a model without loading it: a config.json, a directory with one, or a known id "
-                   "(llama-3-8b, meta-llama/Meta-Llama-3-8B, meta-llama/Llama-3.1-8B).")
-@click.option("--tokens", type=click.IntRange(min=1), required=True, help="Tokens to capture.")
-@click.option("--out", default=".", show_default=True, help="Where the store would go (the disk is measured there).")
-@click.option("--disk-bandwidth", default=None, callback=_amount(_UNITS, "bytes per second"),
-              help="The disk's write bandwidth, e.g. 2G (bytes/s).  [default: measured, 256 MiB under --out]")
-@click.option("--device-flops", default="400T", show_default=True, callback=_amount(_UNITS, "FLOP/s"),
-              help="With --config: the device's sustained FLOP/s the forward rate is assumed from.")
-@click.option("--budget-time", default=None, callback=_amount(_SECONDS, "a duration"),
-              help="Time budget, e.g. 3600, 90m, 24h, 2d: what would bring the capture under it.")
-@click.option("--budget-size", default=None, callback=_amount(_UNITS, "bytes"),
-              help="Size budget, e.g. 500G, 2T: what would bring the store under it.")
-@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Sequences per timed forward (with --model).")
-@click.option("--seq", "seq_len", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Tokens per sequence of the timed forwards (with --model).")
-@dtype_option
-@device_option
-@_options_from(CaptureOptions, skip=_NOT_PLANNED)
-def plan(model_id, config, tokens, out, disk_bandwidth, device_flops, budget_time, budget_size, batch_size, seq_len,
-         dtype, device, **flags):
-    """Plan a capture: bytes per token and in total, disk and forward time, which bounds it.
-
-    The bytes come from the store's schema for the model's layout and the options; the forward rate
-    from a few timed batches on --device, or with --config from --device-flops (stated in the output).
-    """
-    if model_id and config:
-        raise click.UsageError("give --model (load and time it) or --config (plan it unloaded), not both")
-    flags = {k: v for k, v in flags.items() if v is not None and v != ()}  # unset: the option's default
-    if config:
-        target = config
-    else:
-        target, _ = _load(model_id or DEFAULT_MODEL, dtype, device, False, ["plan"])
-    result = st.plan(target, tokens, target=out, disk_bandwidth=disk_bandwidth, device_flops=device_flops,
-                     budget_time=budget_time, budget_size=budget_size, batch_size=batch_size, seq_len=seq_len,
-                     **flags)
-    _rows(result.rows())
-
-
-def main(argv=None):
-    """Console entry point (``streamtap`` in pyproject.toml)."""
-    return cli.main(args=argv, prog_name="streamtap")
-
-
-if __name__ == "__main__":  # python -m streamtap.cli
-    main()
