@@ -71,7 +71,7 @@ def pattern_support(bound: BoundLayout) -> str | None:
                 "layer), not the query/key weights a pattern is recomputed from")
     if step is None or not (step.q or step.qkv):
         return f"layout {bound.name!r} does not locate the attention's queries and keys"
-    why = step.unsupported(bound.model.config) if step.unsupported else None
+    why = step.unsupported(bound.config) if step.unsupported else None
     if why:
         return why
     if bound.positions() == "alibi" and not step.alibi:
@@ -102,6 +102,12 @@ def layout_for(model) -> Layout:
     for layout in LAYOUTS:
         if model_type in layout.model_types and (layout.when is None or layout.when(config)):
             return layout
+    # a multimodal model whose text tower is a family's (GOT-OCR2's Qwen2): that family's layout, on the tower
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is not config and model_type not in REFUSED:
+        for layout in LAYOUTS:
+            if text.model_type in layout.model_types and (layout.when is None or layout.when(text)):
+                return layout
     raise _unsupported(model)
 
 
