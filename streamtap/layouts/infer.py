@@ -237,6 +237,8 @@ def candidates(model) -> list[Layout]:
     attn = _attention(block, s)
     if attn is None:
         return []
+    if getattr(config, "attn_logit_softcapping", None):   # scores soft-capped (Gemma-2's convention)
+        attn["softcap"] = "attn_logit_softcapping"
     mlp = _layers_mlp(base.get_submodule(layers), s, attn["proj"])
     final = _final_norm(base, layers)
     if mlp is None or final is None:
@@ -249,6 +251,8 @@ def candidates(model) -> list[Layout]:
     scalings = [dict(choice) for choice in itertools.product(*options) if len({k for k, _ in choice}) == len(choice)]
     scalings = [s for s in scalings if s] + [{}]
     after = [(Norm(embed_norms[0]),), ()] if embed_norms else [()]
+    # a soft-cap on the final logits (Gemma-2's convention), which the self-check applies to the logits it replays
+    softcap = "final_logit_softcapping" if getattr(config, "final_logit_softcapping", None) else None
     model_type = getattr(model.config, "model_type", None) or type(model).__name__
     out = []
     for variant in _block_variants(block, attn, mlp):
@@ -257,7 +261,7 @@ def candidates(model) -> list[Layout]:
                 out.append(Layout(
                     name=f"inferred:{model_type}", model_types=(model_type,), embeds=embeds, layers=layers,
                     block=variant, resid_final=(final, INPUT), final_norm=final, after_embeds=after_embeds,
-                    positions=positions, inferred=True, **scales,
+                    positions=positions, inferred=True, final_softcap=softcap, **scales,
                 ))
     return out
 
