@@ -28,6 +28,11 @@ sub-config, e.g. ``text_config``, the same way), by field name:
   without attention layers, an unset layer pattern: bamba, granitemoehybrid, lfm2_moe) the real
   checkpoints' pattern, shortened (``_CHECKPOINT_PATTERN``); if the model still cannot be built, 4,
   8 and 12 layers are tried (patterns set by period and offset, Zamba's shared block used twice);
+- heterogeneous configs (``per_layer_config``, {layer: fields}): its layers are kinds of layer for the
+  depth rule, kept for the kept layers, each field scaled keeping its ratio to the global value;
+  per-layer width lists (Gemma-3n's ``intermediate_size``) scaled element by element; second
+  vocabularies (``vocab_size_*``, ``*_vocab``) 256, ``hidden_size_*`` 64; a ``num_*layers`` count equal
+  to the depth stays equal to it; where a type's defaults do not build or run, ``_DEFAULT_FIXES``;
 - every other integer field named ``*_size``/``*_dim`` above 64 becomes 64 (state sizes, lora ranks),
   every other ``num_*``/``n_*`` above 4 becomes 4 (except token ids and labels);
 - weights: the library's own initialisation with ``initializer_range`` 0.2, then biases drawn at
@@ -102,7 +107,10 @@ _CHECKPOINT_PATTERN = {
 }
 # where a type's own defaults do not build or run (the checkpoints all set these): the fields to give
 _DEFAULT_FIXES = {
-    "blt": {"use_cache": False},   # its cache reads num_hidden_layers, which its (nested) config does not have
+    "blt": {"use_cache": False},
+    # their defaults leave out the rotary parameters their attention reads (per kind of layer; on attn_config)
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},   # and DBRX clamps q, k, v to 8   # its cache reads num_hidden_layers, which its (nested) config does not have
     # an assistant has no per-layer inputs (its config's validation requires 0; the text defaults are 256)
     "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
 }
