@@ -176,6 +176,19 @@ class BoundLayout:
         return out
 
 
+def _one_vocabulary(layout: Layout, model: torch.nn.Module) -> None:
+    """A store keeps W_E and W_U along one ``vocab`` axis: refuse a model whose input embedding has another
+    number of rows than its unembedding (Mllama's 8 extra image-token rows) before anything is written."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if layout.unembed and hasattr(model, "get_output_embeddings") else None
+    rows_in = getattr(getattr(emb, "weight", None), "shape", (None,))[0]
+    rows_out = getattr(getattr(out, "weight", None), "shape", (None,))[0]
+    if rows_in is not None and rows_out is not None and rows_in != rows_out:
+        raise LayoutError(f"layout {layout.name!r}: {type(model).__name__}'s input embedding has {rows_in} rows and its "
+                          f"unembedding {rows_out}, and a store keeps both along one vocabulary axis; tap a model "
+                          "whose token tables agree")
+
+
 def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> BoundLayout:
     """Resolve ``layout`` against ``model``: the paths a capture taps and the stream's events.
 
@@ -207,6 +220,7 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
         full = f"{base_path}.{layout.layers}" if base_path else layout.layers
         raise LayoutError(f"layout {layout.name!r}: {type(model).__name__} has no module list at "
                           f"{full!r} (the blocks); see docs/layouts.md")
+    _one_vocabulary(layout, model)
     d_model = config.hidden_size
     kinds = (layout.block, *(layout.blocks or {}).values())
     attn = next((step for steps in kinds for step in steps if isinstance(step, Attn)), None)
