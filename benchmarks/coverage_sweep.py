@@ -28,6 +28,11 @@ sub-config, e.g. ``text_config``, the same way), by field name:
   without attention layers, an unset layer pattern: bamba, granitemoehybrid, lfm2_moe) the real
   checkpoints' pattern, shortened (``_CHECKPOINT_PATTERN``); if the model still cannot be built, 4,
   8 and 12 layers are tried (patterns set by period and offset, Zamba's shared block used twice);
+- heterogeneous configs (``per_layer_config``, {layer: fields}): its layers are kinds of layer for the
+  depth rule, kept for the kept layers, each field scaled keeping its ratio to the global value;
+  per-layer width lists (Gemma-3n's ``intermediate_size``) scaled element by element; second
+  vocabularies (``vocab_size_*``, ``*_vocab``) 256, ``hidden_size_*`` 64; a ``num_*layers`` count equal
+  to the depth stays equal to it; where a type's defaults do not build or run, ``_DEFAULT_FIXES``;
 - every other integer field named ``*_size``/``*_dim`` above 64 becomes 64 (state sizes, lora ranks),
   every other ``num_*``/``n_*`` above 4 becomes 4 (except token ids and labels);
 - weights: the library's own initialisation with ``initializer_range`` 0.2, then biases drawn at
@@ -99,6 +104,15 @@ _CHECKPOINT_PATTERN = {
     "bamba": {"attn_layer_indices": [1]},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+}
+# where a type's own defaults do not build or run (the checkpoints all set these): the fields to give
+_DEFAULT_FIXES = {
+    "blt": {"use_cache": False},
+    # their defaults leave out the rotary parameters their attention reads (per kind of layer; on attn_config)
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},   # and DBRX clamps q, k, v to 8   # its cache reads num_hidden_layers, which its (nested) config does not have
+    # an assistant has no per-layer inputs (its config's validation requires 0; the text defaults are 256)
+    "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
 }
 _KEEP = {"vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
          "mask_token_id", "unk_token_id", "num_labels", "decoder_start_token_id", "type_vocab_size",
@@ -181,6 +195,11 @@ def tiny_overrides(defaults: dict, depth: int | None = None) -> dict:
             out[key] = 1
         elif key in _LAYER_NAMES:
             continue
+        elif (key.startswith("vocab_size") or key.endswith("_vocab")) and value > VOCAB:
+            # a second table (Gemma-3n's per-layer inputs, BLT's hashed byte groups)
+            out[key] = VOCAB
+        elif key.startswith("hidden_size_") and value > WIDTH:   # a width by another name (hidden_size_per_layer_input)
+            out[key] = WIDTH
         elif (key.endswith("_size") or key.endswith("_dim") or key.endswith("_rank")) and value > WIDTH:
             out[key] = WIDTH
         elif key == "mamba_d_ssm":
@@ -193,9 +212,21 @@ def tiny_overrides(defaults: dict, depth: int | None = None) -> dict:
     if depth_keys:
         depth_key = depth_keys[0]
         per_layer = _per_layer(defaults, defaults[depth_key])
-        n = _kept_depth(per_layer, defaults[depth_key]) if depth is None else min(depth, defaults[depth_key])
+        # a heterogeneous config's layer overrides are kinds of layer too
+        overrides = {int(i): f for i, f in (defaults.get("per_layer_config") or {}).items()}
+        kinds = {**per_layer, " per_layer_config": [overrides.get(i) for i in range(defaults[depth_key])]} \
+            if overrides else per_layer
+        n = _kept_depth(kinds, defaults[depth_key]) if depth is None else min(depth, defaults[depth_key])
         out.update(dict.fromkeys(depth_keys, n))
+        # a layer count that was the whole depth stays the whole depth (Gemma-4's assistant shares every layer's cache)
+        out.update({k: n for k, v in defaults.items() if k not in depth_keys and "layers" in k and k.startswith("num_")
+                    and isinstance(v, int) and not isinstance(v, bool) and v == defaults[depth_key]})
         out.update({k: v[:n] for k, v in per_layer.items()})
+        for key in [k for k, v in per_layer.items() if k in _FFN_NAMES or k.endswith("intermediate_size")]:
+            # a width per layer (Gemma-3n's intermediate_size list): each scaled as a single one would be
+            out[key] = [FFN if isinstance(v, int) and not isinstance(v, bool) and v > FFN else v for v in out[key]]
+    if isinstance(defaults.get("per_layer_config"), dict) and depth_keys:
+        out["per_layer_config"] = _tiny_per_layer(defaults, out, out[depth_keys[0]])
     if isinstance(defaults.get("attention_head_dim"), int) and "attention_hidden_size" in out and heads:
         out["attention_head_dim"] = out["attention_hidden_size"] // HEADS_N   # Zamba: the heads span that width
     for n_heads, d_head, expand in _MAMBA_HEADS:
@@ -214,13 +245,39 @@ def tiny_overrides(defaults: dict, depth: int | None = None) -> dict:
     return out
 
 
+def _tiny_per_layer(defaults: dict, out: dict, depth: int) -> dict:
+    """A heterogeneous config's ``per_layer_config`` ({layer index: fields that differ there}) for the
+    kept layers: each field scaled as the global one was, keeping its ratio to the global value where
+    one divides the other (Gemma-4's global layers with twice the head width stay twice as wide)."""
+    kept = {}
+    for index, fields in defaults["per_layer_config"].items():
+        if int(index) >= depth:
+            continue
+        tiny = tiny_overrides({k: v for k, v in {**defaults, **fields}.items() if k != "per_layer_config"})
+        entry = {}
+        for key, value in fields.items():
+            base, small = defaults.get(key), out.get(key, defaults.get(key))
+            if (isinstance(value, int) and not isinstance(value, bool) and isinstance(base, int) and base > 0
+                    and isinstance(small, int) and value != base):
+                if value % base == 0 and value // base <= 4:
+                    entry[key] = small * (value // base)
+                    continue
+                if base % value == 0 and small % (base // value) == 0:
+                    entry[key] = small // (base // value)
+                    continue
+            entry[key] = tiny.get(key, value)
+        kept[index] = entry
+    return kept
+
+
 def tiny_config(model_type: str, depth: int | None = None):
     """``AutoConfig.for_model(model_type)`` scaled down by name, sub-configs included; and what changed."""
     from transformers import AutoConfig, PretrainedConfig
 
-    base = AutoConfig.for_model(model_type)
-    changed: dict = {}
-    kwargs = tiny_overrides(base.to_dict(), depth)
+    fixes = _DEFAULT_FIXES.get(model_type, {})
+    base = AutoConfig.for_model(model_type, **fixes)
+    changed: dict = dict(fixes)
+    kwargs = {**fixes, **tiny_overrides(base.to_dict(), depth)}
     pattern = _CHECKPOINT_PATTERN.get(model_type, {})
     if pattern and depth is None:
         kwargs.update(pattern)
@@ -228,7 +285,7 @@ def tiny_config(model_type: str, depth: int | None = None):
         for key in _LAYER_NAMES & set(kwargs) if kinds else ():
             kwargs[key] = len(kinds)
     for key in base.to_dict():
-        sub = getattr(base, key, None)
+        sub = base.__dict__.get(key)   # not getattr: a heterogeneous config refuses reads of per-layer fields
         if isinstance(sub, PretrainedConfig):
             sub_kwargs = tiny_overrides(sub.to_dict(), depth)
             kwargs[key] = {**sub.to_dict(), **sub_kwargs}
@@ -267,13 +324,15 @@ def build(model_type: str, head: str, dtype, depth: int | None = None):
 
 
 # -- ground truth --------------------------------------------------------------------------------------
-def _layer_list(base):
-    """The ModuleList of blocks: the one holding the most parameters."""
+def _layer_list(base, depth: int | None = None):
+    """The ModuleList of blocks: the one holding the most parameters, among those ``depth`` long (the text
+    config's layer count) where any is: a multimodal model's vision or audio encoder may hold more."""
     import torch
 
     lists = [(sum(p.numel() for p in m.parameters()), name, m) for name, m in base.named_modules()
              if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
-    return max(lists, key=lambda x: x[0])[1:] if lists else (None, None)
+    deep = [x for x in lists if len(x[2]) == depth]
+    return max(deep or lists, key=lambda x: x[0])[1:] if lists else (None, None)
 
 
 def _parallel_lists(base, list_name, layers) -> list:
@@ -298,7 +357,8 @@ def ground_truth(model, ids, mask):
     from _util import run_hooked
 
     base = model.base_model
-    list_name, layers = _layer_list(base)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    list_name, layers = _layer_list(base, getattr(text, "num_hidden_layers", None))
     order, captured, handles = [], {}, []
     lists = _parallel_lists(base, list_name, layers) if layers is not None else []
     inside = {id(m) for group in lists for m in group.modules()}

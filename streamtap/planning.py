@@ -38,7 +38,7 @@ def dim_sizes(bound, options: CaptureOptions) -> dict[str, int]:
     """The size of every schema dim for a capture of ``bound`` with ``options``."""
     from .layouts import Weights
 
-    config = bound.model.config
+    config = bound.config
     sizes = {"layer": bound.n_layers, "head": bound.n_heads, "d_head": bound.d_head, "d_model": bound.d_model,
              "norm": len(bound.norms), "slot": int(getattr(config, "num_experts_per_tok", 0) or 0)}
     if options.neurons:

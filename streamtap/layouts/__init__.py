@@ -71,7 +71,7 @@ def pattern_support(bound: BoundLayout) -> str | None:
                 "layer), not the query/key weights a pattern is recomputed from")
     if step is None or not (step.q or step.qkv):
         return f"layout {bound.name!r} does not locate the attention's queries and keys"
-    why = step.unsupported(bound.model.config) if step.unsupported else None
+    why = step.unsupported(bound.config) if step.unsupported else None
     if why:
         return why
     if bound.positions() == "alibi" and not step.alibi:
@@ -102,6 +102,12 @@ def layout_for(model) -> Layout:
     for layout in LAYOUTS:
         if model_type in layout.model_types and (layout.when is None or layout.when(config)):
             return layout
+    # a multimodal model whose text tower is a family's (GOT-OCR2's Qwen2): that family's layout, on the tower
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is not config and model_type not in REFUSED:
+        for layout in LAYOUTS:
+            if text.model_type in layout.model_types and (layout.when is None or layout.when(text)):
+                return layout
     raise _unsupported(model)
 
 
@@ -115,6 +121,13 @@ def layout_candidates(model) -> list[Layout]:
     UnsupportedArchitectureError
         No family layout matches and the module tree is not one inference can read.
     """
+    varying = _sizes_per_layer(model)
+    if varying:
+        raise UnsupportedArchitectureError(
+            f"streamtap cannot tap {type(model).__name__} (model_type {model.config.model_type!r}): its layers differ "
+            f"in {', '.join(varying)} (a heterogeneous config: per_layer_config sets them layer by layer), and a "
+            "store lays out every layer with the same sizes (one head count and head width for W_O and z). "
+            "Capture another architecture")
     try:
         return [layout_for(model)]
     except UnsupportedArchitectureError:
@@ -127,6 +140,22 @@ def layout_candidates(model) -> list[Layout]:
         raise _unsupported(model, " Its module tree is not a stack of attention and MLP blocks that streamtap could "
                                   "infer a layout from.")
     return found
+
+
+# the sizes a store lays every layer out by; a config that sets them per layer cannot be stored
+_STORE_SIZES = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "v_head_dim")
+
+
+def _sizes_per_layer(model) -> list[str]:
+    """The store's sizes a heterogeneous config (transformers' ``per_layer_config``) sets per layer."""
+    config = getattr(model, "config", None)
+    configs = [config] + [getattr(config, k, None) for k in ("text_config",)] if config is not None else []
+    fields = set()
+    for c in configs:
+        overrides = c.to_dict().get("per_layer_config") if hasattr(c, "to_dict") else None
+        for layer in (overrides or {}).values():
+            fields.update(k for k in layer or {} if k in _STORE_SIZES)
+    return sorted(fields)
 
 
 def _unsupported(model, why: str = "") -> UnsupportedArchitectureError:

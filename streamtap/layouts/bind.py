@@ -28,6 +28,22 @@ def resolve_path(root: torch.nn.Module, path: str):
     return module
 
 
+def stack_root(model: torch.nn.Module, layers: str | None = None) -> torch.nn.Module:
+    """The module a layout's paths are relative to: the base model, or, where the blocks (``layers``;
+    None: inference, which looks for them) are not there, the text stack inside it: a multimodal
+    model's text tower (``language_model``, transformers' name for it, whose config holds the sizes),
+    or the ``model`` of a causal LM whose ``base_model`` is itself (Mllama's text-only model). The
+    stream of a vision-language model's text is that stack's stream."""
+    base = model.base_model if hasattr(model, "base_model") else model
+    inner = [getattr(base, "language_model", None)] + ([getattr(model, "model", None)] if base is model else [])
+    for tower in inner:
+        if (isinstance(tower, torch.nn.Module) and tower is not base and hasattr(tower, "config")
+                and (layers is None or (resolve_path(base, layers) is None
+                                        and resolve_path(tower, layers) is not None))):
+            return tower
+    return base
+
+
 @dataclass
 class BoundLayout:
     """A layout resolved against one model: tap paths, stream events, sizes, frozen-norm probes."""
@@ -46,6 +62,7 @@ class BoundLayout:
     flat: set[str] = field(default_factory=set)                      # tap keys whose tokens come flattened
     norm_probes: list[dict] = field(default_factory=list)            # gamma, beta, centring, eps per norm
     attn: Attn | None = None                                         # the block's attention step
+    config: object = None                                            # the stack's config (a text tower's)
     out_scales: dict[str, float] = field(default_factory=dict)      # tap key -> a step's own output multiplier
 
     @property
@@ -124,12 +141,12 @@ class BoundLayout:
     def positions(self) -> str:
         """How positions enter: "rotary", "learned", "alibi" or "none" (the layout's declaration)."""
         p = self.layout.positions
-        return p(self.model.config) if callable(p) else p
+        return p(self.config) if callable(p) else p
 
     def max_positions(self) -> int | None:
         """The longest sequence the model takes, from the config fields the layout names."""
         for attr in self.layout.max_positions:
-            value = getattr(self.model.config, attr, None)
+            value = getattr(self.config, attr, None)
             if isinstance(value, int) and value > 0:
                 return value
         return None
@@ -137,12 +154,12 @@ class BoundLayout:
     def final_softcap(self) -> float | None:
         """The soft-cap on the final logits (cap * tanh(logit / cap)), where the layout names one."""
         field_name = self.layout.final_softcap
-        value = getattr(self.model.config, field_name, None) if field_name else None
+        value = getattr(self.config, field_name, None) if field_name else None
         return float(value) if value else None
 
     def multiplier(self, which: str) -> float:
         """The layout's ``embed``, ``residual`` or ``logit`` multiplier on this model (1 where none)."""
-        return self.layout.multiplier(which, self.model.config)
+        return self.layout.multiplier(which, self.config)
 
     def facts(self) -> dict:
         """The architecture's facts as store attributes; analyses read these, never the config."""
@@ -154,7 +171,7 @@ class BoundLayout:
         if self.layout.inferred:
             from .infer import declaration
 
-            out.update(layout_inferred=True, layout_declaration=declaration(self.layout, self.model.config))
+            out.update(layout_inferred=True, layout_declaration=declaration(self.layout, self.config))
         cap = self.final_softcap()
         if cap:
             out["final_logit_softcap"] = cap
@@ -162,6 +179,19 @@ class BoundLayout:
         if limit:
             out["max_positions"] = limit
         return out
+
+
+def _one_vocabulary(layout: Layout, model: torch.nn.Module) -> None:
+    """A store keeps W_E and W_U along one ``vocab`` axis: refuse a model whose input embedding has another
+    number of rows than its unembedding (Mllama's 8 extra image-token rows) before anything is written."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if layout.unembed and hasattr(model, "get_output_embeddings") else None
+    rows_in = getattr(getattr(emb, "weight", None), "shape", (None,))[0]
+    rows_out = getattr(getattr(out, "weight", None), "shape", (None,))[0]
+    if rows_in is not None and rows_out is not None and rows_in != rows_out:
+        raise LayoutError(f"layout {layout.name!r}: {type(model).__name__}'s input embedding has {rows_in} rows and its "
+                          f"unembedding {rows_out}, and a store keeps both along one vocabulary axis; tap a model "
+                          "whose token tables agree")
 
 
 def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> BoundLayout:
@@ -185,8 +215,9 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
     LayoutError
         When a module the layout names is missing; the message gives its full path.
     """
-    config = model.config
-    base = model.base_model if hasattr(model, "base_model") else model
+    base = stack_root(model, layout.layers)
+    plain = model.base_model if hasattr(model, "base_model") else model
+    config = model.config if base is plain else base.config   # a text tower's own config holds its sizes
     names = {id(m): n for n, m in model.named_modules()}
     base_path = names[id(base)]
     layers = resolve_path(base, layout.layers)
@@ -194,6 +225,7 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
         full = f"{base_path}.{layout.layers}" if base_path else layout.layers
         raise LayoutError(f"layout {layout.name!r}: {type(model).__name__} has no module list at "
                           f"{full!r} (the blocks); see docs/layouts.md")
+    _one_vocabulary(layout, model)
     d_model = config.hidden_size
     kinds = (layout.block, *(layout.blocks or {}).values())
     attn = next((step for steps in kinds for step in steps if isinstance(step, Attn)), None)
@@ -203,7 +235,7 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
         n_heads = config.num_attention_heads
         d_head = ((getattr(config, attn.d_head) if attn.d_head else None)
                   or getattr(config, "head_dim", None) or d_model // n_heads)
-    bound = BoundLayout(layout, model, base_path, len(layers), n_heads, d_head, d_model)
+    bound = BoundLayout(layout, model, base_path, len(layers), n_heads, d_head, d_model, config=config)
 
     def norm_index(full_path: str) -> int:
         bound.norms.append(full_path)

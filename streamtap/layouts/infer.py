@@ -22,6 +22,7 @@ from typing import Iterator
 
 import torch
 
+from .bind import stack_root
 from .spec import INPUT, Attn, Layout, Mlp, Moe, Norm, Reciprocal, sliding_window
 
 # names are hints that order candidates; module types and weight shapes decide what a module is
@@ -37,6 +38,8 @@ _ATTN_HINTS = ("attn", "attention")
 _POST_MLP = ("post_feedforward", "post_mlp", "post_ffn", "ffn_post", "post_ff")
 _POST_ATTN = ("post_attention", "post_attn", "post_self_attn")
 _EMBED_NORMS = ("embed", "emb")
+_SHARED = ("shared_experts", "shared_expert", "shared_mlp")
+_SHARED_GATES = ("shared_expert_gate",)
 
 # multipliers models apply outside their modules: (which, config field, the ways models apply it)
 MULTIPLIERS = (
@@ -132,8 +135,13 @@ def _mlp(block: torch.nn.Module, s: dict, attn_prefix: str) -> Mlp | Moe | None:
         if not (any(h in name.lower() for h in _MLP_HINTS) or "mlp" in type(m).__name__.lower()):
             continue
         experts = getattr(m, "experts", None)
-        if experts is not None and hasattr(experts, "num_experts") and not hasattr(m, "shared_expert"):
-            return Moe(name, experts=f"{name}.experts")
+        if experts is not None and hasattr(experts, "num_experts"):
+            # an always-on shared expert beside the routed ones (DeepSeek's shared_experts), gated where
+            # the block has a gate for it (Qwen2-MoE's shared_expert_gate)
+            shared = next((n for n in _SHARED if isinstance(getattr(m, n, None), torch.nn.Module)), None)
+            gate = next((n for n in _SHARED_GATES if isinstance(getattr(m, n, None), torch.nn.Module)), None)
+            return Moe(name, experts=f"{name}.experts", shared=shared and f"{name}.{shared}",
+                       shared_gate=shared and gate and f"{name}.{gate}")
         downs = [n for n, sub in m.named_modules() if (_in_out(sub) or (0, 0))[1] == s["d_model"] and n]
         if downs:
             return Mlp(name, down=f"{name}.{min(downs, key=lambda n: (_rank(n, _DOWN_NAMES), n.count('.')))}")
@@ -145,6 +153,18 @@ def _mlp(block: torch.nn.Module, s: dict, attn_prefix: str) -> Mlp | Moe | None:
         down = min(downs, key=lambda n: _rank(n, _DOWN_NAMES))
         return Mlp(down, down=down)
     return None
+
+
+def _layers_mlp(blocks: torch.nn.ModuleList, s: dict, attn_prefix: str) -> Mlp | Moe | None:
+    """The MLP step of every block: the first block's, or where some blocks hold a mixture of experts and
+    others a dense MLP (DeepSeek's first dense layers, MoE every few layers), a mixture whose ``dense``
+    is the dense blocks' MLP (each layer binds to whichever it has)."""
+    found = [_mlp(block, s, attn_prefix) for block in blocks]
+    moe = next((m for m in found if isinstance(m, Moe)), None)
+    dense = next((m for m in found if isinstance(m, Mlp)), None)
+    if moe is None or dense is None:
+        return found[0]
+    return dataclasses.replace(moe, dense=dense)
 
 
 def _block_variants(block: torch.nn.Module, attn: dict, mlp) -> Iterator[tuple]:
@@ -203,9 +223,10 @@ def _final_norm(base: torch.nn.Module, layers: str) -> str | None:
 def candidates(model) -> list[Layout]:
     """The layouts that could describe ``model``, most likely first; empty where its structure is
     not a stack of attention + MLP blocks streamtap can read (every one still has to be proven)."""
-    config = getattr(model, "config", None)
+    base = stack_root(model)   # a multimodal model's text tower, where it has one
+    config = getattr(base, "config", None) if base is not getattr(model, "base_model", model) else \
+        getattr(model, "config", None)
     s = _sizes(config) if config is not None else None
-    base = getattr(model, "base_model", model)
     if s is None:
         return []
     layers = _blocks(base, s["n_layers"])
@@ -216,7 +237,9 @@ def candidates(model) -> list[Layout]:
     attn = _attention(block, s)
     if attn is None:
         return []
-    mlp = _mlp(block, s, attn["proj"])
+    if getattr(config, "attn_logit_softcapping", None):   # scores soft-capped (Gemma-2's convention)
+        attn["softcap"] = "attn_logit_softcapping"
+    mlp = _layers_mlp(base.get_submodule(layers), s, attn["proj"])
     final = _final_norm(base, layers)
     if mlp is None or final is None:
         return []
@@ -228,7 +251,9 @@ def candidates(model) -> list[Layout]:
     scalings = [dict(choice) for choice in itertools.product(*options) if len({k for k, _ in choice}) == len(choice)]
     scalings = [s for s in scalings if s] + [{}]
     after = [(Norm(embed_norms[0]),), ()] if embed_norms else [()]
-    model_type = getattr(config, "model_type", None) or type(model).__name__
+    # a soft-cap on the final logits (Gemma-2's convention), which the self-check applies to the logits it replays
+    softcap = "final_logit_softcapping" if getattr(config, "final_logit_softcapping", None) else None
+    model_type = getattr(model.config, "model_type", None) or type(model).__name__
     out = []
     for variant in _block_variants(block, attn, mlp):
         for scales in scalings:
@@ -236,7 +261,7 @@ def candidates(model) -> list[Layout]:
                 out.append(Layout(
                     name=f"inferred:{model_type}", model_types=(model_type,), embeds=embeds, layers=layers,
                     block=variant, resid_final=(final, INPUT), final_norm=final, after_embeds=after_embeds,
-                    positions=positions, inferred=True, **scales,
+                    positions=positions, inferred=True, final_softcap=softcap, **scales,
                 ))
     return out
 

@@ -303,8 +303,8 @@ class Weights:
         for note in step.notes:
             if isinstance(note, str):
                 notes.append(note)
-            elif getattr(b.model.config, note[0], None):
-                notes.append(note[1].format(getattr(b.model.config, note[0])))
+            elif getattr(b.config, note[0], None):
+                notes.append(note[1].format(getattr(b.config, note[0])))
         if notes:
             info["attn_notes"] = notes
         return info
@@ -348,7 +348,7 @@ class Weights:
         b = self.bound
         if not self._has_qkv():
             return {}
-        config, step = b.model.config, b.attn
+        config, step = b.config, b.attn
         windows = [step.window(config, self.attention_module(layer)) if step.window else None
                    for layer in range(b.n_layers)]
         info = {"attn_window": [int(w) if w else None for w in windows], "rotary_groups": self.rotary_groups()}
@@ -366,7 +366,7 @@ class Weights:
     def rotary_groups(self) -> list[int]:
         """Per layer, which of the rotary tables it uses: one per ``config.layer_types`` kind (Gemma-3
         rotates local and global layers differently), else one for every layer."""
-        types = getattr(self.bound.model.config, "layer_types", None)
+        types = getattr(self.bound.config, "layer_types", None)
         if not types or self.bound.positions() != "rotary":
             return [0] * self.bound.n_layers
         kinds = sorted(set(types))
@@ -392,7 +392,7 @@ class Weights:
         if step is None:
             self._cache["mlp_inputs"] = ({}, {})
             return self._cache["mlp_inputs"]
-        parallel = bool(step.parallel and getattr(b.model.config, step.parallel, False))
+        parallel = bool(step.parallel and getattr(b.config, step.parallel, False))
         norm = (b.attn.norm if b.attn is not None else None) if parallel else step.norm
         out, info = {}, {"mlp_reads": "attn" if parallel else "mlp"}
         for name, rel in (("in", step.up), ("gate", step.gate)):
@@ -414,7 +414,7 @@ class Weights:
             if any(bool(p["beta"].abs().max() > 0) for p in probes):
                 out["mlp_norm_bias"] = torch.stack([p["beta"] for p in probes])
             info.update(mlp_norm_kind="layernorm" if probes[0]["center"] else "rmsnorm", mlp_norm_eps=probes[0]["eps"])
-        act = getattr(b.model.config, step.act, None) if step.act else None
+        act = getattr(b.config, step.act, None) if step.act else None
         if act:
             info["mlp_act"] = str(act)
         self._cache["mlp_inputs"] = (out, info)

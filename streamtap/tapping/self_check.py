@@ -41,7 +41,8 @@ def probe_batch(tap, n_tokens: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     layout where padding is, as in every real batch (learned positions that follow the mask,
     masks folded into biases); only real tokens are compared."""
     module = tap.module
-    vocab = int(getattr(module.config, "vocab_size", 2) or 2)
+    config = module.config.get_text_config() if hasattr(module.config, "get_text_config") else module.config
+    vocab = int(getattr(config, "vocab_size", 2) or 2)   # a multimodal model's text tower holds the vocabulary
     n = min(n_tokens, tap.max_positions or n_tokens)
     device = next(module.parameters()).device
     ids = (torch.arange(n, device=device) % max(vocab - 1, 1) + 1)[None].repeat(2, 1)
@@ -51,7 +52,7 @@ def probe_batch(tap, n_tokens: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     if getattr(tap.tokenizer, "padding_side", "right") == "left":
         pad = pad.flip(0)
     mask[1, pad] = 0
-    ids[1, pad] = int(getattr(module.config, "pad_token_id", None) or 0) % max(vocab, 1)
+    ids[1, pad] = int(getattr(config, "pad_token_id", None) or 0) % max(vocab, 1)
     ids[1, ~pad] = ids[1, ~pad].flip(0)   # another sequence than row 0, not just a shorter copy
     return ids, mask
 
