@@ -10,6 +10,8 @@ low-rank projections with a norm between them, so its patterns are not recompute
 the offline recomputation (norm, then rotation) does not reproduce: its patterns are refused too.
 """
 
+import dataclasses
+
 from .spec import INPUT, Attn, Layout, Mlp, Moe, projections, sliding_window
 
 ATTN = Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), window=sliding_window)
@@ -20,8 +22,15 @@ DENSE = Mlp("mlp", down="mlp.down_proj")
 SHARED = Moe("mlp", experts="mlp.experts", shared="mlp.shared_experts", dense=DENSE)
 QK_AFTER_ROPE = ("its query and key norms act after the rotary rotation, and a norm's per-dimension weights do not "
                  "commute with the rotation, so the offline order (norm, then rotation) is not the model's")
+GATED = ("its attention output is multiplied by a sigmoid gate read from the layer's input before the output "
+         "projection, so z is the gated mixture of values, not the pattern-weighted values a recomputed pattern gives")
 MLA = ("multi-head latent attention: queries and keys come through low-rank projections with a norm between "
        "them and a rotary part shared by the heads, which no per-head W_Q/W_K reproduces")
+
+
+def _rotates_sliding(config, attention) -> bool:
+    """EXAONE's rule: with a sliding window configured, only sliding layers rotate (global ones use no positions)."""
+    return attention.sliding_window is None or bool(getattr(attention, "is_sliding", True))
 
 
 def _layout(name: str, model_types: tuple[str, ...], attn: Attn, moe: Moe) -> Layout:
@@ -38,9 +47,23 @@ LAYOUTS = [
             Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), window=sliding_window,
                  sinks="sinks", rotary="halves"),
             Moe("mlp", experts="mlp.experts")),
-    _layout("deepseek", ("deepseek_v2", "deepseek_v3"),
+    # DeepSeek-V3's classes also build Sarvam-MLA; GLM-4-MoE-Lite, DeepSeek-V3.2 and GLM-MoE-DSA (whose
+    # indexer picks the keys each query attends to; z is still per head) write the same way
+    _layout("deepseek", ("deepseek_v2", "deepseek_v3", "sarvam_mla", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa"),
             Attn("self_attn.o_proj", norm="input_layernorm", d_head="v_head_dim", no_patterns=MLA), SHARED),
-    _layout("shared_experts", ("glm4_moe", "dots1"), QK_NORM_ATTN, SHARED),
+    # GLM-4-MoE's classes also build Param-2-MoE and Sarvam-MoE; HY-V3 is the same block under its own names
+    _layout("shared_experts", ("glm4_moe", "dots1", "param2moe", "sarvam_moe", "hy_v3"), QK_NORM_ATTN, SHARED),
+    _layout("exaone_moe", ("exaone_moe",),
+            dataclasses.replace(QK_NORM_ATTN, rotates=_rotates_sliding), SHARED),
+    # MiMo-V2-Flash: sinks on its sliding layers, a partial rotation and values scaled inside the attention;
+    # MiniCPM-5-MoE: a sigmoid gate fused with the queries (q_gate_proj) scales z. Terms per head, no W_Q/W_K/W_V.
+    _layout("mimo_v2_flash", ("mimo_v2_flash",),
+            Attn("self_attn.o_proj", norm="input_layernorm", d_head="v_head_dim", no_patterns=(
+                "its values are scaled inside the attention (attention_value_scale) and its sliding layers add "
+                "learned sinks under a partial rotation, which the stored weights do not describe")),
+            Moe("mlp", experts="mlp.experts", dense=DENSE)),
+    _layout("minicpm5_moe", ("minicpm5_moe",), Attn("self_attn.o_proj", norm="input_layernorm", no_patterns=GATED),
+            SHARED),
     _layout("ernie4_5_moe", ("ernie4_5_moe",),
             Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), window=sliding_window,
                  rotary="interleaved_from_half"), SHARED),
@@ -52,3 +75,10 @@ LAYOUTS = [
                  qk_norm=("self_attn.q_norm", "self_attn.k_norm"), window=sliding_window),
             Moe("mlp", experts="mlp.experts", through="post_feedforward_layernorm")),
 ]
+
+REFUSED = {
+    "hy_v4": ("its hyper-connections keep hc_mult residual streams: each sublayer reads a mix of them weighted per "
+              "token, and writes its output into every stream with another per-token weight, so no single residual "
+              "stream adds up to what each block reads"),
+}
+"""Model types refused up front, with the structure that rules out an exact decomposition of one stream."""
