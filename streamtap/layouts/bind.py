@@ -195,7 +195,7 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
     if attn is None:  # a pure state-space model: no heads, every layer one mixer term
         n_heads = d_head = 0
     else:
-        n_heads = config.num_attention_heads
+        n_heads = int(config_multiplier(attn.heads, config)) if attn.heads else config.num_attention_heads
         d_head = ((getattr(config, attn.d_head) if attn.d_head else None)
                   or getattr(config, "head_dim", None) or d_model // n_heads)
     bound = BoundLayout(layout, model, base_path, len(layers), n_heads, d_head, d_model)
@@ -251,6 +251,7 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
                 taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, step.term), "MoE term"), OUTPUT)
                 taps[f"experts.{layer}"] = (require(bound.block_path(layer, step.experts), "experts"), INPUT)
                 n_experts = int(bound.module(taps[f"experts.{layer}"][0]).num_experts)
+                bound.out_scales[f"experts.{layer}"] = config_multiplier(step.routed_scale, config)
                 if step.shared:
                     taps[f"shared.{layer}"] = (require(bound.block_path(layer, step.shared), "shared expert"), OUTPUT)
                 if step.shared_gate:

@@ -33,6 +33,20 @@ def _rotates_sliding(config, attention) -> bool:
     return attention.sliding_window is None or bool(getattr(attention, "is_sliding", True))
 
 
+def _mup_embedding(config) -> float:
+    """AFMoE's muP input scaling: the embeddings times sqrt(hidden_size) where ``mup_enabled``."""
+    return config.hidden_size ** 0.5 if getattr(config, "mup_enabled", False) else 1.0
+
+
+def _uniform_heads(config) -> bool:
+    """Laguna's per-layer head counts are one count (a store keeps the same heads at every layer)."""
+    return len(set(getattr(config, "num_attention_heads_per_layer", None) or [config.num_attention_heads])) == 1
+
+
+def _layer_heads(config) -> int:
+    return (getattr(config, "num_attention_heads_per_layer", None) or [config.num_attention_heads])[0]
+
+
 def _layout(name: str, model_types: tuple[str, ...], attn: Attn, moe: Moe) -> Layout:
     return Layout(name=name, model_types=model_types, embeds={"embed": "embed_tokens"}, layers="layers",
                   block=(attn, moe), resid_final=("norm", INPUT), final_norm="norm")
@@ -53,6 +67,7 @@ LAYOUTS = [
             Attn("self_attn.o_proj", norm="input_layernorm", d_head="v_head_dim", no_patterns=MLA), SHARED),
     # GLM-4-MoE's classes also build Param-2-MoE and Sarvam-MoE; HY-V3 is the same block under its own names
     _layout("shared_experts", ("glm4_moe", "dots1", "param2moe", "sarvam_moe", "hy_v3"), QK_NORM_ATTN, SHARED),
+    _layout("aria_text", ("aria_text",), ATTN, Moe("mlp", experts="mlp.experts", shared="mlp.shared_experts")),
     _layout("exaone_moe", ("exaone_moe",),
             dataclasses.replace(QK_NORM_ATTN, rotates=_rotates_sliding), SHARED),
     # MiMo-V2-Flash: sinks on its sliding layers, a partial rotation and values scaled inside the attention;
@@ -74,6 +89,20 @@ LAYOUTS = [
             Attn("self_attn.o_proj", through="post_attention_layernorm", **projections("self_attn"),
                  qk_norm=("self_attn.q_norm", "self_attn.k_norm"), window=sliding_window),
             Moe("mlp", experts="mlp.experts", through="post_feedforward_layernorm")),
+    # AFMoE: norms before and after each sublayer, a sigmoid gate on z, muP-scaled embeddings
+    dataclasses.replace(
+        _layout("afmoe", ("afmoe",),
+                Attn("self_attn.o_proj", norm="input_layernorm", through="post_attention_layernorm", no_patterns=GATED),
+                dataclasses.replace(SHARED, through="post_mlp_layernorm")),
+        embed_scale=_mup_embedding),
+    # Laguna: AFMoE's gated attention (a softplus gate per head or per dimension) with per-layer head counts,
+    # pre-norm blocks, and a factor on the routed experts' sum outside the experts
+    dataclasses.replace(
+        _layout("laguna", ("laguna",),
+                Attn("self_attn.o_proj", norm="input_layernorm", heads=_layer_heads,
+                     no_patterns=GATED.replace("sigmoid", "softplus")),
+                dataclasses.replace(SHARED, routed_scale="moe_routed_scaling_factor")),
+        when=_uniform_heads),
 ]
 
 REFUSED = {
