@@ -47,6 +47,7 @@ class BoundLayout:
     norm_probes: list[dict] = field(default_factory=list)            # gamma, beta, centring, eps per norm
     attn: Attn | None = None                                         # the block's attention step
     out_scales: dict[str, float] = field(default_factory=dict)      # tap key -> a step's own output multiplier
+    routed: dict[int, int] = field(default_factory=dict)             # layer -> top-k, where experts read router-weighted input
 
     @property
     def name(self) -> str:
@@ -249,7 +250,14 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
                 events.append(Write("attn", layer, through))
             elif isinstance(step, Moe) and (step.dense is None or bound.find(bound.block_path(layer, step.experts))):
                 taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, step.term), "MoE term"), OUTPUT)
-                taps[f"experts.{layer}"] = (require(bound.block_path(layer, step.experts), "experts"), INPUT)
+                # experts on router-weighted input (Moe.router): their output rows and the router's scores
+                taps[f"experts.{layer}"] = (require(bound.block_path(layer, step.experts), "experts"),
+                                            OUTPUT if step.router else INPUT)
+                if step.flat:
+                    bound.flat.add(f"mlp_out.{layer}")
+                if step.router:
+                    taps[f"router.{layer}"] = (require(bound.block_path(layer, step.router), "router"), OUTPUT)
+                    bound.routed[layer] = int(getattr(config, step.top_k))
                 n_experts = int(bound.module(taps[f"experts.{layer}"][0]).num_experts)
                 bound.out_scales[f"experts.{layer}"] = config_multiplier(step.routed_scale, config)
                 if step.shared:

@@ -103,6 +103,17 @@ LAYOUTS = [
                      no_patterns=GATED.replace("sigmoid", "softplus")),
                 dataclasses.replace(SHARED, routed_scale="moe_routed_scaling_factor")),
         when=_uniform_heads),
+    # Llama-4: experts on router-weighted input (Moe.router), a shared expert, dense MLPs between MoE layers
+    Layout(name="llama4", model_types=("llama4", "llama4_text"), embeds={"embed": "model.embed_tokens"},
+           layers="model.layers",
+           block=(Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), no_patterns=(
+                      "its rotary layers attend within fixed chunks (attention_chunk_size) and L2-normalise queries "
+                      "and keys, and its no-rope layers scale queries by a position-dependent temperature, which the "
+                      "offline attention does not model"), notes=(
+                      "rotary layers: queries and keys pass through a weightless L2 norm after the rotation",)),
+                  Moe("feed_forward", experts="feed_forward.experts", shared="feed_forward.shared_expert",
+                      router="feed_forward.router", flat=True, dense=Mlp("feed_forward", down="feed_forward.down_proj"))),
+           resid_final=("model.norm", INPUT), final_norm="model.norm"),
 ]
 
 REFUSED = {

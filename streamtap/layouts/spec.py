@@ -190,6 +190,12 @@ class Moe:
     whichever of the two it has, and its term is the dense MLP's output. ``routed_scale``: a multiplier
     the mixture applies to the routed experts' sum outside ``experts`` (Laguna's
     ``moe_routed_scaling_factor``): a config field or a function of the config; each stored share carries it.
+
+    ``router``: where the experts run on router-weighted copies of the input instead (Llama-4: every
+    expert reads x times its score, zero where the token is not routed to it) and return one block of
+    rows per expert, ``router`` is the module whose first output holds the (token, expert) scores: each
+    token's ``top_k`` (a config field) highest-scoring experts' rows of the experts' output are its terms.
+    ``flat``: ``term``'s output has the batch's tokens flattened into one axis (Llama-4's mixture).
     """
 
     term: str
@@ -199,6 +205,9 @@ class Moe:
     through: str | None = None
     dense: Mlp | None = None
     routed_scale: str | Callable | None = None
+    router: str | None = None
+    top_k: str = "num_experts_per_tok"
+    flat: bool = False
 
 
 @dataclass(frozen=True)
