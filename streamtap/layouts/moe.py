@@ -1,5 +1,6 @@
-"""Mixtures of experts: Mixtral, PhiMoE, Qwen2/3-MoE, OLMoE, FlexOlmo, GPT-OSS, DeepSeek-V2/V3, Ernie-4.5-MoE,
-GLM-4-MoE, dots1, HunYuan-MoE-V1.
+"""Mixtures of experts: Mixtral, PhiMoE, Qwen2/3-MoE, OLMoE, FlexOlmo, GPT-OSS, DeepSeek-V2/V3 (and the
+latent-attention Sarvam-MLA, GLM-4-MoE-Lite, DeepSeek-V3.2, GLM-MoE-DSA), Ernie-4.5-MoE, GLM-4-MoE (Param-2-MoE,
+Sarvam-MoE, HY-V3), dots1, HunYuan-MoE-V1, EXAONE-MoE, Aria, MiMo-V2-Flash, MiniCPM-5-MoE, AFMoE, Laguna, Llama-4.
 
 The MLP term of a layer splits into one term per expert actually routed to, weighted by its
 router weight (and the shared expert's term, gated or not), so a researcher can ask which expert
@@ -8,6 +9,8 @@ write one dense MLP term. GPT-OSS adds learned attention sinks to the softmax; D
 multi-head latent attention keeps per-head z and W_O, but its queries and keys pass through
 low-rank projections with a norm between them, so its patterns are not recomputed. HunYuan normalises queries and keys after rotating them, which
 the offline recomputation (norm, then rotation) does not reproduce: its patterns are refused too.
+Gated attentions (a gate on z before the output projection) keep exact per-head terms but store no
+W_Q/W_K/W_V and refuse patterns. Llama-4's experts run on router-weighted input (``Moe.router``).
 """
 
 import dataclasses
