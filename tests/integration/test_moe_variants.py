@@ -44,6 +44,11 @@ def _captured(arch, layer=1):
                   mlp.experts.register_forward_pre_hook(experts_input)]
     if arch in SHARED and hasattr(mlp, "experts"):
         hooks.append(getattr(mlp, SHARED[arch]).register_forward_hook(lambda m, a, out: seen.update(shared=out)))
+    return model, mask.reshape(-1).bool(), seen, _tapped(model, ids, mask, hooks)
+
+
+def _tapped(model, ids, mask, hooks: list):
+    """The opened store of one tapped forward of (ids, mask); the test's own ``hooks`` are removed after it."""
     store = zarr.storage.MemoryStore()
     try:
         with st.tap(model, store):
@@ -51,7 +56,7 @@ def _captured(arch, layer=1):
     finally:
         for h in hooks:
             h.remove()
-    return model, mask.reshape(-1).bool(), seen, st.open(store)
+    return st.open(store)
 
 
 @pytest.mark.parametrize("arch", sorted(ROUTER))
@@ -179,15 +184,8 @@ def _tap_with_hooks(model, hooks: dict) -> tuple[dict, torch.Tensor, object]:
         def hook(module, args, out):   # returns None: the model's output is left as it is
             seen[name] = (out[0] if isinstance(out, tuple) else out).detach().clone()   # the last call: the batch
         return hook
-    handles = [m.register_forward_hook(keep(name)) for name, m in hooks.items()]
-    store = zarr.storage.MemoryStore()
-    try:
-        with st.tap(model, store):
-            run(model, ids, mask)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen, mask.reshape(-1).bool(), st.open(store)
+    ds = _tapped(model, ids, mask, [m.register_forward_hook(keep(name)) for name, m in hooks.items()])
+    return seen, mask.reshape(-1).bool(), ds
 
 
 def test_llama4_experts_on_router_weighted_input_write_their_own_rows():
