@@ -213,7 +213,7 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
                               f"{bound.full(first)!r} ({what}); see docs/layouts.md")
         return found
 
-    taps, events = {}, []
+    taps, events, scaled = {}, [], {}   # scaled: stream norm index -> a multiplier on its output (Norm.scale)
     for var, paths in layout.embeds.items():  # alternatives name what a config may switch off (OPT's project_in)
         taps[var] = (require(paths, f"embedding term {var}"), OUTPUT)
         events.append(Embed(var))
@@ -232,6 +232,8 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
         for step in steps:
             if isinstance(step, Norm):
                 k = norm_index(require(bound.block_path(layer, step.path), "stream norm"))
+                if step.scale is not None:
+                    scaled[k] = config_multiplier(step.scale, config)
                 taps[f"norm.{k}"] = (bound.norms[k], INPUT)
                 events.append(StreamNorm(k, layer))
                 continue
@@ -281,6 +283,9 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
     taps["resid_final"] = (require(paths, "final residual"), side)
     bound.taps, bound.events = taps, events
     bound.norm_probes = [probe_norm(bound.module(p), d_model) for p in bound.norms] if probe else []
+    for k, factor in scaled.items() if probe else ():   # the stream is factor x the norm's output: gamma and beta carry it
+        bound.norm_probes[k] = {**bound.norm_probes[k], "gamma": bound.norm_probes[k]["gamma"] * factor,
+                                "beta": bound.norm_probes[k]["beta"] * factor}
     identity = [p for p, probe in zip(bound.norms, bound.norm_probes) if probe.get("identity")]
     if identity:   # a stream norm's frozen scale would divide by the token's rms, which an identity does not
         raise LayoutError(f"layout {layout.name!r}: the stream norm {identity[0]} of {type(model).__name__} is an "

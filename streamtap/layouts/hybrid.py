@@ -144,22 +144,23 @@ def _lightning_or_softmax(config, layer, block) -> str:
     return "mixer" if hasattr(block.self_attn, "qkv_proj") else "attn"
 
 
-def _unit_factors(config) -> bool:
-    """MiniMax scales the normed stream (alpha) and each write (beta) per sublayer; covered where all are 1."""
-    return all(float(getattr(config, f"{kind}_{ab}_factor", 1)) == 1.0
-               for kind in ("full_attn", "linear_attn", "mlp") for ab in ("alpha", "beta"))
+def _unit_mlp_beta(config) -> bool:
+    """MiniMax's factor on the mixture's write (mlp_beta_factor), which no Moe step carries: covered where it is 1."""
+    return float(getattr(config, "mlp_beta_factor", 1)) == 1.0
 
 
-# MiniMax: the residual is taken after each sublayer's norm (the whole stream passes through it), lightning
-# attention at most depths, softmax attention at the others, a mixture of experts in every layer
-_MM_MOE = Moe("mlp", experts="mlp.experts")
-_MM_ATTN = Attn("self_attn.o_proj", **projections("self_attn"))
+# MiniMax: the residual is taken after each sublayer's norm (the whole stream passes through it, times that
+# sublayer's alpha factor), each write times its beta factor; lightning attention at most depths, softmax
+# attention at the others, a mixture of experts in every layer
+_MM_MOE = (Norm("post_attention_layernorm", scale="mlp_alpha_factor"), Moe("mlp", experts="mlp.experts"))
+_MM_ATTN = Attn("self_attn.o_proj", **projections("self_attn"), out_scale="full_attn_beta_factor")
 LAYOUTS.append(Layout(
     name="minimax", model_types=("minimax",), embeds={"embed": "embed_tokens"}, layers="layers",
-    block=(Norm("input_layernorm"), _MM_ATTN, Norm("post_attention_layernorm"), _MM_MOE),
-    blocks={"attn": (Norm("input_layernorm"), _MM_ATTN, Norm("post_attention_layernorm"), _MM_MOE),
-            "mixer": (Norm("input_layernorm"), Mixer("self_attn"), Norm("post_attention_layernorm"), _MM_MOE)},
-    block_kind=_lightning_or_softmax, resid_final=("norm", INPUT), final_norm="norm", when=_unit_factors))
+    block=(Norm("input_layernorm", scale="full_attn_alpha_factor"), _MM_ATTN, *_MM_MOE),
+    blocks={"attn": (Norm("input_layernorm", scale="full_attn_alpha_factor"), _MM_ATTN, *_MM_MOE),
+            "mixer": (Norm("input_layernorm", scale="linear_attn_alpha_factor"),
+                      Mixer("self_attn", out_scale="linear_attn_beta_factor"), *_MM_MOE)},
+    block_kind=_lightning_or_softmax, resid_final=("norm", INPUT), final_norm="norm", when=_unit_mlp_beta))
 
 _ZAMBA = ("its shared attention block (reused at several depths) reads the residual stream concatenated with the "
           "token embeddings, 2 x d_model wide, and its output, through a linear map, is added to the input of the "

@@ -230,9 +230,15 @@ class Mixer:
 
 @dataclass(frozen=True)
 class Norm:
-    """The whole residual stream passes through this norm (post-LN blocks, embedding norms)."""
+    """The whole residual stream passes through this norm (post-LN blocks, embedding norms).
+
+    ``scale``: a multiplier on the norm's output before it becomes the stream, outside the module
+    (MiniMax's ``*_alpha_factor``): a config field or a function of the config; the frozen norm's
+    gamma and beta carry it.
+    """
 
     path: str
+    scale: str | Callable | None = None
 
 
 @dataclass(frozen=True)
