@@ -235,20 +235,3 @@ def test_a_factor_outside_the_experts_is_carried_by_each_routed_share():
     assert np.abs(total - out).max() <= 1e-5 * np.abs(out).max()
     st.verify(ds)
 
-
-def test_minimax_alpha_on_the_normed_stream_and_beta_on_each_write():
-    """MiniMax's stream after each sublayer is alpha x its norm's output plus beta x the write (alpha and beta
-    per kind of sublayer, away from 1 as in its checkpoints): the frozen norms carry alpha and the stored
-    terms beta, so the terms add up to what the final norm reads."""
-    model = _config_model("MiniMaxConfig", intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
-                          block_size=4, layer_types=["linear_attention", "full_attention"],
-                          full_attn_alpha_factor=3.5, linear_attn_alpha_factor=2.0, mlp_alpha_factor=3.0,
-                          full_attn_beta_factor=0.5, linear_attn_beta_factor=0.7)
-    seen = {}
-    hook = model.model.norm.register_forward_pre_hook(lambda m, args: seen.__setitem__("resid", args[0].detach()))
-    ids, mask = padded_batch(model.config.vocab_size, [7, 4], seed=7)
-    ds = _tapped(model, ids, mask, [hook])
-    total = st.decompose(ds, dtype=np.float64).sum("component").values
-    resid = seen["resid"].reshape(-1, 64)[mask.reshape(-1).bool()].double().numpy()
-    assert np.abs(total - resid).max() <= 1e-5 * np.abs(resid).max()
-    st.verify(ds)
