@@ -64,6 +64,7 @@ class BoundLayout:
     attn: Attn | None = None                                         # the block's attention step
     config: object = None                                            # the stack's config (a text tower's)
     out_scales: dict[str, float] = field(default_factory=dict)      # tap key -> a step's own output multiplier
+    routed: dict[int, int] = field(default_factory=dict)             # layer -> top-k, where experts read router-weighted input
 
     @property
     def name(self) -> str:
@@ -232,7 +233,7 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
     if attn is None:  # a pure state-space model: no heads, every layer one mixer term
         n_heads = d_head = 0
     else:
-        n_heads = config.num_attention_heads
+        n_heads = int(config_multiplier(attn.heads, config)) if attn.heads else config.num_attention_heads
         d_head = ((getattr(config, attn.d_head) if attn.d_head else None)
                   or getattr(config, "head_dim", None) or d_model // n_heads)
     bound = BoundLayout(layout, model, base_path, len(layers), n_heads, d_head, d_model, config=config)
@@ -249,7 +250,7 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
                               f"{bound.full(first)!r} ({what}); see docs/layouts.md")
         return found
 
-    taps, events = {}, []
+    taps, events, scaled = {}, [], {}   # scaled: stream norm index -> a multiplier on its output (Norm.scale)
     for var, paths in layout.embeds.items():  # alternatives name what a config may switch off (OPT's project_in)
         if isinstance(paths, InputOf):
             taps[var] = (require(paths.path, f"embedding term {var}"), INPUT)
@@ -271,6 +272,8 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
         for step in steps:
             if isinstance(step, Norm):
                 k = norm_index(require(bound.block_path(layer, step.path), "stream norm"))
+                if step.scale is not None:
+                    scaled[k] = config_multiplier(step.scale, config)
                 taps[f"norm.{k}"] = (bound.norms[k], INPUT)
                 events.append(StreamNorm(k, layer))
                 continue
@@ -289,8 +292,16 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
                 events.append(Write("attn", layer, through))
             elif isinstance(step, Moe) and (step.dense is None or bound.find(bound.block_path(layer, step.experts))):
                 taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, step.term), "MoE term"), OUTPUT)
-                taps[f"experts.{layer}"] = (require(bound.block_path(layer, step.experts), "experts"), INPUT)
+                # experts on router-weighted input (Moe.router): their output rows and the router's scores
+                taps[f"experts.{layer}"] = (require(bound.block_path(layer, step.experts), "experts"),
+                                            OUTPUT if step.router else INPUT)
+                if step.flat:
+                    bound.flat.add(f"mlp_out.{layer}")
+                if step.router:
+                    taps[f"router.{layer}"] = (require(bound.block_path(layer, step.router), "router"), OUTPUT)
+                    bound.routed[layer] = int(getattr(config, step.top_k))
                 n_experts = int(bound.module(taps[f"experts.{layer}"][0]).num_experts)
+                bound.out_scales[f"experts.{layer}"] = config_multiplier(step.routed_scale, config)
                 if step.shared:
                     taps[f"shared.{layer}"] = (require(bound.block_path(layer, step.shared), "shared expert"), OUTPUT)
                 if step.shared_gate:
@@ -312,6 +323,9 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
     taps["resid_final"] = (require(paths, "final residual"), side)
     bound.taps, bound.events = taps, events
     bound.norm_probes = [probe_norm(bound.module(p), d_model) for p in bound.norms] if probe else []
+    for k, factor in scaled.items() if probe else ():   # the stream is factor x the norm's output: gamma and beta carry it
+        bound.norm_probes[k] = {**bound.norm_probes[k], "gamma": bound.norm_probes[k]["gamma"] * factor,
+                                "beta": bound.norm_probes[k]["beta"] * factor}
     identity = [p for p, probe in zip(bound.norms, bound.norm_probes) if probe.get("identity")]
     if identity:   # a stream norm's frozen scale would divide by the token's rms, which an identity does not
         raise LayoutError(f"layout {layout.name!r}: the stream norm {identity[0]} of {type(model).__name__} is an "

@@ -8,11 +8,12 @@ Cohere runs attention and MLP in parallel on one shared norm (``input_layernorm`
 rotates interleaved pairs of dimensions by tables that hold each pair's angle twice
 (``rotary="interleaved_repeated"``) and multiplies the logits by ``logit_scale``. The stored
 terms include the multipliers (``Layout.embed_scale``...), so the stream adds up as the model adds it.
-Granite-MoE's routed and shared experts carry the residual multiplier in each stored share. MiniCPM3
+Granite-MoE (and Granite-MoE-SWA, whose patterns are refused)'s routed and shared experts carry the residual multiplier in each stored share. MiniCPM3
 is muP-scaled: ``scale_emb`` inside its embedding module (the tapped output has it), ``scale_depth / sqrt(num_hidden_layers)`` on every
 write, logits divided by ``hidden_size / dim_model_base``; its latent attention is DeepSeek's.
 """
 
+import dataclasses
 import math
 
 from .moe import MLA
@@ -40,6 +41,10 @@ def _depth_scale(config) -> float:
 _GRANITE_SCALES = dict(embed_scale="embedding_multiplier", residual_scale="residual_multiplier",
                        logit_scale=Reciprocal("logits_scaling"))
 _GRANITE_ATTN = Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), window=sliding_window)
+# Granite-MoE-SWA: learned sinks, and a rotary base per layer (layer_rope_theta, 0 for no rotation)
+_GRANITE_SWA_ATTN = dataclasses.replace(_GRANITE_ATTN, no_patterns=(
+    "each layer has a rotary base of its own (layer_rope_theta; 0 turns rotation off) and learned attention sinks, "
+    "which the offline attention does not read"))
 _NAMES = dict(embeds={"embed": "embed_tokens"}, layers="layers", resid_final=("norm", INPUT), final_norm="norm")
 
 LAYOUTS = [
@@ -56,9 +61,10 @@ LAYOUTS = [
         name=name,
         model_types=(name,),
         **_NAMES,
-        block=(_GRANITE_ATTN, Moe("block_sparse_moe", experts="block_sparse_moe.experts", shared=shared)),
+        block=(attn, Moe("block_sparse_moe", experts="block_sparse_moe.experts", shared=shared)),
         **_GRANITE_SCALES,
-    ) for name, shared in (("granitemoe", None), ("granitemoeshared", "shared_mlp"))),
+    ) for name, shared, attn in (("granitemoe", None, _GRANITE_ATTN), ("granitemoeshared", "shared_mlp", _GRANITE_ATTN),
+                                 ("granitemoe_swa", "shared_mlp", _GRANITE_SWA_ATTN))),
     Layout(
         name="minicpm3",
         model_types=("minicpm3",),

@@ -69,6 +69,8 @@ class Attn:
     - ``out_scale``: a multiplier the block applies to this attention's output outside the tapped
       modules (Falcon-H1's ``attention_out_multiplier``): a config field or a function of the config;
       W_O and b_O carry it (with the layout's ``residual_scale``).
+    - ``heads``: where the number of heads is not ``config.num_attention_heads``: a config field or a
+      function of the config (Laguna's per-layer counts, when every layer has the same).
     - ``no_patterns``: why this attention's pattern cannot be recomputed from a store (a capture with
       ``patterns=True`` is refused up front with this reason).
     - ``unsupported``: ``config -> reason or None``, what the offline attention cannot recompute for
@@ -96,6 +98,7 @@ class Attn:
     alibi: str | None = None
     sinks: str | None = None
     d_head: str | None = None
+    heads: str | Callable | None = None
     no_patterns: str | None = None
     out_scale: str | Callable | None = None
     unsupported: Callable[[object], str | None] | None = None   # config -> why patterns cannot be recomputed
@@ -186,7 +189,15 @@ class Moe:
     expert (DeepSeek's ``shared_experts``), its output scaled by sigmoid(``shared_gate``(x)) where a
     gate is named (Qwen2-MoE). ``dense``: the MLP of the layers that have no ``experts`` module
     (DeepSeek's ``first_k_dense_replace``, Qwen3-MoE's ``mlp_only_layers``); each layer resolves to
-    whichever of the two it has, and its term is the dense MLP's output.
+    whichever of the two it has, and its term is the dense MLP's output. ``routed_scale``: a multiplier
+    the mixture applies to the routed experts' sum outside ``experts`` (Laguna's
+    ``moe_routed_scaling_factor``): a config field or a function of the config; each stored share carries it.
+
+    ``router``: where the experts run on router-weighted copies of the input instead (Llama-4: every
+    expert reads x times its score, zero where the token is not routed to it) and return one block of
+    rows per expert, ``router`` is the module whose first output holds the (token, expert) scores: each
+    token's ``top_k`` (a config field) highest-scoring experts' rows of the experts' output are its terms.
+    ``flat``: ``term``'s output has the batch's tokens flattened into one axis (Llama-4's mixture).
     """
 
     term: str
@@ -195,6 +206,10 @@ class Moe:
     shared_gate: str | None = None
     through: str | None = None
     dense: Mlp | None = None
+    routed_scale: str | Callable | None = None
+    router: str | None = None
+    top_k: str = "num_experts_per_tok"
+    flat: bool = False
 
 
 @dataclass(frozen=True)
@@ -217,9 +232,15 @@ class Mixer:
 
 @dataclass(frozen=True)
 class Norm:
-    """The whole residual stream passes through this norm (post-LN blocks, embedding norms)."""
+    """The whole residual stream passes through this norm (post-LN blocks, embedding norms).
+
+    ``scale``: a multiplier on the norm's output before it becomes the stream, outside the module
+    (MiniMax's ``*_alpha_factor``): a config field or a function of the config; the frozen norm's
+    gamma and beta carry it.
+    """
 
     path: str
+    scale: str | Callable | None = None
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from ..stream import to_json
 from ..layouts import INPUT
 from .sinks import KeptValues, Route, TermSlots, Where, argument, first_tensor, location
 
-EXPERT_KEYS = ("experts", "shared", "shared_gate")   # taps a mixture's terms are made from after the forward
+EXPERT_KEYS = ("experts", "shared", "shared_gate", "router")   # taps a mixture's terms are made from after the forward
 
 
 def lossy_dtype(name: str | None, compute: torch.dtype) -> torch.dtype | None:
@@ -221,13 +221,19 @@ class Recorder:
             if f"experts.{layer}" not in b.taps:
                 continue   # a dense layer of a mixture (its term is mlp_out): zeros below, never read
             path = b.taps[f"experts.{layer}"][0]
-            (x, top_index, top_weights), _ = kept[location(path, "input")[0]].inputs
-            real = real.to(x.device)
-            x, top_index, top_weights = x[real], top_index[real], top_weights[real]
-            experts = b.module(path)
-            with torch.no_grad():
-                per_slot[layer] = torch.stack([experts(x, top_index[:, j:j + 1], top_weights[:, j:j + 1])
-                                               for j in range(top_index.shape[1])], dim=1)
+            if layer in b.routed:
+                per_slot[layer], top_index = self._routed_rows(kept, layer, path, real)
+            else:
+                (x, top_index, top_weights), _ = kept[location(path, "input")[0]].inputs
+                real = real.to(x.device)
+                x, top_index, top_weights = x[real], top_index[real], top_weights[real]
+                experts = b.module(path)
+                with torch.no_grad():
+                    per_slot[layer] = torch.stack([experts(x, top_index[:, j:j + 1], top_weights[:, j:j + 1])
+                                                   for j in range(top_index.shape[1])], dim=1)
+            routed = b.out_scales.get(f"experts.{layer}", 1.0)   # a factor the mixture applies outside its experts
+            if routed != 1.0:
+                per_slot[layer] = per_slot[layer] * routed
             index[layer] = top_index.to(torch.int32)
             if f"shared.{layer}" in b.taps:
                 out = kept[location(b.taps[f"shared.{layer}"][0], "output")[0]].output
@@ -246,6 +252,19 @@ class Recorder:
         if shared:
             terms["shared_expert_out"] = scale(stacked(shared))
         return terms
+
+    def _routed_rows(self, kept: KeptValues, layer: int, path: str, real: torch.Tensor):
+        """(token, slot, d_model) terms and (token, slot) expert indices of experts that ran on
+        router-weighted input (``Moe.router``): their output holds one block of rows per expert (zero
+        input, zero row, where a token is not routed), and each token's terms are the rows of its
+        ``top_k`` highest-scoring experts, the ones the router routed it to."""
+        rows = first_tensor(kept[location(path, "output")[0]].output, "output")
+        scores = first_tensor(kept[location(self.bound.taps[f"router.{layer}"][0], "output")[0]].output, "output")
+        real = real.to(rows.device)
+        scores = scores.reshape(-1, scores.shape[-1])[real]
+        rows = rows.reshape(scores.shape[-1], -1, rows.shape[-1])[:, real].transpose(0, 1)   # (token, expert, d)
+        top_index = scores.topk(self.bound.routed[layer], dim=1).indices
+        return rows.gather(1, top_index[..., None].expand(-1, -1, rows.shape[-1])), top_index
 
     # -- the hand-over ---------------------------------------------------------------------------------
     def record(self, kept: KeptValues, slots: TermSlots, buffers: BufferSet, input_ids: torch.Tensor,

@@ -195,6 +195,8 @@ class _SinkingCache(Cache):
         if selected in self._slots.routes:
             self._slots.put(selected, value)
         if selected in self._keep:
+            if selected[1] == "output" and isinstance(value, torch.Tensor):
+                value = value.clone()   # kept as produced: Llama-4 adds its routed experts into its shared expert's output
             super().observe_selected(selected, value)
 
 

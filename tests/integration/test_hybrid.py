@@ -32,6 +32,15 @@ HYBRIDS = {   # per type: its config's sizes, layers 1 and 3 attention, 0 and 2 
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_experts=4, num_experts_per_tok=2,
                      moe_intermediate_size=32, num_dense_layers=1),
     "recurrent_gemma": dict(block_types=["recurrent", "attention"], lru_width=64, attention_window_size=8),
+    # Qwen3.5 (dense MLP), OLMo-Hybrid (OLMo-2 attention layers), MiniMax (alpha x each norm's output + beta x the
+    # write, away from 1 so a factor left out would show)
+    "qwen3_5_text": dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                         linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"] * 2),
+    "olmo_hybrid": dict(pad_token_id=0, linear_num_value_heads=4, linear_num_key_heads=4, linear_key_head_dim=16,
+                        linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"] * 2),
+    "minimax": dict(num_local_experts=4, num_experts_per_tok=2, block_size=4, full_attn_alpha_factor=3.5,
+                    linear_attn_alpha_factor=2.0, mlp_alpha_factor=3.0, full_attn_beta_factor=0.5,
+                    linear_attn_beta_factor=0.7, layer_types=["linear_attention", "full_attention"] * 2),
 }
 MAMBA2 = dict(n_groups=1, chunk_size=8)
 ONE_SUBLAYER = {   # blocks of one sublayer each: pure state-space models, and Nemotron-H (mamba, moe, attention, mlp)
@@ -86,7 +95,8 @@ def test_residual_at_every_depth_matches_the_models_hidden_states(captured):
     norm = model.base_model.get_submodule(
         {"lfm2": "embedding_norm", "bamba": "final_layernorm", "qwen3_next": "norm",
          "jamba": "final_layernorm", "granitemoehybrid": "norm", "lfm2_moe": "embedding_norm",
-         "recurrent_gemma": "final_norm"}[model.config.model_type])
+         "recurrent_gemma": "final_norm", "qwen3_5_text": "norm", "olmo_hybrid": "norm",
+         "minimax": "norm"}[model.config.model_type])
     with torch.no_grad():
         normed = norm(torch.from_numpy(final).float()).double().numpy()
     truth = out.hidden_states[-1][real].double().numpy()

@@ -44,6 +44,11 @@ def _captured(arch, layer=1):
                   mlp.experts.register_forward_pre_hook(experts_input)]
     if arch in SHARED and hasattr(mlp, "experts"):
         hooks.append(getattr(mlp, SHARED[arch]).register_forward_hook(lambda m, a, out: seen.update(shared=out)))
+    return model, mask.reshape(-1).bool(), seen, _tapped(model, ids, mask, hooks)
+
+
+def _tapped(model, ids, mask, hooks: list):
+    """The opened store of one tapped forward of (ids, mask); the test's own ``hooks`` are removed after it."""
     store = zarr.storage.MemoryStore()
     try:
         with st.tap(model, store):
@@ -51,7 +56,7 @@ def _captured(arch, layer=1):
     finally:
         for h in hooks:
             h.remove()
-    return model, mask.reshape(-1).bool(), seen, st.open(store)
+    return st.open(store)
 
 
 @pytest.mark.parametrize("arch", sorted(ROUTER))
@@ -150,3 +155,83 @@ def test_latent_attention_keeps_per_head_z_and_refuses_patterns(arch, tmp_path):
     with pytest.raises(st.StreamtapError, match="multi-head latent attention.*Capture without it"):
         st.tap(model, tmp_path / "p.zarr", patterns=True)
     assert not (tmp_path / "p.zarr").exists()
+
+
+def _config_model(config_name: str, **fields):
+    """A tiny model straight from a transformers config (types without a TINY_ARCHS entry), norms perturbed."""
+    import transformers
+
+    config = getattr(transformers, config_name)(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                max_position_embeddings=64, initializer_range=0.2, **fields)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(0.2 * torch.randn(p.shape))
+    return model.eval()
+
+
+def _tap_with_hooks(model, hooks: dict) -> tuple[dict, torch.Tensor, object]:
+    """Tap a padded batch while ``hooks`` ({name: module}) copy each module's output as the model makes it
+    (the batch's forward, after the self-check's probe)."""
+    ids, mask = padded_batch(model.config.vocab_size, [7, 4], seed=7)
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, out):   # returns None: the model's output is left as it is
+            seen[name] = (out[0] if isinstance(out, tuple) else out).detach().clone()   # the last call: the batch
+        return hook
+    ds = _tapped(model, ids, mask, [m.register_forward_hook(keep(name)) for name, m in hooks.items()])
+    return seen, mask.reshape(-1).bool(), ds
+
+
+def test_llama4_experts_on_router_weighted_input_write_their_own_rows():
+    """Llama-4's experts read x times each expert's score and return one block of rows per expert: a
+    routed expert's term is its own block's row for the token, the rest write nothing, and the routed
+    terms plus the shared expert's add up to the mixture's output."""
+    model = _config_model("Llama4TextConfig", intermediate_size=32, intermediate_size_mlp=128, num_local_experts=4,
+                          num_experts_per_tok=2, moe_layers=[1], interleave_moe_layer_step=1)
+    moe = model.model.layers[1].feed_forward
+    seen, real, ds = _tap_with_hooks(model, {"rows": moe.experts, "scores": moe.router, "shared": moe.shared_expert,
+                                             "out": moe})
+    n_experts = moe.experts.num_experts
+    rows = seen["rows"].reshape(n_experts, -1, 64)[:, real].double()
+    scores = seen["scores"][real]
+    terms = st.decompose(ds, dtype=np.float64)
+    at = terms.where(terms.layer == 1, drop=True)
+    routed_sum = np.zeros((ds.sizes["token"], 64))
+    for token in range(ds.sizes["token"]):
+        routed = set(scores[token].topk(2).indices.tolist())
+        for e in range(n_experts):
+            label = f"L1E{e}"
+            got = at.sel(component=label).isel(token=token).values if label in at.component else np.zeros(64)
+            want = rows[e, token].numpy() if e in routed else np.zeros(64)
+            assert np.abs(got - want).max() <= 1e-5 * max(np.abs(rows[:, token]).max().item(), 1e-30), (token, e)
+            routed_sum[token] += got
+    shared = seen["shared"].reshape(-1, 64)[real].double().numpy()
+    out = seen["out"].reshape(-1, 64)[real].double().numpy()
+    assert np.abs(routed_sum + shared - out).max() <= 1e-5 * np.abs(out).max()
+    st.verify(ds)
+
+
+def test_a_factor_outside_the_experts_is_carried_by_each_routed_share():
+    """Laguna multiplies the routed experts' sum by moe_routed_scaling_factor outside its experts module:
+    the stored shares carry it, so they and the shared expert add up to the mixture's output."""
+    model = _config_model("LagunaConfig", intermediate_size=128, moe_intermediate_size=32,
+                          shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                          moe_routed_scaling_factor=2.5, layer_types=["full_attention", "sliding_attention"],
+                          mlp_layer_types=["dense", "sparse"], num_attention_heads_per_layer=[4, 4])
+    moe = model.model.layers[1].mlp
+    seen, real, ds = _tap_with_hooks(model, {"out": moe})
+    terms = st.decompose(ds, dtype=np.float64)
+    at = terms.where(terms.layer == 1, drop=True)
+    shares = [str(c) for c in at.component.values if str(c).startswith("L1E") or str(c) == "L1_shared_expert"]
+    assert any(c.startswith("L1E") for c in shares) and "L1_shared_expert" in shares, shares
+    total = at.sel(component=shares).sum("component").values
+    out = seen["out"].reshape(-1, 64)[real].double().numpy()
+    assert np.abs(total - out).max() <= 1e-5 * np.abs(out).max()
+    st.verify(ds)
+
