@@ -289,16 +289,18 @@ def replay(events: Sequence[Event], norms: FrozenNorms, source: Source, acc, *, 
     return acc
 
 
-def directions(events: Sequence[Event], norms: FrozenNorms, w) -> Iterator[tuple[int, Event, object, object]]:
+def directions(events: Sequence[Event], norms: FrozenNorms, w, start: int | None = None
+               ) -> Iterator[tuple[int, Event, object, object]]:
     """Walk the stream backwards carrying a direction ``w`` (token or 1, d_model) that measures the
-    final residual: yields ``(index, event, w_out, w_in)``.
+    final residual (or, with ``start``, the residual entering event ``start``: ``stop_index``):
+    yields ``(index, event, w_out, w_in)`` for the events before it.
 
     ``w_out`` measures what the event adds as the stream sees it (a norm's beta); ``w_in`` measures
     the event's own terms, through the adjoint of the norm they pass (so ``w_in . term`` is the
     term's contribution to ``w . resid_final``); None for a stream norm, which adjoins ``w`` for
     every earlier event.
     """
-    for i in range(len(events) - 1, -1, -1):
+    for i in range((len(events) if start is None else start) - 1, -1, -1):
         e = events[i]
         if isinstance(e, StreamNorm):
             yield i, e, w, None

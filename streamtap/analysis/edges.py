@@ -27,8 +27,8 @@ import xarray as xr
 
 from ..attention import Attention, require_patterns, rotary_tables, sequence_tokens
 from ..errors import StreamtapError
-from ..invariant import decompose
-from ..stream import from_json, is_plain
+from ..invariant import decompose, store_norms
+from ..stream import FrozenNorms, Write, directions, from_json, is_plain, stop_index
 from ._blocks import float_dtype
 from ._store import local, require
 from ._vocab import as_text
@@ -70,7 +70,9 @@ class SequenceEdges:
         self._qkv: dict = {}
         self._statics: dict = {}
         self._inputs: dict = {}
-        self.plain = is_plain(from_json(ds.attrs["stream"]))
+        self.events = from_json(ds.attrs["stream"])
+        self.plain = is_plain(self.events)
+        self._norms = None
         self._final = None
         self._small = None
         self._cache = cache
@@ -111,6 +113,34 @@ class SequenceEdges:
                 self._terms.pop(next(iter(self._terms)))
             self._terms[key] = (labels, kinds, values)
         return self._terms[key]
+
+    def reader(self, layer: int, site: str = "attn") -> int:
+        """The index of the first stream event left out of what ``layer``'s ``site`` reads (``"final"``:
+        every event), as ``terms`` reads it."""
+        if site == "final" or int(layer) >= self.ds.sizes["layer"]:
+            return len(self.events)
+        return stop_index(self.events, (int(layer), site))
+
+    def carry_back(self, w: np.ndarray, token: int, reader: int, site: str, layer: int) -> np.ndarray:
+        """The direction on what ``site`` (``"attn"``: a head, ``"mlp"``: the MLP or a neuron) of ``layer``
+        writes at ``token``, before any norm it passes, that measures its share of the residual read at
+        event ``reader`` as ``w`` measures that residual: ``w`` carried back through the norms in between
+        (the term's own post-sublayer norm, every later stream norm), each frozen at the token's scale.
+        ``w`` itself on a stream without norms inside it. Exact: a frozen norm is linear (docs/design.md)."""
+        if self.plain:
+            return w
+        if self._norms is None:
+            norms = store_norms(self.ds, self.dtype)
+            scale = None if "norm_scale" not in self.sub else np.asarray(local(self.sub["norm_scale"]).values, self.dtype)
+            self._norms = FrozenNorms(norms.gamma, norms.beta, norms.center, scale)
+            self._writes = {(e.site, e.layer): i for i, e in enumerate(self.events) if isinstance(e, Write)}
+        n = self._norms
+        at = FrozenNorms(n.gamma, n.beta, n.center, None if n.scale is None else n.scale[token:token + 1])
+        index = self._writes[(site, int(layer))]
+        for i, _, _, w_in in directions(self.events, at, np.asarray(w, self.dtype)[None], start=reader):
+            if i == index:
+                return w_in[0]
+        raise StreamtapError(f"the {site} of layer {layer} writes after the event {reader} that reads it")
 
     def _stream(self) -> xr.Dataset:
         """The sequence's residual terms in memory as one chunk, with ``head_output`` computed in one einsum:

@@ -18,8 +18,12 @@ activation's gain frozen at the values the model used:
   a gated MLP, whose gate is frozen like a pattern; act / pre-activation otherwise): exact, because the
   neuron's output is that gain times a pre-activation that is linear in the terms.
 
-A node reached from several parents is one node: the directions its parents carry add up, so its value
-is the sum of its outgoing edges. Each expanded node keeps its strongest inputs and one explicit
+A node's direction measures what it writes before any norm its term passes: where the stream has norms
+inside it (post-LN blocks, post-sublayer norms), the direction its parent measures the residual by is
+carried back, with every norm frozen at the token's scale, through the norms between the node's write and
+the parent's read (``SequenceEdges.carry_back``, the stream's one backward walk), so its share stays exact;
+the norms' betas are leaves. A node reached from several parents is one node: the directions its parents
+carry add up, so its value is the sum of its outgoing edges. Each expanded node keeps its strongest inputs and one explicit
 ``rest`` input, so **its inputs sum to its value** (to float rounding). Embeddings, biases, norm betas,
 ``rest`` and nodes at the depth limit are leaves.
 """
@@ -36,8 +40,6 @@ import xarray as xr
 
 from ..attention import require_patterns
 from ..errors import StreamtapError
-from ..invariant import stream_events
-from ..stream import is_plain
 from .edges import SequenceEdges
 from ._store import final_norm, local, require, static
 from ._vocab import token_ids, vocab_text
@@ -199,15 +201,9 @@ def attribution_graph(ds: xr.Dataset, seq: int, target=None, *, position: int = 
         The store has no patterns (capture with ``--patterns``).
     StreamtapError
         A target that is not one token (the message shows how it tokenizes), a position or sequence out of
-        range, no target and no direction, or a stream with norms inside it (post-LN, post-sublayer norms).
+        range, no target and no direction (a store without an unembedding, e.g. BERT's, needs ``direction``).
     """
     require_patterns(ds)
-    events = stream_events(ds)
-    if not is_plain(events):
-        raise StreamtapError("attribution_graph needs a pre-norm stream (terms reach the final norm unchanged); this "
-                             "store's stream passes terms through norms inside it (post-LN or post-sublayer norms), "
-                             "which makes a node's value depend on every later norm. Its edges are still exact: use "
-                             "st.analysis.ov_edges, qk_edges and mlp_edges")
     if (target is None) == (direction is None):
         raise StreamtapError("give a target token (target=' Paris', optionally foil=...) or a direction, not both")
     ctx = SequenceEdges(ds, seq, dtype=dtype, cache=1)
@@ -231,12 +227,15 @@ def attribution_graph(ds: xr.Dataset, seq: int, target=None, *, position: int = 
                 raise StreamtapError(f"{which} id {i} is outside the vocabulary (0..{V - 1})")
         U = np.asarray(local(ds["W_U"].isel(vocab=[t_id] + ([f_id] if f_id is not None else []))).values, dtype)
         u = U[0] - U[1] if f_id is not None else U[0]
-        fn = final_norm(ds, dtype)
-        s = float(fn.scale(np.asarray(local(ctx.sub["resid_final"].isel(token=p)).values, dtype)))
-        w = s * fn.fold(u)
         consts = []
-        if fn.beta is not None:
-            consts.append(("final_norm_bias", float(u @ fn.beta)))
+        if "final_norm_kind" in ds.attrs:
+            fn = final_norm(ds, dtype)
+            s = float(fn.scale(np.asarray(local(ctx.sub["resid_final"].isel(token=p)).values, dtype)))
+            w = s * fn.fold(u)
+            if fn.beta is not None:
+                consts.append(("final_norm_bias", float(u @ fn.beta)))
+        else:   # post-LN: the stream's last norm is inside it, and the unembedding reads the residual itself
+            s, w = 1.0, u
         if "unembed_bias" in ds:
             b_U = static(ds, "unembed_bias", dtype)
             consts.append(("unembed_bias", float(b_U[t_id] - (b_U[f_id] if f_id is not None else 0.0))))
@@ -246,10 +245,13 @@ def attribution_graph(ds: xr.Dataset, seq: int, target=None, *, position: int = 
     weights = np.concatenate([t[:, p] @ w, [v for _, v in consts]])
     root.value = float(weights.sum())
 
+    end = ctx.reader(L, "final")
+
     def make(k):
         if k >= len(labels):
             return g.leaf(consts[k - len(labels)][0], "bias", p, 1), None, "direct"
-        return g.term_node(labels[k], kinds[k], p, 1), w, "direct"
+        node = g.term_node(labels[k], kinds[k], p, 1)
+        return node, g.raw(node, w, end), "direct"
 
     g.connect(root, weights, make)
     g.run()
@@ -295,6 +297,14 @@ class _Builder:
         if kind == "mlp":
             return self.node("mlp", label, int(label[1:].split("_")[0]), -1, -1, position, hop)
         return self.node(kind, label, -1, -1, -1, position, hop)
+
+    def raw(self, node: _Node, w: np.ndarray, reader: int) -> np.ndarray | None:
+        """The direction on what an expandable ``node`` writes (before any norm its term passes) that
+        measures its share of the residual read at stream event ``reader`` as ``w`` measures that residual
+        (``SequenceEdges.carry_back``); None for a leaf."""
+        if node.kind not in EXPANDABLE:
+            return None
+        return self.ctx.carry_back(w, node.position, reader, "attn" if node.kind == "head" else "mlp", node.layer)
 
     @staticmethod
     def order(node: _Node) -> tuple:
@@ -358,12 +368,14 @@ class _Builder:
             bias = float(A.sum() * (att.b["V"][l, kv] @ (att.W_O[l, h] @ node.w)))
             weights = np.append(weights, bias)
 
+        reader = ctx.reader(l, "attn")
+
         def make(k):
             if k == C * n:
                 return self.leaf(f"L{l}H{h}_b_V", "value_bias", i, node.hop + 1), None, "ov"
             c, j = divmod(k, n)
-            w = child * (A[j] * s[j]) if kinds[c] in EXPANDABLE else None
-            return self.term_node(labels[c], kinds[c], j, node.hop + 1), w, "ov"
+            term = self.term_node(labels[c], kinds[c], j, node.hop + 1)
+            return term, self.raw(term, child * (A[j] * s[j]), reader), "ov"
 
         self.connect(node, weights, make)
         if self.qk:
@@ -430,12 +442,14 @@ class _Builder:
             child = self._fold(W_in, gamma, self.ds.attrs["mlp_norm_kind"] == "layernorm")
         else:
             child = W_in
+        reader = ctx.reader(l, self.ds.attrs.get("mlp_reads", "mlp"))
+
         def make(c):
             label, kind = out["labels"][c], out["kinds"][c]
             if kind in ("norm_beta", "mlp_in_bias"):
                 return self.leaf(label, kind, i, node.hop + 1), None, "mlp_in"
-            w = child * (gain * g * s[i]) if kind in EXPANDABLE else None
-            return self.term_node(label, kind, i, node.hop + 1), w, "mlp_in"
+            term = self.term_node(label, kind, i, node.hop + 1)
+            return term, self.raw(term, child * (gain * g * s[i]), reader), "mlp_in"
 
         self.connect(node, contrib, make)
 

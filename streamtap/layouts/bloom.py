@@ -26,13 +26,13 @@ LAYOUTS = [
     Layout(
         name="bloom-post-ln-residual",
         when=lambda config: getattr(config, "apply_residual_connection_post_layernorm", False),
-        block=(Norm("input_layernorm"), ATTN,
-               Norm("post_attention_layernorm"), Mlp("mlp.dense_4h_to_h")),
+        block=(Norm("input_layernorm"), ATTN,   # the MLP reads the stream itself, normalised just before
+               Norm("post_attention_layernorm"), Mlp("mlp.dense_4h_to_h", up="mlp.dense_h_to_4h")),
         **_COMMON,
     ),
     Layout(
         name="bloom",
-        block=(ATTN, Mlp("mlp.dense_4h_to_h")),
+        block=(ATTN, Mlp("mlp.dense_4h_to_h", up="mlp.dense_h_to_4h", norm="post_attention_layernorm")),
         **_COMMON,
     ),
 ]

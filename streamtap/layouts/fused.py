@@ -15,13 +15,14 @@ LAYOUTS = [
         **_NAMES,
         block=(Attn("self_attn.o_proj", qkv="self_attn.qkv_proj", split="concat", norm="input_layernorm",
                     window=sliding_window),
-               Mlp("mlp", down="mlp.down_proj")),
+               Mlp("mlp", down="mlp.down_proj", gate_up="mlp.gate_up_proj", norm="post_attention_layernorm",
+                   act="hidden_act")),
     ),
     Layout(
         name="starcoder2",
         model_types=("starcoder2",),
         **_NAMES,
         block=(Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), window=sliding_window),
-               Mlp("mlp", down="mlp.c_proj")),
+               Mlp("mlp", down="mlp.c_proj", up="mlp.c_fc", norm="post_attention_layernorm", act="hidden_act")),
     ),
 ]

@@ -20,7 +20,7 @@ LAYOUTS = [
         layers="h",
         block=(Attn("attn.attention.out_proj", norm="ln_1", scale=1.0, **projections("attn.attention"),
                     window=_local_window),
-               Mlp("mlp", down="mlp.c_proj")),
+               Mlp("mlp", down="mlp.c_proj", up="mlp.c_fc", norm="ln_2", act="activation_function")),
         resid_final=("ln_f", INPUT),
         final_norm="ln_f",
         positions="learned",

@@ -18,7 +18,7 @@ LAYOUTS = [
                     qk_norm=(("self_attn.q_norm", "self_attn.q_layernorm"), ("self_attn.k_norm", "self_attn.k_layernorm")),
                     notes=(("clip_qkv", "queries, keys and values are clipped to [-{0}, {0}] after the projection"),),
                     window=sliding_window, clip="clip_qkv"),
-               Mlp("mlp", down="mlp.down_proj", up="mlp.up_proj", gate="mlp.gate_proj", norm="post_attention_layernorm",
+               Mlp("mlp", down="mlp.down_proj", up="mlp.up_proj", gate="mlp.gate_proj", norm=("post_attention_layernorm", "input_layernorm"),
                    parallel="use_parallel_residual", act="hidden_act")),
         resid_final=("norm", INPUT),
         final_norm="norm",

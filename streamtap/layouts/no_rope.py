@@ -11,6 +11,7 @@ LAYOUTS = [
     Layout(name="smollm3", model_types=("smollm3",), embeds={"embed": "embed_tokens"}, layers="layers",
            block=(Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), window=sliding_window,
                        rotates=uses_rope),
-                  Mlp("mlp", down="mlp.down_proj")),
+                  Mlp("mlp", down="mlp.down_proj", up="mlp.up_proj", gate="mlp.gate_proj",
+                      norm="post_attention_layernorm", act="hidden_act")),
            resid_final=("norm", INPUT), final_norm="norm"),
 ]

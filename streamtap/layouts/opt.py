@@ -11,6 +11,7 @@ own weight, and ``attn_scale`` holds that factor as it does for every model.
 from .spec import INPUT, OUTPUT, Attn, Layout, Mlp, Norm, projections
 
 _QKV = projections("self_attn")
+_ACT = "activation_function"
 
 _COMMON = dict(
     model_types=("opt",),
@@ -24,13 +25,15 @@ LAYOUTS = [
     Layout(
         name="opt-post-ln",
         when=lambda config: not config.do_layer_norm_before,
-        block=(Attn("self_attn.out_proj", **_QKV), Norm("self_attn_layer_norm"), Mlp("fc2", flat=True), Norm("final_layer_norm")),
+        block=(Attn("self_attn.out_proj", **_QKV), Norm("self_attn_layer_norm"), Mlp("fc2", flat=True, up="fc1", act=_ACT),
+               Norm("final_layer_norm")),   # the MLP reads the stream itself, normalised by self_attn_layer_norm
         resid_final=("decoder.layers.{last}", OUTPUT),
         **_COMMON,
     ),
     Layout(
         name="opt",
-        block=(Attn("self_attn.out_proj", norm="self_attn_layer_norm", **_QKV), Mlp("fc2", flat=True)),
+        block=(Attn("self_attn.out_proj", norm="self_attn_layer_norm", **_QKV),
+               Mlp("fc2", flat=True, up="fc1", norm="final_layer_norm", act=_ACT)),
         resid_final=("decoder.final_layer_norm", INPUT),
         final_norm="decoder.final_layer_norm",
         **_COMMON,

@@ -18,7 +18,8 @@ LAYOUTS = [
                     **projections("self_attn"), qk_norm=_QK_NORM,
                     notes=(("attn_logit_softcapping", "attention scores are soft-capped: cap * tanh(score / cap), cap = {}"),),
                     window=sliding_window, softcap="attn_logit_softcapping"),
-               Mlp("mlp", down="mlp.down_proj", through="post_feedforward_layernorm")),
+               Mlp("mlp", down="mlp.down_proj", through="post_feedforward_layernorm", up="mlp.up_proj",
+                   gate="mlp.gate_proj", norm="pre_feedforward_layernorm", act="hidden_activation")),
         resid_final=("norm", INPUT),
         final_norm="norm",
         notes="logit soft-capping acts after the unembedding and does not touch the residual",
@@ -31,7 +32,9 @@ LAYOUTS = [
         layers="layers",
         block=(Attn("self_attn.o_proj", through="post_attention_layernorm", **projections("self_attn"),
                     qk_norm=_QK_NORM, window=sliding_window),  # no input norm: OLMo-2's attention reads the stream itself
-               Mlp("mlp", down="mlp.down_proj", through="post_feedforward_layernorm")),
+               # no input norm either: its MLP reads the stream itself
+               Mlp("mlp", down="mlp.down_proj", through="post_feedforward_layernorm", up="mlp.up_proj",
+                   gate="mlp.gate_proj", act="hidden_act")),
         resid_final=("norm", INPUT),
         final_norm="norm",
     ),

@@ -45,6 +45,7 @@ _GRANITE_ATTN = Attn("self_attn.o_proj", norm="input_layernorm", **projections("
 _GRANITE_SWA_ATTN = dataclasses.replace(_GRANITE_ATTN, no_patterns=(
     "each layer has a rotary base of its own (layer_rope_theta; 0 turns rotation off) and learned attention sinks, "
     "which the offline attention does not read"))
+_GATED = dict(up="mlp.up_proj", gate="mlp.gate_proj", norm="post_attention_layernorm", act="hidden_act")
 _NAMES = dict(embeds={"embed": "embed_tokens"}, layers="layers", resid_final=("norm", INPUT), final_norm="norm")
 
 LAYOUTS = [
@@ -53,7 +54,7 @@ LAYOUTS = [
         model_types=("granite",),
         **_NAMES,
         block=(Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn")),
-               Mlp("mlp", down="mlp.down_proj")),
+               Mlp("mlp", down="mlp.down_proj", **_GATED)),
         **_GRANITE_SCALES,
     ),
     # the shared MLP is the block's own (beside block_sparse_moe), and both writes are scaled together
@@ -70,7 +71,7 @@ LAYOUTS = [
         model_types=("minicpm3",),
         **_NAMES,
         block=(Attn("self_attn.o_proj", norm="input_layernorm", d_head="v_head_dim", no_patterns=MLA),
-               Mlp("mlp", down="mlp.down_proj")),
+               Mlp("mlp", down="mlp.down_proj", **_GATED)),
         residual_scale=_depth_scale,   # scale_emb is applied inside its embedding module, so the tap sees it
         logit_scale=Reciprocal("logits_scaling"),
     ),
@@ -78,9 +79,10 @@ LAYOUTS = [
         name=name,
         model_types=(name,),
         **_NAMES,
-        block=(Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"),
-                    rotary="interleaved_repeated", window=sliding_window, notes=_COHERE_NOTES, unsupported=unsupported),
-               Mlp("mlp", down="mlp.down_proj")),   # parallel: the MLP reads the same input_layernorm
+        block=(Attn("self_attn.o_proj", norm="input_layernorm", **projections("self_attn"), rotary="interleaved_repeated",
+                    window=sliding_window, notes=_COHERE_NOTES, unsupported=unsupported),
+               Mlp("mlp", down="mlp.down_proj", up="mlp.up_proj", gate="mlp.gate_proj", norm="input_layernorm",
+                   parallel=True, act="hidden_act")),   # parallel: the MLP reads the same input_layernorm
         logit_scale="logit_scale",
     ) for name, unsupported in (("cohere", _qk_norms), ("cohere2", _global_layers_without_rope))),
 ]

@@ -160,10 +160,13 @@ class Mlp:
 
     What the MLP's neurons read (stored with ``neurons=True`` for the exact MLP input edges of
     attribution graphs): ``up`` and ``gate`` are its input projections (``gate`` only for gated
-    MLPs, act(gate) * up), ``norm`` the norm it reads the stream through, after the layer's
-    attention has written; where the config field ``parallel`` is set, the MLP reads the layer's
-    input through the attention's norm instead (StableLM's parallel residual). ``act``: the config
-    field naming the activation (recorded, for the docs of a neuron node).
+    MLPs, act(gate) * up), or ``gate_up`` one projection whose output is [gate | up] (Phi-3's
+    ``gate_up_proj``, ModernBERT's ``Wi``); ``norm`` the norm it reads the stream through (the first
+    alternative present in the block; omit where it reads the stream itself: post-LN blocks, OLMo-2).
+    It reads the stream after the layer's attention has written, or, where ``parallel`` is True or
+    names a config field that is set, the layer's input (GPT-J, Phi, Falcon, GPT-NeoX's and
+    StableLM's parallel residual). ``act``: the config field naming the activation (recorded, for the
+    docs of a neuron node).
     """
 
     term: str
@@ -174,9 +177,23 @@ class Mlp:
     down_scale: str | Callable | None = None
     up: str | None = None
     gate: str | None = None
+    gate_up: str | None = None
     norm: Paths | None = None
-    parallel: str | None = None
+    parallel: str | bool | None = None
     act: str | None = None
+
+    def __post_init__(self):
+        if self.gate_up and (self.up or self.gate):
+            raise ValueError("Mlp: give either gate_up= or up=/gate=, not both")
+
+    @property
+    def reads(self) -> bool:
+        """Whether the layout declares what the neurons read (``up`` or ``gate_up``)."""
+        return bool(self.up or self.gate_up)
+
+    def is_parallel(self, config) -> bool:
+        """Whether the MLP reads the layer's input rather than the stream after the attention wrote."""
+        return self.parallel is True or (isinstance(self.parallel, str) and bool(getattr(config, self.parallel, False)))
 
 
 @dataclass(frozen=True)

@@ -379,23 +379,22 @@ class Weights:
         if b.moe or b.mixer_layers:
             return None
         step = next((s for s in b.layout.block if isinstance(s, Mlp)), None)
-        return step if step is not None and step.up else None
+        return step if step is not None and step.reads else None
 
     def mlp_inputs(self) -> tuple[dict[str, torch.Tensor], dict]:
         """W_in (layer, d_model, neuron) and b_in, W_gate and b_gate for gated MLPs, the norm the MLP reads
         the stream through (``mlp_norm_weight``/``mlp_norm_bias``), and their attributes: what a neuron's
         pre-activation is made of, pre = mlp_norm(x) @ W_in + b_in. Empty where the layout does not
-        declare them (``Mlp.up``)."""
+        declare them (``Mlp.up``, ``Mlp.gate_up``)."""
         if "mlp_inputs" in self._cache:
             return self._cache["mlp_inputs"]
         b, step = self.bound, self.mlp_step()
         if step is None:
             self._cache["mlp_inputs"] = ({}, {})
             return self._cache["mlp_inputs"]
-        parallel = bool(step.parallel and getattr(b.config, step.parallel, False))
-        norm = (b.attn.norm if b.attn is not None else None) if parallel else step.norm
+        parallel, norm = step.is_parallel(b.config), step.norm
         out, info = {}, {"mlp_reads": "attn" if parallel else "mlp"}
-        for name, rel in (("in", step.up), ("gate", step.gate)):
+        for name, rel in (("in", step.up), ("gate", step.gate), ("gate_up", step.gate_up)):
             if rel is None:
                 continue
             weights, biases, biased = [], [], False
@@ -404,9 +403,13 @@ class Weights:
                 weights.append(aug[:-1].cpu())
                 biases.append(aug[-1].cpu())
                 biased |= has
-            out[f"W_{name}"] = torch.stack(weights)
-            if biased:
-                out[f"b_{name}"] = torch.stack(biases)
+            W, bias = torch.stack(weights), torch.stack(biases)
+            # a fused projection's output is [gate | up]: its two halves are W_gate and W_in
+            parts = {name: (W, bias)} if name != "gate_up" else dict(zip(("gate", "in"), zip(W.chunk(2, -1), bias.chunk(2, -1))))
+            for part, (w, bb) in parts.items():
+                out[f"W_{part}"] = w.contiguous()
+                if biased:
+                    out[f"b_{part}"] = bb.contiguous()
         if norm:
             probes = [probe_norm(b.module(b.in_block(layer, norm, "MLP input norm")), b.d_model)
                       for layer in range(b.n_layers)]

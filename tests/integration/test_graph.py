@@ -122,6 +122,44 @@ def test_bad_input(tmp_path):
     result = invoke("graph", tmp_path / "plain.zarr", "--seq", 0, "--target", 7, "--out", tmp_path / "nothing")
     assert result.exit_code == 2 and "--patterns" in result.output
     assert not (tmp_path / "nothing").exists()
-    _, post = tapped("gemma2", patterns=True)
-    with pytest.raises(StreamtapError, match="pre-norm stream"):
-        st.analysis.attribution_graph(st.open(post), 0, 7)
+    with pytest.raises(StreamtapError, match="give a target token"):
+        st.analysis.attribution_graph(ds, 0)
+
+
+def post_norm_root(arch: str, ds, logits):
+    """(graph, the model's own value of its root): a logit where the store has the unembedding (Gemma-2's
+    soft-cap applied to the graph's pre-cap root), else a direction read off the model's own output:
+    OPT-350m-style's logit through its project_out and LM head, BERT's last hidden state."""
+    kw = dict(position=-1, depth=3, max_inputs=6, dtype=np.float64)
+    if "W_U" in ds:
+        g = st.analysis.attribution_graph(ds, 0, 7, **kw)
+        cap = ds.attrs.get("final_logit_softcap")
+        return g, (cap * np.tanh(g.attrs["value"] / cap) if cap else g.attrs["value"]), logits[0, -1, 7]
+    model = tiny_model(arch)
+    with torch.no_grad():
+        if getattr(model.config, "do_layer_norm_before", True) is False:   # OPT post-LN: logit = W_U P h
+            u = model.get_output_embeddings().weight[7] @ model.model.decoder.project_out.weight
+            g = st.analysis.attribution_graph(ds, 0, direction=u.double().numpy(), **kw)
+            return g, g.attrs["value"], logits[0, -1, 7]
+        u = torch.linspace(-1.0, 1.0, model.config.hidden_size)
+        hidden = model(input_ids=torch.tensor(IDS[:1]), output_hidden_states=True).hidden_states[-1][0, -1]
+        g = st.analysis.attribution_graph(ds, 0, direction=u.double().numpy(), **kw)
+        return g, g.attrs["value"], float(hidden.double() @ u.double())
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "olmo2", "opt-post-ln", "bert"])
+def test_graphs_on_streams_with_norms_inside(arch):
+    """Post-sublayer norms (Gemma-2's sandwich, OLMo-2) and post-LN blocks (OPT-350m-style, BERT): with every
+    norm's scale frozen a child's direction is carried back through the norms between its write and its
+    reader, so the root is the model's own number and every expanded node's inputs sum to its value."""
+    logits, store = tapped(arch, patterns=True, neurons=True)
+    ds = st.open(store)
+    g, root, reference = post_norm_root(arch, ds, logits)
+    assert root == pytest.approx(reference, rel=1e-5, abs=1e-5)
+    sums = g.edges.groupby("target").weight.sum()
+    values = g.nodes.set_index("node_id").value.reindex(sums.index)
+    assert np.abs(sums - values).max() <= 10 * st.tolerance(ds) * max(abs(g.attrs["value"]), 1.0), arch
+    assert {"head", "mlp", "neuron"} <= set(g.nodes[g.nodes.expanded].kind)
+    assert {"ov", "neuron", "mlp_in"} <= set(g.edges.kind)
+    betas = g.nodes[g.nodes.kind == "norm_beta"]
+    assert betas.empty or not betas.expanded.any()   # norm betas are leaves
