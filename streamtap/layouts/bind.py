@@ -64,6 +64,7 @@ class BoundLayout:
     attn: Attn | None = None                                         # the block's attention step
     config: object = None                                            # the stack's config (a text tower's)
     out_scales: dict[str, float] = field(default_factory=dict)      # tap key -> a step's own output multiplier
+    out_biases: dict[str, str] = field(default_factory=dict)        # tap key -> a bias parameter added outside it
 
     @property
     def name(self) -> str:
@@ -286,6 +287,9 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
                 bound.attn = bound.attn or step
                 taps[f"z.{layer}"] = (require(bound.block_path(layer, step.proj), "attention output projection"), INPUT)
                 bound.out_scales[f"z.{layer}"] = config_multiplier(step.out_scale, config)
+                extra = bound.full(bound.block_path(layer, step.out_bias)) if step.out_bias else None
+                if extra is not None and isinstance(bound.module(extra), torch.Tensor):
+                    bound.out_biases[f"z.{layer}"] = extra
                 events.append(Write("attn", layer, through))
             elif isinstance(step, Moe) and (step.dense is None or bound.find(bound.block_path(layer, step.experts))):
                 taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, step.term), "MoE term"), OUTPUT)

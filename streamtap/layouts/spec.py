@@ -69,6 +69,9 @@ class Attn:
     - ``out_scale``: a multiplier the block applies to this attention's output outside the tapped
       modules (Falcon-H1's ``attention_out_multiplier``): a config field or a function of the config;
       W_O and b_O carry it (with the layout's ``residual_scale``).
+    - ``out_bias``: a bias parameter the block adds to this attention's output outside ``proj`` (a path
+      relative to the block: GPT-NeoX-Japanese's ``attention.dense_bias``, which only its last layer
+      has); b_O carries it where the parameter exists.
     - ``no_patterns``: why this attention's pattern cannot be recomputed from a store (a capture with
       ``patterns=True`` is refused up front with this reason).
     - ``unsupported``: ``config -> reason or None``, what the offline attention cannot recompute for
@@ -98,6 +101,7 @@ class Attn:
     d_head: str | None = None
     no_patterns: str | None = None
     out_scale: str | Callable | None = None
+    out_bias: str | None = None
     unsupported: Callable[[object], str | None] | None = None   # config -> why patterns cannot be recomputed
 
     def __post_init__(self):
