@@ -259,9 +259,16 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
         events.append(Embed(var))
     if layout.final_norm:
         require(layout.final_norm, "final norm")
+    def norm_input(k: int, step: Norm, layer: int | None) -> tuple[str, str]:
+        """Where norm k's input is read: at the norm, or as another module's output (``Norm.input_from``)."""
+        if step.input_from is None:
+            return bound.norms[k], INPUT
+        rel = step.input_from if layer is None else bound.block_path(layer, step.input_from)
+        return require(rel, "the module whose output a norm reads"), OUTPUT
+
     for step in layout.after_embeds:
         k = norm_index(require(step.path, "embedding norm"))
-        taps[f"norm.{k}"] = (bound.norms[k], INPUT)
+        taps[f"norm.{k}"] = norm_input(k, step, None)
         events.append(StreamNorm(k, -1))
     for layer in range(bound.n_layers):
         steps = layout.steps(config, layer, layers[layer])
@@ -272,7 +279,7 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
         for step in steps:
             if isinstance(step, Norm):
                 k = norm_index(require(bound.block_path(layer, step.path), "stream norm"))
-                taps[f"norm.{k}"] = (bound.norms[k], INPUT)
+                taps[f"norm.{k}"] = norm_input(k, step, layer)
                 events.append(StreamNorm(k, layer))
                 continue
             through = None

@@ -221,9 +221,15 @@ class Mixer:
 
 @dataclass(frozen=True)
 class Norm:
-    """The whole residual stream passes through this norm (post-LN blocks, embedding norms)."""
+    """The whole residual stream passes through this norm (post-LN blocks, embedding norms).
+
+    ``input_from``: a module whose **output** is this norm's input, read there instead of at the norm,
+    where the norm's module runs more than once per forward (NanoChat applies its final ``norm`` to the
+    embeddings too, so ``Norm("norm", input_from="embed_tokens")`` reads that call's input).
+    """
 
     path: str
+    input_from: str | None = None
 
 
 @dataclass(frozen=True)
