@@ -15,7 +15,7 @@ import torch
 from ..errors import LayoutError
 from ..stream import Embed, Event, StreamNorm, Write
 from .norms import probe_norm
-from .spec import INPUT, OUTPUT, Attn, InputOf, Layout, Mixer, Moe, Norm, Paths, config_multiplier
+from .spec import INPUT, OUTPUT, Attn, InputOf, Layout, Mixer, Moe, Norm, Paths, Scale, config_multiplier
 
 
 def resolve_path(root: torch.nn.Module, path: str):
@@ -195,6 +195,16 @@ def _one_vocabulary(layout: Layout, model: torch.nn.Module) -> None:
                           "whose token tables agree")
 
 
+def _fixed_probe(step: Scale, holder, d_model: int) -> dict:
+    """A constant per-dimension scale as a norm's probe: gamma the vector, beta 0, no centring, and a frozen
+    per-token scale of 1 (``fixed``), so every replay of the stream applies it as it applies a norm."""
+    vector = step.vector(holder) if step.vector else holder
+    gamma = torch.as_tensor(vector).detach().double().reshape(-1)
+    if gamma.numel() != d_model:
+        raise LayoutError(f"a stream scale at {step.path!r} has {gamma.numel()} entries, not d_model = {d_model}")
+    return {"gamma": gamma.float(), "beta": torch.zeros(d_model), "center": False, "eps": 0.0, "fixed": True}
+
+
 def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> BoundLayout:
     """Resolve ``layout`` against ``model``: the paths a capture taps and the stream's events.
 
@@ -251,6 +261,7 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
         return found
 
     taps, events = {}, []
+    fixed: dict[int, Scale] = {}   # norm index -> the constant scale it stands for
     for var, paths in layout.embeds.items():  # alternatives name what a config may switch off (OPT's project_in)
         if isinstance(paths, InputOf):
             taps[var] = (require(paths.path, f"embedding term {var}"), INPUT)
@@ -277,6 +288,12 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
                               f"{layout.block_kind(config, layer, layers[layer])!r}, which the layout's blocks do "
                               f"not declare (it declares {sorted(layout.blocks)}); see docs/layouts.md")
         for step in steps:
+            if isinstance(step, Scale):   # a norm whose frozen scale is 1 and whose gamma is the vector
+                k = norm_index(require(bound.block_path(layer, step.path), "stream scale"))
+                fixed[k] = step
+                taps[f"norm.{k}"] = (bound.block_full_path(layer), INPUT)   # any per-token tensor: its scale is 1
+                events.append(StreamNorm(k, layer))
+                continue
             if isinstance(step, Norm):
                 k = norm_index(require(bound.block_path(layer, step.path), "stream norm"))
                 taps[f"norm.{k}"] = norm_input(k, step, layer)
@@ -322,7 +339,8 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
     paths, side = layout.resid_final
     taps["resid_final"] = (require(paths, "final residual"), side)
     bound.taps, bound.events = taps, events
-    bound.norm_probes = [probe_norm(bound.module(p), d_model) for p in bound.norms] if probe else []
+    bound.norm_probes = [_fixed_probe(fixed[k], bound.module(p), d_model) if k in fixed else probe_norm(bound.module(p), d_model)
+                         for k, p in enumerate(bound.norms)] if probe else []
     identity = [p for p, probe in zip(bound.norms, bound.norm_probes) if probe.get("identity")]
     if identity:   # a stream norm's frozen scale would divide by the token's rms, which an identity does not
         raise LayoutError(f"layout {layout.name!r}: the stream norm {identity[0]} of {type(model).__name__} is an "

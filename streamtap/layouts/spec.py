@@ -233,6 +233,21 @@ class Norm:
 
 
 @dataclass(frozen=True)
+class Scale:
+    """The whole residual stream is multiplied by a constant per-dimension vector (Doge's
+    ``input_residual * residual``): every earlier term is scaled with it, as by a norm whose frozen
+    per-token scale is 1 (the replay carries it as one: gamma the vector, no centring, no beta).
+
+    ``path`` (relative to the block) names the parameter or module holding it; ``vector`` maps that to
+    the (d_model,) vector (default: the parameter itself). A gate ``b * term + g * residual`` (Ergo's
+    ``ErgoResidualGate``) is ``Scale(g / b)``, the term's write, then ``Scale(b)``.
+    """
+
+    path: str
+    vector: Callable[[object], object] | None = None
+
+
+@dataclass(frozen=True)
 class InputOf:
     """An embedding term read at a module's **input** (``Layout.embeds``): the whole sum of embeddings where
     part of it is no module's output (CTRL adds a sinusoidal buffer indexed in its forward)."""
@@ -256,7 +271,7 @@ class Layout:
     model_types: tuple[str, ...]
     embeds: dict[str, Paths | InputOf]   # stored variable name -> module whose output enters the stream
     layers: str
-    block: tuple[Attn | Mlp | Moe | Mixer | Norm, ...]
+    block: tuple[Attn | Mlp | Moe | Mixer | Norm | Scale, ...]
     resid_final: tuple[Paths, str]       # where the final residual is read, and from which side
     final_norm: Paths | None = None      # the norm before the unembedding (offline attribution)
     after_embeds: tuple[Norm, ...] = ()
@@ -310,5 +325,5 @@ def config_multiplier(spec: str | Callable | None, config) -> float:
     return 1.0 if value is None else float(value)
 
 
-__all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "ROTARY_STYLES", "Paths", "Attn", "InputOf", "Mlp", "Mixer", "Moe", "Norm", "Layout",
+__all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "ROTARY_STYLES", "Paths", "Attn", "InputOf", "Mlp", "Mixer", "Moe", "Norm", "Scale", "Layout",
            "Reciprocal", "config_multiplier", "projections", "sliding_window", "uses_rope"]

@@ -159,6 +159,8 @@ class Recorder:
         if self.scales_reduced:
             return x.float()
         probe = self.bound.norm_probes[k]
+        if probe.get("fixed"):   # a constant scale of the stream (layouts' Scale): gamma holds it, s is 1
+            return torch.ones(x.shape[:-1], dtype=torch.float32, device=x.device)
         x = x.float()
         if probe["center"]:
             x = x - x.mean(dim=-1, keepdim=True)
@@ -411,8 +413,12 @@ class Recorder:
         variables = {name: VariableSpec(tuple(t.shape[1:]), str(t.dtype).removeprefix("torch."))
                      for name, t in out.items()}
         static = {name: (to_numpy(t), str(t.dtype).removeprefix("torch.")) for name, t in self._static.items()}
-        reference = out["resid_final"] if "resid_final" in out else next(self.module.parameters())
-        dtype = str(reference.dtype).removeprefix("torch.")  # the compute dtype, even in a lossy store
+        # the compute dtype, even in a lossy store: the coarser of the stream's and the weights' (a bfloat16 model
+        # may keep a float32 stream, Ergo's gates, while its sublayers round their terms to bfloat16)
+        weights = next(self.module.parameters()).dtype
+        stream = out["resid_final"].dtype if "resid_final" in out else weights
+        coarse = max((stream, weights), key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
+        dtype = str(coarse).removeprefix("torch.")
         identity = {
             "schema_version": SCHEMA_VERSION,
             "layout": b.name,
