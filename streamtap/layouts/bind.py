@@ -319,6 +319,7 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
                 taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, step.term), "MoE term"), OUTPUT)
                 taps[f"experts.{layer}"] = (require(bound.block_path(layer, step.experts), "experts"), INPUT)
                 n_experts = int(bound.module(taps[f"experts.{layer}"][0]).num_experts)
+                bound.out_scales[f"experts.{layer}"] = config_multiplier(step.routed_scale, config)
                 if step.shared:
                     taps[f"shared.{layer}"] = (require(bound.block_path(layer, step.shared), "shared expert"), OUTPUT)
                 if step.shared_gate:

@@ -190,7 +190,9 @@ class Moe:
     expert (DeepSeek's ``shared_experts``), its output scaled by sigmoid(``shared_gate``(x)) where a
     gate is named (Qwen2-MoE). ``dense``: the MLP of the layers that have no ``experts`` module
     (DeepSeek's ``first_k_dense_replace``, Qwen3-MoE's ``mlp_only_layers``); each layer resolves to
-    whichever of the two it has, and its term is the dense MLP's output.
+    whichever of the two it has, and its term is the dense MLP's output. ``routed_scale``: a multiplier
+    the mixture applies to the routed experts' sum outside ``experts`` (MiniMax-M3's
+    ``routed_scaling_factor``), a config field or a function of the config; each routed share carries it.
     """
 
     term: str
@@ -199,6 +201,7 @@ class Moe:
     shared_gate: str | None = None
     through: str | None = None
     dense: Mlp | None = None
+    routed_scale: str | Callable | None = None
 
 
 @dataclass(frozen=True)

@@ -230,6 +230,9 @@ class Recorder:
             with torch.no_grad():
                 per_slot[layer] = torch.stack([experts(x, top_index[:, j:j + 1], top_weights[:, j:j + 1])
                                                for j in range(top_index.shape[1])], dim=1)
+            routed = b.out_scales.get(f"experts.{layer}", 1.0)   # applied by the mixture outside its experts
+            if routed != 1.0:
+                per_slot[layer] = per_slot[layer] * routed
             index[layer] = top_index.to(torch.int32)
             if f"shared.{layer}" in b.taps:
                 out = kept[location(b.taps[f"shared.{layer}"][0], "output")[0]].output
