@@ -15,7 +15,7 @@ from .spec import INPUT, OUTPUT, POSITIONS, SPLITS, Attn, InputOf, Layout, Mixer
 from .weights import Weights, in_out_weight
 
 _FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert", "bart", "classic", "moe", "no_rope",
-             "hybrid", "falcon_h1", "ssm", "scaled", "fused", "outside", "reused", "gated", "minimax_m3")
+             "hybrid", "falcon_h1", "ssm", "scaled", "fused", "outside", "reused", "gated", "moe_outside")
 
 GUIDE = "docs/layouts.md"
 

@@ -300,7 +300,9 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
                 events.append(StreamNorm(k, layer))
                 continue
             through = None
-            if step.through:
+            # a mixture's own norm (AX-K1's mlp.post_mlp_layernorm) is absent from its dense layers' MLP
+            dense_here = isinstance(step, Moe) and step.dense is not None and not bound.find(bound.block_path(layer, step.experts))
+            if step.through and not (dense_here and not bound.find(bound.block_path(layer, step.through))):
                 through = norm_index(require(bound.block_path(layer, step.through), "sublayer norm"))
                 taps[f"norm.{through}"] = (bound.norms[through], INPUT)
             if isinstance(step, Mixer):
@@ -316,7 +318,10 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
                     bound.out_biases[f"z.{layer}"] = extra
                 events.append(Write("attn", layer, through))
             elif isinstance(step, Moe) and (step.dense is None or bound.find(bound.block_path(layer, step.experts))):
-                taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, step.term), "MoE term"), OUTPUT)
+                # InputOf: the mixture's write is a module's input (AX-K1's sum before the mixture's own norm)
+                at = step.term.path if isinstance(step.term, InputOf) else step.term
+                taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, at), "MoE term"),
+                                            INPUT if isinstance(step.term, InputOf) else OUTPUT)
                 taps[f"experts.{layer}"] = (require(bound.block_path(layer, step.experts), "experts"), INPUT)
                 n_experts = int(bound.module(taps[f"experts.{layer}"][0]).num_experts)
                 bound.out_scales[f"experts.{layer}"] = config_multiplier(step.routed_scale, config)

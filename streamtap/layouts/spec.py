@@ -193,9 +193,11 @@ class Moe:
     whichever of the two it has, and its term is the dense MLP's output. ``routed_scale``: a multiplier
     the mixture applies to the routed experts' sum outside ``experts`` (MiniMax-M3's
     ``routed_scaling_factor``), a config field or a function of the config; each routed share carries it.
+    ``term=InputOf(path)``: the write is that module's input, where the mixture passes its sum through a norm
+    of its own before returning it (AX-K1's ``mlp.post_mlp_layernorm``, declared as ``through``).
     """
 
-    term: str
+    term: str | InputOf
     experts: str
     shared: str | None = None
     shared_gate: str | None = None

@@ -206,8 +206,9 @@ class Recorder:
         it: ``mlp_out`` is the layer's whole MLP write, as it is where the mixture holds its shared expert."""
         b = self.bound
         for layer in range(b.n_layers):
-            shared, term = b.taps.get(f"shared.{layer}"), b.taps.get(f"mlp_out.{layer}")
-            if shared is not None and not shared[0].startswith(term[0] + "."):
+            shared, experts = b.taps.get(f"shared.{layer}"), b.taps.get(f"experts.{layer}")
+            mixture = experts[0].rsplit(".", 1)[0] if experts is not None else None   # the experts' parent module
+            if shared is not None and mixture is not None and not shared[0].startswith(mixture + "."):
                 out["mlp_out"][:, layer] += out["shared_expert_out"][:, layer].to(out["mlp_out"].dtype)
 
     def _expert_terms(self, kept: KeptValues, mask: torch.Tensor) -> dict[str, torch.Tensor]:
