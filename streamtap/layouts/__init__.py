@@ -11,11 +11,11 @@ from importlib import import_module
 
 from ..errors import UnsupportedArchitectureError
 from .bind import BoundLayout, bind
-from .spec import INPUT, OUTPUT, POSITIONS, SPLITS, Attn, InputOf, Layout, Mixer, Mlp, Moe, Norm, projections
+from .spec import INPUT, OUTPUT, POSITIONS, SPLITS, Attn, InputOf, Layout, Mixer, Mlp, Moe, Norm, Scale, projections
 from .weights import Weights, in_out_weight
 
 _FAMILIES = ("gpt2", "gpt_neo", "llama", "post_sublayer_norm", "parallel", "bloom", "opt", "bert", "bart", "classic", "moe", "no_rope",
-             "hybrid", "falcon_h1", "ssm", "scaled", "fused")
+             "hybrid", "falcon_h1", "ssm", "scaled", "fused", "outside", "reused", "gated", "moe_outside")
 
 GUIDE = "docs/layouts.md"
 
@@ -180,5 +180,5 @@ def _unsupported(model, why: str = "") -> UnsupportedArchitectureError:
     )
 
 
-__all__ = ["INPUT", "OUTPUT", "POSITIONS", "REFUSED", "SPLITS", "Attn", "BoundLayout", "InputOf", "Layout", "LAYOUTS", "Mixer", "Mlp", "Moe", "Norm",
+__all__ = ["INPUT", "OUTPUT", "POSITIONS", "REFUSED", "SPLITS", "Attn", "BoundLayout", "InputOf", "Layout", "LAYOUTS", "Mixer", "Mlp", "Moe", "Norm", "Scale",
            "Weights", "bind", "in_out_weight", "layout_candidates", "layout_for", "pattern_support", "projections", "register", "supported_model_types"]

@@ -126,6 +126,24 @@ LAYOUTS.append(Layout(
     causal=False,
 ))
 
+# ModernBERT's causal decoder: separate q/k/v projections, the same embedding norm, identity first attention
+# norm and per-kind rotary tables; its head (dense, act, norm, decoder) is not linear, so no unembedding
+LAYOUTS.append(Layout(
+    name="modernbert-decoder",
+    model_types=("modernbert-decoder",),
+    notes=("causal ModernBERT: pre-LN with an embedding norm and a final norm, rotary positions (one table per "
+           "layer kind), an identity first attention norm, causal sliding windows on local layers; the "
+           "prediction head (dense, activation, norm) is not linear, so no unembedding is stored"),
+    embeds={"embed": "embeddings.tok_embeddings"},
+    after_embeds=(Norm("embeddings.norm"),),
+    layers="layers",
+    block=(Attn("attn.Wo", **projections("attn"), norm="attn_norm", window=lambda config, attn: attn.sliding_window),
+           Mlp("mlp", down="mlp.Wo", norm="mlp_norm")),
+    resid_final=("final_norm", INPUT),
+    final_norm="final_norm",
+    unembed=False,
+))
+
 LAYOUTS += [
     Layout(name="megatron-bert", model_types=("megatron-bert",), embeds=_BERT_EMBEDS,
            block=(Attn("attention.output.dense", norm="attention.ln", **_QKV), Mlp("output.dense")),

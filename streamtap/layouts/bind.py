@@ -15,7 +15,7 @@ import torch
 from ..errors import LayoutError
 from ..stream import Embed, Event, StreamNorm, Write
 from .norms import probe_norm
-from .spec import INPUT, OUTPUT, Attn, InputOf, Layout, Mixer, Moe, Norm, Paths, config_multiplier
+from .spec import INPUT, OUTPUT, Attn, InputOf, Layout, Mixer, Moe, Norm, Paths, Scale, config_multiplier
 
 
 def resolve_path(root: torch.nn.Module, path: str):
@@ -65,6 +65,7 @@ class BoundLayout:
     config: object = None                                            # the stack's config (a text tower's)
     out_scales: dict[str, float] = field(default_factory=dict)      # tap key -> a step's own output multiplier
     routed: dict[int, int] = field(default_factory=dict)             # layer -> top-k, where experts read router-weighted input
+    out_biases: dict[str, str] = field(default_factory=dict)        # tap key -> a bias parameter added outside it
 
     @property
     def name(self) -> str:
@@ -195,6 +196,16 @@ def _one_vocabulary(layout: Layout, model: torch.nn.Module) -> None:
                           "whose token tables agree")
 
 
+def _fixed_probe(step: Scale, holder, d_model: int) -> dict:
+    """A constant per-dimension scale as a norm's probe: gamma the vector, beta 0, no centring, and a frozen
+    per-token scale of 1 (``fixed``), so every replay of the stream applies it as it applies a norm."""
+    vector = step.vector(holder) if step.vector else holder
+    gamma = torch.as_tensor(vector).detach().double().reshape(-1)
+    if gamma.numel() != d_model:
+        raise LayoutError(f"a stream scale at {step.path!r} has {gamma.numel()} entries, not d_model = {d_model}")
+    return {"gamma": gamma.float(), "beta": torch.zeros(d_model), "center": False, "eps": 0.0, "fixed": True}
+
+
 def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> BoundLayout:
     """Resolve ``layout`` against ``model``: the paths a capture taps and the stream's events.
 
@@ -251,6 +262,7 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
         return found
 
     taps, events, scaled = {}, [], {}   # scaled: stream norm index -> a multiplier on its output (Norm.scale)
+    fixed: dict[int, Scale] = {}   # norm index -> the constant scale it stands for
     for var, paths in layout.embeds.items():  # alternatives name what a config may switch off (OPT's project_in)
         if isinstance(paths, InputOf):
             taps[var] = (require(paths.path, f"embedding term {var}"), INPUT)
@@ -259,9 +271,16 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
         events.append(Embed(var))
     if layout.final_norm:
         require(layout.final_norm, "final norm")
+    def norm_input(k: int, step: Norm, layer: int | None) -> tuple[str, str]:
+        """Where norm k's input is read: at the norm, or as another module's output (``Norm.input_from``)."""
+        if step.input_from is None:
+            return bound.norms[k], INPUT
+        rel = step.input_from if layer is None else bound.block_path(layer, step.input_from)
+        return require(rel, "the module whose output a norm reads"), OUTPUT
+
     for step in layout.after_embeds:
         k = norm_index(require(step.path, "embedding norm"))
-        taps[f"norm.{k}"] = (bound.norms[k], INPUT)
+        taps[f"norm.{k}"] = norm_input(k, step, None)
         events.append(StreamNorm(k, -1))
     for layer in range(bound.n_layers):
         steps = layout.steps(config, layer, layers[layer])
@@ -270,15 +289,23 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
                               f"{layout.block_kind(config, layer, layers[layer])!r}, which the layout's blocks do "
                               f"not declare (it declares {sorted(layout.blocks)}); see docs/layouts.md")
         for step in steps:
+            if isinstance(step, Scale):   # a norm whose frozen scale is 1 and whose gamma is the vector
+                k = norm_index(require(bound.block_path(layer, step.path), "stream scale"))
+                fixed[k] = step
+                taps[f"norm.{k}"] = (bound.block_full_path(layer), INPUT)   # any per-token tensor: its scale is 1
+                events.append(StreamNorm(k, layer))
+                continue
             if isinstance(step, Norm):
                 k = norm_index(require(bound.block_path(layer, step.path), "stream norm"))
                 if step.scale is not None:
                     scaled[k] = config_multiplier(step.scale, config)
-                taps[f"norm.{k}"] = (bound.norms[k], INPUT)
+                taps[f"norm.{k}"] = norm_input(k, step, layer)
                 events.append(StreamNorm(k, layer))
                 continue
             through = None
-            if step.through:
+            # a mixture's own norm (AX-K1's mlp.post_mlp_layernorm) is absent from its dense layers' MLP
+            dense_here = isinstance(step, Moe) and step.dense is not None and not bound.find(bound.block_path(layer, step.experts))
+            if step.through and not (dense_here and not bound.find(bound.block_path(layer, step.through))):
                 through = norm_index(require(bound.block_path(layer, step.through), "sublayer norm"))
                 taps[f"norm.{through}"] = (bound.norms[through], INPUT)
             if isinstance(step, Mixer):
@@ -289,9 +316,15 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
                 bound.attn = bound.attn or step
                 taps[f"z.{layer}"] = (require(bound.block_path(layer, step.proj), "attention output projection"), INPUT)
                 bound.out_scales[f"z.{layer}"] = config_multiplier(step.out_scale, config)
+                extra = bound.full(bound.block_path(layer, step.out_bias)) if step.out_bias else None
+                if extra is not None and isinstance(bound.module(extra), torch.Tensor):
+                    bound.out_biases[f"z.{layer}"] = extra
                 events.append(Write("attn", layer, through))
             elif isinstance(step, Moe) and (step.dense is None or bound.find(bound.block_path(layer, step.experts))):
-                taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, step.term), "MoE term"), OUTPUT)
+                # InputOf: the mixture's write is a module's input (AX-K1's sum before the mixture's own norm)
+                at = step.term.path if isinstance(step.term, InputOf) else step.term
+                taps[f"mlp_out.{layer}"] = (require(bound.block_path(layer, at), "MoE term"),
+                                            INPUT if isinstance(step.term, InputOf) else OUTPUT)
                 # experts on router-weighted input (Moe.router): their output rows and the router's scores
                 taps[f"experts.{layer}"] = (require(bound.block_path(layer, step.experts), "experts"),
                                             OUTPUT if step.router else INPUT)
@@ -322,7 +355,8 @@ def bind(layout: Layout, model: torch.nn.Module, *, probe: bool = True) -> Bound
     paths, side = layout.resid_final
     taps["resid_final"] = (require(paths, "final residual"), side)
     bound.taps, bound.events = taps, events
-    bound.norm_probes = [probe_norm(bound.module(p), d_model) for p in bound.norms] if probe else []
+    bound.norm_probes = [_fixed_probe(fixed[k], bound.module(p), d_model) if k in fixed else probe_norm(bound.module(p), d_model)
+                         for k, p in enumerate(bound.norms)] if probe else []
     for k, factor in scaled.items() if probe else ():   # the stream is factor x the norm's output: gamma and beta carry it
         bound.norm_probes[k] = {**bound.norm_probes[k], "gamma": bound.norm_probes[k]["gamma"] * factor,
                                 "beta": bound.norm_probes[k]["beta"] * factor}

@@ -71,6 +71,9 @@ class Attn:
       W_O and b_O carry it (with the layout's ``residual_scale``).
     - ``heads``: where the number of heads is not ``config.num_attention_heads``: a config field or a
       function of the config (Laguna's per-layer counts, when every layer has the same).
+    - ``out_bias``: a bias parameter the block adds to this attention's output outside ``proj`` (a path
+      relative to the block: GPT-NeoX-Japanese's ``attention.dense_bias``, which only its last layer
+      has); b_O carries it where the parameter exists.
     - ``no_patterns``: why this attention's pattern cannot be recomputed from a store (a capture with
       ``patterns=True`` is refused up front with this reason).
     - ``unsupported``: ``config -> reason or None``, what the offline attention cannot recompute for
@@ -101,6 +104,7 @@ class Attn:
     heads: str | Callable | None = None
     no_patterns: str | None = None
     out_scale: str | Callable | None = None
+    out_bias: str | None = None
     unsupported: Callable[[object], str | None] | None = None   # config -> why patterns cannot be recomputed
 
     def __post_init__(self):
@@ -208,7 +212,10 @@ class Moe:
     (DeepSeek's ``first_k_dense_replace``, Qwen3-MoE's ``mlp_only_layers``); each layer resolves to
     whichever of the two it has, and its term is the dense MLP's output. ``routed_scale``: a multiplier
     the mixture applies to the routed experts' sum outside ``experts`` (Laguna's
-    ``moe_routed_scaling_factor``): a config field or a function of the config; each stored share carries it.
+    ``moe_routed_scaling_factor``, MiniMax-M3's ``routed_scaling_factor``): a config field or a function of
+    the config; each stored share carries it. ``term=InputOf(path)``: the write is that module's input, where
+    the mixture passes its sum through a norm of its own before returning it (AX-K1's
+    ``mlp.post_mlp_layernorm``, declared as ``through``).
 
     ``router``: where the experts run on router-weighted copies of the input instead (Llama-4: every
     expert reads x times its score, zero where the token is not routed to it) and return one block of
@@ -217,7 +224,7 @@ class Moe:
     ``flat``: ``term``'s output has the batch's tokens flattened into one axis (Llama-4's mixture).
     """
 
-    term: str
+    term: str | InputOf
     experts: str
     shared: str | None = None
     shared_gate: str | None = None
@@ -254,10 +261,30 @@ class Norm:
     ``scale``: a multiplier on the norm's output before it becomes the stream, outside the module
     (MiniMax's ``*_alpha_factor``): a config field or a function of the config; the frozen norm's
     gamma and beta carry it.
+
+    ``input_from``: a module whose **output** is this norm's input, read there instead of at the norm,
+    where the norm's module runs more than once per forward (NanoChat applies its final ``norm`` to the
+    embeddings too, so ``Norm("norm", input_from="embed_tokens")`` reads that call's input).
     """
 
     path: str
     scale: str | Callable | None = None
+    input_from: str | None = None
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The whole residual stream is multiplied by a constant per-dimension vector (Doge's
+    ``input_residual * residual``): every earlier term is scaled with it, as by a norm whose frozen
+    per-token scale is 1 (the replay carries it as one: gamma the vector, no centring, no beta).
+
+    ``path`` (relative to the block) names the parameter or module holding it; ``vector`` maps that to
+    the (d_model,) vector (default: the parameter itself). A gate ``b * term + g * residual`` (Ergo's
+    ``ErgoResidualGate``) is ``Scale(g / b)``, the term's write, then ``Scale(b)``.
+    """
+
+    path: str
+    vector: Callable[[object], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -284,7 +311,7 @@ class Layout:
     model_types: tuple[str, ...]
     embeds: dict[str, Paths | InputOf]   # stored variable name -> module whose output enters the stream
     layers: str
-    block: tuple[Attn | Mlp | Moe | Mixer | Norm, ...]
+    block: tuple[Attn | Mlp | Moe | Mixer | Norm | Scale, ...]
     resid_final: tuple[Paths, str]       # where the final residual is read, and from which side
     final_norm: Paths | None = None      # the norm before the unembedding (offline attribution)
     after_embeds: tuple[Norm, ...] = ()
@@ -338,5 +365,5 @@ def config_multiplier(spec: str | Callable | None, config) -> float:
     return 1.0 if value is None else float(value)
 
 
-__all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "ROTARY_STYLES", "Paths", "Attn", "InputOf", "Mlp", "Mixer", "Moe", "Norm", "Layout",
+__all__ = ["INPUT", "OUTPUT", "SPLITS", "POSITIONS", "ROTARY_STYLES", "Paths", "Attn", "InputOf", "Mlp", "Mixer", "Moe", "Norm", "Scale", "Layout",
            "Reciprocal", "config_multiplier", "projections", "sliding_window", "uses_rope"]

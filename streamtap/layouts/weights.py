@@ -92,7 +92,10 @@ class Weights:
             w = in_out_weight(o)
             own = b.out_scales.get(f"z.{layer}", 1.0)   # the block's own multiplier on this attention (Falcon-H1)
             W_O.append((layer, _scaled(w.reshape(b.n_heads, b.d_head, b.d_model), own)))
-            b_O.append((layer, _scaled(_bias(o, b.d_model, w), own)))
+            bias = _bias(o, b.d_model, w)
+            if f"z.{layer}" in b.out_biases:   # added by the block outside the projection (GPT-NeoX-Japanese)
+                bias = bias + b.module(b.out_biases[f"z.{layer}"]).detach().to(bias.dtype)
+            b_O.append((layer, _scaled(bias, own)))
         if not W_O:  # a pure state-space model: no heads
             like = next(b.model.parameters())
             return (like.new_zeros(b.n_layers, 0, 0, b.d_model).detach(),

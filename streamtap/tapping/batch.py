@@ -159,6 +159,8 @@ class Recorder:
         if self.scales_reduced:
             return x.float()
         probe = self.bound.norm_probes[k]
+        if probe.get("fixed"):   # a constant scale of the stream (layouts' Scale): gamma holds it, s is 1
+            return torch.ones(x.shape[:-1], dtype=torch.float32, device=x.device)
         x = x.float()
         if probe["center"]:
             x = x - x.mean(dim=-1, keepdim=True)
@@ -204,8 +206,9 @@ class Recorder:
         it: ``mlp_out`` is the layer's whole MLP write, as it is where the mixture holds its shared expert."""
         b = self.bound
         for layer in range(b.n_layers):
-            shared, term = b.taps.get(f"shared.{layer}"), b.taps.get(f"mlp_out.{layer}")
-            if shared is not None and not shared[0].startswith(term[0] + "."):
+            shared, experts = b.taps.get(f"shared.{layer}"), b.taps.get(f"experts.{layer}")
+            mixture = experts[0].rsplit(".", 1)[0] if experts is not None else None   # the experts' parent module
+            if shared is not None and mixture is not None and not shared[0].startswith(mixture + "."):
                 out["mlp_out"][:, layer] += out["shared_expert_out"][:, layer].to(out["mlp_out"].dtype)
 
     def _expert_terms(self, kept: KeptValues, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -430,8 +433,12 @@ class Recorder:
         variables = {name: VariableSpec(tuple(t.shape[1:]), str(t.dtype).removeprefix("torch."))
                      for name, t in out.items()}
         static = {name: (to_numpy(t), str(t.dtype).removeprefix("torch.")) for name, t in self._static.items()}
-        reference = out["resid_final"] if "resid_final" in out else next(self.module.parameters())
-        dtype = str(reference.dtype).removeprefix("torch.")  # the compute dtype, even in a lossy store
+        # the compute dtype, even in a lossy store: the coarser of the stream's and the weights' (a bfloat16 model
+        # may keep a float32 stream, Ergo's gates, while its sublayers round their terms to bfloat16)
+        weights = next(self.module.parameters()).dtype
+        stream = out["resid_final"].dtype if "resid_final" in out else weights
+        coarse = max((stream, weights), key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
+        dtype = str(coarse).removeprefix("torch.")
         identity = {
             "schema_version": SCHEMA_VERSION,
             "layout": b.name,

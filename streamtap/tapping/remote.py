@@ -68,7 +68,7 @@ def plan(model, *, neurons: bool = False) -> list[dict]:
         entry = {"key": key, "path": path, "side": side}
         if key.startswith("norm."):
             probe = bound.norm_probes[int(key.split(".")[1])]
-            entry.update(center=bool(probe["center"]), eps=float(probe["eps"]))
+            entry.update(center=bool(probe["center"]), eps=float(probe["eps"]), fixed=bool(probe.get("fixed")))
         if key in bound.clones:
             entry["clone"] = True
         entries.append(entry)
@@ -161,7 +161,9 @@ def save_terms(model, plan: list[dict]) -> dict[str, Any]:
         value = node.input if entry["side"] == "input" else node.output
         if isinstance(value, tuple):
             value = value[0]
-        if "eps" in entry:  # a norm inside the stream: its frozen per-token scale, as a tap computes it
+        if entry.get("fixed"):   # a constant scale of the stream (layouts' Scale): gamma holds it, s is 1
+            value = torch.ones(value.shape[:-1], dtype=torch.float32, device=value.device)
+        elif "eps" in entry:  # a norm inside the stream: its frozen per-token scale, as a tap computes it
             x = value.float()
             if entry["center"]:
                 x = x - x.mean(dim=-1, keepdim=True)
