@@ -105,8 +105,8 @@ class CaptureOptions:
                                              flag="--project", parse="project")
     summarise: Any = _opt(None, "Keep running statistics (count, mean, variance, min, max, a quantile sketch) and the "
                                 "top-k contexts of every head's output norm, MLP output norm, neuron activation "
-                                "(neurons) and projected contribution (project) over every real token, stored or "
-                                "not: True, or settings such as top_k=16,window=8,alpha=0.02.",
+                                "(neurons), projected contribution (project) and attention sink mass (patterns) "
+                                "over every real token, stored or not: True, or settings such as top_k=16,window=8,alpha=0.02.",
                           flag="--summarise", parse="summarise")
     direct_io: bool = _opt(None, "Write chunk files of a local store with O_DIRECT (default: on, unless "
                                  "STREAMTAP_DIRECT_IO=0).", flag="",

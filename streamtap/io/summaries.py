@@ -1,7 +1,8 @@
 """Summaries kept while capturing: their state, the quantile sketch, merging, and where they live in a store.
 
 A capture with ``summarise=`` keeps, per component of each group (``head``: each head's output norm,
-``mlp``: each MLP output's norm, ``neuron``: each neuron's activation, ``projection``: each component's
+``sink``: each head's attention sink mass, the probability its query puts on the sequence's first real
+token, where patterns are captured, ``mlp``: each MLP output's norm, ``neuron``: each neuron's activation, ``projection``: each component's
 contribution onto each projected direction), over every real token the model saw:
 
 * ``count``, ``mean``, ``m2`` (the sum of squared deviations, so ``var = m2 / count``), ``min``, ``max``,
@@ -31,7 +32,7 @@ import numpy as np
 from ..errors import OptionError
 from .schema import SUMMARY_GROUP, SUMMARY_STATS
 
-GROUPS = ("head", "mlp", "mixer", "neuron", "projection")
+GROUPS = ("head", "sink", "mlp", "mixer", "neuron", "projection")
 """The groups of components summarised, in the order they are stored."""
 
 STATS = tuple(SUMMARY_STATS)

@@ -268,7 +268,8 @@ class Recorder:
         keep = None
         every = out   # every real token's terms: what a summary covers, whatever is stored
         if self.summariser is not None and self.spec is None:
-            self.summariser.prepare(self._static)
+            self.summariser.prepare(self._static, {**self._store_attrs(), "patterns": True}
+                                   if self.options.patterns else None)
         if self.selection is not None:
             keep = self.selection.keep_tokens(input_ids, mask)
             if self.spec is None:
@@ -282,6 +283,7 @@ class Recorder:
             self._start(out, device)
         n_seq = mask.shape[0] if n_sequences is None else n_sequences
         first = self._next_sequence
+        whole = seq is None   # a plain forward: each row one whole sequence (not a decoding step)
         if seq is None:
             seq = torch.arange(mask.shape[0]).unsqueeze(1).expand_as(mask)[mask] + first
         if pos is None:
@@ -291,7 +293,8 @@ class Recorder:
             self.summariser.update(every, input_ids, mask, seq, pos, n_seq,
                                    None if projection is None else projection["projection"],
                                    None if projection is None else (self.selection.projection_labels(),
-                                                                    self.selection.direction_names))
+                                                                    self.selection.direction_names),
+                                   whole=whole)
         del every
         coords = {"seq": seq.numpy().astype("int64"), "pos": pos.numpy().astype("int32"),
                   "token_id": input_ids[mask].numpy().astype("int64")}
@@ -423,24 +426,24 @@ class Recorder:
             "weights_fingerprint": fingerprint(static),
             "store_dtype": None if self.store_dtype is None else str(self.store_dtype).removeprefix("torch."),
         }
-        attrs = {
-            "streamtap_version": __version__,
-            "model_name": self.model_name,
-            "model_config": describe_config(self.module.config),
-            "n_layers": b.n_layers, "n_heads": b.n_heads, "d_head": b.d_head, "d_model": b.d_model,
-            "stream": to_json(b.events),
-            "norm_labels": b.norm_labels(),
-            "tied_embeddings": bool(getattr(self.module.config, "tie_word_embeddings", False)),
-            "created_by": self.created_by,
-            **b.facts(),
-            **Weights(b).attrs(self.options.neurons),
-        }
+        attrs = {"streamtap_version": __version__, "model_name": self.model_name,
+                 "model_config": describe_config(self.module.config), "created_by": self.created_by,
+                 **self._store_attrs()}
         if self.selection is not None:
             identity.update(self.selection.attrs())    # an append must select the same terms and tokens
             if "projection" in out:
                 attrs.update(projection_components=json.dumps(self.selection.projection_labels()),
                              projection_directions=json.dumps(self.selection.direction_names))
         return StoreSpec(variables, static, attrs, with_text=self.tokenizer is not None, identity=identity)
+
+    def _store_attrs(self) -> dict:
+        """The attributes that say how the store's terms and weights are read (shapes, the stream, the
+        layout's facts), as the store records them; the patterns' recomputation reads these."""
+        b = self.bound
+        return {"n_layers": b.n_layers, "n_heads": b.n_heads, "d_head": b.d_head, "d_model": b.d_model,
+                "stream": to_json(b.events), "norm_labels": b.norm_labels(),
+                "tied_embeddings": bool(getattr(self.module.config, "tie_word_embeddings", False)),
+                **b.facts(), **Weights(b).attrs(self.options.neurons)}
 
     def write_summaries(self) -> None:
         """Merge this tap's summaries into the store's (after its last commit, under its lock).

@@ -16,6 +16,13 @@ import numpy as np
 import torch
 
 from ..io import summaries as S
+from ..io.schema import dims_of
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A tensor as numpy on the host, floats widened where numpy lacks the dtype (bfloat16) exactly."""
+    t = t.detach()
+    return (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
 
 
 class Summariser:
@@ -26,17 +33,27 @@ class Summariser:
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.components: dict[str, dict[str, list]] = {}
         self._gram = None
+        self._attention = None   # (Attention, the store's static weights as a Dataset) where patterns are captured
         g = settings.gamma   # bucket j of |x| = ceil(log(|x| / low) / log g), computed as ceil(log|x| * scale - shift)
         self._buckets = (settings.n_side, settings.n_buckets, 1.0 / math.log(g), math.log(settings.low) / math.log(g))
         self.sequences = 0
         self.tokens = 0
 
     # -- set-up ----------------------------------------------------------------------------------------
-    def prepare(self, static: dict[str, torch.Tensor]) -> None:
-        """Each head's W_O W_O^T (the output norm is sqrt(z G z), without the d_model-wide output)."""
+    def prepare(self, static: dict[str, torch.Tensor], attrs: dict | None = None) -> None:
+        """Each head's W_O W_O^T (the output norm is sqrt(z G z), without the d_model-wide output); with
+        ``attrs`` (the store's attributes, where patterns are captured) the store's own recomputation of
+        the patterns (``streamtap.attention``), so the sink mass is the one ``st.analysis.attention`` gives."""
         if self._gram is None and "W_O" in static:
             w = static["W_O"].float()
             self._gram = torch.einsum("lhdm,lhem->lhde", w, w)
+        if self._attention is None and attrs is not None and attrs.get("patterns"):
+            import xarray as xr
+
+            from ..attention import Attention
+
+            weights = xr.Dataset({n: (dims_of(n), _host(t)) for n, t in static.items()}, attrs=attrs)
+            self._attention = (Attention(weights), weights)
 
     def _group(self, name: str, n: int, device, labels: dict[str, list]) -> dict[str, torch.Tensor]:
         if name not in self.state:
@@ -48,8 +65,10 @@ class Summariser:
     # -- a batch ---------------------------------------------------------------------------------------
     def update(self, out: dict[str, torch.Tensor], input_ids: torch.Tensor, mask: torch.Tensor, seq: torch.Tensor,
                pos: torch.Tensor, n_sequences: int, projection: torch.Tensor | None = None,
-               projection_labels=None) -> None:
-        """Fold one forward's real tokens (``out``: every token, before any selection) into the state."""
+               projection_labels=None, whole: bool = True) -> None:
+        """Fold one forward's real tokens (``out``: every token, before any selection) into the state.
+        ``whole``: each row is a whole sequence (a plain forward, not a decoding step): only then is the
+        sink mass, which needs every key a query sees, computed."""
         ref = out["resid_final"]
         device, T = ref.device, ref.shape[0]
         w = self.settings.window
@@ -67,6 +86,9 @@ class Summariser:
             zf = z.float().reshape(T, L * H, dh).transpose(0, 1)                       # (LH, T, dh)
             sq = torch.bmm(zf, self._gram.reshape(L * H, dh, dh)).mul_(zf).sum(dim=-1)   # one matmul for all heads
             self._fold(g, sq.t_().clamp_min_(0).sqrt_(), 0, ctx)
+            if self._attention is not None and whole:
+                g = self._group("sink", L * H, device, self.components["head"])
+                self._fold(g, torch.from_numpy(self._sink_mass(out, ids[mask], ctx)).to(device), 0, ctx)
         for var, name in (("mlp_out", "mlp"), ("mixer_out", "mixer")):
             if var in out:
                 g = self._group(name, L, device, {"layer": list(range(L)), "index": [-1] * L})
@@ -88,6 +110,29 @@ class Summariser:
             self._fold(g, projection.to(device).reshape(T, C * D).float(), 0, ctx)
         self.sequences += n_sequences
         self.tokens += T
+
+    def _sink_mass(self, out: dict[str, torch.Tensor], token_ids: torch.Tensor, ctx) -> np.ndarray:
+        """(token, layer * head) float64: the probability each head's query puts on its sequence's first
+        real token, from the patterns recomputed as ``st.analysis.attention`` recomputes them from a store
+        (the batch's terms and the store's weights, in float64)."""
+        import xarray as xr
+
+        from ..attention import sequence_attention, sequence_tokens
+
+        att, weights = self._attention
+        seq, pos, _ = ctx
+        per_token = {n: (("token", *dims_of(n)), _host(t)) for n, t in out.items()}
+        coords = {"seq": ("token", seq.cpu().numpy()), "pos": ("token", pos.cpu().numpy()),
+                  "token_id": ("token", token_ids.cpu().numpy())}
+        batch = xr.Dataset(per_token, coords=coords, attrs=weights.attrs).merge(weights, combine_attrs="override")
+        H = att.n_heads
+        sink = np.empty((batch.sizes["token"], batch.sizes["layer"] * H))
+        rows = None
+        for s, layer, one in sequence_attention(batch, att=att):
+            if rows is None or rows[0] != s:
+                rows = (s, sequence_tokens(batch, s))
+            sink[rows[1][:, None], layer * H + one.heads[None, :]] = one.pattern[:, :, 0].T
+        return sink
 
     def _fold(self, g: dict[str, torch.Tensor], x: torch.Tensor, at: int, ctx) -> None:
         """Columns ``at .. at + x.shape[1]`` of a group take one batch ``x`` (token, component)."""

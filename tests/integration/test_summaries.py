@@ -198,3 +198,36 @@ def test_report_shows_each_heads_top_contexts(tmp_path):
     best = int(np.argmax(res["neuron"]["max"].values))
     assert html.escape(str(res["neuron"].top_text.values[best, 0])) in page
     assert (tmp_path / "report" / "data" / "summary_stats_neuron.csv").exists()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sink_mass_equals_the_models_attention_and_the_offline_patterns(arch, tmp_path):
+    """Where patterns are captured, each head's sink mass (the probability its query puts on the
+    sequence's first real token) is summarised over every real token of padded batches: equal to the
+    model's own eager attention probabilities (float32) and to ``st.analysis.attention`` on the store."""
+    from streamtap.attention import sequence_tokens
+
+    model = tiny_model(arch).eval()
+    texts = _corpus(model, n=7, seed=4)
+    st.capture(model, texts, tmp_path / "s.zarr", patterns=True, summarise=SETTINGS, batch_size=3)
+    ds = st.open(tmp_path / "s.zarr")
+    res = st.analysis.summaries(ds)["sink"]
+    assert list(res.component.values[:2]) == ["L0H0", "L0H1"]
+    # offline: the store's patterns, key 0 of each sequence, in the store's token order
+    L, H = ds.sizes["layer"], ds.sizes["head"]
+    offline = np.empty((ds.sizes["token"], L * H))
+    for s in range(len(texts)):
+        pattern = st.analysis.attention(ds, s).isel(key=0).values            # (layer, head, query)
+        offline[sequence_tokens(ds, s)] = pattern.transpose(2, 0, 1).reshape(-1, L * H)
+    _check_group(res, offline, ds, "sink")
+    # the model's own probabilities, each sequence alone and unpadded
+    model_side = []
+    for t in texts:
+        with torch.no_grad():
+            att = model(torch.tensor([t]), output_attentions=True).attentions
+        model_side.append(np.stack([a[0, :, :, 0].double().numpy().T for a in att], axis=1).reshape(len(t), -1))
+    x = np.concatenate(model_side)
+    assert (res["count"].values == x.shape[0]).all()
+    for name, ref in (("mean", x.mean(0)), ("var", x.var(0)), ("min", x.min(0)), ("max", x.max(0))):
+        np.testing.assert_allclose(res[name].values, ref, rtol=0, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(res.top_value.values, -np.sort(-x, axis=0)[:SETTINGS["top_k"]].T, rtol=0, atol=1e-6)
