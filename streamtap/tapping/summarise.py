@@ -172,6 +172,11 @@ class Summariser:
         win = torch.cat([g["top_window"][cols], windows[idx].transpose(0, 1).long()], dim=1)   # (C, k+kb, W)
         g["top_window"][cols] = torch.gather(win, 1, pick.unsqueeze(-1).expand(-1, -1, win.shape[-1]))
 
+    def reset(self) -> None:
+        """Forget what was folded in (after it was written into the store): the next write adds only
+        what comes after."""
+        self.state, self.sequences, self.tokens = {}, 0, 0
+
     # -- the end ---------------------------------------------------------------------------------------
     def result(self) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
         """(meta, {group: numpy state}) for :func:`streamtap.io.summaries.write`."""

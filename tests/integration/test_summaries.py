@@ -140,6 +140,10 @@ def test_rank_stores_and_appends_merge_to_one_capture_over_both(tmp_path):
     appended = st.analysis.summaries(st.open(tmp_path / "app.zarr"), text=False)
     _same(one, ranks)
     _same(one, appended)
+    # written after every batch (each write merges what came since the last into the store's): the same
+    st.capture(model, texts, tmp_path / "often.zarr", summarise_every=0, **opts)
+    _same(one, st.analysis.summaries(st.open(tmp_path / "often.zarr"), text=False))
+    assert json.loads(zarr.open_group(str(tmp_path / "often.zarr"), mode="r").attrs["summaries"])["ranges"] == [[0, 8]]
     # one summary group in the store after the append: the previous one was replaced
     root = zarr.open_group(str(tmp_path / "app.zarr"), mode="r")
     assert [n for n, _ in root.groups()] == [json.loads(root.attrs["summaries"])["group"]]
@@ -154,6 +158,10 @@ def test_bad_summarise_options_are_refused_up_front(tmp_path):
         assert not (tmp_path / "x.zarr").exists()
     assert st.CaptureOptions(summarise="top_k=4,alpha=0.01").summarise == S.Settings(top_k=4, alpha=0.01)
     assert st.CaptureOptions(summarise="on").summarise == S.Settings()
+    for bad in (-1, "soon", True):
+        with pytest.raises(OptionError, match="summarise_every"):
+            st.CaptureOptions(summarise=True, summarise_every=bad)
+    assert st.CaptureOptions(summarise_every="60").summarise_every == 60.0
     # appending with other settings is refused before a batch is written
     model = tiny_model("gpt2").eval()
     st.capture(model, [[1, 2, 3]], tmp_path / "a.zarr", summarise=SETTINGS)
