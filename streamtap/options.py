@@ -105,9 +105,13 @@ class CaptureOptions:
                                              flag="--project", parse="project")
     summarise: Any = _opt(None, "Keep running statistics (count, mean, variance, min, max, a quantile sketch) and the "
                                 "top-k contexts of every head's output norm, MLP output norm, neuron activation "
-                                "(neurons) and projected contribution (project) over every real token, stored or "
-                                "not: True, or settings such as top_k=16,window=8,alpha=0.02.",
+                                "(neurons), projected contribution (project) and attention sink mass (patterns) "
+                                "over every real token, stored or not: True, or settings such as top_k=16,window=8,alpha=0.02.",
                           flag="--summarise", parse="summarise")
+    summarise_every: float = _opt(300.0, "Seconds between writes of the summaries into the store while capturing "
+                                         "(and at the end): a crash loses at most that much of them, which a resume "
+                                         "summarises again; 0 writes them after every batch.",
+                                  flag="--summarise-every", parse="seconds")
     direct_io: bool = _opt(None, "Write chunk files of a local store with O_DIRECT (default: on, unless "
                                  "STREAMTAP_DIRECT_IO=0).", flag="",
                            factory=lambda: Settings.from_environ().direct_io)
@@ -143,6 +147,14 @@ class CaptureOptions:
         from .io.summaries import Settings as SummarySettings
 
         object.__setattr__(self, "summarise", SummarySettings.parse(self.summarise))
+        try:
+            every = float(self.summarise_every)
+        except (TypeError, ValueError):
+            every = -1.0
+        if not every >= 0 or isinstance(self.summarise_every, bool):
+            raise OptionError(f"option summarise_every={self.summarise_every!r}: expected seconds >= 0 (e.g. 300; "
+                              "0 writes the summaries after every batch)")
+        object.__setattr__(self, "summarise_every", every)
 
     def _check_selection(self) -> None:
         """The selection options in their normal form (what the model allows is checked by the tap)."""

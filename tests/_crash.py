@@ -23,7 +23,8 @@ CHILD = textwrap.dedent("""
     from _crash import CORPUS
     model = tiny_model("llama")
     print("capturing", flush=True)  # start-up done: see wait_for_a_commit
-    st.capture(model, CORPUS, {path!r}, batch_size=2, resume=True)
+    {before}
+    st.capture(model, CORPUS, {path!r}, batch_size=2, resume=True{options})
     print("finished", flush=True)
 """)
 
@@ -38,10 +39,12 @@ def committed(path: str) -> int:
         return 0
 
 
-def start_capture(path: str, *, stderr=subprocess.DEVNULL) -> subprocess.Popen:
-    """A child process that captures CORPUS into ``path`` (resuming what is there)."""
+def start_capture(path: str, *, stderr=subprocess.DEVNULL, options: str = "", before: str = "") -> subprocess.Popen:
+    """A child process that captures CORPUS into ``path`` (resuming what is there); ``options``: more
+    keyword arguments of ``st.capture`` as text (``", summarise=True"``), ``before``: a line run first."""
     tests = os.path.dirname(os.path.abspath(__file__))
-    return subprocess.Popen([sys.executable, "-c", CHILD.format(tests=tests, path=path)],
+    child = CHILD.format(tests=tests, path=path, options=options, before=before or "pass")
+    return subprocess.Popen([sys.executable, "-c", child],
                             stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
@@ -58,10 +61,10 @@ def wait_for_a_commit(child: subprocess.Popen, path: str, start: int, timeout: f
         time.sleep(0.005)
 
 
-def kill_during_capture(path: str, rng: random.Random, *, timeout: float = 120.0) -> int:
+def kill_during_capture(path: str, rng: random.Random, *, timeout: float = 120.0, options: str = "") -> int:
     """Start (or resume) a capture into ``path`` and SIGKILL it once it is writing; returns the kill delay in ms."""
     start = committed(path)
-    child = start_capture(path)
+    child = start_capture(path, options=options)
     wait_for_a_commit(child, path, start, timeout)
     delay_ms = rng.randint(0, 40)
     time.sleep(delay_ms / 1000)

@@ -70,7 +70,7 @@ def _labels(g: str, comp: dict) -> np.ndarray:
     layer, index = comp["layer"], comp["index"]
     if "label" in comp:
         return np.asarray(comp["label"])
-    if g == "head":
+    if g in ("head", "sink"):
         return np.array([f"L{a}H{b}" for a, b in zip(layer, index)])
     if g == "neuron":
         return np.array([f"L{a}N{b}" for a, b in zip(layer, index)])
@@ -140,6 +140,7 @@ def context_text(result: xr.Dataset, ds: xr.Dataset | None = None, tokenizer=Non
 
 
 _VALUE = {"head": "the norm of the head's output (z @ W_O) at each token",
+          "sink": "the attention probability the head's query puts on its sequence's first real token (sink mass)",
           "mlp": "the norm of the MLP's output term", "mixer": "the norm of the mixer's output term",
           "neuron": "the neuron's activation", "projection": "the component's contribution onto the direction"}
 

@@ -1,7 +1,8 @@
 """Summaries kept while capturing: their state, the quantile sketch, merging, and where they live in a store.
 
 A capture with ``summarise=`` keeps, per component of each group (``head``: each head's output norm,
-``mlp``: each MLP output's norm, ``neuron``: each neuron's activation, ``projection``: each component's
+``sink``: each head's attention sink mass, the probability its query puts on the sequence's first real
+token, where patterns are captured, ``mlp``: each MLP output's norm, ``neuron``: each neuron's activation, ``projection``: each component's
 contribution onto each projected direction), over every real token the model saw:
 
 * ``count``, ``mean``, ``m2`` (the sum of squared deviations, so ``var = m2 / count``), ``min``, ``max``,
@@ -31,7 +32,7 @@ import numpy as np
 from ..errors import OptionError
 from .schema import SUMMARY_GROUP, SUMMARY_STATS
 
-GROUPS = ("head", "mlp", "mixer", "neuron", "projection")
+GROUPS = ("head", "sink", "mlp", "mixer", "neuron", "projection")
 """The groups of components summarised, in the order they are stored."""
 
 STATS = tuple(SUMMARY_STATS)
@@ -220,13 +221,41 @@ def labels_of(meta: dict, g: str) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in meta["components"][g].items()}
 
 
-def write(root, states: dict[str, dict[str, np.ndarray]], meta: dict, *, sequences: int, tokens: int) -> dict:
+def join_ranges(ranges) -> list[list[int]]:
+    """Half-open ``[start, stop)`` sequence ranges, sorted, with touching or overlapping ones joined."""
+    out: list[list[int]] = []
+    for a, b in sorted((int(a), int(b)) for a, b in ranges if b > a):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def covered(meta: dict) -> list[list[int]]:
+    """The sequence ranges a store's summaries cover (those written before ranges were recorded covered
+    the store's first ``sequences``)."""
+    return join_ranges(meta.get("ranges", [[0, meta["sequences"]]]))
+
+
+def uncovered(meta: dict | None, committed: int) -> list[int]:
+    """The committed sequences (``0 .. committed - 1``) that a store's summaries do not cover."""
+    mask = np.ones(int(committed), bool)
+    for a, b in covered(meta) if meta is not None else []:
+        mask[a:b] = False
+    return np.flatnonzero(mask).tolist()
+
+
+def write(root, states: dict[str, dict[str, np.ndarray]], meta: dict, *, sequences: int, tokens: int,
+          ranges) -> dict:
     """Merge ``states`` into the store's current summaries and make the result current.
 
     The new state is written whole into a fresh sub-group first; the root attribute that names it is
-    written last, in one update; only then is the previous group removed. ``meta``: this capture's
-    settings and component labels; an existing summary with other settings or components is refused.
-    Returns the meta now current.
+    written last, in one update; only then is the previous group removed (and any group a crash left
+    behind between those steps). ``meta``: this capture's settings and component labels; an existing
+    summary with other settings or components is refused. ``ranges``: the sequences ``states`` cover
+    (``[start, stop)`` pairs), recorded joined with the store's so a
+    resume can summarise exactly the committed sequences no summary covers. Returns the meta now current.
     """
     from zarr.codecs import BloscCodec
 
@@ -239,6 +268,7 @@ def write(root, states: dict[str, dict[str, np.ndarray]], meta: dict, *, sequenc
         states = {g: merge(old[g], states[g]) for g in meta["groups"]}
         sequences += old_meta["sequences"]
         tokens += old_meta["tokens"]
+    ranges = join_ranges(list(ranges) + (covered(old_meta) if old_meta is not None else []))
     number = 1 + max([int(n[len(GROUP_PREFIX):]) for n, _ in root.groups() if n.startswith(GROUP_PREFIX)
                       and n[len(GROUP_PREFIX):].isdigit()] or [0])
     name = f"{GROUP_PREFIX}{number}"
@@ -251,7 +281,7 @@ def write(root, states: dict[str, dict[str, np.ndarray]], meta: dict, *, sequenc
             arr = sub.create_array(f"{g}_{stat}", shape=data.shape, dtype=data.dtype, chunks=data.shape or None,
                                    dimension_names=dims, compressors=codec)
             arr[...] = data
-    new = {**meta, "group": name, "sequences": int(sequences), "tokens": int(tokens)}
+    new = {**meta, "group": name, "sequences": int(sequences), "tokens": int(tokens), "ranges": ranges}
     root.update_attributes({SUMMARY_ATTR: json.dumps(new)})
     for other, _ in list(root.groups()):
         if other.startswith(GROUP_PREFIX) and other != name:
@@ -267,4 +297,5 @@ def _remove(root, name: str) -> None:
 
 
 __all__ = ["GROUPS", "STATS", "DEFAULTS", "ROUNDING", "Settings", "bucket_values", "bucket_index", "quantiles",
-           "empty_state", "merge", "shift_sequences", "meta_of", "read", "labels_of", "write", "SUMMARY_ATTR"]
+           "empty_state", "merge", "shift_sequences", "meta_of", "read", "labels_of", "write", "SUMMARY_ATTR",
+           "join_ranges", "covered", "uncovered"]

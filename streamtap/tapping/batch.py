@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import numpy as np
 import torch
@@ -90,6 +91,9 @@ class Recorder:
         self.stager: CudaStager | None = None
         self._next_sequence = 0
         self._text_cache: dict[int, str] = {}
+        self._summarised: list[list[int]] = []   # the sequence ranges summarised since the last write
+        self._summary_written = time.monotonic()
+        self.replaying: torch.Tensor | None = None   # set: the next forward is only summarised, as these sequences
 
     # -- routes ---------------------------------------------------------------------------------------
     def _term_routes(self) -> dict[Where, list[Route]]:
@@ -290,7 +294,8 @@ class Recorder:
         keep = None
         every = out   # every real token's terms: what a summary covers, whatever is stored
         if self.summariser is not None and self.spec is None:
-            self.summariser.prepare(self._static)
+            self.summariser.prepare(self._static, {**self._store_attrs(), "patterns": True}
+                                   if self.options.patterns else None)
         if self.selection is not None:
             keep = self.selection.keep_tokens(input_ids, mask)
             if self.spec is None:
@@ -304,6 +309,10 @@ class Recorder:
             self._start(out, device)
         n_seq = mask.shape[0] if n_sequences is None else n_sequences
         first = self._next_sequence
+        whole = seq is None   # a plain forward: each row one whole sequence (not a decoding step)
+        replay = self.replaying
+        if replay is not None:   # committed sequences no summary covers: summarised again, written nowhere
+            seq = replay.unsqueeze(1).expand_as(mask)[mask]
         if seq is None:
             seq = torch.arange(mask.shape[0]).unsqueeze(1).expand_as(mask)[mask] + first
         if pos is None:
@@ -313,8 +322,16 @@ class Recorder:
             self.summariser.update(every, input_ids, mask, seq, pos, n_seq,
                                    None if projection is None else projection["projection"],
                                    None if projection is None else (self.selection.projection_labels(),
-                                                                    self.selection.direction_names))
+                                                                    self.selection.direction_names),
+                                   whole=whole)
+            if replay is not None:
+                self._summarised.extend([int(r), int(r) + 1] for r in replay)
+            else:
+                self._summarised.append([first, first + n_seq])
         del every
+        if replay is not None:
+            buffers.release()
+            return int(replay[0])
         coords = {"seq": seq.numpy().astype("int64"), "pos": pos.numpy().astype("int32"),
                   "token_id": input_ids[mask].numpy().astype("int64")}
         if keep is not None:
@@ -333,6 +350,10 @@ class Recorder:
         buffers.handed = True
         self.pipeline.submit(job)  # blocks while the writer is queue_depth batches behind; releases the buffers
         self._next_sequence += n_seq
+        if self.summariser is not None and time.monotonic() - self._summary_written >= self.options.summarise_every:
+            self.writer.wait()   # every batch summarised is committed now: the summaries describe the store
+            self.pipeline.raise_pending()
+            self.write_summaries(self.writer.group)
         return first
 
     def _start(self, out: dict[str, torch.Tensor], device: torch.device) -> None:
@@ -449,18 +470,9 @@ class Recorder:
             "weights_fingerprint": fingerprint(static),
             "store_dtype": None if self.store_dtype is None else str(self.store_dtype).removeprefix("torch."),
         }
-        attrs = {
-            "streamtap_version": __version__,
-            "model_name": self.model_name,
-            "model_config": describe_config(self.module.config),
-            "n_layers": b.n_layers, "n_heads": b.n_heads, "d_head": b.d_head, "d_model": b.d_model,
-            "stream": to_json(b.events),
-            "norm_labels": b.norm_labels(),
-            "tied_embeddings": bool(getattr(self.module.config, "tie_word_embeddings", False)),
-            "created_by": self.created_by,
-            **b.facts(),
-            **Weights(b).attrs(self.options.neurons),
-        }
+        attrs = {"streamtap_version": __version__, "model_name": self.model_name,
+                 "model_config": describe_config(self.module.config), "created_by": self.created_by,
+                 **self._store_attrs()}
         if self.selection is not None:
             identity.update(self.selection.attrs())    # an append must select the same terms and tokens
             if "projection" in out:
@@ -468,30 +480,47 @@ class Recorder:
                              projection_directions=json.dumps(self.selection.direction_names))
         return StoreSpec(variables, static, attrs, with_text=self.tokenizer is not None, identity=identity)
 
-    def write_summaries(self) -> None:
-        """Merge this tap's summaries into the store's (after its last commit, under its lock).
+    def _store_attrs(self) -> dict:
+        """The attributes that say how the store's terms and weights are read (shapes, the stream, the
+        layout's facts), as the store records them; the patterns' recomputation reads these."""
+        b = self.bound
+        return {"n_layers": b.n_layers, "n_heads": b.n_heads, "d_head": b.d_head, "d_model": b.d_model,
+                "stream": to_json(b.events), "norm_labels": b.norm_labels(),
+                "tied_embeddings": bool(getattr(self.module.config, "tie_word_embeddings", False)),
+                **b.facts(), **Weights(b).attrs(self.options.neurons)}
 
-        Written only when they describe exactly the sequences this tap committed; otherwise (a batch
-        was summarised but never committed: a writer error) they are dropped with a warning, and the
-        store's summaries keep covering what they covered (``summaries(ds)`` reports the coverage)."""
+    def write_summaries(self, root=None) -> None:
+        """Merge what was summarised since the last write into the store's summaries (every
+        ``summarise_every`` seconds once the batches are committed, and when the tap closes, after its
+        last commit; under its lock). ``root``: the writer's own group while it commits (its commits
+        rewrite the root's attributes from it), else the store is opened here.
+
+        Written only when every sequence summarised is committed; otherwise (a batch was summarised but
+        never committed: a writer error) they are dropped with a warning, and the store's summaries keep
+        covering the ranges they covered (``summaries(ds)`` reports the coverage; a resume summarises
+        the rest again)."""
         s = self.summariser
         if s is None or s.tokens == 0:
             return
-        committed = self.writer.sequences - self.writer.found_sequences
-        if committed != s.sequences:
+        from ..io import summaries
+
+        ranges = summaries.join_ranges(self._summarised)
+        if ranges and ranges[-1][1] > self.writer.sequences:
             import warnings
 
-            warnings.warn(f"streamtap: this tap's summaries cover {s.sequences} sequences but {committed} were "
-                          "committed; they were not written (the store's summaries cover fewer sequences than it "
-                          "holds)", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"streamtap: this tap summarised sequences up to {ranges[-1][1]} but only "
+                          f"{self.writer.sequences} are committed; those summaries were not written (the store's "
+                          "summaries cover fewer sequences than it holds; a resume summarises them again)",
+                          RuntimeWarning, stacklevel=3)
             return
         import zarr
 
-        from ..io import summaries
-
         meta, states = s.result()
-        root = zarr.open_group(self.writer.store, mode="r+", zarr_format=3)
-        summaries.write(root, states, meta, sequences=s.sequences, tokens=s.tokens)
+        if root is None:
+            root = zarr.open_group(self.writer.store, mode="r+", zarr_format=3)
+        summaries.write(root, states, meta, sequences=s.sequences, tokens=s.tokens, ranges=ranges)
+        s.reset()
+        self._summarised, self._summary_written = [], time.monotonic()
 
     def close(self) -> None:
         """Let go of the free buffer sets: a finished tap the caller still holds must not keep them."""

@@ -75,6 +75,34 @@ def pad(rows: Sequence[np.ndarray], tokenizer) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
+def _summarise_again(the_tap: Tap, mine: list, tokenizer, limit, options: CorpusOptions, module, device) -> None:
+    """A resumed capture first summarises the committed sequences its store's summaries do not cover
+    (a crash came between a commit and the next summary write): run through the model again and
+    summarised as the sequences they are, written nowhere else, so the summaries cover the store."""
+    import zarr
+
+    from ..io import summaries
+
+    done = committed_sequences(the_tap.writer.store) if options.summarise is not None else 0
+    if not done:   # nothing committed (or no store yet): nothing to summarise again
+        return
+    root = zarr.open_group(the_tap.writer.store, mode="r", zarr_format=3)
+    gaps = summaries.uncovered(summaries.meta_of(root.attrs), done)
+    if not gaps:
+        return
+    recorder = the_tap.recorder
+    rows = token_rows([mine[i] for i in gaps], tokenizer, limit, options.truncate, the_tap.vocab_size)
+    at = 0
+    try:
+        for chunk in batches(rows, options.batch_size):
+            recorder.replaying = torch.tensor(gaps[at:at + len(chunk)])
+            at += len(chunk)
+            ids, mask = pad(chunk, tokenizer)
+            module(input_ids=ids.to(device), attention_mask=mask.to(device))
+    finally:
+        recorder.replaying = None
+
+
 def capture_corpus(model, texts, store, options: CorpusOptions, tokenizer=None) -> Tap:
     """See :func:`streamtap.capture`."""
     texts = list(texts)
@@ -119,6 +147,7 @@ def capture_corpus(model, texts, store, options: CorpusOptions, tokenizer=None) 
             if options.resume:  # under the lock now: a writer still committing before cannot have moved on since
                 skip = committed_sequences(the_tap.writer.store, storage_options=None) - (len(mine) - len(texts))
                 rows = rows[skip:]
+                _summarise_again(the_tap, mine, tokenizer, limit, options, module, device)
                 if bar is not None:
                     bar.total = len(rows)
             for chunk in batches(rows, options.batch_size):

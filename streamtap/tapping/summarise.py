@@ -3,8 +3,8 @@
 Per batch, on the captured tensors where they are (the GPU on a GPU): every real token of the
 forward counts, stored or not (``positions=`` selects what is stored, not what is summarised);
 padding never does. Each group is one (token, component) matrix per layer at most, reduced with
-whole-tensor operations: float64 sums for Chan's merge, one ``index_add_`` (``bincount`` on the
-CPU) for the sketch, one ``topk`` over the batch merged with the kept ``top_k``. Memory is the state
+whole-tensor operations: float64 sums for Chan's merge, one ``index_add_`` (``numpy.add.at`` on the
+CPU) for the sketch, one ``topk`` over the batch merged with the kept ``top_k`` where it can change it. Memory is the state
 alone, flat in the number of tokens. The numpy twin of every step is ``streamtap.io.summaries``.
 """
 
@@ -16,6 +16,13 @@ import numpy as np
 import torch
 
 from ..io import summaries as S
+from ..io.schema import dims_of
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A tensor as numpy on the host, floats widened where numpy lacks the dtype (bfloat16) exactly."""
+    t = t.detach()
+    return (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
 
 
 class Summariser:
@@ -26,17 +33,27 @@ class Summariser:
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.components: dict[str, dict[str, list]] = {}
         self._gram = None
+        self._attention = None   # (Attention, the store's static weights as a Dataset) where patterns are captured
         g = settings.gamma   # bucket j of |x| = ceil(log(|x| / low) / log g), computed as ceil(log|x| * scale - shift)
         self._buckets = (settings.n_side, settings.n_buckets, 1.0 / math.log(g), math.log(settings.low) / math.log(g))
         self.sequences = 0
         self.tokens = 0
 
     # -- set-up ----------------------------------------------------------------------------------------
-    def prepare(self, static: dict[str, torch.Tensor]) -> None:
-        """Each head's W_O W_O^T (the output norm is sqrt(z G z), without the d_model-wide output)."""
+    def prepare(self, static: dict[str, torch.Tensor], attrs: dict | None = None) -> None:
+        """Each head's W_O W_O^T (the output norm is sqrt(z G z), without the d_model-wide output); with
+        ``attrs`` (the store's attributes, where patterns are captured) the store's own recomputation of
+        the patterns (``streamtap.attention``), so the sink mass is the one ``st.analysis.attention`` gives."""
         if self._gram is None and "W_O" in static:
             w = static["W_O"].float()
             self._gram = torch.einsum("lhdm,lhem->lhde", w, w)
+        if self._attention is None and attrs is not None and attrs.get("patterns"):
+            import xarray as xr
+
+            from ..attention import Attention
+
+            weights = xr.Dataset({n: (dims_of(n), _host(t)) for n, t in static.items()}, attrs=attrs)
+            self._attention = (Attention(weights), weights)
 
     def _group(self, name: str, n: int, device, labels: dict[str, list]) -> dict[str, torch.Tensor]:
         if name not in self.state:
@@ -48,8 +65,10 @@ class Summariser:
     # -- a batch ---------------------------------------------------------------------------------------
     def update(self, out: dict[str, torch.Tensor], input_ids: torch.Tensor, mask: torch.Tensor, seq: torch.Tensor,
                pos: torch.Tensor, n_sequences: int, projection: torch.Tensor | None = None,
-               projection_labels=None) -> None:
-        """Fold one forward's real tokens (``out``: every token, before any selection) into the state."""
+               projection_labels=None, whole: bool = True) -> None:
+        """Fold one forward's real tokens (``out``: every token, before any selection) into the state.
+        ``whole``: each row is a whole sequence (a plain forward, not a decoding step): only then is the
+        sink mass, which needs every key a query sees, computed."""
         ref = out["resid_final"]
         device, T = ref.device, ref.shape[0]
         w = self.settings.window
@@ -66,18 +85,21 @@ class Summariser:
                 self._gram = self._gram.to(device)
             zf = z.float().reshape(T, L * H, dh).transpose(0, 1)                       # (LH, T, dh)
             sq = torch.bmm(zf, self._gram.reshape(L * H, dh, dh)).mul_(zf).sum(dim=-1)   # one matmul for all heads
-            self._fold(g, sq.t_().clamp_min_(0).sqrt_(), 0, ctx)
+            self._fold(g, sq.clamp_min_(0).sqrt_(), 0, ctx)
+            if self._attention is not None and whole:
+                g = self._group("sink", L * H, device, self.components["head"])
+                self._fold(g, torch.from_numpy(self._sink_mass(out, ids[mask], ctx).T.copy()).to(device), 0, ctx)
         for var, name in (("mlp_out", "mlp"), ("mixer_out", "mixer")):
             if var in out:
                 g = self._group(name, L, device, {"layer": list(range(L)), "index": [-1] * L})
-                self._fold(g, torch.linalg.vector_norm(out[var].float(), dim=-1), 0, ctx)
+                self._fold(g, torch.linalg.vector_norm(out[var].float(), dim=-1).t().contiguous(), 0, ctx)
         if "neuron_act" in out:
             act = out["neuron_act"]
             N = act.shape[2]
             g = self._group("neuron", L * N, device, {"layer": [l for l in range(L) for _ in range(N)],
                                                      "index": [n for _ in range(L) for n in range(N)]})
             for layer in range(L):
-                self._fold(g, act[:, layer].float(), layer * N, ctx)
+                self._fold(g, act[:, layer].t().to(torch.float32, memory_format=torch.contiguous_format), layer * N, ctx)
         if projection is not None:
             comps, dirs = projection_labels
             C, D = len(comps), len(dirs)
@@ -85,47 +107,113 @@ class Summariser:
                             {"layer": [int(c[2]) for c in comps for _ in range(D)],
                              "index": [j for _ in range(C) for j in range(D)],
                              "label": [f"{c[0]}:{d}" for c in comps for d in dirs]})
-            self._fold(g, projection.to(device).reshape(T, C * D).float(), 0, ctx)
+            self._fold(g, projection.to(device).reshape(T, C * D).t().to(torch.float32, memory_format=torch.contiguous_format), 0, ctx)
         self.sequences += n_sequences
         self.tokens += T
 
+    def _sink_mass(self, out: dict[str, torch.Tensor], token_ids: torch.Tensor, ctx) -> np.ndarray:
+        """(token, layer * head) float64: the probability each head's query puts on its sequence's first
+        real token, from the patterns recomputed as ``st.analysis.attention`` recomputes them from a store
+        (the batch's terms and the store's weights, in float64)."""
+        import xarray as xr
+
+        from ..attention import sequence_attention, sequence_tokens
+
+        att, weights = self._attention
+        seq, pos, _ = ctx
+        per_token = {n: (("token", *dims_of(n)), _host(t)) for n, t in out.items()}
+        coords = {"seq": ("token", seq.cpu().numpy()), "pos": ("token", pos.cpu().numpy()),
+                  "token_id": ("token", token_ids.cpu().numpy())}
+        batch = xr.Dataset(per_token, coords=coords, attrs=weights.attrs).merge(weights, combine_attrs="override")
+        H = att.n_heads
+        sink = np.empty((batch.sizes["token"], batch.sizes["layer"] * H))
+        rows = None
+        for s, layer, one in sequence_attention(batch, att=att):
+            if rows is None or rows[0] != s:
+                rows = (s, sequence_tokens(batch, s))
+            sink[rows[1][:, None], layer * H + one.heads[None, :]] = one.pattern[:, :, 0].T
+        return sink
+
     def _fold(self, g: dict[str, torch.Tensor], x: torch.Tensor, at: int, ctx) -> None:
-        """Columns ``at .. at + x.shape[1]`` of a group take one batch ``x`` (token, component)."""
-        T, C = x.shape
+        """Rows ``at .. at + x.shape[0]`` of a group take one batch ``x`` (component, token).
+
+        Component-major, so each component's tokens are contiguous: its histogram row stays in cache
+        while its values are counted, and ``topk`` runs along the last dim. Each value is touched by a
+        few whole-tensor passes (one float64 copy, the sketch's index, one histogram add); top-k work is
+        spent only on the components where some token beats the k-th value kept (all of them early on,
+        few once a corpus has been seen)."""
+        C, T = x.shape
         cols = slice(at, at + C)
-        # count, mean, m2 (Chan), min, max
-        var_b, mean_b = torch.var_mean(x.double(), dim=0, correction=0)   # one fused float64 pass
-        m2_b = var_b.mul_(T)
+        # count, mean, m2 (Chan), min, max: sums of the batch shifted by its first token, in float64
+        # (matrix-vector products over one float64 copy; the shift keeps sum(y^2) - sum(y)^2/T exact enough)
+        y = x.to(torch.float64, copy=True)   # a copy even where x is float64: it is shifted in place
+        first = y[:, :1].clone()
+        ones = torch.ones(T, 1, dtype=y.dtype, device=y.device)
+        s1 = (y.sub_(first) @ ones).squeeze(1)
+        s2 = (y.square_() @ ones).squeeze(1)
+        del y
+        mean_b, m2_b = first.squeeze(1) + s1 / T, (s2 - s1 * s1 / T).clamp_min_(0)
         na = g["count"][cols].double()
         n = na + T
         delta = mean_b - g["mean"][cols]
         g["mean"][cols] += delta * (T / n)
         g["m2"][cols] += m2_b + delta * delta * (na * T / n)
         g["count"][cols] += T
-        g["min"][cols] = torch.minimum(g["min"][cols], x.amin(dim=0).double())
-        g["max"][cols] = torch.maximum(g["max"][cols], x.amax(dim=0).double())
-        # the sketch: one flat index per (component, bucket)
+        low, high = x.amin(dim=1).double(), x.amax(dim=1).double()
+        g["min"][cols] = torch.minimum(g["min"][cols], low)
+        g["max"][cols] = torch.maximum(g["max"][cols], high)
+        self._sketch(g["hist"][cols], x)
+        # top-k: only the components where the batch holds a value above the k-th kept
+        some = (high > g["top_value"][cols].amin(dim=1)).nonzero().squeeze(1)
+        if some.numel() == C:
+            self._top(g, x, some + at, ctx)
+        elif some.numel():
+            self._top(g, x[some], some + at, ctx)
+
+    def _sketch(self, hist: torch.Tensor, x: torch.Tensor) -> None:
+        """Add ``x`` (component, token) into the (component, bucket) histogram ``hist``: one flat index per
+        value, built in x's float dtype (exact while component * bucket < 2^24, hence the blocks)."""
         n_side, B, scale, shift = self._buckets
-        j = torch.log(x.abs()).mul_(scale).sub_(shift).ceil_().clamp_(0, n_side)   # |x| <= low (and 0): bucket 0
-        bucket = torch.where(x < 0, -j, j).add_(n_side).long()
-        flat = bucket.add_(torch.arange(C, device=x.device) * B).reshape(-1)
-        hist = g["hist"][cols].reshape(-1)   # a view: rows of a contiguous matrix
-        if x.device.type == "cpu":
-            hist += torch.bincount(flat, minlength=C * B)
-        else:
-            hist.index_add_(0, flat, torch.ones_like(flat))
-        # top-k: the batch's best, merged with those kept
+        C = x.shape[0]
+        block = max(1, (1 << 24) // B) if x.dtype == torch.float32 else C
+        for c0 in range(0, C, block):
+            part = x[c0:c0 + block]
+            w = part.shape[0]
+            offsets = torch.arange(w, device=x.device, dtype=x.dtype).mul_(B).add_(n_side).unsqueeze(1)
+            j = torch.log(part.abs()).mul_(scale).sub_(shift).ceil_().clamp_(0, n_side)   # |x| <= low (and 0): 0
+            flat = j.copysign_(part).add_(offsets).reshape(-1).long()
+            out = hist[c0:c0 + w].reshape(-1)   # a view: rows of a contiguous matrix
+            if x.device.type == "cpu":
+                np.add.at(out.numpy(), flat.numpy(), 1)   # in place, no (component x bucket) temporary
+            else:
+                out.index_add_(0, flat, torch.ones_like(flat))
+
+    def _top(self, g: dict[str, torch.Tensor], x: torch.Tensor, rows: torch.Tensor, ctx) -> None:
+        """Merge the batch's best of ``x`` (component, token) into the kept top-k of the group's
+        components ``rows``. The kept k are a set in no order (``summaries()`` sorts them on read): a
+        batch value that makes the cut takes the slot of a kept one that leaves, and only those slots
+        are written, so a component whose top-k barely moves costs next to nothing."""
         seq, pos, windows = ctx
         k = self.settings.top_k
-        kb = min(k, T)
-        vals, idx = torch.topk(x, kb, dim=0)                                  # (kb, C)
-        values = torch.cat([g["top_value"][cols], vals.t().double()], dim=1)  # (C, k + kb)
-        best, pick = torch.topk(values, k, dim=1)
-        g["top_value"][cols] = best
-        for name, new in (("top_seq", seq[idx].t()), ("top_pos", pos[idx].t())):
-            g[name][cols] = torch.gather(torch.cat([g[name][cols], new], dim=1), 1, pick)
-        win = torch.cat([g["top_window"][cols], windows[idx].transpose(0, 1).long()], dim=1)   # (C, k+kb, W)
-        g["top_window"][cols] = torch.gather(win, 1, pick.unsqueeze(-1).expand(-1, -1, win.shape[-1]))
+        vals, idx = torch.topk(x, min(k, x.shape[1]), dim=1, sorted=False)   # (c, kb)
+        values = torch.cat([g["top_value"][rows], vals.double()], dim=1)      # (c, k + kb)
+        pick = torch.topk(values, k, dim=1, sorted=False).indices
+        chosen = torch.zeros(values.shape, dtype=torch.bool, device=x.device).scatter_(1, pick, True)
+        leave = (~chosen[:, :k]).nonzero()   # (m, 2): row, slot of each kept value that goes
+        come = chosen[:, k:].nonzero()       # (m, 2): row, column of each batch value that comes; as many per row
+        if not len(leave):
+            return
+        at, slot = rows[leave[:, 0]], leave[:, 1]
+        token = idx[come[:, 0], come[:, 1]]
+        g["top_value"][at, slot] = vals[come[:, 0], come[:, 1]].double()
+        g["top_seq"][at, slot] = seq[token]
+        g["top_pos"][at, slot] = pos[token]
+        g["top_window"][at, slot] = windows[token].long()
+
+    def reset(self) -> None:
+        """Forget what was folded in (after it was written into the store): the next write adds only
+        what comes after."""
+        self.state, self.sequences, self.tokens = {}, 0, 0
 
     # -- the end ---------------------------------------------------------------------------------------
     def result(self) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:

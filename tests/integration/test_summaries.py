@@ -140,6 +140,10 @@ def test_rank_stores_and_appends_merge_to_one_capture_over_both(tmp_path):
     appended = st.analysis.summaries(st.open(tmp_path / "app.zarr"), text=False)
     _same(one, ranks)
     _same(one, appended)
+    # written after every batch (each write merges what came since the last into the store's): the same
+    st.capture(model, texts, tmp_path / "often.zarr", summarise_every=0, **opts)
+    _same(one, st.analysis.summaries(st.open(tmp_path / "often.zarr"), text=False))
+    assert json.loads(zarr.open_group(str(tmp_path / "often.zarr"), mode="r").attrs["summaries"])["ranges"] == [[0, 8]]
     # one summary group in the store after the append: the previous one was replaced
     root = zarr.open_group(str(tmp_path / "app.zarr"), mode="r")
     assert [n for n, _ in root.groups()] == [json.loads(root.attrs["summaries"])["group"]]
@@ -154,6 +158,10 @@ def test_bad_summarise_options_are_refused_up_front(tmp_path):
         assert not (tmp_path / "x.zarr").exists()
     assert st.CaptureOptions(summarise="top_k=4,alpha=0.01").summarise == S.Settings(top_k=4, alpha=0.01)
     assert st.CaptureOptions(summarise="on").summarise == S.Settings()
+    for bad in (-1, "soon", True):
+        with pytest.raises(OptionError, match="summarise_every"):
+            st.CaptureOptions(summarise=True, summarise_every=bad)
+    assert st.CaptureOptions(summarise_every="60").summarise_every == 60.0
     # appending with other settings is refused before a batch is written
     model = tiny_model("gpt2").eval()
     st.capture(model, [[1, 2, 3]], tmp_path / "a.zarr", summarise=SETTINGS)
@@ -198,3 +206,36 @@ def test_report_shows_each_heads_top_contexts(tmp_path):
     best = int(np.argmax(res["neuron"]["max"].values))
     assert html.escape(str(res["neuron"].top_text.values[best, 0])) in page
     assert (tmp_path / "report" / "data" / "summary_stats_neuron.csv").exists()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sink_mass_equals_the_models_attention_and_the_offline_patterns(arch, tmp_path):
+    """Where patterns are captured, each head's sink mass (the probability its query puts on the
+    sequence's first real token) is summarised over every real token of padded batches: equal to the
+    model's own eager attention probabilities (float32) and to ``st.analysis.attention`` on the store."""
+    from streamtap.attention import sequence_tokens
+
+    model = tiny_model(arch).eval()
+    texts = _corpus(model, n=7, seed=4)
+    st.capture(model, texts, tmp_path / "s.zarr", patterns=True, summarise=SETTINGS, batch_size=3)
+    ds = st.open(tmp_path / "s.zarr")
+    res = st.analysis.summaries(ds)["sink"]
+    assert list(res.component.values[:2]) == ["L0H0", "L0H1"]
+    # offline: the store's patterns, key 0 of each sequence, in the store's token order
+    L, H = ds.sizes["layer"], ds.sizes["head"]
+    offline = np.empty((ds.sizes["token"], L * H))
+    for s in range(len(texts)):
+        pattern = st.analysis.attention(ds, s).isel(key=0).values            # (layer, head, query)
+        offline[sequence_tokens(ds, s)] = pattern.transpose(2, 0, 1).reshape(-1, L * H)
+    _check_group(res, offline, ds, "sink")
+    # the model's own probabilities, each sequence alone and unpadded
+    model_side = []
+    for t in texts:
+        with torch.no_grad():
+            att = model(torch.tensor([t]), output_attentions=True).attentions
+        model_side.append(np.stack([a[0, :, :, 0].double().numpy().T for a in att], axis=1).reshape(len(t), -1))
+    x = np.concatenate(model_side)
+    assert (res["count"].values == x.shape[0]).all()
+    for name, ref in (("mean", x.mean(0)), ("var", x.var(0)), ("min", x.min(0)), ("max", x.max(0))):
+        np.testing.assert_allclose(res[name].values, ref, rtol=0, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(res.top_value.values, -np.sort(-x, axis=0)[:SETTINGS["top_k"]].T, rtol=0, atol=1e-6)
