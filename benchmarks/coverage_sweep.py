@@ -657,11 +657,23 @@ def _cell(x) -> str:
     return "" if x is None else f"{x:.1e}"
 
 
+MEANINGS = {
+    "exact-heads": "exact, every attention layer split into per-head terms",
+    "exact-block": "exact, some layer writes one block-level mixer term",
+    "refused": "the tap refused with a streamtap error (reason summarised)",
+    "not-tiny": "no tiny model could be built or run from the config (why)",
+    "WRONG": "tapped without error, but the terms miss the ground truth",
+    "crashed": "streamtap raised a non-streamtap error, or the check hung or died",
+}
+
+
 def table(results: dict) -> str:
     """docs/coverage.md from the whole JSON."""
     import transformers
 
     counts = {c: sum(r["class"] == c for r in results.values()) for c in CLASSES}
+    by_head = {h: {c: sum(r["class"] == c and r["head"] == h for r in results.values()) for c in CLASSES}
+               for h in ("causal", "masked")}
     lines = [
         "# Coverage: every causal-LM and masked-LM type of transformers, tapped tiny",
         "",
@@ -694,15 +706,10 @@ def table(results: dict) -> str:
         "python benchmarks/coverage_sweep.py --no-half --jobs 2        # float32 only (about half the time)",
         "```",
         "",
-        "| class | count | meaning |",
-        "| --- | --- | --- |",
-        f"| exact-heads | {counts['exact-heads']} | exact, every attention layer split into per-head terms |",
-        f"| exact-block | {counts['exact-block']} | exact, some layer writes one block-level mixer term |",
-        f"| refused | {counts['refused']} | the tap refused with a streamtap error (reason summarised) |",
-        f"| not-tiny | {counts['not-tiny']} | no tiny model could be built or run from the config (why) |",
-        f"| WRONG | {counts['WRONG']} | tapped without error, but the terms miss the ground truth |",
-        f"| crashed | {counts['crashed']} | streamtap raised a non-streamtap error, or the check hung or died |",
-        f"| total | {len(results)} | |",
+        "| class | causal LM | masked LM | all | meaning |",
+        "| --- | ---: | ---: | ---: | --- |",
+        *(f"| {c} | {by_head['causal'][c]} | {by_head['masked'][c]} | {counts[c]} | {MEANINGS[c]} |" for c in CLASSES),
+        f"| total | {sum(by_head['causal'].values())} | {sum(by_head['masked'].values())} | {len(results)} | |",
         "",
         "| type | head | class | float32 error | bfloat16 error (≤ tolerance) | reason / layout |",
         "| --- | --- | --- | --- | --- | --- |",
