@@ -657,6 +657,30 @@ def _cell(x) -> str:
     return "" if x is None else f"{x:.1e}"
 
 
+# What an engineer found when looking into a causal type the tap refuses without naming a structure (the tap's
+# own message then says only that no layout file or inferred layout fits): shown beside the sweep's reason.
+DIAGNOSED = {
+    "blt": "byte-latent: a local encoder, a global transformer and a local decoder joined by cross-attention, "
+           "not one residual stream",
+    "cpmant": "CPM blocks nested inside a block wrapper with their own norms: inference cannot read the tree; "
+              "no family file yet",
+    "gemma3n_text": "AltUp keeps several residual streams, predicted and corrected per layer with per-token "
+                    "weights: no single stream adds up",
+    "inkling_text": "short-convolution and gated-delta mixers with block-attention residuals: no family file yet",
+    "inkling2_text": "short-convolution and gated-delta mixers with block-attention residuals: no family file yet",
+    "lara_mini": "block-attention residuals (a layer reads a learned mix of earlier blocks' outputs): no family "
+                 "file yet",
+    "lfm3": "convolution mixers in a module tree inference cannot read: no family file yet",
+    "jetmoe": "a mixture of attention heads with per-expert output projections (no fixed per-head W_O) and MLP "
+              "experts without a linear down projection",
+    "mllama": "its input embedding has more rows than its unembedding (image tokens); a store keeps one "
+              "vocabulary axis",
+    "moshi": "its input embedding has 257 rows and its unembedding 256; a store keeps one vocabulary axis",
+    "rwkv": "RWKV time- and channel-mixing (recurrent, no attention): a mixer family file is not written yet",
+    "xlnet": "two-stream attention (content and query streams) with relative positions and memory",
+    "zaya": "CCA attention (convolutions on q/k, delayed values) and an affine residual scaling with a bias",
+}
+
 MEANINGS = {
     "exact-heads": "exact, every attention layer split into per-head terms",
     "exact-block": "exact, some layer writes one block-level mixer term",
@@ -719,6 +743,8 @@ def table(results: dict) -> str:
         f32 = _cell(max(r.get("float32_error", 0), r.get("layer_error", 0))) if "float32_error" in r else ""
         half = f"{_cell(r['half_error'])} (≤ {_cell(r['half_tolerance'])})" if "half_error" in r else ""
         why = r.get("reason") or f"layout {r.get('layout')}"
+        if r["class"] == "refused" and r["head"] == "causal" and r["type"] in DIAGNOSED:
+            why = f"{why}; diagnosed: {DIAGNOSED[r['type']]}"
         why = why.replace("|", "\\|")
         lines.append(f"| {r['type']} | {r['head']} | {r['class']} | {f32} | {half} | {why} |")
     return "\n".join(lines) + "\n"
