@@ -27,6 +27,12 @@ from ..options import TERM_KINDS, CaptureOptions
 from ..selection import REST, covered, selection_of  # noqa: F401 - the read side's half, re-exported
 from ..stream import Embed, FrozenNorms, Labels, Piece, Sum, replay
 
+LAYERED = {"z": "z", "mlp_out": "mlp_out", "mixer_out": "mlp_out", "neuron_act": "neurons", "expert_out": "mlp_out",
+           "expert_index": "mlp_out", "shared_expert_out": "mlp_out"}
+"""The per-token variables a selection cuts by layer, and the term kind (``terms=``) that keeps each: a
+mixture's routed and shared experts are its MLP's terms."""
+
+
 class Selection:
     """What one selective capture keeps of each batch, fixed when the tap opens.
 
@@ -36,9 +42,6 @@ class Selection:
 
     def __init__(self, options: CaptureOptions, bound, tokenizer=None, vocab_size: int | None = None):
         self.options, self.bound = options, bound
-        if bound.moe and options.selects_terms:
-            raise OptionError("layers/heads/terms/project are not available for mixture-of-experts models yet (their "
-                              "experts' terms are stored per routing slot); capture them whole")
         for name, limit in (("layers", bound.n_layers), ("heads", bound.n_heads)):
             bad = [i for i in getattr(options, name) or () if not 0 <= i < limit]
             if bad:
@@ -145,20 +148,18 @@ class Selection:
         (a summarising capture's statistics cover every token the model saw)."""
         self.all_projections = None
         if self.directions and every_token:
-            whole = {name: t.detach().float().cpu().numpy() for name, t in out.items() if t.is_floating_point()}
-            self.all_projections = self._projections(whole, out, logits)
+            self.all_projections = self._projections(_arrays(out), out, logits)
         if keep is not None:
             keep_at = keep.to(out["resid_final"].device)
             out = {name: t[keep_at] for name, t in out.items()}
             if logits is not None:
                 logits = logits[keep.to(logits.device)]
-        arrays = {name: t.detach().float().cpu().numpy() for name, t in out.items() if t.is_floating_point()}
+        arrays = _arrays(out)
         stored = {}
         if self.vectors:
-            stored = {name: t for name, t in out.items() if name not in ("z", "mlp_out", "mixer_out", "neuron_act")
+            stored = {name: t for name, t in out.items() if name not in LAYERED
                       and (name not in self.bound.layout.embeds or "embed" in self.kinds)}
-            for name in ("z", "mlp_out", "mixer_out", "neuron_act"):
-                kind = {"neuron_act": "neurons", "mixer_out": "mlp_out"}.get(name, name)
+            for name, kind in LAYERED.items():
                 if name in out and kind in self.kinds:
                     t = out[name]
                     if self.layers is not None:
@@ -207,6 +208,11 @@ class Selection:
                 elif label[1] == "attn_bias":
                     pieces.append(Piece([label], w["attn_bias"][e.layer][None], constant=True))
                     continue
+                elif label[1] == "expert":   # the left-out experts' shares, summed over the routing slots
+                    routed = np.isin(a["expert_index"][:, e.layer], left)   # the piece's labels are experts 0..E-1
+                    data = np.einsum("ts,tsm->tm", routed.astype(np.float32), a["expert_out"][:, e.layer])
+                elif label[1] == "shared_expert":
+                    data = a["shared_expert_out"][:, e.layer]
                 else:
                     data = a["mixer_out" if label[1] == "mixer" else "mlp_out"][:, e.layer]
                 pieces.append(Piece([label], data[None]))
@@ -306,6 +312,14 @@ class Selection:
         if not hasattr(self, "_final"):
             self._final = Weights(self.bound).attrs()
         return self._final
+
+
+def _arrays(out: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The batch's terms as float32 arrays, with the experts' routing indices (their columns need them)."""
+    arrays = {name: t.detach().float().cpu().numpy() for name, t in out.items() if t.is_floating_point()}
+    if "expert_index" in out:
+        arrays["expert_index"] = out["expert_index"].cpu().numpy()
+    return arrays
 
 
 class _Identity:
