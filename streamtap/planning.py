@@ -88,6 +88,46 @@ def per_token_variables(bound, options: CaptureOptions, compute_dtype: str) -> d
             for name in per_token_names(bound, options)}
 
 
+def measured_variables(module, options: CaptureOptions, length: int = 8, tokenizer=None) -> dict[str, VariableSpec]:
+    """The per-token arrays a capture of ``module`` with ``options`` writes, read off a real capture of one
+    ``length``-token sequence into a Zarr ``MemoryStore`` (exact for any selection or projection: the same
+    code makes them)."""
+    import dataclasses
+
+    import torch
+    import zarr
+
+    from .io.schema import STORED_DTYPE
+    from .tapping import tap
+
+    store = zarr.storage.MemoryStore()
+    probe = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    probe["summarise"] = None                     # summaries live in a group of their own, not per token
+    if isinstance(probe["positions"], tuple):     # ("last", k), as the options keep it
+        probe["positions"] = f"last:{probe['positions'][1]}"
+    vocab = module.get_input_embeddings().num_embeddings
+    ids = torch.randint(1, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+    with tap(module, store, tokenizer=tokenizer, **probe), torch.no_grad():
+        module(input_ids=ids.to(next(module.parameters()).device))
+    out = {}
+    for name, array in zarr.open_group(store, mode="r").arrays():
+        dims = array.metadata.dimension_names or ()
+        if dims[:1] == ("token",) and name not in COORD_DTYPES and name != "text":
+            out[name] = VariableSpec(tuple(array.shape[1:]), str(array.attrs.get(STORED_DTYPE, array.dtype)))
+    return out
+
+
+def stored_share(options: CaptureOptions, seq_len: int) -> tuple[float, str]:
+    """The share of the tokens a capture stores with ``options.positions``, for sequences of ``seq_len``
+    tokens, and how it was found (a mask's or a callable's share cannot be known before the tokens are)."""
+    rule = options.positions
+    if isinstance(rule, tuple):
+        return min(rule[1], seq_len) / seq_len, f"positions last:{rule[1]} of sequences of {seq_len} tokens"
+    if isinstance(rule, str):
+        return 1.0, "every token"
+    return 1.0, "every token assumed (a mask or callable's share is known only from the tokens)"
+
+
 def variable_bytes(variables: dict[str, VariableSpec]) -> dict[str, int]:
     return {name: math.prod(v.tail) * itemsize(v.dtype) for name, v in variables.items()}
 
@@ -178,14 +218,21 @@ class Plan:
     sizes: dict[str, int] = field(default_factory=dict)
     budget_time: float | None = None    # seconds
     budget_size: float | None = None    # bytes
+    share: float = 1.0                  # of the tokens, those the capture stores (positions=)
+    share_source: str = "every token"
 
     @property
     def bytes_per_token(self) -> int:
+        """Bytes one *stored* token adds to the store."""
         return bytes_per_token(self.variables)
 
     @property
+    def stored_tokens(self) -> int:
+        return math.ceil(self.tokens * self.share)
+
+    @property
     def total_bytes(self) -> int:
-        return self.tokens * self.bytes_per_token + self.weights
+        return self.stored_tokens * self.bytes_per_token + self.weights
 
     @property
     def disk_seconds(self) -> float:
@@ -208,9 +255,9 @@ class Plan:
         """The most bytes per token that meet both budgets (None without one)."""
         limits = []
         if self.budget_size is not None:
-            limits.append((self.budget_size - self.weights) / self.tokens)
+            limits.append((self.budget_size - self.weights) / self.stored_tokens)
         if self.budget_time is not None:
-            limits.append((self.budget_time * self.disk_bandwidth - self.weights) / self.tokens)
+            limits.append((self.budget_time * self.disk_bandwidth - self.weights) / self.stored_tokens)
         return min(limits) if limits else None
 
     def suggestions(self) -> list[str]:
@@ -253,10 +300,11 @@ class Plan:
     def rows(self) -> list[tuple[str, str]]:
         per = variable_bytes(self.variables)
         rows = [("model", self.model),
-                ("tokens", f"{self.tokens:,}"),
+                ("tokens", f"{self.tokens:,}" + ("" if self.share == 1.0 else
+                                                  f", {self.stored_tokens:,} stored ({self.share_source})")),
                 ("bytes/token", f"{self.bytes_per_token:,}  (" + ", ".join(f"{n} {b:,}" for n, b in per.items())
                  + f", coordinates {COORD_BYTES})"),
-                ("store", f"{size(self.total_bytes)}  ({size(self.tokens * self.bytes_per_token)} per-token arrays "
+                ("store", f"{size(self.total_bytes)}  ({size(self.stored_tokens * self.bytes_per_token)} per-token arrays "
                           f"+ at most {size(self.weights)} of weights, uncompressed)"),
                 ("disk", f"{self.disk_bandwidth / 1e9:.2f} GB/s ({self.disk_source}) -> "
                          f"{_duration(self.disk_seconds)}"),
@@ -302,14 +350,16 @@ def _bound_layout(module, *, probe: bool):
 
 def plan(model, tokens: int, *, target=".", disk_bandwidth: float | None = None, forward_rate: float | None = None,
          device_flops: float = DEFAULT_DEVICE_FLOPS, budget_time: float | None = None,
-         budget_size: float | None = None, batch_size: int = 8, seq_len: int = 256, **options) -> Plan:
+         budget_size: float | None = None, batch_size: int = 8, seq_len: int = 256, tokenizer=None,
+         **options) -> Plan:
     """The plan of capturing ``tokens`` tokens of ``model`` with capture ``options`` (any of
     :class:`~streamtap.CaptureOptions`, by name).
 
     ``model``: a loaded model (its forward is timed on its device over a few ``batch_size`` x ``seq_len``
     batches), or a config id or ``config.json`` path (:func:`streamtap.models.planned.planned_config`) built
     on the meta device, whose forward rate is assumed: ``device_flops`` / (2 x parameters) tokens/s.
-    ``disk_bandwidth`` (bytes/s) is measured under ``target`` unless given.
+    ``disk_bandwidth`` (bytes/s) is measured under ``target`` unless given. A selection is sized from a real
+    capture of one short sequence with the same options (``tokenizer`` resolves ``project`` token strings).
     """
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise InputError(f"tokens={tokens!r}: give the number of tokens to capture, a positive integer")
@@ -317,6 +367,10 @@ def plan(model, tokens: int, *, target=".", disk_bandwidth: float | None = None,
     if isinstance(model, (str, os.PathLike)):
         from .models.planned import meta_model, planned_config
 
+        if opts.selective:
+            raise InputError("planning a selection (layers, heads, terms, positions or project) needs the model "
+                             "loaded: the plan captures one short sequence with the same options to size the store; "
+                             "pass the model (--model) instead of its config")
         module, name = meta_model(planned_config(os.fspath(model))), os.fspath(model)
         bound = _bound_layout(module, probe=False)
         n_params = sum(p.numel() for p in module.parameters())
@@ -345,9 +399,12 @@ def plan(model, tokens: int, *, target=".", disk_bandwidth: float | None = None,
         disk_bandwidth, disk_source = measure_disk(target), f"measured: 256 MiB written to {existing_parent(target)}"
     else:
         disk_source = "given"
-    return Plan(name, tokens, per_token_variables(bound, opts, dtype), weights, float(disk_bandwidth), disk_source,
+    variables = (measured_variables(module, opts, tokenizer=tokenizer) if opts.selective
+                 else per_token_variables(bound, opts, dtype))
+    share, share_source = stored_share(opts, seq_len)
+    return Plan(name, tokens, variables, weights, float(disk_bandwidth), disk_source,
                 float(forward_rate), forward_source, sizes=dim_sizes(bound, opts), budget_time=budget_time,
-                budget_size=budget_size)
+                budget_size=budget_size, share=share, share_source=share_source)
 
 
 
@@ -363,5 +420,5 @@ def check_free_space(target, need: int, options: CorpusOptions) -> None:
             "that fills the disk stops cleanly and can be resumed")
 
 
-__all__ = ["Plan", "plan", "per_token_variables", "per_token_names", "dim_sizes", "bytes_per_token",
+__all__ = ["Plan", "plan", "per_token_variables", "measured_variables", "stored_share", "per_token_names", "dim_sizes", "bytes_per_token",
            "measure_disk", "forward_throughput", "check_free_space"]

@@ -67,11 +67,12 @@ def plan(model_id, config, tokens, out, disk_bandwidth, device_flops, budget_tim
     if model_id and config:
         raise click.UsageError("give --model (load and time it) or --config (plan it unloaded), not both")
     flags = {k: v for k, v in flags.items() if v is not None and v != ()}  # unset: the option's default
+    tok = None
     if config:
         target = config
     else:
-        target, _ = _load(model_id or DEFAULT_MODEL, dtype, device, False, ["plan"])
+        target, tok = _load(model_id or DEFAULT_MODEL, dtype, device, False, ["plan"])
     result = st.plan(target, tokens, target=out, disk_bandwidth=disk_bandwidth, device_flops=device_flops,
                      budget_time=budget_time, budget_size=budget_size, batch_size=batch_size, seq_len=seq_len,
-                     **flags)
+                     tokenizer=tok, **flags)
     _rows(result.rows())

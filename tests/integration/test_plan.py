@@ -37,7 +37,11 @@ def capture(model, path, **options):
 
 CASES = [("llama", {}), ("llama", {"neurons": True}), ("llama", {"patterns": True}),
          ("gpt2", {"store_dtype": "bfloat16"}), ("gpt2", {"patterns": True}), ("bloom", {"patterns": True}),
-         ("mixtral", {}), ("qwen2_moe", {}), ("gemma3", {"patterns": True})]
+         ("mixtral", {}), ("qwen2_moe", {}), ("gemma3", {"patterns": True}),
+         # selections, sized from a one-sequence capture of the same options
+         ("llama", {"layers": [1], "heads": [0, 2]}), ("gpt2", {"terms": ("z",), "project": {"a": 5}}),
+         ("gpt2", {"project": {"a": 5, "unembed_top": 2}}), ("mixtral", {"layers": [0]}),
+         ("llama", {"positions": "last:3", "layers": [0]})]
 
 
 @pytest.mark.parametrize("arch,options", CASES, ids=[f"{a}-{'-'.join(o) or 'full'}" for a, o in CASES])
@@ -50,6 +54,20 @@ def test_planned_bytes_per_token_are_the_written_ones(tmp_path, arch, options):
     assert {n: math.prod(v.tail) * itemsize(v.dtype) for n, v in planned.variables.items()} == written
     assert sum(coords.values()) == COORD_BYTES
     assert planned.bytes_per_token == sum(written.values()) + sum(coords.values())
+
+
+def test_positions_plan_the_share_of_tokens_they_keep():
+    """``positions`` keeps K of every sequence: the plan counts ``tokens`` x K / seq_len stored tokens."""
+    model = tiny_model("llama")
+    full, last = (st.plan(model, 1024, seq_len=64, **GIVEN, **o) for o in ({}, {"positions": "last:4"}))
+    assert last.stored_tokens == 64 and full.stored_tokens == 1024
+    assert last.total_bytes - last.weights == 64 * last.bytes_per_token
+    assert "64 stored (positions last:4 of sequences of 64 tokens)" in dict(last.rows())["tokens"]
+
+
+def test_a_selection_of_a_config_planned_unloaded_is_refused():
+    with pytest.raises(st.InputError, match="needs the model loaded"):
+        st.plan("llama-3-8b", 1000, **GIVEN, layers=[0])
 
 
 def test_a_config_planned_unloaded_is_planned_as_the_loaded_model(tmp_path):
