@@ -1,6 +1,6 @@
 """Direct and total effects on SmolLM2: head ablations, dropped empty messages, rank-reduced heads.
 
-    python examples/effects.py [--out DIR] [--texts N] [--layers 0,8,16,18,23,29] [--threshold 0.3]
+    python examples/effects.py [--out DIR] [--texts N] [--layers 0,8,16,18,23,29] [--threshold 0.3] [--ranks 48,32,16]
 
 Captures the first N documents of the bundled sample, then measures on the live model (``st.effects``,
 nnsight traces, the model unmodified) what each intervention costs in next-token loss and KL, next to
@@ -11,7 +11,7 @@ the direct effect the store predicts (patterns and final-norm scale frozen):
    ``st.analysis.empty_messages``, first tokens kept) from every head, renormalised (a cache without
    them) and not, against a control that drops as many randomly chosen messages per head;
 3. fuse and rank-reduce: every head's W_OV (or W_QK) replaced by its truncation at its own 99%-energy
-   effective rank (``st.analysis.effective_rank``), and at fixed ranks 48, 32 and 16.
+   effective rank (``st.analysis.effective_rank``), and at fixed ranks (``--ranks``, default 48, 32 and 16).
 
 Saves total_vs_direct.png in DIR.
 """
@@ -46,6 +46,7 @@ def main(argv=None):
     p.add_argument("--texts", type=int, default=8)
     p.add_argument("--layers", default="0,8,16,18,23,29")
     p.add_argument("--threshold", type=float, default=0.3)
+    p.add_argument("--ranks", default="48,32,16", help="fixed ranks every head is truncated to, besides its own")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     sample = (resources.files("streamtap") / "data" / "sample.txt").read_text(encoding="utf-8")
@@ -110,7 +111,7 @@ def main(argv=None):
         e_rank = er["erank_energy"].sel(matrix=f"W_{m}").values
         groups[f"all heads {m} at 99%-energy rank"] = [RankReduce(l, h, int(e_rank[l, h]), m)
                                                      for l in range(n_layers) for h in range(n_heads)]
-        for rank in (48, 32, 16):
+        for rank in (int(x) for x in args.ranks.split(",")):
             groups[f"all heads {m} rank {rank}"] = [RankReduce(l, h, rank, m) for l in range(n_layers) for h in range(n_heads)]
     r3 = st.effects(model, ids, groups, store=ds, batch_size=8)
     print("3. fused matrices truncated in every head (direct effect of a W_QK change is 0: it acts through the pattern)")

@@ -81,7 +81,7 @@ def _quiet_progress(monkeypatch):
 
 
 def test_effects(tmp_path, monkeypatch, capsys):
-    out = _run("effects.py", ["--out", str(tmp_path), "--texts", "2", "--layers", "18"], monkeypatch, capsys)
+    out = _run("effects.py", ["--out", str(tmp_path), "--texts", "2", "--layers", "18", "--ranks", "16"], monkeypatch, capsys)
     assert "1. head ablations, layers [18] (18 interventions)" in out
     assert "2. near-empty source messages" in out and "drop near-empty, renormalised" in out
     assert "all heads OV at 99%-energy rank" in out and "all heads QK rank 16" in out
