@@ -55,6 +55,7 @@ class Selection:
         self.vectors = bool(kinds)                 # d_model terms stored at all
         self.directions = self._directions(options.project or {}, tokenizer, vocab_size)
         self._weights = None
+        self._made: dict = {}      # what is the same for every batch, made on first use
 
     # -- checks that need the model ----------------------------------------------------------------------
     def _directions(self, project: dict, tokenizer, vocab_size) -> dict:
@@ -176,9 +177,12 @@ class Selection:
         return stored
 
     def _events(self):
+        """The stream's events as a store records them (read back from their JSON), made once."""
         from ..stream import from_json, to_json
 
-        return from_json(to_json(self.bound.events))
+        if "events" not in self._made:
+            self._made["events"] = from_json(to_json(self.bound.events))
+        return self._made["events"]
 
     def _norms(self, arrays) -> FrozenNorms:
         w = self._weights
@@ -225,7 +229,12 @@ class Selection:
 
     def projection_labels(self) -> list[tuple]:
         """The components of the stored projections: those the layers and heads keep, ``rest``, then the
-        constants after the final norm."""
+        constants after the final norm (the same for every batch: made once)."""
+        if "projection_labels" not in self._made:
+            self._made["projection_labels"] = self._projection_labels()
+        return self._made["projection_labels"]
+
+    def _projection_labels(self) -> list[tuple]:
         full = self._full_labels()
         kept = [label for label in full if label[1] in ("final_norm_bias", "unembed_bias")
                 or covered(label, self.layers, self.heads, TERM_KINDS)]
@@ -234,6 +243,12 @@ class Selection:
         return body + ([REST] if len(kept) < len(full) else []) + tail
 
     def _full_labels(self) -> list[tuple]:
+        """Every component of the full decomposition, in decompose's order (made once, after ``static``)."""
+        if "full_labels" not in self._made:
+            self._made["full_labels"] = self._labels_of_every_component()
+        return self._made["full_labels"]
+
+    def _labels_of_every_component(self) -> list[tuple]:
         from ..analysis.attribution import _pieces
 
         sizes = SimpleNamespace(sizes={"head": self.bound.n_heads})
