@@ -426,11 +426,18 @@ def verify(ds, *, tol: float | None = None, dtype=np.float32, raise_on_error: bo
 
 def _verify_projections(ds: xr.Dataset, tol: float, dtype, raise_on_error: bool, problems) -> xr.DataArray:
     """A projections-only store: per token, max over directions of |sum over components - total| relative
-    to max |total| (the total is computed at capture from the final residual itself)."""
+    to that direction's sum over components of |contribution| (the total is computed at capture from the
+    final residual itself). The summands' magnitude, not |total|: a rounding u of each contribution moves
+    the sum by at most u times it however much the sum cancels (a probe nearly orthogonal to the final
+    residual has a total near 0), as the residual invariant measures a sum against the magnitude of the
+    vector it adds up to rather than against one cancelled coordinate."""
     total = ds["projection_total"].astype(dtype)
-    summed = ds["projection"].astype(dtype).sum("component")
-    diff = abs(summed - total).max("direction")
-    rel = (diff / xr.where(abs(total).max("direction") > 0, abs(total).max("direction"), 1)).compute()
+    parts = ds["projection"].astype(dtype)
+    summed = parts.sum("component")
+    diff = abs(summed - total)
+    scale = abs(parts).sum("component")
+    rel = (diff / xr.where(scale > 0, scale, 1)).max("direction").compute()
+    diff = diff.max("direction")
     err = _label(rel.rename("rel_error").assign_coords(abs_error=diff.compute()).reset_coords(
         [c for c in rel.coords if c not in ("abs_error",)], drop=True), ds)
     err.attrs.update(tolerance=tol, max_rel_error=float(err.max(skipna=False)) if err.size else 0.0,

@@ -191,6 +191,33 @@ def test_projections_equal_offline_dla_of_a_full_store(arch, tmp_path):
     assert st.verify(proj).attrs["max_rel_error"] <= 1e-5
 
 
+@pytest.mark.parametrize("arch", ("llama", "mixtral"))
+def test_verify_measures_a_near_cancelling_projection_against_its_summands(arch, tmp_path):
+    """A probe nearly orthogonal to a token's final residual sums to ~0 there: verify measures the sum against
+    the magnitude of its summands (as the residual invariant does), so the store verifies; a projection moved
+    by 1e-4 of that magnitude still fails."""
+    import zarr
+
+    model = tiny_model(arch).eval()
+    ids, mask = _batch(model, seed=4)
+    _capture(model, tmp_path / "full.zarr", ids, mask)
+    resid = st.open(tmp_path / "full.zarr").resid_final.values.astype(np.float64)
+    probe = np.random.default_rng(2).standard_normal(model.config.hidden_size)
+    probe -= (probe @ resid[5]) / (resid[5] @ resid[5]) * resid[5]      # orthogonal to token 5's final residual
+    _capture(model, tmp_path / "p.zarr", ids, mask, project={"probe": probe})
+    ds = st.open(tmp_path / "p.zarr")
+    total = np.abs(ds.projection_total.sel(direction="probe").values)
+    parts = np.abs(ds.projection.sel(direction="probe").values).sum(1)
+    assert total[5] < 1e-5 * parts[5]                                  # the sum cancels at token 5
+    assert st.verify(ds).attrs["max_rel_error"] <= 1e-5
+    group = zarr.open_group(tmp_path / "p.zarr", mode="r+")
+    d = list(ds.direction.values).index("probe")
+    value = group["projection"][5, 0, d]
+    group["projection"][5, 0, d] = value + 1e-4 * parts[5]
+    with pytest.raises(st.DecompositionError, match="1 of"):
+        st.verify(st.open(tmp_path / "p.zarr"))
+
+
 def test_projections_with_a_selection_sum_the_rest(tmp_path):
     model = tiny_model("llama").eval()
     ids, mask = _batch(model, seed=2)
