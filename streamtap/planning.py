@@ -105,6 +105,8 @@ def measured_variables(module, options: CaptureOptions, length: int = 8, tokeniz
     probe["summarise"] = None                     # summaries live in a group of their own, not per token
     if isinstance(probe["positions"], tuple):     # ("last", k), as the options keep it
         probe["positions"] = f"last:{probe['positions'][1]}"
+    elif not isinstance(probe["positions"], str):  # a mask or callable: a stored token's bytes are the same
+        probe["positions"] = "all"
     vocab = module.get_input_embeddings().num_embeddings
     ids = torch.randint(1, vocab, (1, length), generator=torch.Generator().manual_seed(0))
     with tap(module, store, tokenizer=tokenizer, **probe), torch.no_grad():

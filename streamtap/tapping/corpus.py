@@ -138,7 +138,7 @@ def capture_corpus(model, texts, store, options: CorpusOptions, tokenizer=None) 
     # every document is checked before the first batch is committed
     rows = token_rows(texts, tokenizer, limit, options.truncate, the_tap.vocab_size,
                       first=offset + len(mine) - len(texts))
-    _check_space(the_tap, target, sum(len(r) for r in rows), options)
+    _check_space(the_tap, target, rows, options)
     device = next(module.parameters()).device
     bar = _progress(options.progress, len(texts))
     done_tokens = 0  # tokens of this call (the tap's count includes what an appended store already had)
@@ -173,18 +173,29 @@ def capture_corpus(model, texts, store, options: CorpusOptions, tokenizer=None) 
     return the_tap
 
 
-def _check_space(the_tap: Tap, target, tokens: int, options: CorpusOptions) -> None:
-    """The planned store's size (``streamtap.plan``'s bytes per token, the weights unless appending),
-    printed with the progress bar, and refused when a local target's free space cannot hold it."""
+def _check_space(the_tap: Tap, target, rows: Sequence[np.ndarray], options: CorpusOptions) -> None:
+    """The planned store's size (``streamtap.plan``'s bytes per stored token, the weights unless appending),
+    printed with the progress bar, and refused when a local target's free space cannot hold it. A selection
+    is sized as ``st.plan`` sizes it (a one-sequence capture with the same options) and ``positions=last:K``
+    counts the tokens it keeps of these very rows; a mask or callable is counted as every token (an upper
+    bound: which tokens it keeps is known only from the batches)."""
     from ..io.location import is_local_path
-    from ..planning import bytes_per_token, check_free_space, compute_dtype, per_token_variables, size, weight_bytes
+    from ..planning import (bytes_per_token, check_free_space, compute_dtype, measured_variables, per_token_variables,
+                            size, weight_bytes)
 
-    per_token = bytes_per_token(per_token_variables(the_tap.bound, options, compute_dtype(the_tap.module)))
+    opts = options.tap_options()
+    variables = (measured_variables(the_tap.module, opts, tokenizer=the_tap.tokenizer) if opts.selective
+                 else per_token_variables(the_tap.bound, opts, compute_dtype(the_tap.module)))
+    per_token = bytes_per_token(variables)
+    tokens = sum(len(r) for r in rows)
+    kept = options.positions
+    stored = sum(min(kept[1], len(r)) for r in rows) if isinstance(kept, tuple) else tokens
     weights = 0 if options.append or options.resume else weight_bytes(the_tap.module)
-    need = tokens * per_token + weights
+    need = stored * per_token + weights
     if options.progress:
-        print(f"streamtap: plan: {tokens:,} tokens x {per_token:,} bytes/token + at most {size(weights)} of weights "
-              f"= {size(need)} (uncompressed)", file=sys.stderr, flush=True)
+        share = f" ({stored:,} stored)" if stored != tokens else ""
+        print(f"streamtap: plan: {tokens:,} tokens{share} x {per_token:,} bytes/token + at most {size(weights)} of "
+              f"weights = {size(need)} (uncompressed)", file=sys.stderr, flush=True)
     if is_local_path(target):
         check_free_space(target, need, options)
 

@@ -177,3 +177,25 @@ def test_cli_capture_prints_the_planned_size_first(tmp_path):
     line = next(x for x in result.stderr.splitlines() if x.startswith("streamtap: plan:"))
     tokens = st.open(tmp_path / "s.zarr").sizes["token"]
     assert f"plan: {tokens:,} tokens x " in line
+
+
+def test_a_selective_capture_is_sized_as_plan_sizes_it(tmp_path, monkeypatch, capsys):
+    """positions="last" stores one token of each row: a target too small for the full store but large enough
+    for the selected one takes the capture, and the plan it prints is st.plan's bytes per token."""
+    model = tiny_model("llama")
+    ids = [[1, 2, 3, 4, 5, 6]] * 4
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    full = 24 * st.plan(model, 1, **GIVEN).bytes_per_token + weights
+    per_token = st.plan(model, 24, positions="last", **GIVEN).bytes_per_token
+    need = 4 * per_token + weights
+    assert need < full
+    small_disk(monkeypatch, need)
+    st.capture(model, ids, tmp_path / "s.zarr", batch_size=2, positions="last", progress=True)
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("streamtap: plan:"))
+    assert f"plan: 24 tokens (4 stored) x {per_token:,} bytes/token " in line
+    assert st.open(tmp_path / "s.zarr").sizes["token"] == 4
+    assert sum(written_per_token(tmp_path / "s.zarr").values()) == per_token   # the coordinates included
+    small_disk(monkeypatch, need - 1)
+    with pytest.raises(st.StoreFullError, match=f"{need:,} bytes"):
+        st.capture(model, ids, tmp_path / "t.zarr", batch_size=2, positions="last")
+    assert not (tmp_path / "t.zarr").exists()
