@@ -75,7 +75,7 @@ def pad(rows: Sequence[np.ndarray], tokenizer) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
-def _summarise_again(the_tap: Tap, mine: list, tokenizer, limit, options: CorpusOptions, module, device) -> None:
+def _summarise_again(the_tap: Tap, mine: list, tokenizer, limit, options: CorpusOptions) -> None:
     """A resumed capture first summarises the committed sequences its store's summaries do not cover
     (a crash came between a commit and the next summary write): run through the model again and
     summarised as the sequences they are, written nowhere else, so the summaries cover the store."""
@@ -90,17 +90,8 @@ def _summarise_again(the_tap: Tap, mine: list, tokenizer, limit, options: Corpus
     gaps = summaries.uncovered(summaries.meta_of(root.attrs), done)
     if not gaps:
         return
-    recorder = the_tap.recorder
     rows = token_rows([mine[i] for i in gaps], tokenizer, limit, options.truncate, the_tap.vocab_size)
-    at = 0
-    try:
-        for chunk in batches(rows, options.batch_size):
-            recorder.replaying = torch.tensor(gaps[at:at + len(chunk)])
-            at += len(chunk)
-            ids, mask = pad(chunk, tokenizer)
-            module(input_ids=ids.to(device), attention_mask=mask.to(device))
-    finally:
-        recorder.replaying = None
+    the_tap.summarise_again(gaps, rows, options.batch_size, tokenizer)
 
 
 def capture_corpus(model, texts, store, options: CorpusOptions, tokenizer=None) -> Tap:
@@ -126,12 +117,12 @@ def capture_corpus(model, texts, store, options: CorpusOptions, tokenizer=None) 
         texts, tap_options = texts[done:], tap_options.replace(append=True)
         if not texts:  # finished before: nothing to add; the tap still tidies what a dead writer left
             finished = Tap(model, store, tap_options.replace(check=False), tokenizer=tokenizer,
-                           created_by="streamtap.capture")
+                           created_by="streamtap.capture", fill_summaries=False)
             with finished:
                 pass
             return finished
     module, _ = unwrap(model)
-    the_tap = Tap(model, store, tap_options, tokenizer=tokenizer, created_by="streamtap.capture")
+    the_tap = Tap(model, store, tap_options, tokenizer=tokenizer, created_by="streamtap.capture", fill_summaries=False)
     limit = the_tap.max_positions
     if options.max_length is not None:
         limit = min(limit, options.max_length) if limit else options.max_length
@@ -147,7 +138,7 @@ def capture_corpus(model, texts, store, options: CorpusOptions, tokenizer=None) 
             if options.resume:  # under the lock now: a writer still committing before cannot have moved on since
                 skip = committed_sequences(the_tap.writer.store, storage_options=None) - (len(mine) - len(texts))
                 rows = rows[skip:]
-                _summarise_again(the_tap, mine, tokenizer, limit, options, module, device)
+                _summarise_again(the_tap, mine, tokenizer, limit, options)
                 if bar is not None:
                     bar.total = len(rows)
             for chunk in batches(rows, options.batch_size):

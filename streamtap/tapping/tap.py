@@ -105,7 +105,7 @@ class Tap:
     """
 
     def __init__(self, model, store, options: CaptureOptions | None = None, *, tokenizer=None,
-                 created_by: str = "streamtap.tap", forward=None, proven=None):
+                 created_by: str = "streamtap.tap", forward=None, proven=None, fill_summaries: bool = True):
         self.options = options = options if options is not None else CaptureOptions()
         self.module, self._given_envoy = unwrap(model)
         if self.module.training:
@@ -146,6 +146,9 @@ class Tap:
         self.envoy = None
         self._bar = None
         self._generation = None  # the state of the model.generate call running in the block, if any
+        # an append first summarises the committed sequences its store's summaries miss, from the stored token
+        # ids (``streamtap.capture`` turns it off: a resume runs its own texts again, which works for any positions)
+        self._fill_summaries = fill_summaries
 
     # -- the layout ------------------------------------------------------------------------------
     def _bind_candidates(self, layouts: list) -> list[BoundLayout]:
@@ -243,6 +246,14 @@ class Tap:
                 self.writer.unlock()
                 raise
         self._tapped = self._tapped_modules()
+        if self._fill_summaries and self.options.append and self.options.summarise is not None:
+            import sys
+
+            try:
+                self._fill_from_store()
+            except BaseException:
+                self.__exit__(*sys.exc_info())
+                raise
         if self.options.progress:
             from tqdm.auto import tqdm
 
@@ -277,6 +288,59 @@ class Tap:
                 self._snapshot.restore()
                 self.envoy = None
                 self.recorder.close()
+
+    def _fill_from_store(self) -> None:
+        """Summarise the committed sequences no summary of the store covers (a crash came between a commit
+        and the next summary write), rerunning each from the token ids the store holds, so that the
+        appended store's summaries cover every sequence once, as one capture's do. A store that keeps only
+        some positions does not hold them: refused, naming the resume that runs the texts again."""
+        import zarr
+
+        from ..dataset import open as open_store
+        from ..io import summaries
+        from ..io.writer import committed_sequences
+        from ..selection import selection_of
+
+        done = committed_sequences(self.writer.store)
+        if not done:
+            return
+        root = zarr.open_group(self.writer.store, mode="r", zarr_format=3)
+        gaps = summaries.uncovered(summaries.meta_of(root.attrs), done)
+        if not gaps:
+            return
+        kept = (selection_of(dict(root.attrs)) or {}).get("positions", "all")
+        if kept != "all":
+            raise InputError(
+                f"the store's summaries miss {len(gaps)} of its {done} committed sequences (a capture stopped between "
+                f"a commit and its summary write), and it keeps positions={kept!r} only, so their token ids are not "
+                "all stored to summarise them again. Resume with streamtap.capture(model, texts, store, resume=True, "
+                "summarise=...) over the same texts (it runs them again), or append without summarise=. Nothing was "
+                "written")
+        ds = open_store(self.writer.store)
+        seqs, pos, ids = (ds[n].values for n in ("seq", "pos", "token_id"))
+        rows = []
+        for s in gaps:
+            at = (seqs == s).nonzero()[0]
+            at = at[pos[at].argsort(kind="stable")]
+            rows.append(ids[at])
+        self.summarise_again(gaps, rows, batch_size=8)
+
+    def summarise_again(self, gaps: list[int], rows: list, batch_size: int, tokenizer=None) -> None:
+        """Run sequences ``gaps`` (their token ids ``rows``) through the tapped model, summarised as the
+        committed sequences they are and written nowhere else."""
+        from .corpus import batches, pad
+
+        recorder, at = self.recorder, 0
+        device = next(self.module.parameters()).device
+        try:
+            with torch.no_grad():
+                for chunk in batches(rows, batch_size):
+                    recorder.replaying = torch.tensor(gaps[at:at + len(chunk)])
+                    at += len(chunk)
+                    ids, mask = pad(chunk, tokenizer)
+                    self.module(input_ids=ids.to(device), attention_mask=mask.to(device))
+        finally:
+            recorder.replaying = None
 
     def _tapped_modules(self) -> dict[str, torch.nn.Module]:
         """Every module the layout taps, by path, as the self-check saw them."""

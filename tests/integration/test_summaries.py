@@ -239,3 +239,47 @@ def test_sink_mass_equals_the_models_attention_and_the_offline_patterns(arch, tm
     for name, ref in (("mean", x.mean(0)), ("var", x.var(0)), ("min", x.min(0)), ("max", x.max(0))):
         np.testing.assert_allclose(res[name].values, ref, rtol=0, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(res.top_value.values, -np.sort(-x, axis=0)[:SETTINGS["top_k"]].T, rtol=0, atol=1e-6)
+
+
+def _padded(rows):
+    """(input_ids, attention_mask) of token-id lists, padded on the right with PAD."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
+    return ids, (ids != PAD).long()
+
+
+def test_an_append_summarises_again_what_a_crash_left_unsummarised(tmp_path, monkeypatch):
+    """A store whose summaries lag its commits (a capture stopped between a commit and its summary write):
+    st.tap(append=True, summarise=...) first summarises the committed sequences no summary covers, from the
+    token ids the store holds, so the result equals one capture of every batch; a store that keeps only some
+    positions cannot, and is refused by name with nothing written."""
+    from streamtap.io import summaries as S
+    from streamtap.tapping.batch import Recorder
+
+    model = tiny_model("llama").eval()
+    texts = _corpus(model, n=9, seed=5)
+    parts = [_padded(texts[:3]), _padded(texts[3:6]), _padded(texts[6:])]
+
+    def tap(path, batches, **options):
+        with st.tap(model, tmp_path / path, summarise=SETTINGS, **options), torch.no_grad():
+            for ids, mask in batches:
+                model(input_ids=ids, attention_mask=mask)
+
+    tap("one.zarr", parts)
+    for path, options in (("lag.zarr", {}), ("last.zarr", {"positions": "last"})):
+        tap(path, parts[:1], **options)
+        with monkeypatch.context() as m:       # the second session's summaries never reach the store
+            m.setattr(Recorder, "write_summaries", lambda self, root=None: None)
+            tap(path, parts[1:2], append=True, **options)
+        meta = S.meta_of(zarr.open_group(str(tmp_path / path), mode="r").attrs)
+        assert S.uncovered(meta, 6) == [3, 4, 5]
+    tap("lag.zarr", parts[2:], append=True)
+    one = st.analysis.summaries(st.open(tmp_path / "one.zarr"), text=False)
+    got = st.analysis.summaries(st.open(tmp_path / "lag.zarr"), text=False)
+    _same(one, got)
+    assert got["head"].attrs["sequences"] == got["head"].attrs["committed_sequences"] == 9
+    before = st.open(tmp_path / "last.zarr").sizes["token"]
+    with pytest.raises(st.InputError, match="resume=True"):
+        tap("last.zarr", parts[2:], append=True, positions="last")
+    assert st.open(tmp_path / "last.zarr").sizes["token"] == before
+
