@@ -38,6 +38,9 @@ class Summariser:
         self._buckets = (settings.n_side, settings.n_buckets, 1.0 / math.log(g), math.log(settings.low) / math.log(g))
         self.sequences = 0
         self.tokens = 0
+        # inside model.generate with patterns: every token's terms so far, host-side (bounded by the call's
+        # prompts and generation length), so a decoding step's query can see the keys its KV cache holds
+        self._history: dict[str, list] | None = None
 
     # -- set-up ----------------------------------------------------------------------------------------
     def prepare(self, static: dict[str, torch.Tensor], attrs: dict | None = None) -> None:
@@ -86,9 +89,11 @@ class Summariser:
             zf = z.float().reshape(T, L * H, dh).transpose(0, 1)                       # (LH, T, dh)
             sq = torch.bmm(zf, self._gram.reshape(L * H, dh, dh)).mul_(zf).sum(dim=-1)   # one matmul for all heads
             self._fold(g, sq.clamp_min_(0).sqrt_(), 0, ctx)
-            if self._attention is not None and whole:
+            if self._attention is not None and (whole or self._history is not None):
                 g = self._group("sink", L * H, device, self.components["head"])
-                self._fold(g, torch.from_numpy(self._sink_mass(out, ids[mask], ctx).T.copy()).to(device), 0, ctx)
+                sink = (self._sink_mass(out, ids[mask], ctx) if whole and self._history is None
+                        else self._generated_sink_mass(out, ids[mask], ctx, whole))
+                self._fold(g, torch.from_numpy(sink.T.copy()).to(device), 0, ctx)
         for var, name in (("mlp_out", "mlp"), ("mixer_out", "mixer")):
             if var in out:
                 g = self._group(name, L, device, {"layer": list(range(L)), "index": [-1] * L})
@@ -111,20 +116,65 @@ class Summariser:
         self.sequences += n_sequences
         self.tokens += T
 
+    def _batch(self, per_token: dict[str, np.ndarray], seq: np.ndarray, pos: np.ndarray, token_ids: np.ndarray):
+        """Host terms of some tokens with their coordinates and the store's weights: a store's Dataset."""
+        import xarray as xr
+
+        weights = self._attention[1]
+        coords = {"seq": ("token", seq), "pos": ("token", pos), "token_id": ("token", token_ids)}
+        return xr.Dataset({n: (("token", *dims_of(n)), a) for n, a in per_token.items()}, coords=coords,
+                          attrs=weights.attrs).merge(weights, combine_attrs="override")
+
+    def follow_generation(self, following: bool) -> None:
+        """A ``model.generate`` call starts (True: keep its tokens' terms) or ends (False: let them go)."""
+        self._history = {} if following else None
+
+    def _generated_sink_mass(self, out: dict[str, torch.Tensor], token_ids: torch.Tensor, ctx,
+                             whole: bool) -> np.ndarray:
+        """Inside ``generate``: the prompt's sink mass as a plain forward's, and a decoding step's (its
+        forward holds only the new tokens, the KV cache standing in for the rest) from the terms of the
+        sequence so far, kept since the prompt: the residual of each of its tokens replayed, the keys
+        recomputed, and the new query's pattern over them, exactly as ``st.analysis.attention`` computes
+        that query's row from a store of the whole sequence."""
+        from ..attention import rotary_tables, sequence_residuals, sequence_tokens
+
+        seq, pos, _ = ctx
+        step = {n: np.array(_host(t)) for n, t in out.items()}   # copies: the terms' buffers are reused
+        step.update(seq=seq.cpu().numpy(), pos=pos.cpu().numpy(), token_id=token_ids.cpu().numpy())
+        for n, a in step.items():
+            self._history.setdefault(n, []).append(a)
+        if whole:
+            return self._sink_mass(out, token_ids, ctx)
+        att = self._attention[0]
+        H, L = att.n_heads, self.bound.n_layers
+        have = {n: np.concatenate(parts) for n, parts in self._history.items()}
+        self._history = {n: [a] for n, a in have.items()}
+        coords = {n: have.pop(n) for n in ("seq", "pos", "token_id")}
+        history = self._batch(have, coords["seq"], coords["pos"], coords["token_id"])
+        heads, sink = np.arange(H), np.empty((len(step["seq"]), L * H))
+        for t, (s, at) in enumerate(zip(step["seq"], step["pos"])):
+            sub = history.isel(token=sequence_tokens(history, int(s)))   # in position order
+            resid = sequence_residuals(sub, np.arange(L))
+            p = np.asarray(sub["pos"].values)
+            i = int(np.searchsorted(p, at))                              # the step's query among them
+            alibi = np.asarray(sub["alibi"].values, np.float64) if "alibi" in sub else None
+            for layer in range(L):
+                cos, sin = rotary_tables(sub, att.groups[layer])
+                q, k, _ = att.qkv(layer, resid[:, layer], cos, sin)
+                scores = att.scores(layer, heads, q[i:i + 1], k, p[i:i + 1], p, alibi)
+                sink[t, layer * H:(layer + 1) * H] = att.softmax(scores, att.sink_logits(layer, heads))[:, 0, 0]
+        return sink
+
     def _sink_mass(self, out: dict[str, torch.Tensor], token_ids: torch.Tensor, ctx) -> np.ndarray:
         """(token, layer * head) float64: the probability each head's query puts on its sequence's first
         real token, from the patterns recomputed as ``st.analysis.attention`` recomputes them from a store
         (the batch's terms and the store's weights, in float64)."""
-        import xarray as xr
-
         from ..attention import sequence_attention, sequence_tokens
 
-        att, weights = self._attention
+        att = self._attention[0]
         seq, pos, _ = ctx
-        per_token = {n: (("token", *dims_of(n)), _host(t)) for n, t in out.items()}
-        coords = {"seq": ("token", seq.cpu().numpy()), "pos": ("token", pos.cpu().numpy()),
-                  "token_id": ("token", token_ids.cpu().numpy())}
-        batch = xr.Dataset(per_token, coords=coords, attrs=weights.attrs).merge(weights, combine_attrs="override")
+        batch = self._batch({n: _host(t) for n, t in out.items()}, seq.cpu().numpy(), pos.cpu().numpy(),
+                            token_ids.cpu().numpy())
         H = att.n_heads
         sink = np.empty((batch.sizes["token"], batch.sizes["layer"] * H))
         rows = None

@@ -382,10 +382,15 @@ class Tap:
             raise StreamtapError("positions= selects tokens of plain forwards; inside model.generate every step is one "
                                  "token per sequence. Capture generate with positions='all' (the default)")
         self._generation = Generation(assistant_model=bound.get("assistant_model"))
+        summariser = self.recorder.summariser
+        if summariser is not None:   # a decoding step's sink mass needs the keys of the sequence so far
+            summariser.follow_generation(True)
         try:
             return self._original_generate(*args, **kwargs)
         finally:
             self._generation = None
+            if summariser is not None:
+                summariser.follow_generation(False)
             if self._bar is not None:  # the call is done: what it could still add is nothing
                 self._bar.total = self._bar.n
                 self._bar.refresh()

@@ -283,3 +283,36 @@ def test_an_append_summarises_again_what_a_crash_left_unsummarised(tmp_path, mon
         tap("last.zarr", parts[2:], append=True, positions="last")
     assert st.open(tmp_path / "last.zarr").sizes["token"] == before
 
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sink_mass_covers_every_token_model_generate_feeds(arch, tmp_path):
+    """Inside model.generate a decoding step's forward holds only the new token (its keys are in the KV
+    cache); the tap keeps the sequence's terms since the prompt, so each step's query gets its sink mass
+    too: equal to the model's own eager attention probabilities in that very call (left padding included)
+    on the sequence's first real token, for every stored token."""
+    model = tiny_model(arch).eval()
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(3, model.config.vocab_size, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = PAD, 0                                      # a left-padded prompt
+    with st.tap(model, tmp_path / "g.zarr", patterns=True, summarise=SETTINGS), torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                             pad_token_id=PAD, output_attentions=True, return_dict_in_generate=True)
+    ds = st.open(tmp_path / "g.zarr")
+    res = st.analysis.summaries(ds)["sink"]
+    # the model's own: step 0 holds the prompt's queries, step k the query of column width + k - 1
+    width, pads = ids.shape[1], (mask == 0).sum(1).tolist()
+    model_side = {}
+    for k, step in enumerate(out.attentions):
+        for row in range(ids.shape[0]):
+            columns = range(pads[row], width) if k == 0 else [width + k - 1]
+            for col in columns:
+                q = col if k == 0 else 0
+                model_side[(row, col - pads[row])] = np.concatenate(
+                    [a[row, :, q, pads[row]].double().numpy() for a in step])   # (layer * head,)
+    x = np.stack([model_side[(int(s), int(p))] for s, p in zip(ds.seq.values, ds.pos.values)])
+    assert x.shape[0] == ds.sizes["token"] > 4 + 6
+    assert (res["count"].values == x.shape[0]).all()
+    for name, ref in (("mean", x.mean(0)), ("var", x.var(0)), ("min", x.min(0)), ("max", x.max(0))):
+        np.testing.assert_allclose(res[name].values, ref, rtol=0, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(res.top_value.values, -np.sort(-x, axis=0)[:SETTINGS["top_k"]].T, rtol=0, atol=1e-6)
