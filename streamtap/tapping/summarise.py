@@ -166,8 +166,13 @@ class Summariser:
         T, C = x.shape
         values = self.BLOCK_VALUES if x.device.type == "cpu" else self.DEVICE_BLOCK_VALUES
         block = max(1, values // max(T, 1))
+        self._pending, self._pending_rows = [], 0
+        self._pending_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        # sized once here, so that growing it never drops the rows gathered (see _fold_block)
+        self._buffer("pending", (max(1, self.TOP_VALUES // max(T, 1)) + block, T), self._pending_dtype, x.device)
         for c0 in range(0, C, block):
             self._fold_block(g, x[:, c0:c0 + block], at + c0, ctx)
+        self._flush_top(g, ctx, T)
 
     BLOCK_VALUES = 1 << 18
     """Values per block on the CPU: the block's float32 copy is 1 MiB (a core's L2), its float64 copy and
@@ -231,10 +236,28 @@ class Summariser:
         g["max"][cols] = torch.maximum(g["max"][cols], high)
         # top-k: only the components where the batch holds a value above the k-th kept
         some = (high > g["top_value"][cols].amin(dim=1)).nonzero().squeeze(1)
-        if some.numel() == C:
-            self._top(g, xb.t(), some + at, ctx)
-        elif some.numel():
-            self._top(g, xb[:, some].t(), some + at, ctx)
+        if some.numel():   # gathered over blocks: one _top per TOP_VALUES values, not one per block
+            r, m = self._pending_rows, some.numel()
+            pend = self._buffer("pending", (r + m, T), xb.dtype, x.device)[r:]   # within the size _fold gave it
+            if cpu:
+                np.copyto(pend.numpy(), xb.numpy()[:, some.numpy()].T)
+            else:
+                pend.copy_(xb[:, some].t())
+            self._pending.append(some + at)
+            self._pending_rows += m
+            if self._pending_rows * T >= self.TOP_VALUES:
+                self._flush_top(g, ctx, T)
+
+    TOP_VALUES = 1 << 22
+    """Values gathered for one top-k merge (16 MiB in float32): few merges per batch, bounded memory."""
+
+    def _flush_top(self, g: dict[str, torch.Tensor], ctx, T: int) -> None:
+        """Merge the gathered components' batch values into their kept top-k, all in one :meth:`_top`."""
+        if self._pending:
+            dtype = self._pending_dtype
+            x = self._scratch["pending", dtype][:self._pending_rows * T].view(self._pending_rows, T)
+            self._top(g, x, torch.cat(self._pending), ctx)
+        self._pending, self._pending_rows = [], 0
 
     def _index(self, xp, y, j) -> None:
         """Into ``j``: each value's flat histogram index (component * bucket + bucket) as float64, from
