@@ -44,8 +44,9 @@ DEFAULTS = {"top_k": 16, "window": 8, "alpha": 0.02, "low": 1e-4, "high": 1e4}
 ``alpha`` on magnitudes in ``[low, high]``."""
 
 ROUNDING = 4e-6
-"""What float32 rounding at a bucket edge may add to ``alpha``: the capture computes log|x| in float32, within
-about two ulps (< 2e-6) of the true log for |log x| < 16, which moves a value at an edge by that much relatively."""
+"""What rounding at a bucket edge may add to ``alpha`` in the documented guarantee. The capture now computes the
+bucket from a float64 copy (so it is :func:`bucket_index`'s); the slack stays for summaries written by captures
+that computed log|x| in float32 (within about two ulps of the true log for |log x| < 16)."""
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Per batch, on the captured tensors where they are (the GPU on a GPU): every real token of the
 forward counts, stored or not (``positions=`` selects what is stored, not what is summarised);
 padding never does. Each group is one (token, component) matrix per layer at most, reduced with
-whole-tensor operations: float64 sums for Chan's merge, one ``index_add_`` (``numpy.add.at`` on the
+blocks of components that stay in cache: float64 sums for Chan's merge, one ``index_add_`` (``numpy.add.at`` on the
 CPU) for the sketch, one ``topk`` over the batch merged with the kept ``top_k`` where it can change it. Memory is the state
 alone, flat in the number of tokens. The numpy twin of every step is ``streamtap.io.summaries``.
 """
@@ -11,6 +11,7 @@ alone, flat in the number of tokens. The numpy twin of every step is ``streamtap
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 import torch
@@ -25,6 +26,23 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
 
 
+def _np_log(x, out):
+    with np.errstate(divide="ignore"):   # log(0) = -inf is wanted (bucket 0); a local error state, no filter
+        return np.log(x, out=out)
+
+
+_NUMPY = types.SimpleNamespace(
+    copy=lambda dst, src: np.copyto(dst, src), abs=np.abs, log=_np_log, mul=np.multiply, sub=np.subtract,
+    ceil=np.ceil, clip=np.clip, copysign=np.copysign, add=np.add, amin=np.amin, amax=np.amax,
+    offsets=lambda n_side, B, y: np.arange(n_side, n_side + y.shape[1] * B, B, dtype=np.float64))
+"""The block arithmetic on the CPU: numpy's ufuncs run on the calling thread (no parallel region per call)."""
+_TORCH = types.SimpleNamespace(
+    copy=lambda dst, src: dst.copy_(src), abs=torch.abs, log=torch.log, mul=torch.mul, sub=torch.sub,
+    ceil=torch.ceil, clip=torch.clamp, copysign=torch.copysign, add=torch.add, amin=torch.amin, amax=torch.amax,
+    offsets=lambda n_side, B, y: torch.arange(n_side, n_side + y.shape[1] * B, B, dtype=y.dtype, device=y.device))
+"""The same arithmetic where the tensors live on a device (a GPU)."""
+
+
 class Summariser:
     """The running summaries of one tap, by group, as torch tensors on the model's device."""
 
@@ -36,6 +54,7 @@ class Summariser:
         self._attention = None   # (Attention, the store's static weights as a Dataset) where patterns are captured
         g = settings.gamma   # bucket j of |x| = ceil(log(|x| / low) / log g), computed as ceil(log|x| * scale - shift)
         self._buckets = (settings.n_side, settings.n_buckets, 1.0 / math.log(g), math.log(settings.low) / math.log(g))
+        self._scratch: dict[tuple, torch.Tensor] = {}
         self.sequences = 0
         self.tokens = 0
         # inside model.generate with patterns: every token's terms so far, host-side (bounded by the call's
@@ -88,23 +107,22 @@ class Summariser:
                 self._gram = self._gram.to(device)
             zf = z.float().reshape(T, L * H, dh).transpose(0, 1)                       # (LH, T, dh)
             sq = torch.bmm(zf, self._gram.reshape(L * H, dh, dh)).mul_(zf).sum(dim=-1)   # one matmul for all heads
-            self._fold(g, sq.clamp_min_(0).sqrt_(), 0, ctx)
+            self._fold(g, sq.clamp_min_(0).sqrt_().t(), 0, ctx)
             if self._attention is not None and (whole or self._history is not None):
                 g = self._group("sink", L * H, device, self.components["head"])
                 sink = (self._sink_mass(out, ids[mask], ctx) if whole and self._history is None
                         else self._generated_sink_mass(out, ids[mask], ctx, whole))
-                self._fold(g, torch.from_numpy(sink.T.copy()).to(device), 0, ctx)
+                self._fold(g, torch.from_numpy(sink).to(device), 0, ctx)
         for var, name in (("mlp_out", "mlp"), ("mixer_out", "mixer")):
             if var in out:
                 g = self._group(name, L, device, {"layer": list(range(L)), "index": [-1] * L})
-                self._fold(g, torch.linalg.vector_norm(out[var].float(), dim=-1).t().contiguous(), 0, ctx)
+                self._fold(g, torch.linalg.vector_norm(out[var].float(), dim=-1), 0, ctx)
         if "neuron_act" in out:
             act = out["neuron_act"]
             N = act.shape[2]
             g = self._group("neuron", L * N, device, {"layer": [l for l in range(L) for _ in range(N)],
                                                      "index": [n for _ in range(L) for n in range(N)]})
-            for layer in range(L):
-                self._fold(g, act[:, layer].t().to(torch.float32, memory_format=torch.contiguous_format), layer * N, ctx)
+            self._fold(g, act.reshape(T, L * N), 0, ctx)   # a view: _fold reads it block by block
         if projection is not None:
             comps, dirs = projection_labels
             C, D = len(comps), len(dirs)
@@ -112,7 +130,7 @@ class Summariser:
                             {"layer": [int(c[2]) for c in comps for _ in range(D)],
                              "index": [j for _ in range(C) for j in range(D)],
                              "label": [f"{c[0]}:{d}" for c in comps for d in dirs]})
-            self._fold(g, projection.to(device).reshape(T, C * D).t().to(torch.float32, memory_format=torch.contiguous_format), 0, ctx)
+            self._fold(g, projection.to(device).reshape(T, C * D), 0, ctx)
         self.sequences += n_sequences
         self.tokens += T
 
@@ -185,58 +203,125 @@ class Summariser:
         return sink
 
     def _fold(self, g: dict[str, torch.Tensor], x: torch.Tensor, at: int, ctx) -> None:
-        """Rows ``at .. at + x.shape[0]`` of a group take one batch ``x`` (component, token).
+        """Rows ``at .. at + x.shape[1]`` of a group take one batch ``x`` (token, component), any strides
+        and float dtype, as the capture hands it over (no transposed or widened copy of the whole).
 
-        Component-major, so each component's tokens are contiguous: its histogram row stays in cache
-        while its values are counted, and ``topk`` runs along the last dim. Each value is touched by a
-        few whole-tensor passes (one float64 copy, the sketch's index, one histogram add); top-k work is
+        The components are folded in blocks of about ``BLOCK_VALUES`` values: one copy of a block out of
+        ``x`` is the only pass over main memory; the block's float64 copy, its sketch index and its
+        histogram rows then stay in cache while every statistic is taken from them. On the CPU the
+        block's arithmetic is numpy's, which runs on the calling thread: torch's would open an OpenMP
+        parallel region per operation, a few microseconds each on an idle machine but a scheduler time
+        slice each (milliseconds) on a loaded one. Results do not depend on the block size (each
+        component's statistics use its own tokens only)."""
+        T, C = x.shape
+        values = self.BLOCK_VALUES if x.device.type == "cpu" else self.DEVICE_BLOCK_VALUES
+        block = max(1, values // max(T, 1))
+        self._pending, self._pending_rows = [], 0
+        self._pending_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        # sized once here, so that growing it never drops the rows gathered (see _fold_block)
+        self._buffer("pending", (max(1, self.TOP_VALUES // max(T, 1)) + block, T), self._pending_dtype, x.device)
+        for c0 in range(0, C, block):
+            self._fold_block(g, x[:, c0:c0 + block], at + c0, ctx)
+        self._flush_top(g, ctx, T)
+
+    BLOCK_VALUES = 1 << 18
+    """Values per block on the CPU: the block's float32 copy is 1 MiB (a core's L2), its float64 copy and
+    index stay in the shared L3 while they are reused; smaller blocks pay more per-call overhead."""
+    DEVICE_BLOCK_VALUES = 1 << 22
+    """Values per block elsewhere (a GPU): large enough that kernel launches do not dominate, small enough
+    that the scratch (float32 and float64 copies, the index) stays a bounded ~100 MiB."""
+
+    def _buffer(self, name: str, shape: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
+        """A reused scratch matrix (allocated once per tap, grown when a larger block comes)."""
+        n = shape[0] * shape[1]
+        buf = self._scratch.get((name, dtype))
+        if buf is None or buf.numel() < n or buf.device != device:
+            buf = self._scratch[name, dtype] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+    def _fold_block(self, g: dict[str, torch.Tensor], x: torch.Tensor, at: int, ctx) -> None:
+        """One block of :meth:`_fold`: (token, component), every statistic of components ``at ..``.
+
+        count, mean, m2 (Chan), min, max: float64 sums over each component's tokens shifted by its first
+        token (the shift keeps sum(y^2) - sum(y)^2/T exact enough); the sketch's histogram; top-k work is
         spent only on the components where some token beats the k-th value kept (all of them early on,
         few once a corpus has been seen)."""
-        C, T = x.shape
+        T, C = x.shape
         cols = slice(at, at + C)
-        # count, mean, m2 (Chan), min, max: sums of the batch shifted by its first token, in float64
-        # (matrix-vector products over one float64 copy; the shift keeps sum(y^2) - sum(y)^2/T exact enough)
-        y = x.to(torch.float64, copy=True)   # a copy even where x is float64: it is shifted in place
-        first = y[:, :1].clone()
-        ones = torch.ones(T, 1, dtype=y.dtype, device=y.device)
-        s1 = (y.sub_(first) @ ones).squeeze(1)
-        s2 = (y.square_() @ ones).squeeze(1)
-        del y
-        mean_b, m2_b = first.squeeze(1) + s1 / T, (s2 - s1 * s1 / T).clamp_min_(0)
+        cpu = x.device.type == "cpu"
+        xb = self._buffer("x", (T, C), torch.float64 if x.dtype == torch.float64 else torch.float32, x.device)
+        if cpu and x.dtype != torch.bfloat16:
+            np.copyto(xb.numpy(), x.numpy())        # the one read of x (widened here where it is narrower)
+        else:
+            xb.copy_(x)
+        y = self._buffer("y", (T, C), torch.float64, x.device)
+        j = self._buffer("index", (T, C), torch.float64, x.device)
+        flat = self._buffer("flat", (T, C), torch.int64, x.device)
+        xp, xv, yv, jv = (_NUMPY, xb.numpy(), y.numpy(), j.numpy()) if cpu else (_TORCH, xb, y, j)
+        xp.copy(yv, xv)
+        self._index(xp, yv, jv)
+        hist = g["hist"][cols].reshape(-1)   # a view: rows of a contiguous matrix
+        if cpu:
+            np.copyto(flat.numpy(), jv, casting="unsafe")
+            np.add.at(hist.numpy(), flat.numpy().reshape(-1), 1)   # in place: the rows stay in cache
+        else:
+            flat.copy_(j)
+            hist.index_add_(0, flat.reshape(-1), torch.ones_like(flat.reshape(-1)))
+        first = yv[0].copy() if cpu else y[0].clone()
+        xp.sub(yv, first, out=yv)
+        s1 = yv.sum(0)
+        s2 = xp.mul(yv, yv, out=yv).sum(0)
+        low, high = xp.amin(xv, 0), xp.amax(xv, 0)
+        if cpu:
+            first, s1, s2, low, high = (torch.from_numpy(np.asarray(v)) for v in (first, s1, s2, low, high))
+        low, high = low.double(), high.double()
+        mean_b, m2_b = first + s1 / T, (s2 - s1 * s1 / T).clamp_min_(0)
         na = g["count"][cols].double()
         n = na + T
         delta = mean_b - g["mean"][cols]
         g["mean"][cols] += delta * (T / n)
         g["m2"][cols] += m2_b + delta * delta * (na * T / n)
         g["count"][cols] += T
-        low, high = x.amin(dim=1).double(), x.amax(dim=1).double()
         g["min"][cols] = torch.minimum(g["min"][cols], low)
         g["max"][cols] = torch.maximum(g["max"][cols], high)
-        self._sketch(g["hist"][cols], x)
         # top-k: only the components where the batch holds a value above the k-th kept
         some = (high > g["top_value"][cols].amin(dim=1)).nonzero().squeeze(1)
-        if some.numel() == C:
-            self._top(g, x, some + at, ctx)
-        elif some.numel():
-            self._top(g, x[some], some + at, ctx)
-
-    def _sketch(self, hist: torch.Tensor, x: torch.Tensor) -> None:
-        """Add ``x`` (component, token) into the (component, bucket) histogram ``hist``: one flat index per
-        value, built in x's float dtype (exact while component * bucket < 2^24, hence the blocks)."""
-        n_side, B, scale, shift = self._buckets
-        C = x.shape[0]
-        block = max(1, (1 << 24) // B) if x.dtype == torch.float32 else C
-        for c0 in range(0, C, block):
-            part = x[c0:c0 + block]
-            w = part.shape[0]
-            offsets = torch.arange(w, device=x.device, dtype=x.dtype).mul_(B).add_(n_side).unsqueeze(1)
-            j = torch.log(part.abs()).mul_(scale).sub_(shift).ceil_().clamp_(0, n_side)   # |x| <= low (and 0): 0
-            flat = j.copysign_(part).add_(offsets).reshape(-1).long()
-            out = hist[c0:c0 + w].reshape(-1)   # a view: rows of a contiguous matrix
-            if x.device.type == "cpu":
-                np.add.at(out.numpy(), flat.numpy(), 1)   # in place, no (component x bucket) temporary
+        if some.numel():   # gathered over blocks: one _top per TOP_VALUES values, not one per block
+            r, m = self._pending_rows, some.numel()
+            pend = self._buffer("pending", (r + m, T), xb.dtype, x.device)[r:]   # within the size _fold gave it
+            if cpu:
+                np.copyto(pend.numpy(), xb.numpy()[:, some.numpy()].T)
             else:
-                out.index_add_(0, flat, torch.ones_like(flat))
+                pend.copy_(xb[:, some].t())
+            self._pending.append(some + at)
+            self._pending_rows += m
+            if self._pending_rows * T >= self.TOP_VALUES:
+                self._flush_top(g, ctx, T)
+
+    TOP_VALUES = 1 << 22
+    """Values gathered for one top-k merge (16 MiB in float32): few merges per batch, bounded memory."""
+
+    def _flush_top(self, g: dict[str, torch.Tensor], ctx, T: int) -> None:
+        """Merge the gathered components' batch values into their kept top-k, all in one :meth:`_top`."""
+        if self._pending:
+            dtype = self._pending_dtype
+            x = self._scratch["pending", dtype][:self._pending_rows * T].view(self._pending_rows, T)
+            self._top(g, x, torch.cat(self._pending), ctx)
+        self._pending, self._pending_rows = [], 0
+
+    def _index(self, xp, y, j) -> None:
+        """Into ``j``: each value's flat histogram index (component * bucket + bucket) as float64, from
+        ``y`` (token, component) float64 (so the bucket is :func:`streamtap.io.summaries.bucket_index`'s,
+        not moved by float32 rounding at its edges); ``xp`` is numpy's or torch's arithmetic."""
+        n_side, B, scale, shift = self._buckets
+        xp.abs(y, out=j)
+        xp.log(j, out=j)                        # |x| = 0: -inf, clipped to bucket 0 below
+        xp.mul(j, scale, out=j)
+        xp.sub(j, shift, out=j)
+        xp.ceil(j, out=j)
+        xp.clip(j, 0, n_side, out=j)            # |x| <= low (and 0): 0
+        xp.copysign(j, y, out=j)
+        xp.add(j, xp.offsets(n_side, B, y), out=j)
 
     def _top(self, g: dict[str, torch.Tensor], x: torch.Tensor, rows: torch.Tensor, ctx) -> None:
         """Merge the batch's best of ``x`` (component, token) into the kept top-k of the group's
