@@ -314,7 +314,8 @@ def sequence_attention(ds: xr.Dataset, seqs=None, layers=None, *, dtype=np.float
                                                                     scores, v, q, k, alibi)
 
 
-def output_scale(att: Attention, layer: int, one: SequenceAttention, out: np.ndarray) -> np.ndarray:
+def output_scale(att: Attention, layer: int, one: SequenceAttention, out: np.ndarray, *, values=None,
+                 queries=None) -> np.ndarray:
     """(query, head) the magnitude M the second invariant's error is measured against: the largest
     component of
 
@@ -327,14 +328,19 @@ def output_scale(att: Attention, layer: int, one: SequenceAttention, out: np.nda
     invariant measures a sum against its partial sums, not its cancelled result); a rounding that moves
     score s_ij by d_ij <= u S_ij moves A_ij by A_ij (d_ij - sum_k A_ik d_ik) and o_i by
     sum_j A_ij (d_ij - d_i)(v_j - o_i), at most u sum_j A_ij (S_ij + S_i) |v_j - o_i|: zero for a query
-    that sees one key, large where q and k are (the model's own softmax is then only that accurate)."""
-    A = one.pattern                                                     # (head, query, key)
-    S = att.score_magnitudes(layer, one.heads, one.q, one.k, one.pos, one.pos, one.alibi)
+    that sees one key, large where q and k are (the model's own softmax is then only that accurate).
+
+    ``values`` (key, head, width): the vectors the pattern averages, default the heads' own v; a head's
+    messages v_j W_O give the same measure in d_model (``ov_edges``' ``error_scale``). ``queries``: only
+    these rows of the pattern (``out`` holds theirs), for a caller that needs a few queries of a long sequence."""
+    rows = slice(None) if queries is None else np.asarray(queries, int)
+    A = one.pattern[:, rows]                                            # (head, query, key)
+    S = att.score_magnitudes(layer, one.heads, one.q[rows], one.k, one.pos[rows], one.pos, one.alibi)
     sink = np.clip(1.0 - A.sum(-1), 0.0, None)                          # the sinks' share; 0 without
     logits = att.sink_logits(layer, one.heads)
     S_sink = np.zeros(len(one.heads)) if logits is None else np.abs(logits)
     S_mean = (A * S).sum(-1) + sink * S_sink[:, None]                   # (head, query)
-    v = one.v[:, att.kv[one.heads]]                                     # (key, head, e)
+    v = one.v[:, att.kv[one.heads]] if values is None else values       # (key, head, e)
     summands = np.einsum("hqk,khe->qhe", A, np.abs(v), optimize=True)
     weights = A * (S + S_mean[..., None])                               # (head, query, key)
     moved = np.empty_like(summands)

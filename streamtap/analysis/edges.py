@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ..attention import Attention, require_patterns, rotary_tables, sequence_tokens
+from ..attention import Attention, SequenceAttention, output_scale, require_patterns, rotary_tables, sequence_tokens
 from ..errors import StreamtapError
 from ..invariant import decompose, store_norms
 from ..stream import FrozenNorms, Write, directions, from_json, is_plain, stop_index
@@ -222,6 +222,16 @@ class SequenceEdges:
             labels, kinds = labels + [f"L{layer}H{head}_b_V"], kinds + ["value_bias"]
         return labels, kinds, contrib
 
+    def ov_scale(self, layer: int, head: int, query: int) -> float:
+        """The magnitude the model's own rounding acts on in the head's output at ``query``: the second
+        invariant's ``output_scale`` with the head's messages v_j W_O (d_model) as the values it averages."""
+        q, k, v = self.qkv(layer)
+        heads = np.array([head])
+        messages = (v[:, self.att.kv[head]] @ self.att.W_O[layer, head])[:, None]    # (source, 1, d_model)
+        one = SequenceAttention(self.ids, self.pos, heads, self.pattern(layer, head)[None], None, v, q, k, self.alibi)
+        out = np.einsum("k,khe->he", one.pattern[0, query], messages)[None]            # (1, 1, d_model)
+        return float(output_scale(self.att, layer, one, out, values=messages, queries=[query])[0, 0])
+
     # -- QK --------------------------------------------------------------------------------------------
     def _side(self, layer: int, head: int, token: int, side: str):
         """(labels, kinds, (T, d_head)): the query (``"q"``) or key (``"k"``) of ``head`` at ``token`` as a sum
@@ -376,6 +386,10 @@ def ov_edges(ds: xr.Dataset, seq: int, layer: int, head: int, query: int, *, dir
         ``ov_edge`` (component, source[, d_model]): ``component`` is decompose's labels (with ``kind``) plus
         ``L3_attn_norm_beta`` and ``L3H2_b_V`` (the value bias, read through the pattern); ``source``
         carries ``source_pos``, ``source_token_id``, ``source_text``. Attribute ``pattern``: A[query, :].
+        Attribute ``error_scale``: the magnitude the model's own rounding acts on (the second invariant's
+        ``output_scale`` with the head's messages v_j W_O as values); |sum - output| / error_scale is
+        bounded by ``st.tolerance``, in half precision too, where the relative error of a large-score head
+        is not (the recomputed pattern carries the scores' rounding).
 
     Raises
     ------
@@ -393,6 +407,7 @@ def ov_edges(ds: xr.Dataset, seq: int, layer: int, head: int, query: int, *, dir
               **_side_coords(ctx, "source", slice(None))}
     return xr.DataArray(contrib, dims=dims, coords=coords, name="ov_edge", attrs={
         "seq": ctx.seq, "layer": int(layer), "head": int(head), "query": i, "pattern": ctx.pattern(layer, head)[i],
+        "error_scale": ctx.ov_scale(int(layer), int(head), i),
         "note": "sum over (component, source) is the head's output at the query; pattern and norms frozen"})
 
 
