@@ -11,6 +11,10 @@ bash scripts/setup-env.sh
 # -n auto: one pytest-xdist worker per core; loadgroup keeps tests marked xdist_group on one worker, where
 # they share a module fixture. -n 0 runs serially; -m "not slow" leaves out tests/slow (child processes,
 # servers, a browser, the real SmolLM2); ./test.sh tests/unit runs the tests that need no model.
+# One OpenBLAS thread per worker: the workers already take every core, and OpenBLAS's own threads on top of
+# them turn its small calls slow (a 576 x 64 QR, as every RankReduce of st.effects does: 0.3 s instead of
+# 3 ms on two busy cores). A caller's own setting is kept.
+export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
 rc=0
 .venv/bin/python -m pytest -n auto --dist loadgroup "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then

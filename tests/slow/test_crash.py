@@ -21,7 +21,9 @@ def test_killed_captures_open_verify_and_resume_exactly(tmp_path):
         st.verify(ds)                            # and every committed token adds up
     st.capture(tiny_model("llama"), CORPUS, path, batch_size=2, resume=True)
     resumed = st.open(path)
-    st.capture(tiny_model("llama"), CORPUS, tmp_path / "once.zarr", batch_size=2)
+    # the uninterrupted capture in one batch (0.9 CPU s instead of 5-10 in 30): its terms differ from two-sequence
+    # batches' by float32 rounding (8e-7 of the largest), well inside the bound below
+    st.capture(tiny_model("llama"), CORPUS, tmp_path / "once.zarr", batch_size=len(CORPUS))
     once = st.open(tmp_path / "once.zarr")
     np.testing.assert_array_equal(resumed.seq.values, once.seq.values)   # none duplicated, none missing
     np.testing.assert_array_equal(resumed.token_id.values, once.token_id.values)
