@@ -130,18 +130,25 @@ def effective_rank(ds: xr.Dataset, *, energy: float = 0.99, dtype=np.float64) ->
         attrs={"energy": energy, "note": "fused W_QK = W_Q W_K^T, W_OV = W_V W_O (d_model x d_model, rank <= d_head)"})
 
 
-def truncation_map(W_a: np.ndarray, W_b: np.ndarray, rank: int) -> np.ndarray:
+def truncation_factors(W_a: np.ndarray, W_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(P, Q), d_head x d_head each, with ``truncation_map(W_a, W_b, r) == P[:, :r] @ Q[:r]`` for every rank r:
+    the QRs and the SVD are made once per head, and each further rank costs one small product."""
+    # W_a = Q_a R_a, W_b^T = Q_b R_b: W_a W_b = Q_a (R_a R_b^T) Q_b^T, so the SVD is of a d_head x d_head
+    # matrix M = U S V^T, and X_r = R_a^+ M_r (R_b^T)^+ (W_a^+ = R_a^+ Q_a^T for orthonormal Q_a)
+    _, r_a = np.linalg.qr(np.asarray(W_a, np.float64))
+    _, r_b = np.linalg.qr(np.asarray(W_b, np.float64).T)
+    u, s, vt = np.linalg.svd(r_a @ r_b.T)
+    return np.linalg.pinv(r_a) @ (u * s), vt @ np.linalg.pinv(r_b.T)
+
+
+def truncation_map(W_a: np.ndarray, W_b: np.ndarray, rank: int, factors=None) -> np.ndarray:
     """The d_head x d_head map X with W_a X W_b the best rank-``rank`` approximation of W_a W_b.
 
     A head's fused W_OV = W_V W_O (or W_QK = W_Q W_K^T) has rank <= d_head, so its Eckart-Young
     truncation lies in the column space of W_a and the row space of W_b: X = W_a^+ (W_a W_b)_r W_b^+
     reproduces it exactly, and replacing z by z X (or q by q X) in a live forward replaces the fused
     matrix by its truncation. Float64; X = I (to rounding) at rank = d_head with full-rank factors.
+    ``factors``: the head's ``truncation_factors``, where several ranks of one head are wanted.
     """
-    # W_a = Q_a R_a, W_b^T = Q_b R_b: W_a W_b = Q_a (R_a R_b^T) Q_b^T, so the SVD is of a d_head x d_head
-    # matrix M, and X = R_a^+ M_r (R_b^T)^+ (W_a^+ = R_a^+ Q_a^T for orthonormal Q_a)
-    q_a, r_a = np.linalg.qr(np.asarray(W_a, np.float64))
-    q_b, r_b = np.linalg.qr(np.asarray(W_b, np.float64).T)
-    u, s, vt = np.linalg.svd(r_a @ r_b.T)
-    m_r = (u[:, :rank] * s[:rank]) @ vt[:rank]
-    return np.linalg.pinv(r_a) @ m_r @ np.linalg.pinv(r_b.T)
+    P, Q = truncation_factors(W_a, W_b) if factors is None else factors
+    return P[:, :rank] @ Q[:rank]

@@ -223,10 +223,16 @@ class _Builder:
                                  f"this model also does: {'; '.join(notes)}")
         return attn
 
-    def _map(self, iv, make) -> torch.Tensor:
-        """A rank-reduction map, computed once per intervention (every batch reuses it)."""
+    def _map(self, iv, W_a: np.ndarray, W_b: np.ndarray) -> torch.Tensor:
+        """A rank-reduction map, computed once per intervention (every batch reuses it), from its head's
+        factorisation, made once per head and matrix (every rank of that head reuses it)."""
+        from ..analysis.rank import truncation_factors, truncation_map
+
         if iv not in self._maps:
-            self._maps[iv] = torch.from_numpy(make())
+            head = (iv.matrix, iv.layer, iv.head)
+            if head not in self._maps:
+                self._maps[head] = truncation_factors(W_a, W_b)
+            self._maps[iv] = torch.from_numpy(truncation_map(W_a, W_b, iv.rank, self._maps[head]))
         return self._maps[iv]
 
     def o_proj(self, layer: int):
@@ -246,12 +252,10 @@ class _Builder:
             plan.add(l, 2, zpath, "input", ablate)
         elif isinstance(iv, RankReduce) and iv.matrix == "OV":
             attn = self._require_qkv("RankReduce OV")
-            from ..analysis.rank import truncation_map
-
             if "W_O" not in self._maps:
                 self._maps["W_O"] = self.weights.output_projections()[0].double().numpy()
             W_O = self._maps["W_O"][l, h]
-            X = self._map(iv, lambda: truncation_map(attn["W_V"][l, self.kv[h]], W_O, iv.rank))
+            X = self._map(iv, attn["W_V"][l, self.kv[h]], W_O)
             b_V = torch.from_numpy(attn["b_V"][l, self.kv[h]]) if "b_V" in attn else torch.zeros(e, dtype=torch.float64)
 
             def reduce_ov(z, X=X, b_V=b_V):
@@ -262,10 +266,9 @@ class _Builder:
             plan.add(l, 2, zpath, "input", reduce_ov)
         elif isinstance(iv, RankReduce):
             attn = self._require_qkv("RankReduce QK")
-            from ..analysis.rank import truncation_map
             from ..layouts.weights import projection_columns
 
-            X = self._map(iv, lambda: truncation_map(attn["W_Q"][l, h], attn["W_K"][l, self.kv[h]].T, iv.rank))
+            X = self._map(iv, attn["W_Q"][l, h], attn["W_K"][l, self.kv[h]].T)
             b_Q = torch.from_numpy(attn["b_Q"][l, h]) if "b_Q" in attn else torch.zeros(e, dtype=torch.float64)
             qpath, cols = projection_columns(b, l, "q", h)
 
@@ -468,7 +471,7 @@ def direct_effects(ds: xr.Dataset, texts_or_ids, interventions, *, tokenizer=Non
         the stream (post-LN, post-sublayer norms), where z W_O is not the term that reaches the end.
     """
     from ..analysis._store import final_norm, logit_softcap, per_query_head, static
-    from ..analysis.rank import truncation_map
+    from ..analysis.rank import truncation_factors, truncation_map
     from ..attention import sequence_tokens
 
     texts = tokenize(texts_or_ids, tokenizer)
@@ -503,8 +506,12 @@ def direct_effects(ds: xr.Dataset, texts_or_ids, interventions, *, tokenizer=Non
     if ov:
         W_V = per_query_head(ds, "W_V", np.float64)
         b_V = per_query_head(ds, "b_V", np.float64) if "b_V" in ds else np.zeros(W_V.shape[:2] + W_V.shape[-1:])
+        factors = {}
         for iv in ov:
-            maps[iv] = (truncation_map(W_V[iv.layer, iv.head], W_O[iv.layer, iv.head], iv.rank), b_V[iv.layer, iv.head])
+            W_a, W_b = W_V[iv.layer, iv.head], W_O[iv.layer, iv.head]
+            if (iv.layer, iv.head) not in factors:   # one factorisation per head, whatever ranks are asked
+                factors[(iv.layer, iv.head)] = truncation_factors(W_a, W_b)
+            maps[iv] = (truncation_map(W_a, W_b, iv.rank, factors[(iv.layer, iv.head)]), b_V[iv.layer, iv.head])
 
     def logits_of(x, s):
         centred = x - x.mean(-1, keepdims=True) if norm.center else x
