@@ -197,6 +197,12 @@ def _dot(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return x @ w[0] if w.shape[0] == 1 else np.einsum("td,td->t", x, w)
 
 
+def _dot_constant(c: np.ndarray, w: np.ndarray, T: int) -> np.ndarray:
+    """A constant c (d,) added at every one of T tokens, dotted with w (T or 1, d): (T,), without
+    materialising the constant T times."""
+    return np.broadcast_to(w @ c, (T,))
+
+
 def _dla_block(b: dict, *, events, center, p, b_U, t_idx, f_idx, has_foil, dt) -> np.ndarray:
     """One token chunk: (token, component) contributions, in the order of the component labels."""
     resid = b["resid_final"].astype(dt, copy=False)
@@ -215,7 +221,7 @@ def _dla_block(b: dict, *, events, center, p, b_U, t_idx, f_idx, has_foil, dt) -
         cols = []
         if isinstance(e, StreamNorm):
             if norms.has_beta(e.norm):
-                cols.append(_dot(np.broadcast_to(norms.beta[e.norm], (T, resid.shape[1])), w_out)[:, None])
+                cols.append(_dot_constant(norms.beta[e.norm], w_out, T)[:, None])
         elif isinstance(e, Embed):
             cols.append(_dot(b[e.var].astype(dt, copy=False), w_in)[:, None])
         elif e.site == "attn":
@@ -224,7 +230,7 @@ def _dla_block(b: dict, *, events, center, p, b_U, t_idx, f_idx, has_foil, dt) -
                 cols.append(np.einsum("the,he->th", z, np.einsum("hem,m->he", W_O, w_in[0])))
             else:
                 cols.append(np.einsum("the,hem,tm->th", z, W_O, w_in, optimize=True))
-            cols.append(_dot(np.broadcast_to(b["attn_bias"][e.layer], (T, resid.shape[1])), w_in)[:, None])
+            cols.append(_dot_constant(b["attn_bias"][e.layer], w_in, T)[:, None])
         elif e.site == "mixer":
             cols.append(_dot(b["mixer_out"][:, e.layer].astype(dt, copy=False), w_in)[:, None])
         elif e.experts:
@@ -239,11 +245,11 @@ def _dla_block(b: dict, *, events, center, p, b_U, t_idx, f_idx, has_foil, dt) -
             act, W_out = b["neuron_act"][:, e.layer].astype(dt, copy=False), b["W_out"][e.layer]
             per_neuron = W_out @ w_in[0] if w_in.shape[0] == 1 else np.einsum("nm,tm->tn", W_out, w_in)
             cols.append(act * per_neuron)
-            cols.append(_dot(np.broadcast_to(b["mlp_bias"][e.layer], (T, resid.shape[1])), w_in)[:, None])
+            cols.append(_dot_constant(b["mlp_bias"][e.layer], w_in, T)[:, None])
         else:
             cols.append(_dot(b["mlp_out"][:, e.layer].astype(dt, copy=False), w_in)[:, None])
         if not isinstance(e, StreamNorm) and getattr(e, "norm", None) is not None and norms.has_beta(e.norm):
-            cols.append(_dot(np.broadcast_to(norms.beta[e.norm], (T, resid.shape[1])), w_out)[:, None])
+            cols.append(_dot_constant(norms.beta[e.norm], w_out, T)[:, None])
         columns.append(np.concatenate(cols, axis=1) if cols else np.empty((T, 0), dt))
     terms = np.concatenate(columns[::-1], axis=1) * s[:, None]
     extras = []

@@ -54,6 +54,7 @@ class Selection:
         self.kinds = kinds
         self.vectors = bool(kinds)                 # d_model terms stored at all
         self.directions = self._directions(options.project or {}, tokenizer, vocab_size)
+        self.reads_logits = any(kind == "top" for kind, _ in self.directions.values())   # unembed_top ranks them
         self._weights = None
         self._made: dict = {}      # what is the same for every batch, made on first use
 
@@ -274,7 +275,7 @@ class Selection:
             p = FinalNorm(center=facts["final_norm_kind"] == "layernorm", eps=float(facts["final_norm_eps"]),
                           gamma=w["final_norm_weight"], beta=w.get("final_norm_bias"))
         full = self._full_labels()
-        columns, totals, names, top_ids = [], [], [], None
+        columns, totals, names, top_ids, normed = [], [], [], None, None
         for name, (kind, what) in self.directions.items():
             if kind == "vector":
                 b["U"] = what[None]
@@ -299,7 +300,9 @@ class Selection:
                     cols = _dla_block(b, events=self._events(), center=center, p=p, b_U=b_U,
                                       t_idx=None if len(uniq) > 1 else 0, f_idx=None, has_foil=False, dt=np.float32)
                     b.pop("t_idx", None)
-                    total = np.einsum("tm,tm->t", p.apply(a["resid_final"]), b["U"][idx])
+                    if normed is None:   # the final residual through the final norm: once for every direction
+                        normed = p.apply(a["resid_final"])
+                    total = np.einsum("tm,tm->t", normed, b["U"][idx])
                     directions.append((cols, total + (b_U[idx] if b_U is not None else 0)))
                     names.append(name if kind == "token" else f"top{j + 1}")
             for cols, total in directions:
@@ -314,11 +317,18 @@ class Selection:
 
     def _regroup(self, cols: np.ndarray, full: list[tuple]) -> np.ndarray:
         """Full-decomposition columns -> the stored components, the left-out ones summed into ``rest``."""
-        labels = self.projection_labels()
-        at = {label: i for i, label in enumerate(labels)}
-        out = np.zeros((cols.shape[0], len(labels)), np.float32)
-        for j, label in enumerate(full):
-            out[:, at.get(label, at.get(REST))] += cols[:, j]
+        if "regroup" not in self._made:   # which full column each stored one is (the same for every batch)
+            labels = self.projection_labels()
+            at = {label: i for i, label in enumerate(labels)}
+            kept = [(at[label], j) for j, label in enumerate(full) if label in at]
+            left = [j for j, label in enumerate(full) if label not in at]
+            self._made["regroup"] = (len(labels), np.array([i for i, _ in kept], np.int64),
+                                     np.array([j for _, j in kept], np.int64), np.array(left, np.int64), at.get(REST))
+        n, to, source, left, rest = self._made["regroup"]
+        out = np.zeros((cols.shape[0], n), np.float32)
+        out[:, to] = cols[:, source]
+        for j in left:   # in the order of the full decomposition, as the offline sum adds them
+            out[:, rest] += cols[:, j]
         return out
 
     def bound_attrs(self) -> dict:

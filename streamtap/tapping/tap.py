@@ -499,7 +499,9 @@ class Tap:
         try:
             slots = recorder.slots(mask, buffers)
             output, kept = self._forward_impl(args, kwargs, slots, recorder.keep)
-            logits = getattr(output, "logits", None) if recorder.selection is not None else None
+            # the logits only where a top-k projection reads them: their real rows are a (tokens x vocab) copy
+            logits = getattr(output, "logits", None) if recorder.selection is not None \
+                and recorder.selection.reads_logits else None
             return output, recorder.record(kept, slots, buffers, input_ids, mask, logits=logits, **where)
         except BaseException:
             if not buffers.handed:
