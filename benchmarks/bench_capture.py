@@ -46,16 +46,19 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = ("plain", "nnsight", "tl", "tl-result", "streamtap", "streamtap-patterns", "streamtap-last", "streamtap-project",
-         "streamtap-summarise", "streamtap-last-summarise")
+         "streamtap-summarise", "streamtap-last-summarise", "streamtap-last-neurons", "streamtap-last-neurons-summarise")
 TAPS = ("streamtap", "streamtap-patterns", "streamtap-last", "streamtap-project", "streamtap-summarise",
-        "streamtap-last-summarise")  # the cases that write a store
+        "streamtap-last-summarise", "streamtap-last-neurons", "streamtap-last-neurons-summarise")  # write a store
 # the selective cases (issue 24): only each sequence's last token; every component projected onto one
 # logit direction (token id 1: the cost does not depend on which) and no d_model term
 TAP_OPTIONS = {"streamtap-patterns": {"patterns": True}, "streamtap-last": {"positions": "last"},
                "streamtap-project": {"project": {"logit_1": 1}},
                # summaries (issue 24 item 3) of every head and MLP over every token, with and without the terms
                "streamtap-summarise": {"summarise": True},
-               "streamtap-last-summarise": {"positions": "last", "summarise": True}}
+               "streamtap-last-summarise": {"positions": "last", "summarise": True},
+               # the neurons' own summaries: the same capture with and without them
+               "streamtap-last-neurons": {"positions": "last", "neurons": True},
+               "streamtap-last-neurons-summarise": {"positions": "last", "neurons": True, "summarise": True}}
 LABELS = {
     "plain": "plain HF forward",
     "nnsight": "nnsight: save z + MLP out (memory)",
@@ -67,6 +70,8 @@ LABELS = {
     "streamtap-project": "streamtap → Zarr, projections only (one logit direction)",
     "streamtap-summarise": "streamtap → Zarr, summarise=True",
     "streamtap-last-summarise": "streamtap → Zarr, positions=\"last\", summarise=True",
+    "streamtap-last-neurons": "streamtap → Zarr, positions=\"last\", neurons=True",
+    "streamtap-last-neurons-summarise": "streamtap → Zarr, positions=\"last\", neurons=True, summarise=True",
 }
 PLAIN_FORWARDS = 5  # before the memory probe's capture
 # the host settings the flags control; unless a flag sets one, it is removed from the children's
