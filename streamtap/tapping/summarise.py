@@ -227,6 +227,9 @@ class Summariser:
     BLOCK_VALUES = 1 << 18
     """Values per block on the CPU: the block's float32 copy is 1 MiB (a core's L2), its float64 copy and
     index stay in the shared L3 while they are reused; smaller blocks pay more per-call overhead."""
+    HOST_NUMPY = True
+    """CPU tensors are folded with numpy; False folds them with the torch operations a GPU's tensors take
+    (the suite runs that path on the CPU too, so it is tested where no GPU is)."""
     DEVICE_BLOCK_VALUES = 1 << 22
     """Values per block elsewhere (a GPU): large enough that kernel launches do not dominate, small enough
     that the scratch (float32 and float64 copies, the index) stays a bounded ~100 MiB."""
@@ -248,7 +251,7 @@ class Summariser:
         few once a corpus has been seen)."""
         T, C = x.shape
         cols = slice(at, at + C)
-        cpu = x.device.type == "cpu"
+        cpu = x.device.type == "cpu" and self.HOST_NUMPY
         xb = self._buffer("x", (T, C), torch.float64 if x.dtype == torch.float64 else torch.float32, x.device)
         if cpu and x.dtype != torch.bfloat16:
             np.copyto(xb.numpy(), x.numpy())        # the one read of x (widened here where it is narrower)

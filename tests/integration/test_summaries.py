@@ -85,8 +85,12 @@ def _check_group(res, x, full, group):
             assert PAD not in res.top_window.values[c, r].tolist()    # padding never enters a context
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_online_summaries_equal_numpy_over_a_full_store_with_a_resume(arch, tmp_path):
+@pytest.mark.parametrize("arch,host_numpy", [("gpt2", True), ("llama", True), ("gpt2", False)])
+def test_online_summaries_equal_numpy_over_a_full_store_with_a_resume(arch, host_numpy, tmp_path, monkeypatch):
+    """host_numpy=False: the fold takes the torch operations it takes on a GPU, here on the CPU."""
+    from streamtap.tapping.summarise import Summariser
+
+    monkeypatch.setattr(Summariser, "HOST_NUMPY", host_numpy)
     model = tiny_model(arch).eval()
     texts = _corpus(model)
     direction = np.random.default_rng(1).normal(size=model.config.hidden_size)
