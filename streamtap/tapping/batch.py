@@ -28,7 +28,7 @@ from ..layouts import BoundLayout, Weights
 from ..options import CaptureOptions
 from ..stream import to_json
 from ..layouts import INPUT
-from .sinks import KeptValues, Route, TermSlots, Where, argument, first_tensor, location
+from .sinks import KeptValues, Route, TermSlots, Where, argument, first_tensor, kept_mask, location
 
 EXPERT_KEYS = ("experts", "shared", "shared_gate", "router")   # taps a mixture's terms are made from after the forward
 
@@ -122,7 +122,7 @@ class Recorder:
                 add(f"neuron_act.{layer}", Route("neuron_act", layer, L, flat=f"neuron_act.{layer}" in b.flat))
         for k in range(len(b.norms)):
             add(f"norm.{k}", Route("norm_scale", k, len(b.norms), transform=lambda x, k=k: self._frozen_scale(x, k)))
-        add("resid_final", Route("resid_final"))
+        add("resid_final", Route("resid_final", finite=True))
         if self.options.patterns:
             for where, route in self._pattern_routes():
                 routes.setdefault(where, []).append(route)
@@ -180,24 +180,36 @@ class Recorder:
             self._static = Weights(self.bound).static(self.options.neurons)
         return self.pool.acquire()
 
-    def slots(self, mask: torch.Tensor, buffers: BufferSet | None) -> TermSlots:
+    def slots(self, mask: torch.Tensor, buffers: BufferSet | None, input_ids: torch.Tensor | None = None) -> TermSlots:
+        """The next forward's destinations. With ``input_ids`` (host), a ``positions=`` selection whose
+        tokens are known from the ids is cut in the hooks, so only the stored tokens' terms are copied."""
         def make(name, shape, dtype, device):
             if buffers is not None and device.type == "cpu":
                 return buffers.take(name, shape, dtype)
             return torch.empty(shape, dtype=dtype, device=device)  # on a GPU: staged to the host later
 
-        return TermSlots(self.routes, mask, make)
+        return TermSlots(self.routes, mask, make, None if input_ids is None else self._stored_tokens(input_ids, mask))
+
+    def _stored_tokens(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The real tokens a batch stores, where nothing reads the others (None: keep every token).
+        A summary covers every token the model saw, so a summarising capture sees them all."""
+        if self.selection is None or self.summariser is not None:
+            return None
+        return self.selection.keep_tokens(input_ids, mask)
 
     def terms(self, kept: KeptValues, slots: TermSlots, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The batch's real tokens of every stored per-token variable, in the store's order."""
+        """The batch's real tokens (those ``slots`` kept) of every stored per-token variable, in the store's order."""
         sunk = slots.terms()
         b = self.bound
         out = {var: sunk[var] for var in b.layout.embeds if var in sunk}
         for var in ("z", "mlp_out", "mixer_out", "neuron_act"):
             if var in sunk:
                 out[var] = sunk[var]
-        if b.moe:
-            out.update(self._expert_terms(kept, mask))
+        if b.moe:   # computed over every real token, as a full store has them (a matmul's rounding depends on
+            experts = self._expert_terms(kept, mask)   # its rows), then cut to the tokens the hooks kept
+            if slots.keep is not None:
+                experts = {name: t[slots.keep.to(t.device)] for name, t in experts.items()}
+            out.update(experts)
             self._add_outer_shared(out)
         for var in ("norm_scale", "rotary_cos", "rotary_sin", "alibi"):
             if var in sunk:
@@ -285,23 +297,25 @@ class Recorder:
         be: the per-expert terms, a lossy cast, and on a GPU the launch of the copy to pinned host
         memory; encoding and chunk writes happen in the writer.
         """
+        held = slots.mask   # the real tokens the terms hold: the stored ones where the hooks cut the batch
         out = self.terms(kept, slots, mask)
         kept.clear()  # the writer needs only the terms: the kept activations go now
         device = out["resid_final"].device
         on_gpu = device.type == "cuda"
         if not on_gpu:  # a GPU batch is checked by the writer, once it is on the host: no sync here
-            self._check_finite(out, mask)
-        keep = None
+            self._check_finite(out, mask, held, slots.nonfinite)
+        keep = slots.keep
         every = out   # every real token's terms: what a summary covers, whatever is stored
         if self.summariser is not None and self.spec is None:
             self.summariser.prepare(self._static, {**self._store_attrs(), "patterns": True}
                                    if self.options.patterns else None)
         if self.selection is not None:
-            keep = self.selection.keep_tokens(input_ids, mask)
+            cut = None if keep is not None else self.selection.keep_tokens(input_ids, mask)   # None: cut already
+            keep = keep if cut is None else cut
             if self.spec is None:
                 self._static = self.selection.static(self._static)
-            out = self.selection.apply(out, keep, None if logits is None else logits.reshape(-1, logits.shape[-1])[
-                mask.reshape(-1).to(logits.device)], every_token=self.summariser is not None)
+            out = self.selection.apply(out, cut, None if logits is None else logits.reshape(-1, logits.shape[-1])[
+                held.reshape(-1).to(logits.device)], every_token=self.summariser is not None)
         if self.store_dtype is not None:
             late = self._late_buffers(buffers) if device.type == "cpu" else None
             out = self._lossy(out, check=not on_gpu, buffers=late)
@@ -342,8 +356,9 @@ class Recorder:
             if self.stager is None:
                 self.stager = CudaStager(device, sets=self.options.queue_depth + 2)
             host, event, release = self.stager.stage(out)
+            stored = mask if keep is None else kept_mask(mask, keep)
             job = Job(host, n_seq, ready=event, release=lambda: (release(), buffers.release()), extra=coords,
-                      check=lambda arrays, mask=mask: self._check_host(arrays, mask))
+                      check=lambda arrays, mask=mask: self._check_host(arrays, mask, stored))
         else:
             job = Job(out, n_seq, extra=coords, release=buffers.release)
         del out
@@ -410,10 +425,11 @@ class Recorder:
                 "the batch was not written. Store in bfloat16 (the range of float32) or in the model's "
                 "dtype (store_dtype=None)")
 
-    def _check_host(self, arrays: dict, mask: torch.Tensor) -> None:
-        """The writer's check of a GPU batch, on its host copy (the same errors as on the CPU)."""
+    def _check_host(self, arrays: dict, mask: torch.Tensor, stored: torch.Tensor) -> None:
+        """The writer's check of a GPU batch, on its host copy of the ``stored`` tokens (the same errors as
+        on the CPU)."""
         out = {name: a for name, a in arrays.items() if isinstance(a, torch.Tensor)}
-        self._check_finite(out, mask)
+        self._check_finite(out, mask, stored)
         if self.store_dtype is not None:
             for name, t in out.items():
                 if not is_exact_always(name) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -428,19 +444,29 @@ class Recorder:
         return np.array([cache.get(int(i), "") for i in ids], dtype=object)
 
     @staticmethod
-    def _check_finite(out: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
-        if bool(torch.isfinite(out["resid_final"]).all()):
+    def _check_finite(out: dict[str, torch.Tensor], mask: torch.Tensor, held: torch.Tensor | None = None,
+                      unheld: torch.Tensor | None = None) -> None:
+        """Refuse a batch with a non-finite value, naming its rows, positions and first layer. ``held``: the
+        real tokens ``out`` holds (default all); ``unheld``: which real tokens' final residual the hooks found
+        non-finite before a cut, so a bad token that is not stored is refused as when every token is copied."""
+        if unheld is None and bool(torch.isfinite(out["resid_final"]).all()):
             return
-        rows = torch.arange(mask.shape[0]).unsqueeze(1).expand_as(mask)[mask.cpu()]
-        positions = (mask.cumsum(dim=1) - 1)[mask].cpu()
+        mask = mask.cpu()
+        held = mask if held is None else held.cpu()
+        token_rows = torch.arange(mask.shape[0]).unsqueeze(1).expand_as(mask)
+        token_positions = mask.cumsum(dim=1) - 1
         where = []
         for name, t in out.items():
-            bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1).cpu()
+            rows, positions = token_rows[held], token_positions[held]
+            if name == "resid_final" and unheld is not None:   # every real token's, checked before the cut
+                bad, t, rows, positions = unheld, None, token_rows[mask], token_positions[mask]
+            else:
+                bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1).cpu()
             if bad.any():
                 first = bad.nonzero().flatten()[:5].tolist()
                 spots = ", ".join(f"row {int(rows[i])} pos {int(positions[i])}" for i in first)
                 detail = ""
-                if t.dim() >= 3:  # per-layer terms: name the first layer that went bad
+                if t is not None and t.dim() >= 3:  # per-layer terms: name the first layer that went bad
                     per_layer = ~torch.isfinite(t.reshape(t.shape[0], t.shape[1], -1)).all(dim=2)
                     detail = f", first at layer {int(per_layer.any(dim=0).nonzero()[0])}"
                 where.append(f"{name}: {int(bad.sum())} tokens ({spots}{detail})")

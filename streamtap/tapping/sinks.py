@@ -68,6 +68,7 @@ class Route:
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     flat: bool = False
     pick: Callable[[Any], torch.Tensor] | None = None   # the tensor of the value, where not its first
+    finite: bool = False   # which real tokens hold non-finite values, also those a cut leaves out (on the CPU)
 
 
 def first_tensor(value: Any, slot: str) -> torch.Tensor:
@@ -102,17 +103,32 @@ def token_rows(value: torch.Tensor, mask: torch.Tensor, flat: bool = False) -> t
     return value.reshape(mask.numel(), *value.shape[2:])
 
 
+def kept_mask(mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The (batch, seq) mask of the real tokens that ``keep`` (a boolean per real token, in mask order) keeps."""
+    kept = torch.zeros_like(mask)
+    kept[mask] = keep
+    return kept
+
+
 class TermSlots:
     """One forward's destinations: the routed values' real tokens, written into buffers that
-    ``make(name, shape, dtype, device)`` hands out (the batch's reused host buffers on the CPU)."""
+    ``make(name, shape, dtype, device)`` hands out (the batch's reused host buffers on the CPU).
+
+    ``keep`` (a boolean per real token, in mask order): only those tokens are written, gathered on the
+    value's device before anything is copied, so a capture that stores a few tokens copies only them;
+    ``mask`` is then the real tokens that are kept. ``nonfinite``: for a cut batch on the CPU, which real
+    tokens (kept or not) a ``finite`` route found non-finite, or None."""
 
     def __init__(self, routes: dict[Where, list[Route]], mask: torch.Tensor,
-                 make: Callable[[str, tuple[int, ...], torch.dtype, torch.device], torch.Tensor]):
-        self.routes, self.mask, self.make = routes, mask, make
+                 make: Callable[[str, tuple[int, ...], torch.dtype, torch.device], torch.Tensor],
+                 keep: torch.Tensor | None = None):
+        self.routes, self.make, self.keep, self.real = routes, make, keep, mask
+        self.mask = mask = mask if keep is None else kept_mask(mask, keep)
         flat = mask.reshape(-1)
         self.n = int(flat.sum())
         self._index = None if self.n == flat.numel() else flat.nonzero().squeeze(1)
         self._index_on: dict[torch.device, torch.Tensor] = {}
+        self.nonfinite: torch.Tensor | None = None
         self._terms: dict[str, torch.Tensor] = {}
         self._filled: dict[str, set[int | None]] = {}
         # variables only some layers write (a hybrid model's z and mixer_out): the rest are zero terms
@@ -147,6 +163,9 @@ class TermSlots:
                                  f"{'' if route.layer is None else f'of layer {route.layer} '}has two values; "
                                  "the layout must name a module that runs once per layer (docs/layouts.md)")
         filled.add(route.layer)
+        if route.finite and self.keep is not None and rows.device.type == "cpu":
+            bad = ~torch.isfinite(rows.reshape(rows.shape[0], -1)).all(dim=1)[self.real.reshape(-1)]
+            self.nonfinite = bad if bool(bad.any()) else None
         if route.transform is not None:
             rows = route.transform(self._real(rows, None))
         item = tuple(rows.shape[1:]) if route.tail is None else route.tail

@@ -497,7 +497,7 @@ class Tap:
         recorder = self.recorder
         buffers = recorder.acquire()
         try:
-            slots = recorder.slots(mask, buffers)
+            slots = recorder.slots(mask, buffers, input_ids)   # a positions= selection is cut in the hooks
             output, kept = self._forward_impl(args, kwargs, slots, recorder.keep)
             # the logits only where a top-k projection reads them: their real rows are a (tokens x vocab) copy
             logits = getattr(output, "logits", None) if recorder.selection is not None \

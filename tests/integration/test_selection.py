@@ -311,3 +311,35 @@ def test_append_must_select_the_same(tmp_path):
     assert st.open(path).sizes["token"] == 3
     _capture(model, path, ids, mask, append=True, layers=[1], positions="last")
     assert st.open(path).sizes["token"] == 6 and st.verify(st.open(path)).attrs["max_rel_error"] <= 1e-5
+
+
+def test_positions_cut_in_the_hooks_copy_only_the_stored_tokens(monkeypatch, tmp_path):
+    """A positions= capture that nothing else reads the other tokens of copies only its stored tokens off the
+    forward (the batch's buffers hold those rows), and stores what a full store holds at them."""
+    from streamtap.tapping.batch import Recorder
+
+    model = tiny_model("gpt2").eval()
+    ids, mask = _batch(model)
+    made = []
+    slots = Recorder.slots
+    monkeypatch.setattr(Recorder, "slots", lambda self, *a, **k: made.append(slots(self, *a, **k)) or made[-1])
+    _capture(model, tmp_path / "last.zarr", ids, mask, positions="last:2")
+    assert {t.shape[0] for t in made[-1].terms().values()} == {6}   # the capture's forward (after any self-check)
+    _capture(model, tmp_path / "full.zarr", ids, mask)
+    full, part = st.open(tmp_path / "full.zarr"), st.open(tmp_path / "last.zarr")
+    for name in [n for n, v in part.data_vars.items() if "token" in v.dims]:
+        np.testing.assert_array_equal(part[name].values, _at(full, part)[name].values)
+
+
+@pytest.mark.parametrize("at, stored", [(2, False), (8, True)])
+def test_positions_cut_in_the_hooks_still_refuse_non_finite_tokens(at, stored, tmp_path):
+    """A non-finite activation is refused with its row and position whether or not its token is stored:
+    the hooks check every real token's final residual before they cut the batch."""
+    model = tiny_model("gpt2").eval()
+    ids, mask = _batch(model)
+    with torch.no_grad():
+        model.transformer.wte.weight[7] = float("inf")
+    ids[0, at] = 7
+    with pytest.raises(st.NonFiniteError, match=f"row 0 pos {at}"):
+        _capture(model, tmp_path / "a.zarr", ids, mask, positions="last")
+    assert not (tmp_path / "a.zarr").exists()
