@@ -1,9 +1,11 @@
 """Capture only what the question needs: a selection of terms and tokens, and projections while capturing.
 
 A selective capture (``layers=``, ``heads=``, ``terms=``, ``positions=``, ``project=``) still sees every
-term of every token while the model runs; after the forward this module keeps what was asked for:
+term of every stored token while the model runs; after the forward this module keeps what was asked for:
 
-* tokens outside ``positions`` are dropped (the stored ones keep their ``seq`` and ``pos``);
+* tokens outside ``positions`` are dropped (the stored ones keep their ``seq`` and ``pos``); where nothing
+  reads the others (no summaries) the hooks already copied only the stored ones (``keep_tokens``, before
+  the forward), and ``apply`` is given ``keep=None``;
 * what ``layers``/``heads``/``terms`` leave out is summed into one per-token ``rest`` term, each left-out
   term carried as it reaches the final residual (through its sublayer norm and every later stream norm,
   with the batch's frozen scales; the norms' betas stay components of their own). ``rest`` enters the
