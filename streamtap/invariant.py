@@ -16,7 +16,8 @@ import xarray as xr
 
 from .dataset import with_token_dim
 from .errors import DecompositionError, StoreDamagedError, StreamtapError
-from .stream import BLOCK_TERMS, Embed, FrozenNorms, Parts, Piece, Sum, component_label, from_json, replay, stop_index
+from .stream import (BLOCK_TERMS, Embed, FrozenNorms, Parts, Piece, Sum, component_label, entries, from_json, replay,
+                     stop_index)
 
 # Tolerances on max |sum of terms - resid_final| / max |resid_final|, per token.
 # float32 (and float64): 1e-5. In half precision the model itself rounds: each layer rounds its
@@ -214,10 +215,18 @@ def decompose(ds: xr.Dataset, *, neurons: bool = False, upto=None, dtype=np.floa
     ds, squeezed = with_token_dim(ds)
     if squeezed:
         return decompose(ds, neurons=neurons, upto=upto, dtype=dtype).isel(token=0)
+    return decompositions(ds, [upto], neurons=neurons, dtype=dtype)[0]
+
+
+def decompositions(ds: xr.Dataset, uptos, *, neurons: bool = False, dtype=np.float32) -> list[xr.DataArray]:
+    """``[decompose(ds, upto=u, ...) for u in uptos]`` from one replay of the stream: each is the same lazy
+    array (the same pieces, concatenated in the same order), and the terms they share are the same dask
+    arrays, so computing several depths together computes each term once instead of once per depth."""
     if neurons and "neuron_act" not in ds:
         raise StreamtapError("this store has no neuron activations; capture with neurons=True (--neurons)")
-    if upto is not None:
-        _refuse_partial(ds, f"decompose(upto={upto!r}) (the residual at a depth)", "layers/heads/terms")
+    for upto in uptos:
+        if upto is not None:
+            _refuse_partial(ds, f"decompose(upto={upto!r}) (the residual at a depth)", "layers/heads/terms")
     if neurons:
         _refuse_partial(ds, "decompose(neurons=True)", "layers/heads/terms")
     if "resid_final" not in ds:
@@ -225,7 +234,7 @@ def decompose(ds: xr.Dataset, *, neurons: bool = False, upto=None, dtype=np.floa
                              "ds.projection, or capture again with terms=... to store vectors")
     events = stream_events(ds)
     try:
-        stop = stop_index(events, upto)
+        stops = [stop_index(events, upto) for upto in uptos]
     except ValueError as exc:
         raise StreamtapError(str(exc)) from None
     n_tok, d_model = ds.sizes["token"], ds.sizes["d_model"]
@@ -236,17 +245,26 @@ def decompose(ds: xr.Dataset, *, neurons: bool = False, upto=None, dtype=np.floa
         return da.broadcast_to(vec[:, None, :], (vec.shape[0], n_tok, d_model),
                                chunks=((vec.shape[0],), chunks, (d_model,)))
 
+    starts, snapshots = entries(events), {}   # snapshots: stop index -> the pieces written before it
+
+    def on_enter(layer, site, acc):
+        snapshots[starts[(layer, site)]] = list(acc.pieces)
+
     norms = store_norms(ds, dtype)
-    acc = replay(events, norms, _source(ds, dtype, per_component=True, neurons=neurons),
-                 Parts(broadcast), stop=stop, norm_labels=ds.attrs.get("norm_labels", ()))
-    acc = _add_rest(ds, acc, norms, dtype) if upto is None else acc
-    data = da.concatenate([p.data.rechunk({1: chunks}) for p in acc.pieces], axis=0)
-    labels = [label for p in acc.pieces for label in p.labels]
-    coords = component_coords(labels)
-    coords.update({name: ds.coords[name] for name in ds["resid_final"].coords})
-    target = "resid_final" if upto is None else f"residual entering {upto}"
-    return xr.DataArray(data, dims=("component", "token", "d_model"), coords=coords, name="terms",
-                        attrs={"note": f"sum over component equals {target}"})
+    acc = replay(events, norms, _source(ds, dtype, per_component=True, neurons=neurons), Parts(broadcast),
+                 stop=max(stops), norm_labels=ds.attrs.get("norm_labels", ()), on_enter=on_enter)
+    snapshots[max(stops)] = list(acc.pieces)
+    final = _add_rest(ds, acc, norms, dtype).pieces
+    out = []
+    for upto, stop in zip(uptos, stops):
+        pieces = final if upto is None else snapshots[stop]
+        data = da.concatenate([p.data.rechunk({1: chunks}) for p in pieces], axis=0)
+        coords = component_coords([label for p in pieces for label in p.labels])
+        coords.update({name: ds.coords[name] for name in ds["resid_final"].coords})
+        target = "resid_final" if upto is None else f"residual entering {upto}"
+        out.append(xr.DataArray(data, dims=("component", "token", "d_model"), coords=coords, name="terms",
+                                attrs={"note": f"sum over component equals {target}"}))
+    return out
 
 
 def component_coords(labels: list[tuple]) -> dict:

@@ -19,6 +19,7 @@ refused with an error naming why.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -58,7 +59,11 @@ class Recorder:
         return eager(module, query, key, value, attention_mask, scaling=scaling, **kw)
 
 
+@functools.lru_cache(maxsize=None)
 def capture(arch: str, *, neurons: bool = False, dtype="float32", **overrides):
+    """(model, ids, mask, store) of one tapped forward, made once per worker for each set of arguments: the OV,
+    QK and MLP tests of an architecture read the same capture (none changes it; qk_error puts back the
+    model's attention implementation), and ``by_arch`` keeps them on one worker."""
     model = tiny_model(arch, dtype=dtype, **overrides)
     ids, mask = padded_batch(min(model.config.vocab_size, 128), LENGTHS, seed=1)
     store = zarr.storage.MemoryStore()
@@ -96,9 +101,15 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+def by_arch(archs) -> list:
+    """``archs`` as parameters in one xdist group each, so that an architecture's float32 tests share a worker
+    and so its ``capture`` (``--dist loadgroup``)."""
+    return [pytest.param(arch, marks=pytest.mark.xdist_group(f"edges-{arch}")) for arch in archs]
+
+
+@pytest.mark.parametrize("arch", by_arch(ARCHS))
 def test_ov_edges_sum_to_the_models_head_output(arch):
-    captured = capture(arch)
+    captured = capture(arch, neurons=arch in MLP_ARCHS)   # the MLP test's capture: neurons add a term, change none
     relative, scaled = ov_error(captured)
     tol = st.tolerance(captured[3])
     assert relative <= tol, f"{arch}: OV edges miss the head output by {relative:.3g} relative"
@@ -132,9 +143,9 @@ def ov_error(captured) -> tuple[float, float]:
     return worst, scaled
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", by_arch(ARCHS))
 def test_qk_edges_sum_to_the_models_own_score(arch, monkeypatch):
-    worst = qk_error(capture(arch), monkeypatch)
+    worst = qk_error(capture(arch, neurons=arch in MLP_ARCHS), monkeypatch)
     assert worst <= REL, f"{arch}: QK edges miss the model's score by {worst:.3g} relative"
 
 
@@ -219,7 +230,7 @@ def qk_error(captured, monkeypatch, recorded_only: bool = False) -> float:
     return worst
 
 
-@pytest.mark.parametrize("arch", MLP_ARCHS)
+@pytest.mark.parametrize("arch", by_arch(MLP_ARCHS))
 def test_mlp_edges_sum_to_the_models_pre_activations(arch):
     model, ids, mask, ds = capture(arch, neurons=True)
     worst = mlp_error(model, ids, mask, ds)

@@ -84,3 +84,29 @@ def test_stored_half_precision_values_are_bit_exact(tmp_path):
     hook.remove()
     ds = st.open(tmp_path / "s.zarr")
     np.testing.assert_array_equal(ds.resid_final.values, captured["resid"][0].float().numpy())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "olmo2"])
+def test_decompositions_of_one_replay_equal_decompose_at_each_depth(arch, tmp_path):
+    """``decompositions`` (one replay for several depths, as the coverage sweep reads them) gives each depth
+    the very terms and labels of its own ``decompose(upto=...)``, and sums to the model's residual there."""
+    from streamtap.invariant import decompositions
+
+    model = tiny_model(arch)
+    captured = {}
+    hook = model.register_forward_hook(lambda m, a, kw, out: captured.__setitem__("hidden", out.hidden_states),
+                                       with_kwargs=True)
+    ids, mask = padded_batch(model.config.vocab_size, LENGTHS, seed=1)
+    with st.tap(model, tmp_path / "s.zarr"), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    hook.remove()
+    ds = st.open(tmp_path / "s.zarr")
+    uptos = [1, None, 0, (1, "mlp"), 1]
+    for upto, got in zip(uptos, decompositions(ds, uptos)):
+        want = st.decompose(ds, upto=upto)
+        assert got.component.values.tolist() == want.component.values.tolist(), upto
+        np.testing.assert_array_equal(got.values, want.values)
+    seq, pos = ds.seq.values, ds.pos.values
+    for layer, got in ((0, decompositions(ds, [0, 1])[0]), (1, decompositions(ds, [0, 1])[1])):
+        resid = captured["hidden"][layer].numpy()[seq, pos]
+        assert np.abs(got.sum("component").values - resid).max() <= 1e-5 * np.abs(resid).max()

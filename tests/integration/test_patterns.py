@@ -346,11 +346,16 @@ def test_generated_sequences_have_the_patterns_of_one_plain_forward(name, tmp_pa
 
 
 # -- 5. the second invariant can fail ------------------------------------------------------------------------
-def changed_value_map(tmp_path):
-    """A patterns store whose W_V is then scaled by 1.5 in the zarr store; (path, residual errors before)."""
+CHANGED = pytest.mark.xdist_group("patterns-changed-value-map")   # its tests share one worker, so one store
+
+
+@pytest.fixture(scope="module")
+def changed_value_map(tmp_path_factory):
+    """A patterns store whose W_V is then scaled by 1.5 in the zarr store; (path, residual errors before).
+    Made once for the tests that read it (none writes to it)."""
     model = tiny_model("llama")
     ids, mask = padded_batch(model.config.vocab_size, LENGTHS, seed=1)
-    path = tmp_path / "run.zarr"
+    path = tmp_path_factory.mktemp("changed") / "run.zarr"
     tapped(model, ids, mask, store=path)
     before = st.verify(st.open(path))
     assert before.attrs["max_output_error"] <= st.tolerance(st.open(path))
@@ -359,8 +364,9 @@ def changed_value_map(tmp_path):
     return path, residual_before
 
 
-def test_a_changed_value_map_misses_the_second_invariant_only(tmp_path):
-    path, residual_before = changed_value_map(tmp_path)
+@CHANGED
+def test_a_changed_value_map_misses_the_second_invariant_only(changed_value_map):
+    path, residual_before = changed_value_map
     ds = st.open(path)
     # the residual invariant does not read W_V: unchanged, and within its bound
     np.testing.assert_array_equal(streamtap.invariant.errors(ds).values, residual_before)
@@ -373,8 +379,9 @@ def test_a_changed_value_map_misses_the_second_invariant_only(tmp_path):
     assert errors.dims == ("token", "layer", "head") and float(errors.min()) > 100 * st.tolerance(ds)
 
 
-def test_verify_names_the_heads_that_miss_the_second_invariant(tmp_path):
-    path, _ = changed_value_map(tmp_path)
+@CHANGED
+def test_verify_names_the_heads_that_miss_the_second_invariant(changed_value_map):
+    path, _ = changed_value_map
     with pytest.raises(st.DecompositionError) as caught:
         st.verify(st.open(path))
     message = str(caught.value)
@@ -382,8 +389,9 @@ def test_verify_names_the_heads_that_miss_the_second_invariant(tmp_path):
     assert re.search(r"L[01]H[0-3]", message), message
 
 
-def test_cli_verify_fails_a_store_that_misses_the_second_invariant(tmp_path):
-    path, _ = changed_value_map(tmp_path)
+@CHANGED
+def test_cli_verify_fails_a_store_that_misses_the_second_invariant(changed_value_map):
+    path, _ = changed_value_map
     assert st.verify(st.open(path), raise_on_error=False).attrs["max_output_error"] > 0.1
     result = invoke("verify", path)
     assert result.exit_code == 1, result.output
