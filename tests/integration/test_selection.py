@@ -340,6 +340,8 @@ def test_positions_cut_in_the_hooks_still_refuse_non_finite_tokens(at, stored, t
     with torch.no_grad():
         model.transformer.wte.weight[7] = float("inf")
     ids[0, at] = 7
-    with pytest.raises(st.NonFiniteError, match=f"row 0 pos {at}"):
+    # the tap's own 8-token probe meets the infinite row too: it says so and skips the layout check
+    with pytest.warns(UserWarning, match="non-finite values on the self-check probe"), \
+            pytest.raises(st.NonFiniteError, match=f"row 0 pos {at}"):
         _capture(model, tmp_path / "a.zarr", ids, mask, positions="last")
     assert not (tmp_path / "a.zarr").exists()
