@@ -15,6 +15,7 @@ import inspect
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import InferredLayoutWarning, InputError, LayoutError, StreamtapError, UnsupportedArchitectureError
@@ -318,11 +319,11 @@ class Tap:
                 "written")
         ds = open_store(self.writer.store)
         seqs, pos, ids = (ds[n].values for n in ("seq", "pos", "token_id"))
-        rows = []
-        for s in gaps:
-            at = (seqs == s).nonzero()[0]
-            at = at[pos[at].argsort(kind="stable")]
-            rows.append(ids[at])
+        at = np.isin(seqs, gaps).nonzero()[0]            # the gaps' tokens, by sequence then position: one sort
+        at = at[np.lexsort((pos[at], seqs[at]))]
+        starts = np.flatnonzero(np.r_[True, seqs[at][1:] != seqs[at][:-1]])
+        by_seq = dict(zip(seqs[at][starts].tolist(), np.split(ids[at], starts[1:])))
+        rows = [by_seq[s] for s in gaps]
         self.summarise_again(gaps, rows, batch_size=8)
 
     def summarise_again(self, gaps: list[int], rows: list, batch_size: int, tokenizer=None) -> None:
