@@ -3,10 +3,11 @@
 model or the store. ``--seen N`` sets every neuron's kept top-k, before the timed batch, to an exact
 sample of the k largest of N earlier tokens of the same distribution (the late batches of a corpus,
 where few components' top-k still move); by default the timed batch is the second (all of them move).
-``--baseline REV`` times the Summariser of a git revision in the same process,
-alternating with this one, so a loaded shared machine moves both alike; medians of ``--repeats``.
+``--hosts compiled,numpy`` times this tree's ways of folding on the CPU (numba's kernel, numpy's
+passes, torch's operations) and ``--baseline REV`` the Summariser of a git revision, all in the same
+process, taking turns, so a loaded shared machine moves them alike; medians of ``--repeats``.
 
-    python benchmarks/bench_summaries.py --baseline HEAD~1 --repeats 5
+    python benchmarks/bench_summaries.py --hosts compiled,numpy --seen 1000000 --repeats 5
 """
 
 from __future__ import annotations
@@ -68,8 +69,10 @@ def top_of_seen(n_seen: int, k: int, components: int, seed: int = 1) -> torch.Te
     return torch.nn.functional.gelu(2 * torch.special.ndtri(v))
 
 
-def time_one(cls, args, data, groups) -> float:
+def time_one(cls, args, data, groups, host=None) -> float:
     out, ids, mask, seq, pos, static = data
+    if host is not None:
+        cls.HOST = host
     bound = types.SimpleNamespace(n_layers=args.layers)
     s = cls(Settings(), bound)
     s.prepare(static)
@@ -86,6 +89,7 @@ def time_one(cls, args, data, groups) -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", help="git revision whose Summariser to time alongside")
+    p.add_argument("--hosts", default="compiled", help="comma-separated CPU folds of this tree: compiled,numpy,torch")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--layers", type=int, default=12)
@@ -95,13 +99,15 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     data = batch(args.tokens, args.layers, 12, 64, args.neurons, 768)
     groups = set(args.groups.split(","))
-    classes = {"this tree": summariser_class(None)}
+    classes = {f"this tree, {h}": (summariser_class(None), h) for h in args.hosts.split(",")}
     if args.baseline:
-        classes = {f"baseline {args.baseline}": summariser_class(args.baseline), **classes}
+        classes = {f"baseline {args.baseline}": (summariser_class(args.baseline), None), **classes}
+    for cls, host in classes.values():   # compile (numba) and touch everything once before timing
+        time_one(cls, args, data, groups, host)
     times = {name: [] for name in classes}
     for _ in range(args.repeats):
-        for name, cls in classes.items():
-            times[name].append(time_one(cls, args, data, groups))
+        for name, (cls, host) in classes.items():
+            times[name].append(time_one(cls, args, data, groups, host))
     print(f"summary step, {args.tokens} tokens x {args.layers} layers, groups {sorted(groups)}, seen {args.seen}, "
           f"torch threads {torch.get_num_threads()}, {args.repeats} repeats alternating")
     for name, ts in times.items():

@@ -141,6 +141,20 @@ def bucket_index(x: np.ndarray, settings: Settings) -> np.ndarray:
     return n + np.sign(x).astype(np.int64) * j
 
 
+def bucket_edges(settings: Settings) -> np.ndarray:
+    """``edges[j]`` (j = 0 .. n_side, float64): the smallest magnitude whose bucket is ``j`` or more on
+    its side of zero, so ``|x|``'s bucket is the number of edges ``<= |x|`` less one, exactly
+    :func:`bucket_index`'s (found by bisection on float64 bit patterns; the mapping is monotone in |x|)."""
+    n = settings.n_side
+    want = np.arange(n + 1)
+    lo, hi = np.zeros(n + 1, np.int64), np.full(n + 1, np.float64(np.inf).view(np.int64))
+    for _ in range(64):   # smallest bit pattern (a non-negative float64's order) whose bucket is >= want
+        mid = lo + (hi - lo) // 2
+        ge = bucket_index(mid.view(np.float64), settings) - n >= want
+        hi, lo = np.where(ge, mid, hi), np.where(ge, lo, mid + 1)
+    return lo.view(np.float64)
+
+
 def quantiles(hist: np.ndarray, vmin: np.ndarray, vmax: np.ndarray, q, settings: Settings) -> np.ndarray:
     """(component, q) quantile estimates from the sketch: the representative of the bucket holding the
     order statistic ``floor(q (n - 1))`` (numpy's ``method="lower"``), clamped into ``[min, max]``; the

@@ -2,10 +2,12 @@
 
 Per batch, on the captured tensors where they are (the GPU on a GPU): every real token of the
 forward counts, stored or not (``positions=`` selects what is stored, not what is summarised);
-padding never does. Each group is one (token, component) matrix per layer at most, reduced with
-blocks of components that stay in cache: float64 sums for Chan's merge, one ``index_add_`` (``numpy.add.at`` on the
-CPU) for the sketch, one ``topk`` over the batch merged with the kept ``top_k`` where it can change it. Memory is the state
-alone, flat in the number of tokens. The numpy twin of every step is ``streamtap.io.summaries``.
+padding never does. Each group is one (token, component) matrix per layer at most. On the CPU it is
+folded in one compiled pass (``fold_kernel``, where numba is installed); elsewhere, and on the CPU
+without numba, in blocks of components that stay in cache: float64 sums for Chan's merge, one
+``index_add_`` (``numpy.add.at`` on the CPU) for the sketch, one ``topk`` over the batch merged with the
+kept ``top_k`` where it can change it. Memory is the state alone, flat in the number of tokens. The
+numpy twin of every step is ``streamtap.io.summaries``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from ..io import summaries as S
 from ..io.schema import dims_of
+from . import fold_kernel
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
@@ -214,6 +217,8 @@ class Summariser:
         slice each (milliseconds) on a loaded one. Results do not depend on the block size (each
         component's statistics use its own tokens only)."""
         T, C = x.shape
+        if x.device.type == "cpu" and self.HOST == "compiled" and fold_kernel.usable(self.settings):
+            return self._fold_compiled(g, x, at, ctx)
         values = self.BLOCK_VALUES if x.device.type == "cpu" else self.DEVICE_BLOCK_VALUES
         block = max(1, values // max(T, 1))
         self._pending, self._pending_rows = [], 0
@@ -224,12 +229,33 @@ class Summariser:
             self._fold_block(g, x[:, c0:c0 + block], at + c0, ctx)
         self._flush_top(g, ctx, T)
 
+    def _fold_compiled(self, g: dict[str, torch.Tensor], x: torch.Tensor, at: int, ctx) -> None:
+        """:meth:`_fold` in one compiled pass per block of components (``fold_kernel``), on as many
+        threads as torch's own; the kept top-k slots the batch took then get their tokens' contexts."""
+        state = {k: v.numpy() for k, v in g.items()}
+        T, C = x.shape
+        chunk = C if x.dtype in (torch.float32, torch.float64) else max(1, self.DEVICE_BLOCK_VALUES // max(T, 1))
+        for c0 in range(0, C, chunk):   # a narrower float (bfloat16) is widened a chunk at a time
+            part = x[:, c0:c0 + chunk]
+            part = part if part.dtype in (torch.float32, torch.float64) else part.float()
+            taken = fold_kernel.fold(np.ascontiguousarray(part.numpy()), state, at + c0, self.settings,
+                                     torch.get_num_threads())
+            rows, slots = np.nonzero(taken >= 0)
+            if len(rows):
+                seq, pos, windows = ctx
+                token = torch.from_numpy(taken[rows, slots])
+                rows, slots = torch.from_numpy(rows + at + c0), torch.from_numpy(slots)
+                g["top_seq"][rows, slots] = seq[token]
+                g["top_pos"][rows, slots] = pos[token]
+                g["top_window"][rows, slots] = windows[token].long()
+
     BLOCK_VALUES = 1 << 18
     """Values per block on the CPU: the block's float32 copy is 1 MiB (a core's L2), its float64 copy and
     index stay in the shared L3 while they are reused; smaller blocks pay more per-call overhead."""
-    HOST_NUMPY = True
-    """CPU tensors are folded with numpy; False folds them with the torch operations a GPU's tensors take
-    (the suite runs that path on the CPU too, so it is tested where no GPU is)."""
+    HOST = "compiled"
+    """How CPU tensors are folded: ``"compiled"``, numba's one-pass kernel (``fold_kernel``) where numba
+    is installed (else numpy's); ``"numpy"``, a pass per step; ``"torch"``, the torch operations a GPU's
+    tensors take (the suite runs every path on the CPU, so each is tested where no GPU is)."""
     DEVICE_BLOCK_VALUES = 1 << 22
     """Values per block elsewhere (a GPU): large enough that kernel launches do not dominate, small enough
     that the scratch (float32 and float64 copies, the index) stays a bounded ~100 MiB."""
@@ -251,7 +277,7 @@ class Summariser:
         few once a corpus has been seen)."""
         T, C = x.shape
         cols = slice(at, at + C)
-        cpu = x.device.type == "cpu" and self.HOST_NUMPY
+        cpu = x.device.type == "cpu" and self.HOST != "torch"
         xb = self._buffer("x", (T, C), torch.float64 if x.dtype == torch.float64 else torch.float32, x.device)
         if cpu and x.dtype != torch.bfloat16:
             np.copyto(xb.numpy(), x.numpy())        # the one read of x (widened here where it is narrower)

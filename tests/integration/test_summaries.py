@@ -85,12 +85,16 @@ def _check_group(res, x, full, group):
             assert PAD not in res.top_window.values[c, r].tolist()    # padding never enters a context
 
 
-@pytest.mark.parametrize("arch,host_numpy", [("gpt2", True), ("llama", True), ("gpt2", False)])
-def test_online_summaries_equal_numpy_over_a_full_store_with_a_resume(arch, host_numpy, tmp_path, monkeypatch):
-    """host_numpy=False: the fold takes the torch operations it takes on a GPU, here on the CPU."""
+@pytest.mark.parametrize("arch,host", [("gpt2", "compiled"), ("llama", "compiled"), ("gpt2", "numpy"),
+                                       ("gpt2", "torch")])
+def test_online_summaries_equal_numpy_over_a_full_store_with_a_resume(arch, host, tmp_path, monkeypatch):
+    """Each way the CPU folds a batch: numba's kernel (the test extra installs numba), numpy's passes,
+    and the torch operations a GPU's tensors take."""
+    from streamtap.tapping import fold_kernel
     from streamtap.tapping.summarise import Summariser
 
-    monkeypatch.setattr(Summariser, "HOST_NUMPY", host_numpy)
+    assert host != "compiled" or fold_kernel.AVAILABLE, "numba is part of the test extra"
+    monkeypatch.setattr(Summariser, "HOST", host)
     model = tiny_model(arch).eval()
     texts = _corpus(model)
     direction = np.random.default_rng(1).normal(size=model.config.hidden_size)

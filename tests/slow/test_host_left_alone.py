@@ -32,6 +32,9 @@ with tempfile.TemporaryDirectory() as d:
     with torch.no_grad(), streamtap.tap(model, os.path.join(d, "s.zarr")):
         model(input_ids=torch.ones((1, 5), dtype=torch.long))
     streamtap.verify(streamtap.open(os.path.join(d, "s.zarr")))
+    # summaries fold on the CPU with numba's kernel: its import and compilation set filters of their own
+    with torch.no_grad(), streamtap.tap(model, os.path.join(d, "n.zarr"), neurons=True, summarise=True):
+        model(input_ids=torch.ones((1, 5), dtype=torch.long))
 after_tap = state()
 print(json.dumps({"baseline": baseline, "import": after_import, "before_tap": before_tap, "tap": after_tap}))
 """

@@ -1,0 +1,232 @@
+"""The CPU fold of one batch into the summaries' state, compiled with numba where it is installed.
+
+A summary touches every activation of every neuron of every token (75 M values in a 2,048-token GPT-2
+batch), so a pass per statistic (the numpy fold, ``streamtap.tapping.summarise``'s fallback) costs a good
+share of the forward. Here components are walked in blocks of ``BLOCK`` and tokens in tiles of ``TILE``:
+a tile is read from memory once, by the vectorised statistics, and then, from cache, takes its sketch
+buckets (a vectorised logarithm, checked against the exact bucket edges where it lands within its
+error of one), its histogram increments (each component's histogram rows stay in cache for the tile) and, only
+where some value beats a component's k-th kept one, the top-k update. Column ranges run on threads (the
+kernel releases the GIL). Results are the numpy twin's (``streamtap.io.summaries``): the same buckets
+exactly (:func:`streamtap.io.summaries.bucket_edges`), float64 sums, Chan's merge. Measurements:
+docs/benchmarks.md, "Summaries".
+
+``pip install numba`` (the ``fast`` extra) enables it; without numba the fold is numpy's.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..io import summaries as S
+
+with warnings.catch_warnings():   # numba imports scipy, which adds global warning filters: the host's stay
+    try:
+        import numba
+    except ImportError:   # the optional extra: the numpy fold stands in
+        numba = None
+
+AVAILABLE = numba is not None
+BLOCK = 128
+"""Components a block: the used buckets of their histogram rows (a few KiB each) stay in a core's L2."""
+TILE = 256
+"""Tokens a tile: a tile of a block (128 KiB in float32) is read from memory once."""
+LN_ERROR = 1e-10
+"""A bound on the vectorised ln|x|'s error (the series' remainder 2 t^13 / 13 < 2e-11, rounding 1e-13):
+a value within ``LN_ERROR / ln gamma + 1e-9`` buckets of an edge is bucketed by the exact edges."""
+
+_jit = numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy") if AVAILABLE else (lambda f: f)
+
+
+@_jit
+def _stats(x, t0, tb, b0, cb, first, s1, s2, lo, hi, kmin, beats):
+    """Sums (shifted by each component's first token), min and max of a tile; ``beats[c]`` > 0 where
+    some value beats component c's k-th kept value."""
+    for c in range(cb):
+        beats[c] = 0
+    for i in range(tb):
+        row = x[t0 + i, b0:b0 + cb]
+        for c in range(cb):
+            v = np.float64(row[c])
+            y = v - first[c]     # sum(y^2) - sum(y)^2/T stays exact enough with the shift
+            s1[c] += y
+            s2[c] += y * y
+            lo[c] = min(lo[c], v)
+            hi[c] = max(hi[c], v)
+            beats[c] |= v > kmin[c]
+
+
+@_jit
+def _buckets(bits, t0, tb, b0, cb, n, ln_low, inv_ln_gamma, margin, index):
+    """Each value's bucket into ``index`` (tile row, component) from its float32 bits: ln|x| as
+    exponent ln 2 + the atanh series of the mantissa (vectorised), then ``ceil((ln|x| - ln low) /
+    ln gamma)``. Returns how many landed within ``margin`` of an edge (for :func:`_exact`)."""
+    unsure = 0
+    for i in range(tb):
+        rb = bits[t0 + i, b0:b0 + cb]
+        out = index[i]
+        for c in range(cb):
+            r = rb[c]
+            u = r & 0x7FFFFFFF
+            e = np.float64((u >> 23) - 127)
+            m = 1.0 + np.float64(u & 0x7FFFFF) * (1.0 / 8388608.0)
+            big = m > 1.4142135623730951
+            m = m * 0.5 if big else m
+            e = e + 1.0 if big else e
+            t = (m - 1.0) / (m + 1.0)     # |t| < 0.172: ln m = 2 atanh t, to t^11 within 2e-11
+            t2 = t * t
+            p = 1.0 / 11.0
+            p = p * t2 + 1.0 / 9.0
+            p = p * t2 + 1.0 / 7.0
+            p = p * t2 + 1.0 / 5.0
+            p = p * t2 + 1.0 / 3.0
+            p = p * t2 + 1.0
+            q = (e * 0.6931471805599453 + 2.0 * t * p - ln_low) * inv_ln_gamma
+            qc = np.ceil(q)
+            unsure += (qc - q < margin) | (q - qc + 1.0 < margin)
+            j = np.int64(min(max(qc, 0.0), np.float64(n)))
+            out[c] = n - j if r < 0 else n + j
+    return unsure
+
+
+@_jit
+def _exact(x, t0, tb, b0, cb, n, edges, index):
+    """Move each bucket in ``index`` that the edges disagree with to the bucket they give."""
+    for i in range(tb):
+        row = x[t0 + i, b0:b0 + cb]
+        out = index[i]
+        for c in range(cb):
+            v = np.float64(row[c])
+            mag = abs(v)
+            j = abs(np.int64(out[c]) - n)
+            if (j < n and mag >= edges[j + 1]) or mag < edges[j]:
+                while j < n and mag >= edges[j + 1]:
+                    j += 1
+                while j > 0 and mag < edges[j]:
+                    j -= 1
+                out[c] = n - j if v < 0 else n + j
+
+
+@_jit
+def _scatter(hist, row0, cb, tb, index):
+    """Histogram increments, component by component (its row stays in L1 for the tile)."""
+    for c in range(cb):
+        h = hist[row0 + c]
+        for i in range(tb):
+            h[index[i, c]] += 1
+
+
+@_jit
+def _top(x, t0, tb, b0, row0, columns, kmin, kslot, top_value, top_token):
+    """In the ``columns`` where some value beats the k-th kept one, every such value takes that slot
+    (the row of its token goes into ``top_token``); the kept k are a set in no order."""
+    k = top_value.shape[1]
+    for i in range(tb):
+        row = x[t0 + i, b0:]
+        for c in columns:
+            v = np.float64(row[c])
+            if v > kmin[c]:
+                r = row0 + c
+                top_value[r, kslot[c]] = v
+                top_token[r, kslot[c]] = t0 + i
+                m = 0
+                for q in range(1, k):
+                    if top_value[r, q] < top_value[r, m]:
+                        m = q
+                kmin[c], kslot[c] = top_value[r, m], m
+
+
+@_jit
+def _columns(x, bits, exact_bits, c0, c1, at, ln_low, inv_ln_gamma, margin, edges, n, count, mean, m2, vmin, vmax,
+             hist, top_value, top_token):
+    """Fold columns ``c0 .. c1`` of ``x`` (token, component) into state rows ``at + c0 ..``.
+    ``exact_bits``: ``bits`` are ``x``'s own float32 bits (else a rounded copy's: every bucket is
+    checked against the edges)."""
+    T = x.shape[0]
+    k = top_value.shape[1]
+    s1, s2 = np.empty(BLOCK), np.empty(BLOCK)
+    lo, hi, first = np.empty(BLOCK), np.empty(BLOCK), np.empty(BLOCK)
+    kmin, kslot = np.empty(BLOCK), np.empty(BLOCK, np.int64)
+    beats = np.empty(BLOCK, np.uint8)
+    index = np.empty((TILE, BLOCK), np.int32)
+    for b0 in range(c0, c1, BLOCK):
+        cb = min(BLOCK, c1 - b0)
+        row0 = at + b0
+        for c in range(cb):
+            f = np.float64(x[0, b0 + c])
+            first[c], s1[c], s2[c], lo[c], hi[c] = f, 0.0, 0.0, f, f
+            m = 0
+            for q in range(1, k):
+                if top_value[row0 + c, q] < top_value[row0 + c, m]:
+                    m = q
+            kmin[c], kslot[c] = top_value[row0 + c, m], m
+        for t0 in range(0, T, TILE):
+            tb = min(TILE, T - t0)
+            _stats(x, t0, tb, b0, cb, first, s1, s2, lo, hi, kmin, beats)
+            unsure = _buckets(bits, t0, tb, b0, cb, n, ln_low, inv_ln_gamma, margin, index)
+            if unsure or not exact_bits:
+                _exact(x, t0, tb, b0, cb, n, edges, index)
+            _scatter(hist, row0, cb, tb, index)
+            columns = np.flatnonzero(beats[:cb])   # early in a corpus most; later the few whose top-k moves
+            if len(columns):
+                _top(x, t0, tb, b0, row0, columns, kmin, kslot, top_value, top_token)
+        for c in range(cb):   # Chan's merge of the batch into the kept statistics
+            r = row0 + c
+            mean_b = first[c] + s1[c] / T
+            m2_b = max(s2[c] - s1[c] * s1[c] / T, 0.0)
+            na = np.float64(count[r])
+            nn = na + T
+            delta = mean_b - mean[r]
+            mean[r] += delta * (T / nn)
+            m2[r] += m2_b + delta * delta * (na * T / nn)
+            count[r] += T
+            vmin[r] = min(vmin[r], lo[c])
+            vmax[r] = max(vmax[r], hi[c])
+
+
+@functools.lru_cache(maxsize=8)
+def _edges(settings: S.Settings) -> np.ndarray:
+    return np.append(S.bucket_edges(settings), np.inf)   # + inf: no bucket past the last
+
+
+def usable(settings: S.Settings) -> bool:
+    """numba is installed and the settings' lowest magnitude is a normal float32 (the logarithm reads
+    the float32 exponent; anything below ``low`` is bucket 0 whatever it reads there)."""
+    return AVAILABLE and settings.low >= float(np.finfo(np.float32).tiny)
+
+
+def fold(x: np.ndarray, state: dict[str, np.ndarray], at: int, settings: S.Settings, threads: int) -> np.ndarray:
+    """Fold ``x`` (token, component), float32 or float64, C-contiguous, into rows ``at ..`` of the numpy
+    views of a group's ``state``; returns (component, k) int64: for each kept slot a token of this
+    batch took, that token's row in ``x`` (-1 elsewhere), from which the caller fills in its sequence,
+    position and window. ``threads`` split the components."""
+    T, C = x.shape
+    top_token = np.full((len(state["count"]), settings.top_k), -1, np.int64)
+    if T == 0 or C == 0:
+        return top_token[at:at + C]
+    if x.dtype == np.float32:
+        bits, exact_bits = x.view(np.int32), True
+    else:   # a float64's rounded bits only guess its bucket: the edges decide every one
+        big = np.finfo(np.float32).max
+        bits, exact_bits = np.clip(x, -big, big).astype(np.float32).view(np.int32), False
+    inv_ln_gamma = 1.0 / math.log(settings.gamma)
+    args = (at, math.log(settings.low), inv_ln_gamma, LN_ERROR * inv_ln_gamma + 1e-9, _edges(settings), settings.n_side, state["count"],
+            state["mean"], state["m2"], state["min"], state["max"], state["hist"], state["top_value"], top_token)
+    parts = max(1, min(threads, -(-C // BLOCK)))
+    step = -(-C // parts // BLOCK) * BLOCK
+    if parts == 1:
+        _columns(x, bits, exact_bits, 0, C, *args)
+    else:
+        with ThreadPoolExecutor(parts) as pool:
+            for done in [pool.submit(_columns, x, bits, exact_bits, c, min(c + step, C), *args)
+                         for c in range(0, C, step)]:
+                done.result()
+    return top_token[at:at + C]
+
+
+__all__ = ["AVAILABLE", "fold", "usable"]

@@ -1,0 +1,90 @@
+"""The compiled CPU fold of summaries (``streamtap.tapping.fold_kernel``) against numpy: every bucket
+exactly ``bucket_index``'s (values on and next to every edge), statistics and top-k as numpy computes
+them over all the batches, whatever the threads."""
+
+import numpy as np
+import pytest
+
+from streamtap.io.summaries import Settings, bucket_edges, bucket_index, empty_state
+from streamtap.tapping import fold_kernel
+
+SETTINGS = [Settings(), Settings(alpha=0.001), Settings(alpha=0.3, low=1e-2, high=10.0),
+            Settings(alpha=1e-5, low=0.5, high=2.0)]
+
+
+def test_numba_is_installed_where_the_suite_runs():
+    assert fold_kernel.AVAILABLE, "numba is part of the test extra: the compiled fold must be tested"
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: f"alpha={s.alpha}")
+def test_bucket_edges_are_where_bucket_index_steps(settings):
+    edges, n = bucket_edges(settings), settings.n_side
+    assert edges[0] == 0 and (np.diff(edges) > 0).all()
+    assert (bucket_index(edges, settings) - n == np.arange(n + 1)).all()
+    assert (bucket_index(np.nextafter(edges[1:], 0), settings) - n == np.arange(n)).all()
+
+
+def _near_every_edge(settings, dtype):
+    """Each edge in ``dtype`` and its three neighbours either side, both signs, and the odd ones."""
+    base = bucket_edges(settings)[1:].astype(dtype)
+    values = [base]
+    for direction in (np.inf, 0):
+        v = base
+        for _ in range(3):
+            v = np.nextafter(v, dtype(direction))
+            values.append(v)
+    v = np.concatenate(values)
+    odd = np.array([0.0, -0.0, np.inf, -np.inf, 1e-40, 3e38, -3e38], dtype)
+    return np.concatenate([v, -v, odd])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: f"alpha={s.alpha}")
+def test_every_value_lands_in_bucket_index_s_bucket(settings, dtype):
+    x = _near_every_edge(settings, dtype)
+    x = np.concatenate([x, np.zeros((-len(x)) % 7, dtype)]).reshape(-1, 7)
+    state = empty_state(7, settings)
+    fold_kernel.fold(np.ascontiguousarray(x), state, 0, settings, threads=2)
+    expect = np.stack([np.bincount(bucket_index(x[:, c].astype(np.float64), settings), minlength=settings.n_buckets)
+                       for c in range(7)])
+    np.testing.assert_array_equal(state["hist"], expect)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_statistics_and_top_k_over_batches_equal_numpy_whatever_the_threads(dtype):
+    rng = np.random.default_rng(0)
+    settings = Settings(top_k=5)
+    C = 3 * fold_kernel.BLOCK + 17                  # blocks split over threads, one partial
+    x = (rng.standard_normal((3 * fold_kernel.TILE + 40, C)) * np.exp(rng.uniform(-8, 8, C))).astype(dtype)
+    x[:, 5] = np.arange(len(x))                     # rising: every token takes a slot of the top-k
+    x[:, 6] = 0.0
+    cuts = [0, 7, 300, len(x)]                      # batches of a few tokens and of several tiles
+    states, taken = [], []
+    for threads in (1, 2, 3):
+        state = empty_state(C, settings)
+        got = [fold_kernel.fold(np.ascontiguousarray(x[a:b]), state, 0, settings, threads)
+               for a, b in zip(cuts, cuts[1:])]
+        states.append(state)
+        taken.append(got)
+    for other in states[1:]:
+        for name in states[0]:
+            np.testing.assert_array_equal(other[name], states[0][name], err_msg=name)
+    state, x64 = states[0], x.astype(np.float64)
+    assert (state["count"] == len(x)).all()
+    scale = np.abs(x64).max(0)     # a sum's rounding is relative to its terms, not to a mean near 0
+    assert (np.abs(state["mean"] - x64.mean(0)) <= 1e-13 * scale).all()
+    assert (np.abs(state["m2"] / len(x) - x64.var(0)) <= 1e-12 * scale ** 2).all()
+    np.testing.assert_array_equal(state["min"], x64.min(0))
+    np.testing.assert_array_equal(state["max"], x64.max(0))
+    np.testing.assert_array_equal(np.sort(state["top_value"], axis=1)[:, ::-1], -np.sort(-x64, axis=0)[:5].T)
+    # each slot the last batch took points at the token (row of that batch) that holds its value
+    last = taken[0][-1]
+    rows, slots = np.nonzero(last >= 0)
+    assert len(rows) and (x64[cuts[-2] + last[rows, slots], rows] == state["top_value"][rows, slots]).all()
+    assert set(last[5]) == set(range(len(x) - cuts[-2] - 5, len(x) - cuts[-2]))   # the rising column's last 5
+    np.testing.assert_array_equal(state["hist"].sum(1), len(x))
+
+
+def test_settings_below_float32_range_take_the_numpy_fold():
+    assert fold_kernel.usable(Settings())
+    assert not fold_kernel.usable(Settings(low=1e-40, high=1.0))
