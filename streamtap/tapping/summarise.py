@@ -60,6 +60,7 @@ class Summariser:
         self._scratch: dict[tuple, torch.Tensor] = {}
         self.sequences = 0
         self.tokens = 0
+        self._batch_tokens = 0
         # inside model.generate with patterns: every token's terms so far, host-side (bounded by the call's
         # prompts and generation length), so a decoding step's query can see the keys its KV cache holds
         self._history: dict[str, list] | None = None
@@ -81,11 +82,21 @@ class Summariser:
             self._attention = (Attention(weights), weights)
 
     def _group(self, name: str, n: int, device, labels: dict[str, list]) -> dict[str, torch.Tensor]:
+        """A group's state, made on first use. Its histogram counts in int32 (half the memory and the
+        traffic of the scattered increments: 136 MiB, not 272, for GPT-2's neurons) while fewer than
+        2^31 tokens have been folded since the last write, then in int64, the stored type."""
         if name not in self.state:
             st = S.empty_state(n, self.settings)
+            st["hist"] = st["hist"].astype(np.int32)
             self.state[name] = {k: torch.from_numpy(v).to(device) for k, v in st.items()}
             self.components[name] = labels
-        return self.state[name]
+        g = self.state[name]
+        if g["hist"].dtype == torch.int32 and self.tokens + self._batch_tokens > self.INT32_TOKENS:
+            g["hist"] = g["hist"].long()
+        return g
+
+    INT32_TOKENS = 2 ** 31 - 1
+    """Tokens folded since the last write up to which a bucket's count fits int32."""
 
     # -- a batch ---------------------------------------------------------------------------------------
     def update(self, out: dict[str, torch.Tensor], input_ids: torch.Tensor, mask: torch.Tensor, seq: torch.Tensor,
@@ -96,6 +107,7 @@ class Summariser:
         sink mass, which needs every key a query sees, computed."""
         ref = out["resid_final"]
         device, T = ref.device, ref.shape[0]
+        self._batch_tokens = T
         w = self.settings.window
         ids = torch.where(mask, input_ids, torch.full_like(input_ids, -1))
         windows = torch.nn.functional.pad(ids, (w, w), value=-1).unfold(1, 2 * w + 1, 1)[mask]   # (T, 2w+1)
@@ -295,7 +307,7 @@ class Summariser:
             np.add.at(hist.numpy(), flat.numpy().reshape(-1), 1)   # in place: the rows stay in cache
         else:
             flat.copy_(j)
-            hist.index_add_(0, flat.reshape(-1), torch.ones_like(flat.reshape(-1)))
+            hist.index_add_(0, flat.reshape(-1), torch.ones(flat.numel(), dtype=hist.dtype, device=hist.device))
         first = yv[0].copy() if cpu else y[0].clone()
         xp.sub(yv, first, out=yv)
         s1 = yv.sum(0)
@@ -382,7 +394,8 @@ class Summariser:
     # -- the end ---------------------------------------------------------------------------------------
     def result(self) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
         """(meta, {group: numpy state}) for :func:`streamtap.io.summaries.write`."""
-        states = {g: {k: v.cpu().numpy() for k, v in st.items()} for g, st in self.state.items()}
+        states = {g: {k: v.cpu().numpy().astype(np.int64, copy=False) if k == "hist" else v.cpu().numpy()
+                      for k, v in st.items()} for g, st in self.state.items()}
         groups = [g for g in S.GROUPS if g in states]
         meta = {"settings": self.settings.as_dict(), "groups": groups,
                 "components": {g: {k: list(v) for k, v in self.components[g].items()} for g in groups}}
