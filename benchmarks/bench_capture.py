@@ -169,6 +169,28 @@ def time_steps(step, close, sync, batches: int) -> dict:
             "wall_all": end - first}  # every batch, warm-up and final drain included
 
 
+def _time_summaries(the_tap) -> dict | None:
+    """Wrap a summarising tap's summary step and summary writes with timers (None: it keeps none)."""
+    recorder = the_tap.recorder
+    summariser = recorder.summariser
+    if summariser is None:
+        return None
+    times = {"update": [], "write": []}
+
+    def timed(fn, key):
+        def run(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                times[key].append(time.perf_counter() - start)
+        return run
+
+    summariser.update = timed(summariser.update, "update")
+    recorder.write_summaries = timed(recorder.write_summaries, "write")
+    return times
+
+
 def store_bytes(path: str) -> dict:
     """A store's per-token arrays, per committed token: on disk, raw, and raw by array."""
     import zarr
@@ -192,6 +214,7 @@ def run_case(args) -> dict:
     ids, mask, sync = random_batch(model, args)
     out: dict = {"case": args.case, "model": args.model, "model_bytes": model_bytes, "host": _host_seen()}
     close = lambda: None  # noqa: E731
+    summary_times = None
     path = os.path.join(args.dir, f"{args.model}-{args.case}.zarr")
 
     if args.case == "plain":
@@ -229,9 +252,15 @@ def run_case(args) -> dict:
             return cache
     else:
         the_tap, step, close = tap_steps(model, path, ids, mask, **TAP_OPTIONS.get(args.case, {}))
+        summary_times = _time_summaries(the_tap)
 
     out.update(time_steps(step, close, sync, args.batches), peak_rss=_peak(), base_rss=base_rss,
                tokens=int(mask.sum()))
+    if args.case in TAPS and summary_times is not None:
+        # on the model's thread, per timed batch (the warm-up's first fold makes the state); the writes
+        # of the summaries into the store (at close here; every summarise_every seconds in a long capture)
+        out["summary_step"] = summary_times["update"][1:]
+        out["summary_write"] = summary_times["write"]
     if args.case in TAPS:
         out.update(store_bytes(path))
         # per token the model read (a positions= capture stores fewer than it reads)
@@ -492,6 +521,19 @@ def main() -> None:
                                f"{rate:,.0f} MB/s ({rate / (disk / 1e6):.0%}) over the whole run")
             print(f"| {MODELS[model]} | {LABELS[r['case']]} | {t:.3f} | {t / plain['median']:.2f} | "
                   f"{r['peak_rss'] / 2**30:.2f} GiB | {disk_col} | {ratio_col} | {writer} |")
+    steps = [(model, r) for model in models for r in results if r["model"] == model and r.get("summary_step")]
+    if steps:
+        print("\nThe summary step on the model's thread (median of the timed batches of the median round) "
+              "against the plain forward's median batch; the summaries' write into the store at close "
+              "(every `summarise_every` = 300 s in a long capture):\n")
+        print("| model | case | summary step s/batch | % of plain | summary write s | per 300 s |")
+        print("| --- | --- | ---: | ---: | ---: | ---: |")
+        for model, r in steps:
+            plain = next((p for p in results if p["model"] == model and p["case"] == "plain"), None)
+            t = statistics.median(r["summary_step"])
+            pct = f"{t / plain['median']:.1%}" if plain else ""
+            w = sum(r["summary_write"])
+            print(f"| {MODELS[model]} | {LABELS[r['case']]} | {t:.3f} | {pct} | {w:.2f} | {w / 300:.1%} |")
     if memory is not None:
         m = memory
         mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
