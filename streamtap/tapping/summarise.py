@@ -304,7 +304,8 @@ class Summariser:
         hist = g["hist"][cols].reshape(-1)   # a view: rows of a contiguous matrix
         if cpu:
             np.copyto(flat.numpy(), jv, casting="unsafe")
-            np.add.at(hist.numpy(), flat.numpy().reshape(-1), 1)   # in place: the rows stay in cache
+            h = hist.numpy()
+            np.add.at(h, flat.numpy().reshape(-1), h.dtype.type(1))   # in place, in cache; a 1 of the counts' type
         else:
             flat.copy_(j)
             hist.index_add_(0, flat.reshape(-1), torch.ones(flat.numel(), dtype=hist.dtype, device=hist.device))
