@@ -44,13 +44,14 @@ _jit = numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy"
 
 
 @_jit
-def _stats(x, t0, tb, b0, cb, first, s1, s2, lo, hi, kmin, beats):
+def _stats(x, t0, tb, b0, cb, first, s1, s2, lo, hi, kmin, beats, rows_hit):
     """Sums (shifted by each component's first token), min and max of a tile; ``beats[c]`` > 0 where
-    some value beats component c's k-th kept value."""
+    some value beats component c's k-th kept value, ``rows_hit[i]`` > 0 where some value of row i does."""
     for c in range(cb):
         beats[c] = 0
     for i in range(tb):
         row = x[t0 + i, b0:b0 + cb]
+        hit = 0
         for c in range(cb):
             v = np.float64(row[c])
             y = v - first[c]     # sum(y^2) - sum(y)^2/T stays exact enough with the shift
@@ -58,7 +59,10 @@ def _stats(x, t0, tb, b0, cb, first, s1, s2, lo, hi, kmin, beats):
             s2[c] += y * y
             lo[c] = min(lo[c], v)
             hi[c] = max(hi[c], v)
-            beats[c] |= v > kmin[c]
+            b = v > kmin[c]
+            beats[c] |= b
+            hit |= b
+        rows_hit[i] = hit
 
 
 @_jit
@@ -122,11 +126,13 @@ def _scatter(hist, row0, cb, tb, index):
 
 
 @_jit
-def _top(x, t0, tb, b0, row0, columns, kmin, kslot, top_value, top_token):
-    """In the ``columns`` where some value beats the k-th kept one, every such value takes that slot
-    (the row of its token goes into ``top_token``); the kept k are a set in no order."""
+def _top(x, t0, tb, b0, row0, columns, rows_hit, kmin, kslot, top_value, top_token):
+    """In the ``columns`` and ``rows_hit`` where some value beats the k-th kept one, every such value
+    takes that slot (the row of its token goes into ``top_token``); the kept k are a set in no order."""
     k = top_value.shape[1]
     for i in range(tb):
+        if not rows_hit[i]:
+            continue
         row = x[t0 + i, b0:]
         for c in columns:
             v = np.float64(row[c])
@@ -153,6 +159,7 @@ def _columns(x, bits, exact_bits, c0, c1, at, ln_low, inv_ln_gamma, margin, edge
     lo, hi, first = np.empty(BLOCK), np.empty(BLOCK), np.empty(BLOCK)
     kmin, kslot = np.empty(BLOCK), np.empty(BLOCK, np.int64)
     beats = np.empty(BLOCK, np.uint8)
+    rows_hit = np.empty(TILE, np.uint8)
     index = np.empty((TILE, BLOCK), np.int32)
     for b0 in range(c0, c1, BLOCK):
         cb = min(BLOCK, c1 - b0)
@@ -167,14 +174,14 @@ def _columns(x, bits, exact_bits, c0, c1, at, ln_low, inv_ln_gamma, margin, edge
             kmin[c], kslot[c] = top_value[row0 + c, m], m
         for t0 in range(0, T, TILE):
             tb = min(TILE, T - t0)
-            _stats(x, t0, tb, b0, cb, first, s1, s2, lo, hi, kmin, beats)
+            _stats(x, t0, tb, b0, cb, first, s1, s2, lo, hi, kmin, beats, rows_hit)
             unsure = _buckets(bits, t0, tb, b0, cb, n, ln_low, inv_ln_gamma, margin, index)
             if unsure or not exact_bits:
                 _exact(x, t0, tb, b0, cb, n, edges, index)
             _scatter(hist, row0, cb, tb, index)
             columns = np.flatnonzero(beats[:cb])   # early in a corpus most; later the few whose top-k moves
             if len(columns):
-                _top(x, t0, tb, b0, row0, columns, kmin, kslot, top_value, top_token)
+                _top(x, t0, tb, b0, row0, columns, rows_hit, kmin, kslot, top_value, top_token)
         for c in range(cb):   # Chan's merge of the batch into the kept statistics
             r = row0 + c
             mean_b = first[c] + s1[c] / T
