@@ -328,3 +328,19 @@ def test_sink_mass_covers_every_token_model_generate_feeds(arch, tmp_path):
     for name, ref in (("mean", x.mean(0)), ("var", x.var(0)), ("min", x.min(0)), ("max", x.max(0))):
         np.testing.assert_allclose(res[name].values, ref, rtol=0, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(res.top_value.values, -np.sort(-x, axis=0)[:SETTINGS["top_k"]].T, rtol=0, atol=1e-6)
+
+
+def test_a_bfloat16_model_s_summaries_are_the_same_whichever_way_the_cpu_folds_them(tmp_path, monkeypatch):
+    """The compiled fold widens bfloat16 a chunk at a time; numpy's and torch's folds widen it their way."""
+    from streamtap.tapping.summarise import Summariser
+
+    model = tiny_model("llama", dtype="bfloat16").eval()
+    texts = _corpus(model)
+    got = {}
+    for host in ("compiled", "numpy", "torch"):
+        monkeypatch.setattr(Summariser, "HOST", host)
+        st.capture(model, texts, tmp_path / f"{host}.zarr", batch_size=3, neurons=True, positions="last",
+                   summarise=SETTINGS)
+        got[host] = st.analysis.summaries(st.open(tmp_path / f"{host}.zarr"), q=(0.1, 0.5, 0.9))
+    for host in ("numpy", "torch"):
+        _same(got["compiled"], got[host], rtol=1e-12)
