@@ -40,7 +40,17 @@ LN_ERROR = 1e-10
 """A bound on the vectorised ln|x|'s error (the series' remainder 2 t^13 / 13 < 2e-11, rounding 1e-13):
 a value within ``LN_ERROR / ln gamma + 1e-9`` buckets of an edge is bucketed by the exact edges."""
 
-_jit = numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy") if AVAILABLE else (lambda f: f)
+
+def _jit(function):
+    """numba's compiled ``function``, cached on disk where numba finds a writable place (else compiled
+    once per process); the plain function where numba is missing."""
+    if not AVAILABLE:
+        return function
+    options = dict(nogil=True, boundscheck=False, error_model="numpy")
+    try:
+        return numba.njit(cache=True, **options)(function)
+    except RuntimeError:   # "no locator available": a read-only install and no user cache directory
+        return numba.njit(**options)(function)
 
 
 @_jit

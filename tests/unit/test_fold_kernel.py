@@ -88,3 +88,21 @@ def test_statistics_and_top_k_over_batches_equal_numpy_whatever_the_threads(dtyp
 def test_settings_below_float32_range_take_the_numpy_fold():
     assert fold_kernel.usable(Settings())
     assert not fold_kernel.usable(Settings(low=1e-40, high=1.0))
+
+
+def test_without_a_writable_cache_the_kernel_compiles_in_process(monkeypatch):
+    """numba refuses cache=True where it finds no writable cache directory (a read-only install): the
+    kernel then compiles once per process instead of failing to import."""
+    real = fold_kernel.numba.njit
+
+    def njit(cache=False, **options):
+        if cache:
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'f.py'")
+        return real(**options)
+
+    monkeypatch.setattr(fold_kernel.numba, "njit", njit)
+
+    def double(x):
+        return 2 * x
+
+    assert fold_kernel._jit(double)(21) == 42
