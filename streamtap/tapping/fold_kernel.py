@@ -149,7 +149,7 @@ def _top(x, t0, tb, b0, row0, columns, rows_hit, kmin, kslot, top_value, top_tok
             if v > kmin[c]:
                 r = row0 + c
                 top_value[r, kslot[c]] = v
-                top_token[r, kslot[c]] = t0 + i
+                top_token[b0 + c, kslot[c]] = t0 + i
                 m = 0
                 for q in range(1, k):
                     if top_value[r, q] < top_value[r, m]:
@@ -160,7 +160,8 @@ def _top(x, t0, tb, b0, row0, columns, rows_hit, kmin, kslot, top_value, top_tok
 @_jit
 def _columns(x, bits, exact_bits, c0, c1, at, ln_low, inv_ln_gamma, margin, edges, n, count, mean, m2, vmin, vmax,
              hist, top_value, top_token):
-    """Fold columns ``c0 .. c1`` of ``x`` (token, component) into state rows ``at + c0 ..``.
+    """Fold columns ``c0 .. c1`` of ``x`` (token, component) into state rows ``at + c0 ..`` (``top_token``
+    has a row per column of ``x``).
     ``exact_bits``: ``bits`` are ``x``'s own float32 bits (else a rounded copy's: every bucket is
     checked against the edges)."""
     T = x.shape[0]
@@ -223,9 +224,9 @@ def fold(x: np.ndarray, state: dict[str, np.ndarray], at: int, settings: S.Setti
     batch took, that token's row in ``x`` (-1 elsewhere), from which the caller fills in its sequence,
     position and window. ``threads`` split the components."""
     T, C = x.shape
-    top_token = np.full((len(state["count"]), settings.top_k), -1, np.int64)
+    top_token = np.full((C, settings.top_k), -1, np.int64)
     if T == 0 or C == 0:
-        return top_token[at:at + C]
+        return top_token
     if x.dtype == np.float32:
         bits, exact_bits = x.view(np.int32), True
     else:   # a float64's rounded bits only guess its bucket: the edges decide every one
@@ -243,7 +244,7 @@ def fold(x: np.ndarray, state: dict[str, np.ndarray], at: int, settings: S.Setti
             for done in [pool.submit(_columns, x, bits, exact_bits, c, min(c + step, C), *args)
                          for c in range(0, C, step)]:
                 done.result()
-    return top_token[at:at + C]
+    return top_token
 
 
 __all__ = ["AVAILABLE", "fold", "usable"]

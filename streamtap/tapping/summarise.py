@@ -254,12 +254,8 @@ class Summariser:
                                      torch.get_num_threads())
             rows, slots = np.nonzero(taken >= 0)
             if len(rows):
-                seq, pos, windows = ctx
-                token = torch.from_numpy(taken[rows, slots])
-                rows, slots = torch.from_numpy(rows + at + c0), torch.from_numpy(slots)
-                g["top_seq"][rows, slots] = seq[token]
-                g["top_pos"][rows, slots] = pos[token]
-                g["top_window"][rows, slots] = windows[token].long()
+                self._contexts(g, torch.from_numpy(rows + at + c0), torch.from_numpy(slots),
+                               torch.from_numpy(taken[rows, slots]), ctx)
 
     BLOCK_VALUES = 1 << 18
     """Values per block on the CPU: the block's float32 copy is 1 MiB (a core's L2), its float64 copy and
@@ -370,7 +366,6 @@ class Summariser:
         components ``rows``. The kept k are a set in no order (``summaries()`` sorts them on read): a
         batch value that makes the cut takes the slot of a kept one that leaves, and only those slots
         are written, so a component whose top-k barely moves costs next to nothing."""
-        seq, pos, windows = ctx
         k = self.settings.top_k
         vals, idx = torch.topk(x, min(k, x.shape[1]), dim=1, sorted=False)   # (c, kb)
         values = torch.cat([g["top_value"][rows], vals.double()], dim=1)      # (c, k + kb)
@@ -383,9 +378,15 @@ class Summariser:
         at, slot = rows[leave[:, 0]], leave[:, 1]
         token = idx[come[:, 0], come[:, 1]]
         g["top_value"][at, slot] = vals[come[:, 0], come[:, 1]].double()
-        g["top_seq"][at, slot] = seq[token]
-        g["top_pos"][at, slot] = pos[token]
-        g["top_window"][at, slot] = windows[token].long()
+        self._contexts(g, at, slot, token, ctx)
+
+    @staticmethod
+    def _contexts(g: dict[str, torch.Tensor], rows, slots, token, ctx) -> None:
+        """The kept slots ``(rows, slots)`` a batch's ``token`` took get its sequence, position and window."""
+        seq, pos, windows = ctx
+        g["top_seq"][rows, slots] = seq[token]
+        g["top_pos"][rows, slots] = pos[token]
+        g["top_window"][rows, slots] = windows[token].long()
 
     def reset(self) -> None:
         """Forget what was folded in (after it was written into the store): the next write adds only
