@@ -46,9 +46,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = ("plain", "nnsight", "tl", "tl-result", "streamtap", "streamtap-patterns", "streamtap-last", "streamtap-project",
-         "streamtap-summarise", "streamtap-last-summarise", "streamtap-last-neurons", "streamtap-last-neurons-summarise")
+         "streamtap-summarise", "streamtap-last-summarise", "streamtap-last-neurons", "streamtap-last-neurons-summarise",
+         "streamtap-last-neurons-summarise-noq")
 TAPS = ("streamtap", "streamtap-patterns", "streamtap-last", "streamtap-project", "streamtap-summarise",
-        "streamtap-last-summarise", "streamtap-last-neurons", "streamtap-last-neurons-summarise")  # write a store
+        "streamtap-last-summarise", "streamtap-last-neurons", "streamtap-last-neurons-summarise",
+        "streamtap-last-neurons-summarise-noq")  # write a store
 # the selective cases (issue 24): only each sequence's last token; every component projected onto one
 # logit direction (token id 1: the cost does not depend on which) and no d_model term
 TAP_OPTIONS = {"streamtap-patterns": {"patterns": True}, "streamtap-last": {"positions": "last"},
@@ -58,7 +60,10 @@ TAP_OPTIONS = {"streamtap-patterns": {"patterns": True}, "streamtap-last": {"pos
                "streamtap-last-summarise": {"positions": "last", "summarise": True},
                # the neurons' own summaries: the same capture with and without them
                "streamtap-last-neurons": {"positions": "last", "neurons": True},
-               "streamtap-last-neurons-summarise": {"positions": "last", "neurons": True, "summarise": True}}
+               "streamtap-last-neurons-summarise": {"positions": "last", "neurons": True, "summarise": True},
+               # ... without the neurons' quantile sketch (the costly part)
+               "streamtap-last-neurons-summarise-noq": {"positions": "last", "neurons": True,
+                                                         "summarise": {"neuron_quantiles": False}}}
 LABELS = {
     "plain": "plain HF forward",
     "nnsight": "nnsight: save z + MLP out (memory)",
@@ -72,6 +77,8 @@ LABELS = {
     "streamtap-last-summarise": "streamtap → Zarr, positions=\"last\", summarise=True",
     "streamtap-last-neurons": "streamtap → Zarr, positions=\"last\", neurons=True",
     "streamtap-last-neurons-summarise": "streamtap → Zarr, positions=\"last\", neurons=True, summarise=True",
+    "streamtap-last-neurons-summarise-noq": "streamtap → Zarr, positions=\"last\", neurons=True, "
+                                            "summarise neuron_quantiles=off",
 }
 PLAIN_FORWARDS = 5  # before the memory probe's capture
 # the host settings the flags control; unless a flag sets one, it is removed from the children's

@@ -74,7 +74,7 @@ def time_one(cls, args, data, groups, host=None) -> float:
     if host is not None:
         cls.HOST = host
     bound = types.SimpleNamespace(n_layers=args.layers)
-    s = cls(Settings(), bound)
+    s = cls(Settings.parse(args.settings), bound)
     s.prepare(static)
     sub = {k: v for k, v in out.items() if k in groups or k == "resid_final"}
     s.update(sub, ids, mask, seq, pos, 8)          # the state exists: what follows is a steady batch
@@ -96,6 +96,7 @@ def main(argv=None) -> None:
     p.add_argument("--neurons", type=int, default=3072)
     p.add_argument("--seen", type=int, default=0, help="tokens the kept top-k stand for (0: one batch)")
     p.add_argument("--groups", default="neuron_act", help="comma-separated terms: neuron_act,z,mlp_out")
+    p.add_argument("--settings", default="on", help="summarise= settings, e.g. neuron_quantiles=off")
     args = p.parse_args(argv)
     data = batch(args.tokens, args.layers, 12, 64, args.neurons, 768)
     groups = set(args.groups.split(","))
@@ -108,7 +109,8 @@ def main(argv=None) -> None:
     for _ in range(args.repeats):
         for name, (cls, host) in classes.items():
             times[name].append(time_one(cls, args, data, groups, host))
-    print(f"summary step, {args.tokens} tokens x {args.layers} layers, groups {sorted(groups)}, seen {args.seen}, "
+    print(f"summary step, {args.tokens} tokens x {args.layers} layers, groups {sorted(groups)}, settings {args.settings}, "
+          f"seen {args.seen}, "
           f"torch threads {torch.get_num_threads()}, {args.repeats} repeats alternating")
     for name, ts in times.items():
         print(f"  {name:>24}: median {statistics.median(ts):.3f} s  (min {min(ts):.3f}, max {max(ts):.3f})")

@@ -106,7 +106,8 @@ class CaptureOptions:
     summarise: Any = _opt(None, "Keep running statistics (count, mean, variance, min, max, a quantile sketch) and the "
                                 "top-k contexts of every head's output norm, MLP output norm, neuron activation "
                                 "(neurons), projected contribution (project) and attention sink mass (patterns) "
-                                "over every real token, stored or not: True, or settings such as top_k=16,window=8,alpha=0.02.",
+                                "over every real token, stored or not: True, or settings such as top_k=16,window=8,alpha=0.02 "
+                                "(neuron_quantiles=off: no sketch for neurons, most of their cost).",
                           flag="--summarise", parse="summarise")
     summarise_every: float = _opt(300.0, "Seconds between writes of the summaries into the store while capturing "
                                          "(and at the end): a crash loses at most that much of them, which a resume "

@@ -80,7 +80,8 @@ def _labels(g: str, comp: dict) -> np.ndarray:
 def summaries(source, q=(0.01, 0.1, 0.5, 0.9, 0.99), *, tokenizer=None, text: bool = True,
               storage_options: dict | None = None) -> dict[str, xr.Dataset]:
     """Each summarised group as a Dataset over ``component``: ``count``, ``mean``, ``var`` (population),
-    ``std``, ``min``, ``max``, ``quantile`` (component, q) from the sketch, and the top contexts
+    ``std``, ``min``, ``max``, ``quantile`` (component, q) from the sketch (neurons captured with
+    ``neuron_quantiles=False`` have none; their attribute ``quantile`` says so), and the top contexts
     (component, rank): ``top_value``, ``top_seq``, ``top_pos``, ``top_token`` (the id at that position),
     ``top_window`` (component, rank, offset; -1 outside the sequence) and, with ``text``,
     ``top_text``: the window as text with the top token in brackets.
@@ -119,16 +120,24 @@ def summaries(source, q=(0.01, 0.1, 0.5, 0.9, 0.99), *, tokenizer=None, text: bo
         top_token = np.where(filled, st["top_window"][:, :, w], -1)
         data = {"count": ("component", st["count"]), "mean": ("component", st["mean"]), "var": ("component", var),
                 "std": ("component", np.sqrt(var)), "min": ("component", st["min"]), "max": ("component", st["max"]),
-                "quantile": (("component", "q"), S.quantiles(st["hist"], st["min"], st["max"], q, settings)),
                 "top_value": (("component", "rank"), np.where(filled, st["top_value"], np.nan)),
                 "top_seq": (("component", "rank"), st["top_seq"]), "top_pos": (("component", "rank"), st["top_pos"]),
                 "top_token": (("component", "rank"), top_token),
                 "top_window": (("component", "rank", "offset"), st["top_window"])}
-        out[g] = xr.Dataset(data, coords=coords, attrs={
-            "group": g, "value": _VALUE[g], "sketch": json.dumps(meta["settings"]), **coverage})
+        attrs = {"group": g, "value": _VALUE[g], "sketch": json.dumps(meta["settings"]), **coverage}
+        if st["hist"].shape[1]:
+            data["quantile"] = (("component", "q"), S.quantiles(st["hist"], st["min"], st["max"], q, settings))
+        else:
+            attrs["quantile"] = NO_QUANTILES
+        out[g] = xr.Dataset(data, coords=coords, attrs=attrs)
         if text:
             out[g]["top_text"] = context_text(out[g], ds, tokenizer)
     return out
+
+
+NO_QUANTILES = ("not kept: the capture summarised neurons with neuron_quantiles=False (no sketch); capture with "
+                "summarise={'neuron_quantiles': True} (the default) for their quantiles")
+"""The ``quantile`` attribute of a group captured without a sketch (which then has no ``quantile`` variable)."""
 
 
 def context_text(result: xr.Dataset, ds: xr.Dataset | None = None, tokenizer=None) -> xr.DataArray:

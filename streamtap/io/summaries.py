@@ -8,7 +8,8 @@ contribution onto each projected direction), over every real token the model saw
 * ``count``, ``mean``, ``m2`` (the sum of squared deviations, so ``var = m2 / count``), ``min``, ``max``,
   in float64, merged with Chan's parallel formula;
 * ``hist``: a log-bucket quantile sketch (DDSketch's mapping, relative accuracy ``alpha``), merged by
-  adding counts;
+  adding counts; none (zero buckets) for neurons with ``neuron_quantiles=False``, the costly part of
+  summarising every neuron;
 * ``top_value``/``top_seq``/``top_pos``/``top_window``: the ``top_k`` largest values with their
   sequence, position and the token ids of ``window`` tokens either side (-1 outside the sequence).
 
@@ -39,9 +40,12 @@ STATS = tuple(SUMMARY_STATS)
 SUMMARY_ATTR = "summaries"
 GROUP_PREFIX = SUMMARY_GROUP.format(n="")
 
-DEFAULTS = {"top_k": 16, "window": 8, "alpha": 0.02, "low": 1e-4, "high": 1e4}
+DEFAULTS = {"top_k": 16, "window": 8, "alpha": 0.02, "low": 1e-4, "high": 1e4, "neuron_quantiles": True}
 """``top_k`` contexts per component, ``window`` token ids either side, the sketch's relative accuracy
-``alpha`` on magnitudes in ``[low, high]``."""
+``alpha`` on magnitudes in ``[low, high]``; ``neuron_quantiles``: whether neurons get a sketch too (it is
+most of the cost of summarising every neuron: docs/analysis.md, "Cost")."""
+_FLOATS = ("alpha", "low", "high")
+_SWITCHES = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False, "0": False}
 
 ROUNDING = 4e-6
 """What rounding at a bucket edge may add to ``alpha`` in the documented guarantee. The capture now computes the
@@ -58,6 +62,7 @@ class Settings:
     alpha: float = DEFAULTS["alpha"]
     low: float = DEFAULTS["low"]
     high: float = DEFAULTS["high"]
+    neuron_quantiles: bool = DEFAULTS["neuron_quantiles"]
 
     @classmethod
     def parse(cls, value) -> "Settings | None":
@@ -79,8 +84,14 @@ class Settings:
                 if not eq:
                     raise OptionError(f"option summarise={value!r}: {item!r} is not name=value (e.g. --summarise "
                                       "top_k=16,window=8,alpha=0.02, or --summarise on)")
+                name = name.strip()
+                if name == "neuron_quantiles":
+                    if number.strip().lower() not in _SWITCHES:
+                        raise OptionError(f"option summarise: {item!r} needs on or off")
+                    pairs[name] = _SWITCHES[number.strip().lower()]
+                    continue
                 try:
-                    pairs[name.strip()] = float(number) if name.strip() in ("alpha", "low", "high") else int(number)
+                    pairs[name] = float(number) if name in _FLOATS else int(number)
                 except ValueError:
                     raise OptionError(f"option summarise: {item!r} needs a number") from None
             value = pairs
@@ -97,6 +108,8 @@ class Settings:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (1 if name == "top_k" else 0):
                 raise OptionError(f"option summarise: {name}={v!r} must be an integer "
                                   f"{'>= 1' if name == 'top_k' else '>= 0'}")
+        if not isinstance(out.neuron_quantiles, (bool, np.bool_)):
+            raise OptionError(f"option summarise: neuron_quantiles={out.neuron_quantiles!r} must be True or False")
         if not 0 < out.alpha < 0.5:
             raise OptionError(f"option summarise: alpha={out.alpha!r} must be between 0 and 0.5 (the sketch's "
                               "relative accuracy, e.g. 0.02)")
@@ -117,9 +130,16 @@ class Settings:
     def n_buckets(self) -> int:
         return 2 * self.n_side + 1
 
+    def buckets(self, group: str) -> int:
+        """The sketch's buckets for a group's components: none for neurons without ``neuron_quantiles``."""
+        return 0 if group == "neuron" and not self.neuron_quantiles else self.n_buckets
+
     def as_dict(self) -> dict:
-        return {"top_k": int(self.top_k), "window": int(self.window), "alpha": float(self.alpha),
-                "low": float(self.low), "high": float(self.high)}
+        """The settings as a store records them (``neuron_quantiles`` only where off, so the summaries of
+        stores written before it existed compare equal to the defaults')."""
+        out = {"top_k": int(self.top_k), "window": int(self.window), "alpha": float(self.alpha),
+               "low": float(self.low), "high": float(self.high)}
+        return out if self.neuron_quantiles else {**out, "neuron_quantiles": False}
 
 
 def bucket_values(settings: Settings) -> np.ndarray:
@@ -180,11 +200,11 @@ def quantiles(hist: np.ndarray, vmin: np.ndarray, vmax: np.ndarray, q, settings:
 
 
 # -- the state ---------------------------------------------------------------------------------------
-def empty_state(n: int, settings: Settings) -> dict[str, np.ndarray]:
-    """The state of ``n`` components that have seen nothing."""
+def empty_state(n: int, settings: Settings, group: str = "") -> dict[str, np.ndarray]:
+    """The state of ``n`` components of ``group`` that have seen nothing."""
     k, w = settings.top_k, 2 * settings.window + 1
-    return {"count": np.zeros(n, np.int64), "mean": np.zeros(n), "m2": np.zeros(n),
-            "min": np.full(n, np.inf), "max": np.full(n, -np.inf), "hist": np.zeros((n, settings.n_buckets), np.int64),
+    return {"count": np.zeros(n, np.int64), "mean": np.zeros(n), "m2": np.zeros(n), "min": np.full(n, np.inf),
+            "max": np.full(n, -np.inf), "hist": np.zeros((n, settings.buckets(group)), np.int64),
             "top_value": np.full((n, k), -np.inf), "top_seq": np.full((n, k), -1, np.int64),
             "top_pos": np.full((n, k), -1, np.int64), "top_window": np.full((n, k, w), -1, np.int64)}
 

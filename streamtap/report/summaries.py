@@ -37,10 +37,11 @@ def section(page, ds, tokenizer=None) -> None:
         _contexts(page, some, context_text(some, ds, tokenizer), "summary_neurons",
                   f"the top {CONTEXTS} contexts of the {len(picks)} neurons with the largest activation seen")
     for group, r in res.items():
+        quantile = r["quantile"].values if "quantile" in r else np.full((r.sizes["component"], 2), np.nan)
         page.csv([{"component": str(r.component.values[c]), "count": int(r["count"].values[c]),
                    "mean": float(r["mean"].values[c]), "std": float(r["std"].values[c]),
                    "min": float(r["min"].values[c]), "max": float(r["max"].values[c]),
-                   "median": float(r["quantile"].values[c, 0]), "q99": float(r["quantile"].values[c, 1])}
+                   "median": float(quantile[c, 0]), "q99": float(quantile[c, 1])}
                   for c in range(r.sizes["component"])], f"summary_stats_{group}")
 
 

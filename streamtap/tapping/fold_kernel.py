@@ -166,6 +166,7 @@ def _columns(x, bits, exact_bits, c0, c1, at, ln_low, inv_ln_gamma, margin, edge
     checked against the edges)."""
     T = x.shape[0]
     k = top_value.shape[1]
+    sketch = hist.shape[1] > 0   # none: neurons without neuron_quantiles
     s1, s2 = np.empty(BLOCK), np.empty(BLOCK)
     lo, hi, first = np.empty(BLOCK), np.empty(BLOCK), np.empty(BLOCK)
     kmin, kslot = np.empty(BLOCK), np.empty(BLOCK, np.int64)
@@ -186,10 +187,11 @@ def _columns(x, bits, exact_bits, c0, c1, at, ln_low, inv_ln_gamma, margin, edge
         for t0 in range(0, T, TILE):
             tb = min(TILE, T - t0)
             _stats(x, t0, tb, b0, cb, first, s1, s2, lo, hi, kmin, beats, rows_hit)
-            unsure = _buckets(bits, t0, tb, b0, cb, n, ln_low, inv_ln_gamma, margin, index)
-            if unsure or not exact_bits:
-                _exact(x, t0, tb, b0, cb, n, edges, index)
-            _scatter(hist, row0, cb, tb, index)
+            if sketch:
+                unsure = _buckets(bits, t0, tb, b0, cb, n, ln_low, inv_ln_gamma, margin, index)
+                if unsure or not exact_bits:
+                    _exact(x, t0, tb, b0, cb, n, edges, index)
+                _scatter(hist, row0, cb, tb, index)
             columns = np.flatnonzero(beats[:cb])   # early in a corpus most; later the few whose top-k moves
             if len(columns):
                 _top(x, t0, tb, b0, row0, columns, rows_hit, kmin, kslot, top_value, top_token)
@@ -229,6 +231,8 @@ def fold(x: np.ndarray, state: dict[str, np.ndarray], at: int, settings: S.Setti
         return top_token
     if x.dtype == np.float32:
         bits, exact_bits = x.view(np.int32), True
+    elif not state["hist"].shape[1]:   # no sketch: the bits are not read
+        bits, exact_bits = np.empty((0, 0), np.int32), True
     else:   # a float64's rounded bits only guess its bucket: the edges decide every one
         big = np.finfo(np.float32).max
         bits, exact_bits = np.clip(x, -big, big).astype(np.float32).view(np.int32), False

@@ -86,7 +86,7 @@ class Summariser:
         traffic of the scattered increments: 136 MiB, not 272, for GPT-2's neurons) while fewer than
         2^31 tokens have been folded since the last write, then in int64, the stored type."""
         if name not in self.state:
-            st = S.empty_state(n, self.settings)
+            st = S.empty_state(n, self.settings, name)
             st["hist"] = st["hist"].astype(np.int32)
             self.state[name] = {k: torch.from_numpy(v).to(device) for k, v in st.items()}
             self.components[name] = labels
@@ -296,15 +296,16 @@ class Summariser:
         flat = self._buffer("flat", (T, C), torch.int64, x.device)
         xp, xv, yv, jv = (_NUMPY, xb.numpy(), y.numpy(), j.numpy()) if cpu else (_TORCH, xb, y, j)
         xp.copy(yv, xv)
-        self._index(xp, yv, jv)
-        hist = g["hist"][cols].reshape(-1)   # a view: rows of a contiguous matrix
-        if cpu:
-            np.copyto(flat.numpy(), jv, casting="unsafe")
-            h = hist.numpy()
-            np.add.at(h, flat.numpy().reshape(-1), h.dtype.type(1))   # in place, in cache; a 1 of the counts' type
-        else:
-            flat.copy_(j)
-            hist.index_add_(0, flat.reshape(-1), torch.ones(flat.numel(), dtype=hist.dtype, device=hist.device))
+        if g["hist"].shape[1]:   # a sketch (none for neurons without neuron_quantiles)
+            self._index(xp, yv, jv)
+            hist = g["hist"][cols].reshape(-1)   # a view: rows of a contiguous matrix
+            if cpu:
+                np.copyto(flat.numpy(), jv, casting="unsafe")
+                h = hist.numpy()
+                np.add.at(h, flat.numpy().reshape(-1), h.dtype.type(1))   # in place, in cache; a 1 of the counts' type
+            else:
+                flat.copy_(j)
+                hist.index_add_(0, flat.reshape(-1), torch.ones(flat.numel(), dtype=hist.dtype, device=hist.device))
         first = yv[0].copy() if cpu else y[0].clone()
         xp.sub(yv, first, out=yv)
         s1 = yv.sum(0)

@@ -134,7 +134,8 @@ def _same(a, b, rtol=1e-12):
             np.testing.assert_array_equal(a[g][name].values[above], b[g][name].values[above], err_msg=f"{g} {name}")
         for name in ("mean", "var"):
             np.testing.assert_allclose(a[g][name].values, b[g][name].values, rtol=rtol, err_msg=f"{g} {name}")
-        np.testing.assert_array_equal(a[g]["quantile"].values, b[g]["quantile"].values)
+        if "quantile" in a[g] or "quantile" in b[g]:   # both or neither
+            np.testing.assert_array_equal(a[g]["quantile"].values, b[g]["quantile"].values)
 
 
 def test_rank_stores_and_appends_merge_to_one_capture_over_both(tmp_path):
@@ -161,6 +162,44 @@ def test_rank_stores_and_appends_merge_to_one_capture_over_both(tmp_path):
     assert [n for n, _ in root.groups()] == [json.loads(root.attrs["summaries"])["group"]]
 
 
+@pytest.mark.parametrize("host", ["compiled", "numpy", "torch"])
+def test_neurons_without_quantiles_keep_every_other_statistic(host, tmp_path, monkeypatch):
+    """``neuron_quantiles=False`` drops only the neurons' sketch: their other statistics and top contexts,
+    and every other group with its quantiles, equal a default capture's (which the test above checks
+    against numpy over a full store); the result says why there are no neuron quantiles; an append
+    with the default settings is refused; the report still renders every group's statistics."""
+    import csv
+
+    from streamtap.analysis.summaries import NO_QUANTILES
+    from streamtap.report import write_report
+    from streamtap.tapping.summarise import Summariser
+
+    monkeypatch.setattr(Summariser, "HOST", host)
+    model = tiny_model("gpt2").eval()
+    texts = _corpus(model, n=7, seed=4)
+    opts = dict(neurons=True, batch_size=3)
+    st.capture(model, texts, tmp_path / "all.zarr", summarise=SETTINGS, **opts)
+    st.capture(model, texts, tmp_path / "some.zarr", summarise={**SETTINGS, "neuron_quantiles": False}, **opts)
+    full = st.analysis.summaries(st.open(tmp_path / "all.zarr"), text=False)
+    some = st.analysis.summaries(st.open(tmp_path / "some.zarr"), text=False)
+    assert "quantile" not in some["neuron"] and some["neuron"].attrs["quantile"] == NO_QUANTILES
+    assert json.loads(some["neuron"].attrs["sketch"])["neuron_quantiles"] is False
+    _same({g: full[g].drop_vars("quantile") for g in full}, {g: some[g].drop_vars("quantile", errors="ignore")
+                                                           for g in some})
+    for g in ("head", "mlp"):
+        np.testing.assert_array_equal(full[g]["quantile"].values, some[g]["quantile"].values)
+    root = zarr.open_group(str(tmp_path / "some.zarr"), mode="r")
+    hist = root[json.loads(root.attrs["summaries"])["group"]]["neuron_hist"]
+    assert hist.shape == (some["neuron"].sizes["component"], 0)
+    with pytest.raises(OptionError, match="must summarise with the same settings"):
+        st.capture(model, texts[:2], tmp_path / "some.zarr", append=True, summarise=SETTINGS, **opts)
+    write_report(st.open(tmp_path / "some.zarr"), tmp_path / "report")
+    with open(tmp_path / "report" / "data" / "summary_stats_neuron.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == some["neuron"].sizes["component"]
+    assert all(r["median"] in ("", "nan") for r in rows) and float(rows[0]["max"]) == some["neuron"]["max"].values[0]
+
+
 def test_bad_summarise_options_are_refused_up_front(tmp_path):
     for bad, words in (({"top_k": 0}, "top_k=0"), ({"topk": 3}, "unknown setting 'topk'"),
                        ({"alpha": 0.7}, "alpha=0.7"), ({"window": -1}, "window=-1"), ("k3", "not name=value"),
@@ -170,6 +209,10 @@ def test_bad_summarise_options_are_refused_up_front(tmp_path):
         assert not (tmp_path / "x.zarr").exists()
     assert st.CaptureOptions(summarise="top_k=4,alpha=0.01").summarise == S.Settings(top_k=4, alpha=0.01)
     assert st.CaptureOptions(summarise="on").summarise == S.Settings()
+    assert st.CaptureOptions(summarise="neuron_quantiles=off").summarise == S.Settings(neuron_quantiles=False)
+    for bad, words in (("neuron_quantiles=2", "needs on or off"), ({"neuron_quantiles": "no"}, "True or False")):
+        with pytest.raises(OptionError, match=words):
+            st.CaptureOptions(summarise=bad)
     for bad in (-1, "soon", True):
         with pytest.raises(OptionError, match="summarise_every"):
             st.CaptureOptions(summarise=True, summarise_every=bad)

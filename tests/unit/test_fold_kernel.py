@@ -85,6 +85,25 @@ def test_statistics_and_top_k_over_batches_equal_numpy_whatever_the_threads(dtyp
     np.testing.assert_array_equal(state["hist"].sum(1), len(x))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_without_a_sketch_every_other_statistic_is_the_same(dtype):
+    """A state with no buckets (neurons with ``neuron_quantiles=False``) skips the sketch only."""
+    rng = np.random.default_rng(1)
+    settings = Settings(top_k=4)
+    x = (rng.standard_normal((fold_kernel.TILE + 9, fold_kernel.BLOCK + 3)) * 3).astype(dtype)
+    with_sketch = empty_state(x.shape[1], settings, "neuron")
+    without_settings = Settings(top_k=4, neuron_quantiles=False)
+    without = empty_state(x.shape[1], without_settings, "neuron")
+    assert without["hist"].shape == (x.shape[1], 0)
+    for a, b in ((0, 100), (100, len(x))):
+        taken = fold_kernel.fold(np.ascontiguousarray(x[a:b]), with_sketch, 0, settings, 2)
+        np.testing.assert_array_equal(fold_kernel.fold(np.ascontiguousarray(x[a:b]), without, 0, without_settings, 2),
+                                      taken)
+    for name in with_sketch:
+        if name != "hist":
+            np.testing.assert_array_equal(without[name], with_sketch[name], err_msg=name)
+
+
 def test_settings_below_float32_range_take_the_numpy_fold():
     assert fold_kernel.usable(Settings())
     assert not fold_kernel.usable(Settings(low=1e-40, high=1.0))
