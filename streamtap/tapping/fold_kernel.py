@@ -5,9 +5,9 @@ batch), so a pass per statistic (the numpy fold, ``streamtap.tapping.summarise``
 share of the forward. Here components are walked in blocks of ``BLOCK`` and tokens in tiles of ``TILE``:
 a tile is read from memory once, by the vectorised statistics, and then, from cache, takes its sketch
 buckets (a vectorised logarithm, checked against the exact bucket edges where it lands within its
-error of one), its histogram increments (each component's histogram rows stay in cache for the tile) and, only
-where some value beats a component's k-th kept one, the top-k update. Column ranges run on threads (the
-kernel releases the GIL). Results are the numpy twin's (``streamtap.io.summaries``): the same buckets
+error of one), its histogram increments (each component's histogram rows stay in cache for the tile)
+and, only where some value beats a component's k-th kept one, the top-k update with the token's
+context. Column ranges run on threads (the kernel releases the GIL). Results are the numpy twin's (``streamtap.io.summaries``): the same buckets
 exactly (:func:`streamtap.io.summaries.bucket_edges`), float64 sums, Chan's merge. Measurements:
 docs/benchmarks.md, "Summaries".
 
@@ -54,13 +54,12 @@ def _jit(function):
 
 
 @_jit
-def _stats(x, t0, tb, b0, cb, first, s1, s2, lo, hi, kmin, beats, rows_hit):
-    """Sums (shifted by each component's first token), min and max of a tile; ``beats[c]`` > 0 where
-    some value beats component c's k-th kept value, ``rows_hit[i]`` > 0 where some value of row i does."""
-    for c in range(cb):
-        beats[c] = 0
+def _stats(x, t0, tb, b0, cb, first, s1, s2, lo, hi, kmin, hits, rows_hit):
+    """Sums (shifted by each component's first token), min and max of a tile; ``hits[i, c]`` is 1 where
+    the value beats component c's k-th kept value, ``rows_hit[i]`` > 0 where some value of row i does."""
     for i in range(tb):
         row = x[t0 + i, b0:b0 + cb]
+        hit_row = hits[i]
         hit = 0
         for c in range(cb):
             v = np.float64(row[c])
@@ -70,7 +69,7 @@ def _stats(x, t0, tb, b0, cb, first, s1, s2, lo, hi, kmin, beats, rows_hit):
             lo[c] = min(lo[c], v)
             hi[c] = max(hi[c], v)
             b = v > kmin[c]
-            beats[c] |= b
+            hit_row[c] = b
             hit |= b
         rows_hit[i] = hit
 
@@ -136,32 +135,40 @@ def _scatter(hist, row0, cb, tb, index):
 
 
 @_jit
-def _top(x, t0, tb, b0, row0, columns, rows_hit, kmin, kslot, top_value, top_token):
-    """In the ``columns`` and ``rows_hit`` where some value beats the k-th kept one, every such value
-    takes that slot (the row of its token goes into ``top_token``); the kept k are a set in no order."""
+def _top(x, t0, tb, b0, row0, hits, rows_hit, kmin, kslot, top_value, seq, pos, windows, top_seq, top_pos,
+         top_window):
+    """Where ``hits`` says a value beat the k-th kept one (read 8 components a word: early in a corpus
+    many do, later few), it takes that slot if it still does, with its token's sequence, position and
+    window; the kept k are a set in no order."""
     k = top_value.shape[1]
     for i in range(tb):
         if not rows_hit[i]:
             continue
         row = x[t0 + i, b0:]
-        for c in columns:
-            v = np.float64(row[c])
-            if v > kmin[c]:
-                r = row0 + c
-                top_value[r, kslot[c]] = v
-                top_token[b0 + c, kslot[c]] = t0 + i
-                m = 0
-                for q in range(1, k):
-                    if top_value[r, q] < top_value[r, m]:
-                        m = q
-                kmin[c], kslot[c] = top_value[r, m], m
+        words = hits[i].view(np.uint64)
+        t = t0 + i
+        for w in range(words.shape[0]):
+            if words[w] == 0:
+                continue
+            for c in range(8 * w, 8 * w + 8):
+                v = np.float64(row[c]) if hits[i, c] else -np.inf
+                if v > kmin[c]:   # the k-th kept may have risen since the tile's statistics
+                    r, s = row0 + c, kslot[c]
+                    top_value[r, s] = v
+                    top_seq[r, s] = seq[t]
+                    top_pos[r, s] = pos[t]
+                    top_window[r, s, :] = windows[t]
+                    m = 0
+                    for q in range(1, k):
+                        if top_value[r, q] < top_value[r, m]:
+                            m = q
+                    kmin[c], kslot[c] = top_value[r, m], m
 
 
 @_jit
 def _columns(x, bits, exact_bits, c0, c1, at, ln_low, inv_ln_gamma, margin, edges, n, count, mean, m2, vmin, vmax,
-             hist, top_value, top_token):
-    """Fold columns ``c0 .. c1`` of ``x`` (token, component) into state rows ``at + c0 ..`` (``top_token``
-    has a row per column of ``x``).
+             hist, top_value, seq, pos, windows, top_seq, top_pos, top_window):
+    """Fold columns ``c0 .. c1`` of ``x`` (token, component) into state rows ``at + c0 ..``.
     ``exact_bits``: ``bits`` are ``x``'s own float32 bits (else a rounded copy's: every bucket is
     checked against the edges)."""
     T = x.shape[0]
@@ -170,12 +177,13 @@ def _columns(x, bits, exact_bits, c0, c1, at, ln_low, inv_ln_gamma, margin, edge
     s1, s2 = np.empty(BLOCK), np.empty(BLOCK)
     lo, hi, first = np.empty(BLOCK), np.empty(BLOCK), np.empty(BLOCK)
     kmin, kslot = np.empty(BLOCK), np.empty(BLOCK, np.int64)
-    beats = np.empty(BLOCK, np.uint8)
+    hits = np.zeros((TILE, BLOCK), np.uint8)   # BLOCK a multiple of 8: each row is whole words
     rows_hit = np.empty(TILE, np.uint8)
     index = np.empty((TILE, BLOCK), np.int32)
     for b0 in range(c0, c1, BLOCK):
         cb = min(BLOCK, c1 - b0)
         row0 = at + b0
+        hits[:, cb:] = 0   # past a last, partial block: never hit
         for c in range(cb):
             f = np.float64(x[0, b0 + c])
             first[c], s1[c], s2[c], lo[c], hi[c] = f, 0.0, 0.0, f, f
@@ -186,15 +194,14 @@ def _columns(x, bits, exact_bits, c0, c1, at, ln_low, inv_ln_gamma, margin, edge
             kmin[c], kslot[c] = top_value[row0 + c, m], m
         for t0 in range(0, T, TILE):
             tb = min(TILE, T - t0)
-            _stats(x, t0, tb, b0, cb, first, s1, s2, lo, hi, kmin, beats, rows_hit)
+            _stats(x, t0, tb, b0, cb, first, s1, s2, lo, hi, kmin, hits, rows_hit)
             if sketch:
                 unsure = _buckets(bits, t0, tb, b0, cb, n, ln_low, inv_ln_gamma, margin, index)
                 if unsure or not exact_bits:
                     _exact(x, t0, tb, b0, cb, n, edges, index)
                 _scatter(hist, row0, cb, tb, index)
-            columns = np.flatnonzero(beats[:cb])   # early in a corpus most; later the few whose top-k moves
-            if len(columns):
-                _top(x, t0, tb, b0, row0, columns, rows_hit, kmin, kslot, top_value, top_token)
+            _top(x, t0, tb, b0, row0, hits, rows_hit, kmin, kslot, top_value, seq, pos, windows, top_seq, top_pos,
+                 top_window)
         for c in range(cb):   # Chan's merge of the batch into the kept statistics
             r = row0 + c
             mean_b = first[c] + s1[c] / T
@@ -220,15 +227,14 @@ def usable(settings: S.Settings) -> bool:
     return AVAILABLE and settings.low >= float(np.finfo(np.float32).tiny)
 
 
-def fold(x: np.ndarray, state: dict[str, np.ndarray], at: int, settings: S.Settings, threads: int) -> np.ndarray:
+def fold(x: np.ndarray, state: dict[str, np.ndarray], at: int, settings: S.Settings, threads: int,
+         context: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
     """Fold ``x`` (token, component), float32 or float64, C-contiguous, into rows ``at ..`` of the numpy
-    views of a group's ``state``; returns (component, k) int64: for each kept slot a token of this
-    batch took, that token's row in ``x`` (-1 elsewhere), from which the caller fills in its sequence,
-    position and window. ``threads`` split the components."""
+    views of a group's ``state``; ``context``: each token's sequence, position and window (token, 2w + 1),
+    int64, which a kept top-k slot the token takes records. ``threads`` split the components."""
     T, C = x.shape
-    top_token = np.full((C, settings.top_k), -1, np.int64)
     if T == 0 or C == 0:
-        return top_token
+        return
     if x.dtype == np.float32:
         bits, exact_bits = x.view(np.int32), True
     elif not state["hist"].shape[1]:   # no sketch: the bits are not read
@@ -237,8 +243,9 @@ def fold(x: np.ndarray, state: dict[str, np.ndarray], at: int, settings: S.Setti
         big = np.finfo(np.float32).max
         bits, exact_bits = np.clip(x, -big, big).astype(np.float32).view(np.int32), False
     inv_ln_gamma = 1.0 / math.log(settings.gamma)
-    args = (at, math.log(settings.low), inv_ln_gamma, LN_ERROR * inv_ln_gamma + 1e-9, _edges(settings), settings.n_side, state["count"],
-            state["mean"], state["m2"], state["min"], state["max"], state["hist"], state["top_value"], top_token)
+    args = (at, math.log(settings.low), inv_ln_gamma, LN_ERROR * inv_ln_gamma + 1e-9, _edges(settings), settings.n_side,
+            *(state[k] for k in ("count", "mean", "m2", "min", "max", "hist", "top_value")), *context,
+            *(state[k] for k in ("top_seq", "top_pos", "top_window")))
     parts = max(1, min(threads, -(-C // BLOCK)))
     step = -(-C // parts // BLOCK) * BLOCK
     if parts == 1:
@@ -248,7 +255,6 @@ def fold(x: np.ndarray, state: dict[str, np.ndarray], at: int, settings: S.Setti
             for done in [pool.submit(_columns, x, bits, exact_bits, c, min(c + step, C), *args)
                          for c in range(0, C, step)]:
                 done.result()
-    return top_token
 
 
 __all__ = ["AVAILABLE", "fold", "usable"]

@@ -81,15 +81,16 @@ class Summariser:
             weights = xr.Dataset({n: (dims_of(n), _host(t)) for n, t in static.items()}, attrs=attrs)
             self._attention = (Attention(weights), weights)
 
-    def _group(self, name: str, n: int, device, labels: dict[str, list]) -> dict[str, torch.Tensor]:
-        """A group's state, made on first use. Its histogram counts in int32 (half the memory and the
+    def _group(self, name: str, n: int, device, labels) -> dict[str, torch.Tensor]:
+        """A group's state, made on first use with the component labels ``labels()`` gives (built
+        once: a list per neuron is milliseconds a batch). Its histogram counts in int32 (half the memory and the
         traffic of the scattered increments: 136 MiB, not 272, for GPT-2's neurons) while fewer than
         2^31 tokens have been folded since the last write, then in int64, the stored type."""
         if name not in self.state:
             st = S.empty_state(n, self.settings, name)
             st["hist"] = st["hist"].astype(np.int32)
             self.state[name] = {k: torch.from_numpy(v).to(device) for k, v in st.items()}
-            self.components[name] = labels
+            self.components[name] = labels()
         g = self.state[name]
         if g["hist"].dtype == torch.int32 and self.tokens + self._batch_tokens > self.INT32_TOKENS:
             g["hist"] = g["hist"].long()
@@ -116,35 +117,35 @@ class Summariser:
         if "z" in out and self._gram is not None:
             z = out["z"]
             H, dh = z.shape[2], z.shape[3]
-            g = self._group("head", L * H, device, {"layer": [l for l in range(L) for _ in range(H)],
-                                                   "index": [h for _ in range(L) for h in range(H)]})
+            g = self._group("head", L * H, device, lambda: {"layer": [l for l in range(L) for _ in range(H)],
+                                                           "index": [h for _ in range(L) for h in range(H)]})
             if self._gram.device != device:
                 self._gram = self._gram.to(device)
             zf = z.float().reshape(T, L * H, dh).transpose(0, 1)                       # (LH, T, dh)
             sq = torch.bmm(zf, self._gram.reshape(L * H, dh, dh)).mul_(zf).sum(dim=-1)   # one matmul for all heads
             self._fold(g, sq.clamp_min_(0).sqrt_().t(), 0, ctx)
             if self._attention is not None and (whole or self._history is not None):
-                g = self._group("sink", L * H, device, self.components["head"])
+                g = self._group("sink", L * H, device, lambda: self.components["head"])
                 sink = (self._sink_mass(out, ids[mask], ctx) if whole and self._history is None
                         else self._generated_sink_mass(out, ids[mask], ctx, whole))
                 self._fold(g, torch.from_numpy(sink).to(device), 0, ctx)
         for var, name in (("mlp_out", "mlp"), ("mixer_out", "mixer")):
             if var in out:
-                g = self._group(name, L, device, {"layer": list(range(L)), "index": [-1] * L})
+                g = self._group(name, L, device, lambda: {"layer": list(range(L)), "index": [-1] * L})
                 self._fold(g, torch.linalg.vector_norm(out[var].float(), dim=-1), 0, ctx)
         if "neuron_act" in out:
             act = out["neuron_act"]
             N = act.shape[2]
-            g = self._group("neuron", L * N, device, {"layer": [l for l in range(L) for _ in range(N)],
-                                                     "index": [n for _ in range(L) for n in range(N)]})
+            g = self._group("neuron", L * N, device, lambda: {"layer": [l for l in range(L) for _ in range(N)],
+                                                             "index": [n for _ in range(L) for n in range(N)]})
             self._fold(g, act.reshape(T, L * N), 0, ctx)   # a view: _fold reads it block by block
         if projection is not None:
             comps, dirs = projection_labels
             C, D = len(comps), len(dirs)
             g = self._group("projection", C * D, device,
-                            {"layer": [int(c[2]) for c in comps for _ in range(D)],
-                             "index": [j for _ in range(C) for j in range(D)],
-                             "label": [f"{c[0]}:{d}" for c in comps for d in dirs]})
+                            lambda: {"layer": [int(c[2]) for c in comps for _ in range(D)],
+                                     "index": [j for _ in range(C) for j in range(D)],
+                                     "label": [f"{c[0]}:{d}" for c in comps for d in dirs]})
             self._fold(g, projection.to(device).reshape(T, C * D), 0, ctx)
         self.sequences += n_sequences
         self.tokens += T
@@ -243,19 +244,16 @@ class Summariser:
 
     def _fold_compiled(self, g: dict[str, torch.Tensor], x: torch.Tensor, at: int, ctx) -> None:
         """:meth:`_fold` in one compiled pass per block of components (``fold_kernel``), on as many
-        threads as torch's own; the kept top-k slots the batch took then get their tokens' contexts."""
+        threads as torch's own; a kept top-k slot a token takes gets its context there too."""
         state = {k: v.numpy() for k, v in g.items()}
+        context = tuple(np.ascontiguousarray(c.numpy(), np.int64) for c in ctx)
         T, C = x.shape
         chunk = C if x.dtype in (torch.float32, torch.float64) else max(1, self.DEVICE_BLOCK_VALUES // max(T, 1))
         for c0 in range(0, C, chunk):   # a narrower float (bfloat16) is widened a chunk at a time
             part = x[:, c0:c0 + chunk]
             part = part if part.dtype in (torch.float32, torch.float64) else part.float()
-            taken = fold_kernel.fold(np.ascontiguousarray(part.numpy()), state, at + c0, self.settings,
-                                     torch.get_num_threads())
-            rows, slots = np.nonzero(taken >= 0)
-            if len(rows):
-                self._contexts(g, torch.from_numpy(rows + at + c0), torch.from_numpy(slots),
-                               torch.from_numpy(taken[rows, slots]), ctx)
+            fold_kernel.fold(np.ascontiguousarray(part.numpy()), state, at + c0, self.settings,
+                             torch.get_num_threads(), context)
 
     BLOCK_VALUES = 1 << 18
     """Values per block on the CPU: the block's float32 copy is 1 MiB (a core's L2), its float64 copy and
@@ -379,15 +377,10 @@ class Summariser:
         at, slot = rows[leave[:, 0]], leave[:, 1]
         token = idx[come[:, 0], come[:, 1]]
         g["top_value"][at, slot] = vals[come[:, 0], come[:, 1]].double()
-        self._contexts(g, at, slot, token, ctx)
-
-    @staticmethod
-    def _contexts(g: dict[str, torch.Tensor], rows, slots, token, ctx) -> None:
-        """The kept slots ``(rows, slots)`` a batch's ``token`` took get its sequence, position and window."""
         seq, pos, windows = ctx
-        g["top_seq"][rows, slots] = seq[token]
-        g["top_pos"][rows, slots] = pos[token]
-        g["top_window"][rows, slots] = windows[token].long()
+        g["top_seq"][at, slot] = seq[token]
+        g["top_pos"][at, slot] = pos[token]
+        g["top_window"][at, slot] = windows[token].long()
 
     def reset(self) -> None:
         """Forget what was folded in (after it was written into the store): the next write adds only

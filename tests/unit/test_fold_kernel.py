@@ -24,6 +24,13 @@ def test_bucket_edges_are_where_bucket_index_steps(settings):
     assert (bucket_index(np.nextafter(edges[1:], 0), settings) - n == np.arange(n)).all()
 
 
+def _context(first: int, n: int, window: int):
+    """Tokens ``first .. first + n`` of a corpus as their own sequence numbers (position: the token's
+    row in its batch), each window the token numbers either side."""
+    t = np.arange(first, first + n)
+    return t, t - first, t[:, None] + np.arange(-window, window + 1)
+
+
 def _near_every_edge(settings, dtype):
     """Each edge in ``dtype`` and its three neighbours either side, both signs, and the odd ones."""
     base = bucket_edges(settings)[1:].astype(dtype)
@@ -44,7 +51,7 @@ def test_every_value_lands_in_bucket_index_s_bucket(settings, dtype):
     x = _near_every_edge(settings, dtype)
     x = np.concatenate([x, np.zeros((-len(x)) % 7, dtype)]).reshape(-1, 7)
     state = empty_state(7, settings)
-    fold_kernel.fold(np.ascontiguousarray(x), state, 0, settings, threads=2)
+    fold_kernel.fold(np.ascontiguousarray(x), state, 0, settings, 2, _context(0, len(x), settings.window))
     expect = np.stack([np.bincount(bucket_index(x[:, c].astype(np.float64), settings), minlength=settings.n_buckets)
                        for c in range(7)])
     np.testing.assert_array_equal(state["hist"], expect)
@@ -59,13 +66,12 @@ def test_statistics_and_top_k_over_batches_equal_numpy_whatever_the_threads(dtyp
     x[:, 5] = np.arange(len(x))                     # rising: every token takes a slot of the top-k
     x[:, 6] = 0.0
     cuts = [0, 7, 300, len(x)]                      # batches of a few tokens and of several tiles
-    states, taken = [], []
+    states = []
     for threads in (1, 2, 3):
         state = empty_state(C, settings)
-        got = [fold_kernel.fold(np.ascontiguousarray(x[a:b]), state, 0, settings, threads)
-               for a, b in zip(cuts, cuts[1:])]
+        for a, b in zip(cuts, cuts[1:]):
+            fold_kernel.fold(np.ascontiguousarray(x[a:b]), state, 0, settings, threads, _context(a, b - a, settings.window))
         states.append(state)
-        taken.append(got)
     for other in states[1:]:
         for name in states[0]:
             np.testing.assert_array_equal(other[name], states[0][name], err_msg=name)
@@ -77,11 +83,14 @@ def test_statistics_and_top_k_over_batches_equal_numpy_whatever_the_threads(dtyp
     np.testing.assert_array_equal(state["min"], x64.min(0))
     np.testing.assert_array_equal(state["max"], x64.max(0))
     np.testing.assert_array_equal(np.sort(state["top_value"], axis=1)[:, ::-1], -np.sort(-x64, axis=0)[:5].T)
-    # each slot the last batch took points at the token (row of that batch) that holds its value
-    last = taken[0][-1]
-    rows, slots = np.nonzero(last >= 0)
-    assert len(rows) and (x64[cuts[-2] + last[rows, slots], rows] == state["top_value"][rows, slots]).all()
-    assert set(last[5]) == set(range(len(x) - cuts[-2] - 5, len(x) - cuts[-2]))   # the rising column's last 5
+    # each kept slot holds the context of a token that has its value: sequence (the token's number),
+    # position (its row in its batch) and window
+    token = state["top_seq"]
+    np.testing.assert_array_equal(x64[token, np.arange(C)[:, None]], state["top_value"])
+    start = np.array(cuts)[np.searchsorted(cuts, token, side="right") - 1]
+    np.testing.assert_array_equal(state["top_pos"], token - start)
+    np.testing.assert_array_equal(state["top_window"], token[:, :, None] + np.arange(-settings.window, settings.window + 1))
+    assert set(token[5]) == set(range(len(x) - 5, len(x)))   # the rising column: the last 5 tokens
     np.testing.assert_array_equal(state["hist"].sum(1), len(x))
 
 
@@ -96,9 +105,8 @@ def test_without_a_sketch_every_other_statistic_is_the_same(dtype):
     without = empty_state(x.shape[1], without_settings, "neuron")
     assert without["hist"].shape == (x.shape[1], 0)
     for a, b in ((0, 100), (100, len(x))):
-        taken = fold_kernel.fold(np.ascontiguousarray(x[a:b]), with_sketch, 0, settings, 2)
-        np.testing.assert_array_equal(fold_kernel.fold(np.ascontiguousarray(x[a:b]), without, 0, without_settings, 2),
-                                      taken)
+        for state, how in ((with_sketch, settings), (without, without_settings)):
+            fold_kernel.fold(np.ascontiguousarray(x[a:b]), state, 0, how, 2, _context(a, b - a, settings.window))
     for name in with_sketch:
         if name != "hist":
             np.testing.assert_array_equal(without[name], with_sketch[name], err_msg=name)
