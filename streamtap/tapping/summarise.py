@@ -53,7 +53,7 @@ class Summariser:
         self.settings, self.bound = settings, bound
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.components: dict[str, dict[str, list]] = {}
-        self._gram = None
+        self._factor = None
         self._attention = None   # (Attention, the store's static weights as a Dataset) where patterns are captured
         g = settings.gamma   # bucket j of |x| = ceil(log(|x| / low) / log g), computed as ceil(log|x| * scale - shift)
         self._buckets = (settings.n_side, settings.n_buckets, 1.0 / math.log(g), math.log(settings.low) / math.log(g))
@@ -67,12 +67,14 @@ class Summariser:
 
     # -- set-up ----------------------------------------------------------------------------------------
     def prepare(self, static: dict[str, torch.Tensor], attrs: dict | None = None) -> None:
-        """Each head's W_O W_O^T (the output norm is sqrt(z G z), without the d_model-wide output); with
+        """Each head's factor F of W_O W_O^T = F F^T (the output norm |z W_O| is |z F|: a d_head-wide
+        matmul, not the d_model-wide output, and one fused norm, not a product and a sum); with
         ``attrs`` (the store's attributes, where patterns are captured) the store's own recomputation of
         the patterns (``streamtap.attention``), so the sink mass is the one ``st.analysis.attention`` gives."""
-        if self._gram is None and "W_O" in static:
-            w = static["W_O"].float()
-            self._gram = torch.einsum("lhdm,lhem->lhde", w, w)
+        if self._factor is None and "W_O" in static:
+            w = static["W_O"].detach().cpu().double()   # on the host: not every device has float64
+            e, v = torch.linalg.eigh(torch.einsum("lhdm,lhem->lhde", w, w))   # symmetric, positive semi-definite
+            self._factor = (v * e.clamp_min(0).sqrt().unsqueeze(-2)).float()
         if self._attention is None and attrs is not None and attrs.get("patterns"):
             import xarray as xr
 
@@ -114,16 +116,16 @@ class Summariser:
         windows = torch.nn.functional.pad(ids, (w, w), value=-1).unfold(1, 2 * w + 1, 1)[mask]   # (T, 2w+1)
         ctx = (seq.to(device), pos.to(device).long(), windows.to(device))
         L = self.bound.n_layers
-        if "z" in out and self._gram is not None:
+        if "z" in out and self._factor is not None:
             z = out["z"]
             H, dh = z.shape[2], z.shape[3]
             g = self._group("head", L * H, device, lambda: {"layer": [l for l in range(L) for _ in range(H)],
                                                            "index": [h for _ in range(L) for h in range(H)]})
-            if self._gram.device != device:
-                self._gram = self._gram.to(device)
+            if self._factor.device != device:
+                self._factor = self._factor.to(device)
             zf = z.float().reshape(T, L * H, dh).transpose(0, 1)                       # (LH, T, dh)
-            sq = torch.bmm(zf, self._gram.reshape(L * H, dh, dh)).mul_(zf).sum(dim=-1)   # one matmul for all heads
-            self._fold(g, sq.clamp_min_(0).sqrt_().t(), 0, ctx)
+            zF = torch.bmm(zf, self._factor.reshape(L * H, dh, dh))                      # one matmul for all heads
+            self._fold(g, torch.linalg.vector_norm(zF, dim=-1).t(), 0, ctx)
             if self._attention is not None and (whole or self._history is not None):
                 g = self._group("sink", L * H, device, lambda: self.components["head"])
                 sink = (self._sink_mass(out, ids[mask], ctx) if whole and self._history is None
