@@ -4,8 +4,9 @@ model or the store. ``--seen N`` sets every neuron's kept top-k, before the time
 sample of the k largest of N earlier tokens of the same distribution (the late batches of a corpus,
 where few components' top-k still move); by default the timed batch is the second (all of them move).
 ``--hosts compiled,numpy`` times this tree's ways of folding on the CPU (numba's kernel, numpy's
-passes, torch's operations) and ``--baseline REV`` the Summariser of a git revision, all in the same
-process, taking turns, so a loaded shared machine moves them alike; medians of ``--repeats``.
+passes, torch's operations), ``--settings`` (repeated) each summarise= setting, and ``--baseline REV``
+the Summariser of a git revision, all in the same process, taking turns, so a loaded shared machine
+moves them alike; medians of ``--repeats``.
 
     python benchmarks/bench_summaries.py --hosts compiled,numpy --seen 1000000 --repeats 5
 """
@@ -29,18 +30,31 @@ sys.path.insert(0, str(ROOT))
 from streamtap.io.summaries import Settings  # noqa: E402
 
 
+def _module_at(rev: str, name: str):
+    """``streamtap/tapping/<name>.py`` as it was at git revision ``rev`` (None where it did not exist)."""
+    shown = subprocess.run(["git", "show", f"{rev}:streamtap/tapping/{name}.py"], cwd=ROOT, capture_output=True,
+                           text=True)
+    if shown.returncode:
+        return None
+    spec = importlib.util.spec_from_loader(f"streamtap.tapping._{name}_baseline", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "streamtap.tapping"
+    exec(compile(shown.stdout, f"{rev}:{name}.py", "exec"), module.__dict__)
+    return module
+
+
 def summariser_class(rev: str | None):
-    """This tree's Summariser, or the one in ``streamtap/tapping/summarise.py`` at git revision ``rev``."""
+    """This tree's Summariser, or the one at git revision ``rev`` with that revision's compiled fold."""
     if rev is None:
         from streamtap.tapping.summarise import Summariser
 
         return Summariser
-    text = subprocess.run(["git", "show", f"{rev}:streamtap/tapping/summarise.py"], cwd=ROOT, check=True,
-                          capture_output=True, text=True).stdout
-    spec = importlib.util.spec_from_loader("streamtap.tapping._summarise_baseline", loader=None)
-    module = importlib.util.module_from_spec(spec)
-    module.__package__ = "streamtap.tapping"
-    exec(compile(text, f"{rev}:summarise.py", "exec"), module.__dict__)
+    module = _module_at(rev, "summarise")
+    if module is None:
+        raise SystemExit(f"no streamtap/tapping/summarise.py at {rev}")
+    kernel = _module_at(rev, "fold_kernel")
+    if kernel is not None:
+        module.fold_kernel = kernel
     return module.Summariser
 
 
@@ -69,12 +83,12 @@ def top_of_seen(n_seen: int, k: int, components: int, seed: int = 1) -> torch.Te
     return torch.nn.functional.gelu(2 * torch.special.ndtri(v))
 
 
-def time_one(cls, args, data, groups, host=None) -> float:
+def time_one(cls, args, data, groups, host=None, settings="on") -> float:
     out, ids, mask, seq, pos, static = data
     if host is not None:
         cls.HOST = host
     bound = types.SimpleNamespace(n_layers=args.layers)
-    s = cls(Settings.parse(args.settings), bound)
+    s = cls(Settings.parse(settings), bound)
     s.prepare(static)
     sub = {k: v for k, v in out.items() if k in groups or k == "resid_final"}
     s.update(sub, ids, mask, seq, pos, 8)          # the state exists: what follows is a steady batch
@@ -96,24 +110,26 @@ def main(argv=None) -> None:
     p.add_argument("--neurons", type=int, default=3072)
     p.add_argument("--seen", type=int, default=0, help="tokens the kept top-k stand for (0: one batch)")
     p.add_argument("--groups", default="neuron_act", help="comma-separated terms: neuron_act,z,mlp_out")
-    p.add_argument("--settings", default="on", help="summarise= settings, e.g. neuron_quantiles=off")
+    p.add_argument("--settings", action="append",
+                   help="summarise= settings, e.g. neuron_quantiles=off; repeat it to time several in turn (default: on)")
     args = p.parse_args(argv)
     data = batch(args.tokens, args.layers, 12, 64, args.neurons, 768)
     groups = set(args.groups.split(","))
-    classes = {f"this tree, {h}": (summariser_class(None), h) for h in args.hosts.split(",")}
+    this = summariser_class(None)
+    classes = {f"this tree, {h}" + ("" if how == "on" else f", {how}"): (this, h, how)
+               for how in args.settings or ["on"] for h in args.hosts.split(",")}
     if args.baseline:
-        classes = {f"baseline {args.baseline}": (summariser_class(args.baseline), None), **classes}
-    for cls, host in classes.values():   # compile (numba) and touch everything once before timing
-        time_one(cls, args, data, groups, host)
+        classes = {f"baseline {args.baseline}": (summariser_class(args.baseline), None, "on"), **classes}
+    for cls, host, how in classes.values():   # compile (numba) and touch everything once before timing
+        time_one(cls, args, data, groups, host, how)
     times = {name: [] for name in classes}
     for _ in range(args.repeats):
-        for name, (cls, host) in classes.items():
-            times[name].append(time_one(cls, args, data, groups, host))
-    print(f"summary step, {args.tokens} tokens x {args.layers} layers, groups {sorted(groups)}, settings {args.settings}, "
-          f"seen {args.seen}, "
+        for name, (cls, host, how) in classes.items():
+            times[name].append(time_one(cls, args, data, groups, host, how))
+    print(f"summary step, {args.tokens} tokens x {args.layers} layers, groups {sorted(groups)}, seen {args.seen}, "
           f"torch threads {torch.get_num_threads()}, {args.repeats} repeats alternating")
     for name, ts in times.items():
-        print(f"  {name:>24}: median {statistics.median(ts):.3f} s  (min {min(ts):.3f}, max {max(ts):.3f})")
+        print(f"  {name:>40}: median {statistics.median(ts):.3f} s  (min {min(ts):.3f}, max {max(ts):.3f})")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ a tile is read from memory once, by the vectorised statistics, and then, from ca
 buckets (a vectorised logarithm, checked against the exact bucket edges where it lands within its
 error of one), its histogram increments (each component's histogram rows stay in cache for the tile)
 and, only where some value beats a component's k-th kept one, the top-k update with the token's
-context. Column ranges run on threads (the kernel releases the GIL). Results are the numpy twin's (``streamtap.io.summaries``): the same buckets
-exactly (:func:`streamtap.io.summaries.bucket_edges`), float64 sums, Chan's merge. Measurements:
-docs/benchmarks.md, "Summaries".
+context. Column ranges run on threads (the kernel releases the GIL). Results are the numpy twin's
+(``streamtap.io.summaries``): the same buckets exactly (:func:`streamtap.io.summaries.bucket_edges`),
+float64 sums, Chan's merge. Measurements: docs/benchmarks.md, "Summaries".
 
 ``pip install numba`` (the ``fast`` extra) enables it; without numba the fold is numpy's.
 """

@@ -84,9 +84,9 @@ class Summariser:
             self._attention = (Attention(weights), weights)
 
     def _group(self, name: str, n: int, device, labels) -> dict[str, torch.Tensor]:
-        """A group's state, made on first use with the component labels ``labels()`` gives (built
-        once: a list per neuron is milliseconds a batch). Its histogram counts in int32 (half the memory and the
-        traffic of the scattered increments: 136 MiB, not 272, for GPT-2's neurons) while fewer than
+        """A group's state, made on first use with the component labels ``labels()`` gives (built once:
+        a list per neuron is milliseconds a batch). Its histogram counts in int32 (half the memory and
+        the traffic of the scattered increments: 136 MiB, not 272, for GPT-2's neurons) while fewer than
         2^31 tokens have been folded since the last write, then in int64, the stored type."""
         if name not in self.state:
             st = S.empty_state(n, self.settings, name)
