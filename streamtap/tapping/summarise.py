@@ -292,11 +292,12 @@ class Summariser:
         else:
             xb.copy_(x)
         y = self._buffer("y", (T, C), torch.float64, x.device)
-        j = self._buffer("index", (T, C), torch.float64, x.device)
-        flat = self._buffer("flat", (T, C), torch.int64, x.device)
-        xp, xv, yv, jv = (_NUMPY, xb.numpy(), y.numpy(), j.numpy()) if cpu else (_TORCH, xb, y, j)
+        xp, xv, yv = (_NUMPY, xb.numpy(), y.numpy()) if cpu else (_TORCH, xb, y)
         xp.copy(yv, xv)
-        if g["hist"].shape[1]:   # a sketch (none for neurons without neuron_quantiles)
+        if g["hist"].shape[1]:   # a sketch (none for neurons without neuron_quantiles: no index scratch either)
+            j = self._buffer("index", (T, C), torch.float64, x.device)
+            flat = self._buffer("flat", (T, C), torch.int64, x.device)
+            jv = j.numpy() if cpu else j
             self._index(xp, yv, jv)
             hist = g["hist"][cols].reshape(-1)   # a view: rows of a contiguous matrix
             if cpu:
