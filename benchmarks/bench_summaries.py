@@ -1,8 +1,9 @@
 """Micro-benchmark of the summary step alone (``summarise=``): one batch of the GPT-2-small shape
-(2,048 tokens, 12 layers of 12 heads and 3,072 neurons) folded into the running state, without the
-model or the store. ``--seen N`` sets every neuron's kept top-k, before the timed batch, to an exact
-sample of the k largest of N earlier tokens of the same distribution (the late batches of a corpus,
-where few components' top-k still move); by default the timed batch is the second (all of them move).
+(2,048 tokens, 12 layers of 12 heads and 3,072 neurons; ``--layers``, ``--heads``, ``--neurons``,
+``--d-model`` set another) folded into the running state, without the model or the store. ``--seen N``
+sets every neuron's kept top-k, before the timed batch, to an exact sample of the k largest of N
+earlier tokens of the same distribution (the late batches of a corpus, where few components' top-k
+still move); by default the timed batch is the second (all of them move).
 ``--hosts compiled,numpy`` times this tree's ways of folding on the CPU (numba's kernel, numpy's
 passes, torch's operations), ``--settings`` (repeated) each summarise= setting, and ``--baseline REV``
 the Summariser of a git revision, all in the same process, taking turns, so a loaded shared machine
@@ -108,12 +109,15 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--neurons", type=int, default=3072)
+    p.add_argument("--heads", type=int, default=12, help="heads a layer (SmolLM2-135M: --layers 30 --heads 9 "
+                   "--neurons 1536 --d-model 576)")
+    p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--seen", type=int, default=0, help="tokens the kept top-k stand for (0: one batch)")
     p.add_argument("--groups", default="neuron_act", help="comma-separated terms: neuron_act,z,mlp_out")
     p.add_argument("--settings", action="append",
                    help="summarise= settings, e.g. neuron_quantiles=off; repeat it to time several in turn (default: on)")
     args = p.parse_args(argv)
-    data = batch(args.tokens, args.layers, 12, 64, args.neurons, 768)
+    data = batch(args.tokens, args.layers, args.heads, 64, args.neurons, args.d_model)
     groups = set(args.groups.split(","))
     this = summariser_class(None)
     classes = {f"this tree, {h}" + ("" if how == "on" else f", {how}"): (this, h, how)

@@ -118,14 +118,10 @@ class Summariser:
         L = self.bound.n_layers
         if "z" in out and self._factor is not None:
             z = out["z"]
-            H, dh = z.shape[2], z.shape[3]
+            H = z.shape[2]
             g = self._group("head", L * H, device, lambda: {"layer": [l for l in range(L) for _ in range(H)],
                                                            "index": [h for _ in range(L) for h in range(H)]})
-            if self._factor.device != device:
-                self._factor = self._factor.to(device)
-            zf = z.float().reshape(T, L * H, dh).transpose(0, 1)                       # (LH, T, dh)
-            zF = torch.bmm(zf, self._factor.reshape(L * H, dh, dh))                      # one matmul for all heads
-            self._fold(g, torch.linalg.vector_norm(zF, dim=-1).t(), 0, ctx)
+            self._fold(g, self._head_norms(z), 0, ctx)
             if self._attention is not None and (whole or self._history is not None):
                 g = self._group("sink", L * H, device, lambda: self.components["head"])
                 sink = (self._sink_mass(out, ids[mask], ctx) if whole and self._history is None
@@ -151,6 +147,28 @@ class Summariser:
             self._fold(g, projection.to(device).reshape(T, C * D), 0, ctx)
         self.sequences += n_sequences
         self.tokens += T
+
+    def _head_norms(self, z: torch.Tensor) -> torch.Tensor:
+        """(token, layer * head) float32: each head's output norm |z W_O| = |z F|, one batched matmul over
+        the heads for a chunk of tokens at a time: the chunk's head-major copy and its product stay in
+        cache (on the CPU half the time of one matmul over the batch; docs/benchmarks.md, "Summaries"),
+        and the scratch is bounded on a device."""
+        T, L, H, dh = z.shape
+        if self._factor.device != z.device:
+            self._factor = self._factor.to(z.device)
+        factor = self._factor.reshape(L * H, dh, dh)
+        values = self.HEAD_VALUES if z.device.type == "cpu" else self.DEVICE_BLOCK_VALUES
+        step = max(1, values // (L * H * dh))
+        heads = z.reshape(T, L * H, dh)
+        norms = torch.empty(T, L * H, dtype=torch.float32, device=z.device)
+        for t0 in range(0, T, step):
+            part = heads[t0:t0 + step].float().transpose(0, 1)                   # (LH, tokens, dh)
+            norms[t0:t0 + step] = torch.linalg.vector_norm(torch.bmm(part, factor), dim=-1).t()
+        return norms
+
+    HEAD_VALUES = 1 << 21
+    """z values per chunk of the heads' norms on the CPU (8 MiB in float32: 121 tokens of SmolLM2's 270
+    heads, 227 of GPT-2's 144): from 32 to 256 tokens a chunk the time is the same, 2,048 at once twice it."""
 
     def _batch(self, per_token: dict[str, np.ndarray], seq: np.ndarray, pos: np.ndarray, token_ids: np.ndarray):
         """Host terms of some tokens with their coordinates and the store's weights: a store's Dataset."""

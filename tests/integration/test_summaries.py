@@ -85,13 +85,15 @@ def _check_group(res, x, full, group):
             assert PAD not in res.top_window.values[c, r].tolist()    # padding never enters a context
 
 
-@pytest.mark.parametrize("arch,host,int32_tokens", [("gpt2", "compiled", None), ("llama", "compiled", 25),
-                                                    ("gpt2", "numpy", None), ("gpt2", "torch", 25)])
-def test_online_summaries_equal_numpy_over_a_full_store_with_a_resume(arch, host, int32_tokens, tmp_path,
-                                                                     monkeypatch):
+@pytest.mark.parametrize("arch,host,int32_tokens,head_values", [
+    ("gpt2", "compiled", None, None), ("llama", "compiled", 25, 1), ("gpt2", "numpy", None, None),
+    ("gpt2", "torch", 25, 1)])
+def test_online_summaries_equal_numpy_over_a_full_store_with_a_resume(arch, host, int32_tokens, head_values,
+                                                                     tmp_path, monkeypatch):
     """Each way the CPU folds a batch: numba's kernel (the test extra installs numba), numpy's passes,
     and the torch operations a GPU's tensors take. ``int32_tokens``: the histograms' counts widen from
-    int32 to int64 after that many tokens, mid-capture."""
+    int32 to int64 after that many tokens, mid-capture; ``head_values``: the heads' norms are taken a
+    token at a time (a chunk per token), not the whole batch in one chunk."""
     from streamtap.tapping import fold_kernel
     from streamtap.tapping.summarise import Summariser
 
@@ -99,6 +101,8 @@ def test_online_summaries_equal_numpy_over_a_full_store_with_a_resume(arch, host
     monkeypatch.setattr(Summariser, "HOST", host)
     if int32_tokens is not None:
         monkeypatch.setattr(Summariser, "INT32_TOKENS", int32_tokens)
+    if head_values is not None:
+        monkeypatch.setattr(Summariser, "HEAD_VALUES", head_values)
     model = tiny_model(arch).eval()
     texts = _corpus(model)
     direction = np.random.default_rng(1).normal(size=model.config.hidden_size)
