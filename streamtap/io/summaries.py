@@ -175,6 +175,19 @@ def bucket_edges(settings: Settings) -> np.ndarray:
     return lo.view(np.float64)
 
 
+def signed_edges(settings: Settings, dtype) -> np.ndarray:
+    """(2 n_side,) increasing boundaries in ``dtype`` (float32 or float64) such that the number of them at
+    or below any value x of that dtype is :func:`bucket_index` (x): one ``searchsorted(side="right")`` (a
+    device's ``torch.bucketize(right=True)``) gives every bucket exactly, with no logarithm. The positive
+    side holds the smallest value of ``dtype`` reaching each edge; the negative side the next value above
+    each negated one (a negative x leaves an edge's bucket exactly when it is above its negation)."""
+    dtype = np.dtype(dtype)
+    edges = bucket_edges(settings)[1:]
+    up = edges.astype(dtype)
+    up = np.where(up.astype(np.float64) < edges, np.nextafter(up, dtype.type(np.inf)), up)
+    return np.concatenate([np.nextafter(-up[::-1], dtype.type(np.inf)), up])
+
+
 def quantiles(hist: np.ndarray, vmin: np.ndarray, vmax: np.ndarray, q, settings: Settings) -> np.ndarray:
     """(component, q) quantile estimates from the sketch: the representative of the bucket holding the
     order statistic ``floor(q (n - 1))`` (numpy's ``method="lower"``), clamped into ``[min, max]``; the
@@ -331,6 +344,7 @@ def _remove(root, name: str) -> None:
     sync(store.delete_dir(f"{root.path}/{name}".strip("/")))
 
 
-__all__ = ["GROUPS", "STATS", "DEFAULTS", "ROUNDING", "Settings", "bucket_values", "bucket_index", "quantiles",
+__all__ = ["GROUPS", "STATS", "DEFAULTS", "ROUNDING", "Settings", "bucket_values", "bucket_index", "bucket_edges",
+           "signed_edges", "quantiles",
            "empty_state", "merge", "shift_sequences", "meta_of", "read", "labels_of", "write", "SUMMARY_ATTR",
            "join_ranges", "covered", "uncovered"]

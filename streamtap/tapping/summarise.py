@@ -4,9 +4,10 @@ Per batch, on the captured tensors where they are (the GPU on a GPU): every real
 forward counts, stored or not (``positions=`` selects what is stored, not what is summarised);
 padding never does. Each group is one (token, component) matrix per layer at most. On the CPU it is
 folded in one compiled pass (``fold_kernel``, where numba is installed); elsewhere, and on the CPU
-without numba, in blocks of components that stay in cache: float64 sums for Chan's merge, one
-``index_add_`` (``numpy.add.at`` on the CPU) for the sketch, one ``topk`` over the batch merged with the
-kept ``top_k`` where it can change it. Memory is the state alone, flat in the number of tokens. The
+without numba, in blocks of components that stay in cache: float64 sums for Chan's merge, the sketch's
+buckets by one ``bucketize`` on exact edges and one ``scatter_add_`` on a device (a logarithm's passes
+and ``numpy.add.at`` on the CPU), one ``topk`` over the batch merged with the kept ``top_k`` where it
+can change it. Memory is the state alone, flat in the number of tokens. The
 numpy twin of every step is ``streamtap.io.summaries``.
 """
 
@@ -34,16 +35,12 @@ def _np_log(x, out):
         return np.log(x, out=out)
 
 
-_NUMPY = types.SimpleNamespace(
-    copy=lambda dst, src: np.copyto(dst, src), abs=np.abs, log=_np_log, mul=np.multiply, sub=np.subtract,
-    ceil=np.ceil, clip=np.clip, copysign=np.copysign, add=np.add, amin=np.amin, amax=np.amax,
-    offsets=lambda n_side, B, y: np.arange(n_side, n_side + y.shape[1] * B, B, dtype=np.float64))
-"""The block arithmetic on the CPU: numpy's ufuncs run on the calling thread (no parallel region per call)."""
-_TORCH = types.SimpleNamespace(
-    copy=lambda dst, src: dst.copy_(src), abs=torch.abs, log=torch.log, mul=torch.mul, sub=torch.sub,
-    ceil=torch.ceil, clip=torch.clamp, copysign=torch.copysign, add=torch.add, amin=torch.amin, amax=torch.amax,
-    offsets=lambda n_side, B, y: torch.arange(n_side, n_side + y.shape[1] * B, B, dtype=y.dtype, device=y.device))
-"""The same arithmetic where the tensors live on a device (a GPU)."""
+_NUMPY = types.SimpleNamespace(copy=lambda dst, src: np.copyto(dst, src), mul=np.multiply, sub=np.subtract,
+                                amin=np.amin, amax=np.amax)
+"""The block's statistics on the CPU: numpy's ufuncs run on the calling thread (no parallel region per call)."""
+_TORCH = types.SimpleNamespace(copy=lambda dst, src: dst.copy_(src), mul=torch.mul, sub=torch.sub, amin=torch.amin,
+                               amax=torch.amax)
+"""The same where the tensors live on a device (a GPU)."""
 
 
 class Summariser:
@@ -313,18 +310,18 @@ class Summariser:
         xp, xv, yv = (_NUMPY, xb.numpy(), y.numpy()) if cpu else (_TORCH, xb, y)
         xp.copy(yv, xv)
         if g["hist"].shape[1]:   # a sketch (none for neurons without neuron_quantiles: no index scratch either)
-            j = self._buffer("index", (T, C), torch.float64, x.device)
-            flat = self._buffer("flat", (T, C), torch.int64, x.device)
-            jv = j.numpy() if cpu else j
-            self._index(xp, yv, jv)
-            hist = g["hist"][cols].reshape(-1)   # a view: rows of a contiguous matrix
+            rows = g["hist"][cols]   # (C, bucket): a view, rows of a contiguous matrix
             if cpu:
-                np.copyto(flat.numpy(), jv, casting="unsafe")
-                h = hist.numpy()
-                np.add.at(h, flat.numpy().reshape(-1), h.dtype.type(1))   # in place, in cache; a 1 of the counts' type
-            else:
-                flat.copy_(j)
-                hist.index_add_(0, flat.reshape(-1), torch.ones(flat.numel(), dtype=hist.dtype, device=hist.device))
+                j = self._buffer("index", (T, C), torch.float64, x.device).numpy()
+                flat = self._buffer("flat", (T, C), torch.int64, x.device).numpy()
+                self._index(yv, j)
+                np.copyto(flat, j, casting="unsafe")
+                h = rows.numpy().reshape(-1)
+                np.add.at(h, flat.reshape(-1), h.dtype.type(1))   # in place, in cache; a 1 of the counts' type
+            else:   # each bucket in one kernel, exactly: the signed edges at or below the value
+                j = self._buffer("bucket", (T, C), torch.int64, x.device)
+                torch.bucketize(xb, self._signed_edges(xb.dtype, x.device), right=True, out=j)
+                rows.scatter_add_(1, j.t(), torch.ones((), dtype=rows.dtype, device=x.device).expand(C, T))
         first = yv[0].copy() if cpu else y[0].clone()
         xp.sub(yv, first, out=yv)
         s1 = yv.sum(0)
@@ -367,19 +364,28 @@ class Summariser:
             self._top(g, x, torch.cat(self._pending), ctx)
         self._pending, self._pending_rows = [], 0
 
-    def _index(self, xp, y, j) -> None:
+    def _index(self, y: np.ndarray, j: np.ndarray) -> None:
         """Into ``j``: each value's flat histogram index (component * bucket + bucket) as float64, from
         ``y`` (token, component) float64 (so the bucket is :func:`streamtap.io.summaries.bucket_index`'s,
-        not moved by float32 rounding at its edges); ``xp`` is numpy's or torch's arithmetic."""
+        not moved by float32 rounding at its edges): numpy's element-wise passes, where a binary search
+        per value (``searchsorted``) is ten times slower on a CPU."""
         n_side, B, scale, shift = self._buckets
-        xp.abs(y, out=j)
-        xp.log(j, out=j)                        # |x| = 0: -inf, clipped to bucket 0 below
-        xp.mul(j, scale, out=j)
-        xp.sub(j, shift, out=j)
-        xp.ceil(j, out=j)
-        xp.clip(j, 0, n_side, out=j)            # |x| <= low (and 0): 0
-        xp.copysign(j, y, out=j)
-        xp.add(j, xp.offsets(n_side, B, y), out=j)
+        np.abs(y, out=j)
+        _np_log(j, out=j)                       # |x| = 0: -inf, clipped to bucket 0 below
+        np.multiply(j, scale, out=j)
+        np.subtract(j, shift, out=j)
+        np.ceil(j, out=j)
+        np.clip(j, 0, n_side, out=j)            # |x| <= low (and 0): 0
+        np.copysign(j, y, out=j)
+        j += np.arange(n_side, n_side + y.shape[1] * B, B, dtype=np.float64)
+
+    def _signed_edges(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """:func:`streamtap.io.summaries.signed_edges` for values of ``dtype``, on ``device`` (made once)."""
+        key = ("edges", dtype, str(device))
+        if key not in self._scratch:
+            edges = S.signed_edges(self.settings, np.float64 if dtype == torch.float64 else np.float32)
+            self._scratch[key] = torch.from_numpy(edges).to(device)
+        return self._scratch[key]
 
     def _top(self, g: dict[str, torch.Tensor], x: torch.Tensor, rows: torch.Tensor, ctx) -> None:
         """Merge the batch's best of ``x`` (component, token) into the kept top-k of the group's

@@ -1,11 +1,13 @@
 """The compiled CPU fold of summaries (``streamtap.tapping.fold_kernel``) against numpy: every bucket
 exactly ``bucket_index``'s (values on and next to every edge), statistics and top-k as numpy computes
-them over all the batches, whatever the threads."""
+them over all the batches, whatever the threads. A device's buckets (the signed edges at or below a
+value) are ``bucket_index``'s too."""
 
 import numpy as np
 import pytest
+import torch
 
-from streamtap.io.summaries import Settings, bucket_edges, bucket_index, empty_state
+from streamtap.io.summaries import Settings, bucket_edges, bucket_index, empty_state, signed_edges
 from streamtap.tapping import fold_kernel
 
 SETTINGS = [Settings(), Settings(alpha=0.001), Settings(alpha=0.3, low=1e-2, high=10.0),
@@ -43,6 +45,19 @@ def _near_every_edge(settings, dtype):
     v = np.concatenate(values)
     odd = np.array([0.0, -0.0, np.inf, -np.inf, 1e-40, 3e38, -3e38], dtype)
     return np.concatenate([v, -v, odd])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: f"alpha={s.alpha}")
+def test_the_signed_edges_at_or_below_a_value_count_to_its_bucket(settings, dtype):
+    """How a device buckets (``torch.bucketize`` on the signed edges), and numpy's twin of it."""
+    x = _near_every_edge(settings, dtype)
+    edges = signed_edges(settings, dtype)
+    assert edges.dtype == dtype and len(edges) == 2 * settings.n_side and (np.diff(edges) > 0).all()
+    expect = bucket_index(x.astype(np.float64), settings)
+    np.testing.assert_array_equal(np.searchsorted(edges, x, side="right"), expect)
+    got = torch.bucketize(torch.from_numpy(x), torch.from_numpy(edges), right=True)
+    np.testing.assert_array_equal(got.numpy(), expect)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
