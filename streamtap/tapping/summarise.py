@@ -367,8 +367,8 @@ class Summariser:
     def _index(self, y: np.ndarray, j: np.ndarray) -> None:
         """Into ``j``: each value's flat histogram index (component * bucket + bucket) as float64, from
         ``y`` (token, component) float64 (so the bucket is :func:`streamtap.io.summaries.bucket_index`'s,
-        not moved by float32 rounding at its edges): numpy's element-wise passes, where a binary search
-        per value (``searchsorted``) is ten times slower on a CPU."""
+        not moved by float32 rounding at its edges): numpy's element-wise passes, 15 times faster on a CPU
+        than a binary search per value (``searchsorted`` on the signed edges, a device's way)."""
         n_side, B, scale, shift = self._buckets
         np.abs(y, out=j)
         _np_log(j, out=j)                       # |x| = 0: -inf, clipped to bucket 0 below
