@@ -48,9 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = ("plain", "nnsight", "tl", "tl-result", "streamtap", "streamtap-patterns", "streamtap-last", "streamtap-project",
          "streamtap-summarise", "streamtap-last-summarise", "streamtap-last-neurons", "streamtap-last-neurons-summarise",
          "streamtap-last-neurons-summarise-noq")
-TAPS = ("streamtap", "streamtap-patterns", "streamtap-last", "streamtap-project", "streamtap-summarise",
-        "streamtap-last-summarise", "streamtap-last-neurons", "streamtap-last-neurons-summarise",
-        "streamtap-last-neurons-summarise-noq")  # write a store
+TAPS = tuple(c for c in CASES if c.startswith("streamtap"))  # write a store
 # the selective cases (issue 24): only each sequence's last token; every component projected onto one
 # logit direction (token id 1: the cost does not depend on which) and no d_model term
 TAP_OPTIONS = {"streamtap-patterns": {"patterns": True}, "streamtap-last": {"positions": "last"},

@@ -76,7 +76,7 @@ class Settings:
             return cls()
         if isinstance(value, str):
             text = value.strip()
-            if text.lower() in ("on", "true", "yes", "1", "default", ""):
+            if text.lower() in ("default", "") or _SWITCHES.get(text.lower()) is True:
                 return cls()
             pairs = {}
             for item in text.split(","):
